@@ -1,0 +1,532 @@
+"""Read the TOML config file into frozen, typed objects.
+
+Rule: a config either loads whole or not at all, and every error names the file, the key path and the reason
+(`etc/gateway.toml: routes[1].timeouts.connect: must be a positive number of seconds, got -1`). Nothing here
+touches the network or the reactor, so a reload can validate a file before anything changes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "FlowControl",
+    "Limits",
+    "Listener",
+    "Route",
+    "Server",
+    "Timeouts",
+    "Upstream",
+    "load",
+    "parse",
+]
+
+HostHeaderPolicy = Literal["upstream", "client"]
+_T = TypeVar("_T")
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used, with the key at fault and why."""
+
+    def __init__(self, source: Path | str, key: str, reason: str) -> None:
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+        self.source = str(source)
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Every wait of one proxied request, in seconds; each bounds one thing, so each has its own name."""
+
+    connect: float = 5.0
+    """Opening a TCP connection to the upstream."""
+    response_headers: float = 60.0
+    """From the request (head and body) handed to the upstream until its response headers arrive."""
+    upstream_idle: float = 60.0
+    """Between two bytes of the upstream's response body, not counting time the client made us wait."""
+    upstream_send_stall: float = 60.0
+    """The upstream not accepting any more of the request body."""
+    client_body_idle: float = 60.0
+    """Between two bytes of the client's request body, not counting time the upstream made us wait."""
+    client_send_stall: float = 60.0
+    """The client not accepting any more of the response (nginx's send_timeout)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Size limits on what a client may send."""
+
+    max_request_body_bytes: int = 1 * GiB
+    max_header_bytes: int = 16 * KiB
+    max_header_count: int = 100
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlowControl:
+    """Water marks of the request-body pipe: above high the client socket is paused, below low it resumes."""
+
+    high_water: int = 256 * KiB
+    low_water: int = 64 * KiB
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Server:
+    """Settings of the client-facing HTTP server, shared by every listener."""
+
+    idle_timeout: float = 60.0
+    """Idle time allowed while reading a request head and between keep-alive requests."""
+    lingering_timeout: float = 5.0
+    """How long a rejected request body is read and discarded before the connection is cut (nginx's
+    lingering_time): closing with unread data would reset the connection and could destroy the answer."""
+    via: str = "gateway"
+    """The pseudonym this gateway adds to Via headers; empty adds none."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listener:
+    """One address the gateway accepts clients on."""
+
+    host: str
+    port: int
+    backlog: int = 511
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Upstream:
+    """One upstream service: where it is, and how many connections it may be given."""
+
+    name: str
+    scheme: str
+    host: str
+    port: int
+    base_path: bytes
+    """Prepended to the path of every request sent to this upstream (no trailing slash; may be empty)."""
+    max_connections: int = 256
+    """Requests in flight to this upstream at once; more wait in a queue."""
+    max_queue: int = 512
+    """Requests allowed to wait for a connection; more are answered 503 at once."""
+    queue_timeout: float = 10.0
+    """How long a request may wait in the queue before it is answered 503."""
+    idle_timeout: float = 4.0
+    """Idle pooled connections are closed after this, before a typical upstream keep-alive timeout (5 s)."""
+    max_idle_connections: int = 64
+    """Idle keep-alive connections kept open to this upstream."""
+
+    @property
+    def origin(self) -> bytes:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}".encode("ascii")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """Requests whose host and path match go to one upstream, with these timeouts and limits."""
+
+    name: str
+    host: str | None
+    """Exact host name (case-insensitive, port ignored) or `*.suffix`; None matches any host."""
+    path_prefix: bytes
+    upstream: Upstream
+    strip_prefix: bool = False
+    host_header: HostHeaderPolicy = "upstream"
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    flow_control: FlowControl = FlowControl()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """A whole, validated gateway configuration."""
+
+    source: str
+    server: Server
+    limits: Limits
+    listeners: tuple[Listener, ...]
+    upstreams: Mapping[str, Upstream]
+    routes: tuple[Route, ...]
+
+
+def load(path: Path | str) -> Config:
+    """Read and validate the TOML file at `path`."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read the file: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    return parse(data, source=path)
+
+
+def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
+    """Validate an already-decoded config mapping; pure, so tests feed it dicts."""
+    top = _Table(data, "", source)
+    server = _section(top, "server", Server, _SERVER_FIELDS)
+    timeouts = _section(top, "timeouts", Timeouts, _TIMEOUT_FIELDS)
+    limits = _section(top, "limits", Limits, _LIMIT_FIELDS)
+    flow = _section(top, "flow_control", FlowControl, _FLOW_FIELDS)
+    _check_flow(flow, top.path_of("flow_control"), source)
+
+    listeners = tuple(_listener(t) for t in top.tables("listeners", required=True))
+    if not listeners:
+        raise ConfigError(source, "listeners", "at least one listener is needed")
+    seen_addresses: set[tuple[str, int]] = set()
+    for i, listener in enumerate(listeners):
+        address = (listener.host, listener.port)
+        if listener.port and address in seen_addresses:
+            raise ConfigError(source, f"listeners[{i}]", f"{listener.host}:{listener.port} is listed twice")
+        seen_addresses.add(address)
+
+    upstreams: dict[str, Upstream] = {}
+    for name, table in top.named_tables("upstreams"):
+        upstreams[name] = _upstream(name, table)
+
+    routes: list[Route] = []
+    names: set[str] = set()
+    for table in top.tables("routes", required=True):
+        route = _route(table, upstreams, timeouts, limits, flow)
+        if route.name in names:
+            raise ConfigError(source, table.path_of("name"), f"route name {route.name!r} is used twice")
+        names.add(route.name)
+        routes.append(route)
+    if not routes:
+        raise ConfigError(source, "routes", "at least one route is needed")
+    top.finish()
+    return Config(
+        source=str(source),
+        server=server,
+        limits=limits,
+        listeners=listeners,
+        upstreams=upstreams,
+        routes=tuple(routes),
+    )
+
+
+# --- value readers: each turns one raw TOML value into a typed value or says why it cannot ---------------
+
+
+def _positive_seconds(value: object) -> float:
+    """Seconds as a number or a string with a unit: 5, 2.5, "250ms", "30s", "2m", "1h"."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", value)
+        if not m:
+            raise ValueError(f'must be seconds as a number or a string such as "250ms", "30s", "2m", got {value!r}')
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(f"must be a number of seconds, got {_describe(value)}")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+def _positive_size(value: object) -> int:
+    """Bytes as an integer or a string with a unit: 65536, "64KiB", "1GiB", "10MB"."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", value)
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _SIZE_UNITS:
+            raise ValueError(f'must be bytes as an integer or a string such as "64KiB", "1GiB", got {value!r}')
+        size = int(m.group(1)) * _SIZE_UNITS[unit]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        raise ValueError(f"must be a number of bytes, got {_describe(value)}")
+    if size <= 0:
+        raise ValueError(f"must be a positive number of bytes, got {value!r}")
+    return size
+
+
+def _positive_int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"must be an integer, got {_describe(value)}")
+    if value <= 0:
+        raise ValueError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _port(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ValueError(f"must be a port number from 0 to 65535, got {value!r}")
+    return value
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {_describe(value)}")
+    return value
+
+
+def _nonempty_string(value: object) -> str:
+    text = _string(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {_describe(value)}")
+    return value
+
+
+def _via_name(value: object) -> str:
+    text = _string(value)
+    if text and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", text):
+        raise ValueError(f"must be a single token (letters, digits, -._~ and the like), got {text!r}")
+    return text
+
+
+def _interface(value: object) -> str:
+    text = _nonempty_string(value)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f'must be an IP address such as "127.0.0.1", "0.0.0.0" or "::", got {text!r}') from None
+    return text
+
+
+def _host_pattern(value: object) -> str:
+    text = _nonempty_string(value).lower()
+    body = text[2:] if text.startswith("*.") else text
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", body):
+        raise ValueError(f'must be a host name such as "api.example.com" or "*.example.com", got {value!r}')
+    return text
+
+
+def _path_prefix(value: object) -> bytes:
+    text = _nonempty_string(value)
+    if not text.startswith("/"):
+        raise ValueError(f'must start with "/", got {text!r}')
+    if not re.fullmatch(r"[!$&'()*+,;=:@/A-Za-z0-9._~%-]+", text):
+        raise ValueError(f"must contain only URL path characters (percent-encode the rest), got {text!r}")
+    return text.encode("ascii")
+
+
+def _host_header_policy(value: object) -> HostHeaderPolicy:
+    if value == "upstream":
+        return "upstream"
+    if value == "client":
+        return "client"
+    raise ValueError(f'must be "upstream" (send the upstream\'s host) or "client" (pass the client\'s), got {value!r}')
+
+
+def _describe(value: object) -> str:
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+# --- tables: a table remembers which keys were read so that unknown keys are errors ------------------------
+
+
+class _Table:
+    """A TOML table being read; `finish` rejects keys nobody asked for (a typo must not be silently ignored)."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, source: Path | str) -> None:
+        self._data = data
+        self._path = path
+        self._source = source
+        self._seen: set[str] = set()
+
+    def path_of(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self._source, self.path_of(key) if key else self._path, reason)
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def get(self, key: str, read: Callable[[object], _T], default: _T | None = None) -> _T:
+        self._seen.add(key)
+        if key not in self._data:
+            if default is None:
+                raise self.error(key, "is required")
+            return default
+        try:
+            return read(self._data[key])
+        except ValueError as e:
+            raise self.error(key, str(e)) from None
+
+    def table(self, key: str) -> _Table | None:
+        self._seen.add(key)
+        if key not in self._data:
+            return None
+        value = self._data[key]
+        if not isinstance(value, dict):
+            raise self.error(key, f"must be a table, got {_describe(value)}")
+        return _Table(value, self.path_of(key), self._source)
+
+    def tables(self, key: str, *, required: bool = False) -> list[_Table]:
+        """An array of tables (`[[key]]`)."""
+        self._seen.add(key)
+        if key not in self._data:
+            if required:
+                raise self.error(key, f"is required (add at least one [[{key}]] table)")
+            return []
+        value = self._data[key]
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error(key, f"must be an array of tables ([[{key}]]), got {_describe(value)}")
+        return [_Table(v, f"{self.path_of(key)}[{i}]", self._source) for i, v in enumerate(value)]
+
+    def named_tables(self, key: str) -> list[tuple[str, _Table]]:
+        """A table of tables (`[key.name]`)."""
+        outer = self.table(key)
+        if outer is None:
+            return []
+        result = []
+        for name in outer._data:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise outer.error(name, "a name may contain only letters, digits and -_.")
+            inner = outer.table(name)
+            assert inner is not None
+            result.append((name, inner))
+        return result
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (check its spelling and the section it is in)")
+
+
+_Fields = Mapping[str, Callable[[object], Any]]
+_SERVER_FIELDS: _Fields = {
+    "idle_timeout": _positive_seconds,
+    "lingering_timeout": _positive_seconds,
+    "via": _via_name,
+}
+_TIMEOUT_FIELDS: _Fields = {f.name: _positive_seconds for f in fields(Timeouts)}
+_LIMIT_FIELDS: _Fields = {
+    "max_request_body_bytes": _positive_size,
+    "max_header_bytes": _positive_size,
+    "max_header_count": _positive_int,
+}
+_ROUTE_LIMIT_FIELDS: _Fields = {"max_request_body_bytes": _positive_size}
+_FLOW_FIELDS: _Fields = {"high_water": _positive_size, "low_water": _positive_size}
+_UPSTREAM_FIELDS: _Fields = {
+    "max_connections": _positive_int,
+    "max_queue": _positive_int,
+    "queue_timeout": _positive_seconds,
+    "idle_timeout": _positive_seconds,
+    "max_idle_connections": _positive_int,
+}
+
+
+def _read_fields(table: _Table | None, base: _T, readers: _Fields) -> _T:
+    """`base` with the keys present in `table` replaced; every key must be known."""
+    if table is None:
+        return base
+    changes = {key: table.get(key, read) for key, read in readers.items() if table.has(key)}
+    table.finish()
+    return replace(base, **changes)  # type: ignore[type-var]
+
+
+def _section(top: _Table, key: str, kind: type[_T], readers: _Fields) -> _T:
+    return _read_fields(top.table(key), kind(), readers)
+
+
+def _check_flow(flow: FlowControl, key: str, source: Path | str) -> None:
+    if flow.low_water >= flow.high_water:
+        raise ConfigError(
+            source, f"{key}.low_water", f"must be below high_water ({flow.low_water} >= {flow.high_water})"
+        )
+
+
+def _listener(t: _Table) -> Listener:
+    listener = Listener(
+        host=t.get("host", _interface),
+        port=t.get("port", _port),
+        backlog=t.get("backlog", _positive_int, 511),
+    )
+    t.finish()
+    return listener
+
+
+def _upstream_url(t: _Table, key: str) -> tuple[str, str, int, bytes]:
+    text = t.get(key, _nonempty_string)
+    parts = urlsplit(text)
+    if parts.scheme == "https":
+        raise t.error(key, "https upstreams are not supported yet (TLS to upstreams comes with the TLS work)")
+    if parts.scheme != "http" or not parts.hostname:
+        raise t.error(key, f'must be an http URL such as "http://127.0.0.1:8081", got {text!r}')
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise t.error(key, f"must not carry a query, fragment or credentials, got {text!r}")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise t.error(key, f"has an invalid port, got {text!r}") from None
+    base = parts.path.rstrip("/")
+    if base and not re.fullmatch(r"[!$&'()*+,;=:@/A-Za-z0-9._~%-]+", base):
+        raise t.error(key, f"has a path with characters that must be percent-encoded, got {text!r}")
+    return "http", parts.hostname, port, base.encode("ascii")
+
+
+def _upstream(name: str, t: _Table) -> Upstream:
+    scheme, host, port, base = _upstream_url(t, "url")
+    upstream = _read_fields(
+        t, Upstream(name=name, scheme=scheme, host=host, port=port, base_path=base), _UPSTREAM_FIELDS
+    )
+    return upstream
+
+
+def _route(
+    t: _Table,
+    upstreams: dict[str, Upstream],
+    timeouts: Timeouts,
+    limits: Limits,
+    flow: FlowControl,
+) -> Route:
+    name = t.get("name", _nonempty_string)
+    target = t.get("upstream", _nonempty_string)
+    if "://" in target:
+        scheme, host, port, base = _upstream_url(t, "upstream")
+        # Routes naming the same URL share one upstream (one pool); the URL is its name.
+        upstream = upstreams.setdefault(
+            target, Upstream(name=target, scheme=scheme, host=host, port=port, base_path=base)
+        )
+    elif target in upstreams:
+        upstream = upstreams[target]
+    else:
+        known = ", ".join(sorted(upstreams)) or "none are defined"
+        raise t.error("upstream", f"no upstream named {target!r} (known: {known}); give a name or an http URL")
+    route_flow = _read_fields(t.table("flow_control"), flow, _FLOW_FIELDS)
+    _check_flow(route_flow, t.path_of("flow_control"), t._source)
+    route = Route(
+        name=name,
+        host=t.get("host", _host_pattern) if t.has("host") else None,
+        path_prefix=t.get("path_prefix", _path_prefix, b"/"),
+        upstream=upstream,
+        strip_prefix=t.get("strip_prefix", _boolean, False),
+        host_header=t.get("host_header", _host_header_policy, "upstream"),
+        timeouts=_read_fields(t.table("timeouts"), timeouts, _TIMEOUT_FIELDS),
+        limits=_read_fields(t.table("limits"), limits, _ROUTE_LIMIT_FIELDS),
+        flow_control=route_flow,
+    )
+    t.finish()
+    return route

@@ -1,0 +1,104 @@
+"""One exception per failure a client can see, each carrying its status; rendered as problem+json (RFC 9457).
+
+Rule: a client never sees a bare status. Every error the gateway answers itself has a type, a title, a detail
+that helps the operator without leaking internals, and the request id that ties it to the logs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "ClientBodyTimeout",
+    "GatewayError",
+    "NoRoute",
+    "UpstreamBroken",
+    "UpstreamSaturated",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
+    "problem",
+]
+
+PROBLEM_CONTENT_TYPE = b"application/problem+json"
+
+
+class GatewayError(Exception):
+    """A failure answered by the gateway itself, before any byte of an upstream response was sent."""
+
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal gateway error"
+    slug: ClassVar[str] = "internal"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    @property
+    def type_uri(self) -> str:
+        return f"urn:gateway:problem:{self.slug}"
+
+
+class BadRequest(GatewayError):
+    status = 400
+    title = "Bad request"
+    slug = "bad-request"
+
+
+class NoRoute(GatewayError):
+    status = 404
+    title = "No route"
+    slug = "no-route"
+
+
+class ClientBodyTimeout(GatewayError):
+    status = 408
+    title = "Request body timeout"
+    slug = "client-body-timeout"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    title = "Request body too large"
+    slug = "body-too-large"
+
+
+class UpstreamUnreachable(GatewayError):
+    status = 502
+    title = "Upstream unreachable"
+    slug = "upstream-unreachable"
+
+
+class UpstreamBroken(GatewayError):
+    status = 502
+    title = "Upstream failed"
+    slug = "upstream-failed"
+
+
+class UpstreamSaturated(GatewayError):
+    status = 503
+    title = "Upstream saturated"
+    slug = "upstream-saturated"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    title = "Upstream timeout"
+    slug = "upstream-timeout"
+
+
+def problem(error: GatewayError, request_id: str) -> tuple[int, bytes, bytes]:
+    """The status, content type and problem+json body that answer `error`."""
+    body = json.dumps(
+        {
+            "type": error.type_uri,
+            "title": error.title,
+            "status": error.status,
+            "detail": error.detail,
+            "request_id": request_id,
+        },
+        separators=(",", ":"),
+    ).encode("utf-8")
+    return error.status, PROBLEM_CONTENT_TYPE, body

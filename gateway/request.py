@@ -1,0 +1,494 @@
+"""`GatewayRequest`: the lifecycle of one proxied request, as named phases with one transition table.
+
+Rules this module keeps:
+* Decisions are made on the head. `gotLength` runs once the head is complete and before a body byte is read
+  or `100 Continue` is sent (Twisted sends it right after `gotLength` returns, and only if `Expect` is still
+  there); `twisted.web.Resource.render` would come after the whole body had been spooled, so the gateway does
+  not use resources at all.
+* The body is never stored: `handleContentChunk` feeds the pipe to the upstream; `process` marks its end.
+* A response is never presented as complete unless it is: a truncated or stalled stream aborts the client
+  connection; `finish` (which writes the chunked terminator) is only called for a complete response.
+* `finish` is only called once the request body has been read to its end (`process`), which keeps Twisted's
+  channel in step; while an answer waits for that, the rest of the body is read and dropped for at most the
+  lingering timeout, because closing with unread data would reset the connection and could destroy the answer.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionLost, DNSLookupError
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.client import (
+    PotentialDataLoss,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+
+from gateway.admission import Admit, Reject, RequestHead, decide
+from gateway.config import Limits, Route, Server
+from gateway.errors import (
+    BodyTooLarge,
+    ClientBodyTimeout,
+    GatewayError,
+    UpstreamBroken,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    problem,
+)
+from gateway.headers import (
+    client_response_headers,
+    connection_tokens,
+    request_id_of,
+    upstream_request_headers,
+)
+from gateway.routing import Router
+from gateway.streaming import RequestBodyPipe, ResponseRelay
+from gateway.upstream import ConnectTimeout, UpstreamPool
+
+__all__ = ["Gateway", "GatewayRequest", "Phase"]
+
+_log = Logger()
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+# How an upstream connection fails before a response head arrives, in Agent's words.
+_UPSTREAM_BROKE = (
+    ResponseNeverReceived,
+    ResponseFailed,
+    RequestTransmissionFailed,
+    RequestNotSent,
+    ConnectionLost,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """What a request needs of the running gateway. A reload replaces it whole; requests keep the one they began
+    with, so in-flight streams finish on the routes and pools they started on."""
+
+    server: Server
+    limits: Limits
+    router: Router
+    pools: Mapping[str, UpstreamPool]
+    clock: IReactorTime
+
+
+class Phase(enum.Enum):
+    """Where a request is in its life; the response side is what decides what can still be said."""
+
+    HEAD = "head"
+    """Created by the channel; its head is not complete yet."""
+    WAITING = "waiting"
+    """Admitted: waiting for an upstream slot, a connection or the response head (the body may be flowing)."""
+    STREAMING = "streaming"
+    """The upstream's response head has been written to the client; its body is being relayed."""
+    SENT = "sent"
+    """The whole response has been written; `finish` waits for the end of the request body."""
+    DONE = "done"
+    """Finished cleanly."""
+    ABORTED = "aborted"
+    """The client connection was cut, because a complete response could no longer be given."""
+    CLIENT_GONE = "client_gone"
+    """The client went away first."""
+
+
+_TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
+    Phase.HEAD: frozenset({Phase.WAITING, Phase.SENT, Phase.CLIENT_GONE}),
+    Phase.WAITING: frozenset({Phase.STREAMING, Phase.SENT, Phase.CLIENT_GONE}),
+    Phase.STREAMING: frozenset({Phase.SENT, Phase.ABORTED, Phase.CLIENT_GONE}),
+    Phase.SENT: frozenset({Phase.DONE, Phase.ABORTED, Phase.CLIENT_GONE}),
+    Phase.DONE: frozenset(),
+    Phase.ABORTED: frozenset(),
+    Phase.CLIENT_GONE: frozenset(),
+}
+
+_TIMEOUT_ERRORS = {
+    "response_headers": lambda t: UpstreamTimeout(f"the upstream sent no response headers within {t:g} s"),
+    "upstream_send_stall": lambda t: UpstreamTimeout(f"the upstream stopped reading the request body for {t:g} s"),
+    "client_body_idle": lambda t: ClientBodyTimeout(f"no request body bytes arrived for {t:g} s"),
+}
+
+
+class _Drop(Protocol):
+    """Takes a response nobody wants any more and closes its connection (it cannot go back to the pool)."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+class GatewayRequest(http.Request):
+    """One client request, proxied. Created by Twisted's `HTTPChannel` for each request it reads."""
+
+    def __init__(self, channel: http.HTTPChannel, queued: object = None) -> None:
+        super().__init__(channel, parsePOSTFormSubmission=False)
+        self.gateway: Gateway = channel.factory.gateway
+        self._clock = self.gateway.clock
+        self._client_transport = channel.transport
+        self.phase = Phase.HEAD
+        self.ending = ""
+        """How the request ended, for logs and tests: "completed", "answered", "client_gone", or why it was cut."""
+        self.error: GatewayError | None = None
+        """The error the gateway answered with itself, if any."""
+        self.request_id = ""
+        self.route: Route | None = None
+        self._has_body = False
+        self._received = False
+        self._discarding = False
+        self._saved_idle_timeout: float | None = None
+        self._timer: IDelayedCall | None = None
+        self._pool: UpstreamPool | None = None
+        self._slot_held = False
+        self._waiting: Deferred[Any] | None = None
+        self._upstream_request: Deferred[IResponse] | None = None
+        self._pipe: RequestBodyPipe | None = None
+        self._relay: ResponseRelay | None = None
+        self._target = b""
+
+    # --- hooks called by HTTPChannel ---------------------------------------------------------------------
+
+    def parseCookies(self) -> None:
+        """Cookies pass through untouched; there is no need to parse them."""
+
+    def gotLength(self, length: int | None) -> None:
+        """The head is complete: decide, and start the upstream request before any body byte is read."""
+        channel = self.channel
+        # HTTPChannel hands method, target and version to the request only after the body (requestReceived).
+        self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
+        self.path = self.uri.partition(b"?")[0]
+        self._has_body = length != 0
+        self.request_id = request_id_of(self.requestHeaders)
+        if channel.persistent and b"close" in connection_tokens(self.requestHeaders):
+            channel.persistent = False  # Twisted misses "close" in "Connection: close, TE"
+            self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        decision = decide(
+            RequestHead(self.method, self.uri, self.clientproto, self.requestHeaders, length),
+            self.gateway.router,
+        )
+        if isinstance(decision, Reject):
+            self._answer(decision.error)
+            self._maybe_finish()
+        else:
+            self._start(decision, length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        pipe = self._pipe
+        if pipe is None or self._discarding:
+            return
+        pipe.feed(data)
+        route = self.route
+        assert route is not None
+        if pipe.received > route.limits.max_request_body_bytes:
+            self._body_too_large(route.limits.max_request_body_bytes)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The body is complete. Method, target and version were taken at `gotLength`; the body never went to
+        `self.content`, so the base class's form parsing has nothing to do."""
+        self.process()
+
+    def process(self) -> None:
+        self._received = True
+        if self._saved_idle_timeout is not None:
+            # HTTPChannel saves its idle timeout here at the end of the body and restores it after the
+            # response; we had switched it off for the body (the pipe times the body), so hand it back.
+            self.channel._savedTimeOut = self._saved_idle_timeout
+        if self._discarding:
+            self._cancel_timer()
+        elif self._pipe is not None:
+            self._pipe.end()
+        self._maybe_finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if not _TRANSITIONS[self.phase]:
+            return
+        self._enter(Phase.CLIENT_GONE, "client_gone")
+        self._cancel_timer()
+        if self._relay is not None:
+            self._relay.stopProducing()
+        self._cancel_upstream(ConnectionAborted("the client went away"))
+
+    # --- admitted: the upstream exchange -----------------------------------------------------------------
+
+    def _start(self, decision: Admit, length: int | None) -> None:
+        route = self.route = decision.route
+        gateway = self.gateway
+        self._target = decision.upstream_target
+        self._pool = gateway.pools[route.upstream.name]
+        if self._has_body:
+            # Twisted's idle timer would cut an upload we paused for a slow upstream; the pipe times the body.
+            self._saved_idle_timeout = self.channel.setTimeout(None)
+            self._pipe = RequestBodyPipe(
+                length=length,
+                client=self._client_transport,
+                clock=self._clock,
+                flow=route.flow_control,
+                client_idle_timeout=route.timeouts.client_body_idle,
+                upstream_stall_timeout=route.timeouts.upstream_send_stall,
+                on_timeout=self._timed_out,
+                on_sent=self._body_sent,
+                on_stopped=self._body_refused,
+            )
+        client_host = self.requestHeaders.getRawHeaders(b"host")
+        via = gateway.server.via.encode("ascii")
+        self._upstream_headers = upstream_request_headers(
+            self.requestHeaders,
+            client_ip=getattr(self.client, "host", "unknown"),
+            host=client_host[0] if client_host and route.host_header == "client" else _host_value(route),
+            client_host=client_host[0] if client_host else None,
+            proto=b"https" if self.isSecure() else b"http",
+            via=via,
+            request_id=self.request_id,
+        )
+        self._enter(Phase.WAITING)
+        self._waiting = self._pool.acquire()
+        self._waiting.addCallbacks(self._got_slot, self._upstream_failed)
+
+    def _got_slot(self, _: object) -> None:
+        self._waiting = None
+        self._slot_held = True
+        if self.phase is not Phase.WAITING:
+            self._release_slot()
+            return
+        route = self.route
+        assert route is not None and self._pool is not None
+        try:
+            sent = self._pool.request(
+                self.method,
+                self._target,
+                self._upstream_headers,
+                self._pipe,
+                connect_timeout=route.timeouts.connect,
+            )
+        except Exception:
+            self._upstream_failed(Failure())
+            return
+        self._upstream_request = sent
+        if self._pipe is None:
+            self._arm_timer(route.timeouts.response_headers, "response_headers")
+        sent.addCallbacks(self._got_response, self._upstream_failed)
+
+    def _body_sent(self) -> None:
+        """The whole body is with the upstream: now it owes us a response head."""
+        if self.phase is Phase.WAITING and self.route is not None:
+            self._arm_timer(self.route.timeouts.response_headers, "response_headers")
+
+    def _body_refused(self) -> None:
+        """The upstream will take no more of the body (it closed, or answered early and closed)."""
+        if not self._received:
+            self._discarding = True  # the rest is read and dropped; Agent reports the failure, if any
+
+    def _got_response(self, response: IResponse) -> None:
+        self._upstream_request = None
+        self._cancel_timer()
+        if self.phase is not Phase.WAITING:
+            self._release_slot()
+            response.deliverBody(_Drop())
+            return
+        route = self.route
+        assert route is not None
+        self.setResponseCode(response.code, response.phrase)
+        client_response_headers(
+            response.headers,
+            self.responseHeaders,
+            via=self.gateway.server.via.encode("ascii"),
+            request_id=self.request_id,
+        )
+        if self.method == b"HEAD":
+            # Agent leaves a HEAD response's Content-Length among its headers (and reports length 0).
+            length = response.headers.getRawHeaders(b"content-length")
+            if length:
+                self.responseHeaders.setRawHeaders(b"Content-Length", length[-1:])
+        elif response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY_STATUSES:
+            # Agent moves Content-Length out of response.headers; keep the upstream's framing when it had one.
+            self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
+        if self._has_body and not self._received:
+            self._close_after_response()  # an early answer: the rest of the body must not be read as a request
+        self._enter(Phase.STREAMING)
+        self.write(b"")  # the head goes out now, even if the body is slow to come (server-sent events)
+        self._relay = ResponseRelay(
+            self,
+            self._clock,
+            upstream_idle_timeout=route.timeouts.upstream_idle,
+            client_stall_timeout=route.timeouts.client_send_stall,
+            on_end=self._response_ended,
+            on_timeout=self._timed_out,
+        )
+        response.deliverBody(self._relay)
+
+    def _response_ended(self, reason: Failure) -> None:
+        self._relay = None
+        if self._disconnected:
+            self.producer = None
+        else:
+            self.unregisterProducer()
+        self._release_slot()
+        if self.phase is not Phase.STREAMING:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._enter(Phase.SENT, "completed")
+            self._maybe_finish()
+        else:
+            _log.info(
+                "Upstream response cut short; cutting the client connection: {reason} (request {request_id})",
+                reason=reason.getErrorMessage(),
+                request_id=self.request_id,
+            )
+            self._abort_client("upstream_truncated")
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self._waiting = None
+        self._upstream_request = None
+        self._release_slot()
+        if self.phase is not Phase.WAITING:
+            return
+        self._fail_before_response(self._error_for(failure))
+
+    def _error_for(self, failure: Failure) -> GatewayError:
+        assert self.route is not None
+        name = self.route.upstream.name
+        if failure.check(GatewayError):
+            return failure.value  # type: ignore[return-value]
+        if failure.check(ConnectTimeout, ConnectTimeoutError):
+            return UpstreamTimeout(f"could not connect to upstream {name} within {self.route.timeouts.connect:g} s")
+        if failure.check(ConnectError, DNSLookupError):
+            return UpstreamUnreachable(f"could not connect to upstream {name}")
+        if failure.check(*_UPSTREAM_BROKE):
+            _log.warn(
+                "Upstream {upstream} failed before answering: {reason} (request {request_id})",
+                upstream=name,
+                reason=failure.getErrorMessage(),
+                request_id=self.request_id,
+            )
+        else:
+            _log.failure("Unexpected upstream failure (request {request_id})", failure, request_id=self.request_id)
+        return UpstreamBroken(f"upstream {name} closed the connection without a complete response")
+
+    # --- timers, limits and endings ----------------------------------------------------------------------
+
+    def _timed_out(self, which: str) -> None:
+        if self.phase is Phase.WAITING:
+            assert self.route is not None
+            seconds = getattr(self.route.timeouts, which)
+            self._fail_before_response(_TIMEOUT_ERRORS[which](seconds))
+        elif self.phase is Phase.STREAMING:
+            _log.info(
+                "Stream cut by the {which} timeout (request {request_id})",
+                which=which,
+                request_id=self.request_id,
+            )
+            self._abort_client(which)
+
+    def _body_too_large(self, limit: int) -> None:
+        if self.phase is Phase.WAITING:
+            self._fail_before_response(BodyTooLarge(f"the request body went over this route's {limit}-byte limit"))
+        elif self.phase is Phase.STREAMING:
+            self._abort_client("body_too_large")
+
+    def _fail_before_response(self, error: GatewayError) -> None:
+        self._answer(error)  # first: what cancelling the upstream reports back now finds the request answered
+        self._cancel_upstream(error)
+        self._maybe_finish()
+
+    def _answer(self, error: GatewayError) -> None:
+        """Write the gateway's own answer: a problem+json response."""
+        self.error = error
+        status, content_type, body = problem(error, self.request_id)
+        if self._has_body and not self._received:
+            self.requestHeaders.removeHeader(b"expect")  # no `100 Continue` for a body we will not forward
+            self._close_after_response()
+        self.setResponseCode(status)
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"Content-Type", [content_type])
+        headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        headers.setRawHeaders(b"X-Request-ID", [self.request_id.encode("ascii")])
+        self._enter(Phase.SENT, "answered")
+        self.write(body)
+
+    def _maybe_finish(self) -> None:
+        """Finish once the response is written and the body read; until the body is in, drop it (lingering)."""
+        if self.phase is not Phase.SENT:
+            return
+        if self._received:
+            if not self._disconnected:
+                self._cancel_timer()
+                self.finish()
+                self._enter(Phase.DONE)
+        elif self._has_body and not self._discarding:
+            self._discarding = True
+            if self._pipe is not None:
+                self._pipe.abandon()  # the upstream has answered; it gets nothing more
+            if self.chunked:
+                # The response is complete: say so now, as finish() will only run once the body is in.
+                self.channel.write(b"0\r\n\r\n")
+                self.chunked = 0
+            self._arm_timer(self.gateway.server.lingering_timeout, "lingering")
+
+    def _abort_client(self, ending: str) -> None:
+        """Cut the client connection: the response cannot be completed, and must not look complete."""
+        self._enter(Phase.ABORTED, ending)
+        self._cancel_timer()
+        if self._relay is not None:
+            self._relay.stopProducing()
+        self._cancel_upstream(ConnectionAborted(ending))
+        self._client_transport.abortConnection()
+
+    def _cancel_upstream(self, reason: Exception) -> None:
+        """Abandon the upstream request, wherever it is: an unfinished body must reach it as unfinished."""
+        if self._pipe is not None:
+            self._pipe.fail(reason)
+        for pending in (self._waiting, self._upstream_request):
+            if pending is not None and not pending.called:
+                pending.cancel()
+        self._waiting = self._upstream_request = None
+
+    def _close_after_response(self) -> None:
+        self.channel.persistent = False
+        self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+
+    def _release_slot(self) -> None:
+        if self._slot_held:
+            self._slot_held = False
+            assert self._pool is not None
+            self._pool.release()
+
+    def _arm_timer(self, seconds: float, which: str) -> None:
+        self._cancel_timer()
+        handler = self._lingering_expired if which == "lingering" else lambda: self._timed_out(which)
+        self._timer = self._clock.callLater(seconds, handler)
+
+    def _lingering_expired(self) -> None:
+        self._timer = None
+        if self.phase is Phase.SENT:
+            self._abort_client("lingering_timeout")
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _enter(self, phase: Phase, ending: str = "") -> None:
+        if phase not in _TRANSITIONS[self.phase]:
+            raise RuntimeError(f"request {self.request_id}: no transition from {self.phase.name} to {phase.name}")
+        self.phase = phase
+        if ending:
+            self.ending = ending
+
+
+def _host_value(route: Route) -> bytes:
+    up = route.upstream
+    host = f"[{up.host}]" if ":" in up.host else up.host
+    return (host if up.port == 80 else f"{host}:{up.port}").encode("ascii")

@@ -1,0 +1,319 @@
+"""The two flow-controlled pipes: request body -> upstream, and upstream response body -> client.
+
+Rule: no pipe holds more than its high-water mark (plus the one socket read that was already under way when
+the pause was asked for); every pause is matched by a resume or a stop; every wait is watched by a timer that
+only runs while the *other* side is not the one holding things up. Neither pipe knows any policy: they report
+"ended", "sent", "stopped" and "timed out" to their owner (`gateway.request`), which decides what it means.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from gateway.config import FlowControl
+
+__all__ = ["RequestBodyPipe", "ResponseRelay", "Watchdog"]
+
+
+class Watchdog:
+    """Calls `expired` once `timeout` seconds pass without progress while armed.
+
+    `kick` (progress) only records the time, so a stream of a million chunks costs one timer per timeout
+    period rather than a cancel and a reschedule per chunk.
+    """
+
+    __slots__ = ("_armed", "_call", "_clock", "_expired", "_last", "timeout")
+
+    def __init__(self, clock: IReactorTime, timeout: float, expired: Callable[[], object]) -> None:
+        self._clock = clock
+        self.timeout = timeout
+        self._expired = expired
+        self._call = None
+        self._armed = False
+        self._last = 0.0
+
+    @property
+    def armed(self) -> bool:
+        return self._armed
+
+    def arm(self) -> None:
+        """Start measuring from now, unless already measuring."""
+        if self._armed:
+            return
+        self._armed = True
+        self._last = self._clock.seconds()
+        if self._call is None:
+            self._call = self._clock.callLater(self.timeout, self._check)
+
+    def kick(self) -> None:
+        """Note progress: the countdown starts again from now."""
+        self._last = self._clock.seconds()
+
+    def disarm(self) -> None:
+        """Stop measuring; a pending timer finds nothing to do (or is cancelled by `cancel`)."""
+        self._armed = False
+
+    def cancel(self) -> None:
+        """Stop for good and leave no timer behind."""
+        self._armed = False
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _check(self) -> None:
+        self._call = None
+        if not self._armed:
+            return
+        remaining = self._last + self.timeout - self._clock.seconds()
+        if remaining > 0:
+            self._call = self._clock.callLater(remaining, self._check)
+        else:
+            self._armed = False
+            self._expired()
+
+
+@implementer(IBodyProducer, IPushProducer)
+class RequestBodyPipe:
+    """The request body on its way upstream: an `IBodyProducer` for Agent, fed by the client's chunks.
+
+    Chunks are written straight to the upstream while it accepts them; while it does not (it paused us, or the
+    connection is not open yet) they queue here, and above the high-water mark the client socket is paused.
+    Twisted may resume the client socket behind our back (a response written while the body still arrives), so
+    every chunk re-checks the mark and pauses again: the bound holds whoever resumed.
+    """
+
+    def __init__(
+        self,
+        *,
+        length: int | None,
+        client: IPushProducer,
+        clock: IReactorTime,
+        flow: FlowControl,
+        client_idle_timeout: float,
+        upstream_stall_timeout: float,
+        on_timeout: Callable[[str], object],
+        on_sent: Callable[[], object],
+        on_stopped: Callable[[], object],
+    ) -> None:
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self._client = client
+        self._high = flow.high_water
+        self._low = flow.low_water
+        self._on_sent = on_sent
+        self._on_stopped = on_stopped
+        self._buffer: deque[bytes] = deque()
+        self.buffered = 0
+        """Bytes held here, not yet written upstream."""
+        self.received = 0
+        """Bytes fed by the client so far."""
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] | None = None
+        self._eof = False
+        self._stopped = False
+        self._failure: Failure | None = None
+        self._upstream_paused = False
+        self.client_paused = False
+        self._client_idle = Watchdog(clock, client_idle_timeout, lambda: on_timeout("client_body_idle"))
+        self._upstream_stall = Watchdog(clock, upstream_stall_timeout, lambda: on_timeout("upstream_send_stall"))
+        self._client_idle.arm()
+
+    # --- the client side ---------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """A chunk of the client's body arrived."""
+        if self._stopped or not data:  # an empty write would end a chunked upstream body early
+            return
+        self.received += len(data)
+        self._client_idle.kick()
+        if self._consumer is not None and not self._upstream_paused and not self._buffer:
+            self._consumer.write(data)
+        else:
+            self._buffer.append(data)
+            self.buffered += len(data)
+            if self.buffered > self._high:
+                self._pause_client()
+
+    def end(self) -> None:
+        """The client's body is complete."""
+        self._eof = True
+        self._client_idle.cancel()
+        if self._consumer is not None and not self._buffer and not self._stopped:
+            self._complete()
+
+    def fail(self, reason: Exception) -> None:
+        """Abandon the body (client gone, limit crossed, timeout): the upstream must see it incomplete."""
+        if self._stopped:
+            return
+        self._failure = Failure(reason)
+        self._shut()
+        done, self._done = self._done, None
+        if done is not None and not done.called:
+            done.errback(self._failure)  # Agent then aborts the upstream connection: no terminator is sent
+
+    def abandon(self) -> None:
+        """Stop forwarding without failing the upstream request (it has answered already); drop what comes."""
+        if not self._stopped:
+            self._shut()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    # --- the upstream side (IBodyProducer / IPushProducer, called by Agent and the upstream transport) ----
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        if self._failure is not None:
+            return fail(self._failure)
+        self._consumer = consumer
+        self._done = Deferred(lambda _: self._shut())
+        self._flush()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._upstream_paused = True
+        if not self._stopped:
+            self._upstream_stall.arm()
+
+    def resumeProducing(self) -> None:
+        self._upstream_paused = False
+        self._upstream_stall.disarm()
+        self._flush()
+
+    def stopProducing(self) -> None:
+        """The upstream will take no more (its connection is gone, or it answered and closed)."""
+        if self._stopped:
+            return
+        self._shut()
+        self._done = None  # IBodyProducer: after stopProducing the Deferred must never fire
+        self._on_stopped()
+
+    # --- internals -----------------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        consumer = self._consumer
+        while self._buffer and not self._upstream_paused and not self._stopped and consumer is not None:
+            data = self._buffer.popleft()
+            self.buffered -= len(data)
+            consumer.write(data)
+        if self.client_paused and self.buffered <= self._low and not self._stopped:
+            self._resume_client()
+        if self._eof and not self._buffer and not self._stopped and consumer is not None:
+            self._complete()
+
+    def _complete(self) -> None:
+        done, self._done = self._done, None
+        self._upstream_stall.cancel()
+        if done is not None and not done.called:
+            done.callback(None)
+            self._on_sent()
+
+    def _pause_client(self) -> None:
+        # Always ask: the transport may have been resumed by HTTPChannel since we last paused it.
+        self.client_paused = True
+        self._client_idle.disarm()
+        self._client.pauseProducing()
+
+    def _resume_client(self) -> None:
+        self.client_paused = False
+        if not self._eof:
+            self._client_idle.arm()
+        self._client.resumeProducing()
+
+    def _shut(self) -> None:
+        self._stopped = True
+        self._buffer.clear()
+        self.buffered = 0
+        self._client_idle.cancel()
+        self._upstream_stall.cancel()
+        if self.client_paused:
+            self.client_paused = False
+            self._client.resumeProducing()
+
+
+class ResponseConsumer(TypingProtocol):
+    """What the relay writes to: the client request (a `twisted.web.http.Request`)."""
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+@implementer(IPushProducer)
+class ResponseRelay(Protocol):
+    """The upstream response body on its way to the client: Agent's body protocol and the client's producer.
+
+    A full client socket pauses the upstream socket (through Agent's `TransportProxyProducer`); a drained one
+    resumes it. Holds nothing itself: each chunk read from the upstream is written to the client at once.
+    """
+
+    def __init__(
+        self,
+        consumer: ResponseConsumer,
+        clock: IReactorTime,
+        *,
+        upstream_idle_timeout: float,
+        client_stall_timeout: float,
+        on_end: Callable[[Failure], object],
+        on_timeout: Callable[[str], object],
+    ) -> None:
+        self._consumer = consumer
+        self._on_end = on_end
+        self._idle = Watchdog(clock, upstream_idle_timeout, lambda: on_timeout("upstream_idle"))
+        self._stall = Watchdog(clock, client_stall_timeout, lambda: on_timeout("client_send_stall"))
+        self.paused = False
+        self.stopped = False
+        self.received = 0
+        """Bytes of response body relayed so far."""
+
+    def connectionMade(self) -> None:
+        self._consumer.registerProducer(self, True)
+        if not self.paused:
+            self._idle.arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.stopped:  # the rest of a read that was under way when the relay was cut
+            return
+        self.received += len(data)
+        self._idle.kick()
+        self._consumer.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._idle.cancel()
+        self._stall.cancel()
+        self._on_end(reason)
+
+    def pauseProducing(self) -> None:
+        # Called on every write while the client's buffer is full, so only the first call acts.
+        if self.paused or self.stopped:
+            return
+        self.paused = True
+        self._idle.disarm()
+        self._stall.arm()
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self.paused or self.stopped:
+            return
+        self.paused = False
+        self._stall.disarm()
+        self._idle.arm()
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The client is gone, or the relay was cut: close the upstream connection now."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self._idle.cancel()
+        self._stall.cancel()
+        if self.transport is not None:
+            self.transport.stopProducing()

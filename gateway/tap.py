@@ -1,0 +1,47 @@
+"""`twistd gateway`: the command line (`--config`, `--check`) and `makeService`; nothing else.
+
+Rule: this is the composition root, the one module that names the global reactor; everything below takes a
+reactor as a parameter. A config error is printed as `file: key: reason` and exits non-zero before anything
+starts, so `twistd gateway --config F --check` works like `nginx -t`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from gateway import config
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    """The command line of `twistd gateway`."""
+
+    synopsis = "[--config FILE] [--check]"
+    longdesc = "Run the streaming HTTP API gateway with the TOML config FILE."
+    optParameters = [["config", "c", "/etc/gateway/gateway.toml", "The TOML config file."]]
+    optFlags = [["check", None, "Validate the config file, print the verdict and exit (0 valid, 1 not)."]]
+
+    def postOptions(self) -> None:
+        try:
+            self.config = config.load(self["config"])
+        except config.ConfigError as e:
+            # Not a UsageError: twistd would print its whole help text before the one line that matters.
+            print(f"gateway: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        if self["check"]:
+            print(f"gateway: {self['config']}: OK")
+            raise SystemExit(0)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from gateway.service import GatewayService
+
+    service: Any = GatewayService(options.config, reactor)
+    return service

@@ -1,0 +1,152 @@
+"""One pool per upstream: Agent over a persistent connection pool, a connect timeout, a concurrency cap and queue.
+
+Rule: an upstream never has more than `max_connections` requests in flight, never more than `max_queue`
+waiting, and nobody waits longer than `queue_timeout` (`HTTPConnectionPool.maxPersistentPerHost` caps only idle
+connections, twisted#7614). Idle pooled connections close after `idle_timeout`, before a typical upstream's
+keep-alive timeout, so a request rarely races the upstream closing the connection it was given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.python.failure import Failure
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from gateway.config import Upstream
+from gateway.errors import UpstreamSaturated
+
+__all__ = ["ConnectTimeout", "UpstreamPool"]
+
+
+class ConnectTimeout(Exception):
+    """The TCP connection to the upstream was not open within the route's connect timeout."""
+
+
+@implementer(IStreamClientEndpoint)
+class _TimedEndpoint:
+    """Connects through `inner` and gives up after `timeout` seconds on `clock`.
+
+    The reactor's own connect timeout does not run on a test `Clock`, and its error does not say which wait
+    it was; this one does both.
+    """
+
+    def __init__(self, inner: IStreamClientEndpoint, clock: Any, timeout: float) -> None:
+        self._inner = inner
+        self._clock = clock
+        self._timeout = timeout
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        connecting = self._inner.connect(protocolFactory)
+        timer = self._clock.callLater(self._timeout, connecting.cancel)
+
+        def settled(result: IProtocol | Failure) -> IProtocol | Failure:
+            if timer.active():
+                timer.cancel()
+                return result
+            if isinstance(result, Failure):
+                raise ConnectTimeout(f"no connection within {self._timeout:g} s")
+            return result
+
+        return connecting.addBoth(settled)
+
+
+@implementer(IAgentEndpointFactory)
+class _EndpointFactory:
+    """Endpoints for Agent: IP literals connect directly (no resolver thread), names go through the resolver."""
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._endpoints: dict[tuple[bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            host = uri.host.decode("ascii")
+            inner: IStreamClientEndpoint
+            # The reactor's own per-attempt timeout is a backstop a little later than ours.
+            backstop = self._timeout + 1
+            if isIPAddress(host):
+                inner = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=backstop)
+            elif isIPv6Address(host):
+                inner = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=backstop)
+            else:
+                inner = HostnameEndpoint(self._reactor, host, uri.port, timeout=backstop)
+            endpoint = self._endpoints[key] = _TimedEndpoint(inner, self._reactor, self._timeout)
+        return endpoint
+
+
+class UpstreamPool:
+    """Connections and concurrency for one upstream; every request to it goes through `acquire` and `request`."""
+
+    def __init__(self, upstream: Upstream, reactor: Any) -> None:
+        self.upstream = upstream
+        self._reactor = reactor
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = upstream.max_idle_connections
+        self._pool.cachedConnectionTimeout = upstream.idle_timeout
+        self._slots = DeferredSemaphore(upstream.max_connections)
+        self._agents: dict[float, Agent] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a slot."""
+        return self._slots.limit - self._slots.tokens
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._slots.waiting)
+
+    def acquire(self) -> Deferred[Any]:
+        """A slot for one request; fails with `UpstreamSaturated` when the queue is full or the wait too long.
+
+        The caller must `release` a slot it got, exactly once; cancelling the Deferred leaves the queue.
+        """
+        up = self.upstream
+        if self._slots.tokens == 0 and len(self._slots.waiting) >= up.max_queue:
+            return fail(UpstreamSaturated(f"upstream {up.name} has {up.max_queue} requests queued already"))
+        waiting = self._slots.acquire()
+        if waiting.called:
+            return waiting
+
+        def timed_out(failure: Failure) -> Failure:
+            if failure.check(DeferredTimeout):
+                raise UpstreamSaturated(f"no connection to upstream {up.name} came free within {up.queue_timeout:g} s")
+            return failure
+
+        waiting.addTimeout(up.queue_timeout, self._reactor)
+        return waiting.addErrback(timed_out)
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+        *,
+        connect_timeout: float,
+    ) -> Deferred[IResponse]:
+        """Send one request over a pooled connection (opened within `connect_timeout` if none is idle)."""
+        agent = self._agents.get(connect_timeout)
+        if agent is None:
+            factory = _EndpointFactory(self._reactor, connect_timeout)
+            agent = self._agents[connect_timeout] = Agent.usingEndpointFactory(self._reactor, factory, self._pool)
+        return agent.request(method, self.upstream.origin + target, headers, body)
+
+    def close(self) -> Deferred[None]:
+        """Close the idle pooled connections (in-flight ones close when their response ends)."""
+        return self._pool.closeCachedConnections()

@@ -1,0 +1,77 @@
+"""Fixtures shared by every test, and the check that no test leaves anything behind.
+
+After each test: no pending DelayedCall on the global reactor and no socket that was not open before it (so no
+listening port, client or pooled upstream connection), waited for a bounded while because closes land a
+reactor turn or two later.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import ensureDeferred
+
+from tests.support import clients
+from tests.support.origin import Origin
+from tests.support.running import RunningGateway, start_gateway
+
+
+def _sockets() -> set[str]:
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            found.add(f"{fd}:{target}")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    before = _sockets()
+    yield
+    for client in clients.OPEN:
+        if client.transport is not None and client.transport.connected:
+            client.transport.abortConnection()
+    clients.OPEN.clear()
+
+    async def settle() -> None:
+        for _ in range(300):
+            if not reactor.getDelayedCalls() and _sockets() <= before:
+                return
+            await task.deferLater(reactor, 0.01, lambda: None)
+
+    pytest_twisted.blockon(ensureDeferred(settle()))
+    leaked_calls = reactor.getDelayedCalls()
+    assert not leaked_calls, f"pending DelayedCalls left behind: {leaked_calls}"
+    leaked_sockets = _sockets() - before
+    assert not leaked_sockets, f"sockets left open: {leaked_sockets}"
+
+
+@pytest_twisted.async_yield_fixture()
+async def origin() -> AsyncIterator[Origin]:
+    started = Origin().start()
+    yield started
+    await started.stop()
+
+
+@pytest.fixture
+def gateway_for() -> Iterator[Callable[[dict[str, Any]], RunningGateway]]:
+    """Start a gateway from a config dict (see `tests.support.running.gateway_config`); stopped after the test."""
+    running: list[RunningGateway] = []
+
+    def start(data: dict[str, Any]) -> RunningGateway:
+        gateway = start_gateway(data)
+        running.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in running:
+        pytest_twisted.blockon(gateway.service.stopService())

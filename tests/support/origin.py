@@ -1,0 +1,267 @@
+"""A fault-injecting test upstream on 127.0.0.1:0: each test picks a behaviour by path and waits on its events.
+
+Paths (all under the origin's root):
+* `GET /bytes/N[?chunked=1]` N bytes of a known pattern, sent with backpressure (events: paused, resumed);
+* `GET /headers` a JSON echo of the request line and headers it received;
+* `POST|PUT /sink[?hold=1]` reads the body as it comes and answers with its size and SHA-256; with `hold=1`
+  it stops reading until the test calls `release()` (a slow upstream);
+* `GET /stall` never answers; `GET /stall-body/N` sends N of 2N declared bytes, then nothing;
+* `GET /truncate/N[?chunked=1][&reset=1]` sends N of 2N declared bytes (or N chunked bytes without the
+  terminator), then closes (or resets) the connection;
+* `POST /early/STATUS` answers STATUS on the request head, without reading the body, then closes;
+* `GET /bad-status` writes an invalid status line and closes;
+* `GET /status/CODE` answers CODE with a small body (none for 204/304; Content-Length kept for HEAD).
+Every request is recorded as a `Seen`, whose Deferreds tell the test what happened at the origin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IPushProducer
+from twisted.web import http
+from zope.interface import implementer
+
+PATTERN = bytes(range(256)) * 256  # 64 KiB
+
+
+def pattern_bytes(start: int, n: int) -> bytes:
+    """Bytes `start` to `start + n` of the origin's endless pattern."""
+    out = bytearray()
+    while n > 0:
+        offset = start % len(PATTERN)
+        piece = PATTERN[offset : offset + n]
+        out += piece
+        start += len(piece)
+        n -= len(piece)
+    return bytes(out)
+
+
+@dataclass
+class Seen:
+    """One request as the origin saw it."""
+
+    method: bytes
+    uri: bytes
+    headers: list[tuple[bytes, bytes]]
+    body_bytes: int = 0
+    sha256: Any = field(default_factory=hashlib.sha256)
+    body_complete: bool = False
+    sent: int = 0
+    events: list[str] = field(default_factory=list)
+    head_received: defer.Deferred[None] = field(default_factory=defer.Deferred)
+    paused: defer.Deferred[None] = field(default_factory=defer.Deferred)
+    """Fires the first time the origin's sending was paused by backpressure."""
+    connection_lost: defer.Deferred[None] = field(default_factory=defer.Deferred)
+    """Fires when the connection this request came on closed, or at once if the origin finished it cleanly."""
+    finished: bool = False
+
+    def header(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+@implementer(IPushProducer)
+class _PatternProducer:
+    def __init__(self, request: OriginRequest, n: int) -> None:
+        self._request = request
+        self._remaining = n
+        self._paused = False
+        self._stopped = False
+
+    def resumeProducing(self) -> None:
+        seen = self._request.seen
+        if self._paused:
+            seen.events.append("resumed")
+        self._paused = False
+        while not self._paused and not self._stopped and self._remaining > 0:
+            data = pattern_bytes(seen.sent, min(self._remaining, 65536))
+            self._remaining -= len(data)
+            seen.sent += len(data)
+            self._request.write(data)
+        if self._remaining == 0 and not self._stopped:
+            self._stopped = True
+            self._request.unregisterProducer()
+            self._request.finish_cleanly()
+
+    def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused = True
+            seen = self._request.seen
+            seen.events.append("paused")
+            if not seen.paused.called:
+                seen.paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+
+
+class OriginRequest(http.Request):
+    """Parses like any Twisted request, but acts on the head and reads bodies as they come."""
+
+    origin: Origin
+
+    def gotLength(self, length: int | None) -> None:
+        channel = self.channel
+        self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
+        self.path, _, query = self.uri.partition(b"?")
+        self.query = dict(p.partition(b"=")[::2] for p in query.split(b"&") if p)
+        self.seen = Seen(
+            self.method, self.uri, [(k, v) for k, vs in self.requestHeaders.getAllRawHeaders() for v in vs]
+        )
+        self.origin.seen.append(self.seen)
+        self.notifyFinish().addBoth(self._ended)
+        self.seen.head_received.callback(None)
+        if self.path.startswith(b"/sink") and self.query.get(b"hold") == b"1":
+            self.origin.held.append(self)
+            channel.setTimeout(None)
+            channel.transport.pauseProducing()
+        if self.path.startswith(b"/early/"):
+            status = int(self.path.rsplit(b"/", 1)[1])
+            body = b'{"early": true}'
+            channel.transport.write(
+                b"HTTP/1.1 %d Early\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (status, len(body), body)
+            )
+            channel.transport.loseConnection()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.seen.body_bytes += len(data)
+        self.seen.sha256.update(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.seen.body_complete = True
+        self.process()
+
+    def process(self) -> None:
+        path, q = self.path, self.query
+        if path.startswith(b"/bytes/"):
+            n = int(path.rsplit(b"/", 1)[1])
+            if q.get(b"chunked") != b"1":
+                self.setHeader(b"content-length", b"%d" % n)
+            producer = _PatternProducer(self, n)
+            self.notifyFinish().addErrback(lambda _: producer.stopProducing())
+            self.registerProducer(producer, True)
+            producer.resumeProducing()
+        elif path == b"/headers":
+            body = json.dumps(
+                {
+                    "method": self.method.decode("latin-1"),
+                    "uri": self.uri.decode("latin-1"),
+                    "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.seen.headers],
+                }
+            ).encode()
+            self._reply(200, body, b"application/json")
+        elif path.startswith(b"/sink"):
+            body = json.dumps({"bytes": self.seen.body_bytes, "sha256": self.seen.sha256.hexdigest()}).encode()
+            self._reply(200, body, b"application/json")
+        elif path.startswith(b"/stall-body/"):
+            n = int(path.rsplit(b"/", 1)[1])
+            self.setHeader(b"content-length", b"%d" % (2 * n))
+            self.write(pattern_bytes(0, n))
+            self.seen.sent = n
+        elif path.startswith(b"/truncate/"):
+            n = int(path.rsplit(b"/", 1)[1])
+            if q.get(b"chunked") != b"1":
+                self.setHeader(b"content-length", b"%d" % (2 * n))
+            self.write(pattern_bytes(0, n))
+            self.seen.sent = n
+            transport = self.channel.transport
+            if q.get(b"reset") == b"1":
+                transport.abortConnection()
+            else:
+                transport.loseConnection()
+        elif path == b"/bad-status":
+            self.channel.transport.write(b"HTTP/1.1 abc Broken\r\n\r\n")
+            self.channel.transport.loseConnection()
+        elif path.startswith(b"/status/"):
+            code = int(path.rsplit(b"/", 1)[1])
+            self._reply(code, b"" if code in (204, 304) else b"status body", b"text/plain")
+        elif path == b"/stall" or path.startswith(b"/early/"):
+            pass
+        else:
+            self._reply(404, b"origin: no such behaviour", b"text/plain")
+
+    def _reply(self, code: int, body: bytes, content_type: bytes) -> None:
+        self.setResponseCode(code)
+        self.setHeader(b"content-type", content_type)
+        if code not in (204, 304):
+            self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish_cleanly()
+
+    def finish_cleanly(self) -> None:
+        self.seen.finished = True
+        self.finish()
+
+    def _ended(self, result: object) -> None:
+        if not self.seen.connection_lost.called:
+            self.seen.connection_lost.callback(None)
+
+
+class Origin(http.HTTPFactory):
+    """The test upstream. `start()` binds it to 127.0.0.1:0; `stop()` closes it and every connection."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=None)
+        self.seen: list[Seen] = []
+        self.held: list[OriginRequest] = []
+        self.port: Any = None
+        self.connections: list[http.HTTPChannel] = []
+        self.accepted = 0
+
+    def buildProtocol(self, addr: Any) -> http.HTTPChannel:
+        channel = http.HTTPChannel()
+        channel.factory = self
+        origin = self
+
+        class _Request(OriginRequest):
+            pass
+
+        _Request.origin = origin
+        channel.requestFactory = _Request
+        channel.timeOut = None
+        self.accepted += 1
+        self.connections.append(channel)
+        return channel
+
+    def startFactory(self) -> None:
+        pass
+
+    def stopFactory(self) -> None:
+        pass
+
+    def log(self, request: Any) -> None:
+        pass
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host = self.port.getHost()
+        return host.host, host.port
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
+
+    def start(self) -> Origin:
+        self.port = reactor.listenTCP(0, self, interface="127.0.0.1")
+        return self
+
+    def release(self) -> None:
+        """Let held sinks read again."""
+        for request in self.held:
+            if request.channel is not None:
+                request.channel.transport.resumeProducing()
+        self.held.clear()
+
+    async def stop(self) -> None:
+        for channel in self.connections:
+            if channel.transport is not None and channel.transport.connected:
+                channel.transport.abortConnection()
+        if self.port is not None:
+            await self.port.stopListening()
+            self.port = None
