@@ -44,7 +44,7 @@ def parse_response(data: bytes, *, head_request: bool = False) -> Parsed:
         if not sep:
             raise ValueError(f"no complete response head in {data[:200]!r}")
         lines = head.split(b"\r\n")
-        version, code, *reason = lines[0].split(b" ", 2)
+        _version, code, *reason = lines[0].split(b" ", 2)
         status = int(code)
         headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(b":") for line in lines[1:])]
         if 100 <= status < 200:
