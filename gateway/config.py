@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -212,7 +213,7 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
         server=server,
         limits=limits,
         listeners=listeners,
-        upstreams=upstreams,
+        upstreams=MappingProxyType(upstreams),
         routes=tuple(routes),
     )
 
@@ -223,7 +224,7 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
 def _positive_seconds(value: object) -> float:
     """Seconds as a number or a string with a unit: 5, 2.5, "250ms", "30s", "2m", "1h"."""
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", value)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", value.lower())
         if not m:
             raise ValueError(f'must be seconds as a number or a string such as "250ms", "30s", "2m", got {value!r}')
         seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
@@ -250,7 +251,7 @@ def _positive_size(value: object) -> int:
     elif isinstance(value, int) and not isinstance(value, bool):
         size = value
     else:
-        raise ValueError(f"must be a number of bytes, got {_describe(value)}")
+        raise ValueError(f"must be a whole number of bytes, got {_describe(value)}")
     if size <= 0:
         raise ValueError(f"must be a positive number of bytes, got {value!r}")
     return size
@@ -478,9 +479,11 @@ def _upstream_url(t: _Table, key: str) -> tuple[str, str, int, bytes]:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise t.error(key, f"must not carry a query, fragment or credentials, got {text!r}")
     try:
-        port = parts.port or 80
+        port = 80 if parts.port is None else parts.port
     except ValueError:
         raise t.error(key, f"has an invalid port, got {text!r}") from None
+    if port == 0:
+        raise t.error(key, f"must name a port from 1 to 65535, got {text!r}")
     base = parts.path.rstrip("/")
     if base and not re.fullmatch(r"[!$&'()*+,;=:@/A-Za-z0-9._~%-]+", base):
         raise t.error(key, f"has a path with characters that must be percent-encoded, got {text!r}")

@@ -111,8 +111,13 @@ class Report(Resource):
 
     def render_HEAD(self, request: server.Request) -> Any:
         args = request.args or {}
+        try:
+            size = _size((args.get(b"size") or [None])[0], 1024**2)
+        except ValueError:
+            request.setResponseCode(400)
+            return b""
         request.setHeader(b"content-type", b"text/csv")
-        request.setHeader(b"content-length", b"%d" % _size((args.get(b"size") or [None])[0], 1024**2))
+        request.setHeader(b"content-length", b"%d" % size)
         return b""
 
 

@@ -8,12 +8,13 @@ starts, so `twistd gateway --config F --check` works like `nginx -t`.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from gateway import config
+from gateway.service import GatewayService
 
 __all__ = ["Options", "makeService"]
 
@@ -38,10 +39,17 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
+class _TwistdService(GatewayService):
+    """Under twistd, an address that cannot be bound ends start-up with one line, not a traceback."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"gateway: {e}") from None
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from gateway.service import GatewayService
-
-    service: Any = GatewayService(options.config, reactor)
-    return service
+    return _TwistdService(options.config, reactor)

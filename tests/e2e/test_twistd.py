@@ -1,0 +1,246 @@
+"""`twistd gateway` as a real process: discovery, `--check`, config errors, a proxied download and SIGTERM.
+
+Subprocess tier: every process is started with `subprocess.Popen`, read with bounded waits and stopped by its
+PID in teardown; everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.clients import parse_response
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TWISTD = BIN / "twistd"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+LISTENING = re.compile(r"gateway listening on 127\.0\.0\.1:(\d+)")
+
+
+class Child:
+    """A child process whose stdout lines are read by a helper thread, so every wait can have a deadline."""
+
+    def __init__(self, argv: list[str], *, cwd: Path, stderr_path: Path) -> None:
+        self.argv = argv
+        self.stderr_path = stderr_path
+        self._stderr = stderr_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, text=True
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name=f"stdout of {argv[0]}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for_line(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """The first stdout line matching `pattern`, waiting at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line matching {pattern.pattern!r} within {timeout} s; {self.output()}")
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+                raise AssertionError(f"exited ({self.proc.returncode}) before {pattern.pattern!r}; {self.output()}")
+            self.lines.append(line)
+            found = pattern.search(line)
+            if found:
+                return found
+
+    def rest_of_output(self) -> str:
+        """Every stdout line up to the end of the output, once the process has exited (bounded)."""
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                self._queue.put(None)
+                break
+            self.lines.append(line)
+        return "".join(self.lines)
+
+    def output(self) -> str:
+        return f"stdout: {''.join(self.lines)!r}, stderr: {self.stderr()!r}"
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Kill the process by its PID if it still runs, reap it and close its pipes (bounded)."""
+        try:
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=STOP_TIMEOUT)
+        finally:
+            self._reader.join(timeout=STOP_TIMEOUT)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self._stderr.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[list[Child]]:
+    """Started children; each one still running is killed by its PID after the test."""
+    children: list[Child] = []
+    yield children
+    for child in reversed(children):
+        child.stop()
+
+
+def start(children: list[Child], argv: list[str], tmp_path: Path, name: str) -> Child:
+    child = Child(argv, cwd=tmp_path, stderr_path=tmp_path / f"{name}.stderr")
+    children.append(child)
+    return child
+
+
+def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def fetch(port: int, target: str, timeout: float = 30.0) -> bytes:
+    """Every byte of the answer to one `GET target` with `Connection: close`, read with a deadline."""
+    deadline = time.monotonic() + timeout
+    received = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n".encode())
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"response not complete within {timeout} s ({len(received)} bytes)")
+            sock.settimeout(left)
+            data = sock.recv(256 * 1024)
+            if not data:
+                return bytes(received)
+            received += data
+
+
+def test_twistd_help_lists_gateway(tmp_path: Path) -> None:
+    """`twistd --help` lists `gateway` among its commands."""
+    done = run([str(TWISTD), "--help"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^\s+gateway\s+Streaming HTTP API gateway", done.stdout, re.MULTILINE), done.stdout
+
+
+def test_check_on_example_config_exits_0_and_prints_ok() -> None:
+    """`twistd gateway --config etc/gateway.toml --check` prints OK and exits 0 without starting anything."""
+    done = run([str(TWISTD), "gateway", "--config", "etc/gateway.toml", "--check"], cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "gateway: etc/gateway.toml: OK\n"
+    assert done.stderr == ""
+
+
+def test_invalid_config_exits_1_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    """An invalid config makes `twistd gateway` exit 1 with `gateway: file: key: reason` and no traceback."""
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[[listeners]]\nhost = "127.0.0.1"\nport = 0\n\n'
+        '[[routes]]\nname = "all"\nupstream = "http://127.0.0.1:1"\n[routes.timeouts]\nconnect = -1\n'
+    )
+    done = run([str(TWISTD), "--nodaemon", "--pidfile=", "gateway", "--config", str(path)], cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr == f"gateway: {path}: routes[0].timeouts.connect: must be a positive number of seconds, got -1\n"
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (tmp_path / "twistd.log").exists()
+
+
+def test_missing_config_exits_1_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    """A config file that does not exist makes `twistd gateway --check` exit 1 with one line and no traceback."""
+    path = tmp_path / "absent.toml"
+    done = run([str(TWISTD), "gateway", "--config", str(path), "--check"], cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr == f"gateway: {path}: cannot read the file: No such file or directory\n"
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.fixture
+def served(tmp_path: Path, spawn: list[Child]) -> tuple[Child, int]:
+    """The demo upstream and `twistd gateway` in front of it, both on free loopback ports; twistd and its port."""
+    demo = start(spawn, [sys.executable, "-m", "gateway.demo", "--port", "0"], tmp_path, "demo")
+    address = json.loads(demo.wait_for_line(re.compile(r"^\{.*\}$"), START_TIMEOUT).group(0))
+    assert address["host"] == "127.0.0.1"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[[listeners]]\nhost = "127.0.0.1"\nport = 0\n\n'
+        f'[[routes]]\nname = "demo"\npath_prefix = "/"\nupstream = "http://127.0.0.1:{address["port"]}"\n'
+    )
+    twistd = start(
+        spawn,
+        [str(TWISTD), "--nodaemon", "--pidfile=", "--logfile=-", "gateway", "--config", str(config)],
+        tmp_path,
+        "twistd",
+    )
+    port = int(twistd.wait_for_line(LISTENING, START_TIMEOUT).group(1))
+    return twistd, port
+
+
+def test_proxies_a_one_mib_download(served: tuple[Child, int]) -> None:
+    """`twistd gateway` in front of the demo serves `/report?size=1048576` whole: status 200 and 1 MiB of CSV."""
+    _, port = served
+    response = parse_response(fetch(port, "/report?size=1048576"))
+    assert response.status == 200
+    assert response.header(b"content-length") == b"1048576"
+    assert response.complete
+    assert len(response.body) == 1048576
+    assert response.body.startswith(b"id,region,product,amount,status")
+
+
+def test_sigterm_stops_twistd_promptly(served: tuple[Child, int]) -> None:
+    """On SIGTERM, `twistd gateway` (having served a request) shuts down cleanly within a bounded time."""
+    twistd, port = served
+    assert parse_response(fetch(port, "/report?size=1000")).status == 200
+    os.kill(twistd.proc.pid, signal.SIGTERM)
+    try:
+        returncode = twistd.proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"twistd still running {STOP_TIMEOUT} s after SIGTERM; {twistd.output()}")
+    log = twistd.rest_of_output()
+    # twistd re-raises SIGTERM on itself after the orderly stop: -15 (143 in a shell); 0 would also be clean.
+    assert returncode in (-signal.SIGTERM, 0), twistd.output()
+    assert "Server Shut Down." in log, twistd.output()
+    assert "Traceback" not in log + twistd.stderr()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_port_in_use_exits_1_naming_the_address(tmp_path: Path) -> None:
+    """A listener on a port that is already taken makes `twistd gateway` exit 1, naming the address in its log."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[[listeners]]\nhost = "127.0.0.1"\nport = {port}\n\n'
+            '[[routes]]\nname = "all"\nupstream = "http://127.0.0.1:1"\n'
+        )
+        done = run(
+            [str(TWISTD), "--nodaemon", "--pidfile=", "--logfile=-", "gateway", "--config", str(config)], tmp_path
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"Couldn't listen on 127.0.0.1:{port}" in done.stdout + done.stderr

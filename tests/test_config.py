@@ -1,0 +1,714 @@
+"""Tests for gateway.config: the example file, defaults, units, merging of route overrides, and error messages."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import config
+from gateway.config import (
+    Config,
+    ConfigError,
+    FlowControl,
+    Limits,
+    Listener,
+    Server,
+    Timeouts,
+    Upstream,
+    parse,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "etc" / "gateway.toml"
+SOURCE = "test.toml"
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+def minimal() -> dict[str, Any]:
+    """The smallest valid config: one listener, one named upstream, one catch-all route."""
+    return {
+        "listeners": [{"host": "127.0.0.1", "port": 8080}],
+        "upstreams": {"app": {"url": "http://127.0.0.1:8081"}},
+        "routes": [{"name": "app", "path_prefix": "/", "upstream": "app"}],
+    }
+
+
+def with_(**sections: Any) -> dict[str, Any]:
+    """`minimal()` with top-level sections added or replaced."""
+    data = minimal()
+    data.update(copy.deepcopy(sections))
+    return data
+
+
+def error_of(data: dict[str, Any]) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse(data, source=SOURCE)
+    return info.value
+
+
+@pytest.fixture(scope="module")
+def example() -> Config:
+    return config.load(EXAMPLE)
+
+
+# --- the example file ----------------------------------------------------------------------------------------
+
+
+def test_example_loads_with_its_source(example: Config) -> None:
+    """etc/gateway.toml loads and the Config remembers the file it came from."""
+    assert example.source == str(EXAMPLE)
+
+
+def test_example_sections_are_the_defaults(example: Config) -> None:
+    """The example shows every top-level section with exactly the documented defaults."""
+    assert example.server == Server()
+    assert example.limits == Limits()
+    assert example.server.idle_timeout == 60.0
+    assert example.server.lingering_timeout == 5.0
+    assert example.server.via == "gateway"
+    assert example.limits == Limits(max_request_body_bytes=1 * GiB, max_header_bytes=16 * KiB, max_header_count=100)
+
+
+def test_example_listener(example: Config) -> None:
+    """The example listens on 127.0.0.1:8080 with a backlog of 511."""
+    assert example.listeners == (Listener(host="127.0.0.1", port=8080, backlog=511),)
+
+
+def test_example_upstream(example: Config) -> None:
+    """The example's named upstream "demo" is the demo on 127.0.0.1:8081 with the default pool settings."""
+    demo = example.upstreams["demo"]
+    assert demo == Upstream(name="demo", scheme="http", host="127.0.0.1", port=8081, base_path=b"")
+    assert demo.max_connections == 256
+    assert demo.max_queue == 512
+    assert demo.queue_timeout == 10.0
+    assert demo.idle_timeout == 4.0
+    assert demo.max_idle_connections == 64
+
+
+def test_example_routes_in_order(example: Config) -> None:
+    """The example's routes come out in file order with their prefixes."""
+    assert [(r.name, r.path_prefix) for r in example.routes] == [
+        ("reports", b"/report"),
+        ("events", b"/events"),
+        ("uploads", b"/upload"),
+        ("demo-api", b"/api"),
+    ]
+
+
+def test_example_route_without_overrides_gets_defaults(example: Config) -> None:
+    """The "reports" route has the default timeouts, limits and flow control and names the "demo" upstream."""
+    reports = example.routes[0]
+    assert reports.upstream is example.upstreams["demo"]
+    assert reports.host is None
+    assert reports.host_header == "upstream"
+    assert reports.strip_prefix is False
+    assert reports.timeouts == Timeouts()
+    assert reports.limits == Limits()
+    assert reports.flow_control == FlowControl(high_water=256 * KiB, low_water=64 * KiB)
+
+
+def test_example_route_timeout_override(example: Config) -> None:
+    """The "events" route overrides upstream_idle to one hour and keeps every other timeout."""
+    events = example.routes[1]
+    assert events.timeouts == Timeouts(upstream_idle=3600.0)
+
+
+def test_example_route_limit_override(example: Config) -> None:
+    """The "uploads" route allows 4 GiB bodies while the others keep the 1 GiB default."""
+    assert example.routes[2].limits.max_request_body_bytes == 4 * GiB
+    assert example.routes[3].limits.max_request_body_bytes == 1 * GiB
+
+
+def test_example_url_route(example: Config) -> None:
+    """The "demo-api" route strips its prefix and gets its own upstream, named by its URL."""
+    api = example.routes[3]
+    assert api.strip_prefix is True
+    assert api.upstream.name == "http://127.0.0.1:8081"
+    assert api.upstream is example.upstreams["http://127.0.0.1:8081"]
+    assert api.upstream is not example.upstreams["demo"]
+    assert api.upstream.origin == b"http://127.0.0.1:8081"
+
+
+# --- defaults ------------------------------------------------------------------------------------------------
+
+
+def test_absent_sections_take_defaults() -> None:
+    """A config without [server], [limits], [timeouts] or [flow_control] gets every default."""
+    cfg = parse(minimal(), source=SOURCE)
+    assert cfg.server == Server()
+    assert cfg.limits == Limits()
+    route = cfg.routes[0]
+    assert route.timeouts == Timeouts()
+    assert route.limits == Limits()
+    assert route.flow_control == FlowControl()
+    assert cfg.source == SOURCE
+
+
+def test_absent_route_keys_take_defaults() -> None:
+    """A route with only name and upstream matches any host and every path, strips nothing and sends the
+    upstream's Host."""
+    data = minimal()
+    data["routes"] = [{"name": "app", "upstream": "app"}]
+    route = parse(data, source=SOURCE).routes[0]
+    assert route.host is None
+    assert route.path_prefix == b"/"
+    assert route.strip_prefix is False
+    assert route.host_header == "upstream"
+
+
+def test_absent_listener_backlog_is_511() -> None:
+    """A listener without backlog gets 511."""
+    assert parse(minimal(), source=SOURCE).listeners[0].backlog == 511
+
+
+def test_route_host_is_lower_cased() -> None:
+    """A route's host pattern is stored lower-cased, since host matching ignores case."""
+    data = minimal()
+    data["routes"][0]["host"] = "*.API.Example.COM"
+    assert parse(data, source=SOURCE).routes[0].host == "*.api.example.com"
+
+
+def test_empty_via_is_allowed() -> None:
+    """An empty server.via is valid and means no Via entry is added."""
+    assert parse(with_(server={"via": ""}), source=SOURCE).server.via == ""
+
+
+# --- units ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("64KiB", 64 * KiB),
+        ("1GiB", GiB),
+        ("2MiB", 2 * MiB),
+        ("10MB", 10_000_000),
+        ("3kB", 3000),
+        ("1GB", 1_000_000_000),
+        ("64kib", 64 * KiB),
+        ("2 MiB", 2 * MiB),
+        ("7B", 7),
+        ("512", 512),
+        (65536, 65536),
+        (1, 1),
+    ],
+)
+def test_size(value: object, expected: int) -> None:
+    """A size is an integer of bytes or a string with a binary or decimal unit."""
+    cfg = parse(with_(limits={"max_request_body_bytes": value}), source=SOURCE)
+    assert cfg.limits.max_request_body_bytes == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("1.5GiB", 'must be bytes as an integer or a string such as "64KiB", "1GiB", got \'1.5GiB\''),
+        ("64KB/s", "must be bytes as an integer or a string such as"),
+        ("10XB", "must be bytes as an integer or a string such as"),
+        ("-1", "must be bytes as an integer or a string such as"),
+        ("", "must be bytes as an integer or a string such as"),
+        ("0KiB", "must be a positive number of bytes, got '0KiB'"),
+        (0, "must be a positive number of bytes, got 0"),
+        (-5, "must be a positive number of bytes, got -5"),
+        (1.5, "must be a whole number of bytes"),
+        (True, "must be a whole number of bytes, got a boolean"),
+        ([1], "must be a whole number of bytes, got an array"),
+    ],
+)
+def test_bad_size(value: object, reason: str) -> None:
+    """A size that is not a positive whole number of bytes is an error naming the key."""
+    error = error_of(with_(limits={"max_request_body_bytes": value}))
+    assert error.key == "limits.max_request_body_bytes"
+    assert error.reason.startswith(reason)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("250ms", 0.25),
+        ("30s", 30.0),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("1.5s", 1.5),
+        (" 10 s ", 10.0),
+        (5, 5.0),
+        (2.5, 2.5),
+        (0.001, 0.001),
+    ],
+)
+def test_duration(value: object, expected: float) -> None:
+    """A duration is a number of seconds or a string with ms, s, m or h."""
+    cfg = parse(with_(timeouts={"connect": value}), source=SOURCE)
+    assert cfg.routes[0].timeouts.connect == pytest.approx(expected)
+    assert isinstance(cfg.routes[0].timeouts.connect, float)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (0, "must be a positive number of seconds, got 0"),
+        (-1, "must be a positive number of seconds, got -1"),
+        (-0.5, "must be a positive number of seconds, got -0.5"),
+        ("0s", "must be a positive number of seconds, got '0s'"),
+        (float("inf"), "must be a positive number of seconds, got inf"),
+        (float("nan"), "must be a positive number of seconds, got nan"),
+        ("-1s", "must be seconds as a number or a string such as"),
+        ("5", "must be seconds as a number or a string such as"),
+        ("5 sec", "must be seconds as a number or a string such as"),
+        ("", "must be seconds as a number or a string such as"),
+        (True, "must be a number of seconds, got a boolean"),
+        ([5], "must be a number of seconds, got an array"),
+    ],
+)
+def test_bad_duration(value: object, reason: str) -> None:
+    """A duration that is not a positive, finite number of seconds is an error naming the key."""
+    error = error_of(with_(timeouts={"connect": value}))
+    assert error.key == "timeouts.connect"
+    assert error.reason.startswith(reason)
+
+
+# --- route overrides merge over the top-level defaults -------------------------------------------------------
+
+
+def test_route_timeouts_merge_key_by_key() -> None:
+    """A route's [routes.timeouts] replaces only the keys it names; the rest come from [timeouts]."""
+    data = with_(timeouts={"connect": "2s", "response_headers": "20s"})
+    data["routes"] = [
+        {"name": "plain", "path_prefix": "/", "upstream": "app"},
+        {"name": "slow", "path_prefix": "/slow", "upstream": "app", "timeouts": {"response_headers": "10m"}},
+    ]
+    plain, slow = parse(data, source=SOURCE).routes
+    assert plain.timeouts == Timeouts(connect=2.0, response_headers=20.0)
+    assert slow.timeouts == Timeouts(connect=2.0, response_headers=600.0)
+
+
+def test_route_limits_merge_key_by_key() -> None:
+    """A route's body limit replaces the top-level one; the header limits come from [limits]."""
+    data = with_(limits={"max_request_body_bytes": "1MiB", "max_header_bytes": "8KiB", "max_header_count": 50})
+    data["routes"][0]["limits"] = {"max_request_body_bytes": "2MiB"}
+    cfg = parse(data, source=SOURCE)
+    assert cfg.routes[0].limits == Limits(max_request_body_bytes=2 * MiB, max_header_bytes=8 * KiB, max_header_count=50)
+    assert cfg.limits.max_request_body_bytes == 1 * MiB
+
+
+def test_route_flow_control_merges_key_by_key() -> None:
+    """A route's [routes.flow_control] replaces only the water mark it names."""
+    data = with_(flow_control={"high_water": "1MiB", "low_water": "512KiB"})
+    data["routes"][0]["flow_control"] = {"high_water": "2MiB"}
+    route = parse(data, source=SOURCE).routes[0]
+    assert route.flow_control == FlowControl(high_water=2 * MiB, low_water=512 * KiB)
+
+
+def test_top_level_flow_control_reaches_routes() -> None:
+    """Routes without their own flow control use the top-level water marks."""
+    data = with_(flow_control={"high_water": "1MiB", "low_water": "512KiB"})
+    route = parse(data, source=SOURCE).routes[0]
+    assert route.flow_control == FlowControl(high_water=1 * MiB, low_water=512 * KiB)
+
+
+# --- upstreams -----------------------------------------------------------------------------------------------
+
+
+def test_same_url_shares_one_upstream() -> None:
+    """Routes that give the same http URL directly share one Upstream object (so one pool)."""
+    data = minimal()
+    url = "http://127.0.0.1:9000/base"
+    data["routes"] = [
+        {"name": "a", "path_prefix": "/a", "upstream": url},
+        {"name": "b", "path_prefix": "/b", "upstream": url},
+    ]
+    cfg = parse(data, source=SOURCE)
+    assert cfg.routes[0].upstream is cfg.routes[1].upstream
+    assert cfg.upstreams[url] is cfg.routes[0].upstream
+    assert cfg.routes[0].upstream.base_path == b"/base"
+
+
+def test_different_urls_get_different_upstreams() -> None:
+    """Routes that give different http URLs get different Upstream objects."""
+    data = minimal()
+    data["routes"] = [
+        {"name": "a", "path_prefix": "/a", "upstream": "http://127.0.0.1:9000"},
+        {"name": "b", "path_prefix": "/b", "upstream": "http://127.0.0.1:9001"},
+    ]
+    a, b = parse(data, source=SOURCE).routes
+    assert a.upstream is not b.upstream
+    assert (a.upstream.port, b.upstream.port) == (9000, 9001)
+
+
+def test_routes_naming_one_upstream_share_it() -> None:
+    """Routes naming the same upstream share the one Upstream object defined under [upstreams]."""
+    data = minimal()
+    data["routes"].append({"name": "other", "path_prefix": "/other", "upstream": "app"})
+    cfg = parse(data, source=SOURCE)
+    assert cfg.routes[0].upstream is cfg.routes[1].upstream is cfg.upstreams["app"]
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "base_path"),
+    [
+        ("http://127.0.0.1:8081", "127.0.0.1", 8081, b""),
+        ("http://127.0.0.1:8081/", "127.0.0.1", 8081, b""),
+        ("http://Backend.Example.COM", "backend.example.com", 80, b""),
+        ("http://backend:81/base/", "backend", 81, b"/base"),
+        ("http://backend/a/b%20c", "backend", 80, b"/a/b%20c"),
+        ("http://[::1]:9000/v1", "::1", 9000, b"/v1"),
+    ],
+)
+def test_upstream_url(url: str, host: str, port: int, base_path: bytes) -> None:
+    """An upstream URL gives host (lower-cased), port (80 by default) and a base path without trailing slash."""
+    data = minimal()
+    data["upstreams"]["app"]["url"] = url
+    upstream = parse(data, source=SOURCE).upstreams["app"]
+    assert (upstream.scheme, upstream.host, upstream.port, upstream.base_path) == ("http", host, port, base_path)
+
+
+def test_upstream_pool_settings() -> None:
+    """Pool settings of an upstream are read with their units."""
+    data = minimal()
+    data["upstreams"]["app"].update(
+        max_connections=8, max_queue=16, queue_timeout="500ms", idle_timeout="2s", max_idle_connections=4
+    )
+    upstream = parse(data, source=SOURCE).upstreams["app"]
+    assert (
+        upstream.max_connections,
+        upstream.max_queue,
+        upstream.queue_timeout,
+        upstream.idle_timeout,
+        upstream.max_idle_connections,
+    ) == (8, 16, 0.5, 2.0, 4)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "origin"),
+    [
+        ("127.0.0.1", 8081, b"http://127.0.0.1:8081"),
+        ("backend.example.com", 80, b"http://backend.example.com:80"),
+        ("::1", 9000, b"http://[::1]:9000"),
+        ("2001:db8::7", 80, b"http://[2001:db8::7]:80"),
+    ],
+)
+def test_upstream_origin(host: str, port: int, origin: bytes) -> None:
+    """Upstream.origin is scheme://host:port as bytes, with IPv6 literals in brackets."""
+    upstream = Upstream(name="u", scheme="http", host=host, port=port, base_path=b"/ignored")
+    assert upstream.origin == origin
+
+
+def test_two_listeners_on_port_zero_are_allowed() -> None:
+    """Two listeners on port 0 of one address are not duplicates: each picks its own free port."""
+    data = with_(listeners=[{"host": "127.0.0.1", "port": 0}, {"host": "127.0.0.1", "port": 0}])
+    assert len(parse(data, source=SOURCE).listeners) == 2
+
+
+# --- errors: every error names the file, the key path and the reason -----------------------------------------
+
+Mutation = Callable[[dict[str, Any]], None]
+
+
+def _set(path: str, value: object) -> Mutation:
+    """A mutation that sets the value at a dotted path; integer parts index arrays."""
+
+    def mutate(data: dict[str, Any]) -> None:
+        parts = path.split(".")
+        node: Any = data
+        for part in parts[:-1]:
+            node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+        last = parts[-1]
+        if last.isdigit():
+            node[int(last)] = value
+        else:
+            node[last] = value
+
+    return mutate
+
+
+def _delete(key: str) -> Mutation:
+    def mutate(data: dict[str, Any]) -> None:
+        del data[key]
+
+    return mutate
+
+
+def _add_route(**route: Any) -> Mutation:
+    def mutate(data: dict[str, Any]) -> None:
+        data["routes"].append(route)
+
+    return mutate
+
+
+ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
+    # unknown keys, at every level
+    ("unknown-top", _set("tiemouts", {}), "tiemouts", "unknown key"),
+    ("unknown-server", _set("server.viaa", "x"), "server.viaa", "unknown key"),
+    ("unknown-limits", _set("limits.max_body", 1), "limits.max_body", "unknown key"),
+    ("unknown-flow", _set("flow_control.high", 1), "flow_control.high", "unknown key"),
+    ("unknown-timeouts", _set("timeouts.conect", 1), "timeouts.conect", "unknown key"),
+    ("unknown-listener", _set("listeners.0.hots", "x"), "listeners[0].hots", "unknown key"),
+    ("unknown-upstream", _set("upstreams.app.urll", "x"), "upstreams.app.urll", "unknown key"),
+    ("unknown-route", _set("routes.0.pathprefix", "/x"), "routes[0].pathprefix", "unknown key"),
+    (
+        "unknown-route-timeouts",
+        _add_route(name="b", path_prefix="/b", upstream="app", timeouts={"conect": "1s"}),
+        "routes[1].timeouts.conect",
+        "unknown key",
+    ),
+    (
+        "route-header-limit-not-overridable",
+        _set("routes.0.limits", {"max_header_bytes": 1}),
+        "routes[0].limits.max_header_bytes",
+        "unknown key",
+    ),
+    ("unknown-route-flow", _set("routes.0.flow_control", {"hi": 1}), "routes[0].flow_control.hi", "unknown key"),
+    # wrong types
+    ("port-bool", _set("listeners.0.port", True), "listeners[0].port", "must be a port number from 0 to 65535"),
+    ("port-string", _set("listeners.0.port", "8080"), "listeners[0].port", "must be a port number"),
+    ("backlog-bool", _set("listeners.0.backlog", True), "listeners[0].backlog", "must be an integer, got a boolean"),
+    ("count-string", _set("limits.max_header_count", "100"), "limits.max_header_count", "must be an integer, got a"),
+    ("count-float", _set("limits.max_header_count", 1.0), "limits.max_header_count", "must be an integer, got a"),
+    ("server-string", _set("server", "fast"), "server", "must be a table, got a string"),
+    ("timeouts-array", _set("timeouts", [1]), "timeouts", "must be a table, got an array"),
+    ("route-timeouts-string", _set("routes.0.timeouts", "30s"), "routes[0].timeouts", "must be a table, got a str"),
+    ("route-limits-int", _set("routes.0.limits", 5), "routes[0].limits", "must be a table, got an integer"),
+    ("routes-table", _set("routes", {"name": "x"}), "routes", "must be an array of tables ([[routes]]), got a table"),
+    ("listeners-ints", _set("listeners", [1]), "listeners", "must be an array of tables ([[listeners]])"),
+    ("upstreams-array", _set("upstreams", []), "upstreams", "must be a table, got an array"),
+    ("upstream-string", _set("upstreams.app", "http://x"), "upstreams.app", "must be a table, got a string"),
+    ("strip-string", _set("routes.0.strip_prefix", "yes"), "routes[0].strip_prefix", "must be true or false, got"),
+    ("name-int", _set("routes.0.name", 5), "routes[0].name", "must be a string, got an integer"),
+    ("via-int", _set("server.via", 1), "server.via", "must be a string, got an integer"),
+    ("via-spaces", _set("server.via", "my gateway"), "server.via", "must be a single token"),
+    ("host-header", _set("routes.0.host_header", "origin"), "routes[0].host_header", 'must be "upstream"'),
+    ("listener-hostname", _set("listeners.0.host", "localhost"), "listeners[0].host", "must be an IP address"),
+    ("url-int", _set("upstreams.app.url", 8081), "upstreams.app.url", "must be a string, got an integer"),
+    ("upstream-bool", _set("routes.0.upstream", True), "routes[0].upstream", "must be a string, got a boolean"),
+    # impossible values
+    ("connect-negative", _set("timeouts.connect", -1), "timeouts.connect", "must be a positive number of seconds"),
+    ("connect-zero", _set("timeouts.connect", 0), "timeouts.connect", "must be a positive number of seconds"),
+    (
+        "route-idle-zero",
+        _set("routes.0.timeouts", {"upstream_idle": 0}),
+        "routes[0].timeouts.upstream_idle",
+        "must be a positive number of seconds, got 0",
+    ),
+    ("queue-timeout-zero", _set("upstreams.app.queue_timeout", "0s"), "upstreams.app.queue_timeout", "must be"),
+    ("server-idle-neg", _set("server.idle_timeout", -3), "server.idle_timeout", "must be a positive number"),
+    ("max-conn-zero", _set("upstreams.app.max_connections", 0), "upstreams.app.max_connections", "must be a pos"),
+    ("port-70000", _set("listeners.0.port", 70000), "listeners[0].port", "must be a port number from 0 to 65535"),
+    ("port-negative", _set("listeners.0.port", -1), "listeners[0].port", "must be a port number from 0 to 65535"),
+    (
+        "water-equal",
+        _set("flow_control", {"high_water": "64KiB", "low_water": "64KiB"}),
+        "flow_control.low_water",
+        "must be below high_water (65536 >= 65536)",
+    ),
+    (
+        "water-above",
+        _set("flow_control", {"high_water": 100, "low_water": 200}),
+        "flow_control.low_water",
+        "must be below high_water (200 >= 100)",
+    ),
+    (
+        "water-default-high",
+        _set("flow_control", {"low_water": "1MiB"}),
+        "flow_control.low_water",
+        "must be below high_water",
+    ),
+    (
+        "route-water-equal",
+        _set("routes.0.flow_control", {"high_water": 1000, "low_water": 1000}),
+        "routes[0].flow_control.low_water",
+        "must be below high_water (1000 >= 1000)",
+    ),
+    (
+        "route-water-inherited-high",
+        _set("routes.0.flow_control", {"low_water": "1MiB"}),
+        "routes[0].flow_control.low_water",
+        "must be below high_water",
+    ),
+    ("prefix-no-slash", _set("routes.0.path_prefix", "api"), "routes[0].path_prefix", 'must start with "/"'),
+    ("prefix-empty", _set("routes.0.path_prefix", ""), "routes[0].path_prefix", "must not be empty"),
+    ("prefix-space", _set("routes.0.path_prefix", "/a b"), "routes[0].path_prefix", "must contain only URL path"),
+    ("host-star", _set("routes.0.host", "*"), "routes[0].host", "must be a host name"),
+    ("host-port", _set("routes.0.host", "api.example.com:80"), "routes[0].host", "must be a host name"),
+    ("host-underscore", _set("routes.0.host", "a_b.example.com"), "routes[0].host", "must be a host name"),
+    ("host-leading-dash", _set("routes.0.host", "-a.example.com"), "routes[0].host", "must be a host name"),
+    ("host-empty-label", _set("routes.0.host", "a..example.com"), "routes[0].host", "must be a host name"),
+    ("host-double-star", _set("routes.0.host", "*.*.example.com"), "routes[0].host", "must be a host name"),
+    ("host-inner-star", _set("routes.0.host", "api.*.com"), "routes[0].host", "must be a host name"),
+    ("host-empty", _set("routes.0.host", ""), "routes[0].host", "must not be empty"),
+    ("url-https", _set("upstreams.app.url", "https://x:443"), "upstreams.app.url", "https upstreams are not sup"),
+    ("url-ftp", _set("upstreams.app.url", "ftp://x"), "upstreams.app.url", "must be an http URL"),
+    ("url-no-host", _set("upstreams.app.url", "http://"), "upstreams.app.url", "must be an http URL"),
+    ("url-no-scheme", _set("upstreams.app.url", "127.0.0.1:8081"), "upstreams.app.url", "must be an http URL"),
+    ("url-query", _set("upstreams.app.url", "http://x/?a=1"), "upstreams.app.url", "must not carry a query"),
+    ("url-fragment", _set("upstreams.app.url", "http://x/#top"), "upstreams.app.url", "must not carry a query"),
+    ("url-credentials", _set("upstreams.app.url", "http://u:p@x/"), "upstreams.app.url", "must not carry a query"),
+    ("url-user", _set("upstreams.app.url", "http://u@x/"), "upstreams.app.url", "must not carry a query"),
+    ("url-bad-port", _set("upstreams.app.url", "http://x:99999"), "upstreams.app.url", "has an invalid port"),
+    ("url-empty", _set("upstreams.app.url", ""), "upstreams.app.url", "must not be empty"),
+    (
+        "route-url-https",
+        _set("routes.0.upstream", "https://x"),
+        "routes[0].upstream",
+        "https upstreams are not supported",
+    ),
+    (
+        "route-url-query",
+        _set("routes.0.upstream", "http://x/?q"),
+        "routes[0].upstream",
+        "must not carry a query",
+    ),
+    ("upstream-name", _set("upstreams", {"a b": {"url": "http://x"}}), "upstreams.a b", "a name may contain only"),
+    # missing, duplicate and empty
+    ("no-url", _set("upstreams.app", {}), "upstreams.app.url", "is required"),
+    ("no-route-name", _set("routes.0", {"upstream": "app"}), "routes[0].name", "is required"),
+    ("no-route-upstream", _set("routes.0", {"name": "app"}), "routes[0].upstream", "is required"),
+    ("no-listener-port", _set("listeners.0", {"host": "127.0.0.1"}), "listeners[0].port", "is required"),
+    (
+        "duplicate-route",
+        _add_route(name="app", path_prefix="/other", upstream="app"),
+        "routes[1].name",
+        "route name 'app' is used twice",
+    ),
+    (
+        "duplicate-listener",
+        _set("listeners", [{"host": "127.0.0.1", "port": 8080}, {"host": "127.0.0.1", "port": 8080}]),
+        "listeners[1]",
+        "127.0.0.1:8080 is listed twice",
+    ),
+    ("listeners-missing", _delete("listeners"), "listeners", "is required (add at least one [[listeners]] table)"),
+    ("listeners-empty", _set("listeners", []), "listeners", "at least one listener is needed"),
+    ("routes-missing", _delete("routes"), "routes", "is required (add at least one [[routes]] table)"),
+    ("routes-empty", _set("routes", []), "routes", "at least one route is needed"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "reason"), [case[1:] for case in ERROR_CASES], ids=[case[0] for case in ERROR_CASES]
+)
+def test_error_names_file_key_and_reason(mutate: Mutation, key: str, reason: str) -> None:
+    """Every invalid config raises a ConfigError naming the file, the key path and why."""
+    data = minimal()
+    mutate(data)
+    error = error_of(data)
+    assert (error.source, error.key) == (SOURCE, key)
+    assert reason in error.reason
+    assert str(error) == f"{SOURCE}: {key}: {error.reason}"
+
+
+def test_upstream_url_with_port_zero_is_an_error() -> None:
+    """An upstream URL with port 0 is an error about its port rather than silently becoming port 80."""
+    data = minimal()
+    data["upstreams"]["app"]["url"] = "http://127.0.0.1:0"
+    error = error_of(data)
+    assert error.key == "upstreams.app.url"
+    assert "port" in error.reason
+
+
+def test_unknown_upstream_lists_known_names() -> None:
+    """A route naming an unknown upstream is an error that lists the names that do exist."""
+    data = with_(upstreams={"billing": {"url": "http://10.0.0.1"}, "accounts": {"url": "http://10.0.0.2"}})
+    data["routes"][0]["upstream"] = "biling"
+    error = error_of(data)
+    assert str(error) == (
+        f"{SOURCE}: routes[0].upstream: no upstream named 'biling' (known: accounts, billing); "
+        "give a name or an http URL"
+    )
+
+
+def test_unknown_upstream_with_none_defined() -> None:
+    """A route naming an upstream when none are defined says so."""
+    data = minimal()
+    del data["upstreams"]
+    error = error_of(data)
+    assert error.key == "routes[0].upstream"
+    assert "(known: none are defined)" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            with_(routes=[{"name": "a", "upstream": "app", "timeouts": {"connect": -1}}]),
+            "test.toml: routes[0].timeouts.connect: must be a positive number of seconds, got -1",
+        ),
+        (
+            with_(listeners=[{"host": "127.0.0.1", "port": 70000}]),
+            "test.toml: listeners[0].port: must be a port number from 0 to 65535, got 70000",
+        ),
+        (
+            with_(routes=[{"name": "a", "upstream": "app", "path_prefix": "api"}]),
+            "test.toml: routes[0].path_prefix: must start with \"/\", got 'api'",
+        ),
+        (
+            with_(server={"idle_timeout": "60s", "viaa": "x"}),
+            "test.toml: server.viaa: unknown key (check its spelling and the section it is in)",
+        ),
+    ],
+)
+def test_error_message_format(data: dict[str, Any], message: str) -> None:
+    """str(ConfigError) reads "source: key: reason"."""
+    assert str(error_of(data)) == message
+
+
+def test_error_without_key_reads_source_and_reason() -> None:
+    """A ConfigError without a key prints as "source: reason"."""
+    assert str(ConfigError("x.toml", "", "broken")) == "x.toml: broken"
+
+
+# --- load: reading the file ----------------------------------------------------------------------------------
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    """A file that cannot be read is a ConfigError naming the file."""
+    path = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert info.value.source == str(path)
+    assert str(info.value).startswith(f"{path}: cannot read the file: ")
+
+
+def test_load_directory(tmp_path: Path) -> None:
+    """A directory given as the config file is a ConfigError naming it."""
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: cannot read the file: ")
+
+
+def test_load_invalid_toml(tmp_path: Path) -> None:
+    """A file that is not valid TOML is a ConfigError naming the file."""
+    path = tmp_path / "broken.toml"
+    path.write_text("[[routes]\nname = 'x'\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value).startswith(f"{path}: not valid TOML: ")
+
+
+def test_load_validation_error_names_the_file(tmp_path: Path) -> None:
+    """A validation error from load names the file it read."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[[listeners]]\nhost = "127.0.0.1"\nport = 8080\n'
+        '[[routes]]\nname = "a"\nupstream = "http://127.0.0.1:8081"\n'
+        '[routes.timeouts]\nconnect = "soon"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value).startswith(f"{path}: routes[0].timeouts.connect: must be seconds")
+
+
+def test_load_accepts_a_string_path(tmp_path: Path) -> None:
+    """load takes a str path as well as a Path."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[[listeners]]\nhost = "::"\nport = 0\n[[routes]]\nname = "a"\nupstream = "http://127.0.0.1:8081"\n'
+    )
+    cfg = config.load(str(path))
+    assert cfg.listeners == (Listener(host="::", port=0),)
+    assert cfg.source == str(path)

@@ -1,0 +1,131 @@
+"""Tests for gateway.errors: each error's status, and the problem+json answer built from it."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+
+import pytest
+
+from gateway import errors
+from gateway.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientBodyTimeout,
+    GatewayError,
+    NoRoute,
+    UpstreamBroken,
+    UpstreamSaturated,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    problem,
+)
+
+EXPECTED_STATUS: list[tuple[type[GatewayError], int]] = [
+    (BadRequest, 400),
+    (NoRoute, 404),
+    (ClientBodyTimeout, 408),
+    (BodyTooLarge, 413),
+    (UpstreamUnreachable, 502),
+    (UpstreamBroken, 502),
+    (UpstreamSaturated, 503),
+    (UpstreamTimeout, 504),
+]
+
+
+def all_subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:
+    """Every subclass defined in gateway.errors (test modules may define their own, which do not count)."""
+    found = []
+    for sub in cls.__subclasses__():
+        if sub.__module__ == errors.__name__:
+            found.append(sub)
+        found.extend(all_subclasses(sub))
+    return found
+
+
+def test_every_subclass_has_an_expected_status() -> None:
+    """The table of expected statuses below covers every GatewayError subclass."""
+    assert set(all_subclasses(GatewayError)) == {cls for cls, _ in EXPECTED_STATUS}
+
+
+@pytest.mark.parametrize(("cls", "status"), EXPECTED_STATUS, ids=[cls.__name__ for cls, _ in EXPECTED_STATUS])
+def test_problem_status_and_content_type(cls: type[GatewayError], status: int) -> None:
+    """problem() answers each error with its status and the application/problem+json content type."""
+    answer_status, content_type, _ = problem(cls("detail"), "rid")
+    assert (answer_status, content_type) == (status, b"application/problem+json")
+
+
+@pytest.mark.parametrize(("cls", "status"), EXPECTED_STATUS, ids=[cls.__name__ for cls, _ in EXPECTED_STATUS])
+def test_problem_body(cls: type[GatewayError], status: int) -> None:
+    """The body holds exactly type, title, status, detail and request_id, taken from the error and the request."""
+    error = cls("no route matches host api.example.com and this path")
+    _, _, body = problem(error, "0123456789abcdef0123456789abcdef")
+    assert json.loads(body) == {
+        "type": error.type_uri,
+        "title": cls.title,
+        "status": status,
+        "detail": "no route matches host api.example.com and this path",
+        "request_id": "0123456789abcdef0123456789abcdef",
+    }
+
+
+@pytest.mark.parametrize("cls", [cls for cls, _ in EXPECTED_STATUS], ids=lambda cls: cls.__name__)
+def test_problem_body_is_compact(cls: type[GatewayError]) -> None:
+    """The body is JSON with no whitespace between tokens."""
+    _, _, body = problem(cls("detail, with: punctuation"), "rid")
+    assert body == json.dumps(json.loads(body), separators=(",", ":")).encode("utf-8")
+    assert b"\n" not in body
+
+
+@pytest.mark.parametrize("cls", [cls for cls, _ in EXPECTED_STATUS], ids=lambda cls: cls.__name__)
+def test_type_is_an_absolute_uri_naming_the_slug(cls: type[GatewayError]) -> None:
+    """The problem type is an absolute URI that ends with the error's slug."""
+    type_uri = cls("x").type_uri
+    assert urlsplit(type_uri).scheme
+    assert type_uri.endswith(cls.slug)
+
+
+def test_problem_body_escapes_detail() -> None:
+    """A detail with quotes, backslashes, control characters and non-ASCII survives as valid UTF-8 JSON."""
+    detail = 'path "/caf\u00e9\\x"\n\ttab'
+    _, _, body = problem(NoRoute(detail), "rid")
+    body.decode("utf-8")
+    assert json.loads(body)["detail"] == detail
+
+
+def test_problem_status_is_a_json_number() -> None:
+    """The status in the body is a number, not a string."""
+    _, _, body = problem(UpstreamTimeout("slow"), "rid")
+    assert b'"status":504' in body
+
+
+def test_error_keeps_its_detail() -> None:
+    """An error's detail is its message."""
+    error = BodyTooLarge("too big")
+    assert error.detail == "too big"
+    assert str(error) == "too big"
+
+
+def test_slugs_are_distinct() -> None:
+    """Every GatewayError subclass has its own slug, different from the base class's."""
+    slugs = [cls.slug for cls in all_subclasses(GatewayError)]
+    assert len(set(slugs)) == len(slugs)
+    assert GatewayError.slug not in slugs
+
+
+def test_titles_are_distinct() -> None:
+    """Every GatewayError subclass has its own title, so two errors with one status can be told apart."""
+    titles = [cls.title for cls in all_subclasses(GatewayError)]
+    assert len(set(titles)) == len(titles)
+
+
+@pytest.mark.parametrize("cls", all_subclasses(GatewayError), ids=lambda cls: cls.__name__)
+def test_status_is_4xx_or_5xx(cls: type[GatewayError]) -> None:
+    """Every GatewayError subclass answers with a client or server error status."""
+    assert 400 <= cls.status <= 599
+
+
+@pytest.mark.parametrize("cls", all_subclasses(GatewayError), ids=lambda cls: cls.__name__)
+def test_subclass_is_exported(cls: type[GatewayError]) -> None:
+    """Every GatewayError subclass is a public name of gateway.errors."""
+    assert cls.__name__ in errors.__all__

@@ -1,0 +1,280 @@
+"""Tests for gateway.routing: which route a host and path pick, and the target the upstream receives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.config import Route, Upstream
+from gateway.routing import Router, host_without_port, prefix_matches, upstream_target
+
+UPSTREAM = Upstream(name="u", scheme="http", host="127.0.0.1", port=8081, base_path=b"")
+
+
+def route(name: str, prefix: str = "/", host: str | None = None, **kwargs: object) -> Route:
+    return Route(name=name, host=host, path_prefix=prefix.encode("ascii"), upstream=UPSTREAM, **kwargs)  # type: ignore[arg-type]
+
+
+def chosen(routes: Sequence[Route], host: str | None, path: bytes) -> str | None:
+    found = Router(routes).match(host, path)
+    return None if found is None else found.name
+
+
+# --- host precedence -----------------------------------------------------------------------------------------
+
+
+def test_exact_host_beats_wildcard() -> None:
+    """A route naming the host wins over a wildcard route even when the wildcard's prefix is longer."""
+    routes = [route("wild", "/api/v1", "*.example.com"), route("exact", "/", "api.example.com")]
+    assert chosen(routes, "api.example.com", b"/api/v1/x") == "exact"
+
+
+def test_wildcard_beats_any_host() -> None:
+    """A wildcard route wins over a route without a host even when the latter's prefix is longer."""
+    routes = [route("any", "/api/v1"), route("wild", "/", "*.example.com")]
+    assert chosen(routes, "api.example.com", b"/api/v1/x") == "wild"
+
+
+def test_exact_host_beats_any_host() -> None:
+    """A route naming the host wins over a route without a host even when the latter's prefix is longer."""
+    routes = [route("any", "/api/v1"), route("exact", "/", "api.example.com")]
+    assert chosen(routes, "api.example.com", b"/api/v1/x") == "exact"
+
+
+def test_host_route_without_matching_path_falls_back() -> None:
+    """When no route of the request's host matches the path, a wildcard and then a host-less route may."""
+    routes = [route("exact", "/admin", "api.example.com"), route("wild", "/w", "*.example.com"), route("any", "/")]
+    assert chosen(routes, "api.example.com", b"/w/1") == "wild"
+    assert chosen(routes, "api.example.com", b"/other") == "any"
+
+
+def test_more_specific_wildcard_wins() -> None:
+    """Among wildcard routes, the one with the longer suffix wins, whatever the order listed."""
+    routes = [route("broad", "/", "*.example.com"), route("narrow", "/", "*.eu.example.com")]
+    assert chosen(routes, "api.eu.example.com", b"/x") == "narrow"
+    assert chosen(list(reversed(routes)), "api.eu.example.com", b"/x") == "narrow"
+    assert chosen(routes, "api.us.example.com", b"/x") == "broad"
+
+
+@pytest.mark.parametrize(
+    ("host", "matches"),
+    [
+        ("a.example.com", True),
+        ("a.b.example.com", True),
+        ("example.com", False),
+        ("aexample.com", False),
+        ("example.com.evil.org", False),
+        ("other.org", False),
+    ],
+)
+def test_wildcard_host(host: str, matches: bool) -> None:
+    """ "*.example.com" matches any name below example.com, never example.com itself or look-alikes."""
+    assert (chosen([route("wild", "/", "*.example.com")], host, b"/") == "wild") is matches
+
+
+def test_exact_host_must_equal() -> None:
+    """A route naming a host does not match another host, nor a subdomain of it."""
+    routes = [route("exact", "/", "api.example.com")]
+    assert chosen(routes, "api.example.com", b"/") == "exact"
+    assert chosen(routes, "x.api.example.com", b"/") is None
+    assert chosen(routes, "example.com", b"/") is None
+
+
+def test_no_host_matches_only_hostless_routes() -> None:
+    """A request without a Host matches only routes that name no host."""
+    routes = [route("exact", "/", "api.example.com"), route("wild", "/", "*.example.com")]
+    assert chosen(routes, None, b"/") is None
+    assert chosen([*routes, route("any", "/public")], None, b"/public/x") == "any"
+
+
+def test_no_match_is_none() -> None:
+    """A path outside every prefix matches no route."""
+    assert chosen([route("a", "/a"), route("b", "/b")], "x", b"/c") is None
+
+
+def test_empty_router_matches_nothing() -> None:
+    """A router without routes matches nothing."""
+    assert Router([]).match("x", b"/") is None
+
+
+# --- path precedence -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["short-first", "long-first"])
+def test_longest_prefix_wins(reverse: bool) -> None:
+    """Among routes of one host class the longest matching prefix wins, whatever the order listed."""
+    routes = [route("root", "/"), route("api", "/api"), route("v1", "/api/v1")]
+    if reverse:
+        routes.reverse()
+    assert chosen(routes, "x", b"/api/v1/users") == "v1"
+    assert chosen(routes, "x", b"/api/v2") == "api"
+    assert chosen(routes, "x", b"/static") == "root"
+
+
+def test_tie_goes_to_first_listed() -> None:
+    """Two routes with the same host class and prefix: the one listed first wins."""
+    assert chosen([route("first", "/a"), route("second", "/a")], "x", b"/a/1") == "first"
+    assert chosen([route("second", "/a"), route("first", "/a")], "x", b"/a/1") == "second"
+
+
+def test_tie_on_exact_host_goes_to_first_listed() -> None:
+    """The first-listed rule holds within routes of one exact host too."""
+    routes = [route("first", "/a", "h.example.com"), route("second", "/a", "h.example.com")]
+    assert chosen(routes, "h.example.com", b"/a") == "first"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "path", "matches"),
+    [
+        (b"/reports", b"/reports", True),
+        (b"/reports", b"/reports/", True),
+        (b"/reports", b"/reports/1", True),
+        (b"/reports", b"/reports/1/2", True),
+        (b"/reports", b"/reportsx", False),
+        (b"/reports", b"/reports.csv", False),
+        (b"/reports", b"/report", False),
+        (b"/reports", b"/Reports", False),
+        (b"/reports", b"/x/reports", False),
+        (b"/api/", b"/api/", True),
+        (b"/api/", b"/api/x", True),
+        (b"/api/", b"/api", False),
+        (b"/api/", b"/apix", False),
+        (b"/", b"/", True),
+        (b"/", b"/anything/at/all", True),
+        (b"/caf%C3%A9", b"/caf%C3%A9/menu", True),
+        (b"/caf%C3%A9", b"/caf%c3%a9/menu", False),
+        (b"/caf%C3%A9", "/café/menu".encode(), False),
+        (b"/a%2F", b"/a%2Fb", False),
+    ],
+)
+def test_prefix_matches_whole_segments(prefix: bytes, path: bytes, matches: bool) -> None:
+    """A prefix matches whole path segments, raw when it ends in "/", comparing the bytes without decoding."""
+    assert prefix_matches(prefix, path) is matches
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [(b"/reports", "reports"), (b"/reports/1", "reports"), (b"/reportsx", "root"), (b"/report", "root")],
+)
+def test_router_matches_whole_segments(path: bytes, expected: str) -> None:
+    """The router picks "/reports" only for paths in that segment and falls back to "/" otherwise."""
+    assert chosen([route("root", "/"), route("reports", "/reports")], "x", path) == expected
+
+
+# --- host_without_port -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"a.b:80", "a.b"),
+        (b"A.B", "a.b"),
+        (b"API.Example.COM:8443", "api.example.com"),
+        (b" a.b ", "a.b"),
+        (b"127.0.0.1:8080", "127.0.0.1"),
+        (b"127.0.0.1", "127.0.0.1"),
+        (b"[::1]:80", "[::1]"),
+        (b"[::1]", "[::1]"),
+        (b"[2001:DB8::1]:443", "[2001:db8::1]"),
+        (b"::1", "::1"),
+        (b"", ""),
+    ],
+)
+def test_host_without_port(value: bytes, expected: str) -> None:
+    """host_without_port lower-cases the host and drops a port, leaving a bare IPv6 address whole."""
+    assert host_without_port(value) == expected
+
+
+# --- upstream_target -----------------------------------------------------------------------------------------
+
+
+def target_route(prefix: str, *, strip: bool, base: bytes = b"") -> Route:
+    upstream = Upstream(name="u", scheme="http", host="127.0.0.1", port=8081, base_path=base)
+    return Route(name="r", host=None, path_prefix=prefix.encode("ascii"), upstream=upstream, strip_prefix=strip)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "strip", "base", "target", "expected"),
+    [
+        ("/api", True, b"", b"/api/report?size=1", b"/report?size=1"),
+        ("/api", False, b"", b"/api/report?size=1", b"/api/report?size=1"),
+        ("/api", True, b"", b"/api", b"/"),
+        ("/api", True, b"", b"/api?x=1", b"/?x=1"),
+        ("/api", True, b"", b"/api/", b"/"),
+        ("/api/", True, b"", b"/api/x", b"/x"),
+        ("/api/", True, b"", b"/api/", b"/"),
+        ("/", True, b"", b"/x/y?z", b"/x/y?z"),
+        ("/", False, b"", b"/", b"/"),
+        ("/api", True, b"/base", b"/api/r?q=1", b"/base/r?q=1"),
+        ("/api", False, b"/base", b"/api/r?q=1", b"/base/api/r?q=1"),
+        ("/", False, b"/v2/svc", b"/users/7", b"/v2/svc/users/7"),
+        ("/api", True, b"", b"/api/a%2Fb%20c?q=%2F&r=a+b", b"/a%2Fb%20c?q=%2F&r=a+b"),
+        ("/api", False, b"", b"/api/a%2fb?%ZZ", b"/api/a%2fb?%ZZ"),
+        ("/api", True, b"", b"/api/x?", b"/x?"),
+        ("/api", True, b"", b"/api/x?a?b=/api", b"/x?a?b=/api"),
+        ("/api", True, b"", b"/api//x", b"//x"),
+        ("/api", True, b"", b"/api/x;p=1", b"/x;p=1"),
+    ],
+)
+def test_upstream_target(prefix: str, strip: bool, base: bytes, target: bytes, expected: bytes) -> None:
+    """The upstream target is base path + path (prefix stripped if asked) + query, byte for byte."""
+    assert upstream_target(target_route(prefix, strip=strip, base=base), target) == expected
+
+
+# --- the router against a brute-force reference of the documented rule ---------------------------------------
+
+
+def _reference_host_rank(pattern: str | None, host: str | None) -> tuple[int, int] | None:
+    """Smaller is more specific: exact host, then wildcards (longer suffix first), then any host."""
+    if pattern is None:
+        return (2, 0)
+    if host is None:
+        return None
+    if pattern.startswith("*."):
+        suffix = pattern[1:]
+        return (1, -len(suffix)) if host.endswith(suffix) and len(host) > len(suffix) else None
+    return (0, 0) if pattern == host else None
+
+
+def _reference_prefix(prefix: bytes, path: bytes) -> bool:
+    if prefix.endswith(b"/"):
+        return path.startswith(prefix)
+    return path == prefix or path.startswith(prefix + b"/")
+
+
+def reference_match(routes: Sequence[Route], host: str | None, path: bytes) -> Route | None:
+    """The documented rule, by brute force over every route."""
+    candidates = []
+    for index, r in enumerate(routes):
+        rank = _reference_host_rank(r.host, host)
+        if rank is not None and _reference_prefix(r.path_prefix, path):
+            candidates.append((rank, -len(r.path_prefix), index, r))
+    if not candidates:
+        return None
+    return min(candidates, key=lambda c: c[:3])[3]
+
+
+# Hosts overlap on purpose: "x.a.example.com" is matched by an exact route and by both wildcards.
+ROUTE_HOSTS = [None, "example.com", "a.example.com", "x.a.example.com", "*.example.com", "*.a.example.com"]
+REQUEST_HOSTS = [None, "example.com", "a.example.com", "x.a.example.com", "x.a.example.com", "b.example.com"]
+PREFIXES = [b"/", b"/a", b"/a/", b"/ab", b"/a/b", b"/a/b/", b"/b"]
+SUFFIXES = [b"", b"/", b"b", b"/b", b"x", b"/x/y", b"?q", b"//"]
+
+# Paths built from the prefixes hit the interesting edges (equal, one segment more, a longer segment) often.
+request_paths = st.builds(bytes.__add__, st.sampled_from(PREFIXES), st.sampled_from(SUFFIXES))
+
+
+@st.composite
+def route_lists(draw: st.DrawFn) -> list[Route]:
+    specs = draw(st.lists(st.tuples(st.sampled_from(ROUTE_HOSTS), st.sampled_from(PREFIXES)), max_size=8))
+    return [route(f"r{i}", prefix.decode("ascii"), host) for i, (host, prefix) in enumerate(specs)]
+
+
+@settings(max_examples=300)
+@given(routes=route_lists(), host=st.sampled_from(REQUEST_HOSTS), path=request_paths)
+def test_router_agrees_with_reference(routes: list[Route], host: str | None, path: bytes) -> None:
+    """For any routes, host and path, the router picks the route the documented rule picks."""
+    assert Router(routes).match(host, path) is reference_match(routes, host, path)

@@ -1,0 +1,152 @@
+"""`gateway.service` on the global reactor: listeners bind on start, and stop closes ports and pooled connections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError, ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+
+from gateway.config import parse
+from gateway.service import GatewayService, ListenerService, make_gateway
+from tests.support.clients import connect, within
+from tests.support.origin import Origin
+from tests.support.running import gateway_config
+
+GET_CLOSE = b"GET /status/200 HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
+
+
+def two_listeners(upstream_url: str) -> dict[str, Any]:
+    return gateway_config(
+        upstream_url,
+        listeners=[{"host": "127.0.0.1", "port": 0}, {"host": "127.0.0.1", "port": 0, "backlog": 8}],
+    )
+
+
+def bound_port(listener: ListenerService) -> int:
+    assert listener.port is not None
+    return listener.port.getHost().port
+
+
+async def fetch_status(port: int) -> int:
+    """One request through the gateway listening on `port`; the response status."""
+    client = await connect(port, keep_all=True)
+    client.send(GET_CLOSE)
+    await within(client.closed)
+    return client.response().status
+
+
+def when_lost(channel: Any) -> defer.Deferred[None]:
+    """Fires when the origin-side `channel`'s connection closes."""
+    lost: defer.Deferred[None] = defer.Deferred()
+    connection_lost = channel.connectionLost
+
+    def record(reason: Any) -> None:
+        connection_lost(reason)
+        if not lost.called:
+            lost.callback(None)
+
+    channel.connectionLost = record
+    return lost
+
+
+def test_start_binds_every_listener(origin: Origin, gateway_for: Any) -> None:
+    """`startService` binds every configured listener, each port 0 becoming a distinct real port."""
+    gateway = gateway_for(two_listeners(origin.url))
+    ports = [bound_port(listener) for listener in gateway.service.listeners]
+    assert len(ports) == 2
+    assert all(port > 0 for port in ports)
+    assert ports[0] != ports[1]
+    assert [listener.port.getHost().host for listener in gateway.service.listeners] == ["127.0.0.1"] * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_listener_serves_requests(origin: Origin, gateway_for: Any) -> None:
+    """A request to the second configured listener is proxied to the upstream like one to the first."""
+    gateway = gateway_for(two_listeners(origin.url))
+    assert await fetch_status(bound_port(gateway.service.listeners[1])) == 200
+    assert [seen.uri for seen in origin.seen] == [b"/status/200"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_the_listening_ports(origin: Origin) -> None:
+    """After `stopService` has fired, a connect to any former listening port is refused."""
+    service = GatewayService(parse(two_listeners(origin.url), source="test.toml"), reactor)
+    service.startService()
+    try:
+        ports = [bound_port(listener) for listener in service.listeners]
+        assert await fetch_status(ports[0]) == 200
+    finally:
+        await within(service.stopService())
+    assert all(listener.port is None for listener in service.listeners)
+    for port in ports:
+        with pytest.raises(ConnectionRefusedError):
+            await within(defer.ensureDeferred(connect(port)), 5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_idle_pooled_upstream_connections(origin: Origin) -> None:
+    """`stopService` closes the keep-alive connection left idle in the upstream pool (long before its idle timeout)."""
+    config = gateway_config(origin.url, upstream={"idle_timeout": "1h"})
+    service = GatewayService(parse(config, source="test.toml"), reactor)
+    service.startService()
+    stopped = False
+    try:
+        assert await fetch_status(bound_port(service.listeners[0])) == 200
+        [channel] = origin.connections
+        assert channel.transport.connected, "the upstream connection was not kept in the pool"
+        lost = when_lost(channel)
+        await within(service.stopService())
+        stopped = True
+        await within(lost, 5)
+        assert not channel.transport.connected
+    finally:
+        if not stopped:
+            await within(service.stopService())
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_in_use_fails_start_naming_the_port(origin: Origin) -> None:
+    """`startService` with a listener on a port already in use raises `CannotListenError` naming that port."""
+    taken = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    port = taken.getHost().port
+    config = gateway_config(origin.url, listeners=[{"host": "127.0.0.1", "port": port}])
+    service = GatewayService(parse(config, source="test.toml"), reactor)
+    try:
+        with pytest.raises(CannotListenError) as failed:
+            service.startService()
+        assert failed.value.port == port
+        assert f"127.0.0.1:{port}" in str(failed.value)
+    finally:
+        await within(service.stopService())
+        await taken.stopListening()
+
+
+def test_make_gateway_builds_one_pool_per_distinct_upstream() -> None:
+    """`make_gateway` makes one pool per upstream some route uses, shared by routes naming the same upstream."""
+    config = parse(
+        {
+            "listeners": [{"host": "127.0.0.1", "port": 0}],
+            "upstreams": {
+                "a": {"url": "http://127.0.0.1:1001"},
+                "b": {"url": "http://127.0.0.1:1002"},
+                "unused": {"url": "http://127.0.0.1:1003"},
+            },
+            "routes": [
+                {"name": "a1", "path_prefix": "/a1", "upstream": "a"},
+                {"name": "a2", "path_prefix": "/a2", "upstream": "a"},
+                {"name": "b", "path_prefix": "/b", "upstream": "b"},
+                {"name": "u1", "path_prefix": "/u1", "upstream": "http://127.0.0.1:1004"},
+                {"name": "u2", "path_prefix": "/u2", "upstream": "http://127.0.0.1:1004"},
+            ],
+        },
+        source="test.toml",
+    )
+    gateway = make_gateway(config, reactor)
+    assert sorted(gateway.pools) == ["a", "b", "http://127.0.0.1:1004"]
+    for name, pool in gateway.pools.items():
+        assert pool.upstream is config.upstreams[name]
+    assert len({id(pool) for pool in gateway.pools.values()}) == 3
