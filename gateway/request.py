@@ -450,7 +450,9 @@ class GatewayRequest(http.Request):
         if self._pipe is not None:
             self._pipe.fail(reason)
         for pending in (self._waiting, self._upstream_request):
-            if pending is not None and not pending.called:
+            if pending is not None:
+                # Once connected, Agent's Deferred is "called" but waits on the connection's own Deferred;
+                # cancel() passes the cancellation on to it (and is a no-op on one that has fired).
                 pending.cancel()
         self._waiting = self._upstream_request = None
 

@@ -1,9 +1,11 @@
 """Match a request's host and path to a route, and compute the path the upstream receives.
 
 Rule: the most specific route wins, the same way every time. A route naming the request's host beats a
-wildcard host, which beats a route for any host; among those, the longest path prefix wins; on a tie, the route
-listed first wins. A prefix matches whole path segments: "/reports" matches "/reports" and "/reports/x", never
-"/reportsx". Paths are compared as the bytes the client sent, never decoded.
+wildcard host (and a longer wildcard suffix, "*.eu.example.com", beats a shorter one, "*.example.com"), which
+beats a route for any host; only when a more specific host group has no route for the path is the next one
+tried. Within a group the longest path prefix wins; on a tie, the route listed first wins. A prefix matches
+whole path segments: "/reports" matches "/reports" and "/reports/x", never "/reportsx". Paths are compared as
+the bytes the client sent, never decoded.
 """
 
 from __future__ import annotations

@@ -174,9 +174,9 @@ class RequestBodyPipe:
         if self._failure is not None:
             return fail(self._failure)
         self._consumer = consumer
-        self._done = Deferred(lambda _: self._shut())
-        self._flush()
-        return self._done
+        done = self._done = Deferred(lambda _: self._shut())
+        self._flush()  # may complete (and fire `done`) at once, when the whole body is already here
+        return done
 
     def pauseProducing(self) -> None:
         self._upstream_paused = True

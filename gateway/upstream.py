@@ -16,7 +16,8 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -29,6 +30,40 @@ __all__ = ["ConnectTimeout", "UpstreamPool"]
 
 class ConnectTimeout(Exception):
     """The TCP connection to the upstream was not open within the route's connect timeout."""
+
+
+class _ClientProtocol(HTTP11ClientProtocol):
+    """Agent's HTTP/1.1 client protocol, giving back the response's Connection header.
+
+    Agent moves Connection (with the other framing headers) out of `response.headers`, so the names an upstream
+    lists in it, which are hop-by-hop and must not reach the client, would be lost. This puts it back, for
+    `gateway.headers` to strip it and every header it names.
+    """
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        sent = super().request(request)
+        parser = self._parser
+        if parser is not None:
+
+            def restore_connection(response: IResponse) -> IResponse:
+                options = parser.connHeaders.getRawHeaders(b"connection")
+                if options:
+                    response.headers.setRawHeaders(b"connection", options)
+                return response
+
+            sent.addCallback(restore_connection)
+        return sent
+
+
+class _ClientFactory(_HTTP11ClientFactory):
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _ClientProtocol(self._quiescentCallback)
+
+
+class _ConnectionPool(HTTPConnectionPool):
+    """A persistent pool whose connections speak `_ClientProtocol`."""
+
+    _factory = _ClientFactory
 
 
 @implementer(IStreamClientEndpoint)
@@ -92,7 +127,7 @@ class UpstreamPool:
     def __init__(self, upstream: Upstream, reactor: Any) -> None:
         self.upstream = upstream
         self._reactor = reactor
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = _ConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = upstream.max_idle_connections
         self._pool.cachedConnectionTimeout = upstream.idle_timeout
         self._slots = DeferredSemaphore(upstream.max_connections)
