@@ -56,7 +56,8 @@ class Timeouts:
     connect: float = 5.0
     """Opening a TCP connection to the upstream."""
     response_headers: float = 60.0
-    """From the request (head and body) handed to the upstream until its response headers arrive."""
+    """Until the upstream's response headers arrive: counted from the end of the request body sent upstream, or
+    for a request without a body from its dispatch (so it includes the connect time, itself bounded by connect)."""
     upstream_idle: float = 60.0
     """Between two bytes of the upstream's response body, not counting time the client made us wait."""
     upstream_send_stall: float = 60.0

@@ -187,11 +187,11 @@ class GatewayRequest(http.Request):
         pipe = self._pipe
         if pipe is None or self._discarding:
             return
+        limit = self.route.limits.max_request_body_bytes if self.route is not None else 0
+        if pipe.received + len(data) > limit:
+            self._body_too_large(limit)  # checked first: not one byte past the limit goes upstream
+            return
         pipe.feed(data)
-        route = self.route
-        assert route is not None
-        if pipe.received > route.limits.max_request_body_bytes:
-            self._body_too_large(route.limits.max_request_body_bytes)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """The body is complete. Method, target and version were taken at `gotLength`; the body never went to

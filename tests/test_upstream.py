@@ -1,0 +1,257 @@
+"""`gateway.upstream.UpstreamPool` in memory: the concurrency cap, the bounded queue and its timeout, and the
+connect timeout, on a `MemoryReactorClock` (no sockets, no resolver thread)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IHostnameResolver
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from gateway.config import Upstream
+from gateway.errors import UpstreamSaturated
+from gateway.upstream import ConnectTimeout, UpstreamPool
+
+_sync = SynchronousTestCase()
+EPS = 0.25
+"""A step of time binary floating point represents exactly."""
+
+
+def upstream(host: str = "127.0.0.1", **settings: Any) -> Upstream:
+    return Upstream(name="origin", scheme="http", host=host, port=8081, base_path=b"", **settings)
+
+
+def pool_for(reactor: MemoryReactorClock | None = None, **settings: Any) -> tuple[UpstreamPool, MemoryReactorClock]:
+    clock = reactor if reactor is not None else MemoryReactorClock()
+    return UpstreamPool(upstream(**settings), clock), clock
+
+
+@implementer(IHostnameResolver)
+class RecordingResolver:
+    """The reactor's name resolver, noting every name it is asked to resolve."""
+
+    def __init__(self, inner: IHostnameResolver) -> None:
+        self.inner = inner
+        self.names: list[str] = []
+
+    def resolveHostName(self, receiver: Any, hostName: str, *args: Any, **kwargs: Any) -> Any:
+        self.names.append(hostName)
+        return self.inner.resolveHostName(receiver, hostName, *args, **kwargs)
+
+
+# --- the concurrency cap and the queue -------------------------------------------------------------------
+
+
+def test_acquire_is_immediate_when_a_slot_is_free() -> None:
+    """With fewer than max_connections requests in flight, acquire succeeds at once and schedules nothing."""
+    pool, clock = pool_for(max_connections=2)
+    _sync.successResultOf(pool.acquire())
+    _sync.successResultOf(pool.acquire())
+    assert pool.in_flight == 2
+    assert pool.queued == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_acquire_beyond_max_connections_waits_in_the_queue() -> None:
+    """A request beyond max_connections waits: its Deferred has no result and it is counted as queued."""
+    pool, _clock = pool_for(max_connections=1, max_queue=5)
+    _sync.successResultOf(pool.acquire())
+    waiting = pool.acquire()
+    _sync.assertNoResult(waiting)
+    assert pool.in_flight == 1
+    assert pool.queued == 1
+
+
+def test_acquire_fails_at_once_when_the_queue_is_full() -> None:
+    """With max_queue requests already waiting, the next acquire fails with UpstreamSaturated at once."""
+    pool, _clock = pool_for(max_connections=1, max_queue=2)
+    _sync.successResultOf(pool.acquire())
+    first, second = pool.acquire(), pool.acquire()
+    _sync.failureResultOf(pool.acquire(), UpstreamSaturated)
+    _sync.assertNoResult(first)
+    _sync.assertNoResult(second)
+    assert pool.queued == 2
+
+
+def test_queue_timeout_fails_a_waiter_after_exactly_queue_timeout() -> None:
+    """A request that waits queue_timeout seconds for a slot fails with UpstreamSaturated; not a moment before."""
+    pool, clock = pool_for(max_connections=1, max_queue=5, queue_timeout=3)
+    _sync.successResultOf(pool.acquire())
+    waiting = pool.acquire()
+    clock.advance(3 - EPS)
+    _sync.assertNoResult(waiting)
+    clock.advance(EPS)
+    _sync.failureResultOf(waiting, UpstreamSaturated)
+    assert pool.queued == 0
+    assert pool.in_flight == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_cancelling_a_queued_acquire_leaves_the_queue() -> None:
+    """A cancelled waiter leaves the queue, its timer is gone, and a released slot is not handed to it."""
+    pool, clock = pool_for(max_connections=1, max_queue=5)
+    _sync.successResultOf(pool.acquire())
+    waiting = pool.acquire()
+    waiting.cancel()
+    _sync.failureResultOf(waiting, CancelledError)
+    assert pool.queued == 0
+    assert clock.getDelayedCalls() == []
+    pool.release()
+    assert pool.in_flight == 0
+
+
+def test_release_hands_the_slot_to_the_next_waiter() -> None:
+    """Releasing a slot gives it to the longest waiter at once, which stops that waiter's queue timer."""
+    pool, clock = pool_for(max_connections=1, max_queue=5, queue_timeout=3)
+    _sync.successResultOf(pool.acquire())
+    first, second = pool.acquire(), pool.acquire()
+    pool.release()
+    _sync.successResultOf(first)
+    _sync.assertNoResult(second)
+    assert pool.in_flight == 1
+    assert pool.queued == 1
+    pool.release()
+    _sync.successResultOf(second)
+    assert clock.getDelayedCalls() == []
+    clock.advance(10)  # the granted waiters' queue timeouts are gone: nothing fails late
+
+
+def test_release_without_waiters_frees_the_slot() -> None:
+    """Releasing with nobody waiting returns the slot: in_flight drops and the next acquire is immediate."""
+    pool, _clock = pool_for(max_connections=1)
+    _sync.successResultOf(pool.acquire())
+    pool.release()
+    assert pool.in_flight == 0
+    _sync.successResultOf(pool.acquire())
+    assert pool.in_flight == 1
+
+
+def test_a_full_queue_accepts_again_once_a_waiter_leaves() -> None:
+    """After a waiter times out, the queue has room again: the next acquire waits instead of failing."""
+    pool, clock = pool_for(max_connections=1, max_queue=1, queue_timeout=3)
+    _sync.successResultOf(pool.acquire())
+    _sync.assertNoResult(pool.acquire())
+    _sync.failureResultOf(pool.acquire(), UpstreamSaturated)
+    clock.advance(3)
+    again = pool.acquire()
+    _sync.assertNoResult(again)
+    assert pool.queued == 1
+    again.cancel()
+    _sync.failureResultOf(again, CancelledError)
+
+
+# --- connecting --------------------------------------------------------------------------------------------
+
+
+def test_connect_timeout_fails_with_connect_timeout_after_exactly_connect_seconds() -> None:
+    """A connection that does not open within connect_timeout fails the request with ConnectTimeout, not before."""
+    pool, clock = pool_for()
+    response = pool.request(b"GET", b"/x", Headers(), None, connect_timeout=5)
+    assert len(clock.tcpClients) == 1
+    clock.advance(5 - EPS)
+    _sync.assertNoResult(response)
+    clock.advance(EPS)
+    failure = _sync.failureResultOf(response, ConnectTimeout)
+    assert "5 s" in failure.getErrorMessage()
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_reactor_connect_timeout_is_only_a_later_backstop() -> None:
+    """The timeout given to the reactor's connectTCP is later than the gateway's own, so ours always decides."""
+    pool, clock = pool_for()
+    response = pool.request(b"GET", b"/x", Headers(), None, connect_timeout=5)
+    [(_host, _port, _factory, timeout, _bind)] = clock.tcpClients
+    assert timeout > 5
+    clock.advance(5)
+    _sync.failureResultOf(response, ConnectTimeout)
+
+
+def test_a_connection_opened_in_time_cancels_the_connect_timer() -> None:
+    """Once the connection opens the connect timer is gone: the request is written and waits without failing."""
+    pool, clock = pool_for()
+    response = pool.request(b"GET", b"/x", Headers(), None, connect_timeout=5)
+    host, port, factory, _timeout, _bind = clock.tcpClients[0]
+    transport = StringTransport()
+    factory.buildProtocol(IPv4Address("TCP", host, port)).makeConnection(transport)
+    assert transport.value().startswith(b"GET /x HTTP/1.1\r\n")
+    assert clock.getDelayedCalls() == []
+    clock.advance(60)
+    _sync.assertNoResult(response)
+    response.cancel()  # aborts the connection; the request fails
+    _sync.failureResultOf(response)
+    assert transport.disconnecting
+
+
+def test_the_request_goes_to_the_upstream_origin_with_the_given_target() -> None:
+    """`request` connects to the upstream's host and port and sends the method and target it was given."""
+    pool, clock = pool_for()
+    pool.request(b"DELETE", b"/a/b?c=d", Headers({b"X-Test": [b"1"]}), None, connect_timeout=5)
+    host, port, factory, _timeout, _bind = clock.tcpClients[0]
+    assert (host, port) == ("127.0.0.1", 8081)
+    transport = StringTransport()
+    factory.buildProtocol(IPv4Address("TCP", host, port)).makeConnection(transport)
+    sent = transport.value()
+    assert sent.startswith(b"DELETE /a/b?c=d HTTP/1.1\r\n")
+    assert b"X-Test: 1\r\n" in sent
+    transport.loseConnection()
+
+
+def test_ipv4_literal_connects_without_the_resolver() -> None:
+    """An IPv4 literal upstream host is connected to directly: no name resolution, the connect starts at once."""
+    reactor = MemoryReactorClock()
+    resolver = RecordingResolver(reactor.nameResolver)
+    reactor.installNameResolver(resolver)
+    pool, _ = pool_for(reactor, host="127.0.0.1")
+    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    assert resolver.names == []
+    assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 8081)]
+    response.cancel()
+    _sync.failureResultOf(response)
+
+
+def test_ipv6_literal_connects_without_the_resolver() -> None:
+    """An IPv6 literal upstream host is connected to directly over TCP6: no name resolution."""
+    reactor = MemoryReactorClock()
+    resolver = RecordingResolver(reactor.nameResolver)
+    reactor.installNameResolver(resolver)
+    pool, _ = pool_for(reactor, host="::1")
+    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    assert resolver.names == []
+    assert [c[:2] for c in reactor.tcpClients] == [("::1", 8081)]
+    response.cancel()
+    _sync.failureResultOf(response)
+
+
+def test_a_host_name_goes_through_the_resolver() -> None:
+    """A host name (not an IP literal) is resolved through the reactor's resolver before connecting."""
+    reactor = MemoryReactorClock()
+    resolver = RecordingResolver(reactor.nameResolver)
+    reactor.installNameResolver(resolver)
+    pool, _ = pool_for(reactor, host="localhost")
+    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    assert resolver.names == ["localhost"]
+    response.cancel()
+    _sync.failureResultOf(response)
+    reactor.advance(10)
+    assert reactor.getDelayedCalls() == []
+
+
+def test_close_closes_idle_pooled_connections() -> None:
+    """`close` closes the connections idling in the pool and cancels their idle timers."""
+    pool, clock = pool_for()
+    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    host, port, factory, _timeout, _bind = clock.tcpClients[0]
+    transport = StringTransport()
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    _sync.successResultOf(response)
+    assert len(clock.getDelayedCalls()) == 1  # the pooled connection's idle timer
+    pool.close()
+    assert transport.disconnecting
+    assert clock.getDelayedCalls() == []
