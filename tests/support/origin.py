@@ -4,14 +4,17 @@ Paths (all under the origin's root):
 * `GET /bytes/N[?chunked=1]` N bytes of a known pattern, sent with backpressure (events: paused, resumed);
 * `GET /headers` a JSON echo of the request line and headers it received;
 * `POST|PUT /sink[?hold=1]` reads the body as it comes and answers with its size and SHA-256; with `hold=1`
-  it stops reading until the test calls `release()` (a slow upstream);
+  it stops reading until the test calls `release()` (a slow upstream; reading nothing, a held origin notices its
+  connection closing only once released);
 * `GET /stall` never answers; `GET /stall-body/N` sends N of 2N declared bytes, then nothing;
 * `GET /truncate/N[?chunked=1][&reset=1]` sends N of 2N declared bytes (or N chunked bytes without the
   terminator), then closes (or resets) the connection;
 * `POST /early/STATUS` answers STATUS on the request head, without reading the body, then closes;
 * `GET /bad-status` writes an invalid status line and closes;
+* `GET /hop-headers` answers with hop-by-hop headers, one only named in its Connection header;
 * `GET /status/CODE` answers CODE with a small body (none for 204/304; Content-Length kept for HEAD).
-Every request is recorded as a `Seen`, whose Deferreds tell the test what happened at the origin.
+Every request is recorded as a `Seen`, whose Deferreds tell the test what happened at the origin;
+`Origin.request_seen(n)` fires with the n-th one once its head has arrived.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.web import http
 from zope.interface import implementer
 
@@ -99,6 +102,32 @@ class _PatternProducer:
         self._stopped = True
 
 
+@implementer(IPullProducer)
+class _ResetWhenFlushed:
+    """Resets a connection once the bytes written to it so far have left Twisted's buffer for the kernel.
+
+    `abortConnection` alone would drop them (Twisted writes on the next reactor turn), and `loseConnection` is
+    no reset. Clean closes in this module go through `HTTPChannel.loseConnection`, which unregisters the channel
+    from the transport first: a transport with a registered, paused producer never completes a `loseConnection`.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._registered = False
+        transport.unregisterProducer()  # the channel
+        transport.registerProducer(self, False)  # a pull producer is asked for more once the buffer is empty
+        self._registered = True
+
+    def resumeProducing(self) -> None:
+        if not self._registered:
+            return  # the call made by registerProducer itself, with the bytes still buffered
+        self._transport.unregisterProducer()
+        self._transport.abortConnection()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class OriginRequest(http.Request):
     """Parses like any Twisted request, but acts on the head and reads bodies as they come."""
 
@@ -112,7 +141,7 @@ class OriginRequest(http.Request):
         self.seen = Seen(
             self.method, self.uri, [(k, v) for k, vs in self.requestHeaders.getAllRawHeaders() for v in vs]
         )
-        self.origin.seen.append(self.seen)
+        self.origin._note_seen(self.seen)
         self.notifyFinish().addBoth(self._ended)
         self.seen.head_received.callback(None)
         if self.path.startswith(b"/sink") and self.query.get(b"hold") == b"1":
@@ -126,7 +155,7 @@ class OriginRequest(http.Request):
                 b"HTTP/1.1 %d Early\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n%s" % (status, len(body), body)
             )
-            channel.transport.loseConnection()
+            channel.loseConnection()
 
     def handleContentChunk(self, data: bytes) -> None:
         self.seen.body_bytes += len(data)
@@ -169,14 +198,20 @@ class OriginRequest(http.Request):
                 self.setHeader(b"content-length", b"%d" % (2 * n))
             self.write(pattern_bytes(0, n))
             self.seen.sent = n
-            transport = self.channel.transport
             if q.get(b"reset") == b"1":
-                transport.abortConnection()
+                _ResetWhenFlushed(self.channel.transport)
             else:
-                transport.loseConnection()
+                self.channel.loseConnection()
         elif path == b"/bad-status":
             self.channel.transport.write(b"HTTP/1.1 abc Broken\r\n\r\n")
-            self.channel.transport.loseConnection()
+            self.channel.loseConnection()
+        elif path == b"/hop-headers":
+            # Hop-by-hop response headers, one of them only by being named in Connection.
+            self.setHeader(b"connection", b"X-Hop-Only, keep-alive")
+            self.setHeader(b"x-hop-only", b"must not pass")
+            self.setHeader(b"keep-alive", b"timeout=5")
+            self.setHeader(b"x-end-to-end", b"kept")
+            self._reply(200, b"hop", b"text/plain")
         elif path.startswith(b"/status/"):
             code = int(path.rsplit(b"/", 1)[1])
             self._reply(code, b"" if code in (204, 304) else b"status body", b"text/plain")
@@ -212,6 +247,23 @@ class Origin(http.HTTPFactory):
         self.port: Any = None
         self.connections: list[http.HTTPChannel] = []
         self.accepted = 0
+        self._seen_waiters: list[tuple[int, defer.Deferred[Seen]]] = []
+
+    def request_seen(self, count: int = 1) -> defer.Deferred[Seen]:
+        """Fires with the `count`-th request's `Seen` once the origin has its head (at once if it has)."""
+        d: defer.Deferred[Seen] = defer.Deferred()
+        if len(self.seen) >= count:
+            d.callback(self.seen[count - 1])
+        else:
+            self._seen_waiters.append((count, d))
+        return d
+
+    def _note_seen(self, seen: Seen) -> None:
+        self.seen.append(seen)
+        ready = [w for w in self._seen_waiters if len(self.seen) >= w[0]]
+        self._seen_waiters = [w for w in self._seen_waiters if len(self.seen) < w[0]]
+        for count, d in ready:
+            d.callback(self.seen[count - 1])
 
     def buildProtocol(self, addr: Any) -> http.HTTPChannel:
         channel = http.HTTPChannel()
