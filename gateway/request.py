@@ -23,7 +23,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionLost, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -214,7 +214,8 @@ class GatewayRequest(http.Request):
         super().connectionLost(reason)
         if not _TRANSITIONS[self.phase]:
             return
-        self._enter(Phase.CLIENT_GONE, "client_gone")
+        # A client that hangs up after the whole response was written (while we lingered) was answered.
+        self._enter(Phase.CLIENT_GONE, "" if self.phase is Phase.SENT else "client_gone")
         self._cancel_timer()
         if self._relay is not None:
             self._relay.stopProducing()
@@ -434,6 +435,11 @@ class GatewayRequest(http.Request):
                 # The response is complete: say so now, as finish() will only run once the body is in.
                 self.channel.write(b"0\r\n\r\n")
                 self.chunked = 0
+            # Lingering close, as nginx does it: send FIN once the answer is out (a client that will not send
+            # its body can see the answer is all there and hang up), keep reading and dropping the body, and
+            # cut the connection only at the deadline.
+            if ITCPTransport.providedBy(self._client_transport):
+                self._client_transport.loseWriteConnection()
             self._arm_timer(self.gateway.server.lingering_timeout, "lingering")
 
     def _abort_client(self, ending: str) -> None:

@@ -559,6 +559,19 @@ def test_rejected_upload_body_is_discarded_then_the_connection_closes(gateway: C
     assert gw.pending_connections() == 0
 
 
+def test_rejected_upload_answer_is_followed_by_a_half_close(gateway: Callable[..., Gateway]) -> None:
+    """Once the answer to a rejected upload is written, the gateway half-closes (lingering close): the client
+    learns the answer is all there while the rest of its body is still read and dropped."""
+    gw = gateway(limits={"max_request_body_bytes": 10})
+    client = gw.client()
+    client.send(post(100))
+    assert response(client).status == 413
+    assert client.transport.write_closed
+    assert not client.transport.disconnecting
+    client.send(b"x" * 100)
+    assert client.transport.disconnecting and not client.transport.aborted
+
+
 def test_rejected_upload_lingering_timeout_aborts_the_client(gateway: Callable[..., Gateway]) -> None:
     """A rejected upload whose body never ends is cut after exactly server.lingering_timeout; not before."""
     gw = gateway(limits={"max_request_body_bytes": 10}, server={"lingering_timeout": 5})

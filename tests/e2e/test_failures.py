@@ -327,7 +327,8 @@ async def test_early_upstream_answer_during_upload_ends_cleanly(origin, gateway_
     assert response.header(b"connection") == b"close"
     assert response.rest == b""
     assert client.clean_close, client.reason
-    assert sender.written == size
+    # The gateway half-closed after its answer (lingering close), so the client could stop uploading early.
+    assert 0 < sender.written <= size
 
 
 @pytest_twisted.ensureDeferred

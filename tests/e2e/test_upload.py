@@ -209,7 +209,8 @@ async def test_declared_body_over_limit_sent_anyway_is_discarded_and_closed_clea
     (response,) = parse_responses(bytes(client.head))
     assert response.status == 413 and response.complete and response.rest == b""
     assert client.clean_close, client.reason
-    assert sender.written == size
+    # The gateway half-closed after its answer (lingering close), so the client could stop sending early.
+    assert 0 < sender.written <= size
     assert origin.seen == [] and origin.accepted == 0
 
 

@@ -15,9 +15,11 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from zope.interface import implementer
 
 from gateway.config import parse
 from gateway.request import GatewayRequest
@@ -34,11 +36,22 @@ def disconnect(transport: StringTransport, protocol: Any, reason: Exception | No
     protocol.connectionLost(failure)
 
 
+@implementer(ITCPTransport)
 class AbortableTransport(StringTransport):
-    """A StringTransport that records an abort as a real one would (no clean close)."""
+    """A StringTransport that records an abort, a close and a half-close, as a real TCP transport offers them."""
 
     aborted = False
     lost = False
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.keep_alive = enabled
 
     def abortConnection(self) -> None:
         self.aborted = True
