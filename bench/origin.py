@@ -26,6 +26,11 @@ class Handler(socketserver.BaseRequestHandler):
     server: Server
 
     def handle(self) -> None:
+        # A proxy that hangs up mid-body (a benchmark client that left) is normal here, not an error.
+        with contextlib.suppress(ConnectionError):
+            self._serve()
+
+    def _serve(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buffered = b""

@@ -147,6 +147,9 @@ class GatewayRequest(http.Request):
         self._has_body = False
         self._received = False
         self._discarding = False
+        """The rest of the request body is read and dropped (the upstream takes no more of it)."""
+        self._lingering = False
+        """The answer is complete and waits, under the lingering deadline, for the request body to end."""
         self._saved_idle_timeout: float | None = None
         self._timer: IDelayedCall | None = None
         self._pool: UpstreamPool | None = None
@@ -204,9 +207,9 @@ class GatewayRequest(http.Request):
             # HTTPChannel saves its idle timeout here at the end of the body and restores it after the
             # response; we had switched it off for the body (the pipe times the body), so hand it back.
             self.channel._savedTimeOut = self._saved_idle_timeout
-        if self._discarding:
+        if self._lingering:
             self._cancel_timer()
-        elif self._pipe is not None:
+        elif self._pipe is not None and not self._discarding:
             self._pipe.end()
         self._maybe_finish()
 
@@ -427,7 +430,8 @@ class GatewayRequest(http.Request):
                 self._cancel_timer()
                 self.finish()
                 self._enter(Phase.DONE)
-        elif self._has_body and not self._discarding:
+        elif self._has_body and not self._lingering:
+            self._lingering = True
             self._discarding = True
             if self._pipe is not None:
                 self._pipe.abandon()  # the upstream has answered; it gets nothing more

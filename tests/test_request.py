@@ -886,6 +886,28 @@ def test_upstream_closing_before_answering_gets_502(gateway: Callable[..., Gatew
     assert req.phase is Phase.DONE
 
 
+def test_upstream_closing_during_an_upload_gets_502_and_a_bounded_linger(gateway: Callable[..., Gateway]) -> None:
+    """An upstream that closes while the body is still coming (its socket stops the pipe before Agent reports
+    the failure, as real TCP orders it) gets the client a 502, and the rest of the body is dropped for at most
+    server.lingering_timeout."""
+    gw = gateway(server={"lingering_timeout": 5})
+    client = gw.client()
+    client.send(post(None))
+    req = client.request
+    client.send(chunk(b"hello"))
+    up = gw.upstream()
+    up.close(ConnectionLost("upstream went away"))
+    parsed = response(client)
+    assert parsed.status == 502
+    assert parsed.header(b"connection") == b"close"
+    client.send(chunk(b"more"))
+    gw.advance(5 - EPS)
+    assert not client.transport.disconnecting
+    gw.advance(EPS)
+    assert client.transport.aborted
+    assert req.ending == "lingering_timeout"
+
+
 def test_upstream_truncating_a_content_length_body_aborts_the_client(gateway: Callable[..., Gateway]) -> None:
     """An upstream that closes before its Content-Length is met makes the gateway abort the client, never finish."""
     gw = gateway()
