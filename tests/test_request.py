@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver
 from twisted.logger import LogEvent, globalLogPublisher
+from zope.interface import directlyProvides, implementer
 
 from gateway.request import GatewayRequest, Phase
 from tests.support.clients import Parsed, parse_response
@@ -875,6 +877,30 @@ def test_connection_refused_gets_502(gateway: Callable[..., Gateway]) -> None:
     parsed = response(client)
     assert parsed.status == 502
     assert problem_of(parsed)["status"] == 502
+
+
+@implementer(IHostnameResolver)
+class _NoSuchHost:
+    """A name resolver that finds no address for any name (an unresolvable upstream)."""
+
+    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0, **kwargs: Any) -> Any:
+        receiver.resolutionBegan(None)
+        receiver.resolutionComplete()
+
+
+def test_unresolvable_upstream_gets_502(failures: list[LogEvent]) -> None:
+    """An upstream whose host name does not resolve is answered 502, without waiting for any timeout."""
+    gw = Gateway(gateway_config("http://upstream.invalid:8000"))
+    directlyProvides(gw.reactor, IReactorPluggableNameResolver)
+    gw.reactor.nameResolver = _NoSuchHost()
+    client = gw.client()
+    client.send(GET)
+    parsed = response(client)
+    assert parsed.status == 502
+    assert problem_of(parsed)["title"] == "Upstream unreachable"
+    gw.settle()
+    assert gw.reactor.getDelayedCalls() == []
+    assert failures == []
 
 
 def test_upstream_closing_before_answering_gets_502(gateway: Callable[..., Gateway]) -> None:
