@@ -8,6 +8,7 @@ further checks that return a `Reject`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
@@ -17,6 +18,9 @@ from gateway.errors import BadRequest, BodyTooLarge, GatewayError, NoRoute
 from gateway.routing import Router, host_without_port, upstream_target
 
 __all__ = ["Admit", "Reject", "RequestHead", "decide"]
+
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+"""What a request target may contain (RFC 9112 section 3.2): anything else is percent-encoded by a client."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +55,11 @@ def decide(head: RequestHead, router: Router) -> Admit | Reject:
     if not head.target.startswith(b"/"):
         # Absolute-form and authority-form targets are what a forward proxy takes; the gateway is not one.
         return Reject(BadRequest("the request target must be a path (origin-form), such as /reports/1"))
+    if not _TARGET.fullmatch(head.target):
+        return Reject(BadRequest("the request target may contain only visible ASCII characters"))
     hosts = head.headers.getRawHeaders(b"host")
+    if head.version == b"HTTP/1.1" and (not hosts or len(hosts) != 1):
+        return Reject(BadRequest("an HTTP/1.1 request must carry exactly one Host header (RFC 9112 section 3.2)"))
     host = host_without_port(hosts[0]) if hosts else None
     path = head.target.partition(b"?")[0]
     route = router.match(host, path)

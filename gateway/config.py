@@ -61,11 +61,12 @@ class Timeouts:
     upstream_idle: float = 60.0
     """Between two bytes of the upstream's response body, not counting time the client made us wait."""
     upstream_send_stall: float = 60.0
-    """The upstream not accepting any more of the request body."""
+    """The upstream not draining the gateway's send buffer of request body (256 KiB) for this long."""
     client_body_idle: float = 60.0
     """Between two bytes of the client's request body, not counting time the upstream made us wait."""
     client_send_stall: float = 60.0
-    """The client not accepting any more of the response (nginx's send_timeout)."""
+    """The client not draining the gateway's send buffer of response (64 KiB) for this long (nginx's
+    send_timeout)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

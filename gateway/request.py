@@ -41,6 +41,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from gateway.admission import Admit, Reject, RequestHead, decide
 from gateway.config import Limits, Route, Server
 from gateway.errors import (
+    BadRequest,
     BodyTooLarge,
     ClientBodyTimeout,
     GatewayError,
@@ -57,7 +58,7 @@ from gateway.headers import (
 )
 from gateway.routing import Router
 from gateway.streaming import RequestBodyPipe, ResponseRelay
-from gateway.upstream import ConnectTimeout, UpstreamPool
+from gateway.upstream import ConnectTimeout, UpstreamPool, UpstreamResponse
 
 __all__ = ["Gateway", "GatewayRequest", "Phase"]
 
@@ -158,6 +159,7 @@ class GatewayRequest(http.Request):
         self._upstream_request: Deferred[IResponse] | None = None
         self._pipe: RequestBodyPipe | None = None
         self._relay: ResponseRelay | None = None
+        self._response: IResponse | None = None
         self._target = b""
 
     # --- hooks called by HTTPChannel ---------------------------------------------------------------------
@@ -310,8 +312,9 @@ class GatewayRequest(http.Request):
             via=self.gateway.server.via.encode("ascii"),
             request_id=self.request_id,
         )
-        if self.method == b"HEAD":
-            # Agent leaves a HEAD response's Content-Length among its headers (and reports length 0).
+        if self.method == b"HEAD" or response.code == 304:
+            # No body follows, but Content-Length still describes the representation: Agent leaves it among a
+            # HEAD response's headers, and `UpstreamResponse` puts a 304's back (Agent reports length 0).
             length = response.headers.getRawHeaders(b"content-length")
             if length:
                 self.responseHeaders.setRawHeaders(b"Content-Length", length[-1:])
@@ -330,7 +333,13 @@ class GatewayRequest(http.Request):
             on_end=self._response_ended,
             on_timeout=self._timed_out,
         )
-        response.deliverBody(self._relay)
+        self._response = response
+        relay = self._relay
+        response.deliverBody(relay)
+        if relay.paused and not relay.stopped:
+            # deliverBody resumes the upstream socket after handing over what Agent had buffered, even when
+            # that filled the client's buffer and the relay paused it: pause it again.
+            relay.transport.pauseProducing()
 
     def _response_ended(self, reason: Failure) -> None:
         self._relay = None
@@ -341,7 +350,11 @@ class GatewayRequest(http.Request):
         self._release_slot()
         if self.phase is not Phase.STREAMING:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        complete = reason.check(ResponseDone) or (
+            # A body framed by the connection's close is complete if the upstream closed, not if it reset.
+            reason.check(PotentialDataLoss) and not self._response_reset()
+        )
+        if complete:
             self._enter(Phase.SENT, "completed")
             self._maybe_finish()
         else:
@@ -351,6 +364,9 @@ class GatewayRequest(http.Request):
                 request_id=self.request_id,
             )
             self._abort_client("upstream_truncated")
+
+    def _response_reset(self) -> bool:
+        return isinstance(self._response, UpstreamResponse) and self._response.reset
 
     def _upstream_failed(self, failure: Failure) -> None:
         self._waiting = None
@@ -396,10 +412,10 @@ class GatewayRequest(http.Request):
             self._abort_client(which)
 
     def _body_too_large(self, limit: int) -> None:
+        # Only while waiting: Agent hands a response over only once the body is sent or the response complete,
+        # and an answer complete before the body's end stops the forwarding (see `_maybe_finish`).
         if self.phase is Phase.WAITING:
             self._fail_before_response(BodyTooLarge(f"the request body went over this route's {limit}-byte limit"))
-        elif self.phase is Phase.STREAMING:
-            self._abort_client("body_too_large")
 
     def _fail_before_response(self, error: GatewayError) -> None:
         self._answer(error)  # first: what cancelling the upstream reports back now finds the request answered
@@ -410,9 +426,10 @@ class GatewayRequest(http.Request):
         """Write the gateway's own answer: a problem+json response."""
         self.error = error
         status, content_type, body = problem(error, self.request_id)
-        if self._has_body and not self._received:
-            self.requestHeaders.removeHeader(b"expect")  # no `100 Continue` for a body we will not forward
-            self._close_after_response()
+        # No `100 Continue` after a final answer (Twisted sends it once gotLength returns, if Expect is there).
+        self.requestHeaders.removeHeader(b"expect")
+        if (self._has_body and not self._received) or isinstance(error, BadRequest):
+            self._close_after_response()  # what follows on this connection cannot be trusted to be a request
         self.setResponseCode(status)
         headers = self.responseHeaders
         headers.setRawHeaders(b"Content-Type", [content_type])
@@ -426,6 +443,8 @@ class GatewayRequest(http.Request):
         if self.phase is not Phase.SENT:
             return
         if self._received:
+            if self._pipe is not None:
+                self._pipe.abandon()  # the answer is complete: what the upstream did not take, it never will
             if not self._disconnected:
                 self._cancel_timer()
                 self.finish()

@@ -12,7 +12,15 @@ from twisted.web.http import HTTPChannel, HTTPFactory, Request
 
 from gateway.request import Gateway, GatewayRequest
 
-__all__ = ["GatewayFactory"]
+__all__ = ["GatewayChannel", "GatewayFactory"]
+
+
+class GatewayChannel(HTTPChannel):
+    """Twisted's HTTP/1.1 channel, answering a request line or header line over the size limit with 400 rather
+    than closing the connection without a word (LineReceiver's default)."""
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._respondToBadRequestAndDisconnect()
 
 
 class GatewayFactory(HTTPFactory):
@@ -23,10 +31,11 @@ class GatewayFactory(HTTPFactory):
         self.gateway = gateway
 
     def buildProtocol(self, addr: IAddress | None) -> HTTPChannel:  # type: ignore[override]
-        channel = HTTPChannel()
+        channel = GatewayChannel()
         channel.factory = self
         channel.requestFactory = GatewayRequest
         channel.totalHeadersSize = self.gateway.limits.max_header_bytes
+        channel.MAX_LENGTH = self.gateway.limits.max_header_bytes  # one line can be as long as the whole head
         channel.maxHeaders = self.gateway.limits.max_header_count
         # As HTTPFactory.buildProtocol does: the channel's timers run on our clock.
         channel.callLater = self.reactor.callLater

@@ -292,12 +292,15 @@ class ResponseRelay(Protocol):
         self._on_end(reason)
 
     def pauseProducing(self) -> None:
-        # Called on every write while the client's buffer is full, so only the first call acts.
-        if self.paused or self.stopped:
+        # Called on every write while the client's buffer is full. The timers change once; the upstream socket
+        # is paused every time, since whoever resumed it behind our back (Agent does, in deliverBody) must not
+        # leave it reading into a full client buffer.
+        if self.stopped:
             return
-        self.paused = True
-        self._idle.disarm()
-        self._stall.arm()
+        if not self.paused:
+            self.paused = True
+            self._idle.disarm()
+            self._stall.arm()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:

@@ -14,7 +14,10 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -25,7 +28,7 @@ from zope.interface import implementer
 from gateway.config import Upstream
 from gateway.errors import UpstreamSaturated
 
-__all__ = ["ConnectTimeout", "UpstreamPool"]
+__all__ = ["ConnectTimeout", "UpstreamPool", "UpstreamResponse"]
 
 
 UPSTREAM_READ_SIZE = 256 * 1024
@@ -36,13 +39,30 @@ class ConnectTimeout(Exception):
     """The TCP connection to the upstream was not open within the route's connect timeout."""
 
 
-class _ClientProtocol(HTTP11ClientProtocol):
-    """Agent's HTTP/1.1 client protocol, reading in larger pieces and giving back the Connection header.
+class UpstreamResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
+    """An Agent response with what Agent keeps to itself put back: the Connection header (its options are
+    hop-by-hop names to strip), a 304's Content-Length, and whether the connection ended in a reset."""
 
-    Agent moves Connection (with the other framing headers) out of `response.headers`, so the names an upstream
-    lists in it, which are hop-by-hop and must not reach the client, would be lost. This puts it back, for
-    `gateway.headers` to strip it and every header it names.
-    """
+    def __init__(self, original: IResponse, connection: _ClientProtocol) -> None:
+        super().__init__(original)
+        self._connection = connection
+
+    @property
+    def reset(self) -> bool:
+        """Whether the upstream connection was lost other than by a clean close. Agent reports a body framed
+        by the connection's close as complete (PotentialDataLoss) however the connection ended."""
+        reason = self._connection.lost_reason
+        return reason is not None and not reason.check(ConnectionDone)
+
+
+class _ClientProtocol(HTTP11ClientProtocol):
+    """Agent's HTTP/1.1 client protocol, with three changes for a proxy:
+    it reads in larger pieces; it hands out `UpstreamResponse`s; and it aborts a connection whose response
+    ended before the request body was sent, rather than closing it gracefully: such a connection is never
+    reused, and a graceful close would wait for the rest of the body to be written, which the upstream (having
+    answered) may never read, leaving the socket open for good."""
+
+    lost_reason: Failure | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -54,16 +74,28 @@ class _ClientProtocol(HTTP11ClientProtocol):
     def request(self, request: Any) -> Deferred[IResponse]:
         sent = super().request(request)
         parser = self._parser
-        if parser is not None:
+        if parser is None:
+            return sent
 
-            def restore_connection(response: IResponse) -> IResponse:
-                options = parser.connHeaders.getRawHeaders(b"connection")
-                if options:
-                    response.headers.setRawHeaders(b"connection", options)
-                return response
+        def wrap(response: IResponse) -> IResponse:
+            hidden = parser.connHeaders
+            options = hidden.getRawHeaders(b"connection")
+            if options:
+                response.headers.setRawHeaders(b"connection", options)
+            if response.code == 304 and hidden.hasHeader(b"content-length"):
+                response.headers.setRawHeaders(b"content-length", hidden.getRawHeaders(b"content-length"))
+            return UpstreamResponse(response, self)
 
-            sent.addCallback(restore_connection)
-        return sent
+        return sent.addCallback(wrap)
+
+    def _finishResponse_TRANSMITTING(self, rest: bytes) -> None:
+        transport = self.transport
+        super()._finishResponse_TRANSMITTING(rest)
+        transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost_reason = reason
+        super().connectionLost(reason)
 
 
 class _ClientFactory(_HTTP11ClientFactory):

@@ -50,11 +50,15 @@ def head(
     host: bytes | None = b"gw.example.com",
     method: bytes = b"GET",
     declared_length: int | None = 0,
+    version: bytes = b"HTTP/1.1",
+    hosts: list[bytes] | None = None,
 ) -> RequestHead:
     hdrs = Headers()
-    if host is not None:
+    if hosts is not None:
+        hdrs.setRawHeaders(b"Host", hosts)
+    elif host is not None:
         hdrs.setRawHeaders(b"Host", [host])
-    return RequestHead(method, target, b"HTTP/1.1", hdrs, declared_length)
+    return RequestHead(method, target, version, hdrs, declared_length)
 
 
 def admitted(decision: Admit | Reject) -> Admit:
@@ -163,15 +167,30 @@ def test_bad_request_checked_before_size(router: Router) -> None:
     assert isinstance(decision.error, BadRequest)
 
 
-def test_missing_host_uses_hostless_routes(router: Router) -> None:
-    """A request without Host can reach a route without a host."""
-    assert admitted(decide(head(b"/public/x", host=None), router)).route.name == "public"
+def test_http10_request_without_host_uses_hostless_routes(router: Router) -> None:
+    """An HTTP/1.0 request without Host (allowed in 1.0) can reach a route without a host."""
+    assert admitted(decide(head(b"/public/x", host=None, version=b"HTTP/1.0"), router)).route.name == "public"
 
 
-def test_missing_host_never_reaches_host_routes(router: Router) -> None:
-    """A request without Host never reaches a route that names a host."""
-    decision = rejected(decide(head(b"/anything", host=None, method=b"GET"), router))
+def test_http10_request_without_host_never_reaches_host_routes(router: Router) -> None:
+    """An HTTP/1.0 request without Host never reaches a route that names a host."""
+    decision = rejected(decide(head(b"/anything", host=None, version=b"HTTP/1.0"), router))
     assert isinstance(decision.error, NoRoute)
+
+
+@pytest.mark.parametrize("hosts", [[], [b"gw.example.com", b"gw.example.com"], [b"a.example", b"b.example"]])
+def test_http11_request_without_exactly_one_host_is_bad(router: Router, hosts: list[bytes]) -> None:
+    """An HTTP/1.1 request with no Host or with several gets 400 (RFC 9112 section 3.2), never a route."""
+    decision = rejected(decide(head(b"/public/x", hosts=hosts), router))
+    assert isinstance(decision.error, BadRequest)
+    assert decision.error.status == 400
+
+
+@pytest.mark.parametrize("target", [b"/caf\xe9", b"/a\x7fb", b"/a\x80"])
+def test_target_with_bytes_outside_visible_ascii_is_bad(router: Router, target: bytes) -> None:
+    """A request target with a byte outside visible ASCII gets 400 (Twisted's parser lets some through)."""
+    decision = rejected(decide(head(target), router))
+    assert isinstance(decision.error, BadRequest)
 
 
 def test_rejection_detail_names_the_limit(router: Router) -> None:

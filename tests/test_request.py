@@ -1195,3 +1195,131 @@ def test_early_chunked_upstream_answer_is_terminated_before_the_body_ends(gatewa
     assert (parsed.status, parsed.body, parsed.complete) == (401, b"who?", True)
     client.send(b"b" * 900)
     assert client.transport.disconnecting
+
+
+def _pausing_like_tcp(client: Client) -> None:
+    """Make the client's transport ask its producer to pause on every write while more than 64 KiB is unsent,
+    as Twisted's TCP transport does (`FileDescriptor._maybePauseProducer`); this client reads nothing."""
+    transport = client.transport
+    write = transport.write
+
+    def write_and_maybe_pause(data: bytes) -> None:
+        write(data)
+        if len(transport.value()) > 64 * 1024 and transport.producer is not None:
+            transport.producer.pauseProducing()
+
+    transport.write = write_and_maybe_pause  # type: ignore[method-assign]
+    transport.writeSequence = lambda seq: write_and_maybe_pause(b"".join(seq))  # type: ignore[method-assign]
+
+
+def test_response_handed_over_after_the_upload_keeps_the_upstream_paused_for_a_full_client(
+    gateway: Callable[..., Gateway],
+) -> None:
+    """An answer Agent held until the upload ended (its head and 100 KB of body came in one read) fills the
+    client's buffer when it is handed over; the upstream socket stays paused, although Agent's deliverBody
+    resumes it after handing the buffered bytes over."""
+    gw = gateway()
+    client = gw.client()
+    _pausing_like_tcp(client)
+    client.send(post(10))
+    up = gw.upstream()
+    client.send(b"12345")
+    up.respond(CHUNKED_HEAD + chunk(b"x" * 100_000))
+    client.send(b"67890")  # the body ends: Agent hands the response over, with the 100 KB it buffered
+    assert len(client.received()) > 64 * 1024
+    assert up.transport.producerState == "paused"
+
+
+def test_body_pipe_is_let_go_when_the_answer_completes_before_the_body_was_forwarded(
+    gateway: Callable[..., Gateway],
+) -> None:
+    """When the upstream stops reading, then answers completely while the whole body (already read from the
+    client) waits in the pipe, the request finishes with no body timer left behind and the upstream connection
+    aborted (it cannot be reused, and a graceful close would wait for a body the upstream will not read)."""
+    gw = gateway(timeouts={"upstream_send_stall": 30})
+    client = gw.client()
+    client.send(post(300))
+    req = client.request
+    up = gw.upstream()
+    up.transport.producer.pauseProducing()  # the upstream stops reading
+    client.send(b"a" * 300)  # the whole body is read from the client and held in the pipe
+    up.respond(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+    assert response(client).status == 403
+    assert req.phase is Phase.DONE and not client.transport.disconnecting
+    assert [c for c in gw.reactor.getDelayedCalls() if "Watchdog" in repr(c)] == []
+    assert up.transport.aborted
+
+
+def test_reset_of_a_close_delimited_upstream_body_aborts_the_client(gateway: Callable[..., Gateway]) -> None:
+    """An upstream body framed by the connection's close is complete when the upstream closes, but cut short
+    when the connection is reset: the client is then aborted, with no chunked terminator."""
+    gw = gateway()
+    client, req, up = start_get(gw)
+    up.respond(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart")
+    up.close(ConnectionLost("Connection reset by peer"))
+    assert not response(client).complete
+    assert client.transport.aborted
+    assert req.ending == "upstream_truncated"
+
+
+def test_target_with_a_byte_agent_refuses_gets_400_and_logs_no_failure(
+    gateway: Callable[..., Gateway], failures: list[LogEvent]
+) -> None:
+    """A target byte that Twisted's server accepts but Agent refuses (0x7F-0xB0) gets 400 on the head, without an
+    upstream connection and without a failure in the log."""
+    gw = gateway()
+    client = gw.client()
+    client.send(b"GET /caf\xa9 HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    assert response(client).status == 400
+    assert gw.pending_connections() == 0
+
+
+def test_no_100_continue_follows_a_final_answer_given_on_the_head(gateway: Callable[..., Gateway]) -> None:
+    """A body-less request with Expect: 100-continue refused on its head gets its answer and no interim
+    `100 Continue` after it."""
+    gw = gateway(route={"path_prefix": "/api"})
+    client = gw.client()
+    client.send(b"POST /nope HTTP/1.1\r\nHost: example.test\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n")
+    assert response(client).status == 404
+    assert b"100 Continue" not in client.received()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n"],
+    ids=["two-hosts", "no-host"],
+)
+def test_http11_request_without_exactly_one_host_gets_400_and_close(
+    gateway: Callable[..., Gateway], head: bytes
+) -> None:
+    """An HTTP/1.1 request with no Host or several (RFC 9112 section 3.2) gets 400 and the connection closed,
+    without an upstream connection."""
+    gw = gateway()
+    client = gw.client()
+    client.send(head)
+    parsed = response(client)
+    assert parsed.status == 400
+    assert parsed.header(b"Connection") == b"close"
+    assert client.transport.disconnecting
+    assert gw.pending_connections() == 0
+
+
+def test_header_line_within_max_header_bytes_is_accepted(gateway: Callable[..., Gateway]) -> None:
+    """A header line longer than Twisted's default 16 KiB line limit, within max_header_bytes, is read and
+    proxied."""
+    gw = gateway(limits={"max_header_bytes": 65536})
+    client = gw.client()
+    client.send(b"GET / HTTP/1.1\r\nHost: example.test\r\nX-Big: " + b"x" * 20000 + b"\r\n\r\n")
+    assert not client.transport.disconnecting
+    assert gw.pending_connections() == 1
+
+
+def test_304_keeps_the_upstreams_content_length(gateway: Callable[..., Gateway]) -> None:
+    """A 304's Content-Length (the selected representation's, RFC 9110 section 8.6) reaches the client, with no
+    body."""
+    gw = gateway()
+    client, _req, up = start_get(gw)
+    up.respond(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 1234\r\n\r\n')
+    parsed = response(client)
+    assert parsed.header(b"Content-Length") == b"1234"
+    assert client.received().endswith(b"\r\n\r\n")

@@ -545,20 +545,22 @@ class ClientRequest:
         self.data.append(data)
 
 
-class PauseOnceTransport(StringTransport):
-    """An upstream socket that, like Twisted's test, refuses to be paused twice without a resume in between."""
+class PausingTransport(StringTransport):
+    """An upstream socket that counts the pauses it is asked for; pausing a paused socket is harmless, as
+    `stopReading` is on a real one."""
+
+    pauses = 0
 
     def pauseProducing(self) -> None:
-        if self.producerState == "paused":
-            raise RuntimeError("paused twice")
-        super().pauseProducing()
+        self.pauses += 1
+        self.producerState = "paused"
 
 
 class RelayHarness:
     def __init__(self, *, idle: float = 30.0, stall: float = 20.0) -> None:
         self.clock = Clock()
         self.consumer = ClientRequest()
-        self.upstream = PauseOnceTransport()
+        self.upstream = PausingTransport()
         self.ended: list[Failure] = []
         self.timeouts: list[tuple[str, float]] = []
         self.relay = ResponseRelay(
@@ -598,17 +600,40 @@ def test_relay_client_pause_pauses_the_upstream_and_resume_resumes_it() -> None:
 
 
 def test_relay_tolerates_repeated_pauses() -> None:
-    """The client pausing on every write while its buffer is full pauses the upstream socket only once."""
+    """The client pausing on every write while its buffer is full is harmless: the upstream stays paused and
+    one resume resumes it."""
     h = RelayHarness()
     h.relay.pauseProducing()
     h.relay.pauseProducing()
-    h.relay.pauseProducing()  # PauseOnceTransport raises if any of these reached it
+    h.relay.pauseProducing()
     assert h.upstream.producerState == "paused"
     h.relay.resumeProducing()
     h.relay.resumeProducing()
     assert h.upstream.producerState == "producing"
     h.relay.pauseProducing()
     assert h.upstream.producerState == "paused"
+
+
+def test_relay_pauses_again_an_upstream_resumed_behind_its_back() -> None:
+    """A pause asked for while the relay is already paused still pauses the upstream socket: Agent's deliverBody
+    resumes it behind the relay's back, and it must not go on reading into a full client buffer."""
+    h = RelayHarness()
+    h.relay.pauseProducing()
+    h.upstream.resumeProducing()  # as Response._deliverBody_INITIAL does
+    h.relay.pauseProducing()
+    assert h.upstream.producerState == "paused"
+
+
+def test_relay_repeated_pauses_do_not_restart_the_stall_countdown() -> None:
+    """Only the first of a run of pauses starts the client_send_stall countdown; the later ones do not reset it."""
+    h = RelayHarness(idle=1000, stall=10)
+    h.relay.pauseProducing()
+    h.clock.advance(6)
+    h.relay.pauseProducing()
+    h.clock.advance(4 - EPS)
+    assert h.timeouts == []
+    h.clock.advance(EPS)
+    assert h.timeouts == [("client_send_stall", 10)]
 
 
 def test_relay_upstream_idle_fires_after_exactly_its_timeout() -> None:
