@@ -86,11 +86,13 @@ def upstream_request_headers(
     proto: bytes,
     via: bytes,
     request_id: str,
+    received_version: bytes = b"1.1",
 ) -> Headers:
     """The headers sent upstream for a client request with headers `client`.
 
     `host` is the Host to send (the client's or the upstream's, by the route's policy); `client_host` is the
-    client's own Host, which also goes out as X-Forwarded-Host.
+    client's own Host, which also goes out as X-Forwarded-Host. `received_version` is the HTTP version the
+    request came in with ("1.0" or "1.1"), as Via records it (RFC 9110 section 7.6.3).
     """
     drop = _drop_set(client, _REMADE_UPSTREAM)
     out = Headers()
@@ -106,11 +108,13 @@ def upstream_request_headers(
         out.setRawHeaders(b"X-Forwarded-Host", [client_host])
     out.setRawHeaders(b"X-Request-ID", [request_id.encode("ascii")])
     if via:
-        _add_via(out, client.getRawHeaders(b"via"), b"1.1 " + via)
+        _add_via(out, client.getRawHeaders(b"via"), received_version + b" " + via)
     return out
 
 
-def client_response_headers(upstream: Headers, target: Headers, *, via: bytes, request_id: str) -> None:
+def client_response_headers(
+    upstream: Headers, target: Headers, *, via: bytes, request_id: str, received_version: bytes = b"1.1"
+) -> None:
     """Copy the upstream response headers `upstream` into the client response headers `target`."""
     drop = _drop_set(upstream, _REMADE_CLIENT)
     for name, values in upstream.getAllRawHeaders():
@@ -119,7 +123,7 @@ def client_response_headers(upstream: Headers, target: Headers, *, via: bytes, r
     if not target.hasHeader(b"x-request-id"):
         target.setRawHeaders(b"X-Request-ID", [request_id.encode("ascii")])
     if via:
-        _add_via(target, upstream.getRawHeaders(b"via"), b"1.1 " + via)
+        _add_via(target, upstream.getRawHeaders(b"via"), received_version + b" " + via)
 
 
 def _add_via(headers: Headers, existing: Sequence[bytes] | None, ours: bytes) -> None:

@@ -257,6 +257,7 @@ class GatewayRequest(http.Request):
             proto=b"https" if self.isSecure() else b"http",
             via=via,
             request_id=self.request_id,
+            received_version=self.clientproto.rpartition(b"/")[2],
         )
         self._enter(Phase.WAITING)
         self._waiting = self._pool.acquire()
@@ -311,6 +312,7 @@ class GatewayRequest(http.Request):
             self.responseHeaders,
             via=self.gateway.server.via.encode("ascii"),
             request_id=self.request_id,
+            received_version=b"%d.%d" % response.version[1:],
         )
         if self.method == b"HEAD" or response.code == 304:
             # No body follows, but Content-Length still describes the representation: Agent leaves it among a

@@ -1323,3 +1323,14 @@ def test_304_keeps_the_upstreams_content_length(gateway: Callable[..., Gateway])
     parsed = response(client)
     assert parsed.header(b"Content-Length") == b"1234"
     assert client.received().endswith(b"\r\n\r\n")
+
+
+def test_via_records_the_protocol_version_each_message_came_in_with(gateway: Callable[..., Gateway]) -> None:
+    """Via says 1.0 for a request that came in as HTTP/1.0, and the upstream's version on its response."""
+    gw = gateway()
+    client = gw.client()
+    client.send(b"GET /x HTTP/1.0\r\nHost: example.test\r\n\r\n")
+    up = gw.upstream()
+    assert b"\r\nVia: 1.0 gateway\r\n" in up.received()
+    up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert response(client).header(b"Via") == b"1.1 gateway"
