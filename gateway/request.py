@@ -23,7 +23,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionLost, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -104,6 +104,9 @@ class Phase(enum.Enum):
     """The client connection was cut, because a complete response could no longer be given."""
     CLIENT_GONE = "client_gone"
     """The client went away first."""
+
+    # Members are singletons: hash them by identity (C speed) rather than Enum's hash of the name (Python).
+    __hash__ = object.__hash__
 
 
 _TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
@@ -254,12 +257,15 @@ class GatewayRequest(http.Request):
             client_ip=getattr(self.client, "host", "unknown"),
             host=client_host[0] if client_host and route.host_header == "client" else _host_value(route),
             client_host=client_host[0] if client_host else None,
-            proto=b"https" if self.isSecure() else b"http",
+            proto=b"https" if ISSLTransport.providedBy(self._client_transport) else b"http",
             via=via,
             request_id=self.request_id,
             received_version=self.clientproto.rpartition(b"/")[2],
         )
         self._enter(Phase.WAITING)
+        if self._pool.try_acquire():
+            self._got_slot(None)
+            return
         self._waiting = self._pool.acquire()
         self._waiting.addCallbacks(self._got_slot, self._upstream_failed)
 
@@ -306,23 +312,24 @@ class GatewayRequest(http.Request):
             return
         route = self.route
         assert route is not None
-        self.setResponseCode(response.code, response.phrase)
+        upstream = response.original if isinstance(response, UpstreamResponse) else response
+        self.setResponseCode(upstream.code, upstream.phrase)
         client_response_headers(
-            response.headers,
+            upstream.headers,
             self.responseHeaders,
             via=self.gateway.server.via.encode("ascii"),
             request_id=self.request_id,
-            received_version=b"%d.%d" % response.version[1:],
+            received_version=b"%d.%d" % upstream.version[1:],
         )
-        if self.method == b"HEAD" or response.code == 304:
+        if self.method == b"HEAD" or upstream.code == 304:
             # No body follows, but Content-Length still describes the representation: Agent leaves it among a
             # HEAD response's headers, and `UpstreamResponse` puts a 304's back (Agent reports length 0).
-            length = response.headers.getRawHeaders(b"content-length")
+            length = upstream.headers.getRawHeaders(b"content-length")
             if length:
                 self.responseHeaders.setRawHeaders(b"Content-Length", length[-1:])
-        elif response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY_STATUSES:
+        elif upstream.length is not UNKNOWN_LENGTH and upstream.code not in _NO_BODY_STATUSES:
             # Agent moves Content-Length out of response.headers; keep the upstream's framing when it had one.
-            self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
+            self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % upstream.length])
         if self._has_body and not self._received:
             self._close_after_response()  # an early answer: the rest of the body must not be read as a request
         self._enter(Phase.STREAMING)
@@ -337,7 +344,7 @@ class GatewayRequest(http.Request):
         )
         self._response = response
         relay = self._relay
-        response.deliverBody(relay)
+        upstream.deliverBody(relay)
         if relay.paused and not relay.stopped:
             # deliverBody resumes the upstream socket after handing over what Agent had buffered, even when
             # that filled the client's buffer and the relay paused it: pause it again.

@@ -174,7 +174,10 @@ class UpstreamPool:
         self._pool.maxPersistentPerHost = upstream.max_idle_connections
         self._pool.cachedConnectionTimeout = upstream.idle_timeout
         self._slots = DeferredSemaphore(upstream.max_connections)
-        self._agents: dict[float, Agent] = {}
+        # Parsed once: Agent.request would parse the URI of every request again.
+        self._uri = URI.fromBytes(upstream.origin)
+        self._key = (self._uri.scheme, self._uri.host, self._uri.port)
+        self._agents: dict[float, tuple[Agent, IStreamClientEndpoint]] = {}
 
     @property
     def in_flight(self) -> int:
@@ -185,6 +188,17 @@ class UpstreamPool:
     def queued(self) -> int:
         """Requests waiting for a slot."""
         return len(self._slots.waiting)
+
+    def try_acquire(self) -> bool:
+        """Take a free slot at once if there is one: the common case, without a Deferred.
+
+        A free token means nobody is queued (DeferredSemaphore hands a released token to a waiter first), so
+        this never jumps the queue. The caller must `release` the slot, exactly once.
+        """
+        if self._slots.tokens:
+            self._slots.tokens -= 1
+            return True
+        return False
 
     def acquire(self) -> Deferred[Any]:
         """A slot for one request; fails with `UpstreamSaturated` when the queue is full or the wait too long.
@@ -218,12 +232,19 @@ class UpstreamPool:
         *,
         connect_timeout: float,
     ) -> Deferred[IResponse]:
-        """Send one request over a pooled connection (opened within `connect_timeout` if none is idle)."""
-        agent = self._agents.get(connect_timeout)
-        if agent is None:
+        """Send one request over a pooled connection (opened within `connect_timeout` if none is idle).
+
+        `target` goes on the request line byte for byte: `Agent.request` would parse it out of a URI and
+        serialise it again, dropping an empty query ("/x?") or empty parameters ("/x;") and costing a URL
+        parse per request; `_requestWithEndpoint` (what `ProxyAgent` uses too) takes it as it is.
+        """
+        pair = self._agents.get(connect_timeout)
+        if pair is None:
             factory = _EndpointFactory(self._reactor, connect_timeout)
-            agent = self._agents[connect_timeout] = Agent.usingEndpointFactory(self._reactor, factory, self._pool)
-        return agent.request(method, self.upstream.origin + target, headers, body)
+            agent = Agent.usingEndpointFactory(self._reactor, factory, self._pool)
+            pair = self._agents[connect_timeout] = (agent, factory.endpointForURI(self._uri))
+        agent, endpoint = pair
+        return agent._requestWithEndpoint(self._key, endpoint, method, self._uri, headers, body, target)
 
     def close(self) -> Deferred[None]:
         """Close the idle pooled connections (in-flight ones close when their response ends)."""

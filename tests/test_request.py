@@ -1334,3 +1334,14 @@ def test_via_records_the_protocol_version_each_message_came_in_with(gateway: Cal
     assert b"\r\nVia: 1.0 gateway\r\n" in up.received()
     up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert response(client).header(b"Via") == b"1.1 gateway"
+
+
+@pytest.mark.parametrize("target", [b"/x?", b"/x;", b"/a//b/%2e%2E/c?q=%20&&r", b"/x?a=1;b=2#"])
+def test_request_target_reaches_the_upstream_byte_for_byte(gateway: Callable[..., Gateway], target: bytes) -> None:
+    """The request target reaches the upstream exactly as the client sent it (no URL re-serialisation)."""
+    gw = gateway()
+    client = gw.client()
+    client.send(b"GET " + target + b" HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    up = gw.upstream()
+    assert up.received().split(b"\r\n", 1)[0] == b"GET " + target + b" HTTP/1.1"
+    up.respond(b"HTTP/1.1 204 No Content\r\n\r\n")

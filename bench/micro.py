@@ -1,0 +1,74 @@
+"""In-memory cost of one small proxied request: the gateway's Python work alone, without sockets or a kernel.
+
+A real GatewayFactory, HTTPChannel, GatewayRequest, Agent and pool run on a MemoryReactorClock; one client
+connection and one pooled upstream connection are StringTransports; each round trip sends a GET, answers it
+with a 100-byte response and reads the client's bytes. Reports microseconds per request (the best of several
+batches, so that noise from other processes shows as little as possible). Used to measure the effect of each
+change in the performance pass; not a substitute for the loopback benchmarks in `bench/run.py`.
+
+Run: `.venv/bin/python bench/micro.py [--requests 20000]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from gateway.config import parse
+from gateway.service import make_gateway
+from gateway.site import GatewayFactory
+
+REQUEST = b"GET /small?x=1 HTTP/1.1\r\nHost: example.test\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 25 Nov 2026 10:00:00 GMT\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 100\r\nConnection: keep-alive\r\n\r\n" + b"x" * 100
+)
+
+
+def run(requests: int) -> float:
+    reactor = MemoryReactorClock()
+    config = parse(
+        {
+            "listeners": [{"host": "127.0.0.1", "port": 0}],
+            "routes": [{"name": "all", "path_prefix": "/", "upstream": "http://10.0.0.2:8080"}],
+        },
+        source="micro",
+    )
+    factory = GatewayFactory(make_gateway(config, reactor), clock=reactor)
+    channel = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 50000))
+    client = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 50000))
+    channel.makeConnection(client)
+    channel.dataReceived(REQUEST)
+    _host, _port, upstream_factory, _timeout, _bind = reactor.tcpClients[0]
+    upstream = upstream_factory.buildProtocol(None)
+    upstream_transport = StringTransport()
+    upstream.makeConnection(upstream_transport)
+    upstream.dataReceived(RESPONSE)
+    assert client.value().endswith(b"x" * 100), client.value()[-200:]
+    # The connection went back to the pool: every further request reuses it, as under keep-alive load.
+    started = time.perf_counter()
+    for _ in range(requests):
+        client.clear()
+        upstream_transport.clear()
+        channel.dataReceived(REQUEST)
+        upstream.dataReceived(RESPONSE)
+    elapsed = time.perf_counter() - started
+    assert client.value().endswith(b"x" * 100)
+    assert len(reactor.tcpClients) == 1, "the pooled connection was not reused"
+    return elapsed / requests * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--batches", type=int, default=5)
+    args = parser.parse_args()
+    best = min(run(args.requests) for _ in range(args.batches))
+    print(f"{best:.1f} us per request (best of {args.batches} batches of {args.requests})")
+
+
+if __name__ == "__main__":
+    main()
