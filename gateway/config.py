@@ -97,6 +97,9 @@ class Server:
     lingering_time): closing with unread data would reset the connection and could destroy the answer."""
     via: str = "gateway"
     """The pseudonym this gateway adds to Via headers; empty adds none."""
+    workers: int = 1
+    """Processes serving the listeners: the twistd process and `workers - 1` it starts. Above 1, each process
+    binds every listener itself with SO_REUSEPORT and the kernel spreads new connections across them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,6 +197,13 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
         if listener.port and address in seen_addresses:
             raise ConfigError(source, f"listeners[{i}]", f"{listener.host}:{listener.port} is listed twice")
         seen_addresses.add(address)
+        if server.workers > 1 and listener.port == 0:
+            raise ConfigError(
+                source,
+                f"listeners[{i}].port",
+                f"must not be 0 when server.workers is above 1 (it is {server.workers}): each worker process "
+                "binds its own socket with SO_REUSEPORT, so port 0 would give each process a different port",
+            )
 
     upstreams: dict[str, Upstream] = {}
     for name, table in top.named_tables("upstreams"):
@@ -423,6 +433,7 @@ _SERVER_FIELDS: _Fields = {
     "idle_timeout": _positive_seconds,
     "lingering_timeout": _positive_seconds,
     "via": _via_name,
+    "workers": _positive_int,
 }
 _TIMEOUT_FIELDS: _Fields = {f.name: _positive_seconds for f in fields(Timeouts)}
 _LIMIT_FIELDS: _Fields = {

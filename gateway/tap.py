@@ -1,8 +1,9 @@
 """`twistd gateway`: the command line (`--config`, `--check`) and `makeService`; nothing else.
 
-Rule: this is the composition root, the one module that names the global reactor; everything below takes a
-reactor as a parameter. A config error is printed as `file: key: reason` and exits non-zero before anything
-starts, so `twistd gateway --config F --check` works like `nginx -t`.
+Rule: this is the composition root, the one module that names the global reactor (with `gateway.worker`, the
+same root for the extra worker processes); everything below takes a reactor as a parameter. A config error is
+printed as `file: key: reason` and exits non-zero before anything starts, so `twistd gateway --config F --check`
+works like `nginx -t`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class _TwistdService(GatewayService):
 
 
 def makeService(options: Options) -> IService:
+    """The gateway; with `server.workers` above 1 the twistd process is worker 0 and starts the others."""
     from twisted.internet import reactor
 
-    return _TwistdService(options.config, reactor)
+    return _TwistdService(options.config, reactor, spawn_workers=True)

@@ -73,6 +73,7 @@ def test_example_sections_are_the_defaults(example: Config) -> None:
     assert example.server.idle_timeout == 60.0
     assert example.server.lingering_timeout == 5.0
     assert example.server.via == "gateway"
+    assert example.server.workers == 1
     assert example.limits == Limits(max_request_body_bytes=1 * GiB, max_header_bytes=16 * KiB, max_header_count=100)
 
 
@@ -400,6 +401,29 @@ def test_upstream_origin(host: str, port: int, origin: bytes) -> None:
     assert upstream.origin == origin
 
 
+def test_workers_above_one_with_fixed_ports() -> None:
+    """server.workers = 4 is accepted when every listener names its port."""
+    data = with_(server={"workers": 4}, listeners=[{"host": "127.0.0.1", "port": 8080}, {"host": "::1", "port": 8080}])
+    assert parse(data, source=SOURCE).server.workers == 4
+
+
+def test_workers_above_one_reject_a_listener_on_port_zero() -> None:
+    """With server.workers above 1, a listener on port 0 is an error on its port that says why (SO_REUSEPORT)."""
+    data = with_(server={"workers": 2}, listeners=[{"host": "127.0.0.1", "port": 8080}, {"host": "::1", "port": 0}])
+    error = error_of(data)
+    assert error.key == "listeners[1].port"
+    assert error.reason == (
+        "must not be 0 when server.workers is above 1 (it is 2): each worker process binds its own socket with "
+        "SO_REUSEPORT, so port 0 would give each process a different port"
+    )
+
+
+def test_one_worker_allows_port_zero() -> None:
+    """server.workers = 1 (the default, said explicitly) keeps port 0 valid."""
+    data = with_(server={"workers": 1}, listeners=[{"host": "127.0.0.1", "port": 0}])
+    assert parse(data, source=SOURCE).listeners[0].port == 0
+
+
 def test_two_listeners_on_port_zero_are_allowed() -> None:
     """Two listeners on port 0 of one address are not duplicates: each picks its own free port."""
     data = with_(listeners=[{"host": "127.0.0.1", "port": 0}, {"host": "127.0.0.1", "port": 0}])
@@ -482,6 +506,9 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ("strip-string", _set("routes.0.strip_prefix", "yes"), "routes[0].strip_prefix", "must be true or false, got"),
     ("name-int", _set("routes.0.name", 5), "routes[0].name", "must be a string, got an integer"),
     ("via-int", _set("server.via", 1), "server.via", "must be a string, got an integer"),
+    ("workers-bool", _set("server.workers", True), "server.workers", "must be an integer, got a boolean"),
+    ("workers-string", _set("server.workers", "2"), "server.workers", "must be an integer, got a string"),
+    ("workers-float", _set("server.workers", 2.0), "server.workers", "must be an integer, got a number"),
     ("via-spaces", _set("server.via", "my gateway"), "server.via", "must be a single token"),
     ("host-header", _set("routes.0.host_header", "origin"), "routes[0].host_header", 'must be "upstream"'),
     ("listener-hostname", _set("listeners.0.host", "localhost"), "listeners[0].host", "must be an IP address"),
@@ -498,6 +525,8 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ),
     ("queue-timeout-zero", _set("upstreams.app.queue_timeout", "0s"), "upstreams.app.queue_timeout", "must be"),
     ("server-idle-neg", _set("server.idle_timeout", -3), "server.idle_timeout", "must be a positive number"),
+    ("workers-zero", _set("server.workers", 0), "server.workers", "must be a positive integer, got 0"),
+    ("workers-negative", _set("server.workers", -2), "server.workers", "must be a positive integer, got -2"),
     ("max-conn-zero", _set("upstreams.app.max_connections", 0), "upstreams.app.max_connections", "must be a pos"),
     ("port-70000", _set("listeners.0.port", 70000), "listeners[0].port", "must be a port number from 0 to 65535"),
     ("port-negative", _set("listeners.0.port", -1), "listeners[0].port", "must be a port number from 0 to 65535"),

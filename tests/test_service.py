@@ -1,7 +1,11 @@
-"""`gateway.service` on the global reactor: listeners bind on start, and stop closes ports and pooled connections."""
+"""`gateway.service` on the global reactor: listeners bind on start (with SO_REUSEPORT when there are worker
+processes), and stop closes ports and pooled connections."""
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from typing import Any
 
 import pytest
@@ -12,8 +16,10 @@ from twisted.internet.protocol import Factory, Protocol
 
 from gateway.config import parse
 from gateway.service import GatewayService, ListenerService, make_gateway
+from gateway.workers import WorkerPool
 from tests.support.clients import connect, within
 from tests.support.origin import Origin
+from tests.support.processes import free_port
 from tests.support.running import gateway_config
 
 GET_CLOSE = b"GET /status/200 HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
@@ -150,3 +156,92 @@ def test_make_gateway_builds_one_pool_per_distinct_upstream() -> None:
     for name, pool in gateway.pools.items():
         assert pool.upstream is config.upstreams[name]
     assert len({id(pool) for pool in gateway.pools.values()}) == 3
+
+
+# --- worker processes: SO_REUSEPORT and the pool ---------------------------------------------------------------
+
+
+def reuse_port_of(listener: ListenerService) -> int:
+    """The SO_REUSEPORT option of the listener's bound socket (0 when off)."""
+    assert listener.port is not None
+    return int(listener.port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))  # type: ignore[attr-defined]
+
+
+def test_one_worker_binds_without_so_reuseport(origin: Origin, gateway_for: Any) -> None:
+    """With the default `workers = 1` a listener's socket does not have SO_REUSEPORT (the port stays exclusive)."""
+    gateway = gateway_for(gateway_config(origin.url))
+    assert reuse_port_of(gateway.service.listeners[0]) == 0
+
+
+def test_workers_bind_every_listener_with_so_reuseport(origin: Origin, gateway_for: Any) -> None:
+    """With `workers = 2` every listener's socket is bound with SO_REUSEPORT, on its configured port."""
+    ports = [free_port(), free_port()]
+    gateway = gateway_for(
+        gateway_config(
+            origin.url, server={"workers": 2}, listeners=[{"host": "127.0.0.1", "port": port} for port in ports]
+        )
+    )
+    assert [bound_port(listener) for listener in gateway.service.listeners] == ports
+    assert all(reuse_port_of(listener) != 0 for listener in gateway.service.listeners)
+
+
+def test_workers_bind_an_ipv6_listener_as_ipv6(origin: Origin, gateway_for: Any) -> None:
+    """With `workers = 2` an IPv6 listener is bound as IPv6 on its address, with SO_REUSEPORT."""
+    try:
+        port = free_port("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    gateway = gateway_for(gateway_config(origin.url, server={"workers": 2}, listeners=[{"host": "::1", "port": port}]))
+    [listener] = gateway.service.listeners
+    assert listener.port is not None
+    assert (listener.port.getHost().type, listener.port.getHost().host, bound_port(listener)) == ("TCP", "::1", port)
+    assert listener.port.socket.family == socket.AF_INET6  # type: ignore[attr-defined]
+    assert reuse_port_of(listener) != 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_services_with_workers_share_one_port(origin: Origin, gateway_for: Any) -> None:
+    """Two `GatewayService`s with `workers = 2` in one process both bind the same port, and requests to it are
+    served."""
+    config = gateway_config(origin.url, server={"workers": 2}, listeners=[{"host": "127.0.0.1", "port": free_port()}])
+    first, second = gateway_for(config), gateway_for(config)
+    assert first.port == second.port
+    assert first.service.listeners[0].port is not second.service.listeners[0].port
+    for _ in range(3):
+        assert await fetch_status(first.port) == 200
+
+
+def test_workers_without_spawn_start_no_worker_pool(origin: Origin) -> None:
+    """A `GatewayService` made without `spawn_workers` (a worker process, a test) has no pool, whatever the
+    config's `workers`."""
+    config = gateway_config(origin.url, server={"workers": 3}, listeners=[{"host": "127.0.0.1", "port": 8080}])
+    service = GatewayService(parse(config, source="test.toml"), reactor)
+    assert service.workers is None
+    assert list(service) == service.listeners
+
+
+def test_spawn_workers_with_one_worker_starts_no_pool(origin: Origin) -> None:
+    """With `spawn_workers` but `workers = 1` there is no pool: the twistd process serves alone."""
+    service = GatewayService(parse(gateway_config(origin.url), source="test.toml"), reactor, spawn_workers=True)
+    assert service.workers is None
+
+
+def test_spawn_workers_owns_a_pool_of_the_other_workers(origin: Origin) -> None:
+    """With `spawn_workers` and `workers = 3`, the service owns a stopped pool of workers 1 and 2, added after the
+    listeners, each running `gateway.worker` on the config file's absolute path."""
+    config = gateway_config(origin.url, server={"workers": 3}, listeners=[{"host": "127.0.0.1", "port": 8080}])
+    service = GatewayService(parse(config, source="gateway.toml"), reactor, spawn_workers=True)
+    pool = service.workers
+    assert isinstance(pool, WorkerPool)
+    assert list(service) == [*service.listeners, pool]
+    assert not pool.running
+    assert pool.count == 2
+    assert list(pool.command(2)) == [
+        sys.executable,
+        "-m",
+        "gateway.worker",
+        "--config",
+        os.path.abspath("gateway.toml"),
+        "--index",
+        "2",
+    ]

@@ -14,6 +14,7 @@ from twisted.plugin import getPlugins
 from gateway import tap
 from gateway.config import Config
 from gateway.service import GatewayService, ListenerService
+from gateway.workers import WorkerPool
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -164,3 +165,15 @@ def test_make_service_builds_a_listener_service_per_listener(tmp_path: Path) -> 
     assert [child.listener for child in service.listeners] == list(options.config.listeners)
     assert list(service) == service.listeners
     assert all(child.port is None for child in service.listeners)
+
+
+def test_make_service_with_workers_owns_a_worker_pool(tmp_path: Path) -> None:
+    """With `workers = 2` in the file, `makeService` gives the twistd process a pool of one worker, not started."""
+    text = VALID.replace("port = 0", "port = 8080", 1).replace("port = 0", "port = 8081", 1)
+    options = tap.Options()
+    options.parseOptions(["--config", str(write(tmp_path, "[server]\nworkers = 2\n\n" + text))])
+    service = tap.makeService(options)
+    assert isinstance(service, GatewayService)
+    assert isinstance(service.workers, WorkerPool)
+    assert service.workers.count == 1
+    assert not service.workers.running

@@ -1,143 +1,26 @@
 """`twistd gateway` as a real process: discovery, `--check`, config errors, a proxied download and SIGTERM.
 
-Subprocess tier: every process is started with `subprocess.Popen`, read with bounded waits and stopped by its
-PID in teardown; everything listens on 127.0.0.1 only.
+Subprocess tier: every process is started with `subprocess.Popen` (`tests.support.processes`), read with
+bounded waits and stopped by its PID in teardown (the `spawn` fixture); everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.clients import parse_response
+from tests.support.processes import LISTENING, START_TIMEOUT, STOP_TIMEOUT, TWISTD, Child, fetch, run, start
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-TWISTD = BIN / "twistd"
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
-LISTENING = re.compile(r"gateway listening on 127\.0\.0\.1:(\d+)")
-
-
-class Child:
-    """A child process whose stdout lines are read by a helper thread, so every wait can have a deadline."""
-
-    def __init__(self, argv: list[str], *, cwd: Path, stderr_path: Path) -> None:
-        self.argv = argv
-        self.stderr_path = stderr_path
-        self._stderr = stderr_path.open("wb")
-        self.proc = subprocess.Popen(
-            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, text=True
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name=f"stdout of {argv[0]}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for_line(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """The first stdout line matching `pattern`, waiting at most `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no line matching {pattern.pattern!r} within {timeout} s; {self.output()}")
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                self.proc.wait(timeout=STOP_TIMEOUT)
-                raise AssertionError(f"exited ({self.proc.returncode}) before {pattern.pattern!r}; {self.output()}")
-            self.lines.append(line)
-            found = pattern.search(line)
-            if found:
-                return found
-
-    def rest_of_output(self) -> str:
-        """Every stdout line up to the end of the output, once the process has exited (bounded)."""
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                self._queue.put(None)
-                break
-            self.lines.append(line)
-        return "".join(self.lines)
-
-    def output(self) -> str:
-        return f"stdout: {''.join(self.lines)!r}, stderr: {self.stderr()!r}"
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """Kill the process by its PID if it still runs, reap it and close its pipes (bounded)."""
-        try:
-            if self.proc.poll() is None:
-                os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=STOP_TIMEOUT)
-        finally:
-            self._reader.join(timeout=STOP_TIMEOUT)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            self._stderr.close()
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[list[Child]]:
-    """Started children; each one still running is killed by its PID after the test."""
-    children: list[Child] = []
-    yield children
-    for child in reversed(children):
-        child.stop()
-
-
-def start(children: list[Child], argv: list[str], tmp_path: Path, name: str) -> Child:
-    child = Child(argv, cwd=tmp_path, stderr_path=tmp_path / f"{name}.stderr")
-    children.append(child)
-    return child
-
-
-def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
-
-
-def fetch(port: int, target: str, timeout: float = 30.0) -> bytes:
-    """Every byte of the answer to one `GET target` with `Connection: close`, read with a deadline."""
-    deadline = time.monotonic() + timeout
-    received = bytearray()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n".encode())
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"response not complete within {timeout} s ({len(received)} bytes)")
-            sock.settimeout(left)
-            data = sock.recv(256 * 1024)
-            if not data:
-                return bytes(received)
-            received += data
 
 
 def test_twistd_help_lists_gateway(tmp_path: Path) -> None:

@@ -1,0 +1,95 @@
+"""One extra worker process: `python -m gateway.worker --config FILE --index N`, started by `gateway.workers`.
+
+Rule: this is a composition root like `gateway.tap` (it names the global reactor). It serves the same config as
+the twistd process that started it, on the same ports (each listener bound with SO_REUSEPORT), starts no workers
+of its own, and logs as `twistd --logfile=-` does, to the stdout it shares with its parent. It stops on SIGTERM
+(Twisted's handler stops the reactor, which stops the service) and when its stdin, a pipe from the parent,
+reaches end of file: the parent is gone, however it died, so no worker outlives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+
+from twisted.internet import fdesc
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.error import CannotListenError, ConnectionDone, ReactorNotRunning
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.python.failure import Failure
+
+from gateway import config
+from gateway.service import GatewayService
+
+__all__ = ["main"]
+
+_log = Logger(namespace="gateway.worker")
+
+
+class _ParentPipe(FileDescriptor):
+    """Reads stdin only to notice its end, which means the parent process has exited.
+
+    Not `twisted.internet.stdio`: it would make stdout non-blocking, and stdout is shared with the parent."""
+
+    def __init__(self, reactor: object, on_closed: Callable[[], None]) -> None:
+        super().__init__(reactor)  # type: ignore[arg-type]
+        self._on_closed = on_closed
+        fdesc.setNonBlocking(0)
+        self.startReading()
+
+    def fileno(self) -> int:
+        return 0
+
+    def doRead(self) -> object:
+        return fdesc.readFromFD(0, lambda data: None)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if reason.check(ConnectionDone):  # end of file; the reactor's own shutdown is ConnectionLost
+            self._on_closed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the TOML config file (the one the twistd process loaded)")
+    parser.add_argument("--index", type=int, required=True, help="this worker's number, from 1 (for the logs)")
+    args = parser.parse_args(argv)
+    index = args.index
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        print(f"gateway worker {index}: {e}", file=sys.stderr)
+        return 1
+
+    from twisted.internet import reactor
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    service = GatewayService(cfg, reactor)
+    try:
+        service.privilegedStartService()
+        service.startService()
+    except CannotListenError as e:
+        print(f"gateway worker {index}: {e}", file=sys.stderr)
+        return 1
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+
+    def parent_gone() -> None:
+        _log.info(
+            "gateway worker {index} (pid {pid}): parent gone (stdin closed), stopping", index=index, pid=os.getpid()
+        )
+        with contextlib.suppress(ReactorNotRunning):  # already stopping (SIGTERM came first)
+            reactor.stop()
+
+    _ParentPipe(reactor, parent_gone)
+    # Once running, Twisted's SIGTERM handler is in place (until then SIGTERM kills the process outright).
+    reactor.callWhenRunning(_log.info, "gateway worker {index} (pid {pid}) serving", index=index, pid=os.getpid())
+    reactor.run()
+    _log.info("gateway worker {index} (pid {pid}) stopped", index=index, pid=os.getpid())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

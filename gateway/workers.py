@@ -1,0 +1,205 @@
+"""Worker processes: the extra processes that serve the same listeners as the twistd process, and their stop.
+
+Rule: every worker the pool starts, it also ends, within a bound. A worker (`python -m gateway.worker`) loads the
+same config file and binds every listener itself with SO_REUSEPORT, so the kernel spreads new connections across
+the twistd process (worker 0) and workers 1..N-1. Workers share the parent's stdout and stderr, and their stdin is
+a pipe from the parent: they exit on SIGTERM, or when that pipe closes because the parent is gone, even killed
+outright. Stopping the pool sends SIGTERM to every worker and waits for each to exit; after `stop_timeout`
+seconds it sends SIGKILL. A worker that dies on its own is logged, not restarted.
+
+Supervision (restart, drain and reload across workers) plugs in here: `worker_died` is called for every
+unexpected exit (a supervisor calls `spawn(index)` again from it), and `signal_all` reaches every worker (SIGHUP
+for a reload). The reactor is given, never imported.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = ["KILL_TIMEOUT", "STOP_TIMEOUT", "WorkerPool", "worker_command"]
+
+_log = Logger()
+
+STOP_TIMEOUT = 10.0
+"""Seconds a worker is given to exit after SIGTERM before it is sent SIGKILL."""
+KILL_TIMEOUT = 5.0
+"""Seconds to wait for a worker to be reaped after SIGKILL before the stop gives up on it (and says so)."""
+
+
+def worker_command(config_path: str, index: int) -> list[str]:
+    """The command line of worker `index`: this Python running `gateway.worker` on the config file at
+    `config_path`, which should be absolute (twistd may change directory before the workers start)."""
+    return [sys.executable, "-m", "gateway.worker", "--config", config_path, "--index", str(index)]
+
+
+def _describe_exit(reason: Failure) -> str:
+    """How a process ended, in words: "exited with status 3", "was killed by signal 15 (SIGTERM)"."""
+    value = reason.value
+    if isinstance(value, ProcessTerminated) and value.signal is not None:
+        try:
+            name = f" ({signal.Signals(value.signal).name})"
+        except ValueError:
+            name = ""
+        return f"was killed by signal {value.signal}{name}"
+    if isinstance(value, ProcessDone | ProcessTerminated):
+        return f"exited with status {value.exitCode}"
+    return f"ended: {value}"
+
+
+class _Worker(ProcessProtocol):
+    """One worker process as the pool sees it: its index, its pid, and whether it has ended."""
+
+    def __init__(self, index: int, on_ended: Callable[[_Worker, Failure], None]) -> None:
+        self.index = index
+        self.pid = 0
+        self.ended = False
+        self._on_ended = on_ended
+        self._waiting: list[Deferred[None]] = []
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
+
+    def processEnded(self, reason: Failure) -> None:
+        """The process has exited, been reaped, and its stdin pipe is closed."""
+        self.ended = True
+        self._on_ended(self, reason)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def when_ended(self) -> Deferred[None]:
+        """A Deferred that fires once the process has ended (at once if it has)."""
+        if self.ended:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def signal(self, name: str) -> bool:
+        """Send signal `name` ("TERM", "KILL", "HUP"); False if the process had already exited."""
+        if self.ended or self.transport is None:
+            return False
+        try:
+            self.transport.signalProcess(name)
+        except ProcessExitedAlready:
+            return False
+        return True
+
+
+class WorkerPool(Service):
+    """Workers 1..`count` of one gateway (the twistd process is worker 0), started with the service and stopped
+    with it. `command(index)` is the worker's command line (see `worker_command`)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        command: Callable[[int], Sequence[str]],
+        *,
+        stop_timeout: float = STOP_TIMEOUT,
+        kill_timeout: float = KILL_TIMEOUT,
+    ) -> None:
+        self.count = count
+        self.command = command
+        self.stop_timeout = stop_timeout
+        self.kill_timeout = kill_timeout
+        self._reactor = reactor
+        self._workers: dict[int, _Worker] = {}
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """The pid of every worker still running, by index."""
+        return {index: worker.pid for index, worker in self._workers.items() if not worker.ended}
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(1, self.count + 1):
+            self.spawn(index)
+
+    def spawn(self, index: int) -> None:
+        """Start worker `index`, with stdin a pipe from this process and stdout and stderr shared with it."""
+        argv = list(self.command(index))
+        worker = _Worker(index, self._ended)
+        # env=None: the worker inherits this process's environment (PYTHONPATH, locale, ...).
+        self._reactor.spawnProcess(worker, argv[0], argv, env=None, childFDs={0: "w", 1: 1, 2: 2})
+        self._workers[index] = worker
+        _log.info("gateway worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def signal_all(self, name: str) -> None:
+        """Send signal `name` to every running worker."""
+        for worker in self._workers.values():
+            worker.signal(name)
+
+    def worker_died(self, index: int, pid: int, reason: Failure) -> None:
+        """Worker `index` ended while the pool was running. It is logged; nothing restarts it yet."""
+        _log.error(
+            "gateway worker {index} (pid {pid}) {how} unexpectedly; it is not restarted",
+            index=index,
+            pid=pid,
+            how=_describe_exit(reason),
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """SIGTERM to every worker, then wait for all of them to exit: SIGKILL to any still running after
+        `stop_timeout` seconds, and give up on it (logged) `kill_timeout` seconds later."""
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        running = [worker for worker in self._workers.values() if not worker.ended]
+        for worker in running:
+            worker.signal("TERM")
+        if await self._ended_within(running, self.stop_timeout):
+            return
+        for worker in running:
+            if worker.signal("KILL"):
+                _log.warn(
+                    "gateway worker {index} (pid {pid}) still running {timeout} s after SIGTERM; sent SIGKILL",
+                    index=worker.index,
+                    pid=worker.pid,
+                    timeout=self.stop_timeout,
+                )
+        if await self._ended_within(running, self.kill_timeout):
+            return
+        for worker in running:
+            if not worker.ended:
+                _log.error(
+                    "gateway worker {index} (pid {pid}) still running {timeout} s after SIGKILL; not waiting longer",
+                    index=worker.index,
+                    pid=worker.pid,
+                    timeout=self.kill_timeout,
+                )
+
+    def _ended_within(self, workers: Sequence[_Worker], timeout: float) -> Deferred[bool]:
+        """True once every one of `workers` has ended, False if `timeout` seconds pass first."""
+        result: Deferred[bool] = Deferred()
+        timer = self._reactor.callLater(timeout, result.callback, False)
+
+        def ended(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+                result.callback(True)
+
+        DeferredList([worker.when_ended() for worker in workers]).addCallback(ended)
+        return result
+
+    def _ended(self, worker: _Worker, reason: Failure) -> None:
+        if self.running:
+            self.worker_died(worker.index, worker.pid, reason)
+        else:
+            _log.info(
+                "gateway worker {index} (pid {pid}) {how}",
+                index=worker.index,
+                pid=worker.pid,
+                how=_describe_exit(reason),
+            )

@@ -1,0 +1,159 @@
+"""`gateway.workers.WorkerPool` on the global reactor, with small Python programs standing in for workers.
+
+Each stand-in writes a "ready" file once it runs (so a test knows its signal disposition is in place) and then
+blocks reading stdin, as a real worker watches its pipe from the parent. Every pool is stopped after its test and
+any stand-in still running is killed by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
+
+from gateway.workers import WorkerPool, worker_command
+from tests.support.clients import within
+from tests.support.processes import children_of, is_alive, kill_if_ours
+
+WAIT = 15.0
+
+SERVES = "import sys; open(sys.argv[1], 'w').close(); sys.stdin.read()"
+"""Runs until SIGTERM (default action) or end of stdin."""
+IGNORES_SIGTERM = (
+    "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); open(sys.argv[1], 'w').close(); "
+    "sys.stdin.read()"
+)
+EXITS_3 = "import sys; sys.exit(3)"
+
+
+@pytest.fixture
+def worker_log() -> Iterator[list[str]]:
+    """The text of every event logged by `gateway.workers` during the test."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "gateway.workers":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture
+def make_pool(tmp_path: Path) -> Iterator[Callable[..., WorkerPool]]:
+    """Start a pool of stand-ins running `script`; after the test every pool is stopped and every stand-in still
+    running is killed by its PID."""
+    pools: list[WorkerPool] = []
+    pids: set[int] = set()
+
+    def make(script: str, count: int = 1, **options: Any) -> WorkerPool:
+        def command(index: int) -> list[str]:
+            return [sys.executable, "-c", script, str(tmp_path / f"ready-{index}")]
+
+        pool = WorkerPool(reactor, count, command, **options)
+        pool.startService()
+        pools.append(pool)
+        pids.update(pool.pids.values())
+        return pool
+
+    yield make
+    for pool in pools:
+        if pool.running:
+            pytest_twisted.blockon(within(pool.stopService(), WAIT))
+    for pid in pids:
+        kill_if_ours(pid, str(tmp_path))
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Poll `condition` every 10 ms until it holds; fail naming `what` after `timeout` seconds."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+async def ready(tmp_path: Path, *indexes: int) -> None:
+    await until(lambda: all((tmp_path / f"ready-{i}").exists() for i in indexes), f"workers {indexes} ready")
+
+
+def test_worker_command_runs_gateway_worker_with_config_and_index() -> None:
+    """A worker's command line is this Python running `gateway.worker` with the config path and its index."""
+    assert worker_command("/etc/gateway/gateway.toml", 3) == [
+        sys.executable,
+        "-m",
+        "gateway.worker",
+        "--config",
+        "/etc/gateway/gateway.toml",
+        "--index",
+        "3",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_spawns_one_child_process_per_worker(
+    make_pool: Callable[..., WorkerPool], worker_log: list[str], tmp_path: Path
+) -> None:
+    """`startService` with a count of 2 starts workers 1 and 2 as child processes and logs each with its pid."""
+    pool = make_pool(SERVES, count=2)
+    await ready(tmp_path, 1, 2)
+    pids = pool.pids
+    assert sorted(pids) == [1, 2]
+    assert set(pids.values()) <= children_of(os.getpid())
+    assert worker_log == [f"gateway worker {i} started (pid {pids[i]})" for i in (1, 2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_sends_sigterm_and_waits_for_every_worker(
+    make_pool: Callable[..., WorkerPool], worker_log: list[str], tmp_path: Path
+) -> None:
+    """`stopService` sends SIGTERM to every worker and fires once each has exited, well before the kill bound."""
+    pool = make_pool(SERVES, count=2, stop_timeout=60.0)
+    await ready(tmp_path, 1, 2)
+    pids = pool.pids
+    await within(pool.stopService(), WAIT)
+    assert pool.pids == {}
+    assert not any(is_alive(pid) for pid in pids.values())
+    ended = sorted(line for line in worker_log if "killed" in line)
+    assert ended == [f"gateway worker {i} (pid {pids[i]}) was killed by signal 15 (SIGTERM)" for i in (1, 2)]
+    assert not [line for line in worker_log if "SIGKILL" in line]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_sigkills_a_worker_that_ignores_sigterm(
+    make_pool: Callable[..., WorkerPool], worker_log: list[str], tmp_path: Path
+) -> None:
+    """A worker still running `stop_timeout` seconds after SIGTERM is sent SIGKILL, and the stop then completes."""
+    pool = make_pool(IGNORES_SIGTERM, stop_timeout=0.2)
+    await ready(tmp_path, 1)
+    [pid] = pool.pids.values()
+    await within(pool.stopService(), WAIT)
+    assert not is_alive(pid)
+    assert worker_log[1:] == [
+        f"gateway worker 1 (pid {pid}) still running 0.2 s after SIGTERM; sent SIGKILL",
+        f"gateway worker 1 (pid {pid}) was killed by signal {signal.SIGKILL.value} (SIGKILL)",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_that_dies_is_logged_and_not_restarted(
+    make_pool: Callable[..., WorkerPool], worker_log: list[str]
+) -> None:
+    """A worker exiting while the pool runs is logged as an error with its pid and status, and not restarted."""
+    pool = make_pool(EXITS_3)
+    [pid] = pool.pids.values()
+    await until(lambda: pool.pids == {}, "the worker's exit")  # a restart would have added a new pid at once
+    assert pool.running
+    assert worker_log == [
+        f"gateway worker 1 started (pid {pid})",
+        f"gateway worker 1 (pid {pid}) exited with status 3 unexpectedly; it is not restarted",
+    ]
