@@ -341,6 +341,7 @@ class GatewayRequest(http.Request):
             client_stall_timeout=route.timeouts.client_send_stall,
             on_end=self._response_ended,
             on_timeout=self._timed_out,
+            read_size=response.set_read_size if isinstance(response, UpstreamResponse) else None,
         )
         self._response = response
         relay = self._relay

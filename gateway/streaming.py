@@ -21,7 +21,9 @@ from zope.interface import implementer
 
 from gateway.config import FlowControl
 
-__all__ = ["RequestBodyPipe", "ResponseRelay", "Watchdog"]
+__all__ = ["ReadSizer", "RequestBodyPipe", "ResponseRelay", "Watchdog"]
+
+KiB = 1024
 
 
 class Watchdog:
@@ -79,6 +81,77 @@ class Watchdog:
         else:
             self._armed = False
             self._expired()
+
+
+class ReadSizer:
+    """How much to read from the upstream socket at a time, following how fast the client drains.
+
+    While the client is slow, each paused response holds about one upstream read in the client's write buffer:
+    256 KiB reads held 16.5 MiB for 50 clients at 200 KB/s (bench S4), 16 KiB reads 4.4 MiB. For a fast client
+    large reads are what make a big body cheap (about +40% throughput over 64 KiB). So: start small, double (up
+    to the maximum) after `GROW_AFTER` bytes taken without a pause and at each resume, and drop to the minimum
+    when the client's pace over the last `WINDOW` seconds or more, judged at a resume, is below `SLOW_RATE`.
+    Growing waits until the client has taken `KEPT_UP` bytes since it last proved slow (or since the start):
+    until the kernel's socket buffers are full (a few MiB on loopback) a client of any speed takes all it is
+    given, and growing then would leave the largest reads held by every slow client. The pace is judged over a
+    window of many pauses, not one: a fast client's single pause can be long (a collection, a busy reactor)
+    without the client being slow.
+    """
+
+    MIN = 16 * KiB
+    MAX = 256 * KiB
+    GROW_AFTER = 256 * KiB
+    KEPT_UP = 16 * 1024 * KiB
+    SLOW_RATE = 4_000_000
+    """Bytes per second below which a client counts as slow."""
+    WINDOW = 0.1
+    """Seconds over which the client's pace is judged."""
+
+    __slots__ = ("_apply", "_clock", "_kept_up", "_since_pause", "_window_bytes", "_window_start", "size")
+
+    def __init__(self, apply: Callable[[int], object], clock: IReactorTime) -> None:
+        self._apply = apply
+        self._clock = clock
+        self._window_start = clock.seconds()
+        self._window_bytes = 0
+        self._since_pause = 0
+        self._kept_up = 0
+        self.size = self.MIN
+        apply(self.MIN)
+
+    def relayed(self, length: int) -> None:
+        """`length` bytes went to the client."""
+        self._kept_up += length
+        self._window_bytes += length
+        self._since_pause += length
+        if self._since_pause >= self.GROW_AFTER:
+            self._since_pause = 0
+            self._grow()
+
+    def paused(self) -> None:
+        self._since_pause = 0
+
+    def resumed(self) -> None:
+        now = self._clock.seconds()
+        elapsed = now - self._window_start
+        if elapsed >= self.WINDOW:
+            slow = self._window_bytes < self.SLOW_RATE * elapsed
+            self._window_start = now
+            self._window_bytes = 0
+            if slow:
+                self._kept_up = 0
+                self._set(self.MIN)
+                return
+        self._grow()
+
+    def _grow(self) -> None:
+        if self.size < self.MAX and self._kept_up >= self.KEPT_UP:
+            self._set(min(self.size * 2, self.MAX))
+
+    def _set(self, size: int) -> None:
+        if size != self.size:
+            self.size = size
+            self._apply(size)
 
 
 @implementer(IBodyProducer, IPushProducer)
@@ -252,7 +325,9 @@ class ResponseRelay(Protocol):
     """The upstream response body on its way to the client: Agent's body protocol and the client's producer.
 
     A full client socket pauses the upstream socket (through Agent's `TransportProxyProducer`); a drained one
-    resumes it. Holds nothing itself: each chunk read from the upstream is written to the client at once.
+    resumes it. Holds nothing itself: each chunk read from the upstream is written to the client at once. Given
+    `read_size` (sets the upstream socket's read size), it reads in pieces that follow the client's pace
+    (`ReadSizer`).
     """
 
     def __init__(
@@ -264,9 +339,13 @@ class ResponseRelay(Protocol):
         client_stall_timeout: float,
         on_end: Callable[[Failure], object],
         on_timeout: Callable[[str], object],
+        read_size: Callable[[int], object] | None = None,
     ) -> None:
         self._consumer = consumer
+        self._clock = clock
         self._on_end = on_end
+        self._read_size = read_size
+        self._sizer: ReadSizer | None = None
         self._idle = Watchdog(clock, upstream_idle_timeout, lambda: on_timeout("upstream_idle"))
         self._stall = Watchdog(clock, client_stall_timeout, lambda: on_timeout("client_send_stall"))
         self.paused = False
@@ -275,6 +354,8 @@ class ResponseRelay(Protocol):
         """Bytes of response body relayed so far."""
 
     def connectionMade(self) -> None:
+        if self._read_size is not None:
+            self._sizer = ReadSizer(self._read_size, self._clock)
         self._consumer.registerProducer(self, True)
         if not self.paused:
             self._idle.arm()
@@ -284,6 +365,8 @@ class ResponseRelay(Protocol):
             return
         self.received += len(data)
         self._idle.kick()
+        if self._sizer is not None:
+            self._sizer.relayed(len(data))
         self._consumer.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -301,6 +384,8 @@ class ResponseRelay(Protocol):
             self.paused = True
             self._idle.disarm()
             self._stall.arm()
+            if self._sizer is not None:
+                self._sizer.paused()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
@@ -309,6 +394,8 @@ class ResponseRelay(Protocol):
         self.paused = False
         self._stall.disarm()
         self._idle.arm()
+        if self._sizer is not None:
+            self._sizer.resumed()
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gateway.config import FlowControl
-from gateway.streaming import RequestBodyPipe, ResponseRelay, Watchdog
+from gateway.streaming import ReadSizer, RequestBodyPipe, ResponseRelay, Watchdog
 
 _sync = SynchronousTestCase()
 EPS = 0.25
@@ -557,8 +557,9 @@ class PausingTransport(StringTransport):
 
 
 class RelayHarness:
-    def __init__(self, *, idle: float = 30.0, stall: float = 20.0) -> None:
+    def __init__(self, *, idle: float = 30.0, stall: float = 20.0, sized: bool = False) -> None:
         self.clock = Clock()
+        self.read_sizes: list[int] = []
         self.consumer = ClientRequest()
         self.upstream = PausingTransport()
         self.ended: list[Failure] = []
@@ -570,6 +571,7 @@ class RelayHarness:
             client_stall_timeout=stall,
             on_end=self.ended.append,
             on_timeout=lambda which: self.timeouts.append((which, self.clock.seconds())),
+            read_size=self.read_sizes.append if sized else None,
         )
         self.relay.makeConnection(self.upstream)
 
@@ -746,3 +748,129 @@ def test_relay_connection_lost_reports_the_reason_and_cancels_timers(reason: Exc
     assert h.clock.getDelayedCalls() == []
     h.clock.advance(1000)
     assert h.timeouts == []
+
+
+MiB = 1024 * 1024
+
+
+def sizer() -> tuple[ReadSizer, Clock, list[int]]:
+    clock = Clock()
+    applied: list[int] = []
+    return ReadSizer(applied.append, clock), clock, applied
+
+
+def feed(s: ReadSizer, total: int, chunk: int) -> None:
+    """Relay `total` bytes in reads of `chunk`, without a pause."""
+    for _ in range(total // chunk):
+        s.relayed(chunk)
+
+
+def test_sizer_starts_at_the_minimum_and_applies_it() -> None:
+    """The first read size is the smallest, applied at once."""
+    s, _, applied = sizer()
+    assert s.size == ReadSizer.MIN
+    assert applied == [ReadSizer.MIN]
+
+
+def test_sizer_does_not_grow_before_the_client_kept_up_long_enough() -> None:
+    """However fast, a client that has taken less than KEPT_UP (what socket buffers absorb) gets small reads."""
+    s, clock, applied = sizer()
+    feed(s, ReadSizer.KEPT_UP - ReadSizer.MIN, ReadSizer.MIN)
+    for _ in range(10):
+        s.paused()
+        clock.advance(0.001)
+        s.resumed()
+    assert applied == [ReadSizer.MIN]
+
+
+def test_sizer_doubles_up_to_the_maximum_for_a_client_that_keeps_up() -> None:
+    """Past KEPT_UP, each GROW_AFTER bytes without a pause doubles the read size, up to MAX and no further."""
+    s, _, applied = sizer()
+    feed(s, ReadSizer.KEPT_UP, ReadSizer.MIN)
+    assert s.size == 2 * ReadSizer.MIN
+    feed(s, 8 * ReadSizer.GROW_AFTER, ReadSizer.MIN)
+    assert applied == [16 * 1024, 32 * 1024, 64 * 1024, 128 * 1024, 256 * 1024]
+    assert s.size == ReadSizer.MAX
+
+
+def test_sizer_grows_at_each_resume_of_a_fast_client() -> None:
+    """A fast client that pauses often still grows the read size: each resume doubles it."""
+    s, clock, applied = sizer()
+    feed(s, ReadSizer.KEPT_UP, 4096)
+    start = s.size
+    s.paused()
+    clock.advance(0.001)
+    s.resumed()
+    assert s.size == 2 * start
+    assert applied[-1] == 2 * start
+
+
+def test_sizer_drops_to_the_minimum_when_the_client_proves_slow() -> None:
+    """At a resume after a window in which the client took less than SLOW_RATE, reads go back to MIN, and
+    growing again waits for another KEPT_UP."""
+    s, clock, applied = sizer()
+    feed(s, ReadSizer.KEPT_UP + 8 * ReadSizer.GROW_AFTER, ReadSizer.MIN)
+    assert s.size == ReadSizer.MAX
+    clock.advance(ReadSizer.WINDOW)  # the window the fast bytes above fell in
+    s.resumed()
+    s.paused()
+    s.relayed(200_000)
+    clock.advance(1.0)  # 200 KB in a second: a slow client
+    s.resumed()
+    assert s.size == ReadSizer.MIN
+    assert applied[-1] == ReadSizer.MIN
+    feed(s, ReadSizer.KEPT_UP - ReadSizer.MIN, ReadSizer.MIN)
+    assert s.size == ReadSizer.MIN
+
+
+def test_sizer_judges_the_pace_over_a_window_not_one_pause() -> None:
+    """One long pause of a fast client, shorter than WINDOW and inside a window of fast progress, is not taken
+    for a slow client."""
+    s, clock, _ = sizer()
+    feed(s, ReadSizer.KEPT_UP + 8 * ReadSizer.GROW_AFTER, ReadSizer.MIN)
+    clock.advance(ReadSizer.WINDOW)
+    s.resumed()  # a new window starts here
+    feed(s, 2 * MiB, ReadSizer.MAX)
+    s.paused()
+    clock.advance(ReadSizer.WINDOW / 2)  # a long stall of the client, but 2 MiB in 50 ms is 40 MB/s
+    s.resumed()
+    assert s.size == ReadSizer.MAX
+
+
+def test_sizer_at_the_exact_slow_rate_counts_as_keeping_up() -> None:
+    """SLOW_RATE itself is not slow: only less is."""
+    s, clock, _ = sizer()
+    feed(s, ReadSizer.KEPT_UP + 8 * ReadSizer.GROW_AFTER, ReadSizer.MIN)
+    clock.advance(ReadSizer.WINDOW)
+    s.resumed()
+    s.relayed(ReadSizer.SLOW_RATE)
+    clock.advance(1.0)
+    s.resumed()
+    assert s.size == ReadSizer.MAX
+
+
+def test_relay_without_read_size_sets_none() -> None:
+    """Without `read_size` (an upstream that is not a pooled socket) the relay sizes nothing."""
+    h = RelayHarness()
+    h.relay.dataReceived(b"x" * 1000)
+    h.relay.pauseProducing()
+    h.relay.resumeProducing()
+    assert h.read_sizes == []
+
+
+def test_relay_sets_a_small_read_size_at_once_and_drops_back_for_a_slow_client() -> None:
+    """The relay starts the upstream at the smallest read size, grows it while the client keeps up, and drops
+    it back when the client's pace, measured between its resumes on the relay's clock, is slow."""
+    h = RelayHarness(sized=True)
+    assert h.read_sizes == [ReadSizer.MIN]
+    for _ in range((ReadSizer.KEPT_UP + 8 * ReadSizer.GROW_AFTER) // ReadSizer.MAX):
+        h.relay.dataReceived(b"x" * ReadSizer.MAX)
+    assert h.read_sizes[-1] == ReadSizer.MAX
+    h.clock.advance(ReadSizer.WINDOW)
+    h.relay.pauseProducing()
+    h.relay.resumeProducing()
+    h.relay.dataReceived(b"x" * 1000)
+    h.relay.pauseProducing()
+    h.clock.advance(1.0)
+    h.relay.resumeProducing()
+    assert h.read_sizes[-1] == ReadSizer.MIN
