@@ -4,6 +4,12 @@ Rule: everything that can refuse a request looks only at its head (method, targe
 so a refused upload is answered without being read, without `100 Continue`, and without touching an upstream.
 This is the one place such decisions are made: authentication, authorisation and rate limits join here, as
 further checks that return a `Reject`.
+
+Second rule: the gateway is a reverse proxy and never a forward one. It contacts only the upstream of the route
+the Host header and path select: CONNECT is answered 405 (there is no tunnelling), TRACE and TRACK 405 unless
+the route allows them; an absolute-form target ("http://host/path") is taken as its path only when it names
+the Host header's host, else 400; a path that could resolve outside its route's prefix is 400 (see
+`gateway.routing`). Refusals of the request's form (400, 405) also close the connection.
 """
 
 from __future__ import annotations
@@ -13,14 +19,24 @@ from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
 
-from gateway.config import Route
-from gateway.errors import BadRequest, BodyTooLarge, GatewayError, NoRoute
-from gateway.routing import Router, host_without_port, upstream_target
+from gateway.config import REFUSED_METHODS, Route
+from gateway.errors import BadRequest, BodyTooLarge, GatewayError, MethodNotAllowed, NoRoute, NotSupported
+from gateway.routing import PathRefused, Router, host_without_port, routing_path, upstream_target
 
-__all__ = ["Admit", "Reject", "RequestHead", "decide"]
+__all__ = ["FORWARDED_METHODS", "Admit", "Reject", "RequestHead", "decide"]
 
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 """What a request target may contain (RFC 9112 section 3.2): anything else is percent-encoded by a client."""
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
+"""An absolute-form target: scheme, authority, then the path and query (either may be empty)."""
+_DEFAULT_PORTS = {b"http": 80, b"https": 443}
+_PORT = re.compile(rb"[0-9]{1,5}")
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+"""A Host value: uri-host [":" port] (RFC 9110 section 7.2); reg-name may be empty, as it is for a URI without one."""
+
+FORWARDED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+"""The methods named in a 405's Allow header, with the route's own extras: the standard methods the gateway
+forwards (it forwards any other method token too, except those it refuses)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,23 +67,95 @@ class Reject:
 
 
 def decide(head: RequestHead, router: Router) -> Admit | Reject:
-    """Route and check one request head."""
-    if not head.target.startswith(b"/"):
-        # Absolute-form and authority-form targets are what a forward proxy takes; the gateway is not one.
-        return Reject(BadRequest("the request target must be a path (origin-form), such as /reports/1"))
+    """Route and check one request head.
+
+    The order matters only for which error a request with several faults gets: the form of the request comes
+    first (target bytes, CONNECT, the target's form, Host), then the path, the route, the method and the size.
+    """
     if not _TARGET.fullmatch(head.target):
         return Reject(BadRequest("the request target may contain only visible ASCII characters"))
+    method = head.method.decode("latin-1").upper()  # methods are case-sensitive, but an upstream may not be
+    if method == "CONNECT":
+        # Tunnelling is what a forward proxy does; the gateway is not one, whatever the target or route.
+        return Reject(MethodNotAllowed("CONNECT is not served: this gateway is not a forward proxy", _allow(None)))
     hosts = head.headers.getRawHeaders(b"host")
     if head.version == b"HTTP/1.1" and (not hosts or len(hosts) != 1):
         return Reject(BadRequest("an HTTP/1.1 request must carry exactly one Host header (RFC 9112 section 3.2)"))
+    if hosts and (len(hosts) != 1 or not _HOST.fullmatch(hosts[0])):
+        # Two Hosts (HTTP/1.0 too), or one that is no host[:port] ("a, b", a control byte): which one would
+        # the upstream, a cache or a log believe? Refused rather than guessed (RFC 9112 section 3.2).
+        return Reject(BadRequest("the Host header must be one host name or address, with an optional port"))
+    target = _origin_form(head.target, hosts[0] if hosts else None, method)
+    if isinstance(target, GatewayError):
+        return Reject(target)
     host = host_without_port(hosts[0]) if hosts else None
-    path = head.target.partition(b"?")[0]
+    try:
+        path = routing_path(target.partition(b"?")[0])
+    except PathRefused as e:
+        return Reject(BadRequest(str(e)))
     route = router.match(host, path)
     if route is None:
         return Reject(NoRoute(f"no route matches host {host or '(none)'} and this path"))
+    if method in REFUSED_METHODS and method not in route.allow_methods:
+        return Reject(MethodNotAllowed(f"{method} is not allowed on this route", _allow(route)))
     limit = route.limits.max_request_body_bytes
     if head.declared_length is not None and head.declared_length > limit:
         return Reject(
             BodyTooLarge(f"the request body of {head.declared_length} bytes is over this route's {limit}-byte limit")
         )
-    return Admit(route, upstream_target(route, head.target))
+    return Admit(route, upstream_target(route, target))
+
+
+def _allow(route: Route | None) -> tuple[str, ...]:
+    extras = () if route is None else tuple(m for m in REFUSED_METHODS if m in route.allow_methods)
+    return FORWARDED_METHODS + extras
+
+
+def _origin_form(target: bytes, host: bytes | None, method: str) -> bytes | GatewayError:
+    """The target in origin-form ("/path?query"), or the error that refuses it.
+
+    Origin-form passes as it is. Absolute-form ("http://host/path", RFC 9112 section 3.2.2, which a server
+    must accept) passes as its path and query when its authority is the Host header's: the request is routed
+    and forwarded by Host as any other, never to the host the target names. Asterisk-form ("OPTIONS *") asks
+    about the gateway itself, which has nothing to say: 501 (with another method it is malformed: 400, as
+    nginx answers). Authority-form (for CONNECT, refused before) and anything else: 400.
+    """
+    if target.startswith(b"/"):
+        return target
+    if target == b"*" and method == "OPTIONS":
+        return NotSupported("a server-wide OPTIONS * is not supported; ask OPTIONS of a path")
+    absolute = _ABSOLUTE.fullmatch(target)
+    if absolute is None:
+        return BadRequest("the request target must be a path (origin-form), such as /reports/1")
+    scheme, authority, rest = absolute.groups()
+    default_port = _DEFAULT_PORTS.get(scheme.lower())
+    if default_port is None:
+        return BadRequest("an absolute request target must be an http or https URL")
+    if host is None:
+        return BadRequest("an absolute request target needs a Host header naming the same host")
+    target_authority = _authority(authority, default_port)
+    if target_authority is None or target_authority != _authority(host.strip(), default_port):
+        return BadRequest("the host in the absolute request target differs from the Host header")
+    if rest.startswith(b"#"):
+        rest = b""
+    return rest if rest.startswith(b"/") else b"/" + rest
+
+
+def _authority(value: bytes, default_port: int) -> tuple[bytes, int] | None:
+    """(lower-cased host, port) of an authority, the scheme's default port when none is given; None if it is
+    not one (empty, with user info, or with a bad port)."""
+    if not value or b"@" in value:
+        return None
+    if value.startswith(b"["):
+        end = value.find(b"]")
+        if end == -1:
+            return None
+        name, port = value[: end + 1], value[end + 1 :]
+        if port and not port.startswith(b":"):
+            return None
+        port = port[1:]
+    else:
+        name, _, port = value.partition(b":")
+    if not name or (port and (not _PORT.fullmatch(port) or int(port) > 65535)):
+        return None
+    return name.lower(), int(port) if port else default_port

@@ -32,6 +32,11 @@ __all__ = [
 ]
 
 HostHeaderPolicy = Literal["upstream", "client"]
+
+REFUSED_METHODS = ("TRACE", "TRACK")
+"""Methods answered 405 unless a route's `allow_methods` names them: TRACE (and TRACK, IIS's name for it) echoes
+the request back, credentials and cookies included (cross-site tracing), so nginx and most hardening guides
+refuse it. CONNECT is not here: it is refused on every route, because the gateway does not tunnel."""
 _T = TypeVar("_T")
 
 KiB = 1024
@@ -74,8 +79,14 @@ class Limits:
     """Size limits on what a client may send."""
 
     max_request_body_bytes: int = 1 * GiB
+    max_request_line_bytes: int = 8 * KiB
+    """The request line (method, target, version), not counting its CRLF; beyond it 414 (nginx's
+    large_client_header_buffers default, 8k, is the common size URLs are kept under)."""
     max_header_bytes: int = 16 * KiB
+    """The header lines together, each counted with its CRLF (the request line is not counted: it has its own
+    limit); beyond it 431."""
     max_header_count: int = 100
+    """Header lines in one request; beyond it 431."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +103,14 @@ class Server:
 
     idle_timeout: float = 60.0
     """Idle time allowed while reading a request head and between keep-alive requests."""
+    head_timeout: float = 10.0
+    """A request head must be complete this long after its first byte, however steadily it trickles in
+    (slowloris); beyond it 408. HAProxy's usual `timeout http-request 10s`: a real client sends its head in one
+    round trip, and 10 s still covers a slow mobile link while bounding how long a trickler holds a connection."""
+    max_connections: int = 10000
+    """Client connections open at once, per process. At the cap the listening sockets stop accepting, so further
+    clients wait in the kernel's backlog (as with nginx and HAProxy); one accepted past the cap anyway (in the
+    same accept batch) is answered 503."""
     lingering_timeout: float = 5.0
     """How long a rejected request body is read and discarded before the connection is cut (nginx's
     lingering_time): closing with unread data would reset the connection and could destroy the answer."""
@@ -149,6 +168,8 @@ class Route:
     upstream: Upstream
     strip_prefix: bool = False
     host_header: HostHeaderPolicy = "upstream"
+    allow_methods: frozenset[str] = frozenset()
+    """Methods of REFUSED_METHODS this route forwards all the same (other methods always pass; CONNECT never)."""
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     flow_control: FlowControl = FlowControl()
@@ -269,6 +290,17 @@ def _positive_size(value: object) -> int:
     return size
 
 
+_MIN_REQUEST_LINE = len(b"OPTIONS * HTTP/1.1")
+
+
+def _request_line_size(value: object) -> int:
+    """A request-line limit: one too small for "OPTIONS * HTTP/1.1" would refuse every request with 414."""
+    size = _positive_size(value)
+    if size < _MIN_REQUEST_LINE:
+        raise ValueError(f'must be at least {_MIN_REQUEST_LINE} bytes (room for "OPTIONS * HTTP/1.1"), got {value!r}')
+    return size
+
+
 def _positive_int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"must be an integer, got {_describe(value)}")
@@ -332,7 +364,35 @@ def _path_prefix(value: object) -> bytes:
         raise ValueError(f'must start with "/", got {text!r}')
     if not re.fullmatch(r"[!$&'()*+,;=:@/A-Za-z0-9._~%-]+", text):
         raise ValueError(f"must contain only URL path characters (percent-encode the rest), got {text!r}")
+    # What requests are refused for (gateway/routing.py) a prefix may not have either: no request could match.
+    if re.search(r"%(?![0-9A-Fa-f]{2})|%00", text):
+        raise ValueError(f'must have only "%" escapes of two hex digits, and no %00, got {text!r}')
+    if ";" in text:
+        raise ValueError(f'must not contain ";" (path parameters are not part of the path routed on), got {text!r}')
+    spelt = re.sub(r"%2[eE]", ".", re.sub(r"%(2[fF]|5[cC])", "/", text))
+    if any(segment in (".", "..") for segment in spelt.split("/")):
+        raise ValueError(f'must not have a "." or ".." segment, got {text!r}')
     return text.encode("ascii")
+
+
+_EXTRA_METHODS = ", ".join(f'"{m}"' for m in REFUSED_METHODS)
+
+
+def _allowed_methods(value: object) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f'must be an array of method names such as ["TRACE"], got {_describe(value)}')
+    for method in value:
+        if method.upper() == "CONNECT":
+            raise ValueError(
+                "CONNECT cannot be allowed: the gateway does not tunnel (it is not a forward proxy), so CONNECT "
+                "is answered 405 on every route"
+            )
+        if method.upper() not in REFUSED_METHODS:
+            raise ValueError(
+                f"may name only methods refused by default ({_EXTRA_METHODS}); every other method is "
+                f"forwarded already, got {method!r}"
+            )
+    return frozenset(m.upper() for m in value)
 
 
 def _host_header_policy(value: object) -> HostHeaderPolicy:
@@ -431,6 +491,8 @@ class _Table:
 _Fields = Mapping[str, Callable[[object], Any]]
 _SERVER_FIELDS: _Fields = {
     "idle_timeout": _positive_seconds,
+    "head_timeout": _positive_seconds,
+    "max_connections": _positive_int,
     "lingering_timeout": _positive_seconds,
     "via": _via_name,
     "workers": _positive_int,
@@ -438,6 +500,7 @@ _SERVER_FIELDS: _Fields = {
 _TIMEOUT_FIELDS: _Fields = {f.name: _positive_seconds for f in fields(Timeouts)}
 _LIMIT_FIELDS: _Fields = {
     "max_request_body_bytes": _positive_size,
+    "max_request_line_bytes": _request_line_size,
     "max_header_bytes": _positive_size,
     "max_header_count": _positive_int,
 }
@@ -540,6 +603,7 @@ def _route(
         upstream=upstream,
         strip_prefix=t.get("strip_prefix", _boolean, False),
         host_header=t.get("host_header", _host_header_policy, "upstream"),
+        allow_methods=t.get("allow_methods", _allowed_methods, frozenset()),
         timeouts=_read_fields(t.table("timeouts"), timeouts, _TIMEOUT_FIELDS),
         limits=_read_fields(t.table("limits"), limits, _ROUTE_LIMIT_FIELDS),
         flow_control=route_flow,

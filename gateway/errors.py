@@ -14,7 +14,13 @@ __all__ = [
     "BodyTooLarge",
     "ClientBodyTimeout",
     "GatewayError",
+    "HeadTimeout",
+    "HeadersTooLarge",
+    "MethodNotAllowed",
     "NoRoute",
+    "NotSupported",
+    "RequestLineTooLong",
+    "TooManyConnections",
     "UpstreamBroken",
     "UpstreamSaturated",
     "UpstreamTimeout",
@@ -53,6 +59,30 @@ class NoRoute(GatewayError):
     slug = "no-route"
 
 
+class HeadTimeout(GatewayError):
+    status = 408
+    title = "Request head timeout"
+    slug = "head-timeout"
+
+
+class MethodNotAllowed(GatewayError):
+    """A method the gateway refuses (CONNECT always; TRACE unless the route allows it). `allow` is what the
+    Allow header lists (RFC 9110 section 15.5.6). The connection is closed after the answer: a CONNECT client
+    may already be sending tunnel bytes, which must never be read as a request."""
+
+    status = 405
+    title = "Method not allowed"
+    slug = "method-not-allowed"
+
+    def __init__(self, detail: str, allow: tuple[str, ...] = ()) -> None:
+        super().__init__(detail)
+        self.allow = allow
+
+    @property
+    def allow_header(self) -> bytes:
+        return ", ".join(self.allow).encode("ascii")
+
+
 class ClientBodyTimeout(GatewayError):
     status = 408
     title = "Request body timeout"
@@ -63,6 +93,24 @@ class BodyTooLarge(GatewayError):
     status = 413
     title = "Request body too large"
     slug = "body-too-large"
+
+
+class RequestLineTooLong(GatewayError):
+    status = 414
+    title = "Request line too long"
+    slug = "request-line-too-long"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    title = "Request header fields too large"
+    slug = "headers-too-large"
+
+
+class TooManyConnections(GatewayError):
+    status = 503
+    title = "Too many connections"
+    slug = "too-many-connections"
 
 
 class UpstreamUnreachable(GatewayError):
@@ -87,6 +135,14 @@ class UpstreamTimeout(GatewayError):
     status = 504
     title = "Upstream timeout"
     slug = "upstream-timeout"
+
+
+class NotSupported(GatewayError):
+    """A well-formed request for something the gateway does not do, such as a server-wide "OPTIONS *"."""
+
+    status = 501
+    title = "Not implemented"
+    slug = "not-implemented"
 
 
 def problem(error: GatewayError, request_id: str) -> tuple[int, bytes, bytes]:

@@ -7,7 +7,7 @@ next hop. Pure functions over `Headers`: no I/O, no reactor.
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from collections.abc import Sequence
 
@@ -104,7 +104,10 @@ def request_id_of(headers: Headers) -> str:
     values = _raw(headers).get(_XRID)
     if values and _REQUEST_ID.fullmatch(values[-1]):
         return values[-1].decode("ascii")
-    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID object
+    # 128 random bits, as unlikely to repeat as uuid4().hex, from the process's PRNG (seeded by the OS when
+    # each process starts; workers are started, not forked) rather than os.urandom, a system call per request
+    # (3% of the CPU of small requests, bench S5). An id is a label, not a secret.
+    return f"{random.getrandbits(128):032x}"
 
 
 def _end_to_end(source: dict[bytes, list[bytes]], drop: frozenset[bytes]) -> dict[bytes, list[bytes]]:

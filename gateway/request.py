@@ -45,6 +45,7 @@ from gateway.errors import (
     BodyTooLarge,
     ClientBodyTimeout,
     GatewayError,
+    MethodNotAllowed,
     UpstreamBroken,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -360,9 +361,11 @@ class GatewayRequest(http.Request):
         self._release_slot()
         if self.phase is not Phase.STREAMING:
             return
-        complete = reason.check(ResponseDone) or (
+        # isinstance rather than Failure.check, which builds class names (a per-request cost in bench S5).
+        value = reason.value
+        complete = isinstance(value, ResponseDone) or (
             # A body framed by the connection's close is complete if the upstream closed, not if it reset.
-            reason.check(PotentialDataLoss) and not self._response_reset()
+            isinstance(value, PotentialDataLoss) and not self._response_reset()
         )
         if complete:
             self._enter(Phase.SENT, "completed")
@@ -391,6 +394,10 @@ class GatewayRequest(http.Request):
         name = self.route.upstream.name
         if failure.check(GatewayError):
             return failure.value  # type: ignore[return-value]
+        for reason in getattr(failure.value, "reasons", ()):
+            # Agent wraps what its response parser raised (`gateway.upstream`'s head limit) in ResponseFailed.
+            if reason.check(GatewayError):
+                return reason.value  # type: ignore[return-value]
         if failure.check(ConnectTimeout, ConnectTimeoutError):
             return UpstreamTimeout(f"could not connect to upstream {name} within {self.route.timeouts.connect:g} s")
         if failure.check(ConnectError, DNSLookupError):
@@ -438,10 +445,12 @@ class GatewayRequest(http.Request):
         status, content_type, body = problem(error, self.request_id)
         # No `100 Continue` after a final answer (Twisted sends it once gotLength returns, if Expect is there).
         self.requestHeaders.removeHeader(b"expect")
-        if (self._has_body and not self._received) or isinstance(error, BadRequest):
+        if (self._has_body and not self._received) or isinstance(error, BadRequest | MethodNotAllowed):
             self._close_after_response()  # what follows on this connection cannot be trusted to be a request
         self.setResponseCode(status)
         headers = self.responseHeaders
+        if isinstance(error, MethodNotAllowed):
+            headers.setRawHeaders(b"Allow", [error.allow_header])
         headers.setRawHeaders(b"Content-Type", [content_type])
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         headers.setRawHeaders(b"X-Request-ID", [self.request_id.encode("ascii")])

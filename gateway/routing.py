@@ -4,17 +4,43 @@ Rule: the most specific route wins, the same way every time. A route naming the 
 wildcard host (and a longer wildcard suffix, "*.eu.example.com", beats a shorter one, "*.example.com"), which
 beats a route for any host; only when a more specific host group has no route for the path is the next one
 tried. Within a group the longest path prefix wins; on a tie, the route listed first wins. A prefix matches
-whole path segments: "/reports" matches "/reports" and "/reports/x", never "/reportsx". Paths are compared as
-the bytes the client sent, never decoded.
+whole path segments: "/reports" matches "/reports" and "/reports/x", never "/reportsx".
+
+Second rule: a request is routed by the path an upstream would resolve, and forwarded as the bytes the client
+sent. `routing_path` gives the path routed on: percent-encoded unreserved characters decoded ("%61dmin" is
+"admin") and other escapes upper-cased, "%2F", "%5C" and "\\" taken as "/", runs of "/" as one, and path
+parameters (";v=1", as Tomcat and Spring read them) dropped from each segment. So "//admin", "/%61dmin",
+"/admin%2Fx" and "/admin;x/y" all take the "/admin" route, as an upstream that decodes or merges them would
+resolve them. A path an upstream could resolve outside the prefix it was routed by is refused instead
+(`PathRefused`, answered 400): a "." or ".." segment in any spelling ("%2e%2E", "..%2f", "..\\", "..;x"), a
+malformed escape ("%zz", which upstreams decode differently), an encoded NUL ("%00", which C code takes as
+the end of the string) and a "#" (no valid target has one; an upstream that sees a fragment cuts the path
+there). Nothing is rewritten: normalising "/reports/../admin" would forward a path other than the one the
+client sent, while refusing it costs a legitimate client nothing (clients resolve dot-segments before sending,
+RFC 3986 section 5.2).
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Iterable, Sequence
 
 from gateway.config import Route
 
-__all__ = ["Router", "host_without_port", "prefix_matches", "upstream_target"]
+__all__ = ["PathRefused", "Router", "host_without_port", "prefix_matches", "routing_path", "upstream_target"]
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_SLASHES = frozenset(b"/\\")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_PLAIN = re.compile(rb"[^%\\;]*")
+"""A path without escapes, backslashes or parameters: its routing path is itself unless it has "//" or a dot."""
+_PARAMETERS = re.compile(rb";|%3B")
+_DOTS = (b".", b"..")
+
+
+class PathRefused(ValueError):
+    """A request path that must not be forwarded, and why (said to the client in a 400)."""
 
 
 def host_without_port(host: bytes) -> str:
@@ -33,40 +59,118 @@ def prefix_matches(prefix: bytes, path: bytes) -> bool:
     return prefix.endswith(b"/") or len(path) == len(prefix) or path[len(prefix)] == 0x2F  # "/"
 
 
+def routing_path(path: bytes) -> bytes:
+    """The path to route `path` (a request path, without the query) by; raises `PathRefused` for a path that
+    must not be forwarded. See the module docstring for the rule."""
+    if b"#" in path:
+        raise PathRefused('the path has a "#" (a fragment is never sent, and upstreams cut the path there)')
+    if _PLAIN.fullmatch(path) and b"//" not in path:
+        if b"/." in path:
+            _check_segments(path)
+        return path
+    return _normalise(path)[0]
+
+
+def _normalise(path: bytes) -> tuple[bytes, list[int]]:
+    """The routing path of `path`, and for each length k of it the offset in `path` where its first k bytes
+    end (so a prefix of the routing path can be cut from the raw path)."""
+    out = bytearray()
+    ends = [0]
+    i, n = 0, len(path)
+    in_parameters = False
+    while i < n:
+        c = path[i]
+        if c == 0x25:  # "%"
+            escape = path[i + 1 : i + 3]
+            if len(escape) < 2 or not _HEX.issuperset(escape):
+                raise PathRefused('the path has a malformed percent-escape (a "%" not followed by two hex digits)')
+            value = int(escape, 16)
+            if value == 0:
+                raise PathRefused("the path has an encoded NUL (%00)")
+            piece = bytes((value,)) if value in _UNRESERVED else b"/" if value in _SLASHES else b"%" + escape.upper()
+            i += 3
+        else:
+            piece = b"/" if c == 0x5C else bytes((c,))  # "\\" is a separator to some upstreams
+            i += 1
+        if piece == b"/":
+            in_parameters = False
+            if out.endswith(b"/"):
+                continue
+        elif in_parameters or piece == b";":
+            in_parameters = True
+            continue
+        out += piece
+        ends.extend([i] * len(piece))
+    # Parameters spelt "%3B" stay in the routing path, but "..%3Bx" is still ".." to some upstreams.
+    _check_segments(bytes(out), _PARAMETERS)
+    return bytes(out), ends
+
+
+def _check_segments(path: bytes, parameters: re.Pattern[bytes] | None = None) -> None:
+    for segment in path.split(b"/"):
+        if parameters is not None:
+            segment = parameters.split(segment, 1)[0]
+        if segment in _DOTS:
+            raise PathRefused(
+                'the path has a "." or ".." segment (in some spelling); send the path the client resolved'
+            )
+
+
+@functools.lru_cache(maxsize=4096)
+def _route_prefix(prefix: bytes) -> bytes:
+    """A route's prefix as a routing path (config has checked it can be one)."""
+    return routing_path(prefix)
+
+
+def _prefix_end(path: bytes, prefix: bytes) -> int:
+    """Where in raw `path` the part whose routing path is `prefix` ends."""
+    if path.startswith(prefix):
+        return len(prefix)  # already in routing form: the common case
+    routed, ends = _normalise(path)
+    return ends[len(prefix)] if routed.startswith(prefix) else 0
+
+
 def upstream_target(route: Route, target: bytes) -> bytes:
     """The request target sent upstream: the upstream's base path, then the client's path (minus the route's
-    prefix when it strips it), then the query, all byte for byte."""
+    prefix when it strips it), then the query, all byte for byte. `target` is in origin-form."""
     path, sep, query = target.partition(b"?")
     if route.strip_prefix:
-        rest = path[len(route.path_prefix) :]
+        rest = path[_prefix_end(path, _route_prefix(route.path_prefix)) :]
         if not rest.startswith(b"/"):
             rest = b"/" + rest
         path = rest
     return route.upstream.base_path + path + sep + query
 
 
+_Group = list[tuple[bytes, Route]]
+"""Routes of one host class, each with its prefix as a routing path, longest prefix first."""
+
+
 class Router:
     """Routes grouped by host once, so a lookup scans only the routes that could match."""
 
     def __init__(self, routes: Iterable[Route]) -> None:
-        self._exact: dict[str, list[Route]] = {}
-        self._wildcard: list[tuple[str, list[Route]]] = []
-        self._any: list[Route] = []
-        wildcard: dict[str, list[Route]] = {}
+        self._exact: dict[str, _Group] = {}
+        self._wildcard: list[tuple[str, _Group]] = []
+        self._any: _Group = []
+        wildcard: dict[str, _Group] = {}
         for route in routes:
+            entry = (_route_prefix(route.path_prefix), route)
             if route.host is None:
-                self._any.append(route)
+                self._any.append(entry)
             elif route.host.startswith("*."):
-                wildcard.setdefault(route.host[1:], []).append(route)
+                wildcard.setdefault(route.host[1:], []).append(entry)
             else:
-                self._exact.setdefault(route.host, []).append(route)
+                self._exact.setdefault(route.host, []).append(entry)
         # Longer suffixes are more specific: "*.eu.example.com" before "*.example.com".
         self._wildcard = sorted(wildcard.items(), key=lambda item: -len(item[0]))
         for group in [*self._exact.values(), *(g for _, g in self._wildcard), self._any]:
-            group.sort(key=lambda r: -len(r.path_prefix))  # stable: the first listed wins a tie
+            group.sort(key=lambda entry: -len(entry[0]))  # stable: the first listed wins a tie
 
     def match(self, host: str | None, path: bytes) -> Route | None:
-        """The route for a request to `host` (lower-case, no port; None when absent) and `path`, if any."""
+        """The route for a request to `host` (lower-case, no port; None when absent) and `path`, if any.
+
+        `path` is a routing path (`routing_path`); prefixes are compared in the same form."""
         if host is not None:
             found = _longest_prefix(self._exact.get(host, ()), path)
             if found is not None:
@@ -79,8 +183,8 @@ class Router:
         return _longest_prefix(self._any, path)
 
 
-def _longest_prefix(routes: Sequence[Route], path: bytes) -> Route | None:
-    for route in routes:
-        if prefix_matches(route.path_prefix, path):
+def _longest_prefix(group: Sequence[tuple[bytes, Route]], path: bytes) -> Route | None:
+    for prefix, route in group:
+        if prefix_matches(prefix, path):
             return route
     return None

@@ -68,6 +68,8 @@ class ListenerService(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         port, self.port = self.port, None
+        if port is not None:
+            self._factory.remove_port(port)
         return maybeDeferred(port.stopListening) if port is not None else succeed(None)
 
     def _bind(self) -> None:
@@ -84,6 +86,7 @@ class ListenerService(Service):
             self.port = self._reactor.listenTCP(
                 listener.port, self._factory, backlog=listener.backlog, interface=listener.host
             )
+        self._factory.add_port(self.port)  # paused at the connection cap (server.max_connections)
         address = self.port.getHost()
         _log.info(
             "gateway listening on {host}:{port} (pid {pid})", host=address.host, port=address.port, pid=os.getpid()

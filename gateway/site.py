@@ -1,46 +1,340 @@
 """The public HTTP server: a Twisted `HTTPFactory` whose channels make a `GatewayRequest` for every request.
 
-Rule: the factory adds nothing of its own to a response (no `Server`, no `Content-Type`, no `Date`: a proxy is
-invisible) and keeps no per-request state; everything a request needs is in the `Gateway` it carries, which a
-reload swaps whole.
+Rules:
+* The factory adds nothing of its own to a response (no `Server`, no `Content-Type`, no `Date`: a proxy is
+  invisible) and keeps no per-request state; everything a request needs is in the `Gateway` it carries, which a
+  reload swaps whole.
+* The channel is strict where Twisted is lenient, and every refusal is an answer: a request head that is too
+  long, too slow or ambiguously framed gets a problem+json response with `Connection: close` (never silence),
+  and nothing of it reaches an upstream. After the answer the connection is half-closed and what the client
+  still sends is read and dropped for at most `server.lingering_timeout`: closing with unread bytes would make
+  the kernel reset the connection and could destroy the answer in flight.
+* At most `server.max_connections` client connections are open per process: at the cap the listening sockets
+  stop accepting (the kernel's backlog holds further clients, as with nginx and HAProxy); a connection accepted
+  past the cap anyway (one accept batch takes up to 100) is answered 503.
 """
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.web.http import HTTPChannel, HTTPFactory, Request
+from typing import Any
 
-from gateway.request import Gateway, GatewayRequest
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime, ITCPTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, HTTPFactory, Request
+from twisted.web.http_headers import Headers
+
+from gateway.config import Limits, Server
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    HeadTimeout,
+    RequestLineTooLong,
+    TooManyConnections,
+    problem,
+)
+from gateway.headers import request_id_of
+from gateway.request import Gateway, GatewayRequest, Phase
 
 __all__ = ["GatewayChannel", "GatewayFactory"]
 
+_log = Logger()
+
+# RFC 9110's reason phrases for the statuses the channel answers itself (Twisted has none for 431).
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+_CRLF = len(b"\r\n")
+_CAP_LOG_INTERVAL = 60.0
+_ANSWERED = frozenset({Phase.SENT, Phase.DONE})
+"""Phases of a request whose whole response has been written."""
+# HTTPChannel's private "reading the request line" flag (1, or 2 after one stray empty line; 0 within headers).
+_FIRST_LINE = "_HTTPChannel__first_line"
+
+
+def refusal_bytes(error: GatewayError, request_id: str, *, head_request: bool = False) -> bytes:
+    """The whole response that refuses a request on the channel: status, problem+json body (none for HEAD, whose
+    answer never has one), Connection: close."""
+    status, content_type, body = problem(error, request_id)
+    reason = _REASONS.get(status, error.title.encode("ascii"))
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\nX-Request-ID: %s\r\n\r\n"
+    head %= (status, reason, content_type, len(body), request_id.encode("ascii"))
+    return head if head_request else head + body
+
 
 class GatewayChannel(HTTPChannel):
-    """Twisted's HTTP/1.1 channel, answering a request line or header line over the size limit with 400 rather
-    than closing the connection without a word (LineReceiver's default)."""
+    """Twisted's HTTP/1.1 channel with the gateway's limits on the request head, each refused with its status.
+
+    Twisted counts the head against its own (looser) limits too; this channel counts first, so those never
+    fire. What Twisted refuses itself (invalid header names or values, Content-Length with Transfer-Encoding,
+    a Content-Length that is not digits or comes twice, bad chunk framing, a bad request line) arrives through
+    `_respondToBadRequestAndDisconnect` and is answered the same way, 400."""
+
+    factory: GatewayFactory
+    limits: Limits = Limits()
+    """The head limits, as the factory had them when the connection opened."""
+    server: Server = Server()
+
+    refused: GatewayError | None = None
+    """The error the connection was refused with, if it was."""
+    _header_bytes = 0
+    _header_count = 0
+    _counted = False
+    _head_timer: IDelayedCall | None = None
+    _linger_timer: IDelayedCall | None = None
+
+    # --- connection -------------------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._counted = True
+        if not self.factory.connection_opened():
+            self.refuse(TooManyConnections("the gateway is at its client connection limit; try again shortly"))
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_head_timer()
+        if self._linger_timer is not None and self._linger_timer.active():
+            self._linger_timer.cancel()
+        self._linger_timer = None
+        if self._counted:
+            self._counted = False
+            self.factory.connection_closed()
+        super().connectionLost(reason)
+
+    # --- the request head ---------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused is not None:
+            return  # lingering after a refusal: read and dropped
+        if self._busyReceiving:
+            # Called back from within a parse (a request finished and its pipelined successor is replayed):
+            # LineReceiver only buffers it, and the outer call parses it and checks what is left.
+            super().dataReceived(data)
+            return
+        super().dataReceived(data)
+        if self.refused is not None or not self.line_mode or self.transport.disconnecting:
+            return
+        # Here, in line mode, LineReceiver's buffer holds only the unfinished line of a request head.
+        pending = self._buffer
+        if b"\n" in pending:
+            # A line break without CR: Twisted splits on CRLF only, so it would wait for ever (RFC 9112 §2.2
+            # allows a bare LF to be taken as a line end; a gateway must not guess what the next hop would do).
+            self.refuse(BadRequest("a line of the request head ends in a bare LF; lines end in CRLF"))
+        elif self._head_timer is None and (pending or not getattr(self, _FIRST_LINE)):
+            # A head has begun and is not complete: it has head_timeout from now (no time passes within a call).
+            seconds = self.server.head_timeout
+            self._head_timer = self.callLater(seconds, self._head_timed_out, seconds)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.refused is not None:
+            return
+        if getattr(self, _FIRST_LINE):
+            super().lineReceived(line)
+            if not getattr(self, _FIRST_LINE):
+                self.MAX_LENGTH = self._header_room()  # the request line is in: header lines come next
+            return
+        if line:
+            if line[0] in b" \t":
+                self.refuse(BadRequest("obs-fold: a header line begins with whitespace (RFC 9112 §5.2)"))
+                return
+            self._header_bytes += len(line) + _CRLF
+            self._header_count += 1
+            limits = self.limits
+            if self._header_bytes > limits.max_header_bytes:
+                self.refuse(HeadersTooLarge(f"the header fields are over the {limits.max_header_bytes}-byte limit"))
+                return
+            if self._header_count > limits.max_header_count:
+                self.refuse(HeadersTooLarge(f"there are more than {limits.max_header_count} header fields"))
+                return
+            self.MAX_LENGTH = self._header_room()
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        # Twisted refuses every transfer coding but "chunked", except "identity", which it ignores: the body
+        # would then be read as the next request (request smuggling). Only "chunked" alone is framing we know,
+        # and only in HTTP/1.1: in an HTTP/1.0 message it is faulty framing (RFC 9112 §6.1).
+        if line[:1] in b"Tt" and line[:17].lower() == b"transfer-encoding":
+            name, _, value = line.partition(b":")
+            if name.lower() == b"transfer-encoding":
+                if value.strip(b" \t").lower() != b"chunked":
+                    self.refuse(BadRequest('the only transfer coding accepted is "chunked" alone'))
+                    return False
+                if self._version != b"HTTP/1.1":
+                    self.refuse(BadRequest("Transfer-Encoding in an HTTP/1.0 request is faulty framing"))
+                    return False
+        return bool(super().headerReceived(line))
+
+    def allHeadersReceived(self) -> None:
+        """The head is complete: stop its timer and reset the counts for the next request's head."""
+        self._cancel_head_timer()
+        self._header_bytes = self._header_count = 0
+        self.MAX_LENGTH = self.limits.max_request_line_bytes
+        super().allHeadersReceived()
+
+    _host: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        """The listening address, asked of the socket once per connection rather than by every request
+        (`Request.__init__` asks: a `getsockname` system call each time, 2% of bench S5)."""
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._respondToBadRequestAndDisconnect()
+        """A line longer than what is left of its limit: LineReceiver would close without a word."""
+        limits = self.limits
+        if getattr(self, _FIRST_LINE):
+            self.refuse(RequestLineTooLong(f"the request line is over the {limits.max_request_line_bytes}-byte limit"))
+        else:
+            self.refuse(HeadersTooLarge(f"the header fields are over the {limits.max_header_bytes}-byte limit"))
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """What Twisted's own parser refuses; it would answer a bare 400 without a body."""
+        self.refuse(BadRequest("the request is malformed or its framing is ambiguous"))
+
+    def _header_room(self) -> int:
+        """The longest header line (without CRLF) that still fits in max_header_bytes; at least 0, so the empty
+        line that ends the head always fits."""
+        return max(self.limits.max_header_bytes - self._header_bytes - _CRLF, 0)
+
+    def _head_timed_out(self, seconds: float) -> None:
+        self._head_timer = None
+        self.refuse(HeadTimeout(f"the request head was not complete within {seconds:g} s"))
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
+
+    # --- refusing -----------------------------------------------------------------------------------------
+
+    def refuse(self, error: GatewayError) -> None:
+        """Answer `error` and end the connection; nothing more of it is parsed, and no request on it goes on.
+
+        If a response has already begun on the connection no answer can follow it: a complete one lingers as if
+        the refusal were its own, an incomplete one is cut."""
+        if self.refused is not None:
+            return
+        self.refused = error
+        self.clearLineBuffer()  # LineReceiver's loop stops at an empty buffer
+        self._cancel_head_timer()
+        self.setTimeout(None)
+        self.persistent = False
+        requests, self.requests = self.requests, []
+        started = [request for request in requests if request.startedWriting]
+        complete = all(getattr(request, "phase", None) in _ANSWERED for request in started)
+        request_id = _request_id(requests)
+        # The method, once the request line is read (HTTPChannel drops it when the body is complete).
+        method = getattr(self, "_command", None) or (requests[-1].method if requests else None)
+        gone = Failure(ConnectionAborted(f"request refused: {error.detail}"))
+        for request in requests:
+            request.connectionLost(gone)  # stops an admitted request: its upstream exchange is cancelled
+        _log.info(
+            "Refused a client request with {status}: {detail} (peer {peer}, request {request_id})",
+            status=error.status,
+            detail=error.detail,
+            peer=str(self.transport.getPeer()),
+            request_id=request_id,
+        )
+        if not complete:
+            self.transport.abortConnection()
+            return
+        if not started:
+            self.transport.write(refusal_bytes(error, request_id, head_request=method == b"HEAD"))
+        if ITCPTransport.providedBy(self.transport):
+            # Lingering close: FIN after the answer, read and drop what still comes, cut at the deadline.
+            self._networkProducer.resumeProducing()
+            self.transport.loseWriteConnection()
+            self._linger_timer = self.callLater(self.server.lingering_timeout, self._linger_expired)
+        else:
+            self.loseConnection()
+
+    def _linger_expired(self) -> None:
+        self._linger_timer = None
+        self.transport.abortConnection()
+
+
+def _request_id(requests: list[Any]) -> str:
+    """The id of the request being refused: the one the gateway gave it, or one from what was read of it."""
+    if not requests:
+        return request_id_of(Headers())
+    request = requests[-1]
+    given = getattr(request, "request_id", "")
+    return given if isinstance(given, str) and given else request_id_of(request.requestHeaders)
 
 
 class GatewayFactory(HTTPFactory):
-    """Builds the client-facing HTTP/1.1 channels: idle timeout and header limits from the config."""
+    """Builds the client-facing HTTP/1.1 channels (idle and head timeouts and head limits from the config),
+    and keeps the count of open client connections under server.max_connections."""
 
     def __init__(self, gateway: Gateway, *, clock: IReactorTime) -> None:
         super().__init__(timeout=gateway.server.idle_timeout, reactor=clock)
         self.gateway = gateway
+        self.connections = 0
+        """Client connections open now."""
+        self.accepting = True
+        """Whether the listening ports accept; false at the connection cap."""
+        self._ports: list[IListeningPort] = []
+        self._cap_logged_at: float | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> HTTPChannel:  # type: ignore[override]
         channel = GatewayChannel()
         channel.factory = self
         channel.requestFactory = GatewayRequest
-        channel.totalHeadersSize = self.gateway.limits.max_header_bytes
-        channel.MAX_LENGTH = self.gateway.limits.max_header_bytes  # one line can be as long as the whole head
-        channel.maxHeaders = self.gateway.limits.max_header_count
+        limits = channel.limits = self.gateway.limits
+        channel.server = self.gateway.server
+        channel.MAX_LENGTH = limits.max_request_line_bytes  # the first line; header lines get their own room
+        # Twisted's own counts are a backstop the channel's stricter ones always beat (see GatewayChannel).
+        channel.totalHeadersSize = limits.max_request_line_bytes + limits.max_header_bytes
+        channel.maxHeaders = limits.max_header_count
         # As HTTPFactory.buildProtocol does: the channel's timers run on our clock.
         channel.callLater = self.reactor.callLater
         channel.timeOut = self.timeOut
         return channel
+
+    # --- the connection cap -------------------------------------------------------------------------------
+
+    def add_port(self, port: IListeningPort) -> None:
+        """A listening port serving this factory: paused and resumed with the connection cap."""
+        self._ports.append(port)
+        if not self.accepting:
+            _set_reading(port, False)
+
+    def remove_port(self, port: IListeningPort) -> None:
+        """A port about to stop listening: it must not be resumed any more."""
+        if port in self._ports:
+            self._ports.remove(port)
+
+    def connection_opened(self) -> bool:
+        """Count a new client connection; false if it is over the cap (and must be refused)."""
+        self.connections += 1
+        cap = self.gateway.server.max_connections
+        if self.connections >= cap and self.accepting:
+            self.accepting = False
+            now = self.reactor.seconds()
+            if self._cap_logged_at is None or now - self._cap_logged_at >= _CAP_LOG_INTERVAL:
+                # Once a minute at most: a gateway held at its cap pauses and resumes on every connection.
+                self._cap_logged_at = now
+                _log.warn("At {cap} client connections: no more are accepted until one closes", cap=cap)
+            for port in self._ports:
+                _set_reading(port, False)
+        return self.connections <= cap
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
+        if self.connections < self.gateway.server.max_connections and not self.accepting:
+            self.accepting = True
+            for port in self._ports:
+                _set_reading(port, True)
+
+    # --- no logging of Twisted's own --------------------------------------------------------------------------
 
     def startFactory(self) -> None:
         """No combined-log file and no per-second log-date timer: the gateway logs requests itself."""
@@ -50,3 +344,11 @@ class GatewayFactory(HTTPFactory):
 
     def log(self, request: Request) -> None:
         """Twisted's combined log line is not written; see `startFactory`."""
+
+
+def _set_reading(port: IListeningPort, reading: bool) -> None:
+    """Start or stop accepting on a listening port (`tcp.Port` is a FileDescriptor); a port that cannot be
+    paused keeps accepting, and the channel answers what is over the cap with 503."""
+    method = getattr(port, "startReading" if reading else "stopReading", None)
+    if method is not None:
+        method()

@@ -145,10 +145,11 @@ def test_chunked_body_is_admitted(router: Router) -> None:
 
 @pytest.mark.parametrize(
     "target",
-    [b"http://x/y", b"http://gw.example.com/reports", b"*", b"example.com:443", b"reports/1", b""],
+    [b"http://x/y", b"ftp://gw.example.com/reports", b"*", b"example.com:443", b"reports/1", b""],
 )
 def test_non_origin_form_is_400(router: Router, target: bytes) -> None:
-    """A target that is not a path (absolute form, asterisk, authority form) is rejected with BadRequest, 400."""
+    """A target that is not a path, nor an http(s) URL naming the Host (absolute form naming another host or
+    scheme, asterisk form with GET, authority form) is rejected with BadRequest, 400."""
     decision = rejected(decide(head(target), router))
     assert isinstance(decision.error, BadRequest)
     assert decision.error.status == 400

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import config
 from gateway.config import (
@@ -21,6 +23,7 @@ from gateway.config import (
     Upstream,
     parse,
 )
+from gateway.routing import routing_path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "gateway.toml"
@@ -741,3 +744,145 @@ def test_load_accepts_a_string_path(tmp_path: Path) -> None:
     cfg = config.load(str(path))
     assert cfg.listeners == (Listener(host="::", port=0),)
     assert cfg.source == str(path)
+
+
+# --- client limits: head timeout, connection cap, request-line limit ------------------------------------------
+
+
+def test_example_shows_the_client_limit_defaults(example: Config) -> None:
+    """etc/gateway.toml carries the head timeout, the connection cap and the request-line limit at their defaults."""
+    assert example.server.head_timeout == 10.0
+    assert example.server.max_connections == 10000
+    assert example.limits.max_request_line_bytes == 8 * KiB
+
+
+def test_client_limit_keys_are_read_with_units() -> None:
+    """head_timeout takes a duration, max_connections an integer and max_request_line_bytes a size."""
+    cfg = parse(
+        with_(
+            server={"head_timeout": "250ms", "max_connections": 3},
+            limits={"max_request_line_bytes": "2KiB"},
+        ),
+        source=SOURCE,
+    )
+    assert cfg.server.head_timeout == 0.25
+    assert cfg.server.max_connections == 3
+    assert cfg.limits.max_request_line_bytes == 2 * KiB
+
+
+def test_request_line_limit_may_be_exactly_the_shortest_request_line() -> None:
+    """18 bytes ("OPTIONS * HTTP/1.1") is the smallest request-line limit accepted."""
+    cfg = parse(with_(limits={"max_request_line_bytes": 18}), source=SOURCE)
+    assert cfg.limits.max_request_line_bytes == 18
+
+
+CLIENT_LIMIT_ERRORS: list[tuple[str, Mutation, str, str]] = [
+    ("head-timeout-zero", _set("server.head_timeout", 0), "server.head_timeout", "must be a positive number of sec"),
+    ("head-timeout-word", _set("server.head_timeout", "soon"), "server.head_timeout", "must be seconds as a number"),
+    ("head-timeout-bool", _set("server.head_timeout", True), "server.head_timeout", "must be a number of seconds"),
+    ("max-conns-zero", _set("server.max_connections", 0), "server.max_connections", "must be a positive integer"),
+    ("max-conns-neg", _set("server.max_connections", -5), "server.max_connections", "must be a positive integer"),
+    ("max-conns-float", _set("server.max_connections", 1e4), "server.max_connections", "must be an integer, got a n"),
+    ("max-conns-str", _set("server.max_connections", "10k"), "server.max_connections", "must be an integer, got a s"),
+    (
+        "line-too-small",
+        _set("limits.max_request_line_bytes", 17),
+        "limits.max_request_line_bytes",
+        'must be at least 18 bytes (room for "OPTIONS * HTTP/1.1"), got 17',
+    ),
+    ("line-zero", _set("limits.max_request_line_bytes", 0), "limits.max_request_line_bytes", "must be a positive"),
+    ("line-unit", _set("limits.max_request_line_bytes", "8 lines"), "limits.max_request_line_bytes", "must be bytes"),
+    ("line-float", _set("limits.max_request_line_bytes", 8.5), "limits.max_request_line_bytes", "must be a whole"),
+    (
+        "route-line-limit-not-overridable",
+        _set("routes.0.limits", {"max_request_line_bytes": 1024}),
+        "routes[0].limits.max_request_line_bytes",
+        "unknown key",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "reason"),
+    [case[1:] for case in CLIENT_LIMIT_ERRORS],
+    ids=[case[0] for case in CLIENT_LIMIT_ERRORS],
+)
+def test_client_limit_errors_name_file_key_and_reason(mutate: Mutation, key: str, reason: str) -> None:
+    """A wrong type or an impossible value for a client limit is a ConfigError naming the file, key and reason."""
+    data = minimal()
+    mutate(data)
+    error = error_of(data)
+    assert error.source == SOURCE
+    assert error.key == key
+    assert reason in error.reason
+    assert str(error).startswith(f"{SOURCE}: {key}: ")
+
+
+# --- routes: allow_methods, and prefixes every request could match (tests/test_request_targets.py) -----------
+
+
+def test_allow_methods_defaults_to_none_and_takes_any_case(example: Config) -> None:
+    """A route allows no extra method unless told (the example's routes neither); names are taken in any case."""
+    assert {r.allow_methods for r in example.routes} == {frozenset()}
+    data = minimal()
+    data["routes"][0]["allow_methods"] = ["trace", "TRACK"]
+    assert parse(data, source=SOURCE).routes[0].allow_methods == frozenset({"TRACE", "TRACK"})
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (["CONNECT"], "CONNECT cannot be allowed: the gateway does not tunnel"),
+        (["connect"], "CONNECT cannot be allowed"),
+        (["GET"], 'may name only methods refused by default ("TRACE", "TRACK")'),
+        (["TRACE", "PROPFIND"], "may name only methods refused by default"),
+        ("TRACE", "must be an array of method names"),
+        ([1], "must be an array of method names"),
+    ],
+)
+def test_allow_methods_errors_name_file_key_and_reason(value: object, reason: str) -> None:
+    """allow_methods may name only TRACE and TRACK: CONNECT, and methods forwarded anyway, are config errors."""
+    data = minimal()
+    data["routes"][0]["allow_methods"] = value
+    error = error_of(data)
+    assert (error.source, error.key) == (SOURCE, "routes[0].allow_methods")
+    assert reason in error.reason
+
+
+@pytest.mark.parametrize(
+    ("prefix", "reason"),
+    [
+        ("/a/../b", '"." or ".."'),
+        ("/a/%2e%2E", '"." or ".."'),
+        ("/a%2F..", '"." or ".."'),
+        ("/a%5c.", '"." or ".."'),
+        ("/a/.", '"." or ".."'),
+        ("/a%zz", '"%" escapes of two hex digits'),
+        ("/a%2", '"%" escapes of two hex digits'),
+        ("/a%00", "no %00"),
+        ("/a;b", 'must not contain ";"'),
+    ],
+)
+def test_path_prefix_no_request_could_match_is_an_error(prefix: str, reason: str) -> None:
+    """A path_prefix with a dot-segment, a malformed escape, %00 or ";" is refused when the config loads, as
+    every request that could match it would be refused."""
+    data = minimal()
+    data["routes"][0]["path_prefix"] = prefix
+    error = error_of(data)
+    assert (error.source, error.key) == (SOURCE, "routes[0].path_prefix")
+    assert reason in error.reason
+
+
+@settings(max_examples=300)
+@given(prefix=st.text(alphabet="/a.%2eEfF5cC0;~-", min_size=1, max_size=10).map(lambda s: "/" + s))
+def test_every_accepted_prefix_is_a_routing_path(prefix: str) -> None:
+    """Any path_prefix the config accepts can be routed on (the router never meets a prefix it would refuse),
+    and any it refuses is refused as routes[0].path_prefix."""
+    data = minimal()
+    data["routes"][0]["path_prefix"] = prefix
+    try:
+        cfg = parse(data, source=SOURCE)
+    except ConfigError as e:
+        assert e.key == "routes[0].path_prefix"
+        return
+    routing_path(cfg.routes[0].path_prefix)

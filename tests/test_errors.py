@@ -24,7 +24,13 @@ from gateway.errors import (
 EXPECTED_STATUS: list[tuple[type[GatewayError], int]] = [
     (BadRequest, 400),
     (NoRoute, 404),
+    (errors.MethodNotAllowed, 405),
+    (errors.NotSupported, 501),
     (ClientBodyTimeout, 408),
+    (errors.HeadTimeout, 408),
+    (errors.RequestLineTooLong, 414),
+    (errors.HeadersTooLarge, 431),
+    (errors.TooManyConnections, 503),
     (BodyTooLarge, 413),
     (UpstreamUnreachable, 502),
     (UpstreamBroken, 502),

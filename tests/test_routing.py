@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import Route, Upstream
-from gateway.routing import Router, host_without_port, prefix_matches, upstream_target
+from gateway.routing import PathRefused, Router, host_without_port, prefix_matches, routing_path, upstream_target
 
 UPSTREAM = Upstream(name="u", scheme="http", host="127.0.0.1", port=8081, base_path=b"")
 
@@ -278,3 +278,134 @@ def route_lists(draw: st.DrawFn) -> list[Route]:
 def test_router_agrees_with_reference(routes: list[Route], host: str | None, path: bytes) -> None:
     """For any routes, host and path, the router picks the route the documented rule picks."""
     assert Router(routes).match(host, path) is reference_match(routes, host, path)
+
+
+# --- routing by the path an upstream resolves (routing_path) --------------------------------------------------
+
+UNRESERVED = b"abcxyzABC019-._~"
+SEPARATORS = [b"/", b"//", b"\\", b"%2F", b"%2f", b"%5C", b"%5c", b";p=1/"]
+
+
+@st.composite
+def spellings(draw: st.DrawFn, segments: list[bytes], verbatim: bytes | None = None) -> bytes:
+    """The path of `segments` spelt as some client or attacker might: unreserved bytes percent-encoded (hex in
+    either case), each "/" as "//", "\\", "%2F", "%5c" or after ";params"; a segment equal to `verbatim` as it is."""
+    out = draw(st.sampled_from([b"/", b"//"]))
+    for i, segment in enumerate(segments):
+        if i:
+            out += draw(st.sampled_from(SEPARATORS))
+        if segment == verbatim:
+            out += segment
+            continue
+        for byte in segment:
+            if draw(st.booleans()):
+                escape = b"%%%02X" % byte
+                out += escape.lower() if draw(st.booleans()) else escape
+            else:
+                out += bytes((byte,))
+    return out
+
+
+SAFE_SEGMENTS = st.text(alphabet=UNRESERVED.decode(), min_size=1, max_size=4).filter(lambda s: s not in (".", ".."))
+canonical_segments = st.lists(SAFE_SEGMENTS.map(str.encode), min_size=1, max_size=4)
+
+
+@settings(max_examples=300)
+@given(data=st.data(), segments=canonical_segments)
+def test_every_spelling_of_a_path_routes_alike(data: st.DataObject, segments: list[bytes]) -> None:
+    """A path routes as itself however it is spelt: escapes of unreserved bytes, merged or encoded slashes,
+    backslashes and ";params" all give the same routing path, so the same route."""
+    canonical = b"/" + b"/".join(segments)
+    respelt = data.draw(spellings(segments))
+    assert routing_path(canonical) == canonical
+    assert routing_path(respelt) == canonical
+    # A route for every leading part of the path, and one for the root: the longest must win either way.
+    prefixes = [b"/" + b"/".join(segments[:n]) for n in range(1, len(segments) + 1)]
+    router = Router([route("root", "/"), *(route(f"r{i}", p.decode()) for i, p in enumerate(prefixes))])
+    found = router.match("x", routing_path(respelt))
+    assert found is router.match("x", canonical)
+    assert found is not None and found.path_prefix == canonical
+
+
+DOT_SPELLINGS = [b".", b"..", b"%2e", b"%2E%2e", b".%2E", b"..;x", b".%3Bx", b"%2e%2e;", b"..%3b"]
+
+
+@settings(max_examples=300)
+@given(data=st.data(), segments=canonical_segments, dots=st.sampled_from(DOT_SPELLINGS))
+def test_a_dot_segment_in_any_spelling_is_refused(data: st.DataObject, segments: list[bytes], dots: bytes) -> None:
+    """A "." or ".." segment, however spelt and wherever in the path, makes the path refused."""
+    where = data.draw(st.integers(min_value=0, max_value=len(segments)))
+    path = data.draw(spellings([*segments[:where], dots, *segments[where:]], verbatim=dots))
+    with pytest.raises(PathRefused):
+        routing_path(path)
+
+
+MESSY_PIECES = [
+    b"/", b"//", b"\\", b"a", b"b", b"api", b"x", b".", b"..", b"%2e", b"%2F", b"%5c", b"%61", b"%41", b"%7E",
+    b"%zz", b"%00", b";", b";p=1", b"%3B", b"~", b"%C3%A9", b"%c3%a9",
+]  # fmt: skip
+messy_paths = st.lists(st.sampled_from(MESSY_PIECES), max_size=8).map(lambda pieces: b"/" + b"".join(pieces))
+TARGET_PREFIXES = ["/", "/a", "/api", "/a/b", "/api/", "/%61b", "/caf%c3%a9", "/x"]
+BASES = [b"", b"/base", b"/v2/svc"]
+
+
+@st.composite
+def based_routes(draw: st.DrawFn) -> list[Route]:
+    specs = draw(
+        st.lists(
+            st.tuples(st.sampled_from(TARGET_PREFIXES), st.booleans(), st.sampled_from(BASES)), min_size=1, max_size=6
+        )
+    )
+    return [
+        Route(
+            name=f"r{i}",
+            host=None,
+            path_prefix=prefix.encode("ascii"),
+            upstream=Upstream(name="u", scheme="http", host="127.0.0.1", port=8081, base_path=base),
+            strip_prefix=strip,
+        )
+        for i, (prefix, strip, base) in enumerate(specs)
+    ]
+
+
+@settings(max_examples=500)
+@given(routes=based_routes(), path=messy_paths, query=st.sampled_from([b"", b"?", b"?q=../%00&r=%zz"]))
+def test_an_admitted_target_stays_under_its_route(routes: list[Route], path: bytes, query: bytes) -> None:
+    """For any path that is routed, the upstream target is the upstream's base path, then a path that resolves
+    under the route's prefix (or, stripped, one that with the prefix put back resolves to the request's path),
+    then the query byte for byte; it never resolves to a dot-segment."""
+    try:
+        routed = routing_path(path)
+    except PathRefused:
+        return
+    found = Router(routes).match(None, routed)
+    if found is None:
+        return
+    target = upstream_target(found, path + query)
+    base = found.upstream.base_path
+    assert target.startswith(base)
+    assert target.endswith(query)
+    sent_path = target[len(base) : len(target) - len(query)]
+    prefix = routing_path(found.path_prefix)
+    if found.strip_prefix:
+        assert sent_path.startswith(b"/")
+        assert routing_path(prefix + sent_path).rstrip(b"/") == routed.rstrip(b"/")
+    else:
+        assert sent_path == path
+        assert prefix_matches(prefix, routing_path(sent_path))
+
+
+@settings(max_examples=300)
+@given(routes=route_lists(), host=st.sampled_from(REQUEST_HOSTS), path=messy_paths)
+def test_routing_messy_paths_is_deterministic_and_by_whole_segments(
+    routes: list[Route], host: str | None, path: bytes
+) -> None:
+    """For any spelling of a path, the router gives the same answer every time and on every instance, and it is
+    the one the documented rule (whole segments, most specific wins) gives for the path's routing form."""
+    try:
+        routed = routing_path(path)
+    except PathRefused:
+        return
+    first = Router(routes).match(host, routed)
+    assert Router(routes).match(host, routed) is first
+    assert first is reference_match(routes, host, routed)

@@ -23,14 +23,17 @@ def memory_gateway(**sections: Any) -> MemoryGateway:
 
 
 def test_build_protocol_makes_a_channel_with_the_configured_limits() -> None:
-    """Each channel is an HTTPChannel with the configured header size and count limits and idle timeout."""
+    """Each channel is an HTTPChannel with the configured head limits and idle timeout; Twisted's own head-size
+    count (which includes the request line) is a backstop above the channel's."""
     gw = memory_gateway(
         limits={"max_header_bytes": 4096, "max_header_count": 17},
         server={"idle_timeout": 12},
     )
     channel = gw.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 50000))
     assert isinstance(channel, HTTPChannel)
-    assert channel.totalHeadersSize == 4096
+    assert channel.limits.max_header_bytes == 4096
+    assert channel.limits.max_request_line_bytes == channel.MAX_LENGTH
+    assert channel.totalHeadersSize == 4096 + channel.limits.max_request_line_bytes
     assert channel.maxHeaders == 17
     assert channel.timeOut == 12
     assert channel.factory is gw.factory
@@ -84,13 +87,13 @@ def test_idle_connection_is_closed_after_exactly_the_idle_timeout() -> None:
     assert gw.reactor.getDelayedCalls() == []
 
 
-def test_header_block_over_max_header_bytes_gets_400_and_close() -> None:
-    """A request head larger than max_header_bytes is refused by Twisted with 400 and the connection closed."""
+def test_header_block_over_max_header_bytes_gets_431_and_close() -> None:
+    """A header block larger than max_header_bytes is refused with 431 and the connection half-closed."""
     gw = memory_gateway(limits={"max_header_bytes": 1024})
     client = gw.client()
     client.send(b"GET / HTTP/1.1\r\nHost: example.test\r\nX-Big: " + b"a" * 1100 + b"\r\n\r\n")
-    assert client.received().startswith(b"HTTP/1.1 400 Bad Request\r\n")
-    assert client.transport.disconnecting
+    assert client.received().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert client.transport.write_closed
     assert gw.pending_connections() == 0
     client.disconnect()
     assert gw.reactor.getDelayedCalls() == []
@@ -109,14 +112,14 @@ def test_header_block_at_max_header_bytes_is_accepted() -> None:
     assert gw.reactor.getDelayedCalls() == []
 
 
-def test_more_headers_than_max_header_count_gets_400_and_close() -> None:
-    """A request with more header lines than max_header_count is refused with 400 and the connection closed."""
+def test_more_headers_than_max_header_count_gets_431_and_close() -> None:
+    """A request with more header lines than max_header_count is refused with 431 and the connection half-closed."""
     gw = memory_gateway(limits={"max_header_count": 5})
     client = gw.client()
     headers = b"".join(b"X-H%d: v\r\n" % i for i in range(6))
     client.send(b"GET / HTTP/1.1\r\nHost: example.test\r\n" + headers + b"\r\n")
-    assert client.received().startswith(b"HTTP/1.1 400 Bad Request\r\n")
-    assert client.transport.disconnecting
+    assert client.received().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert client.transport.write_closed
     assert gw.pending_connections() == 0
     client.disconnect()
     assert gw.reactor.getDelayedCalls() == []

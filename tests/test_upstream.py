@@ -10,12 +10,13 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from gateway.config import Upstream
-from gateway.errors import UpstreamSaturated
-from gateway.upstream import ConnectTimeout, UpstreamPool
+from gateway.errors import UpstreamBroken, UpstreamSaturated
+from gateway.upstream import MAX_RESPONSE_HEAD, ConnectTimeout, UpstreamPool
 
 _sync = SynchronousTestCase()
 EPS = 0.25
@@ -135,9 +136,11 @@ def test_a_full_queue_accepts_again_once_a_waiter_leaves() -> None:
     """After a waiter times out, the queue has room again: the next acquire waits instead of failing."""
     pool, clock = pool_for(max_connections=1, max_queue=1, queue_timeout=3)
     _sync.successResultOf(pool.acquire())
-    _sync.assertNoResult(pool.acquire())
+    leaving = pool.acquire()
+    _sync.assertNoResult(leaving)
     _sync.failureResultOf(pool.acquire(), UpstreamSaturated)
     clock.advance(3)
+    _sync.failureResultOf(leaving, UpstreamSaturated)  # consumed: not logged as unhandled when collected
     again = pool.acquire()
     _sync.assertNoResult(again)
     assert pool.queued == 1
@@ -255,3 +258,75 @@ def test_close_closes_idle_pooled_connections() -> None:
     pool.close()
     assert transport.disconnecting
     assert clock.getDelayedCalls() == []
+
+
+# --- upstreams that break framing ---------------------------------------------------------------------
+
+
+def _connected(pool: UpstreamPool, clock: MemoryReactorClock) -> tuple[Any, StringTransport]:
+    host, port, factory, _timeout, _bind = clock.tcpClients[-1]
+    transport = StringTransport()
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _head_of(total: int) -> bytes:
+    """A 204 response head of exactly `total` (at least 1,100) bytes, padded with 1,000-byte header lines and
+    one of 1,000 to 1,999 bytes (all under Agent's 16 KiB line limit)."""
+    start, end = b"HTTP/1.1 204 No Content\r\n", b"\r\n"
+    pad = total - len(start) - len(end)
+    full = pad // 1000 - 1
+    sizes = [1000] * full + [pad - 1000 * full]
+    head = start + b"".join(b"X-P: " + b"p" * (size - 7) + b"\r\n" for size in sizes) + end
+    assert len(head) == total
+    return head
+
+
+def test_a_response_head_of_exactly_max_response_head_bytes_is_taken() -> None:
+    """A response head of exactly MAX_RESPONSE_HEAD bytes is accepted whole."""
+    pool, clock = pool_for()
+    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    protocol, _transport = _connected(pool, clock)
+    protocol.dataReceived(_head_of(MAX_RESPONSE_HEAD))
+    assert _sync.successResultOf(response).code == 204
+    pool.close()
+
+
+def test_a_response_head_one_byte_over_max_response_head_fails_and_closes() -> None:
+    """A response head one byte over MAX_RESPONSE_HEAD fails the request with UpstreamBroken (a 502), and the
+    connection is closed rather than pooled."""
+    pool, clock = pool_for()
+    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    protocol, transport = _connected(pool, clock)
+    protocol.dataReceived(_head_of(MAX_RESPONSE_HEAD + 1))
+    failure = _sync.failureResultOf(response, ResponseFailed)
+    assert [r.type for r in failure.value.reasons] == [UpstreamBroken]
+    assert transport.disconnecting
+    assert clock.getDelayedCalls() == []
+
+
+def test_1xx_heads_count_towards_max_response_head() -> None:
+    """Interim (1xx) heads, which Agent skips, count towards the limit: an upstream cannot send them for ever."""
+    pool, clock = pool_for()
+    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    protocol, transport = _connected(pool, clock)
+    interim = b"HTTP/1.1 102 Processing\r\n\r\n"
+    for _ in range(MAX_RESPONSE_HEAD // len(interim) + 1):
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(interim)
+    _sync.failureResultOf(response, ResponseFailed)
+    assert transport.disconnecting
+
+
+def test_bytes_after_a_complete_response_close_the_connection() -> None:
+    """Bytes past a response's Content-Length leave the response as declared, and close the connection rather
+    than pool it: they could be read as the answer to the next request."""
+    pool, clock = pool_for()
+    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    protocol, transport = _connected(pool, clock)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n")
+    assert _sync.successResultOf(response).length == 2
+    assert transport.disconnecting
+    assert clock.getDelayedCalls() == []  # no idle timer: the connection is not in the pool

@@ -12,15 +12,27 @@ Paths (all under the origin's root):
 * `POST /early/STATUS` answers STATUS on the request head, without reading the body, then closes;
 * `GET /bad-status` writes an invalid status line and closes;
 * `GET /hop-headers` answers with hop-by-hop headers, one only named in its Connection header;
-* `GET /status/CODE` answers CODE with a small body (none for 204/304; Content-Length kept for HEAD).
+* `GET /status/CODE` answers CODE with a small body (none for 204/304; Content-Length kept for HEAD);
+* `GET /overlong/N[?later=1]` declares N bytes, sends them and then a forged second response (`FORGED`), in the
+  same write (or with `later=1` once the test calls `inject_faults()`), and leaves the connection open without
+  finishing the request;
+* `GET /bad-chunking/N[?later=1]` sends a chunked head, one valid chunk of N bytes and then an invalid chunk-size
+  line (with `later=1` only when the test calls `inject_faults()`);
+* `GET /bad-transfer-coding` declares `Transfer-Encoding: gzip`, which no HTTP/1.1 client can frame;
+* `GET /huge-headers/N[?line=1]` answers with about N bytes of headers (1 KiB lines, or one line of N bytes);
+* `GET /close-next` answers 200, then closes its connection when the next request arrives on it, unanswered,
+  as a server closing an idle keep-alive connection just as the gateway reuses it;
+* `GET /close-idle` answers 200 and then closes its (keep-alive) connection on the next reactor turn.
 Every request is recorded as a `Seen`, whose Deferreds tell the test what happened at the origin;
-`Origin.request_seen(n)` fires with the n-th one once its head has arrived.
+`Origin.request_seen(n)` fires with the n-th one once its head has arrived, `Origin.connections_lost(n)` once n
+of its connections have closed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +42,8 @@ from twisted.web import http
 from zope.interface import implementer
 
 PATTERN = bytes(range(256)) * 256  # 64 KiB
+FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Forged: yes\r\n\r\nforged"
+"""What `/overlong/N` sends past its declared length: a complete response that must never reach a client."""
 
 
 def pattern_bytes(start: int, n: int) -> bytes:
@@ -144,6 +158,10 @@ class OriginRequest(http.Request):
         self.origin._note_seen(self.seen)
         self.notifyFinish().addBoth(self._ended)
         self.seen.head_received.callback(None)
+        self.dropped = getattr(channel, "close_next", False)
+        if self.dropped:
+            channel.loseConnection()  # closed as the request arrives: it is never answered
+            return
         if self.path.startswith(b"/sink") and self.query.get(b"hold") == b"1":
             self.origin.held.append(self)
             channel.setTimeout(None)
@@ -167,7 +185,9 @@ class OriginRequest(http.Request):
 
     def process(self) -> None:
         path, q = self.path, self.query
-        if path.startswith(b"/bytes/"):
+        if self.dropped:
+            pass
+        elif path.startswith(b"/bytes/"):
             n = int(path.rsplit(b"/", 1)[1])
             if q.get(b"chunked") != b"1":
                 self.setHeader(b"content-length", b"%d" % n)
@@ -215,10 +235,47 @@ class OriginRequest(http.Request):
         elif path.startswith(b"/status/"):
             code = int(path.rsplit(b"/", 1)[1])
             self._reply(code, b"" if code in (204, 304) else b"status body", b"text/plain")
+        elif path.startswith((b"/overlong/", b"/bad-chunking/", b"/bad-transfer-coding", b"/huge-headers/")):
+            self._misframe(path, q)
+        elif path == b"/close-next":
+            self.channel.close_next = True
+            self._reply(200, b"close-next", b"text/plain")
+        elif path == b"/close-idle":
+            channel = self.channel
+            self._reply(200, b"close-idle", b"text/plain")
+            reactor.callLater(0, channel.loseConnection)
         elif path == b"/stall" or path.startswith(b"/early/"):
             pass
         else:
             self._reply(404, b"origin: no such behaviour", b"text/plain")
+
+    def _misframe(self, path: bytes, q: dict[bytes, bytes]) -> None:
+        """Responses that break HTTP/1.1 framing, written as raw bytes; the request is never finished, so the
+        connection stays open until the gateway closes it."""
+        write = self.channel.transport.write
+        n = int(path.rsplit(b"/", 1)[1]) if path[-1:].isdigit() else 0
+        if path.startswith(b"/overlong/"):
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n
+            if q.get(b"later") == b"1":
+                write(head + pattern_bytes(0, n))
+                self.origin.faults.append(lambda: write(FORGED))
+            else:
+                write(head + pattern_bytes(0, n) + FORGED)
+        elif path.startswith(b"/bad-chunking/"):
+            write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (n, pattern_bytes(0, n)))
+            if q.get(b"later") == b"1":
+                self.origin.faults.append(lambda: write(b"zz\r\n"))
+            else:
+                write(b"zz\r\n")
+        elif path == b"/bad-transfer-coding":
+            write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot gzip")
+        else:
+            if q.get(b"line") == b"1":
+                headers = b"X-Huge: " + b"h" * n + b"\r\n"
+            else:
+                headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(n // 1024 + 1))
+            write(b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 2\r\n\r\nok")
+        self.seen.sent = n
 
     def _reply(self, code: int, body: bytes, content_type: bytes) -> None:
         self.setResponseCode(code)
@@ -237,6 +294,18 @@ class OriginRequest(http.Request):
             self.seen.connection_lost.callback(None)
 
 
+class _OriginChannel(http.HTTPChannel):
+    """Twisted's channel, telling the origin when its connection is gone."""
+
+    origin: Origin
+    close_next = False
+    """Close the connection when the next request's head arrives (set by `/close-next`)."""
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self.origin._note_lost()
+
+
 class Origin(http.HTTPFactory):
     """The test upstream. `start()` binds it to 127.0.0.1:0; `stop()` closes it and every connection."""
 
@@ -248,6 +317,11 @@ class Origin(http.HTTPFactory):
         self.connections: list[http.HTTPChannel] = []
         self.accepted = 0
         self._seen_waiters: list[tuple[int, defer.Deferred[Seen]]] = []
+        self.faults: list[Callable[[], object]] = []
+        """Misbehaviour held back until the test calls `inject_faults()`."""
+        self.lost = 0
+        """Connections to the origin that have closed."""
+        self._lost_waiters: list[tuple[int, defer.Deferred[None]]] = []
 
     def request_seen(self, count: int = 1) -> defer.Deferred[Seen]:
         """Fires with the `count`-th request's `Seen` once the origin has its head (at once if it has)."""
@@ -265,8 +339,25 @@ class Origin(http.HTTPFactory):
         for count, d in ready:
             d.callback(self.seen[count - 1])
 
+    def connections_lost(self, count: int = 1) -> defer.Deferred[None]:
+        """Fires once `count` connections to the origin have closed (at once if they have)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.lost >= count:
+            d.callback(None)
+        else:
+            self._lost_waiters.append((count, d))
+        return d
+
+    def _note_lost(self) -> None:
+        self.lost += 1
+        ready = [w for w in self._lost_waiters if self.lost >= w[0]]
+        self._lost_waiters = [w for w in self._lost_waiters if self.lost < w[0]]
+        for _, d in ready:
+            d.callback(None)
+
     def buildProtocol(self, addr: Any) -> http.HTTPChannel:
-        channel = http.HTTPChannel()
+        channel = _OriginChannel()
+        channel.origin = self
         channel.factory = self
         origin = self
 
@@ -302,6 +393,12 @@ class Origin(http.HTTPFactory):
     def start(self) -> Origin:
         self.port = reactor.listenTCP(0, self, interface="127.0.0.1")
         return self
+
+    def inject_faults(self) -> None:
+        """Send what the behaviours held back (see `faults`)."""
+        faults, self.faults = self.faults, []
+        for fault in faults:
+            fault()
 
     def release(self) -> None:
         """Let held sinks read again."""
