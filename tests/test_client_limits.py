@@ -661,3 +661,24 @@ async def test_loopback_connection_cap_holds_clients_in_the_backlog(origin: Any,
     await within(second.closed)
     assert second.response().status == 200
     assert factory.accepting
+
+
+@pytest.mark.parametrize("data", [case for _, case in MALFORMED], ids=[name for name, _ in MALFORMED])
+@pytest_twisted.ensureDeferred
+async def test_loopback_malformed_head_gets_400_and_never_reaches_the_origin(
+    origin: Any, gateway_for: Any, data: bytes
+) -> None:
+    """Over TCP, in front of a real origin, each ambiguous or malformed head is answered 400 problem+json and
+    closed with a FIN, and the origin never accepts a connection; a well-formed request afterwards reaches it,
+    so the origin was there to be reached."""
+    gateway = gateway_for(gateway_config(origin.url))
+    client = await connect(gateway.port)
+    client.send(data)
+    await within(client.closed)
+    _assert_refused_over_tcp(client, 400)
+    assert origin.accepted == 0
+    control = await connect(gateway.port)
+    control.send(b"GET /status/200 HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+    await within(control.closed)
+    assert control.response().status == 200
+    assert origin.accepted == 1
