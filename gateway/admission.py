@@ -31,8 +31,10 @@ _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
 """An absolute-form target: scheme, authority, then the path and query (either may be empty)."""
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 _PORT = re.compile(rb"[0-9]{1,5}")
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
-"""A Host value: uri-host [":" port] (RFC 9110 section 7.2); reg-name may be empty, as it is for a URI without one."""
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=-]*)(?::[0-9]*)?")
+"""A Host value: uri-host [":" port] (RFC 9110 section 7.2); reg-name may be empty, as it is for a URI without one.
+Percent-encoding, which a reg-name allows, is refused: "%61dmin.example.com" would be routed as another host than
+the one an upstream decodes."""
 
 FORWARDED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 """The methods named in a 405's Allow header, with the route's own extras: the standard methods the gateway

@@ -44,12 +44,14 @@ class PathRefused(ValueError):
 
 
 def host_without_port(host: bytes) -> str:
-    """The lower-cased host name of a Host header value, without its port ("[::1]:80" -> "[::1]")."""
+    """The lower-cased host name of a Host header value, without its port ("[::1]:80" -> "[::1]") or the trailing
+    dot of a fully qualified name ("example.com." is "example.com" to DNS, to upstreams and to nginx)."""
     text = host.decode("latin-1").strip().lower()
     if text.startswith("["):
         end = text.find("]")
         return text[: end + 1] if end != -1 else text
-    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    return name[:-1] if name.endswith(".") else name
 
 
 def prefix_matches(prefix: bytes, path: bytes) -> bool:

@@ -170,6 +170,16 @@ class GatewayChannel(HTTPChannel):
                     return False
         return bool(super().headerReceived(line))
 
+    def rawDataReceived(self, data: bytes) -> None:
+        super().rawDataReceived(data)
+        if self._handlingRequest and self._waitingForTransport:
+            # Bytes of the next (pipelined) request, arriving while the client is not reading its answer.
+            # Twisted buffers them and pauses the socket above 16 KiB, but not while the client is not reading
+            # (its pauseProducing leaves the socket alone during a request): a client that never reads and keeps
+            # sending would grow the buffer without bound. Pause now; Twisted resumes the socket once the
+            # request is done and the client reads again (requestDone, resumeProducing).
+            self._networkProducer.pauseProducing()
+
     def allHeadersReceived(self) -> None:
         """The head is complete: stop its timer and reset the counts for the next request's head."""
         self._cancel_head_timer()

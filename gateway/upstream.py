@@ -167,6 +167,21 @@ class _ClientProtocol(HTTP11ClientProtocol):
             self._currentRequest.persistent = False
         super()._finishResponse_WAITING(rest)
 
+    def _giveUp(self, reason: Failure) -> None:
+        if self._state == "TRANSMITTING":
+            # The response broke (an invalid or oversized head) while the request body was still being sent.
+            # Agent would drop its request Deferred here (it is chained to the response only once the body is
+            # sent) and crash when the connection is then lost: the request would never end. Do what Agent does
+            # for a response that ends mid-upload: hand the failure to the request, stop the body, and abort
+            # (a graceful close would wait behind the body's producer).
+            self._state = "TRANSMITTING_AFTER_RECEIVING_RESPONSE"
+            self._responseDeferred.chainDeferred(self._finishedRequest)
+            self._currentRequest.stopWriting()
+            self.transport.abortConnection()
+            self._disconnectParser(reason)
+            return
+        super()._giveUp(reason)
+
     def _finishResponse_TRANSMITTING(self, rest: bytes) -> None:
         transport = self.transport
         super()._finishResponse_TRANSMITTING(rest)

@@ -1345,3 +1345,43 @@ def test_request_target_reaches_the_upstream_byte_for_byte(gateway: Callable[...
     up = gw.upstream()
     assert up.received().split(b"\r\n", 1)[0] == b"GET " + target + b" HTTP/1.1"
     up.respond(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+
+def test_pipelined_bytes_from_a_client_not_reading_pause_its_socket(gateway: Callable[..., Gateway]) -> None:
+    """A client that stops reading its answer and keeps sending (pipelined requests) has its socket paused at
+    once, so what it sends is not buffered without bound; once the answer is done and it reads again, its
+    socket resumes and the pipelined request is served."""
+    gw = gateway()
+    client, _req, up = start_get(gw)
+    up.respond(CHUNKED_HEAD + chunk(b"x" * 100))
+    client.transport.producer.pauseProducing()  # the client's socket buffer is full
+    client.send(GET)  # the next request, pipelined
+    assert client.transport.producerState == "paused"
+    client.transport.producer.resumeProducing()
+    up.respond(b"0\r\n\r\n")
+    assert client.transport.producerState == "producing"
+    assert up.received().count(b"GET /reports/1") == 2  # the pipelined request went out on the pooled connection
+    up.respond(OK_5)
+    assert client.received().endswith(b"hello")
+
+
+@pytest.mark.parametrize("head", [b"garbage\r\n", b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"v" * 1000 + b"\r\n"])
+def test_upstream_breaking_its_head_during_an_upload_then_resetting_never_hangs(
+    gateway: Callable[..., Gateway], head: bytes
+) -> None:
+    """An upstream that sends a broken head (an invalid status line, or a head over the 64 KiB cap) while the
+    upload is still going, then resets: the client gets 502 at once and the upstream slot is freed. (Agent
+    itself lets its request Deferred go when it gives up mid-upload, and crashes on the reset: the request
+    would hang for ever.)"""
+    gw = gateway(timeouts={"response_headers": 30})
+    client = gw.client()
+    client.send(post(1000))
+    req = client.request
+    client.send(b"x" * 100)
+    up = gw.upstream()
+    up.respond(head * (1 if head.startswith(b"garbage") else 70))
+    assert up.transport.aborted  # not a graceful close, which would wait behind the upload
+    up.close(ConnectionLost("upstream reset"))
+    parsed = response(client)
+    assert parsed.status == 502
+    assert req._pool is not None and req._pool.in_flight == 0

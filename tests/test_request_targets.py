@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.web.http_headers import Headers
 
-from gateway.admission import FORWARDED_METHODS, Admit, Reject, RequestHead, decide
+from gateway.admission import _HOST, FORWARDED_METHODS, Admit, Reject, RequestHead, decide
 from gateway.config import Config, parse
 from gateway.errors import BadRequest, MethodNotAllowed, NoRoute, NotSupported
-from gateway.routing import Router
+from gateway.routing import Router, host_without_port
 from tests.support.clients import Parsed, connect, parse_response, parse_responses, within
 from tests.support.memory import Client, MemoryGateway, disconnect
 from tests.support.running import gateway_config
@@ -510,3 +510,17 @@ async def test_refused_requests_never_reach_the_origin(origin, gateway_for):
     assert response.status == 200
     assert json.loads(response.body)["uri"] == "/headers?x=1"
     assert [s.uri for s in origin.seen] == [b"/headers?x=1"]
+
+
+@pytest.mark.parametrize("host", [b"admin.example.com.", b"admin.example.com.:80", b"ADMIN.example.com."])
+def test_a_trailing_dot_in_host_takes_the_same_route(host: bytes) -> None:
+    """ "admin.example.com." names the same host as "admin.example.com" (DNS, upstreams and nginx agree), so it
+    takes that host's route, never a catch-all with other limits."""
+    assert host_without_port(host) == "admin.example.com"
+
+
+def test_percent_encoding_in_host_is_refused() -> None:
+    """A percent-encoded Host ("%61dmin.example.com") would route as a host other than the one an upstream
+    decodes: 400."""
+    assert _HOST.fullmatch(b"%61dmin.example.com") is None
+    assert _HOST.fullmatch(b"admin.example.com:8080") is not None
