@@ -374,6 +374,8 @@ def parallel(fn: Callable[[], T], count: int, timeout: float) -> list[T | BaseEx
 @dataclass
 class Wrk:
     requests_per_s: float
+    requests: int
+    """Requests completed in the whole run."""
     p50_ms: float
     p99_ms: float
     errors: int
@@ -394,7 +396,8 @@ def parse_wrk(output: str) -> Wrk:
     rps = re.search(r"Requests/sec:\s*([0-9.]+)", output)
     p50 = re.search(r"^\s*50(?:\.0+)?%\s+(\S+)", output, re.MULTILINE)
     p99 = re.search(r"^\s*99(?:\.0+)?%\s+(\S+)", output, re.MULTILINE)
-    if not (rps and p50 and p99):
+    total = re.search(r"^\s*(\d+) requests in ", output, re.MULTILINE)
+    if not (rps and total and p50 and p99):
         raise ClientError(f"wrk: no results in its output: {output[-500:]!r}")
     errors = 0
     m = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", output)
@@ -403,7 +406,7 @@ def parse_wrk(output: str) -> Wrk:
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     if m:
         errors += sum(int(g) for g in m.groups())
-    return Wrk(float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), errors, output)
+    return Wrk(float(rps.group(1)), int(total.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), errors, output)
 
 
 def wrk(port: int, path: str, *, threads: int, connections: int, seconds: float) -> Wrk:

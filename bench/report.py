@@ -103,6 +103,16 @@ def _at_least_ratio(scenario: str, metric: str, other: str, ratio: float) -> Cal
     return check
 
 
+def _at_most_ratio(scenario: str, metric: str, other: str, ratio: float) -> Callable[[Summary], Any]:
+    def check(s: Summary) -> tuple[str, bool | None]:
+        g, o = _median_of(s, scenario, GATEWAY, metric), _median_of(s, scenario, other, metric)
+        if g is None or o is None or o == 0:
+            return f"not measured (needs {GATEWAY} and {other})", None
+        return f"{fmt(g)} / {fmt(o)} {metric} = {g / o:.2f}x", g <= ratio * o
+
+    return check
+
+
 def _at_least(scenario: str, metric: str, limit: float, peer: str) -> Callable[[Summary], Any]:
     def check(s: Summary) -> tuple[str, bool | None]:
         v = _median_of(s, scenario, peer, metric)
@@ -121,6 +131,10 @@ TARGETS: list[tuple[str, Callable[[Summary], tuple[str, bool | None]]]] = [
     ("S1 >= 0.8x nginx-stream-64k", _at_least_ratio("S1", "MB/s", "nginx-stream-64k", 0.8)),
     ("S2 >= 0.8x nginx-stream-64k", _at_least_ratio("S2", "MB/s", "nginx-stream-64k", 0.8)),
     ("S5 >= 2x twisted-rpr req/s (one process)", _at_least_ratio("S5", "req/s", "twisted-rpr", 2)),
+    (
+        "S5 CPU per request <= 0.5x twisted-rpr (the same target read as one process's capacity)",
+        _at_most_ratio("S5", "CPU us/req", "twisted-rpr", 0.5),
+    ),
     ("S5 with workers = 2 >= 10,000 req/s", _at_least("S5", "req/s", 10_000, "gateway-2w")),
     ("S7 added latency p99 <= 1 ms", _at_most("S7", "added p99 ms", 1, "ms")),
     ("S8 upstream closed <= 20 ms", _at_most("S8", "upstream closed ms", 20, "ms")),
