@@ -17,6 +17,8 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from gateway.paths import PathRefused, routing_path
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -372,7 +374,13 @@ def _path_prefix(value: object) -> bytes:
     spelt = re.sub(r"%2[eE]", ".", re.sub(r"%(2[fF]|5[cC])", "/", text))
     if any(segment in (".", "..") for segment in spelt.split("/")):
         raise ValueError(f'must not have a "." or ".." segment, got {text!r}')
-    return text.encode("ascii")
+    prefix = text.encode("ascii")
+    try:
+        routing_path(prefix)  # the router's own check, which the ones above spell out for the usual mistakes
+    except PathRefused as e:
+        reason = str(e).split("; ")[0]  # without the advice to clients
+        raise ValueError(f"must be a path requests could be routed by, but {reason}, got {text!r}") from None
+    return prefix
 
 
 _EXTRA_METHODS = ", ".join(f'"{m}"' for m in REFUSED_METHODS)

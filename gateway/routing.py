@@ -17,30 +17,19 @@ malformed escape ("%zz", which upstreams decode differently), an encoded NUL ("%
 the end of the string) and a "#" (no valid target has one; an upstream that sees a fragment cuts the path
 there). Nothing is rewritten: normalising "/reports/../admin" would forward a path other than the one the
 client sent, while refusing it costs a legitimate client nothing (clients resolve dot-segments before sending,
-RFC 3986 section 5.2).
+RFC 3986 section 5.2). The path functions themselves are in gateway/paths.py (config checks prefixes with
+them), each a C-speed operation over the whole path.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Iterable, Sequence
 
 from gateway.config import Route
+from gateway.paths import PathRefused, prefix_end, routing_path
 
 __all__ = ["PathRefused", "Router", "host_without_port", "prefix_matches", "routing_path", "upstream_target"]
-
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_SLASHES = frozenset(b"/\\")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-_PLAIN = re.compile(rb"[^%\\;]*")
-"""A path without escapes, backslashes or parameters: its routing path is itself unless it has "//" or a dot."""
-_PARAMETERS = re.compile(rb";|%3B")
-_DOTS = (b".", b"..")
-
-
-class PathRefused(ValueError):
-    """A request path that must not be forwarded, and why (said to the client in a 400)."""
 
 
 def host_without_port(host: bytes) -> str:
@@ -61,75 +50,10 @@ def prefix_matches(prefix: bytes, path: bytes) -> bool:
     return prefix.endswith(b"/") or len(path) == len(prefix) or path[len(prefix)] == 0x2F  # "/"
 
 
-def routing_path(path: bytes) -> bytes:
-    """The path to route `path` (a request path, without the query) by; raises `PathRefused` for a path that
-    must not be forwarded. See the module docstring for the rule."""
-    if b"#" in path:
-        raise PathRefused('the path has a "#" (a fragment is never sent, and upstreams cut the path there)')
-    if _PLAIN.fullmatch(path) and b"//" not in path:
-        if b"/." in path:
-            _check_segments(path)
-        return path
-    return _normalise(path)[0]
-
-
-def _normalise(path: bytes) -> tuple[bytes, list[int]]:
-    """The routing path of `path`, and for each length k of it the offset in `path` where its first k bytes
-    end (so a prefix of the routing path can be cut from the raw path)."""
-    out = bytearray()
-    ends = [0]
-    i, n = 0, len(path)
-    in_parameters = False
-    while i < n:
-        c = path[i]
-        if c == 0x25:  # "%"
-            escape = path[i + 1 : i + 3]
-            if len(escape) < 2 or not _HEX.issuperset(escape):
-                raise PathRefused('the path has a malformed percent-escape (a "%" not followed by two hex digits)')
-            value = int(escape, 16)
-            if value == 0:
-                raise PathRefused("the path has an encoded NUL (%00)")
-            piece = bytes((value,)) if value in _UNRESERVED else b"/" if value in _SLASHES else b"%" + escape.upper()
-            i += 3
-        else:
-            piece = b"/" if c == 0x5C else bytes((c,))  # "\\" is a separator to some upstreams
-            i += 1
-        if piece == b"/":
-            in_parameters = False
-            if out.endswith(b"/"):
-                continue
-        elif in_parameters or piece == b";":
-            in_parameters = True
-            continue
-        out += piece
-        ends.extend([i] * len(piece))
-    # Parameters spelt "%3B" stay in the routing path, but "..%3Bx" is still ".." to some upstreams.
-    _check_segments(bytes(out), _PARAMETERS)
-    return bytes(out), ends
-
-
-def _check_segments(path: bytes, parameters: re.Pattern[bytes] | None = None) -> None:
-    for segment in path.split(b"/"):
-        if parameters is not None:
-            segment = parameters.split(segment, 1)[0]
-        if segment in _DOTS:
-            raise PathRefused(
-                'the path has a "." or ".." segment (in some spelling); send the path the client resolved'
-            )
-
-
 @functools.lru_cache(maxsize=4096)
 def _route_prefix(prefix: bytes) -> bytes:
     """A route's prefix as a routing path (config has checked it can be one)."""
     return routing_path(prefix)
-
-
-def _prefix_end(path: bytes, prefix: bytes) -> int:
-    """Where in raw `path` the part whose routing path is `prefix` ends."""
-    if path.startswith(prefix):
-        return len(prefix)  # already in routing form: the common case
-    routed, ends = _normalise(path)
-    return ends[len(prefix)] if routed.startswith(prefix) else 0
 
 
 def upstream_target(route: Route, target: bytes) -> bytes:
@@ -137,7 +61,7 @@ def upstream_target(route: Route, target: bytes) -> bytes:
     prefix when it strips it), then the query, all byte for byte. `target` is in origin-form."""
     path, sep, query = target.partition(b"?")
     if route.strip_prefix:
-        rest = path[_prefix_end(path, _route_prefix(route.path_prefix)) :]
+        rest = path[prefix_end(path, _route_prefix(route.path_prefix)) :]
         if not rest.startswith(b"/"):
             rest = b"/" + rest
         path = rest

@@ -205,8 +205,30 @@ class GatewayChannel(HTTPChannel):
             self.refuse(HeadersTooLarge(f"the header fields are over the {limits.max_header_bytes}-byte limit"))
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        """What Twisted's own parser refuses; it would answer a bare 400 without a body."""
-        self.refuse(BadRequest("the request is malformed or its framing is ambiguous"))
+        """What Twisted's own parser refuses; it would answer a bare 400 without a body. The detail says which
+        part was at fault, from where the parser is: HTTPChannel clears its first-line flag before it parses the
+        request line and sets `_command` only once that line parsed, so a line-mode refusal without `_command`
+        is the request line's; out of line mode it is the (chunked) body's; else a header line's."""
+        if getattr(self, _FIRST_LINE) or (self.line_mode and getattr(self, "_command", None) is None):
+            detail = "the request line is malformed"
+        elif not self.line_mode:
+            detail = "the chunked request body is malformed"
+        else:
+            detail = "a header line is malformed"
+        self.refuse(BadRequest(detail))
+
+    def _failChooseTransferDecoder(self) -> bool:
+        """Twisted refuses the framing headers (a Content-Length that is not digits, a second Content-Length or
+        Transfer-Encoding, or the two together) here, before the header is stored; refused with a detail that
+        says so. Returns False, as the base class does: the request goes no further."""
+        self.refuse(
+            BadRequest(
+                "Content-Length must be a single decimal number, and cannot be combined with Transfer-Encoding "
+                "(which may be sent only once)"
+            )
+        )
+        self.length = None
+        return False
 
     def _header_room(self) -> int:
         """The longest header line (without CRLF) that still fits in max_header_bytes; at least 0, so the empty

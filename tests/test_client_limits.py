@@ -303,6 +303,62 @@ def test_malformed_head_fed_byte_by_byte_gets_400(gateway: Callable[..., Gateway
     assert gw.pending_connections() == 0
 
 
+FRAMING_DETAIL = "Content-Length must be a single decimal number, and cannot be combined with Transfer-Encoding"
+TWISTED_REFUSALS: list[tuple[str, str]] = [
+    ("te-twice", FRAMING_DETAIL),
+    ("cl-then-te", FRAMING_DETAIL),
+    ("te-then-cl", FRAMING_DETAIL),
+    ("cl-twice-equal", FRAMING_DETAIL),
+    ("cl-twice-differing", FRAMING_DETAIL),
+    ("cl-list", FRAMING_DETAIL),
+    ("cl-plus", FRAMING_DETAIL),
+    ("cl-negative", FRAMING_DETAIL),
+    ("cl-hex", FRAMING_DETAIL),
+    ("cl-empty", FRAMING_DETAIL),
+    ("space-before-colon", "a header line is malformed"),
+    ("tab-before-colon", "a header line is malformed"),
+    ("no-colon", "a header line is malformed"),
+    ("empty-name", "a header line is malformed"),
+    ("nul-in-value", "a header line is malformed"),
+    ("cr-in-value", "a header line is malformed"),
+    ("nul-in-name", "a header line is malformed"),
+    ("two-spaces-in-request-line", "the request line is malformed"),
+    ("http-2-request-line", "the request line is malformed"),
+    ("space-in-target", "the request line is malformed"),
+]
+"""Malformed heads that Twisted's own parser refuses, and the detail the answer gives for each."""
+
+
+@pytest.mark.parametrize(("name", "detail"), TWISTED_REFUSALS, ids=[name for name, _ in TWISTED_REFUSALS])
+@pytest.mark.parametrize("byte_by_byte", [False, True], ids=["whole", "byte-by-byte"])
+def test_what_twisted_refuses_is_answered_with_the_part_at_fault(
+    gateway: Callable[..., Gateway], name: str, detail: str, byte_by_byte: bool
+) -> None:
+    """What Twisted's parser refuses is answered 400 with a detail naming the part at fault: the request line, a
+    header line, or the Content-Length/Transfer-Encoding framing, however the bytes arrive."""
+    data = dict(MALFORMED)[name]
+    gw = gateway()
+    client = gw.client()
+    for piece in [bytes([byte]) for byte in data] if byte_by_byte else [data]:
+        client.send(piece)
+    assert refusal(client, 400)["detail"].startswith(detail)
+
+
+def test_a_malformed_request_line_after_a_served_request_names_the_request_line(
+    gateway: Callable[..., Gateway],
+) -> None:
+    """The second request line on a keep-alive connection is still a request line: its refusal says so."""
+    gw = gateway()
+    client = gw.client()
+    client.send(get(b"/first"))
+    gw.upstream().respond(OK_0)
+    client.send(b"GET  /second HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    parsed = parse_response(client.received())
+    assert parsed.status == 200
+    problem = json.loads(parse_response(parsed.rest).body)
+    assert problem["status"] == 400 and problem["detail"] == "the request line is malformed"
+
+
 def test_refused_head_request_gets_no_body(gateway: Callable[..., Gateway]) -> None:
     """A refused HEAD request is answered with the problem's headers only: a response to HEAD has no body."""
     gw = gateway()
@@ -362,7 +418,7 @@ def test_invalid_chunk_gets_400_and_the_upstream_never_gets_a_whole_body(
     up = gw.upstream()
     request = client.request
     client.send(body + b"GET /smuggled HTTP/1.1\r\nHost: example.test\r\n\r\n")
-    refusal(client, 400)
+    assert refusal(client, 400)["detail"] == "the chunked request body is malformed"
     assert request.ending == "client_gone"
     assert up.transport.disconnecting or up.transport.aborted
     assert not up.received().endswith(b"0\r\n\r\n")

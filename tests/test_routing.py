@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
 
 import pytest
 from hypothesis import given, settings
@@ -409,3 +412,160 @@ def test_routing_messy_paths_is_deterministic_and_by_whole_segments(
     first = Router(routes).match(host, routed)
     assert Router(routes).match(host, routed) is first
     assert first is reference_match(routes, host, routed)
+
+
+# --- cost: C-speed operations, whatever the path --------------------------------------------------------------
+
+
+def _python_calls(work: Callable[[], object]) -> int:
+    """How many Python-level operations `work` does: lines of Python run, and calls made from Python code (to
+    Python functions or to builtins), each counted once."""
+    count = 0
+
+    def trace(frame: FrameType, event: str, arg: object) -> Callable[..., object]:
+        nonlocal count
+        count += 1
+        return trace
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        nonlocal count
+        if event == "c_call":
+            count += 1
+
+    sys.settrace(trace)
+    sys.setprofile(profile)
+    try:
+        work()
+    finally:
+        sys.setprofile(None)
+        sys.settrace(None)
+    return count
+
+
+PATH_KINDS = {
+    "escapes": (b"/", b"%41"),
+    "reserved-escapes": (b"/a", b"%3b%2c"),
+    "parameters": (b"/api;", b"v"),
+    "slashes": (b"/api", b"/\\%2F"),
+    "dot-like": (b"/a", b"/.x"),
+}
+"""Kinds of path, each as a head and a piece repeated after it."""
+
+
+def long_and_short(kind: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """An 8 KiB path of this kind, and a short one."""
+    head, piece = kind
+    return head + piece * (8192 // len(piece)), head + piece * 2
+
+
+@pytest.mark.parametrize("kind", PATH_KINDS.values(), ids=PATH_KINDS.keys())
+def test_routing_an_8_kib_path_costs_a_bounded_number_of_python_calls(kind: tuple[bytes, bytes]) -> None:
+    """Routing an 8 KiB path makes no more Python-level calls than routing a short path of the same kind: the
+    work over its bytes is done by C-speed operations, not a loop per byte or per escape."""
+    path, short = long_and_short(kind)
+    assert routing_path(path).startswith(routing_path(short)[:4])  # and warmed up
+    assert _python_calls(lambda: routing_path(path)) <= _python_calls(lambda: routing_path(short)) <= 60
+
+
+@pytest.mark.parametrize("kind", PATH_KINDS.values(), ids=PATH_KINDS.keys())
+def test_stripping_a_prefix_from_an_8_kib_path_costs_a_bounded_number_of_python_calls(
+    kind: tuple[bytes, bytes],
+) -> None:
+    """Cutting a route's prefix out of an 8 KiB path (spelt other than the prefix) takes a number of Python-level
+    calls bounded by the prefix's length, not the path's."""
+    path, short = long_and_short(kind)
+    api = route("api", "/api", strip_prefix=True)
+    for long_target, short_target in ((path, short), (b"/%61p%69" + path, b"/%61p%69" + short)):
+        upstream_target(api, short_target)  # warmed up: what a first call does once is not what is measured
+        calls = _python_calls(lambda: upstream_target(api, long_target))  # noqa: B023 (called at once)
+        assert calls <= _python_calls(lambda: upstream_target(api, short_target)) <= 200  # noqa: B023
+        routed = routing_path(long_target)
+        if routed.startswith(b"/api"):
+            assert routing_path(upstream_target(api, long_target)) == routing_path(b"/" + routed[len(b"/api") :])
+
+
+def test_the_offset_mapping_is_built_only_for_a_prefix_spelt_otherwise() -> None:
+    """A target that starts with the route's prefix as written, and a route that keeps its prefix, cost no
+    normalisation of the path at all."""
+    path, stripping, keeping = b"/api/" + b"%41" * 2730, route("api", "/api", strip_prefix=True), route("api", "/api")
+    upstream_target(stripping, b"/")  # the route's prefix in routing form is cached from then on
+    assert _python_calls(lambda: upstream_target(stripping, path)) <= 20
+    assert _python_calls(lambda: upstream_target(keeping, b"/%61pi" + path)) <= 20
+
+
+# --- the fast routing path agrees with a byte-by-byte reference -----------------------------------------------
+
+_REF_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_REF_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def reference_normalise(path: bytes) -> tuple[bytes, list[int]]:
+    """The routing path of `path` and, for each length k of it, where in `path` its first k bytes end; a plain
+    loop over the bytes, one rule at a time (the module docstring's rule, and the implementation it replaced)."""
+    if b"#" in path:
+        raise PathRefused("fragment")
+    out, ends, i, in_parameters = bytearray(), [0], 0, False
+    while i < len(path):
+        if path[i] == 0x25:  # "%"
+            escape = path[i + 1 : i + 3]
+            if len(escape) < 2 or not _REF_HEX.issuperset(escape):
+                raise PathRefused("malformed percent-escape")
+            value = int(escape, 16)
+            if value == 0:
+                raise PathRefused("encoded NUL")
+            if value in _REF_UNRESERVED:
+                piece = bytes((value,))
+            else:
+                piece = b"/" if value in (0x2F, 0x5C) else b"%" + escape.upper()
+            i += 3
+        else:
+            piece = b"/" if path[i] == 0x5C else path[i : i + 1]
+            i += 1
+        if piece == b"/":
+            in_parameters = False
+            if out.endswith(b"/"):
+                continue
+        elif in_parameters or piece == b";":
+            in_parameters = True
+            continue
+        out += piece
+        ends.extend([i] * len(piece))
+    for segment in bytes(out).split(b"/"):
+        if re.split(rb";|%3B", segment, maxsplit=1)[0] in (b".", b".."):
+            raise PathRefused('"." or ".." segment')
+    return bytes(out), ends
+
+
+def _reference_or_refusal(path: bytes) -> tuple[bytes, list[int]] | str:
+    try:
+        return reference_normalise(path)
+    except PathRefused as e:
+        return str(e)
+
+
+_PIECES = [b"/", b"\\", b";", b".", b"a", b"B", b"%", b"2", b"f", b"F", b"5", b"c", b"3", b"b", b"e", b"E", b"0"]
+_PIECES += [b"%2F", b"%2f", b"%5C", b"%3B", b"%3b", b"%2e", b"%2E", b"%41", b"%7e", b"%25", b"%00", b"%zz", b"#"]
+tangled_paths = st.lists(st.sampled_from(_PIECES), max_size=14).map(lambda pieces: b"/" + b"".join(pieces))
+
+
+@settings(max_examples=1500)
+@given(path=tangled_paths, data=st.data())
+def test_routing_path_and_prefix_stripping_agree_with_the_reference(path: bytes, data: st.DataObject) -> None:
+    """For any path, routing_path gives the reference's routing path or refuses it for the same kind of reason,
+    and a strip_prefix route cuts the raw path exactly where the reference's offsets say its prefix ends."""
+    expected = _reference_or_refusal(path)
+    try:
+        got: bytes | str = routing_path(path)
+    except PathRefused as e:
+        assert isinstance(expected, str), (path, expected, e)
+        assert expected.split()[-1] in str(e) or ('"."' in expected and '"."' in str(e)), (expected, str(e))
+        return
+    assert not isinstance(expected, str), (path, expected, got)
+    routed, ends = expected
+    assert got == routed
+    length = data.draw(st.integers(1, len(routed)), label="prefix length")
+    prefix = routed[:length]
+    if _reference_or_refusal(prefix) == (prefix, list(range(length + 1))) and prefix_matches(prefix, routed):
+        stripped = upstream_target(route("r", prefix.decode("latin-1"), strip_prefix=True), path)
+        rest = path[ends[length] :]
+        assert stripped == (rest if rest.startswith(b"/") else b"/" + rest)

@@ -69,8 +69,10 @@ PRUNE_EVERY = 500
 
 
 def soak_config(origin_url: str) -> dict[str, Any]:
-    """Two routes to the origin, both stripping their prefix: `/o` with the default timeouts, `/short` with
-    SHORT ones. Any other path matches no route."""
+    """Three routes to the origin, all stripping their prefix: `/o` with the default timeouts, `/short` with a
+    SHORT response_headers timeout (for an origin that never answers), `/idle` with a SHORT upstream_idle one
+    only (for one that stalls mid-body: its head may be slow on a busy machine, and must not turn into a 504).
+    Any other path matches no route."""
     return {
         "listeners": [{"host": "127.0.0.1", "port": 0}],
         "upstreams": {"origin": {"url": origin_url}},
@@ -82,6 +84,13 @@ def soak_config(origin_url: str) -> dict[str, Any]:
                 "upstream": "origin",
                 "strip_prefix": True,
                 "timeouts": {"response_headers": SHORT, "upstream_idle": SHORT},
+            },
+            {
+                "name": "idle",
+                "path_prefix": "/idle",
+                "upstream": "origin",
+                "strip_prefix": True,
+                "timeouts": {"upstream_idle": SHORT},
             },
         ],
     }
@@ -498,7 +507,7 @@ async def _one_shot(w: Worker, path: bytes) -> Response:
 
 
 async def stall_body(w: Worker) -> tuple[str, bool, str]:
-    return await _cut(w, b"/short/stall-body/4096")
+    return await _cut(w, b"/idle/stall-body/4096")
 
 
 async def truncate(w: Worker) -> tuple[str, bool, str]:
