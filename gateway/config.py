@@ -118,6 +118,10 @@ class Server:
     lingering_time): closing with unread data would reset the connection and could destroy the answer."""
     via: str = "gateway"
     """The pseudonym this gateway adds to Via headers; empty adds none."""
+    underscores_in_headers: bool = False
+    """Whether request headers with an underscore in their name are forwarded. Off, as in nginx: CGI and WSGI
+    upstreams read "X_Forwarded_For" and "X-Forwarded-For" as one header, so a client could otherwise spoof a
+    header the gateway sets."""
     workers: int = 1
     """Processes serving the listeners: the twistd process and `workers - 1` it starts. Above 1, each process
     binds every listener itself with SO_REUSEPORT and the kernel spreads new connections across them."""
@@ -503,6 +507,7 @@ _SERVER_FIELDS: _Fields = {
     "max_connections": _positive_int,
     "lingering_timeout": _positive_seconds,
     "via": _via_name,
+    "underscores_in_headers": _boolean,
     "workers": _positive_int,
 }
 _TIMEOUT_FIELDS: _Fields = {f.name: _positive_seconds for f in fields(Timeouts)}

@@ -128,16 +128,21 @@ def upstream_request_headers(
     via: bytes,
     request_id: str,
     received_version: bytes = b"1.1",
+    underscores: bool = False,
 ) -> Headers:
     """The headers sent upstream for a client request with headers `client`.
 
     `host` is the Host to send (the client's or the upstream's, by the route's policy); `client_host` is the
     client's own Host, which also goes out as X-Forwarded-Host. `received_version` is the HTTP version the
-    request came in with ("1.0" or "1.1"), as Via records it (RFC 9110 section 7.6.3).
+    request came in with ("1.0" or "1.1"), as Via records it (RFC 9110 section 7.6.3). Unless `underscores`,
+    a header with "_" in its name is dropped (see `gateway.config.Server.underscores_in_headers`).
     """
     source = _raw(client)
     out = Headers()
     raw = out._rawHeaders = _end_to_end(source, _DROP_UPSTREAM)
+    if not underscores:
+        for name in [name for name in raw if b"_" in name]:
+            del raw[name]
     raw[_HOST] = [host]
     forwarded_for = source.get(_XFF)
     ip = client_ip.encode("ascii")

@@ -262,6 +262,7 @@ class GatewayRequest(http.Request):
             via=via,
             request_id=self.request_id,
             received_version=self.clientproto.rpartition(b"/")[2],
+            underscores=gateway.server.underscores_in_headers,
         )
         self._enter(Phase.WAITING)
         if self._pool.try_acquire():

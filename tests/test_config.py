@@ -907,3 +907,15 @@ def test_every_accepted_prefix_is_a_routing_path(prefix: str) -> None:
         assert e.key == "routes[0].path_prefix"
         return
     routing_path(cfg.routes[0].path_prefix)
+
+
+def test_underscores_in_headers_is_off_by_default_and_must_be_a_boolean() -> None:
+    """Off unless said (nginx's default); anything but true/false is an error naming the key."""
+    assert parse(minimal(), source="t.toml").server.underscores_in_headers is False
+    data = minimal()
+    data["server"] = {"underscores_in_headers": True}
+    assert parse(data, source="t.toml").server.underscores_in_headers is True
+    data["server"] = {"underscores_in_headers": "yes"}
+    with pytest.raises(ConfigError) as caught:
+        parse(data, source="t.toml")
+    assert caught.value.key == "server.underscores_in_headers"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -418,20 +419,29 @@ def test_routing_messy_paths_is_deterministic_and_by_whole_segments(
 
 
 def _python_calls(work: Callable[[], object]) -> int:
-    """How many Python-level operations `work` does: lines of Python run, and calls made from Python code (to
-    Python functions or to builtins), each counted once."""
+    """How many Python-level operations the gateway's own code does in `work`: lines of it run, and calls made
+    from it (to Python functions or to builtins), each counted once. Frames outside gateway/ (a regex compiled
+    again after another test filled `re`'s cache, a garbage collection's finalizers) are not counted, and the
+    collector is off meanwhile, so the count does not depend on what ran before."""
     count = 0
 
-    def trace(frame: FrameType, event: str, arg: object) -> Callable[..., object]:
+    def ours(frame: FrameType) -> bool:
+        return "/gateway/" in frame.f_code.co_filename
+
+    def trace(frame: FrameType, event: str, arg: object) -> Callable[..., object] | None:
         nonlocal count
+        if not ours(frame):
+            return None
         count += 1
         return trace
 
     def profile(frame: FrameType, event: str, arg: object) -> None:
         nonlocal count
-        if event == "c_call":
+        if event == "c_call" and ours(frame):
             count += 1
 
+    collecting = gc.isenabled()
+    gc.disable()
     sys.settrace(trace)
     sys.setprofile(profile)
     try:
@@ -439,6 +449,8 @@ def _python_calls(work: Callable[[], object]) -> int:
     finally:
         sys.setprofile(None)
         sys.settrace(None)
+        if collecting:
+            gc.enable()
     return count
 
 
