@@ -19,11 +19,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from gateway.config import FlowControl
+from gateway.config import FlowControl, KiB, MiB
 
 __all__ = ["ReadSizer", "RequestBodyPipe", "ResponseRelay", "Watchdog"]
-
-KiB = 1024
 
 
 class Watchdog:
@@ -101,7 +99,7 @@ class ReadSizer:
     MIN = 16 * KiB
     MAX = 256 * KiB
     GROW_AFTER = 256 * KiB
-    KEPT_UP = 16 * 1024 * KiB
+    KEPT_UP = 16 * MiB
     SLOW_RATE = 4_000_000
     """Bytes per second below which a client counts as slow."""
     WINDOW = 0.1
@@ -342,10 +340,8 @@ class ResponseRelay(Protocol):
         read_size: Callable[[int], object] | None = None,
     ) -> None:
         self._consumer = consumer
-        self._clock = clock
         self._on_end = on_end
-        self._read_size = read_size
-        self._sizer: ReadSizer | None = None
+        self._sizer = None if read_size is None else ReadSizer(read_size, clock)
         self._idle = Watchdog(clock, upstream_idle_timeout, lambda: on_timeout("upstream_idle"))
         self._stall = Watchdog(clock, client_stall_timeout, lambda: on_timeout("client_send_stall"))
         self.paused = False
@@ -354,8 +350,6 @@ class ResponseRelay(Protocol):
         """Bytes of response body relayed so far."""
 
     def connectionMade(self) -> None:
-        if self._read_size is not None:
-            self._sizer = ReadSizer(self._read_size, self._clock)
         self._consumer.registerProducer(self, True)
         if not self.paused:
             self._idle.arm()

@@ -42,13 +42,15 @@ def refused_port() -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_refusing_the_connection_gets_502(refused_port, gateway_for):
-    """An upstream that refuses the TCP connection gets the client a 502 problem."""
+    """An upstream that refuses the TCP connection gets the client a 502 problem, whose request id is the one
+    generated for the request, and leaves no slot held."""
     gateway = gateway_for(gateway_config(f"http://127.0.0.1:{refused_port}"))
     client = await connect(gateway.port, keep_all=True)
     client.send(get(b"/anything"))
     await within(client.closed)
     problem = assert_problem(client, 502)
     assert "could not connect" in problem["detail"]
+    assert len(str(problem["request_id"])) == 32
     await pools_settled(gateway)
 
 

@@ -21,7 +21,8 @@ def get(path: bytes, *headers: bytes, close: bool = True, method: bytes = b"GET"
 
 
 def assert_problem(client: RawClient, status: int) -> dict[str, Any]:
-    """The client got exactly one response: a complete problem+json answer with `status`."""
+    """The client got exactly one response: a complete problem+json answer with `status`, whose request id is
+    the one in its X-Request-ID header."""
     responses = parse_responses(bytes(client.head))
     assert [r.status for r in responses] == [status], bytes(client.head)[:500]
     (response,) = responses
@@ -29,6 +30,7 @@ def assert_problem(client: RawClient, status: int) -> dict[str, Any]:
     assert response.header(b"content-type") == b"application/problem+json"
     problem: dict[str, Any] = json.loads(response.body)
     assert problem["status"] == status
+    assert response.header(b"x-request-id") == str(problem["request_id"]).encode()
     return problem
 
 
