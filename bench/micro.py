@@ -33,7 +33,7 @@ def run(requests: int) -> float:
     config = parse(
         {
             "listeners": [{"host": "127.0.0.1", "port": 0}],
-            "routes": [{"name": "all", "path_prefix": "/", "upstream": "http://10.0.0.2:8080"}],
+            "routes": [{"name": "all", "auth": "anonymous", "path_prefix": "/", "upstream": "http://10.0.0.2:8080"}],
         },
         source="micro",
     )

@@ -87,6 +87,7 @@ url = "http://127.0.0.1:{origin_port}"
 
 [[routes]]
 name = "all"
+auth = "anonymous"
 path_prefix = "/"
 upstream = "origin"
 """

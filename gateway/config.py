@@ -10,21 +10,48 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from gateway.auth.settings import (
+    DEFAULT_ADMISSION,
+    NOBODY,
+    Admission,
+    RouteAdmission,
+    parse_admission,
+    parse_route_admission,
+)
+from gateway.config_values import (
+    ConfigError,
+    Fields,
+    GiB,
+    KiB,
+    MiB,
+    Table,
+    boolean,
+    describe,
+    nonempty_string,
+    positive_int,
+    positive_seconds,
+    positive_size,
+    read_fields,
+    string,
+)
 from gateway.paths import PathRefused, routing_path
 
 __all__ = [
     "Config",
     "ConfigError",
     "FlowControl",
+    "GiB",
+    "KiB",
     "Limits",
     "Listener",
+    "MiB",
     "Route",
     "Server",
     "Timeouts",
@@ -40,20 +67,6 @@ REFUSED_METHODS = ("TRACE", "TRACK")
 the request back, credentials and cookies included (cross-site tracing), so nginx and most hardening guides
 refuse it. CONNECT is not here: it is refused on every route, because the gateway does not tunnel."""
 _T = TypeVar("_T")
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-
-
-class ConfigError(Exception):
-    """A config file that cannot be used, with the key at fault and why."""
-
-    def __init__(self, source: Path | str, key: str, reason: str) -> None:
-        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
-        self.source = str(source)
-        self.key = key
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,6 +129,9 @@ class Server:
     lingering_timeout: float = 5.0
     """How long a rejected request body is read and discarded before the connection is cut (nginx's
     lingering_time): closing with unread data would reset the connection and could destroy the answer."""
+    lingering_max_bytes: int = 16 * MiB
+    """How much of a rejected request body is read and discarded at most before the connection is cut: a client
+    that reads while it sends has its answer long before, and one that never stops sending is cut early."""
     via: str = "gateway"
     """The pseudonym this gateway adds to Via headers; empty adds none."""
     underscores_in_headers: bool = False
@@ -179,6 +195,8 @@ class Route:
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     flow_control: FlowControl = FlowControl()
+    admission: RouteAdmission = NOBODY
+    """Who may use the route; the default (for routes built in code) admits nobody."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,6 +209,7 @@ class Config:
     listeners: tuple[Listener, ...]
     upstreams: Mapping[str, Upstream]
     routes: tuple[Route, ...]
+    admission: Admission = DEFAULT_ADMISSION
 
 
 def load(path: Path | str) -> Config:
@@ -208,7 +227,7 @@ def load(path: Path | str) -> Config:
 
 def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
     """Validate an already-decoded config mapping; pure, so tests feed it dicts."""
-    top = _Table(data, "", source)
+    top = Table(data, "", source)
     server = _section(top, "server", Server, _SERVER_FIELDS)
     timeouts = _section(top, "timeouts", Timeouts, _TIMEOUT_FIELDS)
     limits = _section(top, "limits", Limits, _LIMIT_FIELDS)
@@ -236,10 +255,11 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
     for name, table in top.named_tables("upstreams"):
         upstreams[name] = _upstream(name, table)
 
+    admission = parse_admission(top)
     routes: list[Route] = []
     names: set[str] = set()
     for table in top.tables("routes", required=True):
-        route = _route(table, upstreams, timeouts, limits, flow)
+        route = _route(table, upstreams, timeouts, limits, flow, admission)
         if route.name in names:
             raise ConfigError(source, table.path_of("name"), f"route name {route.name!r} is used twice")
         names.add(route.name)
@@ -254,46 +274,11 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
         listeners=listeners,
         upstreams=MappingProxyType(upstreams),
         routes=tuple(routes),
+        admission=admission,
     )
 
 
 # --- value readers: each turns one raw TOML value into a typed value or says why it cannot ---------------
-
-
-def _positive_seconds(value: object) -> float:
-    """Seconds as a number or a string with a unit: 5, 2.5, "250ms", "30s", "2m", "1h"."""
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", value.lower())
-        if not m:
-            raise ValueError(f'must be seconds as a number or a string such as "250ms", "30s", "2m", got {value!r}')
-        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise ValueError(f"must be a number of seconds, got {_describe(value)}")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"must be a positive number of seconds, got {value!r}")
-    return seconds
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
-
-
-def _positive_size(value: object) -> int:
-    """Bytes as an integer or a string with a unit: 65536, "64KiB", "1GiB", "10MB"."""
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", value)
-        unit = m.group(2).lower() if m else ""
-        if not m or unit not in _SIZE_UNITS:
-            raise ValueError(f'must be bytes as an integer or a string such as "64KiB", "1GiB", got {value!r}')
-        size = int(m.group(1)) * _SIZE_UNITS[unit]
-    elif isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        raise ValueError(f"must be a whole number of bytes, got {_describe(value)}")
-    if size <= 0:
-        raise ValueError(f"must be a positive number of bytes, got {value!r}")
-    return size
 
 
 _MIN_REQUEST_LINE = len(b"OPTIONS * HTTP/1.1")
@@ -301,18 +286,10 @@ _MIN_REQUEST_LINE = len(b"OPTIONS * HTTP/1.1")
 
 def _request_line_size(value: object) -> int:
     """A request-line limit: one too small for "OPTIONS * HTTP/1.1" would refuse every request with 414."""
-    size = _positive_size(value)
+    size = positive_size(value)
     if size < _MIN_REQUEST_LINE:
         raise ValueError(f'must be at least {_MIN_REQUEST_LINE} bytes (room for "OPTIONS * HTTP/1.1"), got {value!r}')
     return size
-
-
-def _positive_int(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"must be an integer, got {_describe(value)}")
-    if value <= 0:
-        raise ValueError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _port(value: object) -> int:
@@ -321,34 +298,15 @@ def _port(value: object) -> int:
     return value
 
 
-def _string(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"must be a string, got {_describe(value)}")
-    return value
-
-
-def _nonempty_string(value: object) -> str:
-    text = _string(value)
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text
-
-
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {_describe(value)}")
-    return value
-
-
 def _via_name(value: object) -> str:
-    text = _string(value)
+    text = string(value)
     if text and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", text):
         raise ValueError(f"must be a single token (letters, digits, -._~ and the like), got {text!r}")
     return text
 
 
 def _interface(value: object) -> str:
-    text = _nonempty_string(value)
+    text = nonempty_string(value)
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -357,7 +315,7 @@ def _interface(value: object) -> str:
 
 
 def _host_pattern(value: object) -> str:
-    text = _nonempty_string(value).lower()
+    text = nonempty_string(value).lower()
     body = text[2:] if text.startswith("*.") else text
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", body):
         raise ValueError(f'must be a host name such as "api.example.com" or "*.example.com", got {value!r}')
@@ -365,7 +323,7 @@ def _host_pattern(value: object) -> str:
 
 
 def _path_prefix(value: object) -> bytes:
-    text = _nonempty_string(value)
+    text = nonempty_string(value)
     if not text.startswith("/"):
         raise ValueError(f'must start with "/", got {text!r}')
     if not re.fullmatch(r"[!$&'()*+,;=:@/A-Za-z0-9._~%-]+", text):
@@ -392,7 +350,7 @@ _EXTRA_METHODS = ", ".join(f'"{m}"' for m in REFUSED_METHODS)
 
 def _allowed_methods(value: object) -> frozenset[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f'must be an array of method names such as ["TRACE"], got {_describe(value)}')
+        raise ValueError(f'must be an array of method names such as ["TRACE"], got {describe(value)}')
     for method in value:
         if method.upper() == "CONNECT":
             raise ValueError(
@@ -415,130 +373,36 @@ def _host_header_policy(value: object) -> HostHeaderPolicy:
     raise ValueError(f'must be "upstream" (send the upstream\'s host) or "client" (pass the client\'s), got {value!r}')
 
 
-def _describe(value: object) -> str:
-    names = {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "a table",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
-# --- tables: a table remembers which keys were read so that unknown keys are errors ------------------------
-
-
-class _Table:
-    """A TOML table being read; `finish` rejects keys nobody asked for (a typo must not be silently ignored)."""
-
-    def __init__(self, data: Mapping[str, Any], path: str, source: Path | str) -> None:
-        self._data = data
-        self._path = path
-        self._source = source
-        self._seen: set[str] = set()
-
-    def path_of(self, key: str) -> str:
-        return f"{self._path}.{key}" if self._path else key
-
-    def error(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(self._source, self.path_of(key) if key else self._path, reason)
-
-    def has(self, key: str) -> bool:
-        return key in self._data
-
-    def get(self, key: str, read: Callable[[object], _T], default: _T | None = None) -> _T:
-        self._seen.add(key)
-        if key not in self._data:
-            if default is None:
-                raise self.error(key, "is required")
-            return default
-        try:
-            return read(self._data[key])
-        except ValueError as e:
-            raise self.error(key, str(e)) from None
-
-    def table(self, key: str) -> _Table | None:
-        self._seen.add(key)
-        if key not in self._data:
-            return None
-        value = self._data[key]
-        if not isinstance(value, dict):
-            raise self.error(key, f"must be a table, got {_describe(value)}")
-        return _Table(value, self.path_of(key), self._source)
-
-    def tables(self, key: str, *, required: bool = False) -> list[_Table]:
-        """An array of tables (`[[key]]`)."""
-        self._seen.add(key)
-        if key not in self._data:
-            if required:
-                raise self.error(key, f"is required (add at least one [[{key}]] table)")
-            return []
-        value = self._data[key]
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self.error(key, f"must be an array of tables ([[{key}]]), got {_describe(value)}")
-        return [_Table(v, f"{self.path_of(key)}[{i}]", self._source) for i, v in enumerate(value)]
-
-    def named_tables(self, key: str) -> list[tuple[str, _Table]]:
-        """A table of tables (`[key.name]`)."""
-        outer = self.table(key)
-        if outer is None:
-            return []
-        result = []
-        for name in outer._data:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise outer.error(name, "a name may contain only letters, digits and -_.")
-            inner = outer.table(name)
-            assert inner is not None
-            result.append((name, inner))
-        return result
-
-    def finish(self) -> None:
-        unknown = sorted(set(self._data) - self._seen)
-        if unknown:
-            raise self.error(unknown[0], "unknown key (check its spelling and the section it is in)")
-
-
-_Fields = Mapping[str, Callable[[object], Any]]
-_SERVER_FIELDS: _Fields = {
-    "idle_timeout": _positive_seconds,
-    "head_timeout": _positive_seconds,
-    "max_connections": _positive_int,
-    "lingering_timeout": _positive_seconds,
+_SERVER_FIELDS: Fields = {
+    "idle_timeout": positive_seconds,
+    "head_timeout": positive_seconds,
+    "max_connections": positive_int,
+    "lingering_timeout": positive_seconds,
+    "lingering_max_bytes": positive_size,
     "via": _via_name,
-    "underscores_in_headers": _boolean,
-    "workers": _positive_int,
+    "underscores_in_headers": boolean,
+    "workers": positive_int,
 }
-_TIMEOUT_FIELDS: _Fields = {f.name: _positive_seconds for f in fields(Timeouts)}
-_LIMIT_FIELDS: _Fields = {
-    "max_request_body_bytes": _positive_size,
+_TIMEOUT_FIELDS: Fields = {f.name: positive_seconds for f in fields(Timeouts)}
+_LIMIT_FIELDS: Fields = {
+    "max_request_body_bytes": positive_size,
     "max_request_line_bytes": _request_line_size,
-    "max_header_bytes": _positive_size,
-    "max_header_count": _positive_int,
+    "max_header_bytes": positive_size,
+    "max_header_count": positive_int,
 }
-_ROUTE_LIMIT_FIELDS: _Fields = {"max_request_body_bytes": _positive_size}
-_FLOW_FIELDS: _Fields = {"high_water": _positive_size, "low_water": _positive_size}
-_UPSTREAM_FIELDS: _Fields = {
-    "max_connections": _positive_int,
-    "max_queue": _positive_int,
-    "queue_timeout": _positive_seconds,
-    "idle_timeout": _positive_seconds,
-    "max_idle_connections": _positive_int,
+_ROUTE_LIMIT_FIELDS: Fields = {"max_request_body_bytes": positive_size}
+_FLOW_FIELDS: Fields = {"high_water": positive_size, "low_water": positive_size}
+_UPSTREAM_FIELDS: Fields = {
+    "max_connections": positive_int,
+    "max_queue": positive_int,
+    "queue_timeout": positive_seconds,
+    "idle_timeout": positive_seconds,
+    "max_idle_connections": positive_int,
 }
 
 
-def _read_fields(table: _Table | None, base: _T, readers: _Fields) -> _T:
-    """`base` with the keys present in `table` replaced; every key must be known."""
-    if table is None:
-        return base
-    changes = {key: table.get(key, read) for key, read in readers.items() if table.has(key)}
-    table.finish()
-    return replace(base, **changes)  # type: ignore[type-var]
-
-
-def _section(top: _Table, key: str, kind: type[_T], readers: _Fields) -> _T:
-    return _read_fields(top.table(key), kind(), readers)
+def _section(top: Table, key: str, kind: type[_T], readers: Fields) -> _T:
+    return read_fields(top.table(key), kind(), readers)
 
 
 def _check_flow(flow: FlowControl, key: str, source: Path | str) -> None:
@@ -548,18 +412,18 @@ def _check_flow(flow: FlowControl, key: str, source: Path | str) -> None:
         )
 
 
-def _listener(t: _Table) -> Listener:
+def _listener(t: Table) -> Listener:
     listener = Listener(
         host=t.get("host", _interface),
         port=t.get("port", _port),
-        backlog=t.get("backlog", _positive_int, 511),
+        backlog=t.get("backlog", positive_int, 511),
     )
     t.finish()
     return listener
 
 
-def _upstream_url(t: _Table, key: str) -> tuple[str, str, int, bytes]:
-    text = t.get(key, _nonempty_string)
+def _upstream_url(t: Table, key: str) -> tuple[str, str, int, bytes]:
+    text = t.get(key, nonempty_string)
     parts = urlsplit(text)
     if parts.scheme == "https":
         raise t.error(key, "https upstreams are not supported yet (TLS to upstreams comes with the TLS work)")
@@ -579,23 +443,24 @@ def _upstream_url(t: _Table, key: str) -> tuple[str, str, int, bytes]:
     return "http", parts.hostname, port, base.encode("ascii")
 
 
-def _upstream(name: str, t: _Table) -> Upstream:
+def _upstream(name: str, t: Table) -> Upstream:
     scheme, host, port, base = _upstream_url(t, "url")
-    upstream = _read_fields(
+    upstream = read_fields(
         t, Upstream(name=name, scheme=scheme, host=host, port=port, base_path=base), _UPSTREAM_FIELDS
     )
     return upstream
 
 
 def _route(
-    t: _Table,
+    t: Table,
     upstreams: dict[str, Upstream],
     timeouts: Timeouts,
     limits: Limits,
     flow: FlowControl,
+    admission: Admission,
 ) -> Route:
-    name = t.get("name", _nonempty_string)
-    target = t.get("upstream", _nonempty_string)
+    name = t.get("name", nonempty_string)
+    target = t.get("upstream", nonempty_string)
     if "://" in target:
         scheme, host, port, base = _upstream_url(t, "upstream")
         # Routes naming the same URL share one upstream (one pool); the URL is its name.
@@ -607,19 +472,20 @@ def _route(
     else:
         known = ", ".join(sorted(upstreams)) or "none are defined"
         raise t.error("upstream", f"no upstream named {target!r} (known: {known}); give a name or an http URL")
-    route_flow = _read_fields(t.table("flow_control"), flow, _FLOW_FIELDS)
+    route_flow = read_fields(t.table("flow_control"), flow, _FLOW_FIELDS)
     _check_flow(route_flow, t.path_of("flow_control"), t._source)
     route = Route(
         name=name,
         host=t.get("host", _host_pattern) if t.has("host") else None,
         path_prefix=t.get("path_prefix", _path_prefix, b"/"),
         upstream=upstream,
-        strip_prefix=t.get("strip_prefix", _boolean, False),
+        strip_prefix=t.get("strip_prefix", boolean, False),
         host_header=t.get("host_header", _host_header_policy, "upstream"),
         allow_methods=t.get("allow_methods", _allowed_methods, frozenset()),
-        timeouts=_read_fields(t.table("timeouts"), timeouts, _TIMEOUT_FIELDS),
-        limits=_read_fields(t.table("limits"), limits, _ROUTE_LIMIT_FIELDS),
+        timeouts=read_fields(t.table("timeouts"), timeouts, _TIMEOUT_FIELDS),
+        limits=read_fields(t.table("limits"), limits, _ROUTE_LIMIT_FIELDS),
         flow_control=route_flow,
+        admission=parse_route_admission(t, admission),
     )
     t.finish()
     return route

@@ -10,9 +10,14 @@ import json
 from typing import ClassVar
 
 __all__ = [
+    "AuthServiceDenied",
+    "AuthTimeout",
+    "AuthUnavailable",
     "BadRequest",
     "BodyTooLarge",
     "ClientBodyTimeout",
+    "Denied",
+    "Forbidden",
     "GatewayError",
     "HeadTimeout",
     "HeadersTooLarge",
@@ -21,6 +26,8 @@ __all__ = [
     "NotSupported",
     "RequestLineTooLong",
     "TooManyConnections",
+    "TooManyRequests",
+    "Unauthorized",
     "UpstreamBroken",
     "UpstreamSaturated",
     "UpstreamTimeout",
@@ -34,7 +41,7 @@ PROBLEM_CONTENT_TYPE = b"application/problem+json"
 class GatewayError(Exception):
     """A failure answered by the gateway itself, before any byte of an upstream response was sent."""
 
-    status: ClassVar[int] = 500
+    status: int = 500
     title: ClassVar[str] = "Internal gateway error"
     slug: ClassVar[str] = "internal"
 
@@ -45,6 +52,99 @@ class GatewayError(Exception):
     @property
     def type_uri(self) -> str:
         return f"urn:gateway:problem:{self.slug}"
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers the answer carries besides its framing (Allow, WWW-Authenticate, Retry-After...)."""
+        return []
+
+    def render(self, request_id: str) -> tuple[int, bytes, bytes]:
+        """The status, content type and body of the answer: problem+json, unless the error says otherwise."""
+        return problem(self, request_id)
+
+
+class Denied(GatewayError):
+    """A request refused by admission (authentication, authorisation, limits), or admission that could not
+    decide. `reason` is a short code for the log (never a credential); `consumer` is who it was, when known."""
+
+    title = "Denied"
+    slug = "denied"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        reason: str = "",
+        consumer: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.reason = reason or self.slug.replace("-", "_")
+        self.consumer = consumer
+        self.headers = headers or []
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.headers
+
+
+class Unauthorized(Denied):
+    """No valid credential: the answer names in WWW-Authenticate the methods the route accepts."""
+
+    status = 401
+    title = "Unauthorized"
+    slug = "unauthorized"
+
+
+class Forbidden(Denied):
+    """A known consumer that may not make this request (it lacks a scope the route requires)."""
+
+    status = 403
+    title = "Forbidden"
+    slug = "forbidden"
+
+
+class TooManyRequests(Denied):
+    """Over a rate or concurrency limit; the answer says when to retry (Retry-After, RateLimit headers)."""
+
+    status = 429
+    title = "Too many requests"
+    slug = "too-many-requests"
+
+
+class AuthUnavailable(Denied):
+    """Admission could not decide (no keys could be fetched, the auth service failed or is saturated): the
+    request is refused, never let through (fail closed)."""
+
+    status = 503
+    title = "Authentication unavailable"
+    slug = "auth-unavailable"
+
+
+class AuthTimeout(Denied):
+    """The auth service did not answer in time (fail closed)."""
+
+    status = 504
+    title = "Authentication timeout"
+    slug = "auth-timeout"
+
+
+class AuthServiceDenied(Denied):
+    """A forward-auth service's own 401 or 403, passed to the client with its body and chosen headers."""
+
+    title = "Denied by the auth service"
+    slug = "auth-service-denied"
+
+    def __init__(
+        self, status: int, content_type: bytes | None, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        super().__init__(f"the auth service answered {status}", reason=f"auth_service_{status}", headers=headers)
+        self.status = status
+        self.content_type = content_type
+        self.body = body
+
+    def render(self, request_id: str) -> tuple[int, bytes, bytes]:
+        if self.content_type is None and not self.body:
+            return problem(self, request_id)
+        return self.status, self.content_type or b"application/octet-stream", self.body
 
 
 class BadRequest(GatewayError):
@@ -81,6 +181,9 @@ class MethodNotAllowed(GatewayError):
     @property
     def allow_header(self) -> bytes:
         return ", ".join(self.allow).encode("ascii")
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"Allow", self.allow_header)]
 
 
 class ClientBodyTimeout(GatewayError):

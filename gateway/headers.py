@@ -7,14 +7,16 @@ next hop. Pure functions over `Headers`: no I/O, no reactor.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from twisted.web.http_headers import Headers
 
 __all__ = [
     "HOP_BY_HOP",
+    "canonical_name",
     "client_response_headers",
     "connection_tokens",
     "request_id_of",
@@ -47,7 +49,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 
 
-def _canonical(name: bytes) -> bytes:
+@functools.lru_cache(maxsize=1024)
+def canonical_name(name: bytes) -> bytes:
     """`name` as Twisted's `Headers` stores it (its own capitalisation rules, asked once at import)."""
     headers = Headers()
     headers.addRawHeader(name, b"")
@@ -55,7 +58,7 @@ def _canonical(name: bytes) -> bytes:
 
 
 _CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID = (
-    _canonical(n)
+    canonical_name(n)
     for n in (
         b"connection",
         b"host",
@@ -66,8 +69,8 @@ _CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID = (
         b"x-request-id",
     )
 )
-_DROP_UPSTREAM = frozenset(_canonical(n) for n in HOP_BY_HOP | _REMADE_UPSTREAM)
-_DROP_CLIENT = frozenset(_canonical(n) for n in HOP_BY_HOP | _REMADE_CLIENT)
+_DROP_UPSTREAM = frozenset(canonical_name(n) for n in HOP_BY_HOP | _REMADE_UPSTREAM)
+_DROP_CLIENT = frozenset(canonical_name(n) for n in HOP_BY_HOP | _REMADE_CLIENT)
 
 
 def _raw(headers: Headers) -> dict[bytes, list[bytes]]:
@@ -129,6 +132,8 @@ def upstream_request_headers(
     request_id: str,
     received_version: bytes = b"1.1",
     underscores: bool = False,
+    remove: Iterable[bytes] = (),
+    add: Sequence[tuple[bytes, bytes]] = (),
 ) -> Headers:
     """The headers sent upstream for a client request with headers `client`.
 
@@ -136,6 +141,8 @@ def upstream_request_headers(
     client's own Host, which also goes out as X-Forwarded-Host. `received_version` is the HTTP version the
     request came in with ("1.0" or "1.1"), as Via records it (RFC 9110 section 7.6.3). Unless `underscores`,
     a header with "_" in its name is dropped (see `gateway.config.Server.underscores_in_headers`).
+    Headers named in `remove` (canonical names: credentials, and every identity header admission sets) are
+    dropped, then those of `add` set: a client cannot send an identity header of its own.
     """
     source = _raw(client)
     out = Headers()
@@ -143,6 +150,10 @@ def upstream_request_headers(
     if not underscores:
         for name in [name for name in raw if b"_" in name]:
             del raw[name]
+    for name in remove:
+        raw.pop(name, None)
+    for name, value in add:
+        raw[name] = [value]
     raw[_HOST] = [host]
     forwarded_for = source.get(_XFF)
     ip = client_ip.encode("ascii")

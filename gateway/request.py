@@ -16,11 +16,11 @@ Rules this module keeps:
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionLost, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
@@ -39,17 +39,20 @@ from twisted.web.client import (
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from gateway.admission import Admit, Reject, RequestHead, decide
+from gateway.auth.gatekeeper import Allow, Gatekeeper, Verdict
+from gateway.auth.identity import AuthRequest
 from gateway.config import Limits, Route, Server
 from gateway.errors import (
+    AuthUnavailable,
     BadRequest,
     BodyTooLarge,
     ClientBodyTimeout,
+    Denied,
     GatewayError,
     MethodNotAllowed,
     UpstreamBroken,
     UpstreamTimeout,
     UpstreamUnreachable,
-    problem,
 )
 from gateway.headers import (
     client_response_headers,
@@ -86,6 +89,7 @@ class Gateway:
     router: Router
     pools: Mapping[str, UpstreamPool]
     clock: IReactorTime
+    gatekeeper: Gatekeeper
 
 
 class Phase(enum.Enum):
@@ -93,6 +97,9 @@ class Phase(enum.Enum):
 
     HEAD = "head"
     """Created by the channel; its head is not complete yet."""
+    ADMITTING = "admitting"
+    """Routed; waiting for an admission verdict (a JWKS fetch, a bcrypt check, forward auth). The body is not
+    read meanwhile, beyond what came with the head: the client's socket is paused at the first body byte."""
     WAITING = "waiting"
     """Admitted: waiting for an upstream slot, a connection or the response head (the body may be flowing)."""
     STREAMING = "streaming"
@@ -111,7 +118,8 @@ class Phase(enum.Enum):
 
 
 _TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
-    Phase.HEAD: frozenset({Phase.WAITING, Phase.SENT, Phase.CLIENT_GONE}),
+    Phase.HEAD: frozenset({Phase.ADMITTING, Phase.WAITING, Phase.SENT, Phase.CLIENT_GONE}),
+    Phase.ADMITTING: frozenset({Phase.WAITING, Phase.SENT, Phase.CLIENT_GONE}),
     Phase.WAITING: frozenset({Phase.STREAMING, Phase.SENT, Phase.CLIENT_GONE}),
     Phase.STREAMING: frozenset({Phase.SENT, Phase.ABORTED, Phase.CLIENT_GONE}),
     Phase.SENT: frozenset({Phase.DONE, Phase.ABORTED, Phase.CLIENT_GONE}),
@@ -165,6 +173,18 @@ class GatewayRequest(http.Request):
         self._relay: ResponseRelay | None = None
         self._response: IResponse | None = None
         self._target = b""
+        self._verdict: Deferred[Verdict] | None = None
+        """The pending admission verdict (phase ADMITTING)."""
+        self._admitting: tuple[Admit, int | None] | None = None
+        self._held: list[bytes] = []
+        """Body bytes that came with the head while the verdict is pending (at most one socket read)."""
+        self._paused_for_verdict = False
+        self._continue_owed = False
+        """The client asked for `100 Continue`, held back until the verdict."""
+        self._lingered = 0
+        """Body bytes read and dropped while lingering."""
+        self._release: Any = None
+        """Gives back the consumer's concurrency slot; called once, when the request ends however it ends."""
 
     # --- hooks called by HTTPChannel ---------------------------------------------------------------------
 
@@ -189,18 +209,38 @@ class GatewayRequest(http.Request):
         if isinstance(decision, Reject):
             self._answer(decision.error)
             self._maybe_finish()
+            return
+        self.route = decision.route
+        verdict = self.gateway.gatekeeper.check(
+            decision.route.admission,
+            AuthRequest(self.method, self.uri, self.requestHeaders, getattr(self.client, "host", ""), self.request_id),
+        )
+        if isinstance(verdict, Allow):
+            self._start(decision, length, verdict)
+        elif isinstance(verdict, Deferred):
+            self._await_verdict(decision, length, verdict)
         else:
-            self._start(decision, length)
+            self._refuse(verdict)
 
     def handleContentChunk(self, data: bytes) -> None:
         pipe = self._pipe
-        if pipe is None or self._discarding:
-            return
-        limit = self.route.limits.max_request_body_bytes if self.route is not None else 0
-        if pipe.received + len(data) > limit:
-            self._body_too_large(limit)  # checked first: not one byte past the limit goes upstream
-            return
-        pipe.feed(data)
+        if pipe is not None and not self._discarding:
+            limit = self.route.limits.max_request_body_bytes if self.route is not None else 0
+            if pipe.received + len(data) > limit:
+                self._body_too_large(limit)  # checked first: not one byte past the limit goes upstream
+                return
+            pipe.feed(data)
+        elif self.phase is Phase.ADMITTING:
+            # Came with the head, or was sent without waiting for 100 Continue: held, and nothing more is read
+            # until the verdict.
+            self._held.append(data)
+            if not self._paused_for_verdict:
+                self._paused_for_verdict = True
+                self._client_transport.pauseProducing()
+        elif self._lingering:
+            self._lingered += len(data)
+            if self._lingered > self.gateway.server.lingering_max_bytes and self.phase is Phase.SENT:
+                self._abort_client("lingering_limit")
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """The body is complete. Method, target and version were taken at `gotLength`; the body never went to
@@ -226,20 +266,90 @@ class GatewayRequest(http.Request):
         # A client that hangs up after the whole response was written (while we lingered) was answered.
         self._enter(Phase.CLIENT_GONE, "" if self.phase is Phase.SENT else "client_gone")
         self._cancel_timer()
+        verdict, self._verdict = self._verdict, None
+        if verdict is not None:
+            verdict.cancel()  # nobody waits for it any more: the check stops where it can
         if self._relay is not None:
             self._relay.stopProducing()
         self._cancel_upstream(ConnectionAborted("the client went away"))
 
+    # --- admission ----------------------------------------------------------------------------------------
+
+    def _await_verdict(self, decision: Admit, length: int | None, verdict: Deferred[Verdict]) -> None:
+        """The verdict takes time: hold back `100 Continue` and the body until it comes."""
+        self._enter(Phase.ADMITTING)
+        self._admitting = (decision, length)
+        if self._has_body:
+            self._saved_idle_timeout = self.channel.setTimeout(None)  # the check has its own timeouts
+            expect = self.requestHeaders.getRawHeaders(b"expect")
+            if expect and expect[0].lower() == b"100-continue" and self.clientproto == b"HTTP/1.1":
+                self._continue_owed = True
+            self.requestHeaders.removeHeader(b"expect")  # Twisted would send 100 Continue once gotLength returns
+        self._verdict = verdict
+        verdict.addCallbacks(self._got_verdict, self._verdict_failed)
+
+    def _got_verdict(self, verdict: Verdict) -> None:
+        self._verdict = None
+        if self.phase is not Phase.ADMITTING:
+            if isinstance(verdict, Allow) and verdict.release is not None:
+                verdict.release()  # admitted after the client left
+            return
+        held, self._held = self._held, []
+        if not isinstance(verdict, Allow):
+            self._refuse(verdict)
+            return
+        assert self._admitting is not None
+        decision, length = self._admitting
+        self._admitting = None
+        self._start(decision, length, verdict)
+        for data in held:
+            self.handleContentChunk(data)
+        if self._received and self._pipe is not None and not self._discarding:
+            self._pipe.end()
+        if self._paused_for_verdict:
+            self._paused_for_verdict = False
+            if self._pipe is None or not self._pipe.client_paused:
+                self._client_transport.resumeProducing()
+        if self._continue_owed and not held and not self._received and self.phase is Phase.WAITING:
+            self.channel._send100Continue()
+
+    def _verdict_failed(self, failure: Failure) -> None:
+        self._verdict = None
+        if failure.check(CancelledError) or self.phase is not Phase.ADMITTING:
+            return
+        _log.failure("Admission verdict failed (request {request_id})", failure, request_id=self.request_id)
+        self._got_verdict(AuthUnavailable("the request could not be checked", reason="internal_error"))
+
+    def _refuse(self, denied: Denied) -> None:
+        """Answer a request admission refused; its body (if any) is never forwarded, only dropped while lingering."""
+        _log.info(
+            "Admission refused a request with {status} ({reason}): route {route}, consumer {consumer}, "
+            "client {client}, request {request_id}",
+            status=denied.status,
+            reason=denied.reason,
+            route=self.route.name if self.route is not None else None,
+            consumer=denied.consumer,
+            client=getattr(self.client, "host", ""),
+            request_id=self.request_id,
+        )
+        self._answer(denied)
+        if self._paused_for_verdict:
+            self._paused_for_verdict = False
+            self._client_transport.resumeProducing()  # lingering reads and drops what the client still sends
+        self._maybe_finish()
+
     # --- admitted: the upstream exchange -----------------------------------------------------------------
 
-    def _start(self, decision: Admit, length: int | None) -> None:
+    def _start(self, decision: Admit, length: int | None, allow: Allow) -> None:
         route = self.route = decision.route
         gateway = self.gateway
         self._target = decision.upstream_target
         self._pool = gateway.pools[route.upstream.name]
+        self._release = allow.release
         if self._has_body:
-            # Twisted's idle timer would cut an upload we paused for a slow upstream; the pipe times the body.
-            self._saved_idle_timeout = self.channel.setTimeout(None)
+            if self._saved_idle_timeout is None:
+                # Twisted's idle timer would cut an upload we paused for a slow upstream; the pipe times the body.
+                self._saved_idle_timeout = self.channel.setTimeout(None)
             self._pipe = RequestBodyPipe(
                 length=length,
                 client=self._client_transport,
@@ -263,6 +373,8 @@ class GatewayRequest(http.Request):
             request_id=self.request_id,
             received_version=self.clientproto.rpartition(b"/")[2],
             underscores=gateway.server.underscores_in_headers,
+            remove=_removed(gateway.gatekeeper.identity_headers, allow.strip),
+            add=allow.upstream_headers,
         )
         self._enter(Phase.WAITING)
         if self._pool.try_acquire():
@@ -443,15 +555,15 @@ class GatewayRequest(http.Request):
     def _answer(self, error: GatewayError) -> None:
         """Write the gateway's own answer: a problem+json response."""
         self.error = error
-        status, content_type, body = problem(error, self.request_id)
+        status, content_type, body = error.render(self.request_id)
         # No `100 Continue` after a final answer (Twisted sends it once gotLength returns, if Expect is there).
         self.requestHeaders.removeHeader(b"expect")
         if (self._has_body and not self._received) or isinstance(error, BadRequest | MethodNotAllowed):
             self._close_after_response()  # what follows on this connection cannot be trusted to be a request
         self.setResponseCode(status)
         headers = self.responseHeaders
-        if isinstance(error, MethodNotAllowed):
-            headers.setRawHeaders(b"Allow", [error.allow_header])
+        for name, value in error.extra_headers():
+            headers.addRawHeader(name, value)
         headers.setRawHeaders(b"Content-Type", [content_type])
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         headers.setRawHeaders(b"X-Request-ID", [self.request_id.encode("ascii")])
@@ -537,6 +649,14 @@ class GatewayRequest(http.Request):
         self.phase = phase
         if ending:
             self.ending = ending
+        if self._release is not None and not _TRANSITIONS[phase]:
+            release, self._release = self._release, None
+            release()
+
+
+def _removed(identity_headers: frozenset[bytes], strip: Sequence[bytes]) -> Iterable[bytes]:
+    """Headers dropped from the request before forwarding: every identity header, and the credential used."""
+    return identity_headers.union(strip) if strip else identity_headers
 
 
 def _host_value(route: Route) -> bytes:

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from gateway.auth.gatekeeper import Gatekeeper
 from gateway.config import Config, Listener
 from gateway.request import Gateway
 from gateway.routing import Router
@@ -32,7 +33,8 @@ _log = Logger()
 
 
 def make_gateway(config: Config, reactor: Any) -> Gateway:
-    """The runtime objects for `config`: a router and one pool per upstream that some route uses."""
+    """The runtime objects for `config`: a router, one pool per upstream that some route uses, and the
+    admission checks (with their own threads and connections, started lazily)."""
     pools = {route.upstream.name: UpstreamPool(route.upstream, reactor) for route in config.routes}
     return Gateway(
         server=config.server,
@@ -40,6 +42,7 @@ def make_gateway(config: Config, reactor: Any) -> Gateway:
         router=Router(config.routes),
         pools=pools,
         clock=reactor,
+        gatekeeper=Gatekeeper(config.admission, reactor=reactor),
     )
 
 
@@ -123,6 +126,7 @@ class GatewayService(MultiService):
         stopped = super().stopService()
 
         def close_pools(_: object) -> Deferred[Any]:
-            return DeferredList([pool.close() for pool in self.gateway.pools.values()])
+            closing = [pool.close() for pool in self.gateway.pools.values()]
+            return DeferredList([*closing, self.gateway.gatekeeper.close()])
 
         return stopped.addBoth(close_pools)

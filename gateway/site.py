@@ -16,13 +16,14 @@ Rules:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, HTTPFactory, Request
+from twisted.web.http import HTTPChannel, HTTPFactory, Request, _ChunkedTransferDecoder, _MalformedChunkedDataError
 from twisted.web.http_headers import Headers
 
 from gateway.config import Limits, Server
@@ -66,6 +67,21 @@ def refusal_bytes(error: GatewayError, request_id: str, *, head_request: bool = 
     head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\nX-Request-ID: %s\r\n\r\n"
     head %= (status, reason, content_type, len(body), request_id.encode("ascii"))
     return head if head_request else head + body
+
+
+_TRAILER_FIELD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00\r\n]*")
+
+
+class _StrictChunkedDecoder(_ChunkedTransferDecoder):
+    """Twisted's chunked decoder, refusing a malformed trailer line (no colon, a bad name, obs-fold) rather than
+    ignoring it: "0\r\nX\r\nGET /smuggled ...\r\n\r\n" would otherwise end the body, with the next request's
+    lines taken as trailers, where a stricter parser in front of the gateway sees a broken body."""
+
+    def _dataReceived_TRAILER(self) -> bool:
+        end = self._buffer.find(b"\r\n", self._start)
+        if end > 0 and not _TRAILER_FIELD.fullmatch(self._buffer, 0, end):
+            raise _MalformedChunkedDataError("malformed trailer field")
+        return bool(super()._dataReceived_TRAILER())
 
 
 class GatewayChannel(HTTPChannel):
@@ -169,6 +185,12 @@ class GatewayChannel(HTTPChannel):
                     self.refuse(BadRequest("Transfer-Encoding in an HTTP/1.0 request is faulty framing"))
                     return False
         return bool(super().headerReceived(line))
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        chosen = bool(super()._maybeChooseTransferDecoder(header, data))
+        if type(self._transferDecoder) is _ChunkedTransferDecoder:
+            self._transferDecoder.__class__ = _StrictChunkedDecoder  # same state, stricter trailers
+        return chosen
 
     def rawDataReceived(self, data: bytes) -> None:
         super().rawDataReceived(data)

@@ -24,12 +24,30 @@ CONFIG: dict[str, Any] = {
     "limits": {"max_request_body_bytes": "1MiB"},
     "upstreams": {"app": {"url": "http://127.0.0.1:8081/base"}},
     "routes": [
-        {"name": "reports", "path_prefix": "/reports", "upstream": "app"},
-        {"name": "uploads", "path_prefix": "/upload", "upstream": "app", "limits": {"max_request_body_bytes": "4MiB"}},
-        {"name": "api", "path_prefix": "/api", "upstream": "http://127.0.0.1:9000", "strip_prefix": True},
-        {"name": "private", "host": "internal.example.com", "path_prefix": "/", "upstream": "app"},
-        {"name": "tenants", "host": "*.tenants.example.com", "path_prefix": "/", "upstream": "app"},
-        {"name": "public", "path_prefix": "/public", "upstream": "app"},
+        {"name": "reports", "auth": "anonymous", "path_prefix": "/reports", "upstream": "app"},
+        {
+            "name": "uploads",
+            "auth": "anonymous",
+            "path_prefix": "/upload",
+            "upstream": "app",
+            "limits": {"max_request_body_bytes": "4MiB"},
+        },
+        {
+            "name": "api",
+            "auth": "anonymous",
+            "path_prefix": "/api",
+            "upstream": "http://127.0.0.1:9000",
+            "strip_prefix": True,
+        },
+        {"name": "private", "auth": "anonymous", "host": "internal.example.com", "path_prefix": "/", "upstream": "app"},
+        {
+            "name": "tenants",
+            "auth": "anonymous",
+            "host": "*.tenants.example.com",
+            "path_prefix": "/",
+            "upstream": "app",
+        },
+        {"name": "public", "auth": "anonymous", "path_prefix": "/public", "upstream": "app"},
     ],
 }
 
@@ -157,7 +175,7 @@ def test_non_origin_form_is_400(router: Router, target: bytes) -> None:
 
 def test_non_origin_form_is_400_even_with_catch_all() -> None:
     """A non-path target is rejected even when a catch-all route would match anything."""
-    data = {**CONFIG, "routes": [{"name": "all", "path_prefix": "/", "upstream": "app"}]}
+    data = {**CONFIG, "routes": [{"name": "all", "auth": "anonymous", "path_prefix": "/", "upstream": "app"}]}
     router = Router(parse(data, source="test.toml").routes)
     assert isinstance(rejected(decide(head(b"http://x/"), router)).error, BadRequest)
 

@@ -403,6 +403,10 @@ BAD_CHUNKS: list[tuple[str, bytes]] = [
     ("size-empty", b"\r\nabc\r\n0\r\n\r\n"),
     ("no-crlf-after-data", b"3\r\nabcX\r\n0\r\n\r\n"),
     ("extension-bad-byte", b"3;a\x00b\r\nabc\r\n0\r\n\r\n"),
+    # A trailer line that is no field: Twisted would take the next request's lines as trailers too.
+    ("trailer-without-colon", b"3\r\nabc\r\n0\r\nX\r\n"),
+    ("trailer-obs-fold", b"3\r\nabc\r\n0\r\nA: 1\r\n folded\r\n\r\n"),
+    ("trailer-bad-name", b"3\r\nabc\r\n0\r\nA B: 1\r\n\r\n"),
 ]
 
 
@@ -424,6 +428,19 @@ def test_invalid_chunk_gets_400_and_the_upstream_never_gets_a_whole_body(
     assert not up.received().endswith(b"0\r\n\r\n")
     assert b"smuggled" not in up.received()
     assert gw.pending_connections() == 0
+
+
+def test_well_formed_trailers_end_the_body_and_are_not_forwarded(gateway: Callable[..., Gateway]) -> None:
+    """Trailer fields that are well-formed end a chunked body as usual (and are dropped, as Twisted drops them):
+    the strict trailer check refuses only lines that are no field."""
+    gw = gateway()
+    client = gw.client()
+    client.send(b"POST /upload HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+    up = gw.upstream()
+    client.send(b"3\r\nabc\r\n0\r\nChecksum: 1234\r\nX-Empty:\r\n\r\n")
+    assert up.received().endswith(b"3\r\nabc\r\n0\r\n\r\n")
+    assert b"Checksum" not in up.received()
+    assert client.channel.refused is None
 
 
 def test_invalid_chunk_after_a_complete_early_answer_keeps_lingering(gateway: Callable[..., Gateway]) -> None:

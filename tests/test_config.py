@@ -39,7 +39,7 @@ def minimal() -> dict[str, Any]:
     return {
         "listeners": [{"host": "127.0.0.1", "port": 8080}],
         "upstreams": {"app": {"url": "http://127.0.0.1:8081"}},
-        "routes": [{"name": "app", "path_prefix": "/", "upstream": "app"}],
+        "routes": [{"name": "app", "auth": "anonymous", "path_prefix": "/", "upstream": "app"}],
     }
 
 
@@ -159,7 +159,7 @@ def test_absent_route_keys_take_defaults() -> None:
     """A route with only name and upstream matches any host and every path, strips nothing and sends the
     upstream's Host."""
     data = minimal()
-    data["routes"] = [{"name": "app", "upstream": "app"}]
+    data["routes"] = [{"name": "app", "auth": "anonymous", "upstream": "app"}]
     route = parse(data, source=SOURCE).routes[0]
     assert route.host is None
     assert route.path_prefix == b"/"
@@ -285,8 +285,14 @@ def test_route_timeouts_merge_key_by_key() -> None:
     """A route's [routes.timeouts] replaces only the keys it names; the rest come from [timeouts]."""
     data = with_(timeouts={"connect": "2s", "response_headers": "20s"})
     data["routes"] = [
-        {"name": "plain", "path_prefix": "/", "upstream": "app"},
-        {"name": "slow", "path_prefix": "/slow", "upstream": "app", "timeouts": {"response_headers": "10m"}},
+        {"name": "plain", "auth": "anonymous", "path_prefix": "/", "upstream": "app"},
+        {
+            "name": "slow",
+            "auth": "anonymous",
+            "path_prefix": "/slow",
+            "upstream": "app",
+            "timeouts": {"response_headers": "10m"},
+        },
     ]
     plain, slow = parse(data, source=SOURCE).routes
     assert plain.timeouts == Timeouts(connect=2.0, response_headers=20.0)
@@ -325,8 +331,8 @@ def test_same_url_shares_one_upstream() -> None:
     data = minimal()
     url = "http://127.0.0.1:9000/base"
     data["routes"] = [
-        {"name": "a", "path_prefix": "/a", "upstream": url},
-        {"name": "b", "path_prefix": "/b", "upstream": url},
+        {"name": "a", "auth": "anonymous", "path_prefix": "/a", "upstream": url},
+        {"name": "b", "auth": "anonymous", "path_prefix": "/b", "upstream": url},
     ]
     cfg = parse(data, source=SOURCE)
     assert cfg.routes[0].upstream is cfg.routes[1].upstream
@@ -338,8 +344,8 @@ def test_different_urls_get_different_upstreams() -> None:
     """Routes that give different http URLs get different Upstream objects."""
     data = minimal()
     data["routes"] = [
-        {"name": "a", "path_prefix": "/a", "upstream": "http://127.0.0.1:9000"},
-        {"name": "b", "path_prefix": "/b", "upstream": "http://127.0.0.1:9001"},
+        {"name": "a", "auth": "anonymous", "path_prefix": "/a", "upstream": "http://127.0.0.1:9000"},
+        {"name": "b", "auth": "anonymous", "path_prefix": "/b", "upstream": "http://127.0.0.1:9001"},
     ]
     a, b = parse(data, source=SOURCE).routes
     assert a.upstream is not b.upstream
@@ -349,7 +355,7 @@ def test_different_urls_get_different_upstreams() -> None:
 def test_routes_naming_one_upstream_share_it() -> None:
     """Routes naming the same upstream share the one Upstream object defined under [upstreams]."""
     data = minimal()
-    data["routes"].append({"name": "other", "path_prefix": "/other", "upstream": "app"})
+    data["routes"].append({"name": "other", "auth": "anonymous", "path_prefix": "/other", "upstream": "app"})
     cfg = parse(data, source=SOURCE)
     assert cfg.routes[0].upstream is cfg.routes[1].upstream is cfg.upstreams["app"]
 
@@ -464,7 +470,7 @@ def _delete(key: str) -> Mutation:
 
 def _add_route(**route: Any) -> Mutation:
     def mutate(data: dict[str, Any]) -> None:
-        data["routes"].append(route)
+        data["routes"].append({"auth": "anonymous", **route})
 
     return mutate
 
@@ -667,7 +673,7 @@ def test_unknown_upstream_with_none_defined() -> None:
     ("data", "message"),
     [
         (
-            with_(routes=[{"name": "a", "upstream": "app", "timeouts": {"connect": -1}}]),
+            with_(routes=[{"name": "a", "auth": "anonymous", "upstream": "app", "timeouts": {"connect": -1}}]),
             "test.toml: routes[0].timeouts.connect: must be a positive number of seconds, got -1",
         ),
         (
@@ -675,7 +681,7 @@ def test_unknown_upstream_with_none_defined() -> None:
             "test.toml: listeners[0].port: must be a port number from 0 to 65535, got 70000",
         ),
         (
-            with_(routes=[{"name": "a", "upstream": "app", "path_prefix": "api"}]),
+            with_(routes=[{"name": "a", "auth": "anonymous", "upstream": "app", "path_prefix": "api"}]),
             "test.toml: routes[0].path_prefix: must start with \"/\", got 'api'",
         ),
         (
@@ -727,7 +733,7 @@ def test_load_validation_error_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(
         '[[listeners]]\nhost = "127.0.0.1"\nport = 8080\n'
-        '[[routes]]\nname = "a"\nupstream = "http://127.0.0.1:8081"\n'
+        '[[routes]]\nname = "a"\nauth = "anonymous"\nupstream = "http://127.0.0.1:8081"\n'
         '[routes.timeouts]\nconnect = "soon"\n'
     )
     with pytest.raises(ConfigError) as info:
@@ -739,7 +745,7 @@ def test_load_accepts_a_string_path(tmp_path: Path) -> None:
     """load takes a str path as well as a Path."""
     path = tmp_path / "gateway.toml"
     path.write_text(
-        '[[listeners]]\nhost = "::"\nport = 0\n[[routes]]\nname = "a"\nupstream = "http://127.0.0.1:8081"\n'
+        '[[listeners]]\nhost = "::"\nport = 0\n[[routes]]\nname = "a"\nauth = "anonymous"\nupstream = "http://127.0.0.1:8081"\n'
     )
     cfg = config.load(str(path))
     assert cfg.listeners == (Listener(host="::", port=0),)
@@ -886,7 +892,7 @@ def test_path_prefix_with_a_dot_segment_before_encoded_parameters_fails_loading_
     path = tmp_path / "gateway.toml"
     path.write_text(
         '[[listeners]]\nhost = "127.0.0.1"\nport = 8080\n[upstreams.app]\nurl = "http://127.0.0.1:8081"\n'
-        f'[[routes]]\nname = "app"\npath_prefix = "{prefix}"\nupstream = "app"\n'
+        f'[[routes]]\nname = "app"\nauth = "anonymous"\npath_prefix = "{prefix}"\nupstream = "app"\n'
     )
     with pytest.raises(ConfigError) as info:
         config.load(path)

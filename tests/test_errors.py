@@ -36,7 +36,14 @@ EXPECTED_STATUS: list[tuple[type[GatewayError], int]] = [
     (UpstreamBroken, 502),
     (UpstreamSaturated, 503),
     (UpstreamTimeout, 504),
+    (errors.Unauthorized, 401),
+    (errors.Forbidden, 403),
+    (errors.TooManyRequests, 429),
+    (errors.AuthUnavailable, 503),
+    (errors.AuthTimeout, 504),
 ]
+BASES_AND_PASSED_THROUGH = {errors.Denied, errors.AuthServiceDenied}
+"""`Denied` is the base of admission's refusals; `AuthServiceDenied` takes its status from the auth service."""
 
 
 def all_subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:
@@ -51,7 +58,17 @@ def all_subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:
 
 def test_every_subclass_has_an_expected_status() -> None:
     """The table of expected statuses below covers every GatewayError subclass."""
-    assert set(all_subclasses(GatewayError)) == {cls for cls, _ in EXPECTED_STATUS}
+    assert set(all_subclasses(GatewayError)) - BASES_AND_PASSED_THROUGH == {cls for cls, _ in EXPECTED_STATUS}
+
+
+def test_auth_service_denial_is_passed_through_with_its_own_body() -> None:
+    """A forward-auth service's 401 answers with its status, content type and body, not problem+json; one without
+    a body or content type gets problem+json with that status."""
+    denied = errors.AuthServiceDenied(401, b"text/plain", b"go away", [(b"WWW-Authenticate", b'Bearer realm="x"')])
+    assert denied.render("rid") == (401, b"text/plain", b"go away")
+    assert denied.extra_headers() == [(b"WWW-Authenticate", b'Bearer realm="x"')]
+    status, content_type, body = errors.AuthServiceDenied(403, None, b"", []).render("rid")
+    assert (status, content_type, json.loads(body)["status"]) == (403, b"application/problem+json", 403)
 
 
 @pytest.mark.parametrize(("cls", "status"), EXPECTED_STATUS, ids=[cls.__name__ for cls, _ in EXPECTED_STATUS])

@@ -52,8 +52,8 @@ CONFIG: dict[str, Any] = {
         "api": {"url": "http://127.0.0.1:8082/v1"},
     },
     "routes": [
-        {"name": "api", "path_prefix": "/api", "upstream": "api", "strip_prefix": True},
-        {"name": "static", "path_prefix": "/static", "upstream": "origin"},
+        {"name": "api", "auth": "anonymous", "path_prefix": "/api", "upstream": "api", "strip_prefix": True},
+        {"name": "static", "auth": "anonymous", "path_prefix": "/static", "upstream": "origin"},
     ],
     "limits": {"max_header_bytes": HEADER_LIMIT, "max_header_count": 50},
 }

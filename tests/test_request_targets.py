@@ -30,12 +30,18 @@ CONFIG: dict[str, Any] = {
     "listeners": [{"host": "127.0.0.1", "port": 8080}],
     "upstreams": {"app": {"url": "http://127.0.0.1:8081/base"}, "admin": {"url": "http://127.0.0.1:8082"}},
     "routes": [
-        {"name": "root", "path_prefix": "/", "upstream": "app"},
-        {"name": "reports", "path_prefix": "/reports", "upstream": "app"},
-        {"name": "admin", "path_prefix": "/admin", "upstream": "admin"},
-        {"name": "api", "path_prefix": "/api", "upstream": "app", "strip_prefix": True},
-        {"name": "debug", "path_prefix": "/debug", "upstream": "app", "allow_methods": ["TRACE"]},
-        {"name": "private", "host": "internal.example.com", "path_prefix": "/", "upstream": "admin"},
+        {"name": "root", "auth": "anonymous", "path_prefix": "/", "upstream": "app"},
+        {"name": "reports", "auth": "anonymous", "path_prefix": "/reports", "upstream": "app"},
+        {"name": "admin", "auth": "anonymous", "path_prefix": "/admin", "upstream": "admin"},
+        {"name": "api", "auth": "anonymous", "path_prefix": "/api", "upstream": "app", "strip_prefix": True},
+        {"name": "debug", "auth": "anonymous", "path_prefix": "/debug", "upstream": "app", "allow_methods": ["TRACE"]},
+        {
+            "name": "private",
+            "auth": "anonymous",
+            "host": "internal.example.com",
+            "path_prefix": "/",
+            "upstream": "admin",
+        },
     ],
 }
 
@@ -325,7 +331,10 @@ def test_strip_prefix_cuts_the_spelling_the_client_used(router: Router, target: 
 
 def test_prefix_spelt_with_escapes_matches_every_spelling() -> None:
     """A prefix written with lower-case or unreserved escapes matches the paths an upstream resolves the same."""
-    data = {**CONFIG, "routes": [{"name": "cafe", "path_prefix": "/caf%c3%a9/%6Denu", "upstream": "app"}]}
+    data = {
+        **CONFIG,
+        "routes": [{"name": "cafe", "auth": "anonymous", "path_prefix": "/caf%c3%a9/%6Denu", "upstream": "app"}],
+    }
     router = Router(parse(data, source="test.toml").routes)
     for target in (b"/caf%C3%A9/menu/1", b"/caf%c3%a9/%6denu", b"//caf%C3%a9//menu"):
         assert admitted(decide(head(target), router)).upstream_target == b"/base" + target
@@ -387,8 +396,14 @@ class Harness(MemoryGateway):
 @pytest.fixture
 def memory() -> Iterator[Harness]:
     routes = [
-        {"name": "root", "path_prefix": "/", "upstream": "origin"},
-        {"name": "debug", "path_prefix": "/debug", "upstream": "origin", "allow_methods": ["TRACE"]},
+        {"name": "root", "auth": "anonymous", "path_prefix": "/", "upstream": "origin"},
+        {
+            "name": "debug",
+            "auth": "anonymous",
+            "path_prefix": "/debug",
+            "upstream": "origin",
+            "allow_methods": ["TRACE"],
+        },
     ]
     gw = Harness(gateway_config("http://127.0.0.1:8081", routes=routes))
     yield gw

@@ -77,9 +77,10 @@ def soak_config(origin_url: str) -> dict[str, Any]:
         "listeners": [{"host": "127.0.0.1", "port": 0}],
         "upstreams": {"origin": {"url": origin_url}},
         "routes": [
-            {"name": "o", "path_prefix": "/o", "upstream": "origin", "strip_prefix": True},
+            {"name": "o", "auth": "anonymous", "path_prefix": "/o", "upstream": "origin", "strip_prefix": True},
             {
                 "name": "short",
+                "auth": "anonymous",
                 "path_prefix": "/short",
                 "upstream": "origin",
                 "strip_prefix": True,
@@ -87,6 +88,7 @@ def soak_config(origin_url: str) -> dict[str, Any]:
             },
             {
                 "name": "idle",
+                "auth": "anonymous",
                 "path_prefix": "/idle",
                 "upstream": "origin",
                 "strip_prefix": True,

@@ -30,6 +30,7 @@ backlog = 17
 
 [[routes]]
 name = "all"
+auth = "anonymous"
 path_prefix = "/"
 upstream = "http://127.0.0.1:1"
 """
@@ -41,6 +42,7 @@ port = 70000
 
 [[routes]]
 name = "all"
+auth = "anonymous"
 upstream = "http://127.0.0.1:1"
 """
 

@@ -43,7 +43,7 @@ def test_invalid_config_exits_1_with_one_line_and_no_traceback(tmp_path: Path) -
     path = tmp_path / "bad.toml"
     path.write_text(
         '[[listeners]]\nhost = "127.0.0.1"\nport = 0\n\n'
-        '[[routes]]\nname = "all"\nupstream = "http://127.0.0.1:1"\n[routes.timeouts]\nconnect = -1\n'
+        '[[routes]]\nname = "all"\nauth = "anonymous"\nupstream = "http://127.0.0.1:1"\n[routes.timeouts]\nconnect = -1\n'
     )
     done = run([str(TWISTD), "--nodaemon", "--pidfile=", "gateway", "--config", str(path)], cwd=tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -70,7 +70,7 @@ def served(tmp_path: Path, spawn: list[Child]) -> tuple[Child, int]:
     config = tmp_path / "gateway.toml"
     config.write_text(
         '[[listeners]]\nhost = "127.0.0.1"\nport = 0\n\n'
-        f'[[routes]]\nname = "demo"\npath_prefix = "/"\nupstream = "http://127.0.0.1:{address["port"]}"\n'
+        f'[[routes]]\nname = "demo"\nauth = "anonymous"\npath_prefix = "/"\nupstream = "http://127.0.0.1:{address["port"]}"\n'
     )
     twistd = start(
         spawn,
@@ -120,7 +120,7 @@ def test_port_in_use_exits_1_naming_the_address(tmp_path: Path) -> None:
         config = tmp_path / "gateway.toml"
         config.write_text(
             f'[[listeners]]\nhost = "127.0.0.1"\nport = {port}\n\n'
-            '[[routes]]\nname = "all"\nupstream = "http://127.0.0.1:1"\n'
+            '[[routes]]\nname = "all"\nauth = "anonymous"\nupstream = "http://127.0.0.1:1"\n'
         )
         done = run(
             [str(TWISTD), "--nodaemon", "--pidfile=", "--logfile=-", "gateway", "--config", str(config)], tmp_path

@@ -62,7 +62,7 @@ def workers(tmp_path: Path, spawn: list[Child]) -> Iterator[Workers]:
     config = tmp_path / "gateway.toml"
     config.write_text(
         f'[server]\nworkers = 2\n\n[[listeners]]\nhost = "127.0.0.1"\nport = {port}\n\n'
-        f'[[routes]]\nname = "demo"\npath_prefix = "/"\nupstream = "http://127.0.0.1:{upstream["port"]}"\n'
+        f'[[routes]]\nname = "demo"\nauth = "anonymous"\npath_prefix = "/"\nupstream = "http://127.0.0.1:{upstream["port"]}"\n'
     )
     twistd = start(
         spawn,

@@ -17,7 +17,13 @@ def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
 
     Keyword arguments add or replace top-level sections; `route={...}` adds keys to the route.
     """
-    route = {"name": "origin", "path_prefix": "/", "upstream": "origin", **sections.pop("route", {})}
+    route = {
+        "name": "origin",
+        "auth": "anonymous",
+        "path_prefix": "/",
+        "upstream": "origin",
+        **sections.pop("route", {}),
+    }
     data: dict[str, Any] = {
         "listeners": [{"host": "127.0.0.1", "port": 0}],
         "upstreams": {"origin": {"url": upstream_url, **sections.pop("upstream", {})}},

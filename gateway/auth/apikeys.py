@@ -1,0 +1,103 @@
+"""API keys: minting them, hashing them, and the method that admits a request by one.
+
+Rule: the gateway never holds a key, only its SHA-256. A minted key is 256 random bits, printed once; the config
+keeps `sha256:<hex>`, and a request's key is hashed and looked up (one hash and one dict lookup per request, so
+API-key auth costs next to nothing). Keys have no dots, so a bearer value that looks like a JWT is left to the JWT
+methods of the route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Mapping
+
+from twisted.internet.defer import Deferred
+from twisted.web.http_headers import Headers
+
+from gateway.auth.credentials import MALFORMED, challenge, looks_like_jwt, split_authorization
+from gateway.auth.identity import AuthFailure, AuthRequest, Identity
+from gateway.auth.settings import ApiKeyMethod, Consumer, KeyHeader
+
+__all__ = ["ApiKeyAuthenticator", "hash_key", "mint_key"]
+
+KEY_PREFIX = "gwk_"
+"""Minted keys start with this, so a leaked one is recognisable (secret scanners look for such prefixes)."""
+_KEY = re.compile(rb"[\x21-\x7e]{1,512}")
+
+
+def mint_key() -> str:
+    """A new API key: the prefix and 256 random bits, base64url."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str | bytes) -> str:
+    """How the config stores `key`."""
+    data = key.encode("ascii") if isinstance(key, str) else key
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class ApiKeyAuthenticator:
+    """Admits a request whose key (in the first of the method's headers that is present) hashes to a key of a
+    declared consumer."""
+
+    def __init__(self, method: ApiKeyMethod, consumers: Mapping[str, Consumer], *, realm: str) -> None:
+        self.name = method.name
+        self._headers = method.headers
+        self._realm = realm
+        self._by_hash = {digest: consumer for consumer in consumers.values() for digest in consumer.api_key_hashes}
+
+    def credential(self, headers: Headers) -> tuple[KeyHeader, bytes] | object | None:
+        for where in self._headers:
+            values = headers.getRawHeaders(where.name)
+            if not values:
+                continue
+            if len(values) != 1:
+                return where, MALFORMED
+            value = values[0]
+            if where.scheme is None:
+                return where, value.strip(b" \t")
+            parts = split_authorization(value)
+            if parts is None or parts[0] != where.scheme:
+                continue  # another scheme (Basic, say): another method's credential
+            if looks_like_jwt(parts[1]):
+                continue  # a JWT: for the route's JWT methods
+            return where, parts[1]
+        return None
+
+    def verify(self, credential: object, request: AuthRequest) -> Identity:
+        where, key = credential  # type: ignore[misc]
+        if key is MALFORMED or not _KEY.fullmatch(key):
+            raise AuthFailure(
+                "malformed_key", "the API key header is malformed or sent more than once", bearer_error=_bearer(where)
+            )
+        consumer = self._by_hash.get(hash_key(key))
+        if consumer is None:
+            raise AuthFailure("invalid_key", "the API key is not valid", bearer_error=_bearer(where, "invalid_token"))
+        return Identity(
+            consumer=consumer.name,
+            scopes=consumer.scopes,
+            method=self.name,
+            credential_headers=(where.name,),
+        )
+
+    def challenge(self, failure: AuthFailure | None) -> bytes:
+        where = self._headers[0]
+        if where.scheme is not None:
+            params = {"realm": self._realm}
+            if failure is not None and failure.bearer_error:
+                params["error"] = failure.bearer_error
+                params["error_description"] = failure.detail
+            return challenge(where.scheme.decode("ascii").capitalize(), **params)
+        return challenge("ApiKey", realm=self._realm, header=where.name.decode("ascii"))
+
+    def upstream_headers(self) -> frozenset[bytes]:
+        return frozenset()
+
+    def close(self) -> Deferred[None] | None:
+        return None
+
+
+def _bearer(where: KeyHeader, error: str = "invalid_request") -> str | None:
+    return error if where.scheme == b"bearer" else None

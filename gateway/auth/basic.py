@@ -1,0 +1,144 @@
+"""HTTP Basic authentication against bcrypt hashes, verified off the reactor thread.
+
+Rule: a bcrypt check costs milliseconds of CPU by design, so it never runs on the reactor thread, where it would
+stall every stream in flight: it runs on a small thread pool of its own (bcrypt releases the GIL while it
+hashes), with a bounded queue (beyond it 503 at once, so a flood of logins cannot queue without end). A success is
+remembered for `cache_ttl` as a keyed hash of user and password (never the password), so a client sending the
+same credentials on every request pays for one check. An unknown user costs a check against a dummy hash, as a
+known one does, so timing does not tell which names exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import bcrypt
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from twisted.web.http_headers import Headers
+
+from gateway.auth.credentials import MALFORMED, authorization, basic_credentials, challenge, split_authorization
+from gateway.auth.identity import AuthFailure, AuthRequest, Identity
+from gateway.auth.settings import BasicMethod, Consumer
+from gateway.errors import AuthUnavailable
+
+__all__ = ["BasicAuthenticator"]
+
+_DUMMY_HASH = b"$2b$12$Q99GCpW0/5SsB4Ax8Uwv/efDBSadSoUd5s8ScKpExhhjZlnwbdM0O"
+"""A bcrypt hash (cost 12) of no one's password: unknown users are checked against it."""
+_MAX_CACHED = 10000
+_MAX_PASSWORD = 1024
+
+
+def _dummy_hash(hashes: list[bytes]) -> bytes:
+    """A hash of no one's password with the cost most consumers' hashes have, so an unknown user takes as long."""
+    costs = [int(h[4:6]) for h in hashes]
+    cost = max(set(costs), key=costs.count) if costs else 12
+    return _DUMMY_HASH if cost == 12 else bcrypt.hashpw(b"not a password of anyone", bcrypt.gensalt(rounds=cost))
+
+
+class BasicAuthenticator:
+    """Admits a request whose Basic user name is a consumer with a password hash and whose password matches it."""
+
+    def __init__(self, method: BasicMethod, consumers: Mapping[str, Consumer], *, reactor: Any, realm: str) -> None:
+        self.name = method.name
+        self._method = method
+        self._realm = method.realm or realm
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        self._consumers = {name: c for name, c in consumers.items() if c.password_hash is not None}
+        self._dummy = _dummy_hash([c.password_hash for c in self._consumers.values() if c.password_hash])
+        self._pool: ThreadPool | None = None
+        self._pending = 0
+        self._cache_key = secrets.token_bytes(32)
+        self._verified: dict[bytes, float] = {}
+        """Keyed hash of (user, password, stored hash) -> until when it counts as verified."""
+
+    def credential(self, headers: Headers) -> object | None:
+        value = authorization(headers.getRawHeaders(b"authorization"))
+        if value is None:
+            return None
+        if value is MALFORMED:
+            return MALFORMED
+        parts = split_authorization(value)  # type: ignore[arg-type]
+        if parts is None or parts[0] != b"basic":
+            return None
+        return basic_credentials(parts[1])
+
+    def verify(self, credential: object, request: AuthRequest) -> Identity | Deferred[Identity]:
+        if credential is MALFORMED:
+            raise AuthFailure("malformed_credentials", "the Basic credentials are malformed")
+        user, password = credential  # type: ignore[misc]
+        consumer = self._consumers.get(user)
+        if len(password) > _MAX_PASSWORD:
+            raise AuthFailure("invalid_password", "the user name or password is wrong", consumer=user)
+        stored = consumer.password_hash if consumer is not None else self._dummy
+        assert stored is not None
+        key = hmac.digest(self._cache_key, b"\0".join([user.encode("utf-8"), password, stored]), hashlib.sha256)
+        now = self._clock.seconds()
+        until = self._verified.get(key)
+        if consumer is not None and until is not None:
+            if until > now:
+                return self._identity(consumer)
+            del self._verified[key]
+        if self._pending >= self._method.max_pending:
+            raise AuthUnavailable("too many logins are being checked; try again shortly", reason="basic_saturated")
+        self._pending += 1
+        checked = deferToThreadPool(self._reactor, self._threads(), bcrypt.checkpw, password, stored)
+
+        def done(ok: bool) -> Identity:
+            self._pending -= 1
+            if not ok or consumer is None:
+                raise AuthFailure("invalid_password", "the user name or password is wrong", consumer=user)
+            self._remember(key)
+            return self._identity(consumer)
+
+        def failed(reason: Any) -> Any:
+            self._pending -= 1
+            return reason
+
+        # A cancelled check (the client left) still runs to its end in its thread; its result is then dropped.
+        return checked.addCallbacks(done, failed)
+
+    def challenge(self, failure: AuthFailure | None) -> bytes:
+        return challenge("Basic", realm=self._realm, charset="UTF-8")
+
+    def upstream_headers(self) -> frozenset[bytes]:
+        return frozenset()
+
+    def close(self) -> Deferred[None] | None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()  # joins the threads: each finishes the check it has (tens of milliseconds at most)
+        return None
+
+    def _threads(self) -> ThreadPool:
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=self._method.threads, name=f"basic-{self.name}")
+            self._pool.start()
+        return self._pool
+
+    def _identity(self, consumer: Consumer) -> Identity:
+        return Identity(
+            consumer=consumer.name,
+            scopes=consumer.scopes,
+            method=self.name,
+            credential_headers=(b"authorization",),
+        )
+
+    def _remember(self, key: bytes) -> None:
+        if self._method.cache_ttl <= 0:
+            return
+        now = self._clock.seconds()
+        if len(self._verified) >= _MAX_CACHED:
+            for stale in [k for k, until in self._verified.items() if until <= now]:
+                del self._verified[stale]
+            if len(self._verified) >= _MAX_CACHED:
+                del self._verified[next(iter(self._verified))]
+        self._verified[key] = now + self._method.cache_ttl

@@ -1,0 +1,298 @@
+"""The admission checks of one request, in order: authenticate, authorise, limit. Decided on the request head.
+
+Order, and why:
+1. An anonymous route: only the per-address rate limit.
+2. The first of the route's methods whose credential the request carries decides (none carried: 401 naming
+   every method in WWW-Authenticate).
+3. A client address over its budget of failed authentications gets 429 before its credential is checked (a
+   brute-force attempt costs the gateway nothing, bcrypt included).
+4. The credential is verified: at once, or later through a Deferred (JWKS fetch, bcrypt, forward auth). A
+   failure is 401 and counts against the address.
+5. Scopes (403), then the consumer's request rate (429), then its concurrency cap (429; the slot is given back
+   by `Allow.release` when the request ends, however it ends).
+
+The verdict is an `Allow` or a `gateway.errors.Denied`, returned directly or through a Deferred; the request
+decides what to do with it (`gateway.request`). Nothing here reads a body or writes a response.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.auth.apikeys import ApiKeyAuthenticator
+from gateway.auth.basic import BasicAuthenticator
+from gateway.auth.credentials import challenge
+from gateway.auth.identity import ANONYMOUS_IDENTITY, Authenticator, AuthFailure, AuthRequest, Identity
+from gateway.auth.limits import LimitStore, MemoryLimitStore, RateDecision
+from gateway.auth.scopes import missing_scopes, scopes_allow
+from gateway.auth.settings import Admission, Method, RateLimit, RouteAdmission
+from gateway.errors import AuthServiceDenied, AuthUnavailable, Denied, Forbidden, TooManyRequests, Unauthorized
+from gateway.headers import canonical_name
+
+__all__ = ["Allow", "Gatekeeper", "Verdict", "build_authenticator"]
+
+_log = Logger()
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """Admitted: forward the request as `identity`, then call `release` (if any) when it ends."""
+
+    identity: Identity
+    release: Callable[[], None] | None
+    upstream_headers: Sequence[tuple[bytes, bytes]]
+    """Identity headers to set upstream (canonical names, as `Headers` stores them)."""
+    strip: Sequence[bytes]
+    """Canonical names of credential headers to remove before forwarding."""
+
+
+Verdict = Allow | Denied
+
+ANONYMOUS = Allow(ANONYMOUS_IDENTITY, None, (), ())
+
+
+def build_authenticator(method: Method, admission: Admission, reactor: Any) -> Authenticator:
+    """The running form of one configured method."""
+    realm = admission.realm
+    if method.type == "api_key":
+        return ApiKeyAuthenticator(method, admission.consumers, realm=realm)  # type: ignore[arg-type]
+    if method.type == "basic":
+        return BasicAuthenticator(method, admission.consumers, reactor=reactor, realm=realm)  # type: ignore[arg-type]
+    if method.type == "jwt":
+        from gateway.auth.jwt import JwtAuthenticator
+
+        return JwtAuthenticator(method, clock=reactor, reactor=reactor, realm=realm)  # type: ignore[arg-type]
+    if method.type == "forward":
+        from gateway.auth.forward import ForwardAuthenticator
+
+        return ForwardAuthenticator(method, reactor=reactor, realm=realm)  # type: ignore[arg-type]
+    raise ValueError(f"unknown method type {method.type!r}")
+
+
+class Gatekeeper:
+    """Runs the admission checks for every route of one configuration."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        *,
+        reactor: Any,
+        store: LimitStore | None = None,
+        authenticators: Mapping[str, Authenticator] | None = None,
+    ) -> None:
+        self._admission = admission
+        self._rates = admission.rate_limits
+        self._store: LimitStore = store if store is not None else MemoryLimitStore(reactor)
+        if authenticators is None:
+            authenticators = {
+                name: build_authenticator(method, admission, reactor) for name, method in admission.methods.items()
+            }
+        self._authenticators = dict(authenticators)
+        self._chains: dict[tuple[str, ...], tuple[Authenticator, ...]] = {}
+        identity = admission.identity
+        self._consumer_header = canonical_name(identity.consumer) if identity.consumer else b""
+        self._scopes_header = canonical_name(identity.scopes) if identity.scopes else b""
+        self._method_header = canonical_name(identity.method) if identity.method else b""
+        own = {h for h in (self._consumer_header, self._scopes_header, self._method_header) if h}
+        for auth in self._authenticators.values():
+            own |= {canonical_name(name) for name in auth.upstream_headers()}
+        self.identity_headers: frozenset[bytes] = frozenset(own)
+        """Canonical names of every header admission may set upstream: a client's copies are always removed."""
+
+    # --- the checks -------------------------------------------------------------------------------------------
+
+    def check(self, admission: RouteAdmission, request: AuthRequest) -> Verdict | Deferred[Verdict]:
+        """The verdict on one request to a route with `admission`."""
+        peer = request.client_address
+        if admission.anonymous:
+            rate = self._rates.anonymous
+            if rate is not None:
+                decision = self._store.take("anonymous:" + peer, rate)
+                if not decision.allowed:
+                    return _too_many("anonymous", rate, decision, "rate_limited_address", None)
+            return ANONYMOUS
+        chain = self._chain(admission)
+        headers = request.headers
+        for auth in chain:
+            credential = auth.credential(headers)
+            if credential is not None:
+                break
+        else:
+            if headers.hasHeader(b"authorization"):
+                reason, detail = "unaccepted_credentials", "this route does not accept the credentials sent"
+            else:
+                reason, detail = "missing_credentials", "this route requires credentials"
+            return Unauthorized(detail, reason=reason, headers=_challenges(chain))
+        failed = self._rates.failed_auth
+        if failed is not None:
+            decision = self._store.peek("failed:" + peer, failed)
+            if not decision.allowed:
+                return _too_many("failed-auth", failed, decision, "too_many_failed_authentications", None)
+        try:
+            result = auth.verify(credential, request)
+        except AuthFailure as failure:
+            return self._failed(chain, auth, failure, peer)
+        except Denied as denied:
+            return denied
+        if isinstance(result, Deferred):
+            return result.addCallbacks(
+                self._authorise,
+                self._verify_failed,
+                callbackArgs=(admission, chain),
+                errbackArgs=(chain, auth, peer, request.request_id),
+            )
+        return self._authorise(result, admission, chain)
+
+    def _chain(self, admission: RouteAdmission) -> tuple[Authenticator, ...]:
+        chain = self._chains.get(admission.methods)
+        if chain is None:
+            chain = self._chains[admission.methods] = tuple(self._authenticators[n] for n in admission.methods)
+        return chain
+
+    def _failed(self, chain: Sequence[Authenticator], auth: Authenticator, failure: AuthFailure, peer: str) -> Denied:
+        self._count_failure(peer)
+        return Unauthorized(
+            failure.detail, reason=failure.reason, consumer=failure.consumer, headers=_challenges(chain, auth, failure)
+        )
+
+    def _count_failure(self, peer: str) -> None:
+        failed = self._rates.failed_auth
+        if failed is not None:
+            self._store.take("failed:" + peer, failed)
+
+    def _verify_failed(
+        self, reason: Failure, chain: Sequence[Authenticator], auth: Authenticator, peer: str, request_id: str
+    ) -> Verdict | Failure:
+        value = reason.value
+        if isinstance(value, AuthFailure):
+            return self._failed(chain, auth, value, peer)
+        if isinstance(value, Denied):
+            if isinstance(value, AuthServiceDenied) and value.status == 401:
+                self._count_failure(peer)
+            return value
+        if isinstance(value, CancelledError):
+            return reason  # the client left; nobody is waiting for a verdict
+        _log.failure("Admission check failed unexpectedly (request {request_id})", reason, request_id=request_id)
+        return AuthUnavailable("the credentials could not be checked", reason="internal_error")
+
+    def _authorise(self, identity: Identity, admission: RouteAdmission, chain: Sequence[Authenticator]) -> Verdict:
+        if (admission.scopes_any or admission.scopes_all) and not scopes_allow(
+            identity.scopes, any_of=admission.scopes_any, all_of=admission.scopes_all
+        ):
+            return self._forbidden(identity, admission, chain)
+        name = identity.consumer
+        release = None
+        if name is not None:
+            consumer = self._admission.consumers.get(name)
+            rate = consumer.rate_limit if consumer is not None and consumer.rate_limit else self._rates.consumer
+            if rate is not None:
+                decision = self._store.take("consumer:" + name, rate)
+                if not decision.allowed:
+                    return _too_many("consumer", rate, decision, "rate_limited_consumer", name)
+            cap = consumer.max_concurrent if consumer is not None and consumer.max_concurrent else None
+            cap = cap or self._admission.max_concurrent
+            if cap is not None:
+                key = "in-flight:" + name
+                if not self._store.acquire(key, cap):
+                    return TooManyRequests(
+                        f"this consumer already has {cap} requests in flight",
+                        reason="too_many_concurrent",
+                        consumer=name,
+                        headers=[(b"Retry-After", b"1")],
+                    )
+                release = _once(partial(self._store.release, key))
+        return Allow(
+            identity,
+            release,
+            self._identity_headers(identity),
+            () if admission.forward_credentials else [canonical_name(n) for n in identity.credential_headers],
+        )
+
+    def _forbidden(self, identity: Identity, admission: RouteAdmission, chain: Sequence[Authenticator]) -> Denied:
+        needed = missing_scopes(identity.scopes, any_of=admission.scopes_any, all_of=admission.scopes_all)
+        headers = []
+        auth = next((a for a in chain if a.name == identity.method), None)
+        offered = auth.challenge(None) if auth is not None else None
+        if offered is not None and offered.startswith(b"Bearer"):
+            # RFC 6750 section 3.1: a token without the scope the resource needs.
+            value = challenge("Bearer", realm=self._admission.realm, error="insufficient_scope", scope=" ".join(needed))
+            headers.append((b"WWW-Authenticate", value))
+        return Forbidden(
+            f"this route requires the scope{'s' if len(needed) > 1 else ''} {', '.join(needed)}",
+            reason="insufficient_scope",
+            consumer=identity.consumer,
+            headers=headers,
+        )
+
+    def _identity_headers(self, identity: Identity) -> list[tuple[bytes, bytes]]:
+        out = []
+        if self._consumer_header and identity.consumer is not None:
+            out.append((self._consumer_header, identity.consumer.encode("ascii")))
+        if self._scopes_header and identity.scopes:
+            out.append((self._scopes_header, " ".join(sorted(identity.scopes)).encode("ascii")))
+        if self._method_header:
+            out.append((self._method_header, identity.method.encode("ascii")))
+        out.extend((canonical_name(name), value) for name, value in identity.headers)
+        return out
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+
+    def close(self) -> Deferred[Any]:
+        """Release every method's threads and connections."""
+        closing = [d for d in (auth.close() for auth in self._authenticators.values()) if d is not None]
+        return DeferredList(closing)
+
+
+def _challenges(
+    chain: Sequence[Authenticator], failed: Authenticator | None = None, failure: AuthFailure | None = None
+) -> list[tuple[bytes, bytes]]:
+    """WWW-Authenticate for every method of the route, one per scheme (the failed method's, with its error, wins
+    its scheme: API keys and JWTs both invite a Bearer token)."""
+    by_scheme: dict[bytes, bytes] = {}
+    for auth in chain:
+        value = auth.challenge(failure if auth is failed else None)
+        if value is None:
+            continue
+        scheme = value.split(b" ", 1)[0].lower()
+        if scheme not in by_scheme or auth is failed:
+            by_scheme[scheme] = value
+    return [(b"WWW-Authenticate", value) for value in by_scheme.values()]
+
+
+def _too_many(
+    name: str, limit: RateLimit, decision: RateDecision, reason: str, consumer: str | None
+) -> TooManyRequests:
+    """429 with Retry-After and the RateLimit-Policy / RateLimit headers (draft-ietf-httpapi-ratelimit-headers)."""
+    retry = max(1, math.ceil(decision.retry_after))
+    window = max(1, math.ceil(limit.period))
+    return TooManyRequests(
+        f"over the {name} rate limit of {limit.requests} requests per {limit.period:g} s; retry in {retry} s",
+        reason=reason,
+        consumer=consumer,
+        headers=[
+            (b"Retry-After", b"%d" % retry),
+            (b"RateLimit-Policy", b'"%s";q=%d;w=%d' % (name.encode("ascii"), limit.requests, window)),
+            (b"RateLimit", b'"%s";r=0;t=%d' % (name.encode("ascii"), retry)),
+        ],
+    )
+
+
+def _once(release: Callable[[], None]) -> Callable[[], None]:
+    """`release`, callable any number of times but acting once: a slot is given back exactly once."""
+    done = False
+
+    def release_once() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            release()
+
+    return release_once

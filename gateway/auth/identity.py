@@ -1,0 +1,95 @@
+"""What authentication yields and what every method provides: an `Identity`, an `AuthFailure`, and the
+`Authenticator` interface each method implements.
+
+Rule: a method looks only at the request head and its own state; it says whether the request carries its kind
+of credential (`credential`), and if so who it proves (`verify`, at once or later through a Deferred) or why
+not (`AuthFailure`, answered 401 and counted against the client address; or a `Denied` such as 503 when it
+could not decide, which is not the client's fault). A credential never leaves the method: not in an identity,
+a failure's detail, a log line or an upstream header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.web.http_headers import Headers
+
+__all__ = ["AuthFailure", "AuthRequest", "Authenticator", "Identity"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a request comes from, as proved by one method."""
+
+    consumer: str | None
+    """The consumer's name (or a token's subject); None for an anonymous request."""
+    scopes: frozenset[str]
+    method: str
+    """The name of the method that proved it ("anonymous" for none)."""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    """Headers to set upstream besides the consumer, scopes and method (chosen claims, forward-auth copies)."""
+    credential_headers: tuple[bytes, ...] = ()
+    """Lower-cased names of the request headers that held the credential: removed before forwarding unless
+    the route forwards credentials."""
+
+
+ANONYMOUS_IDENTITY = Identity(consumer=None, scopes=frozenset(), method="anonymous")
+
+
+class AuthFailure(Exception):
+    """A credential that does not prove an identity (wrong, expired, malformed...): answered 401.
+
+    `reason` is a short code for logs and metrics ("invalid_key", "token_expired"); `detail` is safe to show the
+    client and never contains the credential; `bearer_error` is the RFC 6750 error code ("invalid_token",
+    "invalid_request") when the credential was a bearer token."""
+
+    def __init__(
+        self, reason: str, detail: str, *, bearer_error: str | None = None, consumer: str | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.bearer_error = bearer_error
+        self.consumer = consumer
+        """Who the credential claimed to be, for the log (never shown to the client)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequest:
+    """What a method may know of the request it authenticates: its head and the client's address."""
+
+    method: bytes
+    target: bytes
+    """As the client sent it (origin-form)."""
+    headers: Headers
+    client_address: str
+    request_id: str
+
+
+class Authenticator(Protocol):
+    """One configured authentication method, ready to check requests."""
+
+    name: str
+
+    def credential(self, headers: Headers) -> object | None:
+        """This method's credential in the request headers, or None when the request carries none of its kind.
+
+        A credential that is present but malformed is returned all the same (for `verify` to refuse): the
+        request chose this method."""
+
+    def verify(self, credential: object, request: AuthRequest) -> Identity | Deferred[Identity]:
+        """The identity `credential` proves; raises (or errbacks with) `AuthFailure`, or a `gateway.errors.Denied`
+        when the method cannot decide. A Deferred returned here may be cancelled (the client left)."""
+
+    def challenge(self, failure: AuthFailure | None) -> bytes | None:
+        """The WWW-Authenticate value inviting this method's credential (with the failure's details, if any),
+        or None when the method has no challenge of its own."""
+
+    def upstream_headers(self) -> frozenset[bytes]:
+        """Lower-cased names of every header this method may set upstream: a client's copies are removed from
+        every request."""
+
+    def close(self) -> Deferred[None] | None:
+        """Release what the method holds (threads, connections, timers); called when the gateway stops."""

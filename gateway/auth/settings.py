@@ -1,0 +1,701 @@
+"""The admission settings: consumers and their credentials, authentication methods, identity headers, limits,
+and what each route accepts; read from the config file (and the credentials file it names) into frozen objects.
+
+Rules:
+* No route is public by accident: every route says `auth = "anonymous"` or names the methods it accepts; a route
+  that says neither is a config error, and so is a method name nobody defined.
+* Secrets are never stored: API keys as SHA-256 hashes (`gateway-credentials api-key` mints them), passwords as
+  bcrypt hashes. Key files are read and checked here, so `--check` and a reload fail on a bad one before anything
+  changes; the runtime objects get the bytes, not the paths.
+* An algorithm allow-list belongs to each JWT method and is checked against its key: `none` is never allowed,
+  and an HMAC algorithm never shares a method with a public-key one (no algorithm confusion).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import ClassVar
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from gateway.config_values import (
+    ConfigError,
+    KiB,
+    Table,
+    boolean,
+    describe,
+    nonempty_string,
+    positive_int,
+    positive_seconds,
+    positive_size,
+    string,
+    string_list,
+)
+
+__all__ = [
+    "ANONYMOUS",
+    "DEFAULT_ADMISSION",
+    "NOBODY",
+    "Admission",
+    "ApiKeyMethod",
+    "BasicMethod",
+    "Consumer",
+    "ForwardMethod",
+    "IdentityHeaders",
+    "JwtMethod",
+    "KeyHeader",
+    "Method",
+    "RateLimit",
+    "RateLimits",
+    "RouteAdmission",
+    "parse_admission",
+    "parse_route_admission",
+]
+
+API_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+"""How a stored API key looks: the SHA-256 of the key, in hex. Keys are random 256-bit values, so a fast hash is
+the right one (as for GitHub's and Stripe's tokens): there is nothing to brute-force."""
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP token: a header name, an auth scheme."""
+_CONSUMER_NAME = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
+_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+"""A scope token (RFC 6749 section 3.3): visible ASCII but space, quote and backslash."""
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+EC_ALGORITHMS = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
+JWT_ALGORITHMS = HMAC_ALGORITHMS | RSA_ALGORITHMS | frozenset(EC_ALGORITHMS) | {"EdDSA"}
+"""The algorithms a JWT method may allow. `none` is not one of them, whatever the config says."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit:
+    """At most `requests` per `period` seconds on average, with up to `burst` of them at once."""
+
+    requests: int
+    period: float
+    burst: int
+
+    @property
+    def interval(self) -> float:
+        """Seconds between requests at the sustained rate."""
+        return self.period / self.requests
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Consumer:
+    """A known caller: its credentials (hashes only), the scopes it holds and its own limits."""
+
+    name: str
+    scopes: frozenset[str] = frozenset()
+    api_key_hashes: frozenset[str] = frozenset()
+    """"sha256:<hex>" of each API key the consumer may use (several, so keys can be rotated)."""
+    password_hash: bytes | None = None
+    """The bcrypt hash of its HTTP Basic password; the user name is the consumer's name."""
+    rate_limit: RateLimit | None = None
+    """Its own request rate, instead of `admission.rate_limits.consumer`."""
+    max_concurrent: int | None = None
+    """Its own cap on requests in flight, instead of `admission.max_concurrent`."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHeader:
+    """Where an API key is looked for: a header, and the auth scheme its value starts with, if any."""
+
+    name: bytes
+    """Lower-cased header name."""
+    scheme: bytes | None
+    """Lower-cased scheme ("bearer" for "Authorization: Bearer <key>"), or None when the whole value is the key."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiKeyMethod:
+    """API keys of declared consumers, in one of `headers` (the first present is read)."""
+
+    type: ClassVar[str] = "api_key"
+    name: str
+    headers: tuple[KeyHeader, ...] = (KeyHeader(b"authorization", b"bearer"), KeyHeader(b"x-api-key", None))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JwtMethod:
+    """Bearer JWTs of one issuer, verified with its keys and only with the algorithms listed."""
+
+    type: ClassVar[str] = "jwt"
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    """The token's `aud` must name one of these."""
+    algorithms: tuple[str, ...]
+    public_key_pem: bytes | None = None
+    """From `public_key_file` (a PEM public key or certificate), as a PEM public key."""
+    secret: bytes | None = None
+    """From `secret_file`, for HS256/384/512 only."""
+    jwks: Mapping[str, object] | None = None
+    """From `jwks_file`: a JSON Web Key Set."""
+    jwks_url: str | None = None
+    """Fetched with treq, cached, refetched on an unknown `kid`."""
+    jwks_refresh_interval: float = 60.0
+    """The least time between two fetches of `jwks_url` for an unknown `kid` (a flood of made-up kids costs one
+    fetch per interval)."""
+    jwks_max_age: float = 3600.0
+    """Keys older than this are refetched (in the background; the old keys stay in use until the new ones arrive)."""
+    jwks_fetch_timeout: float = 5.0
+    leeway: float = 30.0
+    """Clock skew allowed on `exp`, `nbf` and `iat`."""
+    require_exp: bool = True
+    consumer_claim: str = "sub"
+    scope_claims: tuple[str, ...] = ("scope", "scp")
+    """Claims holding scopes: a space-separated string (`scope`, RFC 8693) or an array (`scp`); all are merged."""
+    claim_headers: tuple[tuple[bytes, str], ...] = ()
+    """(upstream header, claim) pairs: the claim's value goes upstream in that header."""
+    cache_size: int = 10000
+    """Verified tokens remembered (until they expire), so a token is verified once, not on every request."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BasicMethod:
+    """HTTP Basic: the user name is a consumer's name, the password checked against its bcrypt hash, off the
+    reactor thread."""
+
+    type: ClassVar[str] = "basic"
+    name: str
+    realm: str | None = None
+    """The realm named in the challenge; `admission.realm` when not set."""
+    threads: int = 2
+    """Threads verifying bcrypt hashes: a burst of logins waits for them, streams in flight do not."""
+    max_pending: int = 256
+    """Verifications allowed to wait for a thread; more are answered 503 at once."""
+    cache_ttl: float = 30.0
+    """How long a verified user name and password are remembered (as a salted hash, never in clear)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardMethod:
+    """Forward auth: an auth service is asked about each request (its method, path and chosen headers, no body)."""
+
+    type: ClassVar[str] = "forward"
+    name: str
+    url: str
+    """The auth service's URL (http); the request's path and query go in X-Forwarded-Uri, its method in
+    X-Forwarded-Method."""
+    timeout: float = 5.0
+    """For the auth service's whole answer; beyond it 504 (fail closed)."""
+    request_headers: tuple[bytes, ...] = (b"authorization", b"cookie")
+    """Client headers sent to the auth service; the method applies when one of them is present."""
+    copy_headers: tuple[bytes, ...] = ()
+    """Headers of the auth service's 2xx answer sent upstream (a client copy is always removed first)."""
+    consumer_header: bytes | None = None
+    """A header of the 2xx answer that names the consumer."""
+    scopes_header: bytes | None = None
+    """A header of the 2xx answer holding space-separated scopes."""
+    credential_headers: tuple[bytes, ...] = (b"authorization",)
+    """Client headers removed before forwarding, once admitted (unless the route forwards credentials)."""
+    max_connections: int = 64
+    max_body: int = 64 * KiB
+    """The largest 401/403 body of the auth service passed to the client; a longer one is 503."""
+
+
+Method = ApiKeyMethod | JwtMethod | BasicMethod | ForwardMethod
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdentityHeaders:
+    """Headers the gateway sets upstream for an admitted consumer (b"" sets none); a client's copies of these,
+    and of every header a method sets, are removed from every request, so identity cannot be spoofed."""
+
+    consumer: bytes = b"X-Consumer-ID"
+    scopes: bytes = b"X-Consumer-Scopes"
+    method: bytes = b"X-Auth-Method"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimits:
+    """Request rates, each counted by its own key; None is no limit."""
+
+    consumer: RateLimit | None = None
+    """Per consumer (across routes), unless the consumer has its own."""
+    anonymous: RateLimit | None = None
+    """Per client address, on anonymous routes."""
+    failed_auth: RateLimit | None = RateLimit(requests=10, period=60.0, burst=10)
+    """Failed authentications per client address (brute force): over it, 429 before credentials are checked."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Admission:
+    """Everything the admission checks need that is not per route."""
+
+    realm: str = "gateway"
+    consumers: Mapping[str, Consumer] = field(default_factory=lambda: MappingProxyType({}))
+    methods: Mapping[str, Method] = field(default_factory=lambda: MappingProxyType({}))
+    identity: IdentityHeaders = IdentityHeaders()
+    rate_limits: RateLimits = RateLimits()
+    max_concurrent: int | None = None
+    """Requests in flight per consumer (a stream counts until it ends), unless the consumer has its own."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteAdmission:
+    """Who may use a route. The default admits nobody: a route built without it refuses every request (401)."""
+
+    anonymous: bool = False
+    methods: tuple[str, ...] = ()
+    """Names of `Admission.methods`, tried in order: the first whose credential the request carries decides."""
+    scopes_any: frozenset[str] = frozenset()
+    """The consumer must hold at least one of these (if any are given)."""
+    scopes_all: frozenset[str] = frozenset()
+    """The consumer must hold every one of these."""
+    forward_credentials: bool = False
+    """Send the credential headers upstream too (normally removed once the request is admitted)."""
+
+
+ANONYMOUS = RouteAdmission(anonymous=True)
+NOBODY = RouteAdmission()
+"""What a route built in code without admission gets: every request refused (401)."""
+DEFAULT_ADMISSION = Admission()
+
+
+# --- readers ----------------------------------------------------------------------------------------------
+
+
+def _token(value: object) -> str:
+    text = nonempty_string(value)
+    if not _TOKEN.fullmatch(text):
+        raise ValueError(f"must be a header name (letters, digits and -), got {text!r}")
+    return text
+
+
+def _header_name(value: object) -> bytes:
+    return _token(value).encode("ascii")
+
+
+def _header_names(value: object) -> tuple[bytes, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be an array of header names, got {describe(value)}")
+    return tuple(_header_name(v).lower() for v in value)
+
+
+def _optional_header_name(value: object) -> bytes:
+    """A header name, or "" for none."""
+    text = string(value)
+    return _header_name(text) if text else b""
+
+
+def _scopes(value: object) -> frozenset[str]:
+    items = string_list(value) if value != [] else ()
+    for item in items:
+        if not _SCOPE.fullmatch(item):
+            raise ValueError(f"a scope is one word of visible characters (no spaces or quotes), got {item!r}")
+    return frozenset(items)
+
+
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*(?:\.\d+)?)\s*(ms|s|m|h)\s*")
+
+
+def _rate(value: object) -> tuple[int, float]:
+    """A rate such as "100/s", "600/m", "5/10s"."""
+    text = nonempty_string(value)
+    m = _RATE.fullmatch(text.lower())
+    if not m or int(m.group(1)) == 0:
+        raise ValueError(f'must be a rate such as "100/s", "600/m" or "5/10s", got {text!r}')
+    count = int(m.group(1))
+    period = float(m.group(2) or 1) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(3)]
+    if period <= 0:
+        raise ValueError(f"must have a positive period, got {text!r}")
+    return count, period
+
+
+def _rate_limit(t: Table) -> RateLimit:
+    count, period = t.get("rate", _rate)
+    burst = t.get("burst", positive_int, count)
+    t.finish()
+    return RateLimit(requests=count, period=period, burst=burst)
+
+
+def _key_header(value: object) -> KeyHeader:
+    """ "X-API-Key" (the whole value is the key) or "Authorization: Bearer" (the value after the scheme)."""
+    text = nonempty_string(value)
+    name, sep, scheme = text.partition(":")
+    if not _TOKEN.fullmatch(name.strip()) or (sep and not _TOKEN.fullmatch(scheme.strip())):
+        raise ValueError(f'must be a header name, optionally with a scheme ("Authorization: Bearer"), got {text!r}')
+    return KeyHeader(name.strip().lower().encode("ascii"), scheme.strip().lower().encode("ascii") if sep else None)
+
+
+def _key_headers(value: object) -> tuple[KeyHeader, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f'must be a non-empty array such as ["Authorization: Bearer", "X-API-Key"], got {value!r}')
+    return tuple(_key_header(v) for v in value)
+
+
+def _http_url(value: object) -> str:
+    text = nonempty_string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise ValueError(f"must be an http or https URL without credentials, got {text!r}")
+    try:
+        parts.port  # noqa: B018 (validates the port)
+    except ValueError:
+        raise ValueError(f"has an invalid port, got {text!r}") from None
+    return text
+
+
+def _plain_http_url(value: object) -> str:
+    text = _http_url(value)
+    if not text.startswith("http://"):
+        raise ValueError(f"must be an http URL (https auth services come with the TLS work), got {text!r}")
+    return text
+
+
+def _api_key_hashes(value: object) -> frozenset[str]:
+    hashes = string_list(value) if value != [] else ()
+    for item in hashes:
+        if not API_KEY_HASH.fullmatch(item):
+            raise ValueError(
+                'must hold hashes such as "sha256:9f86d0...", as `gateway-credentials api-key` prints them, never '
+                "a key itself"
+            )
+    return frozenset(hashes)
+
+
+def _password_hash(value: object) -> bytes:
+    text = nonempty_string(value)
+    if not _BCRYPT_HASH.fullmatch(text):
+        raise ValueError(
+            'must be a bcrypt hash ("$2b$12$..."), as `gateway-credentials password` prints it, never a password'
+        )
+    return text.encode("ascii")
+
+
+def _algorithms(value: object) -> tuple[str, ...]:
+    names = string_list(value)
+    if not names:
+        raise ValueError("must list at least one algorithm")
+    for name in names:
+        if name.lower() == "none":
+            raise ValueError('"none" is never allowed: an unsigned token proves nothing')
+        if name not in JWT_ALGORITHMS:
+            raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(sorted(JWT_ALGORITHMS))})")
+    hmac = [n for n in names if n in HMAC_ALGORITHMS]
+    if hmac and len(hmac) != len(names):
+        raise ValueError(
+            "HMAC algorithms (HS256/384/512) cannot be allowed with public-key ones in one method: a public key "
+            "must never be usable as an HMAC secret (algorithm confusion); make a method for each"
+        )
+    return tuple(names)
+
+
+def _claim(value: object) -> str:
+    text = nonempty_string(value)
+    if not re.fullmatch(r"[A-Za-z0-9_:./-]+", text):
+        raise ValueError(f"must be a claim name, got {text!r}")
+    return text
+
+
+def _claim_headers(t: Table) -> tuple[tuple[bytes, str], ...]:
+    pairs = []
+    for header in t.names():
+        if not _TOKEN.fullmatch(header):
+            raise t.error(header, "must be a header name")
+        pairs.append((header.encode("ascii"), t.get(header, _claim)))
+    t.finish()
+    return tuple(pairs)
+
+
+def _file(t: Table, key: str) -> tuple[Path, bytes]:
+    """The path (relative to the config file's directory) and the bytes of a file the config names."""
+    name = t.get(key, nonempty_string)
+    path = Path(name)
+    if not path.is_absolute():
+        path = Path(t.source).parent / path
+    try:
+        return path, path.read_bytes()
+    except OSError as e:
+        raise t.error(key, f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _public_key_pem(t: Table, key: str, algorithms: tuple[str, ...]) -> bytes:
+    path, data = _file(t, key)
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            public_key = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            public_key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise t.error(key, f"{path} is not a PEM public key or certificate") from None
+    for algorithm in algorithms:
+        wrong = _wrong_key_type(public_key, algorithm)
+        if wrong:
+            raise t.error(key, f"{path} holds {wrong}, which cannot verify {algorithm}")
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _wrong_key_type(public_key: object, algorithm: str) -> str:
+    """ "" if `public_key` can verify `algorithm`, else what kind of key it is."""
+    if algorithm in RSA_ALGORITHMS:
+        ok = isinstance(public_key, rsa.RSAPublicKey)
+    elif algorithm in EC_ALGORITHMS:
+        ok = isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(
+            public_key.curve, EC_ALGORITHMS[algorithm]
+        )
+    else:
+        ok = isinstance(public_key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+    return "" if ok else f"a {type(public_key).__name__.removeprefix('_')} key"
+
+
+def _jwks_file(t: Table, key: str) -> Mapping[str, object]:
+    path, data = _file(t, key)
+    try:
+        jwks = json.loads(data)
+    except ValueError as e:
+        raise t.error(key, f"{path} is not JSON: {e}") from None
+    if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+        raise t.error(key, f'{path} is not a JSON Web Key Set (an object with a "keys" array)')
+    return MappingProxyType(jwks)
+
+
+# --- tables -----------------------------------------------------------------------------------------------
+
+
+def _api_key_method(name: str, t: Table) -> ApiKeyMethod:
+    method = ApiKeyMethod(name=name)
+    if t.has("headers"):
+        method = ApiKeyMethod(name=name, headers=t.get("headers", _key_headers))
+    return method
+
+
+def _jwt_method(name: str, t: Table) -> JwtMethod:
+    algorithms = t.get("algorithms", _algorithms)
+    sources = [k for k in ("public_key_file", "jwks_file", "jwks_url", "secret_file") if t.has(k)]
+    hmac = algorithms[0] in HMAC_ALGORITHMS
+    if hmac and sources != ["secret_file"]:
+        raise t.error("secret_file", "HMAC algorithms need secret_file (and no public key source)")
+    if not hmac and (len(sources) != 1 or sources == ["secret_file"]):
+        raise t.error(
+            "public_key_file",
+            f"give exactly one of public_key_file, jwks_file and jwks_url (got: {', '.join(sources) or 'none'})",
+        )
+    secret = None
+    if hmac:
+        path, secret = _file(t, "secret_file")
+        secret = secret.strip()
+        if len(secret) < 32:
+            raise t.error("secret_file", f"{path} must hold at least 32 bytes of secret")
+    audiences = t.get("audiences", string_list)
+    if not audiences:
+        raise t.error("audiences", "must list at least one audience: a token for another service must not pass")
+    claim_table = t.table("claim_headers")
+    method = JwtMethod(
+        name=name,
+        issuer=t.get("issuer", nonempty_string),
+        audiences=audiences,
+        algorithms=algorithms,
+        public_key_pem=_public_key_pem(t, "public_key_file", algorithms) if t.has("public_key_file") else None,
+        secret=secret,
+        jwks=_jwks_file(t, "jwks_file") if t.has("jwks_file") else None,
+        jwks_url=t.get("jwks_url", _http_url) if t.has("jwks_url") else None,
+        jwks_refresh_interval=t.get("jwks_refresh_interval", positive_seconds, 60.0),
+        jwks_max_age=t.get("jwks_max_age", positive_seconds, 3600.0),
+        jwks_fetch_timeout=t.get("jwks_fetch_timeout", positive_seconds, 5.0),
+        leeway=t.get("leeway", _seconds_or_zero, 30.0),
+        require_exp=t.get("require_exp", boolean, True),
+        consumer_claim=t.get("consumer_claim", _claim, "sub"),
+        scope_claims=t.get("scope_claims", _claims, ("scope", "scp")),
+        claim_headers=_claim_headers(claim_table) if claim_table is not None else (),
+        cache_size=t.get("cache_size", positive_int, 10000),
+    )
+    return method
+
+
+def _seconds_or_zero(value: object) -> float:
+    if value == 0:
+        return 0.0
+    return positive_seconds(value)
+
+
+def _claims(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be an array of claim names, got {describe(value)}")
+    return tuple(_claim(v) for v in value)
+
+
+def _basic_method(name: str, t: Table) -> BasicMethod:
+    return BasicMethod(
+        name=name,
+        realm=t.get("realm", _realm) if t.has("realm") else None,
+        threads=t.get("threads", positive_int, 2),
+        max_pending=t.get("max_pending", positive_int, 256),
+        cache_ttl=t.get("cache_ttl", _seconds_or_zero, 30.0),
+    )
+
+
+def _forward_method(name: str, t: Table) -> ForwardMethod:
+    consumer = t.get("consumer_header", _optional_header_name, b"")
+    scopes = t.get("scopes_header", _optional_header_name, b"")
+    method = ForwardMethod(
+        name=name,
+        url=t.get("url", _plain_http_url),
+        timeout=t.get("timeout", positive_seconds, 5.0),
+        request_headers=t.get("request_headers", _header_names, (b"authorization", b"cookie")),
+        copy_headers=t.get("copy_headers", _header_names, ()),
+        consumer_header=consumer.lower() or None,
+        scopes_header=scopes.lower() or None,
+        credential_headers=t.get("credential_headers", _header_names, (b"authorization",)),
+        max_connections=t.get("max_connections", positive_int, 64),
+        max_body=t.get("max_body", positive_size, 64 * KiB),
+    )
+    if not method.request_headers:
+        raise t.error("request_headers", "must name at least one header (the method applies when one is present)")
+    return method
+
+
+_METHOD_READERS = {
+    "api_key": _api_key_method,
+    "jwt": _jwt_method,
+    "basic": _basic_method,
+    "forward": _forward_method,
+}
+
+
+def _method(name: str, t: Table) -> Method:
+    kind = t.get("type", nonempty_string)
+    reader = _METHOD_READERS.get(kind)
+    if reader is None:
+        raise t.error("type", f"unknown method type {kind!r} (known: {', '.join(_METHOD_READERS)})")
+    method = reader(name, t)
+    t.finish()
+    return method
+
+
+def _realm(value: object) -> str:
+    text = nonempty_string(value)
+    if not re.fullmatch(r"[\x20\x21\x23-\x5b\x5d-\x7e]+", text):
+        raise ValueError(f"must be printable ASCII without quotes or backslashes, got {text!r}")
+    return text
+
+
+def _consumer(name: str, t: Table) -> Consumer:
+    if not _CONSUMER_NAME.fullmatch(name):
+        raise t.error("", "a consumer name may contain only letters, digits and _.@:- (at most 128)")
+    rate = t.table("rate_limit")
+    consumer = Consumer(
+        name=name,
+        scopes=t.get("scopes", _scopes, frozenset()),
+        api_key_hashes=t.get("api_keys", _api_key_hashes, frozenset()),
+        password_hash=t.get("password", _password_hash) if t.has("password") else None,
+        rate_limit=_rate_limit(rate) if rate is not None else None,
+        max_concurrent=t.get("max_concurrent", positive_int) if t.has("max_concurrent") else None,
+    )
+    t.finish()
+    return consumer
+
+
+def _consumers(top: Table, into: dict[str, Consumer]) -> None:
+    for name, table in top.named_tables("consumers"):
+        if name in into:
+            raise table.error("", f"consumer {name!r} is declared twice (in the config and the credentials file)")
+        into[name] = _consumer(name, table)
+
+
+def _credentials_file(t: Table, into: dict[str, Consumer]) -> None:
+    path, data = _file(t, "credentials_file")
+    try:
+        decoded = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    top = Table(decoded, "", path)
+    _consumers(top, into)
+    top.finish()
+
+
+def parse_admission(top: Table) -> Admission:
+    """The `[admission]`, `[consumers.*]` and `[auth.*]` sections of the config file's top table."""
+    consumers: dict[str, Consumer] = {}
+    _consumers(top, consumers)
+    methods = {name: _method(name, table) for name, table in top.named_tables("auth")}
+    t = top.table("admission")
+    if t is None:
+        return Admission(consumers=MappingProxyType(consumers), methods=MappingProxyType(methods))
+    if t.has("credentials_file"):
+        _credentials_file(t, consumers)
+    identity = IdentityHeaders()
+    headers = t.table("identity_headers")
+    if headers is not None:
+        identity = IdentityHeaders(
+            consumer=headers.get("consumer", _optional_header_name, identity.consumer),
+            scopes=headers.get("scopes", _optional_header_name, identity.scopes),
+            method=headers.get("method", _optional_header_name, identity.method),
+        )
+        headers.finish()
+    rates = RateLimits()
+    limits = t.table("rate_limits")
+    if limits is not None:
+        rates = RateLimits(
+            consumer=_optional_rate(limits, "consumer", None),
+            anonymous=_optional_rate(limits, "anonymous", None),
+            failed_auth=_optional_rate(limits, "failed_auth", rates.failed_auth),
+        )
+        limits.finish()
+    admission = Admission(
+        realm=t.get("realm", _realm, "gateway"),
+        consumers=MappingProxyType(consumers),
+        methods=MappingProxyType(methods),
+        identity=identity,
+        rate_limits=rates,
+        max_concurrent=t.get("max_concurrent", positive_int) if t.has("max_concurrent") else None,
+    )
+    t.finish()
+    return admission
+
+
+def _optional_rate(t: Table, key: str, default: RateLimit | None) -> RateLimit | None:
+    """A rate-limit table, or `false` for none."""
+    if not t.has(key):
+        return default
+    if t.get(key, lambda v: v) is False:
+        return None
+    inner = t.table(key)
+    assert inner is not None
+    return _rate_limit(inner)
+
+
+def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
+    """A route's `auth` (required: "anonymous", or method names), `scopes_any`, `scopes_all` and
+    `forward_credentials`."""
+    if not t.has("auth"):
+        raise t.error(
+            "auth",
+            'is required: say auth = "anonymous" for a public route, or name the methods it accepts, such as '
+            'auth = ["keys"] (no route is public by accident)',
+        )
+    value = t.get("auth", lambda v: v)
+    scopes_any = t.get("scopes_any", _scopes, frozenset())
+    scopes_all = t.get("scopes_all", _scopes, frozenset())
+    forward = t.get("forward_credentials", boolean, False)
+    if value == "anonymous":
+        if scopes_any or scopes_all:
+            raise t.error("scopes_any" if scopes_any else "scopes_all", "an anonymous route has no scopes to check")
+        return ANONYMOUS
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise t.error("auth", f'must be "anonymous" or a non-empty array of method names, got {value!r}')
+    for name in value:
+        if name not in admission.methods:
+            known = ", ".join(sorted(admission.methods)) or "none are defined"
+            raise t.error("auth", f"no method named {name!r} (define it as [auth.{name}]; known: {known})")
+    if len(set(value)) != len(value):
+        raise t.error("auth", "names a method twice")
+    return RouteAdmission(
+        methods=tuple(value),
+        scopes_any=scopes_any,
+        scopes_all=scopes_all,
+        forward_credentials=forward,
+    )
