@@ -56,8 +56,6 @@ class Allow:
 
 Verdict = Allow | Denied
 
-ANONYMOUS = Allow(ANONYMOUS_IDENTITY, None, (), ())
-
 
 def build_authenticator(method: Method, admission: Admission, reactor: Any) -> Authenticator:
     """The running form of one configured method."""
@@ -105,6 +103,7 @@ class Gatekeeper:
         for auth in self._authenticators.values():
             own |= {canonical_name(name) for name in auth.upstream_headers()}
         self.identity_headers: frozenset[bytes] = frozenset(own)
+        self._anonymous = Allow(ANONYMOUS_IDENTITY, None, self._identity_headers(ANONYMOUS_IDENTITY), ())
         """Canonical names of every header admission may set upstream: a client's copies are always removed."""
 
     # --- the checks -------------------------------------------------------------------------------------------
@@ -118,7 +117,7 @@ class Gatekeeper:
                 decision = self._store.take("anonymous:" + peer, rate)
                 if not decision.allowed:
                     return _too_many("anonymous", rate, decision, "rate_limited_address", None)
-            return ANONYMOUS
+            return self._anonymous
         chain = self._chain(admission)
         headers = request.headers
         for auth in chain:

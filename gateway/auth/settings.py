@@ -67,7 +67,7 @@ the right one (as for GitHub's and Stripe's tokens): there is nothing to brute-f
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP token: a header name, an auth scheme."""
-_CONSUMER_NAME = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
+CONSUMER_NAME = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
 _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 """A scope token (RFC 6749 section 3.3): visible ASCII but space, quote and backslash."""
 
@@ -584,7 +584,7 @@ def _realm(value: object) -> str:
 
 
 def _consumer(name: str, t: Table) -> Consumer:
-    if not _CONSUMER_NAME.fullmatch(name):
+    if not CONSUMER_NAME.fullmatch(name):
         raise t.error("", "a consumer name may contain only letters, digits and _.@:- (at most 128)")
     rate = t.table("rate_limit")
     consumer = Consumer(

@@ -1,0 +1,251 @@
+"""Tests for gateway.auth.gatekeeper: the order of the admission checks and the answers each refusal carries,
+on a Clock (no reactor, no sockets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from gateway.auth.apikeys import hash_key
+from gateway.auth.gatekeeper import Allow, Gatekeeper
+from gateway.auth.identity import AuthFailure, AuthRequest, Identity
+from gateway.auth.limits import MemoryLimitStore
+from gateway.config import Config, parse
+from gateway.errors import AuthServiceDenied, AuthUnavailable, Denied, Forbidden, TooManyRequests, Unauthorized
+from tests.support.running import gateway_config
+
+_sync = SynchronousTestCase()
+KEY = "gwk_gatekeeper-key"
+
+
+def config(route: dict[str, Any] | None = None, **sections: Any) -> Config:
+    data = gateway_config("http://127.0.0.1:8081", route={"auth": ["keys"], **(route or {})}, **sections)
+    data.setdefault("auth", {})["keys"] = {"type": "api_key"}
+    data.setdefault("consumers", {}).setdefault("alice", {"api_keys": [hash_key(KEY)], "scopes": ["read"]})
+    return parse(data, source="test.toml")
+
+
+class Counting:
+    """A method that admits `X-Test: <consumer>` (or refuses `X-Test: bad`), counting its verifications."""
+
+    name = "test"
+
+    def __init__(self, result: Any = None) -> None:
+        self.verified = 0
+        self.result = result
+
+    def credential(self, headers: Headers) -> object | None:
+        values = headers.getRawHeaders(b"x-test")
+        return values[0].decode() if values else None
+
+    def verify(self, credential: object, request: AuthRequest) -> Any:
+        self.verified += 1
+        if self.result is not None:
+            return self.result
+        if credential == "bad":
+            raise AuthFailure("bad_test", "the test credential is bad")
+        return Identity(consumer=str(credential), scopes=frozenset(), method=self.name)
+
+    def challenge(self, failure: AuthFailure | None) -> bytes:
+        return b"Test" if failure is None else b'Test error="bad"'
+
+    def upstream_headers(self) -> frozenset[bytes]:
+        return frozenset({b"x-test-claim"})
+
+    def close(self) -> None:
+        return None
+
+
+def gatekeeper(cfg: Config, clock: Clock, *extra: Counting) -> tuple[Gatekeeper, MemoryLimitStore]:
+    store = MemoryLimitStore(clock)
+    base = Gatekeeper(cfg.admission, reactor=clock)._authenticators
+    authenticators: dict[str, Any] = {**base, **{a.name: a for a in extra}}
+    return Gatekeeper(cfg.admission, reactor=clock, store=store, authenticators=authenticators), store
+
+
+def request(*headers: tuple[bytes, bytes], peer: str = "10.0.0.1") -> AuthRequest:
+    h = Headers()
+    for name, value in headers:
+        h.addRawHeader(name, value)
+    return AuthRequest(b"GET", b"/", h, peer, "rid")
+
+
+def key(value: str = KEY) -> tuple[bytes, bytes]:
+    return (b"X-API-Key", value.encode())
+
+
+def test_anonymous_route_is_admitted_with_the_anonymous_identity() -> None:
+    """An anonymous route admits without credentials; upstream it says so in the method header."""
+    cfg = config(route={"auth": "anonymous"})
+    keeper, _ = gatekeeper(cfg, Clock())
+    verdict = keeper.check(cfg.routes[0].admission, request())
+    assert isinstance(verdict, Allow)
+    assert verdict.identity.consumer is None
+    assert (b"X-Auth-Method", b"anonymous") in verdict.upstream_headers
+
+
+def test_anonymous_rate_limit_is_per_client_address_with_ratelimit_headers() -> None:
+    """Over the anonymous rate an address gets 429 with Retry-After and RateLimit-Policy / RateLimit; another
+    address is not affected; after the interval the first is admitted again."""
+    clock = Clock()
+    cfg = config(route={"auth": "anonymous"}, admission={"rate_limits": {"anonymous": {"rate": "2/s"}}})
+    keeper, _ = gatekeeper(cfg, clock)
+    route = cfg.routes[0].admission
+    assert isinstance(keeper.check(route, request()), Allow)
+    assert isinstance(keeper.check(route, request()), Allow)
+    refused = keeper.check(route, request())
+    assert isinstance(refused, TooManyRequests)
+    assert refused.status == 429 and refused.reason == "rate_limited_address"
+    assert dict(refused.extra_headers()) == {
+        b"Retry-After": b"1",
+        b"RateLimit-Policy": b'"anonymous";q=2;w=1',
+        b"RateLimit": b'"anonymous";r=0;t=1',
+    }
+    assert isinstance(keeper.check(route, request(peer="10.0.0.2")), Allow)
+    clock.advance(0.5)
+    assert isinstance(keeper.check(route, request()), Allow)
+
+
+def test_missing_and_unaccepted_credentials_are_told_apart() -> None:
+    """No credential at all is "missing_credentials"; an Authorization of a kind no method takes is
+    "unaccepted_credentials"; both carry the route's challenges."""
+    cfg = config()
+    keeper, _ = gatekeeper(cfg, Clock())
+    route = cfg.routes[0].admission
+    missing = keeper.check(route, request())
+    assert isinstance(missing, Unauthorized) and missing.reason == "missing_credentials"
+    assert missing.extra_headers() == [(b"WWW-Authenticate", b'Bearer realm="gateway"')]
+    other = keeper.check(route, request((b"Authorization", b"Digest abc")))
+    assert isinstance(other, Unauthorized) and other.reason == "unaccepted_credentials"
+
+
+def test_failed_authentications_lock_the_address_out_before_verifying() -> None:
+    """After `failed_auth.burst` failures an address gets 429 without its credential being verified (a brute
+    force costs nothing); other addresses still authenticate; the budget comes back at its rate."""
+    clock = Clock()
+    cfg = config(
+        route={"auth": ["test"]},
+        auth={"test": {"type": "basic"}},
+        admission={"rate_limits": {"failed_auth": {"rate": "3/m"}}},
+    )
+    counting = Counting()
+    keeper, _ = gatekeeper(cfg, clock, counting)
+    route = cfg.routes[0].admission
+    for _ in range(3):
+        assert isinstance(keeper.check(route, request((b"X-Test", b"bad"))), Unauthorized)
+    locked = keeper.check(route, request((b"X-Test", b"alice")))
+    assert isinstance(locked, TooManyRequests) and locked.reason == "too_many_failed_authentications"
+    assert dict(locked.extra_headers())[b"Retry-After"] == b"20"
+    assert counting.verified == 3
+    assert isinstance(keeper.check(route, request((b"X-Test", b"alice"), peer="10.0.0.9")), Allow)
+    clock.advance(20)
+    assert isinstance(keeper.check(route, request((b"X-Test", b"alice"))), Allow)
+
+
+def test_a_failure_is_401_with_the_failed_methods_challenge_first_in_its_scheme() -> None:
+    """A refused credential gets 401 whose challenge for its own scheme carries the failure's error."""
+    cfg = config(route={"auth": ["keys", "test"]}, auth={"test": {"type": "basic"}})
+    keeper, _ = gatekeeper(cfg, Clock(), Counting())
+    refused = keeper.check(cfg.routes[0].admission, request((b"Authorization", b"Bearer gwk_nope")))
+    assert isinstance(refused, Unauthorized) and refused.reason == "invalid_key"
+    assert refused.extra_headers() == [
+        (
+            b"WWW-Authenticate",
+            b'Bearer realm="gateway", error="invalid_token", error_description="the API key is not valid"',
+        ),
+        (b"WWW-Authenticate", b"Test"),
+    ]
+
+
+def test_deferred_verification_goes_through_the_same_checks() -> None:
+    """A verification that takes time ends in the same verdicts: scopes, limits, then Allow."""
+    cfg = config(route={"auth": ["test"], "scopes_all": ["write"]}, auth={"test": {"type": "basic"}})
+    pending: Deferred[Identity] = Deferred()
+    keeper, _ = gatekeeper(cfg, Clock(), Counting(result=pending))
+    verdict = keeper.check(cfg.routes[0].admission, request((b"X-Test", b"carol")))
+    assert isinstance(verdict, Deferred)
+    _sync.assertNoResult(verdict)
+    pending.callback(Identity(consumer="carol", scopes=frozenset({"read"}), method="test"))
+    result = _sync.successResultOf(verdict)
+    assert isinstance(result, Forbidden) and result.consumer == "carol"
+    assert "write" in result.detail
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expected", "counted"),
+    [
+        (AuthFailure("x", "refused"), Unauthorized, True),
+        (AuthServiceDenied(401, None, b"", []), AuthServiceDenied, True),
+        (AuthServiceDenied(403, None, b"", []), AuthServiceDenied, False),
+        (AuthUnavailable("down", reason="auth_service_unreachable"), AuthUnavailable, False),
+    ],
+    ids=["auth-failure", "service-401", "service-403", "unavailable"],
+)
+def test_deferred_refusals_and_which_count_as_failed_attempts(
+    outcome: Exception, expected: type[Denied], counted: bool
+) -> None:
+    """A later refusal is the verdict; a 401 (ours or the auth service's) counts against the address, a 403 or an
+    unavailable auth service does not (neither is a wrong credential)."""
+    cfg = config(
+        route={"auth": ["test"]},
+        auth={"test": {"type": "basic"}},
+        admission={"rate_limits": {"failed_auth": {"rate": "1/m"}}},
+    )
+    keeper, store = gatekeeper(cfg, Clock(), Counting(result=fail(outcome)))
+    verdict = _sync.successResultOf(keeper.check(cfg.routes[0].admission, request((b"X-Test", b"x"))))
+    assert type(verdict) is expected
+    assert store.peek("failed:10.0.0.1", cfg.admission.rate_limits.failed_auth).allowed is not counted  # type: ignore[arg-type]
+
+
+def test_consumer_rate_limit_applies_across_requests_of_that_consumer() -> None:
+    """A consumer over its own rate gets 429 naming the consumer policy; another consumer is not affected."""
+    clock = Clock()
+    cfg = config(
+        route={"auth": ["keys"]},
+        consumers={
+            "alice": {"api_keys": [hash_key(KEY)], "rate_limit": {"rate": "1/s", "burst": 1}},
+            "bob": {"api_keys": [hash_key("gwk_bob")]},
+        },
+    )
+    keeper, _ = gatekeeper(cfg, clock)
+    route = cfg.routes[0].admission
+    assert isinstance(keeper.check(route, request(key())), Allow)
+    refused = keeper.check(route, request(key()))
+    assert isinstance(refused, TooManyRequests) and refused.consumer == "alice"
+    assert dict(refused.extra_headers())[b"RateLimit-Policy"] == b'"consumer";q=1;w=1'
+    assert isinstance(keeper.check(route, request(key("gwk_bob"))), Allow)
+
+
+def test_concurrency_slot_is_given_back_once() -> None:
+    """The slot of an admitted request comes back when `release` is called, however often it is called."""
+    cfg = config(admission={"max_concurrent": 1})
+    keeper, store = gatekeeper(cfg, Clock())
+    route = cfg.routes[0].admission
+    first = keeper.check(route, request(key()))
+    assert isinstance(first, Allow) and first.release is not None
+    assert isinstance(keeper.check(route, request(key())), TooManyRequests)
+    first.release()
+    first.release()
+    assert store.held("in-flight:alice") == 0
+    assert isinstance(keeper.check(route, request(key())), Allow)
+    assert store.held("in-flight:alice") == 1
+
+
+def test_identity_headers_cover_every_method_and_can_be_renamed_or_dropped() -> None:
+    """Every header admission may set is in `identity_headers` (so a client's copy is removed); an empty name
+    sets none."""
+    cfg = config(
+        route={"auth": ["test"]},
+        auth={"test": {"type": "basic"}},
+        admission={"identity_headers": {"consumer": "X-User", "scopes": "", "method": ""}},
+    )
+    keeper, _ = gatekeeper(cfg, Clock(), Counting())
+    assert keeper.identity_headers == {b"X-User", b"X-Test-Claim"}
+    verdict = keeper.check(cfg.routes[0].admission, request((b"X-Test", b"dave")))
+    assert isinstance(verdict, Allow)
+    assert list(verdict.upstream_headers) == [(b"X-User", b"dave")]
