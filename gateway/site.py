@@ -104,6 +104,7 @@ class GatewayChannel(HTTPChannel):
     _counted = False
     _head_timer: IDelayedCall | None = None
     _linger_timer: IDelayedCall | None = None
+    _lingered = 0
 
     # --- connection -------------------------------------------------------------------------------------------
 
@@ -127,7 +128,11 @@ class GatewayChannel(HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused is not None:
-            return  # lingering after a refusal: read and dropped
+            # Lingering after a refusal: read and dropped, up to server.lingering_max_bytes.
+            self._lingered += len(data)
+            if self._lingered > self.server.lingering_max_bytes and self._linger_timer is not None:
+                self._linger_expired()
+            return
         if self._busyReceiving:
             # Called back from within a parse (a request finished and its pipelined successor is replayed):
             # LineReceiver only buffers it, and the outer call parses it and checks what is left.
@@ -311,7 +316,9 @@ class GatewayChannel(HTTPChannel):
             self.loseConnection()
 
     def _linger_expired(self) -> None:
-        self._linger_timer = None
+        timer, self._linger_timer = self._linger_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         self.transport.abortConnection()
 
 

@@ -96,6 +96,19 @@ def lingers_then_cut(gw: Gateway, client: Client) -> None:
     assert client.transport.aborted
 
 
+def test_lingering_after_a_refused_head_is_cut_past_the_discard_bound(gateway: Callable[..., Gateway]) -> None:
+    """After a refused head, what the client still sends is dropped up to server.lingering_max_bytes; past that
+    the connection is cut, before the lingering deadline."""
+    gw = gateway(server={"lingering_max_bytes": 1000})
+    client = gw.client()
+    client.send(get(b"/x", b"Transfer-Encoding: gzip"))
+    refusal(client, 400)
+    client.send(b"x" * 1000)
+    assert not client.transport.aborted
+    client.send(b"x")
+    assert client.transport.aborted
+
+
 # === 414: the request line ==========================================================================================
 
 
