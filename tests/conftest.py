@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred
+from twisted.logger import LogEvent, globalLogPublisher
 
 from tests.support import clients
 from tests.support.origin import Origin
@@ -53,6 +54,20 @@ def no_leaks() -> Iterator[None]:
     assert not leaked_calls, f"pending DelayedCalls left behind: {leaked_calls}"
     leaked_sockets = _sockets() - before
     assert not leaked_sockets, f"sockets left open: {leaked_sockets}"
+
+
+@pytest.fixture
+def failures() -> Iterator[list[LogEvent]]:
+    """Failures logged during the test (the gateway logs unexpected ones with `log.failure`)."""
+    seen: list[LogEvent] = []
+
+    def observe(event: LogEvent) -> None:
+        if "log_failure" in event:
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.async_yield_fixture()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 from twisted.web.http_headers import Headers
 
 from gateway.auth.apikeys import hash_key
@@ -103,19 +103,6 @@ def admission_config(**sections: Any) -> dict[str, Any]:
     data.setdefault("consumers", {}).setdefault("reports-app", {"api_keys": [KEY_HASH], "scopes": ["reports:read"]})
     data["consumers"].setdefault("held-app", {})
     return data
-
-
-@pytest.fixture
-def failures() -> Iterator[list[LogEvent]]:
-    seen: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if "log_failure" in event:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest.fixture

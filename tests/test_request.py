@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 from zope.interface import directlyProvides, implementer
 
 from gateway.request import GatewayRequest, Phase
@@ -94,20 +94,6 @@ class Gateway(MemoryGateway):
         for upstream in self.upstreams:
             if closed(upstream) and not upstream.transport.lost_notified:
                 disconnect(upstream.transport, upstream.protocol, ConnectionDone("closed"))
-
-
-@pytest.fixture
-def failures() -> Iterator[list[LogEvent]]:
-    """Failures logged during the test (the gateway logs unexpected ones with `log.failure`)."""
-    seen: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if "log_failure" in event:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest.fixture

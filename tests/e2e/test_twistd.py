@@ -43,7 +43,8 @@ def test_invalid_config_exits_1_with_one_line_and_no_traceback(tmp_path: Path) -
     path = tmp_path / "bad.toml"
     path.write_text(
         '[[listeners]]\nhost = "127.0.0.1"\nport = 0\n\n'
-        '[[routes]]\nname = "all"\nauth = "anonymous"\nupstream = "http://127.0.0.1:1"\n[routes.timeouts]\nconnect = -1\n'
+        '[[routes]]\nname = "all"\nauth = "anonymous"\nupstream = "http://127.0.0.1:1"\n'
+        "[routes.timeouts]\nconnect = -1\n"
     )
     done = run([str(TWISTD), "--nodaemon", "--pidfile=", "gateway", "--config", str(path)], cwd=tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
