@@ -433,13 +433,13 @@ def _public_key_pem(t: Table, key: str, algorithms: tuple[str, ...]) -> bytes:
     except ValueError:
         raise t.error(key, f"{path} is not a PEM public key or certificate") from None
     for algorithm in algorithms:
-        wrong = _wrong_key_type(public_key, algorithm)
+        wrong = wrong_key_type(public_key, algorithm)
         if wrong:
             raise t.error(key, f"{path} holds {wrong}, which cannot verify {algorithm}")
     return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _wrong_key_type(public_key: object, algorithm: str) -> str:
+def wrong_key_type(public_key: object, algorithm: str) -> str:
     """ "" if `public_key` can verify `algorithm`, else what kind of key it is."""
     if algorithm in RSA_ALGORITHMS:
         ok = isinstance(public_key, rsa.RSAPublicKey)
