@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from tests.support.processes import Child
 
@@ -17,3 +18,17 @@ def spawn() -> Iterator[list[Child]]:
     yield children
     for child in reversed(children):
         child.stop()
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    """Every log event emitted during the test."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def everything_logged(events: list[LogEvent]) -> str:
+    """Each event's text and every field's value, as one string to search for secrets."""
+    return "\n".join(formatEvent(e) + repr(sorted((k, repr(v)) for k, v in e.items())) for e in events)

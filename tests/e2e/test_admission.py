@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import bcrypt
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from gateway.auth.apikeys import hash_key
+from tests.e2e.conftest import everything_logged
 from tests.support.clients import RawClient, connect, parse_responses, within
 from tests.support.running import gateway_config
 
@@ -57,20 +56,6 @@ async def _exchange(port: int, request: bytes) -> RawClient:
     return client
 
 
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    """Every log event emitted during the test."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
-
-def _everything_logged(events: list[LogEvent]) -> str:
-    """Each event's text and every field's value, as one string to search for secrets."""
-    return "\n".join(formatEvent(e) + repr(sorted((k, repr(v)) for k, v in e.items())) for e in events)
-
-
 # === API keys ====================================================================================================
 
 
@@ -87,6 +72,23 @@ async def test_valid_api_key_reaches_the_upstream_with_the_identity_and_without_
     assert names["x-consumer-scopes"] == "reports:read"
     assert names["x-auth-method"] == "keys"
     assert "x-api-key" not in names
+
+
+@pytest.mark.parametrize("route_auth", [["keys", "login"], "anonymous"], ids=["protected", "anonymous"])
+@pytest_twisted.ensureDeferred
+async def test_spoofed_identity_headers_never_reach_the_upstream(origin, gateway_for, route_auth):
+    """Identity headers a client sends itself are removed on protected and anonymous routes alike; the upstream
+    sees only the gateway's (in any spelling of the name the client chose)."""
+    gateway = gateway_for(protected(origin.url, route={"auth": route_auth}))
+    key = [b"X-API-Key: " + KEY.encode()] if route_auth != "anonymous" else []
+    forged = [b"X-Consumer-ID: admin", b"x-consumer-scopes: admin:all", b"X-AUTH-METHOD: internal"]
+    client = await _exchange(gateway.port, _get(b"/headers", *key, *forged))
+    names = [(name.lower(), value) for name, value in json.loads(client.response().body)["headers"]]
+    assert ("x-consumer-id", "admin") not in names
+    assert ("x-consumer-scopes", "admin:all") not in names
+    assert ("x-auth-method", "internal") not in names
+    expected = "anonymous" if route_auth == "anonymous" else "keys"
+    assert [v for n, v in names if n == "x-auth-method"] == [expected]
 
 
 @pytest.mark.parametrize(
@@ -250,7 +252,7 @@ async def test_a_credential_never_appears_in_logs_answers_or_upstream_headers(
     answer = bytes(client.head).decode("latin-1")
     for text in (secret, encoded):
         assert text not in answer
-        assert text not in _everything_logged(logged)
+        assert text not in everything_logged(logged)
         for seen in origin.seen:
             assert all(text.encode() not in value for _, value in seen.headers)
 

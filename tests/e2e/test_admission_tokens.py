@@ -4,9 +4,11 @@ tests/test_auth_jwt.py and tests/test_auth_forward.py; here, that the verdicts r
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import jwt
@@ -17,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer, reactor, task
 from twisted.web import resource, server
 
+from tests.e2e.conftest import everything_logged
 from tests.support.clients import connect, parse_responses, within
 from tests.support.running import gateway_config
 
@@ -160,25 +163,66 @@ async def test_jwt_from_a_pem_key_admits_the_subject_with_its_scopes_and_claims(
     assert "authorization" not in seen
 
 
+PUBLIC_PEM = PRIVATE.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _crafted(alg: str, secret: bytes | None, **claims: Any) -> str:
+    """A token made by hand: `alg` in its header, HMAC-SHA256 with `secret` as its signature (none without)."""
+    now = int(time.time())
+    payload = {"iss": ISSUER, "aud": "gateway", "sub": "svc-reports", "exp": now + 600, **claims}
+    signing_input = f"{_b64(json.dumps({'alg': alg, 'typ': 'JWT'}).encode())}.{_b64(json.dumps(payload).encode())}"
+    signature = _b64(hmac.digest(secret, signing_input.encode(), "sha256")) if secret is not None else ""
+    return f"{signing_input}.{signature}"
+
+
+REFUSED_TOKENS: list[tuple[str, Callable[[], str], str, bytes]] = [
+    ("expired", lambda: token(exp=int(time.time()) - 3600), "token_expired", b'error="invalid_token"'),
+    ("not-yet-valid", lambda: token(nbf=int(time.time()) + 3600), "token_not_yet_valid", b'error="invalid_token"'),
+    ("wrong-audience", lambda: token(aud="another-service"), "wrong_audience", b'error="invalid_token"'),
+    ("bad-signature", lambda: token()[:-8] + "AAAAAAAA", "bad_signature", b'error="invalid_token"'),
+    ("alg-none", lambda: _crafted("none", None), "token_algorithm_refused", b'error="invalid_token"'),
+    # Algorithm confusion: HS256 keyed with the RSA public key's PEM (which anyone has), on an RS256 method.
+    (
+        "hs256-keyed-with-the-public-key",
+        lambda: _crafted("HS256", PUBLIC_PEM),
+        "token_algorithm_refused",
+        b'error="invalid_token"',
+    ),
+    # Another issuer's token is no method's credential here: 401, and not even read as a JWT of this issuer.
+    ("wrong-issuer", lambda: token(iss="https://evil.example/"), "unaccepted_credentials", b'Bearer realm="gateway"'),
+    ("missing", lambda: "", "missing_credentials", b'Bearer realm="gateway"'),
+]
+
+
 @pytest.mark.parametrize(
-    "claims",
-    [{"exp": int(time.time()) - 3600}, {"aud": "another-service"}, {"nbf": int(time.time()) + 3600}],
-    ids=["expired", "wrong-audience", "not-yet-valid"],
+    ("make", "reason", "challenge"), [case[1:] for case in REFUSED_TOKENS], ids=[case[0] for case in REFUSED_TOKENS]
 )
 @pytest_twisted.ensureDeferred
-async def test_jwt_refused_is_401_with_an_rfc6750_challenge(origin, gateway_for, tmp_path, claims):
-    """An expired, wrongly addressed or not-yet-valid token gets 401 with `Bearer error="invalid_token"`, and the
-    upstream never hears of it."""
+async def test_jwt_refused_is_401_with_an_rfc6750_challenge(
+    origin, gateway_for, tmp_path, logged, make, reason, challenge
+):
+    """An expired, not-yet-valid, wrongly addressed, wrongly signed, unsigned (`alg: none`), algorithm-confused,
+    foreign or missing token gets 401 with a Bearer challenge (`error="invalid_token"` when a token was refused),
+    the denial is logged with its reason, and the upstream never hears of it."""
     pem = tmp_path / "corp.pem"
-    pem.write_bytes(
-        PRIVATE.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
+    pem.write_bytes(PUBLIC_PEM)
     gateway = gateway_for(jwt_config(origin.url, {"public_key_file": str(pem)}))
-    response = await _answer(gateway.port, _get(b"/headers", b"Authorization: Bearer " + token(**claims).encode()))
+    signed = make()
+    headers = [b"Authorization: Bearer " + signed.encode()] if signed else []
+    response = await _answer(gateway.port, _get(b"/headers", *headers))
     assert response.status == 401
-    (challenge,) = response.headers_named(b"www-authenticate")
-    assert challenge.startswith(b'Bearer realm="gateway", error="invalid_token"')
+    (offered,) = response.headers_named(b"www-authenticate")
+    assert offered.startswith(b'Bearer realm="gateway"') and challenge in offered
     assert origin.accepted == 0
+    assert [e["reason"] for e in logged if "reason" in e and e.get("status") == 401] == [reason]
+    if signed:
+        assert signed not in everything_logged(logged)
 
 
 @pytest_twisted.ensureDeferred
@@ -309,3 +353,47 @@ async def test_client_leaving_during_forward_auth_cancels_the_check(origin, gate
     client.transport.loseConnection()
     await within(site.held_lost)
     assert origin.accepted == 0
+
+
+# === secrets never leak ==========================================================================================
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_never_appears_in_logs_answers_or_upstream_headers(origin, gateway_for, tmp_path, logged):
+    """Neither an accepted nor a refused JWT appears in a log event, an answer or a header the upstream got."""
+    pem = tmp_path / "corp.pem"
+    pem.write_bytes(PUBLIC_PEM)
+    gateway = gateway_for(jwt_config(origin.url, {"public_key_file": str(pem)}))
+    good, expired = token(), token(exp=int(time.time()) - 3600)
+    answers = []
+    for signed in (good, expired):
+        client = await connect(gateway.port, keep_all=True)
+        client.send(_get(b"/headers", b"Authorization: Bearer " + signed.encode()))
+        await within(client.closed)
+        answers.append(bytes(client.head))
+    assert parse_responses(answers[0])[0].status == 200 and parse_responses(answers[1])[0].status == 401
+    for signed in (good, expired):
+        for part in signed.split("."):  # no part of it either (a signature alone is a secret's fingerprint)
+            assert all(part.encode() not in answer for answer in answers)
+            assert part not in everything_logged(logged)
+            assert all(part.encode() not in value for seen in origin.seen for _, value in seen.headers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forward_auth_credential_reaches_only_the_auth_service(origin, gateway_for, auth_service, logged):
+    """The credential a forward-auth method sends to its auth service goes nowhere else: not upstream, not into an
+    answer, not into a log event, whether admitted or refused."""
+    site, url = auth_service
+    gateway = gateway_for(forward_config(origin.url, url))
+    answers = []
+    for credential in (b"Token ok", b"Token nope"):
+        client = await connect(gateway.port, keep_all=True)
+        client.send(_get(b"/headers", b"Authorization: " + credential))
+        await within(client.closed)
+        answers.append(bytes(client.head))
+    assert [parse_responses(a)[0].status for a in answers] == [200, 401]
+    assert [seen["authorization"] for seen in site.seen] == ["Token ok", "Token nope"]
+    for secret in (b"Token ok", b"Token nope"):
+        assert all(secret not in answer for answer in answers)
+        assert secret.decode() not in everything_logged(logged)
+        assert all(secret not in value for seen in origin.seen for _, value in seen.headers)
