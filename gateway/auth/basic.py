@@ -33,7 +33,8 @@ __all__ = ["BasicAuthenticator"]
 _DUMMY_HASH = b"$2b$12$Q99GCpW0/5SsB4Ax8Uwv/efDBSadSoUd5s8ScKpExhhjZlnwbdM0O"
 """A bcrypt hash (cost 12) of no one's password: unknown users are checked against it."""
 _MAX_CACHED = 10000
-_MAX_PASSWORD = 1024
+MAX_PASSWORD_BYTES = 72
+"""The longest password bcrypt hashes (bcrypt 5 refuses more rather than cutting it): a longer one never matches."""
 
 
 def _dummy_hash(hashes: list[bytes]) -> bytes:
@@ -76,11 +77,11 @@ class BasicAuthenticator:
             raise AuthFailure("malformed_credentials", "the Basic credentials are malformed")
         user, password = credential  # type: ignore[misc]
         consumer = self._consumers.get(user)
-        if len(password) > _MAX_PASSWORD:
+        if len(password) > MAX_PASSWORD_BYTES:
             raise AuthFailure("invalid_password", "the user name or password is wrong", consumer=user)
         stored = consumer.password_hash if consumer is not None else self._dummy
         assert stored is not None
-        key = hmac.digest(self._cache_key, b"\0".join([user.encode("utf-8"), password, stored]), hashlib.sha256)
+        key = self._key(user, password, stored)
         now = self._clock.seconds()
         until = self._verified.get(key)
         if consumer is not None and until is not None:
@@ -123,6 +124,11 @@ class BasicAuthenticator:
             self._pool = ThreadPool(minthreads=0, maxthreads=self._method.threads, name=f"basic-{self.name}")
             self._pool.start()
         return self._pool
+
+    def _key(self, user: str, password: bytes, stored: bytes) -> bytes:
+        """What a verified success is remembered by: a keyed hash (the key is this process's secret), never the
+        password itself."""
+        return hmac.digest(self._cache_key, b"\0".join([user.encode("utf-8"), password, stored]), hashlib.sha256)
 
     def _identity(self, consumer: Consumer) -> Identity:
         return Identity(

@@ -97,12 +97,18 @@ def unverified_claims(token: bytes) -> dict[str, object] | None:
     payload = parts[1]
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # RecursionError: "[[[[..." nested thousands deep
         return None
     return claims if isinstance(claims, dict) else None
 
 
+_UNQUOTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _quoted(value: str) -> str:
+    """`value` as a quoted-string (RFC 9110 section 5.6.4); control characters, which no header may carry, are
+    dropped."""
+    value = _UNQUOTABLE.sub("", value)
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

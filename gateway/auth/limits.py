@@ -26,6 +26,10 @@ __all__ = ["LimitStore", "MemoryLimitStore", "RateDecision"]
 
 _SWEEP_EVERY = 4096
 """Rate checks between two sweeps of keys that have fully recovered (and so need no entry)."""
+_SLACK = 1e-6
+"""Seconds by which a request may be early and still conform: the arrival time is a sum of float intervals
+(0.01 added 99 times is 0.9900000000000007), which must not cost "100/s" the hundredth request of its burst, nor
+make a client that waited exactly `retry_after` be refused again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,22 +80,20 @@ class MemoryLimitStore:
         tolerance = interval * (limit.burst - 1)
         arrival = max(self._arrival.get(key, now), now)
         early = arrival - now
-        if early > tolerance:
+        if early > tolerance + _SLACK:
             return RateDecision(False, 0, early - tolerance, early)
         arrival += interval
         self._arrival[key] = arrival
-        remaining = math.floor((now + tolerance + interval - arrival) / interval + 1e-9)
-        return RateDecision(True, max(remaining, 0), 0.0, arrival - now)
+        return RateDecision(True, _remaining(arrival - now, tolerance, interval), 0.0, arrival - now)
 
     def peek(self, key: str, limit: RateLimit) -> RateDecision:
         now = self._clock.seconds()
         arrival = max(self._arrival.get(key, now), now)
         early = arrival - now
         tolerance = limit.interval * (limit.burst - 1)
-        if early > tolerance:
+        if early > tolerance + _SLACK:
             return RateDecision(False, 0, early - tolerance, early)
-        remaining = math.floor((tolerance - early) / limit.interval + 1e-9) + 1
-        return RateDecision(True, remaining, 0.0, early)
+        return RateDecision(True, _remaining(early, tolerance, limit.interval), 0.0, early)
 
     def acquire(self, key: str, cap: int) -> bool:
         held = self._slots.get(key, 0)
@@ -115,3 +117,8 @@ class MemoryLimitStore:
         self._checks = 0
         for key in [key for key, arrival in self._arrival.items() if arrival <= now]:
             del self._arrival[key]
+
+
+def _remaining(early: float, tolerance: float, interval: float) -> int:
+    """Requests that would still conform now, when the next one is due `early` seconds from now."""
+    return max(math.floor((tolerance - early + _SLACK) / interval), -1) + 1

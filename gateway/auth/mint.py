@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import bcrypt
 
 from gateway.auth.apikeys import hash_key, mint_key
+from gateway.auth.basic import MAX_PASSWORD_BYTES
 from gateway.auth.settings import CONSUMER_NAME
 
 __all__ = ["main"]
@@ -25,7 +26,7 @@ __all__ = ["main"]
 
 def _consumer(name: str) -> str:
     if not CONSUMER_NAME.fullmatch(name):
-        raise argparse.ArgumentTypeError("a consumer name may contain only letters, digits and _.@:- (at most 128)")
+        raise argparse.ArgumentTypeError("a consumer name may contain only letters, digits and -_. (at most 128)")
     return name
 
 
@@ -56,6 +57,9 @@ def _password(args: argparse.Namespace) -> int:
             return 1
     if not password:
         print("gateway-credentials: the password is empty", file=sys.stderr)
+        return 1
+    if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+        print(f"gateway-credentials: bcrypt takes at most {MAX_PASSWORD_BYTES} bytes of password", file=sys.stderr)
         return 1
     hashed = bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds=args.cost)).decode("ascii")
     print(f'{_table(args.consumer)}\npassword = "{hashed}"')

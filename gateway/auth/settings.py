@@ -67,7 +67,8 @@ the right one (as for GitHub's and Stripe's tokens): there is nothing to brute-f
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP token: a header name, an auth scheme."""
-CONSUMER_NAME = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
+CONSUMER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+"""A consumer's name: a bare TOML key (as `[consumers.NAME]` tables are read) of at most 128 characters."""
 _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 """A scope token (RFC 6749 section 3.3): visible ASCII but space, quote and backslash."""
 
@@ -351,7 +352,7 @@ def _http_url(value: object) -> str:
 
 def _plain_http_url(value: object) -> str:
     text = _http_url(value)
-    if not text.startswith("http://"):
+    if urlsplit(text).scheme != "http":
         raise ValueError(f"must be an http URL (https auth services come with the TLS work), got {text!r}")
     return text
 
@@ -517,7 +518,10 @@ def _jwt_method(name: str, t: Table) -> JwtMethod:
 
 
 def _seconds_or_zero(value: object) -> float:
-    if value == 0:
+    """Seconds as `positive_seconds` reads them, or zero (0, 0.0, "0s", "0ms"...) to turn a wait off."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    if isinstance(value, str) and re.fullmatch(r"\s*0+(\.0+)?\s*(ms|s|m|h)\s*", value.lower()):
         return 0.0
     return positive_seconds(value)
 
@@ -567,6 +571,8 @@ _METHOD_READERS = {
 
 
 def _method(name: str, t: Table) -> Method:
+    if name == "anonymous":
+        raise t.error("", '"anonymous" is what a public route says (auth = "anonymous"); give the method another name')
     kind = t.get("type", nonempty_string)
     reader = _METHOD_READERS.get(kind)
     if reader is None:
@@ -585,7 +591,7 @@ def _realm(value: object) -> str:
 
 def _consumer(name: str, t: Table) -> Consumer:
     if not CONSUMER_NAME.fullmatch(name):
-        raise t.error("", "a consumer name may contain only letters, digits and _.@:- (at most 128)")
+        raise t.error("", "a consumer name may contain only letters, digits and -_. (at most 128)")
     rate = t.table("rate_limit")
     consumer = Consumer(
         name=name,
