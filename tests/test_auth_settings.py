@@ -1463,3 +1463,21 @@ def test_a_method_may_not_be_named_anonymous() -> None:
         "auth.anonymous",
         '"anonymous" is what a public route says (auth = "anonymous"); give the method another name',
     )
+
+
+@pytest.mark.parametrize("header", ["Host", "Content-Length", "Connection", "X-Forwarded-For", "X-Request-ID"])
+def test_forward_request_headers_cannot_name_the_gateways_own(header: str) -> None:
+    """A forward-auth method cannot list a framing, hop-by-hop or X-Forwarded-* header to send: those describe
+    the gateway's own request to the auth service."""
+    data = minimal()
+    data["auth"]["sso"]["request_headers"] = ["Authorization", header]
+    error = error_of(data)
+    assert error.key == "auth.sso.request_headers"
+    assert error.reason.startswith(f"{header.lower()} is never sent to the auth service")
+
+
+def test_forward_url_must_be_ascii() -> None:
+    """A forward-auth URL with non-ASCII characters is refused when the config loads, not when a request comes."""
+    data = minimal()
+    data["auth"]["sso"]["url"] = "http://127.0.0.1:9000/prüfen"
+    assert error_of(data).key == "auth.sso.url"

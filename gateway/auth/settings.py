@@ -66,6 +66,29 @@ API_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 the right one (as for GitHub's and Stripe's tokens): there is nothing to brute-force."""
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_GATEWAY_OWNED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-proto",
+        b"x-forwarded-method",
+        b"x-forwarded-uri",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-request-id",
+    }
+)
+"""Headers a forward-auth method cannot send to its auth service: they frame or describe the gateway's own request."""
 """An HTTP token: a header name, an auth scheme."""
 CONSUMER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 """A consumer's name: a bare TOML key (as `[consumers.NAME]` tables are read) of at most 128 characters."""
@@ -340,6 +363,8 @@ def _key_headers(value: object) -> tuple[KeyHeader, ...]:
 
 def _http_url(value: object) -> str:
     text = nonempty_string(value)
+    if not text.isascii() or any(c.isspace() for c in text):
+        raise ValueError(f"must be a URL of ASCII characters without spaces (percent-encode the rest), got {text!r}")
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         raise ValueError(f"must be an http or https URL without credentials, got {text!r}")
@@ -559,6 +584,13 @@ def _forward_method(name: str, t: Table) -> ForwardMethod:
     )
     if not method.request_headers:
         raise t.error("request_headers", "must name at least one header (the method applies when one is present)")
+    owned = [h for h in method.request_headers if h in _GATEWAY_OWNED]
+    if owned:
+        raise t.error(
+            "request_headers",
+            f"{owned[0].decode()} is never sent to the auth service (the gateway frames its own request and sets "
+            "the X-Forwarded-* headers itself)",
+        )
     return method
 
 
