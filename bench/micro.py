@@ -6,17 +6,25 @@ with a 100-byte response and reads the client's bytes. Reports microseconds per 
 batches, so that noise from other processes shows as little as possible). Used to measure the effect of each
 change in the performance pass; not a substitute for the loopback benchmarks in `bench/run.py`.
 
-Run: `.venv/bin/python bench/micro.py [--requests 20000]`
+Run: `.venv/bin/python bench/micro.py [--requests 20000] [--auth anonymous,key,jwt]`; `--auth` compares the
+route without authentication with an API-key route and a (cached) RS256 JWT route, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from gateway.auth.apikeys import hash_key, mint_key
 from gateway.config import parse
 from gateway.service import make_gateway
 from gateway.site import GatewayFactory
@@ -28,20 +36,60 @@ RESPONSE = (
 )
 
 
-def run(requests: int) -> float:
-    reactor = MemoryReactorClock()
-    config = parse(
-        {
-            "listeners": [{"host": "127.0.0.1", "port": 0}],
-            "routes": [{"name": "all", "auth": "anonymous", "path_prefix": "/", "upstream": "http://10.0.0.2:8080"}],
-        },
-        source="micro",
+KEY = mint_key()
+PRIVATE = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+TOKEN = jwt.encode(
+    {"iss": "https://id.example/", "aud": "gateway", "sub": "svc", "exp": int(time.time()) + 86400, "scope": "a b"},
+    PRIVATE,
+    algorithm="RS256",
+)
+CREDENTIALS = {
+    "anonymous": b"",
+    "key": b"X-API-Key: " + KEY.encode(),
+    "jwt": b"Authorization: Bearer " + TOKEN.encode(),
+}
+
+
+def _config(auth: str, directory: Path) -> dict[str, Any]:
+    pem = directory / "jwt.pem"
+    pem.write_bytes(
+        PRIVATE.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
+    return {
+        "listeners": [{"host": "127.0.0.1", "port": 0}],
+        "auth": {
+            "key": {"type": "api_key"},
+            "jwt": {
+                "type": "jwt",
+                "issuer": "https://id.example/",
+                "audiences": ["gateway"],
+                "algorithms": ["RS256"],
+                "public_key_file": str(pem),
+            },
+        },
+        "consumers": {"svc": {"api_keys": [hash_key(KEY)]}},
+        "routes": [
+            {
+                "name": "all",
+                "auth": "anonymous" if auth == "anonymous" else [auth],
+                "path_prefix": "/",
+                "upstream": "http://10.0.0.2:8080",
+            }
+        ],
+    }
+
+
+def run(requests: int, auth: str = "anonymous") -> float:
+    reactor = MemoryReactorClock()
+    with tempfile.TemporaryDirectory() as directory:
+        config = parse(_config(auth, Path(directory)), source="micro")
+    credential = CREDENTIALS[auth]
+    request = REQUEST if not credential else REQUEST[:-2] + credential + b"\r\n\r\n"
     factory = GatewayFactory(make_gateway(config, reactor), clock=reactor)
     channel = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 50000))
     client = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 50000))
     channel.makeConnection(client)
-    channel.dataReceived(REQUEST)
+    channel.dataReceived(request)
     _host, _port, upstream_factory, _timeout, _bind = reactor.tcpClients[0]
     upstream = upstream_factory.buildProtocol(None)
     upstream_transport = StringTransport()
@@ -53,7 +101,7 @@ def run(requests: int) -> float:
     for _ in range(requests):
         client.clear()
         upstream_transport.clear()
-        channel.dataReceived(REQUEST)
+        channel.dataReceived(request)
         upstream.dataReceived(RESPONSE)
     elapsed = time.perf_counter() - started
     assert client.value().endswith(b"x" * 100)
@@ -65,9 +113,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--auth", default="anonymous", help="comma-separated: anonymous, key, jwt")
     args = parser.parse_args()
-    best = min(run(args.requests) for _ in range(args.batches))
-    print(f"{best:.1f} us per request (best of {args.batches} batches of {args.requests})")
+    kinds = args.auth.split(",")
+    best = {kind: float("inf") for kind in kinds}
+    for _ in range(args.batches):  # interleaved, so that a noisy moment costs every kind alike
+        for kind in kinds:
+            best[kind] = min(best[kind], run(args.requests, kind))
+    for kind in kinds:
+        ratio = f" ({best[kind] / best[kinds[0]]:.2f}x {kinds[0]})" if kind != kinds[0] else ""
+        print(f"{kind}: {best[kind]:.1f} us per request{ratio} (best of {args.batches} batches of {args.requests})")
 
 
 if __name__ == "__main__":

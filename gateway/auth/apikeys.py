@@ -47,6 +47,9 @@ class ApiKeyAuthenticator:
         self._headers = method.headers
         self._realm = realm
         self._by_hash = {digest: consumer for consumer in consumers.values() for digest in consumer.api_key_hashes}
+        self._identities: dict[tuple[str, bytes], Identity] = {}
+        """(consumer, header) -> its identity, made once: the same object every time, so what depends on it
+        (the headers set upstream) is made once too."""
 
     def credential(self, headers: Headers) -> tuple[KeyHeader, bytes] | object | None:
         for where in self._headers:
@@ -75,12 +78,15 @@ class ApiKeyAuthenticator:
         consumer = self._by_hash.get(hash_key(key))
         if consumer is None:
             raise AuthFailure("invalid_key", "the API key is not valid", bearer_error=_bearer(where, "invalid_token"))
-        return Identity(
-            consumer=consumer.name,
-            scopes=consumer.scopes,
-            method=self.name,
-            credential_headers=(where.name,),
-        )
+        identity = self._identities.get((consumer.name, where.name))
+        if identity is None:
+            identity = self._identities[consumer.name, where.name] = Identity(
+                consumer=consumer.name,
+                scopes=consumer.scopes,
+                method=self.name,
+                credential_headers=(where.name,),
+            )
+        return identity
 
     def challenge(self, failure: AuthFailure | None) -> bytes:
         where = self._headers[0]

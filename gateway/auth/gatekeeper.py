@@ -41,6 +41,9 @@ __all__ = ["Allow", "Gatekeeper", "Verdict", "build_authenticator"]
 
 _log = Logger()
 
+_MAX_FORWARDED = 20000
+"""Identities whose upstream headers are remembered (as many as a few methods' caches of identities hold)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Allow:
@@ -103,8 +106,12 @@ class Gatekeeper:
         for auth in self._authenticators.values():
             own |= {canonical_name(name) for name in auth.upstream_headers()}
         self.identity_headers: frozenset[bytes] = frozenset(own)
-        self._anonymous = Allow(ANONYMOUS_IDENTITY, None, self._identity_headers(ANONYMOUS_IDENTITY), ())
         """Canonical names of every header admission may set upstream: a client's copies are always removed."""
+        self._anonymous = Allow(ANONYMOUS_IDENTITY, None, self._identity_headers(ANONYMOUS_IDENTITY), ())
+        self._forwarded: dict[tuple[int, bool], tuple[Identity, list[tuple[bytes, bytes]], list[bytes]]] = {}
+        """(id of an identity, route forwards credentials) -> the headers to set and to strip for it. Methods
+        hand out the same identity object for the same consumer or token (they cache them), so these are made
+        once per identity rather than once per request."""
 
     # --- the checks -------------------------------------------------------------------------------------------
 
@@ -208,12 +215,14 @@ class Gatekeeper:
                         headers=[(b"Retry-After", b"1")],
                     )
                 release = _once(partial(self._store.release, key))
-        return Allow(
-            identity,
-            release,
-            self._identity_headers(identity),
-            () if admission.forward_credentials else [canonical_name(n) for n in identity.credential_headers],
-        )
+        forwarded = self._forwarded.get((id(identity), admission.forward_credentials))
+        if forwarded is None or forwarded[0] is not identity:
+            if len(self._forwarded) >= _MAX_FORWARDED:
+                self._forwarded.clear()
+            strip = [] if admission.forward_credentials else [canonical_name(n) for n in identity.credential_headers]
+            forwarded = (identity, self._identity_headers(identity), strip)
+            self._forwarded[id(identity), admission.forward_credentials] = forwarded
+        return Allow(identity, release, forwarded[1], forwarded[2])
 
     def _forbidden(self, identity: Identity, admission: RouteAdmission, chain: Sequence[Authenticator]) -> Denied:
         needed = missing_scopes(identity.scopes, any_of=admission.scopes_any, all_of=admission.scopes_all)
