@@ -1291,13 +1291,13 @@ def test_jwks_file_missing(tmp_path: Path) -> None:
     assert error.reason == f"cannot read {tmp_path / 'nope.json'}: No such file or directory"
 
 
-@pytest.mark.parametrize("algorithms", [["HS256"], ["HS256", "HS384", "HS512"]])
-def test_secret_file(tmp_path: Path, algorithms: list[str]) -> None:
+@pytest.mark.parametrize(("algorithms", "size"), [(["HS256"], 32), (["HS256", "HS384", "HS512"], 64)])
+def test_secret_file(tmp_path: Path, algorithms: list[str], size: int) -> None:
     """An HMAC method reads its secret file, without surrounding whitespace."""
-    (tmp_path / "secret").write_bytes(b"  " + b"s" * 32 + b"\n")
+    (tmp_path / "secret").write_bytes(b"  " + b"s" * size + b"\n")
     data = _jwt_with(minimal(), algorithms, secret_file="secret")
     corp = _corp(parse(data, source=tmp_path / "gateway.toml"))
-    assert corp.secret == b"s" * 32
+    assert corp.secret == b"s" * size
     assert (corp.public_key_pem, corp.jwks, corp.jwks_url) == (None, None, None)
 
 
@@ -1309,7 +1309,33 @@ def test_secret_too_short(tmp_path: Path, content: bytes) -> None:
     data = _jwt_with(minimal(), ["HS256"], secret_file="secret")
     error = error_of(data, tmp_path / "gateway.toml")
     assert error.key == "auth.corp.secret_file"
-    assert error.reason == f"{path} must hold at least 32 bytes of secret"
+    assert error.reason == f"{path} must hold at least 32 bytes of secret for HS256"
+
+
+@pytest.mark.parametrize(("algorithm", "size"), [("HS384", 48), ("HS512", 64)])
+def test_secret_shorter_than_the_hash_is_refused(tmp_path: Path, algorithm: str, size: int) -> None:
+    """An HMAC secret must be at least as long as its algorithm's hash (RFC 7518 section 3.2)."""
+    path = tmp_path / "secret"
+    path.write_bytes(b"s" * (size - 1))
+    error = error_of(_jwt_with(minimal(), [algorithm], secret_file="secret"), tmp_path / "gateway.toml")
+    assert error.reason == f"{path} must hold at least {size} bytes of secret for {algorithm}"
+
+
+def test_a_pem_key_is_not_an_hmac_secret(tmp_path: Path) -> None:
+    """A PEM file given as an HMAC secret is refused: it is a public key someone mixed up (algorithm confusion)."""
+    path = tmp_path / "secret"
+    path.write_bytes(b"-----BEGIN PUBLIC KEY-----\n" + b"A" * 64 + b"\n-----END PUBLIC KEY-----\n")
+    error = error_of(_jwt_with(minimal(), ["HS256"], secret_file="secret"), tmp_path / "gateway.toml")
+    assert error.reason == f"{path} holds a PEM key, not an HMAC secret"
+
+
+def test_a_short_rsa_key_is_refused(tmp_path: Path) -> None:
+    """An RSA public key under 2048 bits is refused when the config loads."""
+    short = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    path = tmp_path / "short.pem"
+    path.write_bytes(short.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    error = error_of(_jwt_with(minimal(), ["RS256"], public_key_file="short.pem"), tmp_path / "gateway.toml")
+    assert error.reason == f"{path} holds a 1024-bit RSA key; at least 2048 bits are needed"
 
 
 def test_secret_file_missing(tmp_path: Path) -> None:

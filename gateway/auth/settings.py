@@ -96,6 +96,8 @@ _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 """A scope token (RFC 6749 section 3.3): visible ASCII but space, quote and backslash."""
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+MIN_RSA_BITS = 2048
 RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGORITHMS = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
 JWT_ALGORITHMS = HMAC_ALGORITHMS | RSA_ALGORITHMS | frozenset(EC_ALGORITHMS) | {"EdDSA"}
@@ -462,6 +464,8 @@ def _public_key_pem(t: Table, key: str, algorithms: tuple[str, ...]) -> bytes:
         wrong = wrong_key_type(public_key, algorithm)
         if wrong:
             raise t.error(key, f"{path} holds {wrong}, which cannot verify {algorithm}")
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size < MIN_RSA_BITS:
+        raise t.error(key, f"{path} holds a {public_key.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits are needed")
     return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -514,8 +518,14 @@ def _jwt_method(name: str, t: Table) -> JwtMethod:
     if hmac:
         path, secret = _file(t, "secret_file")
         secret = secret.strip()
-        if len(secret) < 32:
-            raise t.error("secret_file", f"{path} must hold at least 32 bytes of secret")
+        # RFC 7518 section 3.2: a key at least as long as the hash (PyJWT warns on every token otherwise).
+        needed = max(_HMAC_KEY_BYTES[a] for a in algorithms)
+        if len(secret) < needed:
+            raise t.error(
+                "secret_file", f"{path} must hold at least {needed} bytes of secret for {'/'.join(algorithms)}"
+            )
+        if b"-----BEGIN" in secret:
+            raise t.error("secret_file", f"{path} holds a PEM key, not an HMAC secret")
     audiences = t.get("audiences", string_list)
     if not audiences:
         raise t.error("audiences", "must list at least one audience: a token for another service must not pass")
