@@ -232,15 +232,22 @@ class GatewayRequest(http.Request):
             pipe.feed(data)
         elif self.phase is Phase.ADMITTING:
             # Came with the head, or was sent without waiting for 100 Continue: held, and nothing more is read
-            # until the verdict.
+            # until the verdict. Paused on every chunk: HTTPChannel resumes the socket when an earlier answer on
+            # the connection drains, and each resume lets one more read in (at most one per drain).
             self._held.append(data)
-            if not self._paused_for_verdict:
-                self._paused_for_verdict = True
-                self._client_transport.pauseProducing()
-        elif self._lingering:
-            self._lingered += len(data)
-            if self._lingered > self.gateway.server.lingering_max_bytes and self.phase is Phase.SENT:
-                self._abort_client("lingering_limit")
+            self._paused_for_verdict = True
+            self._client_transport.pauseProducing()
+
+    def lingered(self, size: int) -> bool:
+        """`size` bytes arrived on the connection (framing included) while the answer waits for the body's end:
+        past server.lingering_max_bytes the connection is cut. Returns whether it was."""
+        if not self._lingering or self.phase is not Phase.SENT:
+            return False
+        self._lingered += size
+        if self._lingered > self.gateway.server.lingering_max_bytes:
+            self._abort_client("lingering_limit")
+            return True
+        return False
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """The body is complete. Method, target and version were taken at `gotLength`; the body never went to
@@ -284,7 +291,7 @@ class GatewayRequest(http.Request):
             expect = self.requestHeaders.getRawHeaders(b"expect")
             if expect and expect[0].lower() == b"100-continue" and self.clientproto == b"HTTP/1.1":
                 self._continue_owed = True
-            self.requestHeaders.removeHeader(b"expect")  # Twisted would send 100 Continue once gotLength returns
+        self.requestHeaders.removeHeader(b"expect")  # Twisted would send 100 Continue once gotLength returns
         self._verdict = verdict
         verdict.addCallbacks(self._got_verdict, self._verdict_failed)
 

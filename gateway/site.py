@@ -198,6 +198,9 @@ class GatewayChannel(HTTPChannel):
         return chosen
 
     def rawDataReceived(self, data: bytes) -> None:
+        requests = self.requests
+        if requests and isinstance(requests[-1], GatewayRequest) and requests[-1].lingered(len(data)):
+            return  # a refused body past the discard bound: the connection is cut, nothing more is parsed
         super().rawDataReceived(data)
         if self._handlingRequest and self._waitingForTransport:
             # Bytes of the next (pipelined) request, arriving while the client is not reading its answer.

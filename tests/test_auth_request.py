@@ -440,3 +440,51 @@ def test_missing_credentials_get_every_challenge_of_the_route(gateway: Callable[
     assert parsed.headers_named(b"WWW-Authenticate") == [b'Bearer realm="gateway"', b'Held realm="test"']
     assert problem_of(parsed)["detail"] == "this route requires credentials"
     assert client.channel.persistent  # a refusal of a request without a body keeps the connection
+
+
+def test_a_socket_resumed_by_the_channel_is_paused_again_by_the_next_held_chunk(
+    gateway: Callable[..., AdmissionGateway],
+) -> None:
+    """HTTPChannel resumes the client socket when an earlier answer on the connection drains; the next body chunk
+    that arrives while the verdict is pending pauses it again, so at most one read per drain is held."""
+    gw = gateway()
+    client = gw.client()
+    client.send(held_post(1 << 20) + b"a" * 100)
+    request = client.request
+    assert client.transport.producerState == "paused"
+    client.transport.resumeProducing()  # as HTTPChannel.resumeProducing does after a drain
+    client.send(b"b" * 65536)
+    assert client.transport.producerState == "paused"
+    assert sum(map(len, request._held)) == 100 + 65536
+    gw.held.deny()
+
+
+def test_lingering_bound_counts_chunk_framing_too(gateway: Callable[..., AdmissionGateway]) -> None:
+    """The discard bound counts what arrives on the connection, framing included: one-byte chunks with long
+    chunk extensions cannot stretch it."""
+    gw = gateway(server={"lingering_max_bytes": 1024, "lingering_timeout": 60})
+    client = gw.client()
+    client.send(post(None, b"X-Held: held-app") + b"1\r\nx\r\n")
+    request = client.request
+    gw.held.deny()
+    assert response(client).status == 401
+    piece = b"1;" + b"e" * 500 + b"\r\nx\r\n"
+    client.send(piece)
+    assert not client.transport.aborted
+    client.send(piece + piece)
+    assert client.transport.aborted
+    assert request.ending == "lingering_limit"
+
+
+def test_expect_continue_without_a_body_gets_no_continue_while_pending(
+    gateway: Callable[..., AdmissionGateway],
+) -> None:
+    """A request without a body that (wrongly) asks for 100 Continue gets none while its verdict is pending, and
+    its final answer once refused."""
+    gw = gateway()
+    client = gw.client()
+    client.send(b"GET /reports HTTP/1.1\r\nHost: example.test\r\nX-Held: x\r\nExpect: 100-continue\r\n\r\n")
+    assert client.received() == b""
+    gw.held.deny()
+    assert b"100 Continue" not in client.received()
+    assert response(client).status == 401
