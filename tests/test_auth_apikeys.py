@@ -198,6 +198,7 @@ def test_key_in_bearer_admits_its_consumer() -> None:
         method="keys",
         headers=(),
         credential_headers=(b"authorization",),
+        declared=True,
     )
 
 
@@ -205,7 +206,11 @@ def test_key_in_x_api_key_admits_its_consumer() -> None:
     """A valid key in X-API-Key proves its consumer and names X-API-Key as the credential header."""
     identity = admit(authenticator(), (b"X-API-Key", KEY.encode()))
     assert identity == Identity(
-        consumer="alice", scopes=frozenset({"read", "write"}), method="keys", credential_headers=(b"x-api-key",)
+        consumer="alice",
+        scopes=frozenset({"read", "write"}),
+        method="keys",
+        credential_headers=(b"x-api-key",),
+        declared=True,
     )
 
 

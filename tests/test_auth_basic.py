@@ -7,16 +7,19 @@ they are fast; everything decided before a thread is needed is checked synchrono
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import bcrypt
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor, task
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
+from gateway.auth import basic as basic_module
 from gateway.auth.basic import MAX_PASSWORD_BYTES, BasicAuthenticator
 from gateway.auth.credentials import MALFORMED
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
@@ -97,7 +100,9 @@ async def test_correct_password_is_verified_in_a_thread_then_cached(authenticato
     first = authenticator.verify(("alice", PASSWORD), request(basic("alice", PASSWORD)))
     assert isinstance(first, Deferred)
     identity = await first.addTimeout(10, reactor)
-    assert identity == Identity("alice", frozenset({"read"}), "login", credential_headers=(b"authorization",))
+    assert identity == Identity(
+        "alice", frozenset({"read"}), "login", credential_headers=(b"authorization",), declared=True
+    )
     again = authenticator.verify(("alice", PASSWORD), request(basic("alice", PASSWORD)))
     assert again == identity  # synchronous: no thread, no Deferred
 
@@ -138,3 +143,89 @@ def test_a_cached_success_expires_after_cache_ttl() -> None:
     auth._pending = auth._method.max_pending  # a check is needed now: it is refused, showing it was asked for
     with pytest.raises(AuthUnavailable):
         auth.verify(key_entry, request(basic("alice", PASSWORD)))
+
+
+class _Gate:
+    """bcrypt.checkpw held in its thread until the test opens the gate, counting the checks that ran."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.ran = 0
+        self._real = bcrypt.checkpw
+
+    def __call__(self, password: bytes, stored: bytes) -> bool:
+        self.ran += 1
+        self.event.wait(10)
+        return self._real(password, stored)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Gate]:
+    gate = _Gate()
+    monkeypatch.setattr(basic_module.bcrypt, "checkpw", gate)
+    yield gate
+    gate.event.set()
+
+
+def gated(**method: Any) -> BasicAuthenticator:
+    return BasicAuthenticator(BasicMethod(name="login", **method), CONSUMERS, reactor=reactor, realm="gw")
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if predicate():
+            return
+        await task.deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError("never happened")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_check_counts_against_max_pending_until_its_thread_is_done(gate: _Gate) -> None:
+    """A client that leaves cancels its wait, not the check: the check still holds its place under max_pending
+    (so hanging up in a loop cannot queue bcrypt work without end) until its thread has finished it."""
+    auth = gated(max_pending=1, threads=1)
+    try:
+        waiting = auth.verify(("alice", b"guess-1"), request(basic("alice", b"guess-1")))
+        assert isinstance(waiting, Deferred)
+        waiting.cancel()
+        with pytest.raises(CancelledError):
+            await waiting
+        with pytest.raises(AuthUnavailable):
+            auth.verify(("alice", b"guess-2"), request(basic("alice", b"guess-2")))
+        gate.event.set()
+        await _until(lambda: auth._pending == 0)
+        again = auth.verify(("alice", PASSWORD), request(basic("alice", PASSWORD)))
+        assert (await again.addTimeout(10, reactor)).consumer == "alice"  # type: ignore[union-attr]
+    finally:
+        gate.event.set()
+        auth.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_credentials_in_parallel_cost_one_check(gate: _Gate) -> None:
+    """Requests carrying the same user and password while its check is under way wait for that one check."""
+    auth = gated(threads=2)
+    try:
+        waits = [auth.verify(("alice", PASSWORD), request(basic("alice", PASSWORD))) for _ in range(20)]
+        assert auth._pending == 1
+        gate.event.set()
+        identities = [await w.addTimeout(10, reactor) for w in waits]  # type: ignore[union-attr]
+        assert {i.consumer for i in identities} == {"alice"}
+        assert gate.ran == 1
+    finally:
+        gate.event.set()
+        auth.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_skips_the_checks_still_queued(gate: _Gate) -> None:
+    """Stopping waits for the checks under way only: those still queued are skipped (no bcrypt run for them),
+    so a backlog of logins cannot hold the gateway's stop."""
+    auth = gated(threads=1)
+    waits = [auth.verify((f"user-{i}", b"pw"), request(basic(f"user-{i}", b"pw"))) for i in range(5)]
+    for waiter in waits:
+        waiter.addErrback(lambda _: None)  # refused, whenever their results arrive
+    await _until(lambda: gate.ran == 1)  # the first is under way, the other four queued behind it
+    threading.Timer(0.05, gate.event.set).start()  # it finishes while close() joins the thread
+    auth.close()
+    assert gate.ran == 1

@@ -249,3 +249,42 @@ def test_identity_headers_cover_every_method_and_can_be_renamed_or_dropped() -> 
     verdict = keeper.check(cfg.routes[0].admission, request((b"X-Test", b"dave")))
     assert isinstance(verdict, Allow)
     assert list(verdict.upstream_headers) == [(b"X-User", b"dave")]
+
+
+def test_a_token_subject_is_not_the_declared_consumer_of_the_same_name() -> None:
+    """A JWT (or forward-auth) identity named "alice" does not take the declared alice's limits or slots: it is
+    counted apart, under its method, so a partner's token cannot use up alice's concurrency."""
+    cfg = config(
+        route={"auth": ["keys", "test"]},
+        auth={"test": {"type": "basic"}},
+        consumers={"alice": {"api_keys": [hash_key(KEY)], "max_concurrent": 1}},
+    )
+    keeper, store = gatekeeper(cfg, Clock(), Counting())
+    route = cfg.routes[0].admission
+    token_alice = keeper.check(route, request((b"X-Test", b"alice")))
+    assert isinstance(token_alice, Allow) and token_alice.release is None  # no cap of the declared alice
+    keyed = keeper.check(route, request(key()))
+    assert isinstance(keyed, Allow) and store.held("in-flight:alice") == 1
+
+
+def test_a_rate_refusal_gives_its_concurrency_slot_back() -> None:
+    """A request refused by the consumer's rate limit holds no concurrency slot afterwards, and one refused for
+    concurrency spends no rate token."""
+    clock = Clock()
+    cfg = config(consumers={"alice": {"api_keys": [hash_key(KEY)], "rate_limit": {"rate": "1/m"}, "max_concurrent": 1}})
+    keeper, store = gatekeeper(cfg, clock)
+    route = cfg.routes[0].admission
+    first = keeper.check(route, request(key()))
+    assert isinstance(first, Allow)
+    busy = keeper.check(route, request(key()))
+    assert isinstance(busy, TooManyRequests) and busy.reason == "too_many_concurrent"
+    assert first.release is not None
+    first.release()
+    clock.advance(60)  # one token back; the concurrency refusal above spent none
+    again = keeper.check(route, request(key()))
+    assert isinstance(again, Allow)
+    assert again.release is not None
+    again.release()
+    over = keeper.check(route, request(key()))
+    assert isinstance(over, TooManyRequests) and over.reason == "rate_limited_consumer"
+    assert store.held("in-flight:alice") == 0

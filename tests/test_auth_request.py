@@ -60,7 +60,7 @@ class HeldAuthenticator:
 
     def allow(self, consumer: str = "held-app", scopes: frozenset[str] = frozenset()) -> None:
         self.pending.pop(0).callback(
-            Identity(consumer=consumer, scopes=scopes, method=self.name, credential_headers=(b"x-held",))
+            Identity(consumer=consumer, scopes=scopes, method=self.name, credential_headers=(b"x-held",), declared=True)
         )
 
     def deny(self) -> None:

@@ -85,6 +85,7 @@ class ApiKeyAuthenticator:
                 scopes=consumer.scopes,
                 method=self.name,
                 credential_headers=(where.name,),
+                declared=True,
             )
         return identity
 

@@ -20,6 +20,7 @@ import bcrypt
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http_headers import Headers
 
@@ -60,6 +61,11 @@ class BasicAuthenticator:
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[bytes, float] = {}
         """Keyed hash of (user, password, stored hash) -> until when it counts as verified."""
+        self._checking: dict[bytes, list[Deferred[Identity]]] = {}
+        """Checks under way (or queued), by the same key -> the requests waiting for each: a browser sending the
+        same credentials on 20 parallel requests costs one bcrypt check, not 20."""
+        self._identities: dict[str, Identity] = {}
+        self._closed = False
 
     def credential(self, headers: Headers) -> object | None:
         value = authorization(headers.getRawHeaders(b"authorization"))
@@ -78,7 +84,8 @@ class BasicAuthenticator:
         user, password = credential  # type: ignore[misc]
         consumer = self._consumers.get(user)
         if len(password) > MAX_PASSWORD_BYTES:
-            raise AuthFailure("invalid_password", "the user name or password is wrong", consumer=user)
+            known = user if consumer is not None else None
+            raise AuthFailure("invalid_password", "the user name or password is wrong", consumer=known)
         stored = consumer.password_hash if consumer is not None else self._dummy
         assert stored is not None
         key = self._key(user, password, stored)
@@ -88,24 +95,42 @@ class BasicAuthenticator:
             if until > now:
                 return self._identity(consumer)
             del self._verified[key]
-        if self._pending >= self._method.max_pending:
-            raise AuthUnavailable("too many logins are being checked; try again shortly", reason="basic_saturated")
-        self._pending += 1
-        checked = deferToThreadPool(self._reactor, self._threads(), bcrypt.checkpw, password, stored)
+        waiters = self._checking.get(key)
+        if waiters is None:
+            if self._pending >= self._method.max_pending:
+                raise AuthUnavailable("too many logins are being checked; try again shortly", reason="basic_saturated")
+            waiters = self._checking[key] = []
+            self._pending += 1
+            checked = deferToThreadPool(self._reactor, self._threads(), self._check, password, stored)
+            checked.addBoth(self._checked, key, consumer, user)
+        # Each request waits on its own Deferred: one that is cancelled (its client left) stops waiting, while
+        # the check itself runs to its end and still counts against max_pending until it has.
+        waiter: Deferred[Identity] = Deferred(lambda d: waiters.remove(d) if d in waiters else None)
+        waiters.append(waiter)
+        return waiter
 
-        def done(ok: bool) -> Identity:
-            self._pending -= 1
-            if not ok or consumer is None:
-                raise AuthFailure("invalid_password", "the user name or password is wrong", consumer=user)
+    def _check(self, password: bytes, stored: bytes) -> bool:
+        """In a pool thread: the bcrypt check, skipped once the gateway is stopping (a queued check then costs
+        nothing, and stopping waits only for those under way)."""
+        return not self._closed and bcrypt.checkpw(password, stored)
+
+    def _checked(self, result: object, key: bytes, consumer: Consumer | None, user: str) -> None:
+        self._pending -= 1
+        waiters = self._checking.pop(key, [])
+        if result is True and consumer is not None:
             self._remember(key)
-            return self._identity(consumer)
-
-        def failed(reason: Any) -> Any:
-            self._pending -= 1
-            return reason
-
-        # A cancelled check (the client left) still runs to its end in its thread; its result is then dropped.
-        return checked.addCallbacks(done, failed)
+            outcome: object = self._identity(consumer)
+        elif isinstance(result, Failure) and not result.check(ValueError):
+            outcome = result
+        else:
+            # Known users only are named in the log: an unknown "user name" may be a password typed in its place.
+            known = user if consumer is not None else None
+            outcome = Failure(AuthFailure("invalid_password", "the user name or password is wrong", consumer=known))
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
 
     def challenge(self, failure: AuthFailure | None) -> bytes:
         return challenge("Basic", realm=self._realm, charset="UTF-8")
@@ -114,9 +139,10 @@ class BasicAuthenticator:
         return frozenset()
 
     def close(self) -> Deferred[None] | None:
+        self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.stop()  # joins the threads: each finishes the check it has (tens of milliseconds at most)
+            pool.stop()  # joins the threads: queued checks are skipped, those under way finish (one each)
         return None
 
     def _threads(self) -> ThreadPool:
@@ -131,12 +157,16 @@ class BasicAuthenticator:
         return hmac.digest(self._cache_key, b"\0".join([user.encode("utf-8"), password, stored]), hashlib.sha256)
 
     def _identity(self, consumer: Consumer) -> Identity:
-        return Identity(
-            consumer=consumer.name,
-            scopes=consumer.scopes,
-            method=self.name,
-            credential_headers=(b"authorization",),
-        )
+        identity = self._identities.get(consumer.name)
+        if identity is None:
+            identity = self._identities[consumer.name] = Identity(
+                consumer=consumer.name,
+                scopes=consumer.scopes,
+                method=self.name,
+                credential_headers=(b"authorization",),
+                declared=True,
+            )
+        return identity
 
     def _remember(self, key: bytes) -> None:
         if self._method.cache_ttl <= 0:

@@ -197,16 +197,13 @@ class Gatekeeper:
         name = identity.consumer
         release = None
         if name is not None:
-            consumer = self._admission.consumers.get(name)
-            rate = consumer.rate_limit if consumer is not None and consumer.rate_limit else self._rates.consumer
-            if rate is not None:
-                decision = self._store.take("consumer:" + name, rate)
-                if not decision.allowed:
-                    return _too_many("consumer", rate, decision, "rate_limited_consumer", name)
-            cap = consumer.max_concurrent if consumer is not None and consumer.max_concurrent else None
-            cap = cap or self._admission.max_concurrent
+            # A declared consumer's own limits apply to it alone; a token's subject or an auth service's name is
+            # counted under its method, never as the declared consumer of the same name.
+            consumer = self._admission.consumers.get(name) if identity.declared else None
+            counted = name if identity.declared else f"{identity.method}/{name}"
+            cap = (consumer.max_concurrent if consumer is not None else None) or self._admission.max_concurrent
             if cap is not None:
-                key = "in-flight:" + name
+                key = "in-flight:" + counted
                 if not self._store.acquire(key, cap):
                     return TooManyRequests(
                         f"this consumer already has {cap} requests in flight",
@@ -215,6 +212,13 @@ class Gatekeeper:
                         headers=[(b"Retry-After", b"1")],
                     )
                 release = _once(partial(self._store.release, key))
+            rate = (consumer.rate_limit if consumer is not None else None) or self._rates.consumer
+            if rate is not None:
+                decision = self._store.take("consumer:" + counted, rate)
+                if not decision.allowed:
+                    if release is not None:
+                        release()  # refused: the slot taken for it goes back
+                    return _too_many("consumer", rate, decision, "rate_limited_consumer", name)
         forwarded = self._forwarded.get((id(identity), admission.forward_credentials))
         if forwarded is None or forwarded[0] is not identity:
             if len(self._forwarded) >= _MAX_FORWARDED:

@@ -33,6 +33,10 @@ class Identity:
     credential_headers: tuple[bytes, ...] = ()
     """Lower-cased names of the request headers that held the credential: removed before forwarding unless
     the route forwards credentials."""
+    declared: bool = False
+    """Whether `consumer` is a `[consumers.NAME]` of the config (proved by its API key or password), so that its
+    own limits apply. A JWT subject or an auth service's consumer is not: "alice" from a token is not the
+    declared alice, and is counted apart, under its method."""
 
 
 ANONYMOUS_IDENTITY = Identity(consumer=None, scopes=frozenset(), method="anonymous")
