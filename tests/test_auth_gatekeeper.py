@@ -288,3 +288,44 @@ def test_a_rate_refusal_gives_its_concurrency_slot_back() -> None:
     over = keeper.check(route, request(key()))
     assert isinstance(over, TooManyRequests) and over.reason == "rate_limited_consumer"
     assert store.held("in-flight:alice") == 0
+
+
+class Guessable(Counting):
+    """A password-like method whose checks all wait (in `pending`) for the test."""
+
+    guessable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Deferred[Identity]] = []
+
+    def verify(self, credential: object, request: AuthRequest) -> Any:
+        self.verified += 1
+        d: Deferred[Identity] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_concurrent_password_guesses_count_against_the_budget_while_checked() -> None:
+    """Distinct passwords being checked for one address count against its failed-auth budget: a burst of
+    concurrent guesses is cut at the budget instead of all passing before the first failure is counted; the same
+    password sent by many parallel requests counts once."""
+    cfg = config(
+        route={"auth": ["test"]},
+        auth={"test": {"type": "basic"}},
+        admission={"rate_limits": {"failed_auth": {"rate": "3/m"}}},
+    )
+    guessing = Guessable()
+    keeper, _ = gatekeeper(cfg, Clock(), guessing)
+    route = cfg.routes[0].admission
+    for _ in range(5):
+        assert isinstance(keeper.check(route, request((b"X-Test", b"same"))), Deferred)
+    verdicts = [keeper.check(route, request((b"X-Test", b"guess-%d" % i))) for i in range(4)]
+    assert [isinstance(v, Deferred) for v in verdicts] == [True, True, False, False]
+    assert isinstance(verdicts[2], TooManyRequests) and verdicts[2].reason == "too_many_failed_authentications"
+    assert guessing.verified == 5 + 2
+    other = keeper.check(route, request((b"X-Test", b"x"), peer="10.0.0.2"))
+    assert isinstance(other, Deferred)
+    for d in guessing.pending:
+        d.callback(Identity(consumer="c", scopes=frozenset(), method="test"))
+    assert keeper._guessing == {}

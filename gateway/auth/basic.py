@@ -48,6 +48,9 @@ def _dummy_hash(hashes: list[bytes]) -> bytes:
 class BasicAuthenticator:
     """Admits a request whose Basic user name is a consumer with a password hash and whose password matches it."""
 
+    guessable = True
+    """Passwords can be guessed: checks under way count against the client address's failed-auth budget."""
+
     def __init__(self, method: BasicMethod, consumers: Mapping[str, Consumer], *, reactor: Any, realm: str) -> None:
         self.name = method.name
         self._method = method

@@ -98,6 +98,9 @@ class Gatekeeper:
             }
         self._authenticators = dict(authenticators)
         self._chains: dict[tuple[str, ...], tuple[Authenticator, ...]] = {}
+        self._guessing: dict[str, dict[Any, int]] = {}
+        """Client address -> the guessable credentials (passwords) being checked for it, each with its number
+        of requests; distinct ones count against the address's failed-auth budget while they are checked."""
         identity = admission.identity
         self._consumer_header = canonical_name(identity.consumer) if identity.consumer else b""
         self._scopes_header = canonical_name(identity.scopes) if identity.scopes else b""
@@ -138,9 +141,13 @@ class Gatekeeper:
                 reason, detail = "missing_credentials", "this route requires credentials"
             return Unauthorized(detail, reason=reason, headers=_challenges(chain))
         failed = self._rates.failed_auth
+        guessable = failed is not None and getattr(auth, "guessable", False)
         if failed is not None:
             decision = self._store.peek("failed:" + peer, failed)
-            if not decision.allowed:
+            # A password being checked counts against the budget until its verdict: otherwise a burst of
+            # concurrent guesses would all pass this check before the first failure is counted.
+            guessing = self._guessing.get(peer, {}) if guessable else {}
+            if not decision.allowed or (credential not in guessing and len(guessing) >= decision.remaining):
                 return _too_many("failed-auth", failed, decision, "too_many_failed_authentications", None)
         try:
             result = auth.verify(credential, request)
@@ -149,6 +156,9 @@ class Gatekeeper:
         except Denied as denied:
             return denied
         if isinstance(result, Deferred):
+            if guessable:
+                self._guess_started(peer, credential)
+                result.addBoth(self._guess_ended, peer, credential)
             return result.addCallbacks(
                 self._authorise,
                 self._verify_failed,
@@ -156,6 +166,22 @@ class Gatekeeper:
                 errbackArgs=(chain, auth, peer, request.request_id),
             )
         return self._authorise(result, admission, chain)
+
+    def _guess_started(self, peer: str, credential: Any) -> None:
+        guessing = self._guessing.setdefault(peer, {})
+        guessing[credential] = guessing.get(credential, 0) + 1
+
+    def _guess_ended(self, result: object, peer: str, credential: Any) -> object:
+        guessing = self._guessing.get(peer)
+        if guessing is not None:
+            left = guessing.get(credential, 1) - 1
+            if left > 0:
+                guessing[credential] = left
+            else:
+                guessing.pop(credential, None)
+                if not guessing:
+                    del self._guessing[peer]
+        return result
 
     def _chain(self, admission: RouteAdmission) -> tuple[Authenticator, ...]:
         chain = self._chains.get(admission.methods)

@@ -76,6 +76,9 @@ class Authenticator(Protocol):
     """One configured authentication method, ready to check requests."""
 
     name: str
+    guessable: bool
+    """Whether its credentials can be guessed (passwords, not 256-bit keys or signatures): while one is being
+    checked, it counts against the client address's failed-auth budget (optional; False when absent)."""
 
     def credential(self, headers: Headers) -> object | None:
         """This method's credential in the request headers, or None when the request carries none of its kind.
