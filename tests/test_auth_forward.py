@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -434,3 +434,26 @@ def test_cancelling_while_waiting_for_the_head_aborts_the_connection() -> None:
     _sync.failureResultOf(pending, CancelledError)
     assert transport.disconnecting
     assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_checks_in_flight_are_capped_at_max_connections(make: Make, service: AuthService) -> None:
+    """At most `max_connections` checks are under way at once; one more is 503 at once (fail closed), and a check
+    that ends (answered or cancelled) frees its place."""
+    auth = make("/hold", max_connections=2)
+    first, second = check(auth), check(auth)
+    with pytest.raises(AuthUnavailable) as info:
+        check(auth)
+    assert info.value.reason == "auth_service_saturated"
+    first.cancel()
+    with pytest.raises(CancelledError):
+        await first
+    third = check(auth)
+    assert auth.in_flight == 2
+    for _ in range(1000):  # both held at the service (the cancelled first may never have got there)
+        if len(service.held) == 2:
+            break
+        await task.deferLater(reactor, 0.005, lambda: None)
+    service.release()
+    assert [(await d).consumer for d in (second, third)] == ["alice", "alice"]
+    assert auth.in_flight == 0

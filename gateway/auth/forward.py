@@ -260,11 +260,11 @@ class _Check:
         self._state = "done"
         if self._timer.active():
             self._timer.cancel()
+        self._auth.settled()  # first: whoever the verdict wakes finds the check's place free
         if isinstance(outcome, Identity):
             self.verdict.callback(outcome)
         else:
             self.verdict.errback(outcome)
-        self._auth.settled()
 
 
 def _bad_answer(detail: str) -> AuthUnavailable:
@@ -299,6 +299,8 @@ class ForwardAuthenticator:
         self._selected = tuple(n.lower() for n in method.request_headers if n.lower() not in _NEVER_SENT)
         self._copied = tuple(n.lower() for n in method.copy_headers)
         self._closed = False
+        self.in_flight = 0
+        """Checks under way (each has a connection to the auth service)."""
 
     def credential(self, headers: Headers) -> Selected | None:
         """The chosen headers the request carries, or None without any (the method does not apply)."""
@@ -310,7 +312,12 @@ class ForwardAuthenticator:
         return selected or None
 
     def verify(self, credential: object, request: AuthRequest) -> Deferred[Identity]:
-        """Ask the auth service; the Deferred may be cancelled (the connection to it is then aborted)."""
+        """Ask the auth service; the Deferred may be cancelled (the connection to it is then aborted). At most
+        `max_connections` checks are under way at once: one more is answered 503 at once (fail closed), as a
+        saturated upstream is; a queue would only make every check later."""
+        if self.in_flight >= self.method.max_connections:
+            raise AuthUnavailable("the auth service is saturated; try again shortly", reason="auth_service_saturated")
+        self.in_flight += 1
         return _Check(self, self._question(credential, request), request).verdict  # type: ignore[arg-type]
 
     def challenge(self, failure: AuthFailure | None) -> bytes | None:
@@ -331,6 +338,7 @@ class ForwardAuthenticator:
 
     def settled(self) -> None:
         """A check has ended: after `close`, its connection (pooled again by now) is closed too."""
+        self.in_flight -= 1
         if self._closed:
             self._pool.closeCachedConnections()
 

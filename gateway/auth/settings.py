@@ -228,6 +228,7 @@ class ForwardMethod:
     credential_headers: tuple[bytes, ...] = (b"authorization",)
     """Client headers removed before forwarding, once admitted (unless the route forwards credentials)."""
     max_connections: int = 64
+    """Checks under way at once (each on a connection of its own); one more is answered 503 at once."""
     max_body: int = 64 * KiB
     """The largest 401/403 body of the auth service passed to the client; a longer one is 503."""
 
