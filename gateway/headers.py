@@ -152,8 +152,14 @@ def upstream_request_headers(
             del raw[name]
     for name in remove:
         raw.pop(name, None)
+    if underscores and remove:
+        # With underscores allowed, "X_Consumer_ID" reaches a CGI/WSGI upstream as X-Consumer-ID: such a
+        # spelling of a removed header is removed too.
+        removed = {name.lower() for name in remove}
+        for name in [name for name in raw if b"_" in name and name.replace(b"_", b"-").lower() in removed]:
+            del raw[name]
     for name, value in add:
-        raw[name] = [value]
+        raw.setdefault(name, []).append(value)  # the client's copies are gone: every value here is ours
     raw[_HOST] = [host]
     forwarded_for = source.get(_XFF)
     ip = client_ip.encode("ascii")

@@ -418,3 +418,26 @@ def test_response_property(case: tuple[Headers, set[bytes]]) -> None:
     upstream header does with its values unchanged."""
     upstream_headers, listed = case
     check_forwarded(upstream_headers, response(upstream_headers), listed, SET_ON_RESPONSE, REMADE_ON_RESPONSE)
+
+
+def test_request_removes_identity_headers_and_sets_the_gateways() -> None:
+    """Headers named in `remove` (identity and credential headers) are dropped whatever the client's spelling,
+    then those of `add` are set, each value kept."""
+    client = headers((b"x-consumer-id", b"admin"), (b"Authorization", b"Bearer k"), (b"X-Team", b"a"))
+    out = upstream(
+        client,
+        remove=frozenset({b"X-Consumer-Id", b"Authorization", b"X-Team"}),
+        add=[(b"X-Consumer-Id", b"alice"), (b"X-Team", b"reports"), (b"X-Team", b"ops")],
+    )
+    assert out.getRawHeaders(b"x-consumer-id") == [b"alice"]
+    assert out.getRawHeaders(b"authorization") is None
+    assert out.getRawHeaders(b"x-team") == [b"reports", b"ops"]
+
+
+def test_request_with_underscores_allowed_removes_underscored_spellings_of_removed_headers() -> None:
+    """With underscores_in_headers on, "X_Consumer_ID" would reach a CGI/WSGI upstream as X-Consumer-ID: it is
+    removed like X-Consumer-ID itself; other underscored headers still pass."""
+    client = headers((b"X_Consumer_ID", b"admin"), (b"x_auth_method", b"none"), (b"X_Other", b"kept"))
+    out = upstream(client, underscores=True, remove=frozenset({b"X-Consumer-Id", b"X-Auth-Method"}))
+    assert names(out) >= {b"x_other"}
+    assert not {b"x_consumer_id", b"x_auth_method"} & names(out)

@@ -146,8 +146,7 @@ class Gatekeeper:
             decision = self._store.peek("failed:" + peer, failed)
             # A password being checked counts against the budget until its verdict: otherwise a burst of
             # concurrent guesses would all pass this check before the first failure is counted.
-            guessing = self._guessing.get(peer, {}) if guessable else {}
-            if not decision.allowed or (credential not in guessing and len(guessing) >= decision.remaining):
+            if not decision.allowed or (guessable and self._guessing_over(peer, credential, decision.remaining)):
                 return _too_many("failed-auth", failed, decision, "too_many_failed_authentications", None)
         try:
             result = auth.verify(credential, request)
@@ -166,6 +165,11 @@ class Gatekeeper:
                 errbackArgs=(chain, auth, peer, request.request_id),
             )
         return self._authorise(result, admission, chain)
+
+    def _guessing_over(self, peer: str, credential: Any, remaining: int) -> bool:
+        """Whether one more distinct password being checked for `peer` would be over its remaining budget."""
+        guessing = self._guessing.get(peer)
+        return guessing is not None and credential not in guessing and len(guessing) >= remaining
 
     def _guess_started(self, peer: str, credential: Any) -> None:
         guessing = self._guessing.setdefault(peer, {})
