@@ -329,3 +329,15 @@ def test_concurrent_password_guesses_count_against_the_budget_while_checked() ->
     for d in guessing.pending:
         d.callback(Identity(consumer="c", scopes=frozenset(), method="test"))
     assert keeper._guessing == {}
+
+
+def test_ipv6_clients_are_limited_by_their_64_bit_prefix() -> None:
+    """Per-address limits count an IPv6 client by its /64: a client rotating addresses within it shares one
+    budget; another /64 has its own."""
+    cfg = config(route={"auth": "anonymous"}, admission={"rate_limits": {"anonymous": {"rate": "2/m"}}})
+    keeper, _ = gatekeeper(cfg, Clock())
+    route = cfg.routes[0].admission
+    assert isinstance(keeper.check(route, request(peer="2001:db8:1:2::1")), Allow)
+    assert isinstance(keeper.check(route, request(peer="2001:db8:1:2:ffff::9")), Allow)
+    assert isinstance(keeper.check(route, request(peer="2001:db8:1:2::abcd")), TooManyRequests)
+    assert isinstance(keeper.check(route, request(peer="2001:db8:1:3::1")), Allow)

@@ -751,6 +751,25 @@ def test_a_failed_fetch_keeps_the_keys_fetched_before(jwks_log: list[LogEvent]) 
     assert "the keys fetched before stay in use" in formatEvent(warning)
 
 
+@pytest.mark.parametrize("keys", [[], [{"kty": "oct", "k": "c2VjcmV0", "kid": "k1"}]], ids=["empty", "no-signing-key"])
+def test_a_refetch_without_a_signing_key_keeps_the_keys_fetched_before(
+    jwks_log: list[LogEvent], keys: list[dict[str, Any]]
+) -> None:
+    """A refetch that answers a set with no key that could verify a signature (empty, or only an HMAC secret) is
+    taken as a broken endpoint: the keys fetched before stay in use, and a warning says so."""
+    clock, fetch = Clock(), FakeFetch()
+    auth = remote(clock, fetch, jwks_max_age=3600.0)
+    first = auth.verify(token(kid="k1"), REQUEST)
+    fetch.answer(jwk(RSA_KEY, "k1"))
+    _sync.successResultOf(first)
+    clock.advance(3600)
+    verified(auth, token(kid="k1", sub="a"))  # old enough: a background refetch starts
+    fetch.answer(*keys)
+    assert verified(auth, token(kid="k1", sub="b")).consumer == "b"
+    [warning] = [e for e in jwks_log if e["log_level"] == LogLevel.warn]
+    assert "no signing key" in formatEvent(warning)
+
+
 def test_no_keys_ever_fetched_is_auth_unavailable_until_a_fetch_succeeds() -> None:
     """When the first fetch fails, the waiting verification is answered 503 (AuthUnavailable: not the client's
     fault), as is every verification until the refresh interval allows another attempt, which may succeed."""
@@ -1032,3 +1051,26 @@ async def test_loopback_an_endpoint_that_never_answers_is_bounded_by_the_fetch_t
     with pytest.raises(AuthUnavailable):
         await _result(auth.verify(token(kid="k1"), REQUEST))
     assert endpoint.resource.fetches == 1
+
+
+def test_a_plain_http_jwks_url_is_warned_about(jwt_log: list[LogEvent]) -> None:
+    """Keys fetched over plain http can be swapped by whoever sits on the path: the method says so when it is
+    made; an https URL draws no warning."""
+    authenticator(method(jwks_url="http://id.example.test/jwks.json"), clock=Clock(), fetch=FakeFetch())
+    authenticator(method(jwks_url=JWKS_URL), clock=Clock(), fetch=FakeFetch())
+    warnings = [e for e in jwt_log if e["log_level"] == LogLevel.warn]
+    assert [e["url"] for e in warnings] == ["http://id.example.test/jwks.json"]
+
+
+@pytest.fixture
+def jwt_log() -> Iterator[list[LogEvent]]:
+    """The events gateway.auth.jwt logs during the test."""
+    seen: list[LogEvent] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "gateway.auth.jwt":
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)

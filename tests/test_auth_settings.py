@@ -1507,3 +1507,58 @@ def test_forward_url_must_be_ascii() -> None:
     data = minimal()
     data["auth"]["sso"]["url"] = "http://127.0.0.1:9000/prüfen"
     assert error_of(data).key == "auth.sso.url"
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "header"),
+    [
+        (lambda d: d["auth"]["sso"].update(copy_headers=["Authorization"]), "auth.sso.copy_headers", "authorization"),
+        (lambda d: d["auth"]["sso"].update(copy_headers=["Host"]), "auth.sso.copy_headers", "host"),
+        (lambda d: d["auth"]["sso"].update(copy_headers=["X-API-Key"]), "auth.sso.copy_headers", "x-api-key"),
+        (
+            lambda d: d.setdefault("admission", {}).update(identity_headers={"consumer": "X-Request-ID"}),
+            "admission.identity_headers.consumer",
+            "x-request-id",
+        ),
+        (
+            lambda d: d["auth"]["corp"].update(claim_headers={"Cookie": "sub"}),
+            "auth.corp.claim_headers.Cookie",
+            "cookie",
+        ),
+    ],
+    ids=["copy-authorization", "copy-host", "copy-api-key-header", "identity-request-id", "claim-cookie"],
+)
+def test_headers_set_upstream_cannot_be_the_gateways_own_or_credentials(change: Any, key: str, header: str) -> None:
+    """A header admission sets upstream is removed from every client request on every route: one that is the
+    gateway's own (Host, X-Request-ID) or a credential (Authorization, Cookie, an API-key header) is refused."""
+    data = minimal()
+    change(data)
+    error = error_of(data)
+    assert error.key == key
+    assert error.reason.startswith(f"{header} cannot carry identity")
+
+
+def test_a_claim_header_cannot_be_an_identity_header() -> None:
+    """A claim header named like the consumer header would overwrite it: refused, naming both."""
+    data = minimal()
+    data["auth"]["corp"]["claim_headers"] = {"X-Consumer-ID": "email"}
+    error = error_of(data)
+    assert error.key == "auth.corp.claim_headers.X-Consumer-ID"
+    assert error.reason == "x-consumer-id is already set by admission.identity_headers.consumer"
+
+
+def test_two_jwt_methods_of_one_issuer_on_a_route_are_refused() -> None:
+    """Two JWT methods of the same issuer on one route: the second could never decide, so the config says so."""
+    data = minimal()
+    data["auth"]["corp2"] = dict(data["auth"]["corp"])
+    data["routes"][1]["auth"] = ["corp", "corp2"]
+    error = error_of(data)
+    assert error.key == "routes[1].auth"
+    assert "same issuer" in error.reason
+
+
+def test_forward_credentials_on_an_anonymous_route_is_refused() -> None:
+    """An anonymous route has no credential to forward or remove: saying forward_credentials there is an error."""
+    data = minimal()
+    data["routes"][0]["forward_credentials"] = True
+    assert error_of(data).key == "routes[0].forward_credentials"

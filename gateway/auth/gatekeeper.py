@@ -17,6 +17,8 @@ decides what to do with it (`gateway.request`). Nothing here reads a body or wri
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -120,7 +122,7 @@ class Gatekeeper:
 
     def check(self, admission: RouteAdmission, request: AuthRequest) -> Verdict | Deferred[Verdict]:
         """The verdict on one request to a route with `admission`."""
-        peer = request.client_address
+        peer = _address_key(request.client_address)
         if admission.anonymous:
             rate = self._rates.anonymous
             if rate is not None:
@@ -291,6 +293,18 @@ class Gatekeeper:
         """Release every method's threads and connections."""
         closing = [d for d in (auth.close() for auth in self._authenticators.values()) if d is not None]
         return DeferredList(closing)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_key(address: str) -> str:
+    """What per-address limits count by: an IPv4 address, or an IPv6 address's /64 (a client usually holds a whole
+    /64, and rotating addresses within it must not reset its limits)."""
+    if ":" not in address:
+        return address
+    try:
+        return str(ipaddress.IPv6Network((address, 64), strict=False).network_address) + "/64"
+    except ValueError:
+        return address
 
 
 def _challenges(

@@ -268,7 +268,13 @@ class KeySource:
         except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested thousands deep
             self._fetch_failed(Failure(e), url)
             return
-        self._load(jwks)
+        entries = _signing_keys(jwks)
+        if not entries and self._jwks:
+            # A set with no key that could verify anything: taken as a broken endpoint (a key rotation adds the
+            # new key before removing the old one), not as an order to refuse every token.
+            self._fetch_failed(Failure(ValueError("the key set holds no signing key")), url)
+            return
+        self._jwks, self._parsed = entries, {}
         self.fetched_at = self._clock.seconds()
         _log.info("JWKS fetched from {url}: {count} usable keys", url=url, count=self.key_count)
 
@@ -288,15 +294,7 @@ class KeySource:
             waiter.callback(None)
 
     def _load(self, jwks: Mapping[str, Any]) -> None:
-        by_kid: dict[str | None, list[Mapping[str, Any]]] = {}
-        for entry in jwks.get("keys", ()):
-            if not isinstance(entry, dict) or entry.get("kty") not in ("RSA", "EC", "OKP"):
-                continue  # "oct" (an HMAC secret) never comes from a key set; unknown kinds are skipped
-            if entry.get("use", "sig") != "sig":
-                continue
-            kid = entry.get("kid")
-            by_kid.setdefault(kid if isinstance(kid, str) else None, []).append(entry)
-        self._jwks = by_kid
+        self._jwks = _signing_keys(jwks)
         self._parsed = {}
 
     def _fits(self, jwk: Mapping[str, Any], algorithm: str) -> Any | None:
@@ -328,3 +326,16 @@ def _parse(jwk: Mapping[str, Any], algorithm: str) -> Any | None:
     if weak or wrong_key_type(parsed.key, algorithm):
         return None
     return parsed.key
+
+
+def _signing_keys(jwks: Mapping[str, Any]) -> dict[str | None, list[Mapping[str, Any]]]:
+    """The JWKs of a set that may verify signatures, by kid (None for those without one)."""
+    by_kid: dict[str | None, list[Mapping[str, Any]]] = {}
+    for entry in jwks.get("keys", ()):
+        if not isinstance(entry, dict) or entry.get("kty") not in ("RSA", "EC", "OKP"):
+            continue  # "oct" (an HMAC secret) never comes from a key set; unknown kinds are skipped
+        if entry.get("use", "sig") != "sig":
+            continue
+        kid = entry.get("kid")
+        by_kid.setdefault(kid if isinstance(kid, str) else None, []).append(entry)
+    return by_kid

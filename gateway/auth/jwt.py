@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from twisted.internet.defer import Deferred
@@ -108,6 +109,13 @@ class JwtAuthenticator:
             self._fetcher = fetch = TreqFetcher(reactor if reactor is not None else clock)
         self.keys = KeySource(method, clock=clock, fetch=fetch)
         """Where the method's keys come from (read-only outside this class)."""
+        if method.jwks_url is not None and urlsplit(method.jwks_url).scheme == "http":
+            _log.warn(
+                "JWT method {method} fetches its keys over plain http ({url}): whoever can change that traffic can "
+                "make the gateway accept tokens they sign; use https outside a trusted network",
+                method=method.name,
+                url=method.jwks_url,
+            )
         self._verified: dict[bytes, tuple[Identity, float]] = {}
         """Token -> (its identity, until when by the clock it is taken without verifying it again); oldest first."""
         self._require = list(dict.fromkeys([*(["exp"] if method.require_exp else []), method.consumer_claim]))

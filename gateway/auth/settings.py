@@ -673,6 +673,7 @@ def parse_admission(top: Table) -> Admission:
     methods = {name: _method(name, table) for name, table in top.named_tables("auth")}
     t = top.table("admission")
     if t is None:
+        _check_upstream_headers(top, IdentityHeaders(), methods, "admission.identity_headers")
         return Admission(consumers=MappingProxyType(consumers), methods=MappingProxyType(methods))
     if t.has("credentials_file"):
         _credentials_file(t, consumers)
@@ -685,6 +686,7 @@ def parse_admission(top: Table) -> Admission:
             method=headers.get("method", _optional_header_name, identity.method),
         )
         headers.finish()
+    _check_upstream_headers(top, identity, methods, t.path_of("identity_headers"))
     rates = RateLimits()
     limits = t.table("rate_limits")
     if limits is not None:
@@ -704,6 +706,41 @@ def parse_admission(top: Table) -> Admission:
     )
     t.finish()
     return admission
+
+
+_CREDENTIALS = frozenset({b"authorization", b"cookie", b"via"})
+
+
+def _check_upstream_headers(top: Table, identity: IdentityHeaders, methods: Mapping[str, Method], key: str) -> None:
+    """Headers admission sets upstream are removed from every client request, on every route: none may be one the
+    gateway sets itself, a credential, or another identity header (the one would silently overwrite the other)."""
+    reserved = set(_GATEWAY_OWNED | _CREDENTIALS)
+    for method in methods.values():
+        if isinstance(method, ApiKeyMethod):
+            reserved.update(where.name for where in method.headers)
+        elif isinstance(method, ForwardMethod):
+            reserved.update(method.request_headers)
+    seen: dict[bytes, str] = {}
+    named = [(f"{key}.{field}", getattr(identity, field).lower()) for field in ("consumer", "scopes", "method")]
+    for name, method in methods.items():
+        if isinstance(method, JwtMethod):
+            named += [(f"auth.{name}.claim_headers.{h.decode()}", h.lower()) for h, _ in method.claim_headers]
+        elif isinstance(method, ForwardMethod):
+            named += [(f"auth.{name}.copy_headers", h) for h in method.copy_headers]
+    for where, header in named:
+        if not header:
+            continue
+        if header in reserved:
+            raise ConfigError(
+                top.source,
+                where,
+                f"{header.decode()} cannot carry identity: a header admission sets is removed from every request, "
+                "and this one is the gateway's own or a credential; choose another name",
+            )
+        other = seen.get(header)
+        if other is not None and not (other.startswith("auth.") and where.startswith("auth.")):
+            raise ConfigError(top.source, where, f"{header.decode()} is already set by {other}")
+        seen[header] = where
 
 
 def _optional_rate(t: Table, key: str, default: RateLimit | None) -> RateLimit | None:
@@ -733,6 +770,8 @@ def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
     if value == "anonymous":
         if scopes_any or scopes_all:
             raise t.error("scopes_any" if scopes_any else "scopes_all", "an anonymous route has no scopes to check")
+        if t.has("forward_credentials"):
+            raise t.error("forward_credentials", "an anonymous route has no credentials to remove or forward")
         return ANONYMOUS
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise t.error("auth", f'must be "anonymous" or a non-empty array of method names, got {value!r}')
@@ -742,6 +781,17 @@ def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
             raise t.error("auth", f"no method named {name!r} (define it as [auth.{name}]; known: {known})")
     if len(set(value)) != len(value):
         raise t.error("auth", "names a method twice")
+    issuers: dict[str, str] = {}
+    for name in value:
+        method = admission.methods[name]
+        if isinstance(method, JwtMethod):
+            if method.issuer in issuers:
+                raise t.error(
+                    "auth",
+                    f"{issuers[method.issuer]!r} and {name!r} are JWT methods of the same issuer: the first decides "
+                    "every token of that issuer, so the second would never be used",
+                )
+            issuers[method.issuer] = name
     return RouteAdmission(
         methods=tuple(value),
         scopes_any=scopes_any,
