@@ -16,7 +16,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -380,7 +380,7 @@ class GatewayRequest(http.Request):
             request_id=self.request_id,
             received_version=self.clientproto.rpartition(b"/")[2],
             underscores=gateway.server.underscores_in_headers,
-            remove=_removed(gateway.gatekeeper.identity_headers, allow.strip),
+            remove=allow.remove,
             add=allow.upstream_headers,
         )
         self._enter(Phase.WAITING)
@@ -659,11 +659,6 @@ class GatewayRequest(http.Request):
         if self._release is not None and not _TRANSITIONS[phase]:
             release, self._release = self._release, None
             release()
-
-
-def _removed(identity_headers: frozenset[bytes], strip: Sequence[bytes]) -> Iterable[bytes]:
-    """Headers dropped from the request before forwarding: every identity header, and the credential used."""
-    return identity_headers.union(strip) if strip else identity_headers
 
 
 def _host_value(route: Route) -> bytes:

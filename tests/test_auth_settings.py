@@ -172,7 +172,7 @@ def test_method_defaults() -> None:
     keys = methods["keys"]
     assert isinstance(keys, ApiKeyMethod)
     assert keys.headers == (KeyHeader(b"authorization", b"bearer"), KeyHeader(b"x-api-key", None))
-    assert methods["login"] == BasicMethod(name="login", realm=None, threads=2, max_pending=256, cache_ttl=30.0)
+    assert methods["login"] == BasicMethod(name="login", realm=None, threads=None, max_pending=256, cache_ttl=30.0)
     corp = methods["corp"]
     assert isinstance(corp, JwtMethod)
     assert (corp.issuer, corp.audiences, corp.algorithms, corp.jwks_url) == (

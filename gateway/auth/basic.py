@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from collections.abc import Mapping
 from typing import Any
@@ -150,7 +151,8 @@ class BasicAuthenticator:
 
     def _threads(self) -> ThreadPool:
         if self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=self._method.threads, name=f"basic-{self.name}")
+            threads = self._method.threads or max(1, (os.cpu_count() or 2) - 1)
+            self._pool = ThreadPool(minthreads=0, maxthreads=threads, name=f"basic-{self.name}")
             self._pool.start()
         return self._pool
 

@@ -55,8 +55,9 @@ class Allow:
     release: Callable[[], None] | None
     upstream_headers: Sequence[tuple[bytes, bytes]]
     """Identity headers to set upstream (canonical names, as `Headers` stores them)."""
-    strip: Sequence[bytes]
-    """Canonical names of credential headers to remove before forwarding."""
+    remove: frozenset[bytes]
+    """Canonical names of the client headers to remove before forwarding: every header admission may set (so a
+    client cannot spoof one), and the credential used (unless the route forwards credentials)."""
 
 
 Verdict = Allow | Denied
@@ -112,9 +113,11 @@ class Gatekeeper:
             own |= {canonical_name(name) for name in auth.upstream_headers()}
         self.identity_headers: frozenset[bytes] = frozenset(own)
         """Canonical names of every header admission may set upstream: a client's copies are always removed."""
-        self._anonymous = Allow(ANONYMOUS_IDENTITY, None, self._identity_headers(ANONYMOUS_IDENTITY), ())
-        self._forwarded: dict[tuple[int, bool], tuple[Identity, list[tuple[bytes, bytes]], list[bytes]]] = {}
-        """(id of an identity, route forwards credentials) -> the headers to set and to strip for it. Methods
+        self._anonymous = Allow(
+            ANONYMOUS_IDENTITY, None, self._identity_headers(ANONYMOUS_IDENTITY), self.identity_headers
+        )
+        self._forwarded: dict[tuple[int, bool], tuple[Identity, list[tuple[bytes, bytes]], frozenset[bytes]]] = {}
+        """(id of an identity, route forwards credentials) -> the headers to set and to remove for it. Methods
         hand out the same identity object for the same consumer or token (they cache them), so these are made
         once per identity rather than once per request."""
 
@@ -255,8 +258,10 @@ class Gatekeeper:
         if forwarded is None or forwarded[0] is not identity:
             if len(self._forwarded) >= _MAX_FORWARDED:
                 self._forwarded.clear()
-            strip = [] if admission.forward_credentials else [canonical_name(n) for n in identity.credential_headers]
-            forwarded = (identity, self._identity_headers(identity), strip)
+            remove = self.identity_headers
+            if not admission.forward_credentials:
+                remove = remove.union(canonical_name(n) for n in identity.credential_headers)
+            forwarded = (identity, self._identity_headers(identity), remove)
             self._forwarded[id(identity), admission.forward_credentials] = forwarded
         return Allow(identity, release, forwarded[1], forwarded[2])
 

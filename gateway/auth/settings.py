@@ -198,8 +198,9 @@ class BasicMethod:
     name: str
     realm: str | None = None
     """The realm named in the challenge; `admission.realm` when not set."""
-    threads: int = 2
-    """Threads verifying bcrypt hashes: a burst of logins waits for them, streams in flight do not."""
+    threads: int | None = None
+    """Threads verifying bcrypt hashes: a burst of logins waits for them, streams in flight do not. None: one fewer
+    than the machine's cores (at least 1), so bcrypt can never take every core from the reactor."""
     max_pending: int = 256
     """Verifications allowed to wait for a thread; more are answered 503 at once."""
     cache_ttl: float = 30.0
@@ -572,7 +573,7 @@ def _basic_method(name: str, t: Table) -> BasicMethod:
     return BasicMethod(
         name=name,
         realm=t.get("realm", _realm) if t.has("realm") else None,
-        threads=t.get("threads", positive_int, 2),
+        threads=t.get("threads", positive_int) if t.has("threads") else None,
         max_pending=t.get("max_pending", positive_int, 256),
         cache_ttl=t.get("cache_ttl", _seconds_or_zero, 30.0),
     )
