@@ -19,6 +19,7 @@ from twisted.web.http_headers import Headers
 from gateway.auth.credentials import MALFORMED, challenge, looks_like_jwt, split_authorization
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.settings import ApiKeyMethod, Consumer, KeyHeader
+from gateway.headers import canonical_name
 
 __all__ = ["ApiKeyAuthenticator", "hash_key", "mint_key"]
 
@@ -46,14 +47,21 @@ class ApiKeyAuthenticator:
         self.name = method.name
         self._headers = method.headers
         self._realm = realm
-        self._by_hash = {digest: consumer for consumer in consumers.values() for digest in consumer.api_key_hashes}
+        self._by_hash = {
+            bytes.fromhex(digest.removeprefix("sha256:")): consumer
+            for consumer in consumers.values()
+            for digest in consumer.api_key_hashes
+        }
+        """The SHA-256 digest of each key -> its consumer."""
+        self._where = [(canonical_name(where.name), where) for where in self._headers]
         self._identities: dict[tuple[str, bytes], Identity] = {}
         """(consumer, header) -> its identity, made once: the same object every time, so what depends on it
         (the headers set upstream) is made once too."""
 
     def credential(self, headers: Headers) -> tuple[KeyHeader, bytes] | object | None:
-        for where in self._headers:
-            values = headers.getRawHeaders(where.name)
+        raw = headers._rawHeaders  # by canonical name: what getRawHeaders would do, without re-encoding the name
+        for name, where in self._where:
+            values = raw.get(name)
             if not values:
                 continue
             if len(values) != 1:
@@ -75,7 +83,7 @@ class ApiKeyAuthenticator:
             raise AuthFailure(
                 "malformed_key", "the API key header is malformed or sent more than once", bearer_error=_bearer(where)
             )
-        consumer = self._by_hash.get(hash_key(key))
+        consumer = self._by_hash.get(hashlib.sha256(key).digest())
         if consumer is None:
             raise AuthFailure("invalid_key", "the API key is not valid", bearer_error=_bearer(where, "invalid_token"))
         identity = self._identities.get((consumer.name, where.name))
