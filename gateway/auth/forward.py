@@ -47,9 +47,8 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
-from gateway.auth.settings import ForwardMethod
+from gateway.auth.settings import GATEWAY_OWNED, ForwardMethod
 from gateway.errors import AuthServiceDenied, AuthTimeout, AuthUnavailable, Denied
-from gateway.headers import HOP_BY_HOP
 
 __all__ = ["ForwardAuthenticator", "Selected"]
 
@@ -61,11 +60,6 @@ IDLE_TIMEOUT = 4.0
 
 Selected = list[tuple[bytes, list[bytes]]]
 """A request's credential for this method: the (lower-cased name, values) of each chosen header it carries."""
-
-_FORWARDED = (b"x-forwarded-method", b"x-forwarded-uri", b"x-forwarded-for", b"x-forwarded-host", b"x-request-id")
-_NEVER_SENT = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-proto", *_FORWARDED}
-"""Client headers never passed to the auth service, even when `request_headers` names them: framing and
-connection headers belong to the gateway's own request, and the X-Forwarded-* ones are the gateway's to set."""
 
 _CONSUMER = re.compile(rb"[\x21-\x7e]{1,256}")
 _SCOPE = re.compile(rb"[\x21\x23-\x5b\x5d-\x7e]+")
@@ -296,7 +290,7 @@ class ForwardAuthenticator:
         self._pool.maxPersistentPerHost = method.max_connections
         self._pool.cachedConnectionTimeout = IDLE_TIMEOUT
         self.agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, method.timeout + 1), pool=self._pool)
-        self._selected = tuple(n.lower() for n in method.request_headers if n.lower() not in _NEVER_SENT)
+        self._selected = tuple(n.lower() for n in method.request_headers if n.lower() not in GATEWAY_OWNED)
         self._copied = tuple(n.lower() for n in method.copy_headers)
         self._closed = False
         self.in_flight = 0

@@ -40,10 +40,12 @@ from gateway.config_values import (
     string,
     string_list,
 )
+from gateway.headers import HOP_BY_HOP
 
 __all__ = [
     "ANONYMOUS",
     "DEFAULT_ADMISSION",
+    "GATEWAY_OWNED",
     "NOBODY",
     "Admission",
     "ApiKeyMethod",
@@ -66,29 +68,19 @@ API_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 the right one (as for GitHub's and Stripe's tokens): there is nothing to brute-force."""
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_GATEWAY_OWNED = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"host",
-        b"content-length",
-        b"expect",
-        b"x-forwarded-proto",
-        b"x-forwarded-method",
-        b"x-forwarded-uri",
-        b"x-forwarded-for",
-        b"x-forwarded-host",
-        b"x-request-id",
-    }
-)
-"""Headers a forward-auth method cannot send to its auth service: they frame or describe the gateway's own request."""
+GATEWAY_OWNED = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-proto",
+    b"x-forwarded-method",
+    b"x-forwarded-uri",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-request-id",
+}
+"""Headers that frame or describe a request the gateway makes itself: never taken from a client for a forward-auth
+question, and never a name admission may set upstream."""
 """An HTTP token: a header name, an auth scheme."""
 CONSUMER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 """A consumer's name: a bare TOML key (as `[consumers.NAME]` tables are read) of at most 128 characters."""
@@ -596,7 +588,7 @@ def _forward_method(name: str, t: Table) -> ForwardMethod:
     )
     if not method.request_headers:
         raise t.error("request_headers", "must name at least one header (the method applies when one is present)")
-    owned = [h for h in method.request_headers if h in _GATEWAY_OWNED]
+    owned = [h for h in method.request_headers if h in GATEWAY_OWNED]
     if owned:
         raise t.error(
             "request_headers",
@@ -715,7 +707,7 @@ _CREDENTIALS = frozenset({b"authorization", b"cookie", b"via"})
 def _check_upstream_headers(top: Table, identity: IdentityHeaders, methods: Mapping[str, Method], key: str) -> None:
     """Headers admission sets upstream are removed from every client request, on every route: none may be one the
     gateway sets itself, a credential, or another identity header (the one would silently overwrite the other)."""
-    reserved = set(_GATEWAY_OWNED | _CREDENTIALS)
+    reserved = set(GATEWAY_OWNED | _CREDENTIALS)
     for method in methods.values():
         if isinstance(method, ApiKeyMethod):
             reserved.update(where.name for where in method.headers)
