@@ -15,9 +15,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 
 from tests.support import clients
+from tests.support.logs import captured
 from tests.support.origin import Origin
 from tests.support.running import RunningGateway, start_gateway
 
@@ -59,15 +60,8 @@ def no_leaks() -> Iterator[None]:
 @pytest.fixture
 def failures() -> Iterator[list[LogEvent]]:
     """Failures logged during the test (the gateway logs unexpected ones with `log.failure`)."""
-    seen: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if "log_failure" in event:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
+    with captured(lambda event: "log_failure" in event) as seen:
+        yield seen
 
 
 @pytest_twisted.async_yield_fixture()

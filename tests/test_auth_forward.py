@@ -16,7 +16,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
@@ -25,6 +25,7 @@ from gateway.auth.identity import AuthRequest, Identity
 from gateway.auth.settings import ForwardMethod
 from gateway.errors import AuthServiceDenied, AuthTimeout, AuthUnavailable
 from tests.support.forward_service import CHALLENGES, DENIAL_BODY, AuthService
+from tests.support.logs import captured, in_namespace
 
 _sync = SynchronousTestCase()
 WAIT = 10
@@ -89,15 +90,8 @@ def make(service: AuthService) -> Iterator[Make]:
 @pytest.fixture
 def logged() -> Iterator[list[LogEvent]]:
     """Events logged by gateway.auth.forward during the test."""
-    seen: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace") == "gateway.auth.forward":
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
+    with captured(in_namespace("gateway.auth.forward")) as seen:
+        yield seen
 
 
 def check(auth: ForwardAuthenticator, request: AuthRequest | None = None) -> Deferred[Identity]:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
 from twisted.web.http_headers import Headers
@@ -37,6 +37,7 @@ from gateway.auth.jwks import MAX_JWKS_BYTES
 from gateway.auth.jwt import JwtAuthenticator
 from gateway.auth.settings import JwtMethod
 from gateway.errors import AuthUnavailable
+from tests.support.logs import captured, in_namespace
 
 _sync = SynchronousTestCase()
 WAIT = 10
@@ -56,7 +57,6 @@ ED_KEY = ed25519.Ed25519PrivateKey.generate()
 WEAK_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=1024)
 
 REQUEST = AuthRequest(method=b"GET", target=b"/reports", headers=Headers(), client_address="192.0.2.1", request_id="r1")
-
 
 # --- keys, tokens, methods --------------------------------------------------------------------------------------
 
@@ -191,15 +191,8 @@ def remote(clock: Clock, fetch: FakeFetch, **changes: Any) -> JwtAuthenticator:
 @pytest.fixture
 def jwks_log() -> Iterator[list[LogEvent]]:
     """The events gateway.auth.jwks logs during the test."""
-    seen: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace") == "gateway.auth.jwks":
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
+    with captured(in_namespace("gateway.auth.jwks")) as seen:
+        yield seen
 
 
 # === credential: which requests carry this method's token ======================================================
@@ -1065,12 +1058,5 @@ def test_a_plain_http_jwks_url_is_warned_about(jwt_log: list[LogEvent]) -> None:
 @pytest.fixture
 def jwt_log() -> Iterator[list[LogEvent]]:
     """The events gateway.auth.jwt logs during the test."""
-    seen: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace") == "gateway.auth.jwt":
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
+    with captured(in_namespace("gateway.auth.jwt")) as seen:
+        yield seen

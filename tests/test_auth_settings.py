@@ -3,10 +3,8 @@ route's admission, their defaults, the credentials file, key files, and every er
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from gateway.auth.settings import (
     RouteAdmission,
 )
 from gateway.config import Config, ConfigError, parse
+from tests.support.mutations import Mutation, delete_at, set_at
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "gateway.toml"
@@ -72,39 +71,6 @@ def error_of(data: dict[str, Any], source: Path | str = SOURCE) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         parse(data, source=source)
     return info.value
-
-
-Mutation = Callable[[dict[str, Any]], None]
-
-
-def _set(path: str, value: object) -> Mutation:
-    """A mutation that sets the value at a dotted path (integer parts index arrays; tables are created)."""
-
-    def mutate(data: dict[str, Any]) -> None:
-        parts = path.split(".")
-        node: Any = data
-        for part in parts[:-1]:
-            node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
-        last = parts[-1]
-        if last.isdigit():
-            node[int(last)] = copy.deepcopy(value)
-        else:
-            node[last] = copy.deepcopy(value)
-
-    return mutate
-
-
-def _delete(path: str) -> Mutation:
-    """A mutation that removes the key at a dotted path."""
-
-    def mutate(data: dict[str, Any]) -> None:
-        parts = path.split(".")
-        node: Any = data
-        for part in parts[:-1]:
-            node = node[int(part)] if part.isdigit() else node[part]
-        del node[int(parts[-1]) if parts[-1].isdigit() else parts[-1]]
-
-    return mutate
 
 
 def _both(*mutations: Mutation) -> Mutation:
@@ -478,7 +444,7 @@ def test_bad_rate(rate: object, reason: str) -> None:
     assert error.reason.startswith(reason)
 
 
-def test_burst_defaults_to_the_requests_and_may_be_set() -> None:
+def test_burst_defaults_to_the_requests_and_may_beset_at() -> None:
     """burst is the rate's count unless given, and may be above or below it."""
     data = minimal()
     data["admission"] = {"rate_limits": {"consumer": {"rate": "10/s"}, "anonymous": {"rate": "10/s", "burst": 3}}}
@@ -576,455 +542,460 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     # routes
     (
         "route-without-auth",
-        _delete("routes.0.auth"),
+        delete_at("routes.0.auth"),
         "routes[0].auth",
         'is required: say auth = "anonymous" for a public route, or name the methods it accepts',
     ),
     (
         "route-unknown-method",
-        _set("routes.1.auth", ["keys", "nope"]),
+        set_at("routes.1.auth", ["keys", "nope"]),
         "routes[1].auth",
         "no method named 'nope' (define it as [auth.nope]; known: corp, keys, login, sso)",
     ),
     (
         "route-method-none-defined",
-        _both(_delete("auth"), _set("routes.1.auth", ["keys"])),
+        _both(delete_at("auth"), set_at("routes.1.auth", ["keys"])),
         "routes[1].auth",
         "no method named 'keys' (define it as [auth.keys]; known: none are defined)",
     ),
-    ("route-method-twice", _set("routes.1.auth", ["keys", "corp", "keys"]), "routes[1].auth", "names a method twice"),
+    ("route-method-twice", set_at("routes.1.auth", ["keys", "corp", "keys"]), "routes[1].auth", "names a method twice"),
     (
         "route-auth-empty",
-        _set("routes.1.auth", []),
+        set_at("routes.1.auth", []),
         "routes[1].auth",
         'must be "anonymous" or a non-empty array of method names, got []',
     ),
-    ("route-auth-other-string", _set("routes.1.auth", "keys"), "routes[1].auth", 'must be "anonymous" or a non'),
-    ("route-auth-anonymous-case", _set("routes.0.auth", "Anonymous"), "routes[0].auth", 'must be "anonymous" or'),
-    ("route-auth-not-strings", _set("routes.1.auth", ["keys", 1]), "routes[1].auth", 'must be "anonymous" or a'),
-    ("route-auth-boolean", _set("routes.1.auth", True), "routes[1].auth", 'must be "anonymous" or a non-empty'),
+    ("route-auth-other-string", set_at("routes.1.auth", "keys"), "routes[1].auth", 'must be "anonymous" or a non'),
+    ("route-auth-anonymous-case", set_at("routes.0.auth", "Anonymous"), "routes[0].auth", 'must be "anonymous" or'),
+    ("route-auth-not-strings", set_at("routes.1.auth", ["keys", 1]), "routes[1].auth", 'must be "anonymous" or a'),
+    ("route-auth-boolean", set_at("routes.1.auth", True), "routes[1].auth", 'must be "anonymous" or a non-empty'),
     (
         "anonymous-scopes_any",
-        _set("routes.0.scopes_any", ["read"]),
+        set_at("routes.0.scopes_any", ["read"]),
         "routes[0].scopes_any",
         "an anonymous route has no scopes to check",
     ),
     (
         "anonymous-scopes_all",
-        _set("routes.0.scopes_all", ["read"]),
+        set_at("routes.0.scopes_all", ["read"]),
         "routes[0].scopes_all",
         "an anonymous route has no scopes to check",
     ),
-    ("route-scope-space", _set("routes.1.scopes_any", ["a b"]), "routes[1].scopes_any", "a scope is one word"),
-    ("route-scope-quote", _set("routes.1.scopes_all", ['a"b']), "routes[1].scopes_all", "a scope is one word"),
-    ("route-scope-backslash", _set("routes.1.scopes_all", ["a\\b"]), "routes[1].scopes_all", "a scope is one word"),
-    ("route-scope-non-ascii", _set("routes.1.scopes_all", ["lé"]), "routes[1].scopes_all", "a scope is one word"),
-    ("route-scope-empty", _set("routes.1.scopes_any", [""]), "routes[1].scopes_any", "must not contain an empty"),
-    ("route-scopes-string", _set("routes.1.scopes_any", "read"), "routes[1].scopes_any", "must be an array of str"),
+    ("route-scope-space", set_at("routes.1.scopes_any", ["a b"]), "routes[1].scopes_any", "a scope is one word"),
+    ("route-scope-quote", set_at("routes.1.scopes_all", ['a"b']), "routes[1].scopes_all", "a scope is one word"),
+    ("route-scope-backslash", set_at("routes.1.scopes_all", ["a\\b"]), "routes[1].scopes_all", "a scope is one word"),
+    ("route-scope-non-ascii", set_at("routes.1.scopes_all", ["lé"]), "routes[1].scopes_all", "a scope is one word"),
+    ("route-scope-empty", set_at("routes.1.scopes_any", [""]), "routes[1].scopes_any", "must not contain an empty"),
+    ("route-scopes-string", set_at("routes.1.scopes_any", "read"), "routes[1].scopes_any", "must be an array of str"),
     (
         "route-forward-credentials",
-        _set("routes.1.forward_credentials", "yes"),
+        set_at("routes.1.forward_credentials", "yes"),
         "routes[1].forward_credentials",
         "must be true or false, got a string",
     ),
-    ("route-unknown-key", _set("routes.1.scope_any", ["read"]), "routes[1].scope_any", "unknown key"),
+    ("route-unknown-key", set_at("routes.1.scope_any", ["read"]), "routes[1].scope_any", "unknown key"),
     # methods of any type
-    ("method-type-missing", _delete("auth.keys.type"), "auth.keys.type", "is required"),
+    ("method-type-missing", delete_at("auth.keys.type"), "auth.keys.type", "is required"),
     (
         "method-type-unknown",
-        _set("auth.keys.type", "oauth"),
+        set_at("auth.keys.type", "oauth"),
         "auth.keys.type",
         "unknown method type 'oauth' (known: api_key, jwt, basic, forward)",
     ),
-    ("method-type-empty", _set("auth.keys.type", ""), "auth.keys.type", "must not be empty"),
-    ("method-name", _set("auth.a b", {"type": "api_key"}), "auth.a b", "a name may contain only letters, digits"),
-    ("method-not-table", _set("auth.keys", "api_key"), "auth.keys", "must be a table, got a string"),
-    ("auth-not-table", _set("auth", ["keys"]), "auth", "must be a table, got an array"),
+    ("method-type-empty", set_at("auth.keys.type", ""), "auth.keys.type", "must not be empty"),
+    ("method-name", set_at("auth.a b", {"type": "api_key"}), "auth.a b", "a name may contain only letters, digits"),
+    ("method-not-table", set_at("auth.keys", "api_key"), "auth.keys", "must be a table, got a string"),
+    ("auth-not-table", set_at("auth", ["keys"]), "auth", "must be a table, got an array"),
     # api_key
-    ("api-key-unknown-key", _set("auth.keys.realm", "x"), "auth.keys.realm", "unknown key"),
-    ("api-key-headers-empty", _set("auth.keys.headers", []), "auth.keys.headers", "must be a non-empty array"),
-    ("api-key-headers-string", _set("auth.keys.headers", "X-API-Key"), "auth.keys.headers", "must be a non-empty"),
+    ("api-key-unknown-key", set_at("auth.keys.realm", "x"), "auth.keys.realm", "unknown key"),
+    ("api-key-headers-empty", set_at("auth.keys.headers", []), "auth.keys.headers", "must be a non-empty array"),
+    ("api-key-headers-string", set_at("auth.keys.headers", "X-API-Key"), "auth.keys.headers", "must be a non-empty"),
     (
         "api-key-header-space",
-        _set("auth.keys.headers", ["X API Key"]),
+        set_at("auth.keys.headers", ["X API Key"]),
         "auth.keys.headers",
         'must be a header name, optionally with a scheme ("Authorization: Bearer")',
     ),
-    ("api-key-header-no-scheme", _set("auth.keys.headers", ["Authorization:"]), "auth.keys.headers", "must be a he"),
-    ("api-key-header-two-schemes", _set("auth.keys.headers", ["A: B C"]), "auth.keys.headers", "must be a header"),
-    ("api-key-header-not-string", _set("auth.keys.headers", [1]), "auth.keys.headers", "must be a string"),
+    ("api-key-header-no-scheme", set_at("auth.keys.headers", ["Authorization:"]), "auth.keys.headers", "must be a he"),
+    ("api-key-header-two-schemes", set_at("auth.keys.headers", ["A: B C"]), "auth.keys.headers", "must be a header"),
+    ("api-key-header-not-string", set_at("auth.keys.headers", [1]), "auth.keys.headers", "must be a string"),
     # jwt
-    ("jwt-algorithms-missing", _delete("auth.corp.algorithms"), "auth.corp.algorithms", "is required"),
-    ("jwt-algorithms-empty", _set("auth.corp.algorithms", []), "auth.corp.algorithms", "must list at least one"),
-    ("jwt-alg-none", _set("auth.corp.algorithms", ["none"]), "auth.corp.algorithms", '"none" is never allowed'),
+    ("jwt-algorithms-missing", delete_at("auth.corp.algorithms"), "auth.corp.algorithms", "is required"),
+    ("jwt-algorithms-empty", set_at("auth.corp.algorithms", []), "auth.corp.algorithms", "must list at least one"),
+    ("jwt-alg-none", set_at("auth.corp.algorithms", ["none"]), "auth.corp.algorithms", '"none" is never allowed'),
     (
         "jwt-alg-None-with-others",
-        _set("auth.corp.algorithms", ["RS256", "None"]),
+        set_at("auth.corp.algorithms", ["RS256", "None"]),
         "auth.corp.algorithms",
         '"none" is never allowed: an unsigned token proves nothing',
     ),
     (
         "jwt-alg-unknown",
-        _set("auth.corp.algorithms", ["RS1"]),
+        set_at("auth.corp.algorithms", ["RS1"]),
         "auth.corp.algorithms",
         "unknown algorithm 'RS1' (known: ES256, ES384, ES512, EdDSA, HS256, HS384, HS512, PS256, PS384,",
     ),
-    ("jwt-alg-lower-case", _set("auth.corp.algorithms", ["rs256"]), "auth.corp.algorithms", "unknown algorithm 'rs"),
+    ("jwt-alg-lower-case", set_at("auth.corp.algorithms", ["rs256"]), "auth.corp.algorithms", "unknown algorithm 'rs"),
     (
         "jwt-alg-hs-with-rs",
-        _set("auth.corp.algorithms", ["HS256", "RS256"]),
+        set_at("auth.corp.algorithms", ["HS256", "RS256"]),
         "auth.corp.algorithms",
         "HMAC algorithms (HS256/384/512) cannot be allowed with public-key ones in one method",
     ),
     (
         "jwt-alg-rs-with-hs",
-        _set("auth.corp.algorithms", ["RS256", "HS512"]),
+        set_at("auth.corp.algorithms", ["RS256", "HS512"]),
         "auth.corp.algorithms",
         "cannot be allowed with public-key ones",
     ),
-    ("jwt-alg-es-with-hs", _set("auth.corp.algorithms", ["ES256", "HS256"]), "auth.corp.algorithms", "HMAC algori"),
-    ("jwt-alg-string", _set("auth.corp.algorithms", "RS256"), "auth.corp.algorithms", "must be an array of strings"),
+    ("jwt-alg-es-with-hs", set_at("auth.corp.algorithms", ["ES256", "HS256"]), "auth.corp.algorithms", "HMAC algori"),
+    ("jwt-alg-string", set_at("auth.corp.algorithms", "RS256"), "auth.corp.algorithms", "must be an array of strings"),
     (
         "jwt-no-key-source",
-        _delete("auth.corp.jwks_url"),
+        delete_at("auth.corp.jwks_url"),
         "auth.corp.public_key_file",
         "give exactly one of public_key_file, jwks_file and jwks_url (got: none)",
     ),
     (
         "jwt-two-key-sources",
-        _set("auth.corp.jwks_file", "jwks.json"),
+        set_at("auth.corp.jwks_file", "jwks.json"),
         "auth.corp.public_key_file",
         "give exactly one of public_key_file, jwks_file and jwks_url (got: jwks_file, jwks_url)",
     ),
     (
         "jwt-three-key-sources",
-        _both(_set("auth.corp.jwks_file", "jwks.json"), _set("auth.corp.public_key_file", "k.pem")),
+        _both(set_at("auth.corp.jwks_file", "jwks.json"), set_at("auth.corp.public_key_file", "k.pem")),
         "auth.corp.public_key_file",
         "(got: public_key_file, jwks_file, jwks_url)",
     ),
     (
         "jwt-rs-with-secret-only",
-        _both(_delete("auth.corp.jwks_url"), _set("auth.corp.secret_file", "secret")),
+        _both(delete_at("auth.corp.jwks_url"), set_at("auth.corp.secret_file", "secret")),
         "auth.corp.public_key_file",
         "give exactly one of public_key_file, jwks_file and jwks_url (got: secret_file)",
     ),
     (
         "jwt-rs-with-secret-too",
-        _set("auth.corp.secret_file", "secret"),
+        set_at("auth.corp.secret_file", "secret"),
         "auth.corp.public_key_file",
         "(got: jwks_url, secret_file)",
     ),
     (
         "jwt-hs-without-secret",
-        _set("auth.corp.algorithms", ["HS256"]),
+        set_at("auth.corp.algorithms", ["HS256"]),
         "auth.corp.secret_file",
         "HMAC algorithms need secret_file (and no public key source)",
     ),
     (
         "jwt-hs-with-nothing",
-        _both(_set("auth.corp.algorithms", ["HS384"]), _delete("auth.corp.jwks_url")),
+        _both(set_at("auth.corp.algorithms", ["HS384"]), delete_at("auth.corp.jwks_url")),
         "auth.corp.secret_file",
         "HMAC algorithms need secret_file",
     ),
     (
         "jwt-hs-with-secret-and-key",
-        _both(_set("auth.corp.algorithms", ["HS256"]), _set("auth.corp.secret_file", "secret")),
+        _both(set_at("auth.corp.algorithms", ["HS256"]), set_at("auth.corp.secret_file", "secret")),
         "auth.corp.secret_file",
         "HMAC algorithms need secret_file (and no public key source)",
     ),
-    ("jwt-audiences-empty", _set("auth.corp.audiences", []), "auth.corp.audiences", "must list at least one audience"),
-    ("jwt-audiences-missing", _delete("auth.corp.audiences"), "auth.corp.audiences", "is required"),
-    ("jwt-audiences-string", _set("auth.corp.audiences", "gateway"), "auth.corp.audiences", "must be an array of st"),
-    ("jwt-audience-empty", _set("auth.corp.audiences", [" "]), "auth.corp.audiences", "must not contain an empty"),
-    ("jwt-issuer-missing", _delete("auth.corp.issuer"), "auth.corp.issuer", "is required"),
-    ("jwt-issuer-empty", _set("auth.corp.issuer", ""), "auth.corp.issuer", "must not be empty"),
-    ("jwt-jwks-url-ftp", _set("auth.corp.jwks_url", "ftp://id/jwks"), "auth.corp.jwks_url", "must be an http or h"),
+    (
+        "jwt-audiences-empty",
+        set_at("auth.corp.audiences", []),
+        "auth.corp.audiences",
+        "must list at least one audience",
+    ),
+    ("jwt-audiences-missing", delete_at("auth.corp.audiences"), "auth.corp.audiences", "is required"),
+    ("jwt-audiences-string", set_at("auth.corp.audiences", "gateway"), "auth.corp.audiences", "must be an array of st"),
+    ("jwt-audience-empty", set_at("auth.corp.audiences", [" "]), "auth.corp.audiences", "must not contain an empty"),
+    ("jwt-issuer-missing", delete_at("auth.corp.issuer"), "auth.corp.issuer", "is required"),
+    ("jwt-issuer-empty", set_at("auth.corp.issuer", ""), "auth.corp.issuer", "must not be empty"),
+    ("jwt-jwks-url-ftp", set_at("auth.corp.jwks_url", "ftp://id/jwks"), "auth.corp.jwks_url", "must be an http or h"),
     (
         "jwt-jwks-url-credentials",
-        _set("auth.corp.jwks_url", "https://u:p@id.example.com/jwks"),
+        set_at("auth.corp.jwks_url", "https://u:p@id.example.com/jwks"),
         "auth.corp.jwks_url",
         "must be an http or https URL without credentials",
     ),
-    ("jwt-jwks-url-no-host", _set("auth.corp.jwks_url", "https:///jwks"), "auth.corp.jwks_url", "must be an http"),
-    ("jwt-jwks-url-port", _set("auth.corp.jwks_url", "https://id:99999/j"), "auth.corp.jwks_url", "has an invalid p"),
+    ("jwt-jwks-url-no-host", set_at("auth.corp.jwks_url", "https:///jwks"), "auth.corp.jwks_url", "must be an http"),
+    ("jwt-jwks-url-port", set_at("auth.corp.jwks_url", "https://id:99999/j"), "auth.corp.jwks_url", "has an invalid p"),
     (
         "jwt-claim-header-name",
-        _set("auth.corp.claim_headers", {"X User": "email"}),
+        set_at("auth.corp.claim_headers", {"X User": "email"}),
         "auth.corp.claim_headers.X User",
         "must be a header name",
     ),
     (
         "jwt-claim-header-claim",
-        _set("auth.corp.claim_headers", {"X-Email": "e mail"}),
+        set_at("auth.corp.claim_headers", {"X-Email": "e mail"}),
         "auth.corp.claim_headers.X-Email",
         "must be a claim name, got 'e mail'",
     ),
     (
         "jwt-claim-header-not-string",
-        _set("auth.corp.claim_headers", {"X-Email": 1}),
+        set_at("auth.corp.claim_headers", {"X-Email": 1}),
         "auth.corp.claim_headers.X-Email",
         "must be a string",
     ),
-    ("jwt-claim-headers-array", _set("auth.corp.claim_headers", ["email"]), "auth.corp.claim_headers", "must be a t"),
-    ("jwt-consumer-claim", _set("auth.corp.consumer_claim", "a b"), "auth.corp.consumer_claim", "must be a claim na"),
-    ("jwt-scope-claims-string", _set("auth.corp.scope_claims", "scope"), "auth.corp.scope_claims", "must be an arr"),
-    ("jwt-scope-claim-bad", _set("auth.corp.scope_claims", ["sc ope"]), "auth.corp.scope_claims", "must be a claim"),
-    ("jwt-leeway-negative", _set("auth.corp.leeway", -1), "auth.corp.leeway", "must be a positive number of seconds"),
-    ("jwt-refresh-zero", _set("auth.corp.jwks_refresh_interval", 0), "auth.corp.jwks_refresh_interval", "must be a"),
-    ("jwt-max-age-bad", _set("auth.corp.jwks_max_age", "soon"), "auth.corp.jwks_max_age", "must be seconds"),
-    ("jwt-fetch-timeout-0", _set("auth.corp.jwks_fetch_timeout", "0s"), "auth.corp.jwks_fetch_timeout", "must be a"),
-    ("jwt-require-exp", _set("auth.corp.require_exp", "yes"), "auth.corp.require_exp", "must be true or false"),
-    ("jwt-cache-size", _set("auth.corp.cache_size", 0), "auth.corp.cache_size", "must be a positive integer, got 0"),
-    ("jwt-unknown-key", _set("auth.corp.public_key", "k.pem"), "auth.corp.public_key", "unknown key"),
-    ("jwt-unknown-key-2", _set("auth.corp.audience", "gateway"), "auth.corp.audience", "unknown key"),
+    ("jwt-claim-headers-array", set_at("auth.corp.claim_headers", ["email"]), "auth.corp.claim_headers", "must be a t"),
+    ("jwt-consumer-claim", set_at("auth.corp.consumer_claim", "a b"), "auth.corp.consumer_claim", "must be a claim na"),
+    ("jwt-scope-claims-string", set_at("auth.corp.scope_claims", "scope"), "auth.corp.scope_claims", "must be an arr"),
+    ("jwt-scope-claim-bad", set_at("auth.corp.scope_claims", ["sc ope"]), "auth.corp.scope_claims", "must be a claim"),
+    ("jwt-leeway-negative", set_at("auth.corp.leeway", -1), "auth.corp.leeway", "must be a positive number of seconds"),
+    ("jwt-refresh-zero", set_at("auth.corp.jwks_refresh_interval", 0), "auth.corp.jwks_refresh_interval", "must be a"),
+    ("jwt-max-age-bad", set_at("auth.corp.jwks_max_age", "soon"), "auth.corp.jwks_max_age", "must be seconds"),
+    ("jwt-fetch-timeout-0", set_at("auth.corp.jwks_fetch_timeout", "0s"), "auth.corp.jwks_fetch_timeout", "must be a"),
+    ("jwt-require-exp", set_at("auth.corp.require_exp", "yes"), "auth.corp.require_exp", "must be true or false"),
+    ("jwt-cache-size", set_at("auth.corp.cache_size", 0), "auth.corp.cache_size", "must be a positive integer, got 0"),
+    ("jwt-unknown-key", set_at("auth.corp.public_key", "k.pem"), "auth.corp.public_key", "unknown key"),
+    ("jwt-unknown-key-2", set_at("auth.corp.audience", "gateway"), "auth.corp.audience", "unknown key"),
     # basic
     (
         "basic-realm-quote",
-        _set("auth.login.realm", 'a"b'),
+        set_at("auth.login.realm", 'a"b'),
         "auth.login.realm",
         "must be printable ASCII without quotes or backslashes, got 'a\"b'",
     ),
-    ("basic-realm-backslash", _set("auth.login.realm", "a\\b"), "auth.login.realm", "must be printable ASCII"),
-    ("basic-realm-non-ascii", _set("auth.login.realm", "ré"), "auth.login.realm", "must be printable ASCII"),
-    ("basic-realm-empty", _set("auth.login.realm", ""), "auth.login.realm", "must not be empty"),
-    ("basic-threads", _set("auth.login.threads", 0), "auth.login.threads", "must be a positive integer"),
-    ("basic-max-pending", _set("auth.login.max_pending", "8"), "auth.login.max_pending", "must be an integer"),
-    ("basic-cache-ttl", _set("auth.login.cache_ttl", -5), "auth.login.cache_ttl", "must be a positive number of s"),
-    ("basic-unknown-key", _set("auth.login.headers", ["Authorization"]), "auth.login.headers", "unknown key"),
+    ("basic-realm-backslash", set_at("auth.login.realm", "a\\b"), "auth.login.realm", "must be printable ASCII"),
+    ("basic-realm-non-ascii", set_at("auth.login.realm", "ré"), "auth.login.realm", "must be printable ASCII"),
+    ("basic-realm-empty", set_at("auth.login.realm", ""), "auth.login.realm", "must not be empty"),
+    ("basic-threads", set_at("auth.login.threads", 0), "auth.login.threads", "must be a positive integer"),
+    ("basic-max-pending", set_at("auth.login.max_pending", "8"), "auth.login.max_pending", "must be an integer"),
+    ("basic-cache-ttl", set_at("auth.login.cache_ttl", -5), "auth.login.cache_ttl", "must be a positive number of s"),
+    ("basic-unknown-key", set_at("auth.login.headers", ["Authorization"]), "auth.login.headers", "unknown key"),
     # forward
-    ("forward-url-missing", _delete("auth.sso.url"), "auth.sso.url", "is required"),
+    ("forward-url-missing", delete_at("auth.sso.url"), "auth.sso.url", "is required"),
     (
         "forward-url-https",
-        _set("auth.sso.url", "https://auth.example.com/check"),
+        set_at("auth.sso.url", "https://auth.example.com/check"),
         "auth.sso.url",
         "must be an http URL (https auth services come with the TLS work)",
     ),
-    ("forward-url-ftp", _set("auth.sso.url", "ftp://auth/check"), "auth.sso.url", "must be an http or https URL"),
-    ("forward-url-relative", _set("auth.sso.url", "/check"), "auth.sso.url", "must be an http or https URL"),
-    ("forward-url-creds", _set("auth.sso.url", "http://u:p@a/check"), "auth.sso.url", "must be an http or https"),
-    ("forward-url-port", _set("auth.sso.url", "http://auth:99999/"), "auth.sso.url", "has an invalid port"),
-    ("forward-timeout", _set("auth.sso.timeout", 0), "auth.sso.timeout", "must be a positive number of seconds"),
+    ("forward-url-ftp", set_at("auth.sso.url", "ftp://auth/check"), "auth.sso.url", "must be an http or https URL"),
+    ("forward-url-relative", set_at("auth.sso.url", "/check"), "auth.sso.url", "must be an http or https URL"),
+    ("forward-url-creds", set_at("auth.sso.url", "http://u:p@a/check"), "auth.sso.url", "must be an http or https"),
+    ("forward-url-port", set_at("auth.sso.url", "http://auth:99999/"), "auth.sso.url", "has an invalid port"),
+    ("forward-timeout", set_at("auth.sso.timeout", 0), "auth.sso.timeout", "must be a positive number of seconds"),
     (
         "forward-request-headers-empty",
-        _set("auth.sso.request_headers", []),
+        set_at("auth.sso.request_headers", []),
         "auth.sso.request_headers",
         "must name at least one header (the method applies when one is present)",
     ),
     (
         "forward-request-headers-bad",
-        _set("auth.sso.request_headers", ["Author ization"]),
+        set_at("auth.sso.request_headers", ["Author ization"]),
         "auth.sso.request_headers",
         "must be a header name (letters, digits and -), got 'Author ization'",
     ),
     (
         "forward-request-headers-string",
-        _set("auth.sso.request_headers", "Cookie"),
+        set_at("auth.sso.request_headers", "Cookie"),
         "auth.sso.request_headers",
         "must be an array of header names, got a string",
     ),
-    ("forward-copy-headers", _set("auth.sso.copy_headers", ["X:User"]), "auth.sso.copy_headers", "must be a head"),
-    ("forward-consumer-header", _set("auth.sso.consumer_header", "X User"), "auth.sso.consumer_header", "must be a"),
-    ("forward-scopes-header", _set("auth.sso.scopes_header", 1), "auth.sso.scopes_header", "must be a string"),
-    ("forward-cred-headers", _set("auth.sso.credential_headers", [""]), "auth.sso.credential_headers", "must not"),
-    ("forward-max-conns", _set("auth.sso.max_connections", 0), "auth.sso.max_connections", "must be a positive"),
-    ("forward-max-body", _set("auth.sso.max_body", "1XB"), "auth.sso.max_body", "must be bytes as an integer"),
-    ("forward-unknown-key", _set("auth.sso.realm", "x"), "auth.sso.realm", "unknown key"),
+    ("forward-copy-headers", set_at("auth.sso.copy_headers", ["X:User"]), "auth.sso.copy_headers", "must be a head"),
+    ("forward-consumer-header", set_at("auth.sso.consumer_header", "X User"), "auth.sso.consumer_header", "must be a"),
+    ("forward-scopes-header", set_at("auth.sso.scopes_header", 1), "auth.sso.scopes_header", "must be a string"),
+    ("forward-cred-headers", set_at("auth.sso.credential_headers", [""]), "auth.sso.credential_headers", "must not"),
+    ("forward-max-conns", set_at("auth.sso.max_connections", 0), "auth.sso.max_connections", "must be a positive"),
+    ("forward-max-body", set_at("auth.sso.max_body", "1XB"), "auth.sso.max_body", "must be bytes as an integer"),
+    ("forward-unknown-key", set_at("auth.sso.realm", "x"), "auth.sso.realm", "unknown key"),
     # consumers
     (
         "consumer-name-space",
-        _set("consumers.a b", {}),
+        set_at("consumers.a b", {}),
         "consumers.a b",
         "a name may contain only letters, digits and -_.",
     ),
     (
         "consumer-name-too-long",
-        _set("consumers." + "x" * 129, {}),
+        set_at("consumers." + "x" * 129, {}),
         "consumers." + "x" * 129,
         "a consumer name may contain only letters, digits and -_. (at most 128)",
     ),
-    ("consumer-not-table", _set("consumers.bob", "x"), "consumers.bob", "must be a table, got a string"),
+    ("consumer-not-table", set_at("consumers.bob", "x"), "consumers.bob", "must be a table, got a string"),
     (
         "consumer-raw-key",
-        _set("consumers.alice.api_keys", [KEY]),
+        set_at("consumers.alice.api_keys", [KEY]),
         "consumers.alice.api_keys",
         'must hold hashes such as "sha256:9f86d0...", as `gateway-credentials api-key` prints them, never a key',
     ),
     (
         "consumer-hash-upper-hex",
-        _set("consumers.alice.api_keys", [hash_key(KEY).upper()]),
+        set_at("consumers.alice.api_keys", [hash_key(KEY).upper()]),
         "consumers.alice.api_keys",
         "must hold hashes",
     ),
     (
         "consumer-hash-short",
-        _set("consumers.alice.api_keys", [hash_key(KEY)[:-1]]),
+        set_at("consumers.alice.api_keys", [hash_key(KEY)[:-1]]),
         "consumers.alice.api_keys",
         "must hold hashes",
     ),
     (
         "consumer-hash-long",
-        _set("consumers.alice.api_keys", [hash_key(KEY) + "0"]),
+        set_at("consumers.alice.api_keys", [hash_key(KEY) + "0"]),
         "consumers.alice.api_keys",
         "must hold hashes",
     ),
     (
         "consumer-hash-other-algorithm",
-        _set("consumers.alice.api_keys", ["sha512:" + "0" * 64]),
+        set_at("consumers.alice.api_keys", ["sha512:" + "0" * 64]),
         "consumers.alice.api_keys",
         "must hold hashes",
     ),
     (
         "consumer-hash-bare-hex",
-        _set("consumers.alice.api_keys", [hash_key(KEY).removeprefix("sha256:")]),
+        set_at("consumers.alice.api_keys", [hash_key(KEY).removeprefix("sha256:")]),
         "consumers.alice.api_keys",
         "must hold hashes",
     ),
     (
         "consumer-one-bad-hash",
-        _set("consumers.alice.api_keys", [hash_key(KEY), "sha256:zz"]),
+        set_at("consumers.alice.api_keys", [hash_key(KEY), "sha256:zz"]),
         "consumers.alice.api_keys",
         "must hold hashes",
     ),
-    ("consumer-keys-string", _set("consumers.alice.api_keys", hash_key(KEY)), "consumers.alice.api_keys", "must be"),
+    ("consumer-keys-string", set_at("consumers.alice.api_keys", hash_key(KEY)), "consumers.alice.api_keys", "must be"),
     (
         "consumer-raw-password",
-        _set("consumers.alice.password", "secret"),
+        set_at("consumers.alice.password", "secret"),
         "consumers.alice.password",
         'must be a bcrypt hash ("$2b$12$..."), as `gateway-credentials password` prints it, never a password',
     ),
     (
         "consumer-bcrypt-truncated",
-        _set("consumers.alice.password", PASSWORD_HASH[:-1]),
+        set_at("consumers.alice.password", PASSWORD_HASH[:-1]),
         "consumers.alice.password",
         "must be a bcrypt hash",
     ),
     (
         "consumer-bcrypt-cost-3",
-        _set("consumers.alice.password", "$2b$03$" + PASSWORD_HASH[7:]),
+        set_at("consumers.alice.password", "$2b$03$" + PASSWORD_HASH[7:]),
         "consumers.alice.password",
         "must be a bcrypt hash",
     ),
     (
         "consumer-bcrypt-cost-32",
-        _set("consumers.alice.password", "$2b$32$" + PASSWORD_HASH[7:]),
+        set_at("consumers.alice.password", "$2b$32$" + PASSWORD_HASH[7:]),
         "consumers.alice.password",
         "must be a bcrypt hash",
     ),
     (
         "consumer-bcrypt-variant",
-        _set("consumers.alice.password", "$2x$" + PASSWORD_HASH[4:]),
+        set_at("consumers.alice.password", "$2x$" + PASSWORD_HASH[4:]),
         "consumers.alice.password",
         "must be a bcrypt hash",
     ),
     (
         "consumer-bcrypt-bad-char",
-        _set("consumers.alice.password", PASSWORD_HASH[:-1] + "!"),
+        set_at("consumers.alice.password", PASSWORD_HASH[:-1] + "!"),
         "consumers.alice.password",
         "must be a bcrypt hash",
     ),
-    ("consumer-password-empty", _set("consumers.alice.password", ""), "consumers.alice.password", "must not be emp"),
-    ("consumer-scope-space", _set("consumers.alice.scopes", ["a b"]), "consumers.alice.scopes", "a scope is one w"),
+    ("consumer-password-empty", set_at("consumers.alice.password", ""), "consumers.alice.password", "must not be emp"),
+    ("consumer-scope-space", set_at("consumers.alice.scopes", ["a b"]), "consumers.alice.scopes", "a scope is one w"),
     (
         "consumer-rate",
-        _set("consumers.alice.rate_limit", {"rate": "0/s"}),
+        set_at("consumers.alice.rate_limit", {"rate": "0/s"}),
         "consumers.alice.rate_limit.rate",
         "must be a rate such as",
     ),
     (
         "consumer-rate-missing",
-        _set("consumers.alice.rate_limit", {"burst": 5}),
+        set_at("consumers.alice.rate_limit", {"burst": 5}),
         "consumers.alice.rate_limit.rate",
         "is required",
     ),
     (
         "consumer-rate-burst",
-        _set("consumers.alice.rate_limit", {"rate": "1/s", "burst": 0}),
+        set_at("consumers.alice.rate_limit", {"rate": "1/s", "burst": 0}),
         "consumers.alice.rate_limit.burst",
         "must be a positive integer, got 0",
     ),
     (
         "consumer-rate-unknown-key",
-        _set("consumers.alice.rate_limit", {"rate": "1/s", "per": "ip"}),
+        set_at("consumers.alice.rate_limit", {"rate": "1/s", "per": "ip"}),
         "consumers.alice.rate_limit.per",
         "unknown key",
     ),
     (
         "consumer-rate-string",
-        _set("consumers.alice.rate_limit", "20/s"),
+        set_at("consumers.alice.rate_limit", "20/s"),
         "consumers.alice.rate_limit",
         "must be a table, got a string",
     ),
-    ("consumer-max-concurrent", _set("consumers.alice.max_concurrent", 0), "consumers.alice.max_concurrent", "must"),
-    ("consumer-unknown-key", _set("consumers.alice.scope", ["read"]), "consumers.alice.scope", "unknown key"),
+    ("consumer-max-concurrent", set_at("consumers.alice.max_concurrent", 0), "consumers.alice.max_concurrent", "must"),
+    ("consumer-unknown-key", set_at("consumers.alice.scope", ["read"]), "consumers.alice.scope", "unknown key"),
     # admission
-    ("admission-not-table", _set("admission", "x"), "admission", "must be a table, got a string"),
-    ("admission-unknown-key", _set("admission.realms", "x"), "admission.realms", "unknown key"),
-    ("admission-realm-quote", _set("admission.realm", 'a"'), "admission.realm", "must be printable ASCII without"),
-    ("admission-realm-empty", _set("admission.realm", ""), "admission.realm", "must not be empty"),
-    ("admission-max-concurrent", _set("admission.max_concurrent", -1), "admission.max_concurrent", "must be a pos"),
+    ("admission-not-table", set_at("admission", "x"), "admission", "must be a table, got a string"),
+    ("admission-unknown-key", set_at("admission.realms", "x"), "admission.realms", "unknown key"),
+    ("admission-realm-quote", set_at("admission.realm", 'a"'), "admission.realm", "must be printable ASCII without"),
+    ("admission-realm-empty", set_at("admission.realm", ""), "admission.realm", "must not be empty"),
+    ("admission-max-concurrent", set_at("admission.max_concurrent", -1), "admission.max_concurrent", "must be a pos"),
     (
         "admission-credentials-file-empty",
-        _set("admission.credentials_file", ""),
+        set_at("admission.credentials_file", ""),
         "admission.credentials_file",
         "must not be empty",
     ),
     (
         "identity-header-space",
-        _set("admission.identity_headers.consumer", "X Consumer"),
+        set_at("admission.identity_headers.consumer", "X Consumer"),
         "admission.identity_headers.consumer",
         "must be a header name (letters, digits and -), got 'X Consumer'",
     ),
     (
         "identity-header-colon",
-        _set("admission.identity_headers.scopes", "X-Scopes:"),
+        set_at("admission.identity_headers.scopes", "X-Scopes:"),
         "admission.identity_headers.scopes",
         "must be a header name",
     ),
     (
         "identity-header-non-ascii",
-        _set("admission.identity_headers.method", "X-Méthode"),
+        set_at("admission.identity_headers.method", "X-Méthode"),
         "admission.identity_headers.method",
         "must be a header name",
     ),
     (
         "identity-header-not-string",
-        _set("admission.identity_headers.method", False),
+        set_at("admission.identity_headers.method", False),
         "admission.identity_headers.method",
         "must be a string, got a boolean",
     ),
     (
         "identity-headers-unknown-key",
-        _set("admission.identity_headers.user", "X-User"),
+        set_at("admission.identity_headers.user", "X-User"),
         "admission.identity_headers.user",
         "unknown key",
     ),
     (
         "rate-limits-unknown-key",
-        _set("admission.rate_limits.per_consumer", {"rate": "1/s"}),
+        set_at("admission.rate_limits.per_consumer", {"rate": "1/s"}),
         "admission.rate_limits.per_consumer",
         "unknown key",
     ),
     (
         "rate-limit-unknown-key",
-        _set("admission.rate_limits.consumer", {"rate": "1/s", "burts": 2}),
+        set_at("admission.rate_limits.consumer", {"rate": "1/s", "burts": 2}),
         "admission.rate_limits.consumer.burts",
         "unknown key",
     ),
     (
         "failed-auth-true",
-        _set("admission.rate_limits.failed_auth", True),
+        set_at("admission.rate_limits.failed_auth", True),
         "admission.rate_limits.failed_auth",
         "must be a table, got a boolean",
     ),
     (
         "anonymous-rate-string",
-        _set("admission.rate_limits.anonymous", "100/s"),
+        set_at("admission.rate_limits.anonymous", "100/s"),
         "admission.rate_limits.anonymous",
         "must be a table, got a string",
     ),
     (
         "consumer-rate-missing-rate",
-        _set("admission.rate_limits.consumer", {}),
+        set_at("admission.rate_limits.consumer", {}),
         "admission.rate_limits.consumer.rate",
         "is required",
     ),

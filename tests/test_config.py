@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from gateway.config import (
     parse,
 )
 from gateway.routing import routing_path
+from tests.support.mutations import Mutation, delete_at, set_at
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "gateway.toml"
@@ -441,32 +441,6 @@ def test_two_listeners_on_port_zero_are_allowed() -> None:
 
 # --- errors: every error names the file, the key path and the reason -----------------------------------------
 
-Mutation = Callable[[dict[str, Any]], None]
-
-
-def _set(path: str, value: object) -> Mutation:
-    """A mutation that sets the value at a dotted path; integer parts index arrays."""
-
-    def mutate(data: dict[str, Any]) -> None:
-        parts = path.split(".")
-        node: Any = data
-        for part in parts[:-1]:
-            node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
-        last = parts[-1]
-        if last.isdigit():
-            node[int(last)] = value
-        else:
-            node[last] = value
-
-    return mutate
-
-
-def _delete(key: str) -> Mutation:
-    def mutate(data: dict[str, Any]) -> None:
-        del data[key]
-
-    return mutate
-
 
 def _add_route(**route: Any) -> Mutation:
     def mutate(data: dict[str, Any]) -> None:
@@ -477,14 +451,14 @@ def _add_route(**route: Any) -> Mutation:
 
 ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     # unknown keys, at every level
-    ("unknown-top", _set("tiemouts", {}), "tiemouts", "unknown key"),
-    ("unknown-server", _set("server.viaa", "x"), "server.viaa", "unknown key"),
-    ("unknown-limits", _set("limits.max_body", 1), "limits.max_body", "unknown key"),
-    ("unknown-flow", _set("flow_control.high", 1), "flow_control.high", "unknown key"),
-    ("unknown-timeouts", _set("timeouts.conect", 1), "timeouts.conect", "unknown key"),
-    ("unknown-listener", _set("listeners.0.hots", "x"), "listeners[0].hots", "unknown key"),
-    ("unknown-upstream", _set("upstreams.app.urll", "x"), "upstreams.app.urll", "unknown key"),
-    ("unknown-route", _set("routes.0.pathprefix", "/x"), "routes[0].pathprefix", "unknown key"),
+    ("unknown-top", set_at("tiemouts", {}), "tiemouts", "unknown key"),
+    ("unknown-server", set_at("server.viaa", "x"), "server.viaa", "unknown key"),
+    ("unknown-limits", set_at("limits.max_body", 1), "limits.max_body", "unknown key"),
+    ("unknown-flow", set_at("flow_control.high", 1), "flow_control.high", "unknown key"),
+    ("unknown-timeouts", set_at("timeouts.conect", 1), "timeouts.conect", "unknown key"),
+    ("unknown-listener", set_at("listeners.0.hots", "x"), "listeners[0].hots", "unknown key"),
+    ("unknown-upstream", set_at("upstreams.app.urll", "x"), "upstreams.app.urll", "unknown key"),
+    ("unknown-route", set_at("routes.0.pathprefix", "/x"), "routes[0].pathprefix", "unknown key"),
     (
         "unknown-route-timeouts",
         _add_route(name="b", path_prefix="/b", upstream="app", timeouts={"conect": "1s"}),
@@ -493,121 +467,121 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ),
     (
         "route-header-limit-not-overridable",
-        _set("routes.0.limits", {"max_header_bytes": 1}),
+        set_at("routes.0.limits", {"max_header_bytes": 1}),
         "routes[0].limits.max_header_bytes",
         "unknown key",
     ),
-    ("unknown-route-flow", _set("routes.0.flow_control", {"hi": 1}), "routes[0].flow_control.hi", "unknown key"),
+    ("unknown-route-flow", set_at("routes.0.flow_control", {"hi": 1}), "routes[0].flow_control.hi", "unknown key"),
     # wrong types
-    ("port-bool", _set("listeners.0.port", True), "listeners[0].port", "must be a port number from 0 to 65535"),
-    ("port-string", _set("listeners.0.port", "8080"), "listeners[0].port", "must be a port number"),
-    ("backlog-bool", _set("listeners.0.backlog", True), "listeners[0].backlog", "must be an integer, got a boolean"),
-    ("count-string", _set("limits.max_header_count", "100"), "limits.max_header_count", "must be an integer, got a"),
-    ("count-float", _set("limits.max_header_count", 1.0), "limits.max_header_count", "must be an integer, got a"),
-    ("server-string", _set("server", "fast"), "server", "must be a table, got a string"),
-    ("timeouts-array", _set("timeouts", [1]), "timeouts", "must be a table, got an array"),
-    ("route-timeouts-string", _set("routes.0.timeouts", "30s"), "routes[0].timeouts", "must be a table, got a str"),
-    ("route-limits-int", _set("routes.0.limits", 5), "routes[0].limits", "must be a table, got an integer"),
-    ("routes-table", _set("routes", {"name": "x"}), "routes", "must be an array of tables ([[routes]]), got a table"),
-    ("listeners-ints", _set("listeners", [1]), "listeners", "must be an array of tables ([[listeners]])"),
-    ("upstreams-array", _set("upstreams", []), "upstreams", "must be a table, got an array"),
-    ("upstream-string", _set("upstreams.app", "http://x"), "upstreams.app", "must be a table, got a string"),
-    ("strip-string", _set("routes.0.strip_prefix", "yes"), "routes[0].strip_prefix", "must be true or false, got"),
-    ("name-int", _set("routes.0.name", 5), "routes[0].name", "must be a string, got an integer"),
-    ("via-int", _set("server.via", 1), "server.via", "must be a string, got an integer"),
-    ("workers-bool", _set("server.workers", True), "server.workers", "must be an integer, got a boolean"),
-    ("workers-string", _set("server.workers", "2"), "server.workers", "must be an integer, got a string"),
-    ("workers-float", _set("server.workers", 2.0), "server.workers", "must be an integer, got a number"),
-    ("via-spaces", _set("server.via", "my gateway"), "server.via", "must be a single token"),
-    ("host-header", _set("routes.0.host_header", "origin"), "routes[0].host_header", 'must be "upstream"'),
-    ("listener-hostname", _set("listeners.0.host", "localhost"), "listeners[0].host", "must be an IP address"),
-    ("url-int", _set("upstreams.app.url", 8081), "upstreams.app.url", "must be a string, got an integer"),
-    ("upstream-bool", _set("routes.0.upstream", True), "routes[0].upstream", "must be a string, got a boolean"),
+    ("port-bool", set_at("listeners.0.port", True), "listeners[0].port", "must be a port number from 0 to 65535"),
+    ("port-string", set_at("listeners.0.port", "8080"), "listeners[0].port", "must be a port number"),
+    ("backlog-bool", set_at("listeners.0.backlog", True), "listeners[0].backlog", "must be an integer, got a boolean"),
+    ("count-string", set_at("limits.max_header_count", "100"), "limits.max_header_count", "must be an integer, got a"),
+    ("count-float", set_at("limits.max_header_count", 1.0), "limits.max_header_count", "must be an integer, got a"),
+    ("server-string", set_at("server", "fast"), "server", "must be a table, got a string"),
+    ("timeouts-array", set_at("timeouts", [1]), "timeouts", "must be a table, got an array"),
+    ("route-timeouts-string", set_at("routes.0.timeouts", "30s"), "routes[0].timeouts", "must be a table, got a str"),
+    ("route-limits-int", set_at("routes.0.limits", 5), "routes[0].limits", "must be a table, got an integer"),
+    ("routes-table", set_at("routes", {"name": "x"}), "routes", "must be an array of tables ([[routes]]), got a table"),
+    ("listeners-ints", set_at("listeners", [1]), "listeners", "must be an array of tables ([[listeners]])"),
+    ("upstreams-array", set_at("upstreams", []), "upstreams", "must be a table, got an array"),
+    ("upstream-string", set_at("upstreams.app", "http://x"), "upstreams.app", "must be a table, got a string"),
+    ("strip-string", set_at("routes.0.strip_prefix", "yes"), "routes[0].strip_prefix", "must be true or false, got"),
+    ("name-int", set_at("routes.0.name", 5), "routes[0].name", "must be a string, got an integer"),
+    ("via-int", set_at("server.via", 1), "server.via", "must be a string, got an integer"),
+    ("workers-bool", set_at("server.workers", True), "server.workers", "must be an integer, got a boolean"),
+    ("workers-string", set_at("server.workers", "2"), "server.workers", "must be an integer, got a string"),
+    ("workers-float", set_at("server.workers", 2.0), "server.workers", "must be an integer, got a number"),
+    ("via-spaces", set_at("server.via", "my gateway"), "server.via", "must be a single token"),
+    ("host-header", set_at("routes.0.host_header", "origin"), "routes[0].host_header", 'must be "upstream"'),
+    ("listener-hostname", set_at("listeners.0.host", "localhost"), "listeners[0].host", "must be an IP address"),
+    ("url-int", set_at("upstreams.app.url", 8081), "upstreams.app.url", "must be a string, got an integer"),
+    ("upstream-bool", set_at("routes.0.upstream", True), "routes[0].upstream", "must be a string, got a boolean"),
     # impossible values
-    ("connect-negative", _set("timeouts.connect", -1), "timeouts.connect", "must be a positive number of seconds"),
-    ("connect-zero", _set("timeouts.connect", 0), "timeouts.connect", "must be a positive number of seconds"),
+    ("connect-negative", set_at("timeouts.connect", -1), "timeouts.connect", "must be a positive number of seconds"),
+    ("connect-zero", set_at("timeouts.connect", 0), "timeouts.connect", "must be a positive number of seconds"),
     (
         "route-idle-zero",
-        _set("routes.0.timeouts", {"upstream_idle": 0}),
+        set_at("routes.0.timeouts", {"upstream_idle": 0}),
         "routes[0].timeouts.upstream_idle",
         "must be a positive number of seconds, got 0",
     ),
-    ("queue-timeout-zero", _set("upstreams.app.queue_timeout", "0s"), "upstreams.app.queue_timeout", "must be"),
-    ("server-idle-neg", _set("server.idle_timeout", -3), "server.idle_timeout", "must be a positive number"),
-    ("workers-zero", _set("server.workers", 0), "server.workers", "must be a positive integer, got 0"),
-    ("workers-negative", _set("server.workers", -2), "server.workers", "must be a positive integer, got -2"),
-    ("max-conn-zero", _set("upstreams.app.max_connections", 0), "upstreams.app.max_connections", "must be a pos"),
-    ("port-70000", _set("listeners.0.port", 70000), "listeners[0].port", "must be a port number from 0 to 65535"),
-    ("port-negative", _set("listeners.0.port", -1), "listeners[0].port", "must be a port number from 0 to 65535"),
+    ("queue-timeout-zero", set_at("upstreams.app.queue_timeout", "0s"), "upstreams.app.queue_timeout", "must be"),
+    ("server-idle-neg", set_at("server.idle_timeout", -3), "server.idle_timeout", "must be a positive number"),
+    ("workers-zero", set_at("server.workers", 0), "server.workers", "must be a positive integer, got 0"),
+    ("workers-negative", set_at("server.workers", -2), "server.workers", "must be a positive integer, got -2"),
+    ("max-conn-zero", set_at("upstreams.app.max_connections", 0), "upstreams.app.max_connections", "must be a pos"),
+    ("port-70000", set_at("listeners.0.port", 70000), "listeners[0].port", "must be a port number from 0 to 65535"),
+    ("port-negative", set_at("listeners.0.port", -1), "listeners[0].port", "must be a port number from 0 to 65535"),
     (
         "water-equal",
-        _set("flow_control", {"high_water": "64KiB", "low_water": "64KiB"}),
+        set_at("flow_control", {"high_water": "64KiB", "low_water": "64KiB"}),
         "flow_control.low_water",
         "must be below high_water (65536 >= 65536)",
     ),
     (
         "water-above",
-        _set("flow_control", {"high_water": 100, "low_water": 200}),
+        set_at("flow_control", {"high_water": 100, "low_water": 200}),
         "flow_control.low_water",
         "must be below high_water (200 >= 100)",
     ),
     (
         "water-default-high",
-        _set("flow_control", {"low_water": "1MiB"}),
+        set_at("flow_control", {"low_water": "1MiB"}),
         "flow_control.low_water",
         "must be below high_water",
     ),
     (
         "route-water-equal",
-        _set("routes.0.flow_control", {"high_water": 1000, "low_water": 1000}),
+        set_at("routes.0.flow_control", {"high_water": 1000, "low_water": 1000}),
         "routes[0].flow_control.low_water",
         "must be below high_water (1000 >= 1000)",
     ),
     (
         "route-water-inherited-high",
-        _set("routes.0.flow_control", {"low_water": "1MiB"}),
+        set_at("routes.0.flow_control", {"low_water": "1MiB"}),
         "routes[0].flow_control.low_water",
         "must be below high_water",
     ),
-    ("prefix-no-slash", _set("routes.0.path_prefix", "api"), "routes[0].path_prefix", 'must start with "/"'),
-    ("prefix-empty", _set("routes.0.path_prefix", ""), "routes[0].path_prefix", "must not be empty"),
-    ("prefix-space", _set("routes.0.path_prefix", "/a b"), "routes[0].path_prefix", "must contain only URL path"),
-    ("host-star", _set("routes.0.host", "*"), "routes[0].host", "must be a host name"),
-    ("host-port", _set("routes.0.host", "api.example.com:80"), "routes[0].host", "must be a host name"),
-    ("host-underscore", _set("routes.0.host", "a_b.example.com"), "routes[0].host", "must be a host name"),
-    ("host-leading-dash", _set("routes.0.host", "-a.example.com"), "routes[0].host", "must be a host name"),
-    ("host-empty-label", _set("routes.0.host", "a..example.com"), "routes[0].host", "must be a host name"),
-    ("host-double-star", _set("routes.0.host", "*.*.example.com"), "routes[0].host", "must be a host name"),
-    ("host-inner-star", _set("routes.0.host", "api.*.com"), "routes[0].host", "must be a host name"),
-    ("host-empty", _set("routes.0.host", ""), "routes[0].host", "must not be empty"),
-    ("url-https", _set("upstreams.app.url", "https://x:443"), "upstreams.app.url", "https upstreams are not sup"),
-    ("url-ftp", _set("upstreams.app.url", "ftp://x"), "upstreams.app.url", "must be an http URL"),
-    ("url-no-host", _set("upstreams.app.url", "http://"), "upstreams.app.url", "must be an http URL"),
-    ("url-no-scheme", _set("upstreams.app.url", "127.0.0.1:8081"), "upstreams.app.url", "must be an http URL"),
-    ("url-query", _set("upstreams.app.url", "http://x/?a=1"), "upstreams.app.url", "must not carry a query"),
-    ("url-fragment", _set("upstreams.app.url", "http://x/#top"), "upstreams.app.url", "must not carry a query"),
-    ("url-credentials", _set("upstreams.app.url", "http://u:p@x/"), "upstreams.app.url", "must not carry a query"),
-    ("url-user", _set("upstreams.app.url", "http://u@x/"), "upstreams.app.url", "must not carry a query"),
-    ("url-bad-port", _set("upstreams.app.url", "http://x:99999"), "upstreams.app.url", "has an invalid port"),
-    ("url-empty", _set("upstreams.app.url", ""), "upstreams.app.url", "must not be empty"),
+    ("prefix-no-slash", set_at("routes.0.path_prefix", "api"), "routes[0].path_prefix", 'must start with "/"'),
+    ("prefix-empty", set_at("routes.0.path_prefix", ""), "routes[0].path_prefix", "must not be empty"),
+    ("prefix-space", set_at("routes.0.path_prefix", "/a b"), "routes[0].path_prefix", "must contain only URL path"),
+    ("host-star", set_at("routes.0.host", "*"), "routes[0].host", "must be a host name"),
+    ("host-port", set_at("routes.0.host", "api.example.com:80"), "routes[0].host", "must be a host name"),
+    ("host-underscore", set_at("routes.0.host", "a_b.example.com"), "routes[0].host", "must be a host name"),
+    ("host-leading-dash", set_at("routes.0.host", "-a.example.com"), "routes[0].host", "must be a host name"),
+    ("host-empty-label", set_at("routes.0.host", "a..example.com"), "routes[0].host", "must be a host name"),
+    ("host-double-star", set_at("routes.0.host", "*.*.example.com"), "routes[0].host", "must be a host name"),
+    ("host-inner-star", set_at("routes.0.host", "api.*.com"), "routes[0].host", "must be a host name"),
+    ("host-empty", set_at("routes.0.host", ""), "routes[0].host", "must not be empty"),
+    ("url-https", set_at("upstreams.app.url", "https://x:443"), "upstreams.app.url", "https upstreams are not sup"),
+    ("url-ftp", set_at("upstreams.app.url", "ftp://x"), "upstreams.app.url", "must be an http URL"),
+    ("url-no-host", set_at("upstreams.app.url", "http://"), "upstreams.app.url", "must be an http URL"),
+    ("url-no-scheme", set_at("upstreams.app.url", "127.0.0.1:8081"), "upstreams.app.url", "must be an http URL"),
+    ("url-query", set_at("upstreams.app.url", "http://x/?a=1"), "upstreams.app.url", "must not carry a query"),
+    ("url-fragment", set_at("upstreams.app.url", "http://x/#top"), "upstreams.app.url", "must not carry a query"),
+    ("url-credentials", set_at("upstreams.app.url", "http://u:p@x/"), "upstreams.app.url", "must not carry a query"),
+    ("url-user", set_at("upstreams.app.url", "http://u@x/"), "upstreams.app.url", "must not carry a query"),
+    ("url-bad-port", set_at("upstreams.app.url", "http://x:99999"), "upstreams.app.url", "has an invalid port"),
+    ("url-empty", set_at("upstreams.app.url", ""), "upstreams.app.url", "must not be empty"),
     (
         "route-url-https",
-        _set("routes.0.upstream", "https://x"),
+        set_at("routes.0.upstream", "https://x"),
         "routes[0].upstream",
         "https upstreams are not supported",
     ),
     (
         "route-url-query",
-        _set("routes.0.upstream", "http://x/?q"),
+        set_at("routes.0.upstream", "http://x/?q"),
         "routes[0].upstream",
         "must not carry a query",
     ),
-    ("upstream-name", _set("upstreams", {"a b": {"url": "http://x"}}), "upstreams.a b", "a name may contain only"),
+    ("upstream-name", set_at("upstreams", {"a b": {"url": "http://x"}}), "upstreams.a b", "a name may contain only"),
     # missing, duplicate and empty
-    ("no-url", _set("upstreams.app", {}), "upstreams.app.url", "is required"),
-    ("no-route-name", _set("routes.0", {"upstream": "app"}), "routes[0].name", "is required"),
-    ("no-route-upstream", _set("routes.0", {"name": "app"}), "routes[0].upstream", "is required"),
-    ("no-listener-port", _set("listeners.0", {"host": "127.0.0.1"}), "listeners[0].port", "is required"),
+    ("no-url", set_at("upstreams.app", {}), "upstreams.app.url", "is required"),
+    ("no-route-name", set_at("routes.0", {"upstream": "app"}), "routes[0].name", "is required"),
+    ("no-route-upstream", set_at("routes.0", {"name": "app"}), "routes[0].upstream", "is required"),
+    ("no-listener-port", set_at("listeners.0", {"host": "127.0.0.1"}), "listeners[0].port", "is required"),
     (
         "duplicate-route",
         _add_route(name="app", path_prefix="/other", upstream="app"),
@@ -616,14 +590,14 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ),
     (
         "duplicate-listener",
-        _set("listeners", [{"host": "127.0.0.1", "port": 8080}, {"host": "127.0.0.1", "port": 8080}]),
+        set_at("listeners", [{"host": "127.0.0.1", "port": 8080}, {"host": "127.0.0.1", "port": 8080}]),
         "listeners[1]",
         "127.0.0.1:8080 is listed twice",
     ),
-    ("listeners-missing", _delete("listeners"), "listeners", "is required (add at least one [[listeners]] table)"),
-    ("listeners-empty", _set("listeners", []), "listeners", "at least one listener is needed"),
-    ("routes-missing", _delete("routes"), "routes", "is required (add at least one [[routes]] table)"),
-    ("routes-empty", _set("routes", []), "routes", "at least one route is needed"),
+    ("listeners-missing", delete_at("listeners"), "listeners", "is required (add at least one [[listeners]] table)"),
+    ("listeners-empty", set_at("listeners", []), "listeners", "at least one listener is needed"),
+    ("routes-missing", delete_at("routes"), "routes", "is required (add at least one [[routes]] table)"),
+    ("routes-empty", set_at("routes", []), "routes", "at least one route is needed"),
 ]
 
 
@@ -783,25 +757,25 @@ def test_request_line_limit_may_be_exactly_the_shortest_request_line() -> None:
 
 
 CLIENT_LIMIT_ERRORS: list[tuple[str, Mutation, str, str]] = [
-    ("head-timeout-zero", _set("server.head_timeout", 0), "server.head_timeout", "must be a positive number of sec"),
-    ("head-timeout-word", _set("server.head_timeout", "soon"), "server.head_timeout", "must be seconds as a number"),
-    ("head-timeout-bool", _set("server.head_timeout", True), "server.head_timeout", "must be a number of seconds"),
-    ("max-conns-zero", _set("server.max_connections", 0), "server.max_connections", "must be a positive integer"),
-    ("max-conns-neg", _set("server.max_connections", -5), "server.max_connections", "must be a positive integer"),
-    ("max-conns-float", _set("server.max_connections", 1e4), "server.max_connections", "must be an integer, got a n"),
-    ("max-conns-str", _set("server.max_connections", "10k"), "server.max_connections", "must be an integer, got a s"),
+    ("head-timeout-zero", set_at("server.head_timeout", 0), "server.head_timeout", "must be a positive number of sec"),
+    ("head-timeout-word", set_at("server.head_timeout", "soon"), "server.head_timeout", "must be seconds as a number"),
+    ("head-timeout-bool", set_at("server.head_timeout", True), "server.head_timeout", "must be a number of seconds"),
+    ("max-conns-zero", set_at("server.max_connections", 0), "server.max_connections", "must be a positive integer"),
+    ("max-conns-neg", set_at("server.max_connections", -5), "server.max_connections", "must be a positive integer"),
+    ("max-conns-float", set_at("server.max_connections", 1e4), "server.max_connections", "must be an integer, got a n"),
+    ("max-conns-str", set_at("server.max_connections", "10k"), "server.max_connections", "must be an integer, got a s"),
     (
         "line-too-small",
-        _set("limits.max_request_line_bytes", 17),
+        set_at("limits.max_request_line_bytes", 17),
         "limits.max_request_line_bytes",
         'must be at least 18 bytes (room for "OPTIONS * HTTP/1.1"), got 17',
     ),
-    ("line-zero", _set("limits.max_request_line_bytes", 0), "limits.max_request_line_bytes", "must be a positive"),
-    ("line-unit", _set("limits.max_request_line_bytes", "8 lines"), "limits.max_request_line_bytes", "must be bytes"),
-    ("line-float", _set("limits.max_request_line_bytes", 8.5), "limits.max_request_line_bytes", "must be a whole"),
+    ("line-zero", set_at("limits.max_request_line_bytes", 0), "limits.max_request_line_bytes", "must be a positive"),
+    ("line-unit", set_at("limits.max_request_line_bytes", "8 lines"), "limits.max_request_line_bytes", "must be bytes"),
+    ("line-float", set_at("limits.max_request_line_bytes", 8.5), "limits.max_request_line_bytes", "must be a whole"),
     (
         "route-line-limit-not-overridable",
-        _set("routes.0.limits", {"max_request_line_bytes": 1024}),
+        set_at("routes.0.limits", {"max_request_line_bytes": 1024}),
         "routes[0].limits.max_request_line_bytes",
         "unknown key",
     ),

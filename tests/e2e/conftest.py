@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 
+from tests.support.logs import captured
 from tests.support.processes import Child
 
 
@@ -23,10 +24,8 @@ def spawn() -> Iterator[list[Child]]:
 @pytest.fixture
 def logged() -> Iterator[list[LogEvent]]:
     """Every log event emitted during the test."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
+    with captured() as seen:
+        yield seen
 
 
 def everything_logged(events: list[LogEvent]) -> str:
