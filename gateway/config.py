@@ -44,6 +44,8 @@ from gateway.config_values import (
 from gateway.paths import PathRefused, routing_path
 
 __all__ = [
+    "AccessLog",
+    "Admin",
     "Config",
     "ConfigError",
     "FlowControl",
@@ -141,6 +143,30 @@ class Server:
     workers: int = 1
     """Processes serving the listeners: the twistd process and `workers - 1` it starts. Above 1, each process
     binds every listener itself with SO_REUSEPORT and the kernel spreads new connections across them."""
+    drain_timeout: float = 30.0
+    """On SIGTERM, how long requests in flight may go on once the listeners have stopped accepting; those still
+    running then are cut (never finished as if complete)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessLog:
+    """Where the one JSON line per request goes, and what it may contain."""
+
+    path: str = "-"
+    """"-" for stdout (journald under systemd), a file (absolute, or relative to the config file's directory,
+    reopened on SIGUSR1 for logrotate), or "" for no access log."""
+    query: bool = False
+    """Whether query strings are logged: they often carry tokens, so they are left out unless asked for."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Admin:
+    """The admin listener: /metrics, /healthz and /readyz, on an address of its own (loopback by default)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9901
+    """With workers above 1, worker i listens on port + i (each process has its own metrics), so port 0 is
+    refused there."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,6 +236,9 @@ class Config:
     upstreams: Mapping[str, Upstream]
     routes: tuple[Route, ...]
     admission: Admission = DEFAULT_ADMISSION
+    access_log: AccessLog = AccessLog()
+    admin: Admin | None = None
+    """None: no admin listener (no [admin] table in the file)."""
 
 
 def load(path: Path | str) -> Config:
@@ -266,6 +295,8 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
         routes.append(route)
     if not routes:
         raise ConfigError(source, "routes", "at least one route is needed")
+    access_log = _access_log(top.table("access_log"), source)
+    admin = _admin(top.table("admin"), server)
     top.finish()
     return Config(
         source=str(source),
@@ -275,6 +306,8 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
         upstreams=MappingProxyType(upstreams),
         routes=tuple(routes),
         admission=admission,
+        access_log=access_log,
+        admin=admin,
     )
 
 
@@ -382,6 +415,7 @@ _SERVER_FIELDS: Fields = {
     "via": _via_name,
     "underscores_in_headers": boolean,
     "workers": positive_int,
+    "drain_timeout": positive_seconds,
 }
 _TIMEOUT_FIELDS: Fields = {f.name: positive_seconds for f in fields(Timeouts)}
 _LIMIT_FIELDS: Fields = {
@@ -420,6 +454,32 @@ def _listener(t: Table) -> Listener:
     )
     t.finish()
     return listener
+
+
+def _access_log(t: Table | None, source: Path | str) -> AccessLog:
+    if t is None:
+        return AccessLog()
+    path = t.get("path", string, "-")
+    if path not in ("-", ""):
+        # Relative to the config file, as the credentials file is: the service's directory is not the config's.
+        path = str(Path(source).parent / path)
+        if not Path(path).parent.is_dir():
+            raise t.error("path", f"the directory of {path!r} does not exist")
+    log = AccessLog(path=path, query=t.get("query", boolean, False))
+    t.finish()
+    return log
+
+
+def _admin(t: Table | None, server: Server) -> Admin | None:
+    if t is None:
+        return None
+    admin = Admin(host=t.get("host", _interface, "127.0.0.1"), port=t.get("port", _port, 9901))
+    if server.workers > 1 and admin.port == 0:
+        raise t.error("port", "must not be 0 when server.workers is above 1 (worker i listens on port + i)")
+    if admin.port + server.workers - 1 > 65535:
+        raise t.error("port", f"port + workers - 1 must be at most 65535, got {admin.port + server.workers - 1}")
+    t.finish()
+    return admin
 
 
 def _upstream_url(t: Table, key: str) -> tuple[str, str, int, bytes]:

@@ -60,11 +60,13 @@ from gateway.headers import (
     request_id_of,
     upstream_request_headers,
 )
+from gateway.logs import AccessLog
+from gateway.metrics import Metrics
 from gateway.routing import Router
 from gateway.streaming import RequestBodyPipe, ResponseRelay
 from gateway.upstream import ConnectTimeout, UpstreamPool, UpstreamResponse
 
-__all__ = ["Gateway", "GatewayRequest", "Phase"]
+__all__ = ["Gateway", "GatewayRequest", "Phase", "refusal_record"]
 
 _log = Logger()
 
@@ -90,6 +92,8 @@ class Gateway:
     pools: Mapping[str, UpstreamPool]
     clock: IReactorTime
     gatekeeper: Gatekeeper
+    access_log: AccessLog | None = None
+    metrics: Metrics | None = None
 
 
 class Phase(enum.Enum):
@@ -185,6 +189,19 @@ class GatewayRequest(http.Request):
         """Body bytes read and dropped while lingering."""
         self._release: Any = None
         """Gives back the consumer's concurrency slot; called once, when the request ends however it ends."""
+        # For the access log: when the head began, was decided, got an upstream slot and its response head.
+        self._began = self._clock.seconds()
+        self._decided_at: float | None = None
+        self._queued_at: float | None = None
+        self._slot_at: float | None = None
+        self._sent_at: float | None = None
+        self._response_at: float | None = None
+        self._body_bytes = 0
+        self.consumer: str | None = None
+        self.refusal: GatewayError | None = None
+        """The error the channel refused this request's head or body with (it then closes the connection)."""
+        self.cut_by: str | None = None
+        """Why the gateway is about to cut the connection under this request ("drain_timeout")."""
 
     # --- hooks called by HTTPChannel ---------------------------------------------------------------------
 
@@ -199,8 +216,11 @@ class GatewayRequest(http.Request):
         self.path = self.uri.partition(b"?")[0]
         self._has_body = length != 0
         self.request_id = request_id_of(self.requestHeaders)
-        if channel.persistent and b"close" in connection_tokens(self.requestHeaders):
-            channel.persistent = False  # Twisted misses "close" in "Connection: close, TE"
+        if channel.persistent and (
+            b"close" in connection_tokens(self.requestHeaders) or channel.factory.draining  # type: ignore[attr-defined]
+        ):
+            # Twisted misses "close" in "Connection: close, TE"; a draining gateway takes no next request.
+            channel.persistent = False
             self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         decision = decide(
             RequestHead(self.method, self.uri, self.clientproto, self.requestHeaders, length),
@@ -223,6 +243,7 @@ class GatewayRequest(http.Request):
             self._refuse(verdict)
 
     def handleContentChunk(self, data: bytes) -> None:
+        self._body_bytes += len(data)
         pipe = self._pipe
         if pipe is not None and not self._discarding:
             limit = self.route.limits.max_request_body_bytes if self.route is not None else 0
@@ -271,7 +292,13 @@ class GatewayRequest(http.Request):
         if not _TRANSITIONS[self.phase]:
             return
         # A client that hangs up after the whole response was written (while we lingered) was answered.
-        self._enter(Phase.CLIENT_GONE, "" if self.phase is Phase.SENT else "client_gone")
+        if self.cut_by is not None:
+            ending = self.cut_by
+        elif self.refusal is not None:
+            ending = "refused"
+        else:
+            ending = "" if self.phase is Phase.SENT else "client_gone"
+        self._enter(Phase.CLIENT_GONE, ending)
         self._cancel_timer()
         verdict, self._verdict = self._verdict, None
         if verdict is not None:
@@ -329,6 +356,10 @@ class GatewayRequest(http.Request):
 
     def _refuse(self, denied: Denied) -> None:
         """Answer a request admission refused; its body (if any) is never forwarded, only dropped while lingering."""
+        self.consumer = denied.consumer
+        metrics = self.gateway.metrics
+        if metrics is not None:
+            metrics.denied(self.route.name if self.route is not None else "", denied.reason)
         _log.info(
             "Admission refused a request with {status} ({reason}): route {route}, consumer {consumer}, "
             "client {client}, request {request_id}",
@@ -353,6 +384,8 @@ class GatewayRequest(http.Request):
         self._target = decision.upstream_target
         self._pool = gateway.pools[route.upstream.name]
         self._release = allow.release
+        self.consumer = allow.identity.consumer
+        self._decided_at = self._clock.seconds()
         if self._has_body:
             if self._saved_idle_timeout is None:
                 # Twisted's idle timer would cut an upload we paused for a slow upstream; the pipe times the body.
@@ -384,6 +417,7 @@ class GatewayRequest(http.Request):
             add=allow.upstream_headers,
         )
         self._enter(Phase.WAITING)
+        self._queued_at = self._decided_at
         if self._pool.try_acquire():
             self._got_slot(None)
             return
@@ -393,6 +427,7 @@ class GatewayRequest(http.Request):
     def _got_slot(self, _: object) -> None:
         self._waiting = None
         self._slot_held = True
+        self._slot_at = self._clock.seconds()
         if self.phase is not Phase.WAITING:
             self._release_slot()
             return
@@ -426,6 +461,7 @@ class GatewayRequest(http.Request):
 
     def _got_response(self, response: IResponse) -> None:
         self._upstream_request = None
+        self._response_at = self._clock.seconds()
         self._cancel_timer()
         if self.phase is not Phase.WAITING:
             self._release_slot()
@@ -433,7 +469,11 @@ class GatewayRequest(http.Request):
             return
         route = self.route
         assert route is not None
-        upstream = response.original if isinstance(response, UpstreamResponse) else response
+        if isinstance(response, UpstreamResponse):
+            upstream = response.original
+            self._sent_at = response.sent_at
+        else:
+            upstream = response
         self.setResponseCode(upstream.code, upstream.phrase)
         client_response_headers(
             upstream.headers,
@@ -562,6 +602,8 @@ class GatewayRequest(http.Request):
     def _answer(self, error: GatewayError) -> None:
         """Write the gateway's own answer: a problem+json response."""
         self.error = error
+        if self._decided_at is None:
+            self._decided_at = self._clock.seconds()
         status, content_type, body = error.render(self.request_id)
         # No `100 Continue` after a final answer (Twisted sends it once gotLength returns, if Expect is there).
         self.requestHeaders.removeHeader(b"expect")
@@ -656,12 +698,103 @@ class GatewayRequest(http.Request):
         self.phase = phase
         if ending:
             self.ending = ending
-        if self._release is not None and not _TRANSITIONS[phase]:
-            release, self._release = self._release, None
-            release()
+        if not _TRANSITIONS[phase]:
+            if self._release is not None:
+                release, self._release = self._release, None
+                release()
+            self._ended()
+
+    def _ended(self) -> None:
+        """The request has ended: its one access-log record goes to the log and the metrics."""
+        gateway = self.gateway
+        log, metrics = gateway.access_log, gateway.metrics
+        if log is None and metrics is None:
+            return
+        record = self.access_record()
+        if log is not None:
+            log.record(record)
+        if metrics is not None:
+            metrics.request_ended(record)
+
+    def access_record(self) -> dict[str, Any]:
+        """The request's access-log fields, in the order of the line. Durations are milliseconds from the start
+        of the request head: the admission decision, the wait for an upstream slot, the upstream connection
+        (from the slot to the request going out on a connection, new or reused), the response head (time to
+        first byte) and the whole request; null where the request never got there."""
+        began = self._began
+        now = self._clock.seconds()
+        route = self.route
+        log = self.gateway.access_log
+        path = self.uri if log is not None and log.include_query else self.path
+        if self.startedWriting:
+            status = self.code
+        elif self.refusal is not None:
+            status = self.refusal.status
+        elif self.ending == "client_gone":
+            status = 499  # nginx's "client closed request"
+        else:
+            status = None  # nothing was sent (cut by the gateway before a response began)
+        return {
+            "request_id": self.request_id,
+            "client": getattr(self.client, "host", ""),
+            "method": self.method.decode("ascii", "backslashreplace") if self.method else None,
+            "path": path.decode("ascii", "backslashreplace") if path else None,
+            "route": route.name if route is not None else None,
+            "upstream": route.upstream.name if route is not None and self._pool is not None else None,
+            "consumer": self.consumer,
+            "status": status,
+            "bytes_in": self._body_bytes,
+            "bytes_out": self.sentLength,
+            "decision_ms": _ms(self._decided_at, began),
+            "queue_ms": _ms(self._slot_at, self._queued_at),
+            "connect_ms": _ms(self._sent_at, self._slot_at),
+            "ttfb_ms": _ms(self._response_at, began),
+            "total_ms": round((now - began) * 1000.0, 3),
+            "ending": self.ending or "client_gone",
+            "user_agent": _user_agent(self.requestHeaders.getRawHeaders(b"user-agent")),
+        }
 
 
 def _host_value(route: Route) -> bytes:
     up = route.upstream
     host = f"[{up.host}]" if ":" in up.host else up.host
     return (host if up.port == 80 else f"{host}:{up.port}").encode("ascii")
+
+
+def refusal_record(request_id: str, client: str, method: bytes | None, status: int) -> dict[str, Any]:
+    """The access-log record of a request head the channel refused before it became a request (a request line
+    too long, slow or malformed, a connection over the cap): the same fields, most of them null."""
+    return {
+        "request_id": request_id,
+        "client": client,
+        "method": method.decode("ascii", "backslashreplace") if method else None,
+        "path": None,
+        "route": None,
+        "upstream": None,
+        "consumer": None,
+        "status": status,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "decision_ms": None,
+        "queue_ms": None,
+        "connect_ms": None,
+        "ttfb_ms": None,
+        "total_ms": None,
+        "ending": "refused",
+        "user_agent": None,
+    }
+
+
+def _ms(end: float | None, start: float | None) -> float | None:
+    if end is None or start is None:
+        return None
+    return round((end - start) * 1000.0, 3)
+
+
+_MAX_USER_AGENT = 256
+
+
+def _user_agent(values: list[bytes] | None) -> str | None:
+    if not values:
+        return None
+    return values[0][:_MAX_USER_AGENT].decode("ascii", "backslashreplace")

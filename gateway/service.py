@@ -1,48 +1,88 @@
-"""The service tree: a listener per configured address, the upstream pools, the worker processes, and their
-orderly stop.
+"""The service tree: the listeners, the admin listener, the upstream pools, the worker processes; the graceful
+drain on stop and the reload of the config.
 
-Rule: everything the gateway opens it closes on stop: listening ports first (no new clients), then the idle
-pooled upstream connections; worker processes are told to stop at the same time and waited for (bounded). With
-`server.workers` above 1 every process binds each listener itself with SO_REUSEPORT. The reactor is given, never
-imported.
+Rules:
+* Everything the gateway opens it closes on stop, in this order: readiness goes to 503 and the listening ports
+  close (no new clients); idle kept-alive connections close; requests in flight go on for at most
+  `server.drain_timeout`, then what is left is cut (a cut stream never looks complete); worker processes drain
+  the same way at the same time; then the upstream pools, the admission checks and the admin listener close.
+* A reload reads and validates the whole file first: an invalid one changes nothing. A valid one applies to new
+  requests, while requests in flight keep the `Gateway` they started with (its routes, pools and admission);
+  pools no longer used close their idle connections, and rate-limit counts carry over. Listeners are compared
+  by their settings: new ones are bound before anything changes (a port that cannot be bound makes the reload
+  fail whole), removed ones stop accepting.
+* With `server.workers` above 1 every process binds each listener itself with SO_REUSEPORT; worker i has the
+  admin port + i. The reactor is given, never imported.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 
+from gateway import config as config_module
+from gateway.admin import admin_site
 from gateway.auth.gatekeeper import Gatekeeper
-from gateway.config import Config, Listener
+from gateway.config import Config, ConfigError, Listener
+from gateway.logs import AccessLog
+from gateway.metrics import Live, Metrics
 from gateway.request import Gateway
 from gateway.routing import Router
 from gateway.site import GatewayFactory
 from gateway.upstream import UpstreamPool
 from gateway.workers import WorkerPool, worker_command
 
-__all__ = ["GatewayService", "make_gateway"]
+__all__ = ["GatewayService", "ListenerService", "make_gateway"]
 
 _log = Logger()
 
+RETIRE_DELAY = 120.0
+"""Seconds a replaced gatekeeper is kept after a reload, for the checks still under way on it (each has a
+timeout well below this), before its threads and connections are closed."""
 
-def make_gateway(config: Config, reactor: Any) -> Gateway:
+
+def make_gateway(
+    config: Config,
+    reactor: Any,
+    *,
+    access_log: AccessLog | None = None,
+    metrics: Metrics | None = None,
+    previous: Gateway | None = None,
+) -> Gateway:
     """The runtime objects for `config`: a router, one pool per upstream that some route uses, and the
-    admission checks (with their own threads and connections, started lazily)."""
-    pools = {route.upstream.name: UpstreamPool(route.upstream, reactor) for route in config.routes}
+    admission checks (with their own threads and connections, started lazily).
+
+    With `previous` (a reload), the pools of upstreams whose settings did not change are kept (their warm
+    connections with them), and so are the rate-limit counts."""
+    pools: dict[str, UpstreamPool] = {}
+    for route in config.routes:
+        name = route.upstream.name
+        if name in pools:
+            continue
+        old = previous.pools.get(name) if previous is not None else None
+        pools[name] = (
+            old if old is not None and old.upstream == route.upstream else UpstreamPool(route.upstream, reactor)
+        )
+    store = previous.gatekeeper.store if previous is not None else None
     return Gateway(
         server=config.server,
         limits=config.limits,
         router=Router(config.routes),
         pools=pools,
         clock=reactor,
-        gatekeeper=Gatekeeper(config.admission, reactor=reactor),
+        gatekeeper=Gatekeeper(config.admission, reactor=reactor, store=store),
+        access_log=access_log if access_log is not None and access_log.enabled else None,
+        metrics=metrics,
     )
 
 
@@ -51,31 +91,41 @@ class ListenerService(Service):
     that is taken fails start-up with the address in the error rather than later and quietly.
 
     With `reuse_port` the socket has SO_REUSEPORT, so the worker processes each bind the same address and the
-    kernel spreads new connections across them."""
+    kernel spreads new connections across them. The gateway's own factory also pauses the port at its
+    connection cap."""
 
-    def __init__(self, listener: Listener, factory: GatewayFactory, reactor: Any, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        listener: Listener,
+        factory: IProtocolFactory,
+        reactor: Any,
+        *,
+        reuse_port: bool = False,
+        what: str = "gateway",
+    ) -> None:
         self.listener = listener
         self.reuse_port = reuse_port
         self._factory = factory
         self._reactor = reactor
+        self._what = what
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._bind()
+        self.bind()
 
     def startService(self) -> None:
         super().startService()
-        self._bind()
+        self.bind()
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         port, self.port = self.port, None
-        if port is not None:
+        if port is not None and isinstance(self._factory, GatewayFactory):
             self._factory.remove_port(port)
         return maybeDeferred(port.stopListening) if port is not None else succeed(None)
 
-    def _bind(self) -> None:
+    def bind(self) -> None:
         if self.port is not None:
             return
         listener = self.listener
@@ -89,10 +139,15 @@ class ListenerService(Service):
             self.port = self._reactor.listenTCP(
                 listener.port, self._factory, backlog=listener.backlog, interface=listener.host
             )
-        self._factory.add_port(self.port)  # paused at the connection cap (server.max_connections)
+        if isinstance(self._factory, GatewayFactory):
+            self._factory.add_port(self.port)  # paused at the connection cap (server.max_connections)
         address = self.port.getHost()
         _log.info(
-            "gateway listening on {host}:{port} (pid {pid})", host=address.host, port=address.port, pid=os.getpid()
+            "{what} listening on {host}:{port} (pid {pid})",
+            what=self._what,
+            host=address.host,
+            port=address.port,
+            pid=os.getpid(),
         )
 
 
@@ -101,32 +156,222 @@ class GatewayService(MultiService):
 
     With `spawn_workers` (the twistd process) and `server.workers` above 1, it is worker 0 and also starts and
     stops workers 1..N-1 (`self.workers`), each running `gateway.worker` on the same config file. Without it,
-    it only serves (a worker process, or a test binding the same port twice in one process)."""
+    it only serves (a worker process, or a test binding the same port twice in one process). `worker_index` is
+    this process's number (its admin port is the configured one plus it)."""
 
-    def __init__(self, config: Config, reactor: Any, *, spawn_workers: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        spawn_workers: bool = False,
+        worker_index: int = 0,
+        worker_environment: Callable[[], dict[str, str]] | None = None,
+        worker_json_log: bool = False,
+    ) -> None:
         super().__init__()
         self.config = config
-        self.gateway = make_gateway(config, reactor)
+        self.worker_index = worker_index
+        self._reactor = reactor
+        self.draining = False
+        self.access_log = AccessLog(config.access_log.path, include_query=config.access_log.query)
+        self.metrics = Metrics(self._live)
+        self.gateway = make_gateway(config, reactor, access_log=self.access_log, metrics=self.metrics)
         self.factory = GatewayFactory(self.gateway, clock=reactor)
-        reuse_port = config.server.workers > 1
-        self.listeners = [
-            ListenerService(listener, self.factory, reactor, reuse_port=reuse_port) for listener in config.listeners
-        ]
+        self._retired_pools: list[UpstreamPool] = []
+        self._retired_gatekeepers: list[Gatekeeper] = []
+        self.listeners = [self._listener_service(listener, config) for listener in config.listeners]
         for service in self.listeners:
             service.setServiceParent(self)
+        self.admin = self._admin_service(config)
+        if self.admin is not None:
+            self.admin.setServiceParent(self)
         self.workers: WorkerPool | None = None
         if spawn_workers and config.server.workers > 1:
             # Absolute now: twistd may change directory (--rundir) before the workers start.
-            command = partial(worker_command, os.path.abspath(config.source))
-            self.workers = WorkerPool(reactor, config.server.workers - 1, command)
+            command = partial(worker_command, os.path.abspath(config.source), json_log=worker_json_log)
+            self.workers = WorkerPool(
+                reactor,
+                config.server.workers - 1,
+                command,
+                stop_timeout=config.server.drain_timeout + 10.0,
+                environment=worker_environment,
+            )
             # After the listeners: twistd's own sockets are bound before any worker starts.
             self.workers.setServiceParent(self)
 
+    def _listener_service(self, listener: Listener, config: Config) -> ListenerService:
+        return ListenerService(listener, self.factory, self._reactor, reuse_port=config.server.workers > 1)
+
+    def _admin_service(self, config: Config) -> ListenerService | None:
+        if config.admin is None:
+            return None
+        port = config.admin.port + self.worker_index if config.admin.port else 0
+        address = Listener(host=config.admin.host, port=port, backlog=64)
+        return ListenerService(address, admin_site(self.metrics.registry, self.not_ready), self._reactor, what="admin")
+
+    # --- readiness and metrics --------------------------------------------------------------------------------
+
+    def not_ready(self) -> str | None:
+        """Why the process should get no traffic now (None: it should)."""
+        if self.draining:
+            return "draining"
+        if not self.running or any(service.port is None for service in self.listeners):
+            return "starting"
+        return None
+
+    def _live(self) -> Live:
+        return self.factory.live(self.draining)
+
+    # --- reload -------------------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Read the config file again and apply it to new requests; False (and nothing changed) if it is
+        invalid or a new listener cannot be bound."""
+        if self.draining:
+            _log.warn("Reload ignored: the gateway is stopping")
+            return False
+        source = self.config.source
+        try:
+            new = config_module.load(source)
+        except ConfigError as e:
+            _log.error("Reload refused, the running config is unchanged: {error}", error=str(e))
+            self.metrics.reloaded("invalid")
+            return False
+        old = self.config
+        if new.server.workers != old.server.workers:
+            _log.warn(
+                "Reload: server.workers changed from {old} to {new}; that takes a restart (kept at {old})",
+                old=old.server.workers,
+                new=new.server.workers,
+            )
+            new = _with_workers(new, old.server.workers)
+        kept = {service.listener: service for service in self.listeners}
+        added: list[ListenerService] = []
+        try:
+            for listener in new.listeners:
+                if listener not in kept:
+                    service = self._listener_service(listener, new)
+                    service.bind()
+                    added.append(service)
+            admin = self.admin
+            if _admin_changed(old, new):
+                admin = self._admin_service(new)
+                if admin is not None:
+                    admin.bind()
+            self.access_log.configure(new.access_log.path, include_query=new.access_log.query)
+        except (CannotListenError, OSError) as e:
+            for service in added:
+                service.stopService()
+            if admin is not self.admin and admin is not None:
+                admin.stopService()
+            _log.error("Reload refused, the running config is unchanged: {source}: {error}", source=source, error=e)
+            self.metrics.reloaded("invalid")
+            return False
+        # Valid and bound: from here nothing fails. New requests get the new Gateway.
+        previous = self.gateway
+        self.gateway = make_gateway(
+            new, self._reactor, access_log=self.access_log, metrics=self.metrics, previous=previous
+        )
+        self.factory.reconfigure(self.gateway)
+        self.config = new
+        wanted = set(new.listeners)
+        for service in list(self.listeners):
+            if service.listener not in wanted:
+                service.disownServiceParent()  # stops accepting; its connections go on
+        for service in added:
+            service.setServiceParent(self)
+        self.listeners = [service for service in self.listeners if service.listener in wanted] + added
+        if _admin_changed(old, new):
+            if self.admin is not None:
+                self.admin.disownServiceParent()
+            self.admin = admin
+            if admin is not None:
+                admin.setServiceParent(self)
+        self._retire(previous)
+        if self.workers is not None:
+            self.workers.signal_all("HUP")
+        self.metrics.reloaded("applied")
+        _log.info(
+            "Reloaded {source}: {routes} routes, {listeners} listeners",
+            source=source,
+            routes=len(new.routes),
+            listeners=len(new.listeners),
+        )
+        return True
+
+    def _retire(self, previous: Gateway) -> None:
+        """What the new Gateway no longer uses: pools close their idle connections now (those still in use go
+        back to the pool when their response ends and close after its idle timeout); the old gatekeeper closes
+        once the checks still under way on it have had their time."""
+        in_use = set(map(id, self.gateway.pools.values()))
+        for pool in previous.pools.values():
+            if id(pool) not in in_use:
+                pool.close()
+                self._retired_pools.append(pool)
+        gatekeeper = previous.gatekeeper
+        self._retired_gatekeepers.append(gatekeeper)
+
+        def close() -> None:
+            if gatekeeper in self._retired_gatekeepers:
+                self._retired_gatekeepers.remove(gatekeeper)
+                gatekeeper.close()
+
+        self._reactor.callLater(RETIRE_DELAY, close)
+
+    # --- stop -------------------------------------------------------------------------------------------------
+
     def stopService(self) -> Deferred[Any]:
-        stopped = super().stopService()
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
 
-        def close_pools(_: object) -> Deferred[Any]:
-            closing = [pool.close() for pool in self.gateway.pools.values()]
-            return DeferredList([*closing, self.gateway.gatekeeper.close()])
+    async def _stop(self) -> None:
+        self.draining = True  # readiness: 503 from now on
+        await DeferredList([maybeDeferred(service.stopService) for service in self.listeners])
+        workers = self.workers.stopService() if self.workers is not None else succeed(None)
+        drained = self.factory.drain()
+        if not drained.called:
+            timeout = self.config.server.drain_timeout
+            _log.info(
+                "Draining {count} client connections for at most {timeout:g} s",
+                count=len(self.factory.channels),
+                timeout=timeout,
+            )
+            if not await _within(self._reactor, drained, timeout):
+                cut = self.factory.cut_all("drain_timeout")
+                _log.warn(
+                    "Drain timeout ({timeout:g} s): cut {count} client connections still open",
+                    timeout=timeout,
+                    count=cut,
+                )
+        await workers
+        closing = [pool.close() for pool in (*self.gateway.pools.values(), *self._retired_pools)]
+        closing += [gatekeeper.close() for gatekeeper in (self.gateway.gatekeeper, *self._retired_gatekeepers)]
+        self._retired_gatekeepers.clear()
+        await DeferredList(closing)
+        if self.admin is not None:
+            await maybeDeferred(self.admin.stopService)
+        self.access_log.close()
 
-        return stopped.addBoth(close_pools)
+
+def _within(clock: Any, waited: Deferred[Any], timeout: float) -> Deferred[bool]:
+    """True once `waited` fires, False if `timeout` seconds pass first (`waited` itself is left alone)."""
+    result: Deferred[bool] = Deferred()
+    timer = clock.callLater(timeout, result.callback, False)
+
+    def fired(value: object) -> object:
+        if timer.active():
+            timer.cancel()
+            result.callback(True)
+        return value
+
+    waited.addBoth(fired)
+    return result
+
+
+def _admin_changed(old: Config, new: Config) -> bool:
+    return old.admin != new.admin
+
+
+def _with_workers(config: Config, workers: int) -> Config:
+    return replace(config, server=replace(config.server, workers=workers))

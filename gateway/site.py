@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime, ITCPTransport
 from twisted.logger import Logger
@@ -37,7 +38,8 @@ from gateway.errors import (
     problem,
 )
 from gateway.headers import request_id_of
-from gateway.request import Gateway, GatewayRequest, Phase
+from gateway.metrics import Live, PoolState
+from gateway.request import Gateway, GatewayRequest, Phase, refusal_record
 
 __all__ = ["GatewayChannel", "GatewayFactory"]
 
@@ -111,7 +113,7 @@ class GatewayChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self._counted = True
-        if not self.factory.connection_opened():
+        if not self.factory.connection_opened(self):
             self.refuse(TooManyConnections("the gateway is at its client connection limit; try again shortly"))
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -121,7 +123,7 @@ class GatewayChannel(HTTPChannel):
         self._linger_timer = None
         if self._counted:
             self._counted = False
-            self.factory.connection_closed()
+            self.factory.connection_closed(self)
         super().connectionLost(reason)
 
     # --- the request head ---------------------------------------------------------------------------------
@@ -296,6 +298,12 @@ class GatewayChannel(HTTPChannel):
         # The method, once the request line is read (HTTPChannel drops it when the body is complete).
         method = getattr(self, "_command", None) or (requests[-1].method if requests else None)
         gone = Failure(ConnectionAborted(f"request refused: {error.detail}"))
+        # Whose refusal it is: the last request's, unless a new request line was being read (no request yet).
+        owner = requests[-1] if requests and not getattr(self, _FIRST_LINE) else None
+        if isinstance(owner, GatewayRequest):
+            owner.refusal = error
+        else:
+            self._log_refusal(error, request_id, method)
         for request in requests:
             request.connectionLost(gone)  # stops an admitted request: its upstream exchange is cancelled
         _log.info(
@@ -318,6 +326,16 @@ class GatewayChannel(HTTPChannel):
         else:
             self.loseConnection()
 
+    def _log_refusal(self, error: GatewayError, request_id: str, method: bytes | None) -> None:
+        gateway = self.factory.gateway
+        if gateway.access_log is None and gateway.metrics is None:
+            return
+        record = refusal_record(request_id, getattr(self.transport.getPeer(), "host", ""), method, error.status)
+        if gateway.access_log is not None:
+            gateway.access_log.record(record)
+        if gateway.metrics is not None:
+            gateway.metrics.request_ended(record)
+
     def _linger_expired(self) -> None:
         timer, self._linger_timer = self._linger_timer, None
         if timer is not None and timer.active():
@@ -338,15 +356,21 @@ class GatewayFactory(HTTPFactory):
     """Builds the client-facing HTTP/1.1 channels (idle and head timeouts and head limits from the config),
     and keeps the count of open client connections under server.max_connections."""
 
+    noisy = False  # no "Starting factory" lines: the service logs what it listens on
+
     def __init__(self, gateway: Gateway, *, clock: IReactorTime) -> None:
         super().__init__(timeout=gateway.server.idle_timeout, reactor=clock)
         self.gateway = gateway
         self.connections = 0
         """Client connections open now."""
+        self.channels: set[GatewayChannel] = set()
+        self.draining = False
+        """Stopping: no new requests on kept-alive connections (each closes after its response)."""
         self.accepting = True
         """Whether the listening ports accept; false at the connection cap."""
         self._ports: list[IListeningPort] = []
         self._cap_logged_at: float | None = None
+        self._drained: Deferred[None] | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> HTTPChannel:  # type: ignore[override]
         channel = GatewayChannel()
@@ -376,9 +400,10 @@ class GatewayFactory(HTTPFactory):
         if port in self._ports:
             self._ports.remove(port)
 
-    def connection_opened(self) -> bool:
+    def connection_opened(self, channel: GatewayChannel) -> bool:
         """Count a new client connection; false if it is over the cap (and must be refused)."""
         self.connections += 1
+        self.channels.add(channel)
         cap = self.gateway.server.max_connections
         if self.connections >= cap and self.accepting:
             self.accepting = False
@@ -391,12 +416,90 @@ class GatewayFactory(HTTPFactory):
                 _set_reading(port, False)
         return self.connections <= cap
 
-    def connection_closed(self) -> None:
+    def connection_closed(self, channel: GatewayChannel) -> None:
         self.connections -= 1
+        self.channels.discard(channel)
+        if not self.channels and self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
         if self.connections < self.gateway.server.max_connections and not self.accepting:
             self.accepting = True
             for port in self._ports:
                 _set_reading(port, True)
+
+    def reconfigure(self, gateway: Gateway) -> None:
+        """A reload: new connections and new requests get `gateway`; requests under way keep theirs."""
+        self.gateway = gateway
+        self.timeOut = gateway.server.idle_timeout
+
+    # --- graceful drain ---------------------------------------------------------------------------------------
+
+    def drain(self) -> Deferred[None]:
+        """Let the requests in flight finish, and close every connection as soon as it has no request: idle
+        kept-alive ones now, the others after their response (announced with `Connection: close`). Fires once
+        no client connection is left. The listening ports must have stopped accepting already."""
+        self.draining = True
+        for channel in list(self.channels):
+            requests = channel.requests
+            if not requests:
+                channel.transport.loseConnection()  # idle between requests: nothing is lost
+                continue
+            channel.persistent = False
+            for request in requests:
+                if isinstance(request, GatewayRequest) and not request.startedWriting:
+                    request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        if not self.channels:
+            return succeed(None)
+        if self._drained is None:
+            self._drained = Deferred()
+        return self._drained
+
+    def cut_all(self, ending: str) -> int:
+        """Cut every client connection still open (the drain timeout passed): a response under way is never
+        finished as if complete. Returns how many were cut."""
+        channels = list(self.channels)
+        for channel in channels:
+            for request in channel.requests:
+                if isinstance(request, GatewayRequest):
+                    request.cut_by = ending
+            channel.transport.abortConnection()
+        return len(channels)
+
+    # --- what a scrape sees -------------------------------------------------------------------------------
+
+    def live(self, draining: bool) -> Live:
+        """The process's state now, for the metrics: requests by phase, streams paused by backpressure in each
+        direction, body bytes held, and the upstream pools of the current config."""
+        phases: dict[str, int] = {}
+        paused_responses = paused_uploads = buffered_uploads = buffered_responses = 0
+        for channel in self.channels:
+            transport = channel.transport
+            # FileDescriptor's send buffer: the joined part past its offset, and the list not yet joined.
+            buffered_responses += len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+            buffered_responses += getattr(transport, "_tempDataLen", 0)
+            for request in channel.requests:
+                if not isinstance(request, GatewayRequest):
+                    continue
+                name = request.phase.value
+                phases[name] = phases.get(name, 0) + 1
+                relay, pipe = request._relay, request._pipe
+                if relay is not None and relay.paused:
+                    paused_responses += 1
+                if pipe is not None:
+                    buffered_uploads += pipe.buffered
+                    if pipe.client_paused:
+                        paused_uploads += 1
+        pools = [PoolState(name, pool.in_flight, pool.queued, pool.idle) for name, pool in self.gateway.pools.items()]
+        return Live(
+            connections=self.connections,
+            requests=phases,
+            paused_responses=paused_responses,
+            paused_uploads=paused_uploads,
+            buffered_upload_bytes=buffered_uploads,
+            buffered_response_bytes=buffered_responses,
+            pools=pools,
+            draining=draining,
+        )
 
     # --- no logging of Twisted's own --------------------------------------------------------------------------
 

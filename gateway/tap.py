@@ -14,7 +14,8 @@ from twisted.application.service import IService
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from gateway import config
+from gateway import config, signals
+from gateway.sdnotify import Notifier, child_environment
 from gateway.service import GatewayService
 
 __all__ = ["Options", "makeService"]
@@ -51,7 +52,18 @@ class _TwistdService(GatewayService):
 
 
 def makeService(options: Options) -> IService:
-    """The gateway; with `server.workers` above 1 the twistd process is worker 0 and starts the others."""
+    """The gateway; with `server.workers` above 1 the twistd process is worker 0 and starts the others. Once
+    the reactor runs, the signals are wired (`gateway.signals`) and systemd, if it asked, is told READY=1."""
     from twisted.internet import reactor
 
-    return _TwistdService(options.config, reactor, spawn_workers=True)
+    twistd = getattr(options, "parent", None)  # twistd's own options, when run by twistd
+    json_log = twistd is not None and twistd.get("logger") == "gateway.logs.observer"
+    service = _TwistdService(
+        options.config,
+        reactor,
+        spawn_workers=True,
+        worker_environment=child_environment,
+        worker_json_log=json_log,
+    )
+    reactor.callWhenRunning(signals.install, reactor, service, Notifier.from_environment())
+    return service

@@ -56,6 +56,8 @@ class UpstreamResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
     def __init__(self, original: IResponse, connection: _ClientProtocol) -> None:
         super().__init__(original)
         self._connection = connection
+        self.sent_at = connection.sent_at
+        """When the request went out on its connection (for the access log's connect time)."""
 
     @property
     def reset(self) -> bool:
@@ -117,6 +119,12 @@ class _ClientProtocol(HTTP11ClientProtocol):
     answered) may never read, leaving the socket open for good."""
 
     lost_reason: Failure | None = None
+    sent_at = 0.0
+    """When the last request was handed to this connection, on the pool's clock."""
+
+    def __init__(self, quiescent_callback: Any, clock: Any) -> None:
+        super().__init__(quiescent_callback)
+        self._clock = clock
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -126,6 +134,7 @@ class _ClientProtocol(HTTP11ClientProtocol):
         self.transport.bufferSize = UPSTREAM_BUFFER_SIZE
 
     def request(self, request: Any) -> Deferred[IResponse]:
+        self.sent_at = self._clock.seconds()
         if self.transport is not None:
             self.transport.bufferSize = UPSTREAM_BUFFER_SIZE  # undo the read size the last response's relay set
         sent = super().request(request)
@@ -213,14 +222,26 @@ def _limit_head(parser: HTTPClientParser) -> None:
 
 
 class _ClientFactory(_HTTP11ClientFactory):
+    noisy = False  # a "Starting factory" line per upstream connection is noise
+
+    def __init__(self, quiescent_callback: Any, metadata: Any, clock: Any) -> None:
+        super().__init__(quiescent_callback, metadata)
+        self._clock = clock
+
     def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _ClientProtocol(self._quiescentCallback)
+        return _ClientProtocol(self._quiescentCallback, self._clock)
 
 
 class _ConnectionPool(HTTPConnectionPool):
     """A persistent pool whose connections speak `_ClientProtocol`."""
 
-    _factory = _ClientFactory
+    def _factory(self, quiescent_callback: Any, metadata: Any) -> _ClientFactory:
+        return _ClientFactory(quiescent_callback, metadata, self._reactor)
+
+    @property
+    def idle(self) -> int:
+        """Idle connections kept for reuse."""
+        return sum(len(connections) for connections in self._connections.values())
 
 
 @implementer(IStreamClientEndpoint)
@@ -302,6 +323,11 @@ class UpstreamPool:
     def queued(self) -> int:
         """Requests waiting for a slot."""
         return len(self._slots.waiting)
+
+    @property
+    def idle(self) -> int:
+        """Idle keep-alive connections kept for reuse."""
+        return self._pool.idle
 
     def try_acquire(self) -> bool:
         """Take a free slot at once if there is one: the common case, without a Deferred.

@@ -1,10 +1,11 @@
 """One extra worker process: `python -m gateway.worker --config FILE --index N`, started by `gateway.workers`.
 
 Rule: this is a composition root like `gateway.tap` (it names the global reactor). It serves the same config as
-the twistd process that started it, on the same ports (each listener bound with SO_REUSEPORT), starts no workers
-of its own, and logs as `twistd --logfile=-` does, to the stdout it shares with its parent. It stops on SIGTERM
-(Twisted's handler stops the reactor, which stops the service) and when its stdin, a pipe from the parent,
-reaches end of file: the parent is gone, however it died, so no worker outlives it.
+the twistd process that started it, on the same ports (each listener bound with SO_REUSEPORT), with the admin
+port plus its index, starts no workers of its own, and logs as `twistd --logfile=-` does, to the stdout it
+shares with its parent. Signals do what they do to the twistd process (`gateway.signals`): SIGHUP reloads,
+SIGTERM drains and stops. It also stops when its stdin, a pipe from the parent, reaches end of file: the parent
+is gone, however it died, so no worker outlives it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from twisted.internet.error import CannotListenError, ConnectionDone, ReactorNot
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
-from gateway import config
+from gateway import config, logs, signals
 from gateway.service import GatewayService
 
 __all__ = ["main"]
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the TOML config file (the one the twistd process loaded)")
     parser.add_argument("--index", type=int, required=True, help="this worker's number, from 1 (for the logs)")
+    parser.add_argument("--json-log", action="store_true", help="log JSON lines (as gateway.logs.observer does)")
     args = parser.parse_args(argv)
     index = args.index
     try:
@@ -66,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service = GatewayService(cfg, reactor)
+    log_observer = logs.observer() if args.json_log else textFileLogObserver(sys.stdout)
+    globalLogBeginner.beginLoggingTo([log_observer], redirectStandardIO=False)
+    service = GatewayService(cfg, reactor, worker_index=index)
     try:
         service.privilegedStartService()
         service.startService()
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway worker {index}: {e}", file=sys.stderr)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    # SIGHUP reloads, SIGTERM drains and exits 0, SIGUSR1 reopens the access log; systemd hears only from the
+    # twistd process (a worker has no NOTIFY_SOCKET).
+    reactor.callWhenRunning(signals.install, reactor, service, None)
 
     def parent_gone() -> None:
         _log.info(

@@ -5,11 +5,10 @@ same config file and binds every listener itself with SO_REUSEPORT, so the kerne
 the twistd process (worker 0) and workers 1..N-1. Workers share the parent's stdout and stderr, and their stdin is
 a pipe from the parent: they exit on SIGTERM, or when that pipe closes because the parent is gone, even killed
 outright. Stopping the pool sends SIGTERM to every worker and waits for each to exit; after `stop_timeout`
-seconds it sends SIGKILL. A worker that dies on its own is logged, not restarted.
-
-Supervision (restart, drain and reload across workers) plugs in here: `worker_died` is called for every
-unexpected exit (a supervisor calls `spawn(index)` again from it), and `signal_all` reaches every worker (SIGHUP
-for a reload). The reactor is given, never imported.
+seconds it sends SIGKILL. A worker that dies on its own is restarted: at once the first time, then after a delay
+that doubles (to at most a minute) while it keeps dying within a minute of its start, so a worker that cannot
+start does not spin. `signal_all` reaches every worker (SIGHUP for a reload). The reactor is given, never
+imported.
 """
 
 from __future__ import annotations
@@ -34,12 +33,18 @@ STOP_TIMEOUT = 10.0
 """Seconds a worker is given to exit after SIGTERM before it is sent SIGKILL."""
 KILL_TIMEOUT = 5.0
 """Seconds to wait for a worker to be reaped after SIGKILL before the stop gives up on it (and says so)."""
+RESTART_MAX_DELAY = 60.0
+"""The longest wait before restarting a worker that keeps dying."""
+STABLE_AFTER = 60.0
+"""A worker that ran this long before dying is restarted at once (its failure was not at start-up)."""
 
 
-def worker_command(config_path: str, index: int) -> list[str]:
+def worker_command(config_path: str, index: int, *, json_log: bool = False) -> list[str]:
     """The command line of worker `index`: this Python running `gateway.worker` on the config file at
-    `config_path`, which should be absolute (twistd may change directory before the workers start)."""
-    return [sys.executable, "-m", "gateway.worker", "--config", config_path, "--index", str(index)]
+    `config_path`, which should be absolute (twistd may change directory before the workers start). With
+    `json_log` the worker logs JSON lines, as twistd does with `--logger=gateway.logs.observer`."""
+    command = [sys.executable, "-m", "gateway.worker", "--config", config_path, "--index", str(index)]
+    return [*command, "--json-log"] if json_log else command
 
 
 def _describe_exit(reason: Failure) -> str:
@@ -62,6 +67,7 @@ class _Worker(ProcessProtocol):
     def __init__(self, index: int, on_ended: Callable[[_Worker, Failure], None]) -> None:
         self.index = index
         self.pid = 0
+        self.started_at = 0.0
         self.ended = False
         self._on_ended = on_ended
         self._waiting: list[Deferred[None]] = []
@@ -108,13 +114,19 @@ class WorkerPool(Service):
         *,
         stop_timeout: float = STOP_TIMEOUT,
         kill_timeout: float = KILL_TIMEOUT,
+        environment: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.count = count
         self.command = command
         self.stop_timeout = stop_timeout
         self.kill_timeout = kill_timeout
+        self.restarts = 0
+        """Workers restarted after dying, since start."""
+        self._environment = environment
         self._reactor = reactor
         self._workers: dict[int, _Worker] = {}
+        self._delays: dict[int, float] = {}
+        self._pending: dict[int, Any] = {}
 
     @property
     def pids(self) -> dict[int, int]:
@@ -128,10 +140,14 @@ class WorkerPool(Service):
 
     def spawn(self, index: int) -> None:
         """Start worker `index`, with stdin a pipe from this process and stdout and stderr shared with it."""
+        self._pending.pop(index, None)
         argv = list(self.command(index))
         worker = _Worker(index, self._ended)
-        # env=None: the worker inherits this process's environment (PYTHONPATH, locale, ...).
-        self._reactor.spawnProcess(worker, argv[0], argv, env=None, childFDs={0: "w", 1: 1, 2: 2})
+        # env=None: the worker inherits this process's environment (PYTHONPATH, locale, ...); `environment`
+        # may give a copy without what is this process's alone (systemd's NOTIFY_SOCKET).
+        env = self._environment() if self._environment is not None else None
+        self._reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs={0: "w", 1: 1, 2: 2})
+        worker.started_at = self._reactor.seconds()
         self._workers[index] = worker
         _log.info("gateway worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
@@ -141,18 +157,34 @@ class WorkerPool(Service):
             worker.signal(name)
 
     def worker_died(self, index: int, pid: int, reason: Failure) -> None:
-        """Worker `index` ended while the pool was running. It is logged; nothing restarts it yet."""
+        """Worker `index` ended while the pool was running: logged, and restarted (see the module's rule)."""
+        worker = self._workers[index]
+        ran = self._reactor.seconds() - worker.started_at
+        if ran >= STABLE_AFTER:
+            delay = 0.0
+        else:
+            previous = self._delays.get(index)
+            delay = min(RESTART_MAX_DELAY, previous * 2 if previous else 1.0) if previous is not None else 0.0
+        self._delays[index] = delay
         _log.error(
-            "gateway worker {index} (pid {pid}) {how} unexpectedly; it is not restarted",
+            "gateway worker {index} (pid {pid}) {how} unexpectedly after {ran:.1f} s; restarting it in {delay:g} s",
             index=index,
             pid=pid,
             how=_describe_exit(reason),
+            ran=ran,
+            delay=delay,
         )
+        self.restarts += 1
+        self._pending[index] = self._reactor.callLater(delay, self.spawn, index)
 
     def stopService(self) -> Deferred[None]:
         """SIGTERM to every worker, then wait for all of them to exit: SIGKILL to any still running after
         `stop_timeout` seconds, and give up on it (logged) `kill_timeout` seconds later."""
         super().stopService()
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -436,7 +436,7 @@ def test_invalid_chunk_gets_400_and_the_upstream_never_gets_a_whole_body(
     request = client.request
     client.send(body + b"GET /smuggled HTTP/1.1\r\nHost: example.test\r\n\r\n")
     assert refusal(client, 400)["detail"] == "the chunked request body is malformed"
-    assert request.ending == "client_gone"
+    assert request.ending == "refused"
     assert up.transport.disconnecting or up.transport.aborted
     assert not up.received().endswith(b"0\r\n\r\n")
     assert b"smuggled" not in up.received()

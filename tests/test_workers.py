@@ -67,6 +67,7 @@ def make_pool(tmp_path: Path) -> Iterator[Callable[..., WorkerPool]]:
 
     yield make
     for pool in pools:
+        pids.update(pool.pids.values())  # restarted workers too
         if pool.running:
             pytest_twisted.blockon(within(pool.stopService(), WAIT))
     for pid in pids:
@@ -145,15 +146,32 @@ async def test_stop_sigkills_a_worker_that_ignores_sigterm(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_worker_that_dies_is_logged_and_not_restarted(
+async def test_a_worker_that_keeps_dying_is_restarted_at_once_then_after_a_doubling_delay(
     make_pool: Callable[..., WorkerPool], worker_log: list[str]
 ) -> None:
-    """A worker exiting while the pool runs is logged as an error with its pid and status, and not restarted."""
+    """A worker exiting while the pool runs is logged as an error with its pid and status, and restarted: at
+    once the first time, then after 1 s, 2 s... while it keeps dying soon after its start (no busy loop)."""
     pool = make_pool(EXITS_3)
-    [pid] = pool.pids.values()
-    await until(lambda: pool.pids == {}, "the worker's exit")  # a restart would have added a new pid at once
-    assert pool.running
-    assert worker_log == [
-        f"gateway worker 1 started (pid {pid})",
-        f"gateway worker 1 (pid {pid}) exited with status 3 unexpectedly; it is not restarted",
-    ]
+    await until(lambda: pool.restarts >= 3, "three restarts")
+    deaths = [line for line in worker_log if "unexpectedly" in line]
+    assert all("exited with status 3 unexpectedly after" in line for line in deaths)
+    assert [line.rsplit(" in ", 1)[1] for line in deaths[:3]] == ["0 s", "1 s", "2 s"]
+    started = [line for line in worker_log if line.startswith("gateway worker 1 started")]
+    assert len(started) >= 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_worker_is_restarted_with_a_new_pid(
+    make_pool: Callable[..., WorkerPool], tmp_path: Path, worker_log: list[str]
+) -> None:
+    """A serving worker killed outright (SIGKILL) is replaced at once by a new process that serves."""
+    pool = make_pool(SERVES)
+    await ready(tmp_path, 1)
+    [old] = pool.pids.values()
+    (tmp_path / "ready-1").unlink()
+    os.kill(old, signal.SIGKILL)
+    await until(lambda: pool.pids.get(1) not in (None, old), "a new worker 1")
+    await ready(tmp_path, 1)
+    assert is_alive(pool.pids[1])
+    assert pool.restarts == 1
+    assert f"gateway worker 1 (pid {old}) was killed by signal 9 (SIGKILL) unexpectedly" in "\n".join(worker_log)

@@ -293,6 +293,11 @@ class Gatekeeper:
 
     # --- lifecycle --------------------------------------------------------------------------------------------
 
+    @property
+    def store(self) -> LimitStore:
+        """The rate and concurrency counts: a reload hands them to the next gatekeeper, so limits go on."""
+        return self._store
+
     def close(self) -> Deferred[Any]:
         """Release every method's threads and connections."""
         closing = [d for d in (auth.close() for auth in self._authenticators.values()) if d is not None]

@@ -1,0 +1,182 @@
+"""Prometheus metrics of one gateway process, on a registry of its own (served by the admin listener).
+
+Rules:
+* Counters and histograms move once per request, from its access-log record, when it ends; what is true
+  *now* (streams in flight, paused by backpressure, bytes held, pool connections) is read from the live objects
+  when a scrape comes, so the data path pays nothing for it.
+* Labels are bounded: route and upstream names from the config, status codes, endings and denial reasons from
+  the gateway's own short lists; never a path, a client address or a consumer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["Live", "Metrics", "PoolState"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_DURATION_BUCKETS = (*_LATENCY_BUCKETS, 300.0, 1800.0, 3600.0)
+"""Total durations run to the hour: a report download or an event stream is one request."""
+
+
+class PoolState(NamedTuple):
+    upstream: str
+    in_flight: int
+    """Requests holding one of its slots (each on a connection, or opening one)."""
+    queued: int
+    idle: int
+    """Idle keep-alive connections kept for reuse."""
+
+
+class Live(NamedTuple):
+    """What is going on in the process at the moment of a scrape."""
+
+    connections: int
+    requests: Mapping[str, int]
+    """Requests not yet ended, by phase ("admitting", "waiting", "streaming", ...)."""
+    paused_responses: int
+    """Response bodies whose upstream socket is paused because the client reads slowly."""
+    paused_uploads: int
+    """Request bodies whose client socket is paused because the upstream reads slowly."""
+    buffered_upload_bytes: int
+    """Request-body bytes held for slow upstreams."""
+    buffered_response_bytes: int
+    """Response bytes waiting in client connections' send buffers."""
+    pools: Sequence[PoolState]
+    draining: bool
+
+
+class _LiveCollector(Collector):
+    def __init__(self, read: Callable[[], Live]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        live = self._read()
+        yield GaugeMetricFamily("gateway_client_connections", "Client connections open.", live.connections)
+        phases = GaugeMetricFamily("gateway_requests_in_flight", "Requests not yet ended, by phase.", labels=["phase"])
+        for phase, count in sorted(live.requests.items()):
+            phases.add_metric([phase], count)
+        yield phases
+        paused = GaugeMetricFamily(
+            "gateway_streams_paused",
+            "Streams paused by backpressure: direction=response is an upstream paused for a slow client, "
+            "direction=request a client paused for a slow upstream.",
+            labels=["direction"],
+        )
+        paused.add_metric(["response"], live.paused_responses)
+        paused.add_metric(["request"], live.paused_uploads)
+        yield paused
+        buffered = GaugeMetricFamily(
+            "gateway_buffered_bytes",
+            "Body bytes held in the gateway: request bodies waiting for upstreams, responses in client send "
+            "buffers. Bounded by the flow-control marks, whatever the body sizes.",
+            labels=["direction"],
+        )
+        buffered.add_metric(["request"], live.buffered_upload_bytes)
+        buffered.add_metric(["response"], live.buffered_response_bytes)
+        yield buffered
+        in_flight = GaugeMetricFamily(
+            "gateway_upstream_requests_in_flight", "Requests holding an upstream slot.", labels=["upstream"]
+        )
+        queued = GaugeMetricFamily(
+            "gateway_upstream_queue_length", "Requests waiting for an upstream slot.", labels=["upstream"]
+        )
+        idle = GaugeMetricFamily(
+            "gateway_upstream_idle_connections", "Idle keep-alive connections to an upstream.", labels=["upstream"]
+        )
+        for pool in live.pools:
+            in_flight.add_metric([pool.upstream], pool.in_flight)
+            queued.add_metric([pool.upstream], pool.queued)
+            idle.add_metric([pool.upstream], pool.idle)
+        yield in_flight
+        yield queued
+        yield idle
+        yield GaugeMetricFamily("gateway_draining", "1 while the process drains before it stops.", int(live.draining))
+
+
+class Metrics:
+    """The process's metrics. `request_ended` takes a request's access-log record; `read_live` is called at
+    every scrape."""
+
+    def __init__(self, read_live: Callable[[], Live]) -> None:
+        self.registry = registry = CollectorRegistry()
+        self._requests = Counter(
+            "gateway_requests",
+            "Requests ended, by route, status and how they ended.",
+            ["route", "status", "ending"],
+            registry=registry,
+        )
+        self._ttfb = Histogram(
+            "gateway_time_to_first_byte_seconds",
+            "From the start of the request head to the upstream's response head.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._duration = Histogram(
+            "gateway_request_duration_seconds",
+            "From the start of the request head to the request's end (the whole stream).",
+            ["route"],
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._queue_wait = Histogram(
+            "gateway_upstream_queue_wait_seconds",
+            "Time admitted requests waited for an upstream slot.",
+            ["upstream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._bytes_in = Counter(
+            "gateway_request_body_bytes", "Request-body bytes read from clients.", ["route"], registry=registry
+        )
+        self._bytes_out = Counter(
+            "gateway_response_body_bytes", "Response-body bytes written to clients.", ["route"], registry=registry
+        )
+        self._denials = Counter(
+            "gateway_admission_denials",
+            "Requests refused by admission, by route and reason.",
+            ["route", "reason"],
+            registry=registry,
+        )
+        self._reloads = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"], registry=registry)
+        registry.register(_LiveCollector(read_live))
+        # Labelled children by label values: `labels()` takes a lock and builds a key on every call.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
+    def request_ended(self, record: Mapping[str, Any]) -> None:
+        route = record["route"] or ""
+        status = record["status"]
+        self._child(self._requests, route, "" if status is None else str(status), record["ending"]).inc()
+        total = record["total_ms"]
+        if total is not None:
+            self._child(self._duration, route).observe(total / 1000.0)
+        ttfb = record["ttfb_ms"]
+        if ttfb is not None:
+            self._child(self._ttfb, route).observe(ttfb / 1000.0)
+        queue = record["queue_ms"]
+        if queue is not None:
+            self._child(self._queue_wait, record["upstream"]).observe(queue / 1000.0)
+        if record["bytes_in"]:
+            self._child(self._bytes_in, route).inc(record["bytes_in"])
+        if record["bytes_out"]:
+            self._child(self._bytes_out, route).inc(record["bytes_out"])
+
+    def denied(self, route: str, reason: str) -> None:
+        self._child(self._denials, route, reason).inc()
+
+    def reloaded(self, result: str) -> None:
+        """A reload ended: "applied" or "invalid"."""
+        self._child(self._reloads, result).inc()

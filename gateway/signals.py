@@ -1,0 +1,68 @@
+"""What each Unix signal does to a running gateway process, and what systemd is told about it.
+
+Rule: a signal handler does nothing but schedule the work on the reactor thread (`callFromThread`); the work
+itself runs between two reactor iterations, never inside a request. Installed once the reactor runs (after
+Twisted's own handlers, which it replaces):
+
+* SIGHUP: reload the config (`GatewayService.reload`): RELOADING=1, then READY=1 with the outcome as STATUS.
+  Without a handler SIGHUP would kill twistd.
+* SIGTERM: graceful stop: STOPPING=1, then the reactor stops, which drains (`GatewayService.stopService`), and
+  the process exits 0, as systemd expects of a clean stop. (Twisted's own handler would make twistd re-raise
+  SIGTERM on itself at the end: exit status 143.)
+* SIGUSR1: reopen the access-log file (logrotate), then whatever was installed before (twistd rotates its own
+  log file on SIGUSR1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Any
+
+from twisted.internet.error import ReactorNotRunning
+from twisted.logger import Logger
+
+from gateway.sdnotify import Notifier
+from gateway.service import GatewayService
+
+__all__ = ["install"]
+
+_log = Logger()
+
+
+def install(reactor: Any, service: GatewayService, notifier: Notifier | None) -> None:
+    """Install the handlers for `service`; tell systemd the process is ready."""
+
+    def reload() -> None:
+        if notifier is not None:
+            notifier.reloading()
+        applied = service.reload()
+        if notifier is not None:
+            notifier.ready("config reloaded" if applied else "reload refused: the config is invalid (see the log)")
+
+    def stop() -> None:
+        _log.info("SIGTERM: stopping gracefully (drain for at most {timeout:g} s)", timeout=_drain(service))
+        if notifier is not None:
+            notifier.stopping()
+        with contextlib.suppress(ReactorNotRunning):
+            reactor.stop()
+
+    previous_usr1 = signal.getsignal(signal.SIGUSR1)
+
+    def reopen() -> None:
+        service.access_log.reopen()
+
+    def on_usr1(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reopen)
+        if callable(previous_usr1):
+            previous_usr1(signum, frame)
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(stop))
+    signal.signal(signal.SIGUSR1, on_usr1)
+    if notifier is not None:
+        notifier.ready("serving")
+
+
+def _drain(service: GatewayService) -> float:
+    return service.config.server.drain_timeout
