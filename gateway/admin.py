@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -56,7 +57,7 @@ class _Probe(Resource):
 
 class _Root(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
-        return super().getChild(path, request)  # unknown paths: Twisted's 404
+        return self if path == b"" else notFound()  # type: ignore[no-any-return]
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")

@@ -66,6 +66,8 @@ class Reject:
     """Answer the client with `error` and never contact an upstream."""
 
     error: GatewayError
+    route: Route | None = None
+    """The route the request matched, when it got that far (for the access log and metrics)."""
 
 
 def decide(head: RequestHead, router: Router) -> Admit | Reject:
@@ -99,11 +101,12 @@ def decide(head: RequestHead, router: Router) -> Admit | Reject:
     if route is None:
         return Reject(NoRoute(f"no route matches host {host or '(none)'} and this path"))
     if method in REFUSED_METHODS and method not in route.allow_methods:
-        return Reject(MethodNotAllowed(f"{method} is not allowed on this route", _allow(route)))
+        return Reject(MethodNotAllowed(f"{method} is not allowed on this route", _allow(route)), route)
     limit = route.limits.max_request_body_bytes
     if head.declared_length is not None and head.declared_length > limit:
         return Reject(
-            BodyTooLarge(f"the request body of {head.declared_length} bytes is over this route's {limit}-byte limit")
+            BodyTooLarge(f"the request body of {head.declared_length} bytes is over this route's {limit}-byte limit"),
+            route,
         )
     return Admit(route, upstream_target(route, target))
 

@@ -134,6 +134,9 @@ class Server:
     lingering_max_bytes: int = 16 * MiB
     """How much of a rejected request body is read and discarded at most before the connection is cut: a client
     that reads while it sends has its answer long before, and one that never stops sending is cut early."""
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Client addresses (networks) whose X-Forwarded-For is kept and appended to; every other client's is
+    replaced by its own address, so a client cannot make up the addresses upstreams and logs see."""
     via: str = "gateway"
     """The pseudonym this gateway adds to Via headers; empty adds none."""
     underscores_in_headers: bool = False
@@ -171,11 +174,21 @@ class Admin:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Listener:
-    """One address the gateway accepts clients on."""
+    """One address the gateway accepts clients on: bound by the gateway (host and port), or a listening socket
+    systemd passed in (socket activation, by its FileDescriptorName)."""
 
-    host: str
-    port: int
+    host: str = ""
+    port: int = 0
     backlog: int = 511
+    systemd: str = ""
+    """The name of a socket passed by systemd (`FileDescriptorName=` of the .socket unit); "" for host/port."""
+    proxy_protocol: bool = False
+    """Every connection begins with a PROXY protocol header (v1 or v2, from HAProxy or an L4 load balancer): the
+    client address it carries is the one used for X-Forwarded-For, limits and logs. A connection without a
+    valid header is closed."""
+
+    def describe(self) -> str:
+        return f"systemd socket {self.systemd!r}" if self.systemd else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -268,11 +281,11 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
         raise ConfigError(source, "listeners", "at least one listener is needed")
     seen_addresses: set[tuple[str, int]] = set()
     for i, listener in enumerate(listeners):
-        address = (listener.host, listener.port)
-        if listener.port and address in seen_addresses:
-            raise ConfigError(source, f"listeners[{i}]", f"{listener.host}:{listener.port} is listed twice")
+        address = (listener.host, listener.port) if not listener.systemd else (listener.systemd, -1)
+        if (listener.port or listener.systemd) and address in seen_addresses:
+            raise ConfigError(source, f"listeners[{i}]", f"{listener.describe()} is listed twice")
         seen_addresses.add(address)
-        if server.workers > 1 and listener.port == 0:
+        if server.workers > 1 and not listener.systemd and listener.port == 0:
             raise ConfigError(
                 source,
                 f"listeners[{i}].port",
@@ -416,6 +429,7 @@ _SERVER_FIELDS: Fields = {
     "underscores_in_headers": boolean,
     "workers": positive_int,
     "drain_timeout": positive_seconds,
+    "trusted_proxies": lambda value: _networks(value),
 }
 _TIMEOUT_FIELDS: Fields = {f.name: positive_seconds for f in fields(Timeouts)}
 _LIMIT_FIELDS: Fields = {
@@ -447,13 +461,35 @@ def _check_flow(flow: FlowControl, key: str, source: Path | str) -> None:
 
 
 def _listener(t: Table) -> Listener:
+    proxy_protocol = t.get("proxy_protocol", boolean, False)
+    if t.has("systemd"):
+        name = t.get("systemd", nonempty_string)
+        for key in ("host", "port", "backlog"):
+            if t.has(key):
+                raise t.error(key, "a systemd socket's address and backlog are set in its .socket unit, not here")
+        t.finish()
+        return Listener(systemd=name, proxy_protocol=proxy_protocol)
     listener = Listener(
         host=t.get("host", _interface),
         port=t.get("port", _port),
         backlog=t.get("backlog", positive_int, 511),
+        proxy_protocol=proxy_protocol,
     )
     t.finish()
     return listener
+
+
+def _networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """An array of addresses or networks ("10.0.0.0/8", "::1")."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f'must be an array of addresses or networks such as ["10.0.0.0/8", "::1"], got {value!r}')
+    networks = []
+    for text in value:
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as e:
+            raise ValueError(f"{text!r} is not an address or network ({e})") from None
+    return tuple(networks)
 
 
 def _access_log(t: Table | None, source: Path | str) -> AccessLog:

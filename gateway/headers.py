@@ -134,6 +134,7 @@ def upstream_request_headers(
     underscores: bool = False,
     remove: Iterable[bytes] = (),
     add: Sequence[tuple[bytes, bytes]] = (),
+    keep_forwarded_for: bool = True,
 ) -> Headers:
     """The headers sent upstream for a client request with headers `client`.
 
@@ -142,7 +143,8 @@ def upstream_request_headers(
     request came in with ("1.0" or "1.1"), as Via records it (RFC 9110 section 7.6.3). Unless `underscores`,
     a header with "_" in its name is dropped (see `gateway.config.Server.underscores_in_headers`).
     Headers named in `remove` (canonical names: credentials, and every identity header admission sets) are
-    dropped, then those of `add` set: a client cannot send an identity header of its own.
+    dropped, then those of `add` set: a client cannot send an identity header of its own. The client's
+    X-Forwarded-For is appended to with `keep_forwarded_for` (a trusted proxy's), else replaced.
     """
     source = _raw(client)
     out = Headers()
@@ -161,7 +163,7 @@ def upstream_request_headers(
     for name, value in add:
         raw.setdefault(name, []).append(value)  # the client's copies are gone: every value here is ours
     raw[_HOST] = [host]
-    forwarded_for = source.get(_XFF)
+    forwarded_for = source.get(_XFF) if keep_forwarded_for else None
     ip = client_ip.encode("ascii")
     raw[_XFF] = [b", ".join([*forwarded_for, ip])] if forwarded_for else [ip]
     raw[_XFP] = [proto]

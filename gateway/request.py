@@ -16,6 +16,8 @@ Rules this module keeps:
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -227,6 +229,7 @@ class GatewayRequest(http.Request):
             self.gateway.router,
         )
         if isinstance(decision, Reject):
+            self.route = decision.route
             self._answer(decision.error)
             self._maybe_finish()
             return
@@ -258,6 +261,17 @@ class GatewayRequest(http.Request):
             self._held.append(data)
             self._paused_for_verdict = True
             self._client_transport.pauseProducing()
+
+    def refused(self, error: GatewayError, request_id: str, method: bytes | None, target: bytes | None) -> None:
+        """The channel refused this request (its head, or its body's framing) with `error`, in an answer it
+        wrote itself with `request_id`: remembered for the access log, with what the channel had read of the
+        request line if the head never came whole."""
+        self.refusal = error
+        if self.phase is Phase.HEAD:
+            self.request_id = request_id
+            self.method = method or b""
+            self.uri = target or b""
+            self.path = self.uri.partition(b"?")[0]
 
     def lingered(self, size: int) -> bool:
         """`size` bytes arrived on the connection (framing included) while the answer waits for the body's end:
@@ -403,9 +417,12 @@ class GatewayRequest(http.Request):
             )
         client_host = self.requestHeaders.getRawHeaders(b"host")
         via = gateway.server.via.encode("ascii")
+        client_ip = getattr(self.client, "host", "unknown")
+        trusted = gateway.server.trusted_proxies
         self._upstream_headers = upstream_request_headers(
             self.requestHeaders,
-            client_ip=getattr(self.client, "host", "unknown"),
+            client_ip=client_ip,
+            keep_forwarded_for=bool(trusted) and _is_trusted(client_ip, trusted),
             host=client_host[0] if client_host and route.host_header == "client" else _host_value(route),
             client_host=client_host[0] if client_host else None,
             proto=b"https" if ISSLTransport.providedBy(self._client_transport) else b"http",
@@ -440,6 +457,7 @@ class GatewayRequest(http.Request):
                 self._upstream_headers,
                 self._pipe,
                 connect_timeout=route.timeouts.connect,
+                on_connected=self._connected,
             )
         except Exception:
             self._upstream_failed(Failure())
@@ -448,6 +466,10 @@ class GatewayRequest(http.Request):
         if self._pipe is None:
             self._arm_timer(route.timeouts.response_headers, "response_headers")
         sent.addCallbacks(self._got_response, self._upstream_failed)
+
+    def _connected(self) -> None:
+        """The request is going out on an upstream connection (new or reused)."""
+        self._sent_at = self._clock.seconds()
 
     def _body_sent(self) -> None:
         """The whole body is with the upstream: now it owes us a response head."""
@@ -469,11 +491,7 @@ class GatewayRequest(http.Request):
             return
         route = self.route
         assert route is not None
-        if isinstance(response, UpstreamResponse):
-            upstream = response.original
-            self._sent_at = response.sent_at
-        else:
-            upstream = response
+        upstream = response.original if isinstance(response, UpstreamResponse) else response
         self.setResponseCode(upstream.code, upstream.phrase)
         client_response_headers(
             upstream.headers,
@@ -759,6 +777,19 @@ def _host_value(route: Route) -> bytes:
     up = route.upstream
     host = f"[{up.host}]" if ":" in up.host else up.host
     return (host if up.port == 80 else f"{host}:{up.port}").encode("ascii")
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """Whether `address` is in one of `networks` (server.trusted_proxies); an IPv4 client of an IPv6 listener
+    ("::ffff:10.0.0.1") counts as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def refusal_record(request_id: str, client: str, method: bytes | None, status: int) -> dict[str, Any]:

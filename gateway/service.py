@@ -18,17 +18,20 @@ Rules:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import tcp
+from twisted.internet import fdesc, tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
+from zope.interface import implementer
 
 from gateway import config as config_module
 from gateway.admin import admin_site
@@ -86,6 +89,18 @@ def make_gateway(
     )
 
 
+@implementer(IStreamServerEndpoint)
+class _BindNow:
+    """An endpoint whose `listen` binds at once (an error raises there, not in a Deferred), so that a wrapping
+    endpoint (`proxyEndpoint`) keeps binding synchronous, as `privilegedStartService` needs."""
+
+    def __init__(self, listen: Callable[[IProtocolFactory], IListeningPort]) -> None:
+        self._listen = listen
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return succeed(self._listen(factory))
+
+
 class ListenerService(Service):
     """One listening TCP port. It binds in `privilegedStartService` (before twistd drops privileges), so a port
     that is taken fails start-up with the address in the error rather than later and quietly.
@@ -102,12 +117,14 @@ class ListenerService(Service):
         *,
         reuse_port: bool = False,
         what: str = "gateway",
+        inherited: Mapping[str, int] | None = None,
     ) -> None:
         self.listener = listener
         self.reuse_port = reuse_port
         self._factory = factory
         self._reactor = reactor
         self._what = what
+        self._inherited = inherited or {}
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -129,26 +146,59 @@ class ListenerService(Service):
         if self.port is not None:
             return
         listener = self.listener
-        if self.reuse_port:
-            # interface= must repeat the binding's address: Port picks IPv6 from it (tcp._constructTCPPort).
-            binding = tcp.makeBinding(listener.host, listener.port, reuseAddress=True, reusePort=True)
-            self.port = self._reactor.listenTCP(
-                binding, self._factory, backlog=listener.backlog, interface=listener.host
-            )
+        if listener.proxy_protocol:
+            # Twisted's PROXY protocol support, through its public `proxyEndpoint` (what the `haproxy:` endpoint
+            # string builds): the header is read and taken off before the channel sees a byte, and getPeer()
+            # answers the address it carried. A connection without a valid header is closed.
+            bound: list[IListeningPort] = []
+            proxyEndpoint(_BindNow(self._listen)).listen(self._factory).addCallback(bound.append)
+            self.port = bound[0]
         else:
-            self.port = self._reactor.listenTCP(
-                listener.port, self._factory, backlog=listener.backlog, interface=listener.host
-            )
+            self.port = self._listen(self._factory)
         if isinstance(self._factory, GatewayFactory):
             self._factory.add_port(self.port)  # paused at the connection cap (server.max_connections)
         address = self.port.getHost()
         _log.info(
-            "{what} listening on {host}:{port} (pid {pid})",
+            "{what} listening on {host}:{port}{how} (pid {pid})",
             what=self._what,
             host=address.host,
             port=address.port,
+            how=(f" (systemd socket {listener.systemd!r})" if listener.systemd else "")
+            + (" with the PROXY protocol" if listener.proxy_protocol else ""),
             pid=os.getpid(),
         )
+
+    def _listen(self, factory: IProtocolFactory) -> IListeningPort:
+        """Bind (or adopt) the listener's socket for `factory`, at once: a port that is taken raises here."""
+        listener = self.listener
+        if listener.systemd:
+            return self._adopt(listener, factory)
+        if self.reuse_port:
+            # interface= must repeat the binding's address: Port picks IPv6 from it (tcp._constructTCPPort).
+            binding = tcp.makeBinding(listener.host, listener.port, reuseAddress=True, reusePort=True)
+            return self._reactor.listenTCP(  # type: ignore[no-any-return]
+                binding, factory, backlog=listener.backlog, interface=listener.host
+            )
+        return self._reactor.listenTCP(  # type: ignore[no-any-return]
+            listener.port, factory, backlog=listener.backlog, interface=listener.host
+        )
+
+    def _adopt(self, listener: Listener, factory: IProtocolFactory) -> IListeningPort:
+        """The listening socket systemd passed under `listener.systemd` (socket activation). The reactor adopts
+        a duplicate of it, so the original stays open for a reload or a worker."""
+        fd = self._inherited.get(listener.systemd)
+        if fd is None:
+            names = ", ".join(sorted(self._inherited)) or "none"
+            raise CannotListenError(
+                None, listener.systemd, f"systemd passed no socket named {listener.systemd!r} (it passed: {names})"
+            )
+        probe = socket.socket(fileno=fd)  # only to learn the socket's family
+        family = probe.family
+        probe.detach()
+        # systemd passes blocking sockets (unless NonBlocking=yes); the reactor's accept loop needs one that
+        # is not, or its last accept() of a batch would block the process.
+        fdesc.setNonBlocking(fd)
+        return self._reactor.adoptStreamPort(fd, family, factory)  # type: ignore[no-any-return]
 
 
 class GatewayService(MultiService):
@@ -168,10 +218,13 @@ class GatewayService(MultiService):
         worker_index: int = 0,
         worker_environment: Callable[[], dict[str, str]] | None = None,
         worker_json_log: bool = False,
+        inherited: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.worker_index = worker_index
+        self.inherited = dict(inherited or {})
+        """Listening sockets passed in by systemd (socket activation): name -> file descriptor."""
         self._reactor = reactor
         self.draining = False
         self.access_log = AccessLog(config.access_log.path, include_query=config.access_log.query)
@@ -189,19 +242,24 @@ class GatewayService(MultiService):
         self.workers: WorkerPool | None = None
         if spawn_workers and config.server.workers > 1:
             # Absolute now: twistd may change directory (--rundir) before the workers start.
-            command = partial(worker_command, os.path.abspath(config.source), json_log=worker_json_log)
+            command = partial(
+                worker_command, os.path.abspath(config.source), json_log=worker_json_log, inherited=self.inherited
+            )
             self.workers = WorkerPool(
                 reactor,
                 config.server.workers - 1,
                 command,
                 stop_timeout=config.server.drain_timeout + 10.0,
                 environment=worker_environment,
+                inherited_fds=tuple(self.inherited.values()),
             )
             # After the listeners: twistd's own sockets are bound before any worker starts.
             self.workers.setServiceParent(self)
 
     def _listener_service(self, listener: Listener, config: Config) -> ListenerService:
-        return ListenerService(listener, self.factory, self._reactor, reuse_port=config.server.workers > 1)
+        return ListenerService(
+            listener, self.factory, self._reactor, reuse_port=config.server.workers > 1, inherited=self.inherited
+        )
 
     def _admin_service(self, config: Config) -> ListenerService | None:
         if config.admin is None:
@@ -293,10 +351,11 @@ class GatewayService(MultiService):
             self.workers.signal_all("HUP")
         self.metrics.reloaded("applied")
         _log.info(
-            "Reloaded {source}: {routes} routes, {listeners} listeners",
+            "Reloaded {source}: {routes} routes, {listeners} listeners (pid {pid})",
             source=source,
             routes=len(new.routes),
             listeners=len(new.listeners),
+            pid=os.getpid(),
         )
         return True
 

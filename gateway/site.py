@@ -16,9 +16,12 @@ Rules:
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime, ITCPTransport
@@ -129,6 +132,8 @@ class GatewayChannel(HTTPChannel):
     # --- the request head ---------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._peer is None and self._invalid_peer():
+            return
         if self.refused is not None:
             # Lingering after a refusal: read and dropped, up to server.lingering_max_bytes.
             self._lingered += len(data)
@@ -219,6 +224,33 @@ class GatewayChannel(HTTPChannel):
         self.MAX_LENGTH = self.limits.max_request_line_bytes
         super().allHeadersReceived()
 
+    _peer: IAddress | None = None
+
+    def getPeer(self) -> IAddress:
+        """The client's address, asked once per connection, with its IP in canonical form. Behind a PROXY
+        protocol listener it is the address the header carried (Twisted's parser keeps its text as sent, an
+        IPv6 address uncompressed or not an address at all)."""
+        if self._peer is None:
+            peer = self.transport.getPeer()
+            host = getattr(peer, "host", None)
+            if isinstance(host, str) and isinstance(peer, IPv4Address | IPv6Address):
+                canonical = _canonical_ip(host)
+                if canonical is not None and canonical != host:
+                    peer = type(peer)(peer.type, canonical, peer.port)  # type: ignore[arg-type]
+            self._peer = peer
+        return self._peer
+
+    def _invalid_peer(self) -> bool:
+        """On the first bytes of a connection: a client address that is no IP address (a PROXY header's made-up
+        text) ends the connection, unanswered, as an invalid PROXY header does."""
+        peer = self.getPeer()
+        host = getattr(peer, "host", None)
+        if isinstance(peer, IPv4Address | IPv6Address) and _canonical_ip(str(host)) is None:
+            _log.warn("Closing a connection whose PROXY header carried an invalid address: {host!r}", host=host)
+            self.transport.abortConnection()
+            return True
+        return False
+
     _host: IAddress | None = None
 
     def getHost(self) -> IAddress:
@@ -301,7 +333,7 @@ class GatewayChannel(HTTPChannel):
         # Whose refusal it is: the last request's, unless a new request line was being read (no request yet).
         owner = requests[-1] if requests and not getattr(self, _FIRST_LINE) else None
         if isinstance(owner, GatewayRequest):
-            owner.refusal = error
+            owner.refused(error, request_id, method, getattr(self, "_path", None))
         else:
             self._log_refusal(error, request_id, method)
         for request in requests:
@@ -310,7 +342,7 @@ class GatewayChannel(HTTPChannel):
             "Refused a client request with {status}: {detail} (peer {peer}, request {request_id})",
             status=error.status,
             detail=error.detail,
-            peer=str(self.transport.getPeer()),
+            peer=str(self.getPeer()),
             request_id=request_id,
         )
         if not complete:
@@ -330,7 +362,7 @@ class GatewayChannel(HTTPChannel):
         gateway = self.factory.gateway
         if gateway.access_log is None and gateway.metrics is None:
             return
-        record = refusal_record(request_id, getattr(self.transport.getPeer(), "host", ""), method, error.status)
+        record = refusal_record(request_id, getattr(self.getPeer(), "host", ""), method, error.status)
         if gateway.access_log is not None:
             gateway.access_log.record(record)
         if gateway.metrics is not None:
@@ -341,6 +373,15 @@ class GatewayChannel(HTTPChannel):
         if timer is not None and timer.active():
             timer.cancel()
         self.transport.abortConnection()
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_ip(text: str) -> str | None:
+    """`text` as an IP address in canonical form (IPv6 compressed, lower case), or None if it is not one."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 def _request_id(requests: list[Any]) -> str:

@@ -8,9 +8,12 @@ works like `nginx -t`.
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
@@ -51,6 +54,26 @@ class _TwistdService(GatewayService):
             raise SystemExit(f"gateway: {e}") from None
 
 
+def systemd_sockets(reactor: Any, cfg: config.Config) -> dict[str, int]:
+    """The descriptors of the listening sockets systemd passed for the config's `systemd = NAME` listeners
+    (socket activation), found through Twisted's `systemd:` endpoint (which reads LISTEN_FDS, LISTEN_FDNAMES and
+    LISTEN_PID once, when twisted.internet.endpoints is imported). A name systemd did not pass ends start-up."""
+    found: dict[str, int] = {}
+    for listener in cfg.listeners:
+        if not listener.systemd:
+            continue
+        try:
+            endpoint = serverFromString(reactor, f"systemd:domain=INET:name={listener.systemd}")
+        except (KeyError, ValueError):
+            passed = os.environ.get("LISTEN_FDNAMES", "").replace(":", ", ") or "none"
+            raise SystemExit(
+                f"gateway: {cfg.source}: listeners: systemd passed no socket named {listener.systemd!r} "
+                f"(names passed: {passed}; is the .socket unit's FileDescriptorName the same?)"
+            ) from None
+        found[listener.systemd] = endpoint.fileno
+    return found
+
+
 def makeService(options: Options) -> IService:
     """The gateway; with `server.workers` above 1 the twistd process is worker 0 and starts the others. Once
     the reactor runs, the signals are wired (`gateway.signals`) and systemd, if it asked, is told READY=1."""
@@ -64,6 +87,7 @@ def makeService(options: Options) -> IService:
         spawn_workers=True,
         worker_environment=child_environment,
         worker_json_log=json_log,
+        inherited=systemd_sockets(reactor, options.config),
     )
     reactor.callWhenRunning(signals.install, reactor, service, Notifier.from_environment())
     return service

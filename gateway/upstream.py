@@ -8,6 +8,7 @@ keep-alive timeout, so a request rarely races the upstream closing the connectio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -56,8 +57,6 @@ class UpstreamResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
     def __init__(self, original: IResponse, connection: _ClientProtocol) -> None:
         super().__init__(original)
         self._connection = connection
-        self.sent_at = connection.sent_at
-        """When the request went out on its connection (for the access log's connect time)."""
 
     @property
     def reset(self) -> bool:
@@ -119,12 +118,6 @@ class _ClientProtocol(HTTP11ClientProtocol):
     answered) may never read, leaving the socket open for good."""
 
     lost_reason: Failure | None = None
-    sent_at = 0.0
-    """When the last request was handed to this connection, on the pool's clock."""
-
-    def __init__(self, quiescent_callback: Any, clock: Any) -> None:
-        super().__init__(quiescent_callback)
-        self._clock = clock
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -134,7 +127,6 @@ class _ClientProtocol(HTTP11ClientProtocol):
         self.transport.bufferSize = UPSTREAM_BUFFER_SIZE
 
     def request(self, request: Any) -> Deferred[IResponse]:
-        self.sent_at = self._clock.seconds()
         if self.transport is not None:
             self.transport.bufferSize = UPSTREAM_BUFFER_SIZE  # undo the read size the last response's relay set
         sent = super().request(request)
@@ -224,19 +216,30 @@ def _limit_head(parser: HTTPClientParser) -> None:
 class _ClientFactory(_HTTP11ClientFactory):
     noisy = False  # a "Starting factory" line per upstream connection is noise
 
-    def __init__(self, quiescent_callback: Any, metadata: Any, clock: Any) -> None:
-        super().__init__(quiescent_callback, metadata)
-        self._clock = clock
-
     def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _ClientProtocol(self._quiescentCallback, self._clock)
+        return _ClientProtocol(self._quiescentCallback)
 
 
 class _ConnectionPool(HTTPConnectionPool):
-    """A persistent pool whose connections speak `_ClientProtocol`."""
+    """A persistent pool whose connections speak `_ClientProtocol`, and which tells the request that asked
+    for a connection once it has one (`on_connected`, for the access log's connect time)."""
 
-    def _factory(self, quiescent_callback: Any, metadata: Any) -> _ClientFactory:
-        return _ClientFactory(quiescent_callback, metadata, self._reactor)
+    _factory = _ClientFactory
+    on_connected: Callable[[], None] | None = None
+    """Set by `UpstreamPool.request` for the `getConnection` call Agent makes within it (at once, in the same
+    call), and taken by it."""
+
+    def getConnection(self, key: Any, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
+        connecting = super().getConnection(key, endpoint)
+        callback, self.on_connected = self.on_connected, None
+        if callback is not None:
+
+            def connected(protocol: Any) -> Any:
+                callback()
+                return protocol
+
+            connecting.addCallback(connected)
+        return connecting
 
     @property
     def idle(self) -> int:
@@ -371,6 +374,7 @@ class UpstreamPool:
         body: IBodyProducer | None,
         *,
         connect_timeout: float,
+        on_connected: Callable[[], None] | None = None,
     ) -> Deferred[IResponse]:
         """Send one request over a pooled connection (opened within `connect_timeout` if none is idle).
 
@@ -384,6 +388,7 @@ class UpstreamPool:
             agent = Agent.usingEndpointFactory(self._reactor, factory, self._pool)
             pair = self._agents[connect_timeout] = (agent, factory.endpointForURI(self._uri))
         agent, endpoint = pair
+        self._pool.on_connected = on_connected  # Agent asks the pool for a connection within this call
         return agent._requestWithEndpoint(self._key, endpoint, method, self._uri, headers, body, target)
 
     def close(self) -> Deferred[None]:

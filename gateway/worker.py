@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the TOML config file (the one the twistd process loaded)")
     parser.add_argument("--index", type=int, required=True, help="this worker's number, from 1 (for the logs)")
     parser.add_argument("--json-log", action="store_true", help="log JSON lines (as gateway.logs.observer does)")
+    parser.add_argument(
+        "--inherited", action="append", default=[], help="NAME=FD: a listening socket systemd passed to the parent"
+    )
     args = parser.parse_args(argv)
     index = args.index
     try:
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log_observer = logs.observer() if args.json_log else textFileLogObserver(sys.stdout)
     globalLogBeginner.beginLoggingTo([log_observer], redirectStandardIO=False)
-    service = GatewayService(cfg, reactor, worker_index=index)
+    inherited = {name: int(fd) for name, _, fd in (item.partition("=") for item in args.inherited)}
+    service = GatewayService(cfg, reactor, worker_index=index, inherited=inherited)
     try:
         service.privilegedStartService()
         service.startService()

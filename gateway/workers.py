@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -39,12 +39,19 @@ STABLE_AFTER = 60.0
 """A worker that ran this long before dying is restarted at once (its failure was not at start-up)."""
 
 
-def worker_command(config_path: str, index: int, *, json_log: bool = False) -> list[str]:
+def worker_command(
+    config_path: str, index: int, *, json_log: bool = False, inherited: Mapping[str, int] | None = None
+) -> list[str]:
     """The command line of worker `index`: this Python running `gateway.worker` on the config file at
     `config_path`, which should be absolute (twistd may change directory before the workers start). With
-    `json_log` the worker logs JSON lines, as twistd does with `--logger=gateway.logs.observer`."""
+    `json_log` the worker logs JSON lines, as twistd does with `--logger=gateway.logs.observer`; `inherited`
+    names the systemd sockets it gets at the same descriptor numbers."""
     command = [sys.executable, "-m", "gateway.worker", "--config", config_path, "--index", str(index)]
-    return [*command, "--json-log"] if json_log else command
+    if json_log:
+        command.append("--json-log")
+    for name, fd in (inherited or {}).items():
+        command += ["--inherited", f"{name}={fd}"]
+    return command
 
 
 def _describe_exit(reason: Failure) -> str:
@@ -115,6 +122,7 @@ class WorkerPool(Service):
         stop_timeout: float = STOP_TIMEOUT,
         kill_timeout: float = KILL_TIMEOUT,
         environment: Callable[[], dict[str, str]] | None = None,
+        inherited_fds: Sequence[int] = (),
     ) -> None:
         self.count = count
         self.command = command
@@ -123,6 +131,7 @@ class WorkerPool(Service):
         self.restarts = 0
         """Workers restarted after dying, since start."""
         self._environment = environment
+        self._inherited_fds = tuple(inherited_fds)
         self._reactor = reactor
         self._workers: dict[int, _Worker] = {}
         self._delays: dict[int, float] = {}
@@ -146,7 +155,9 @@ class WorkerPool(Service):
         # env=None: the worker inherits this process's environment (PYTHONPATH, locale, ...); `environment`
         # may give a copy without what is this process's alone (systemd's NOTIFY_SOCKET).
         env = self._environment() if self._environment is not None else None
-        self._reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs={0: "w", 1: 1, 2: 2})
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        child_fds.update({fd: fd for fd in self._inherited_fds})  # systemd's listening sockets, same numbers
+        self._reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
         worker.started_at = self._reactor.seconds()
         self._workers[index] = worker
         _log.info("gateway worker {index} started (pid {pid})", index=index, pid=worker.pid)

@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
@@ -232,11 +233,17 @@ async def test_hop_by_hop_response_headers_are_not_passed_on(origin, gateway_for
     assert all(b"hop" not in v.lower() for v in response.headers_named(b"connection"))
 
 
+@pytest.mark.parametrize(
+    ("trusted", "forwarded_for"),
+    [([], "127.0.0.1"), (["127.0.0.0/8"], "203.0.113.7, 127.0.0.1"), (["10.0.0.1", "::1"], "127.0.0.1")],
+    ids=["untrusted-replaced", "trusted-appended", "other-proxies-trusted"],
+)
 @pytest_twisted.ensureDeferred
-async def test_forwarding_headers_are_added(origin, gateway_for):
-    """The upstream sees X-Forwarded-For appended, X-Forwarded-Proto and -Host set by the gateway (not the
+async def test_forwarding_headers_are_added(origin, gateway_for, trusted, forwarded_for):
+    """The upstream sees X-Forwarded-For appended to when the client is a trusted proxy (server.trusted_proxies)
+    and replaced by the client's address otherwise, X-Forwarded-Proto and -Host set by the gateway (not the
     client), and the gateway appended to Via; the client sees Via on the response too."""
-    gateway = gateway_for(gateway_config(origin.url))
+    gateway = gateway_for(gateway_config(origin.url, server={"trusted_proxies": trusted}))
     client = await connect(gateway.port, keep_all=True)
     client.send(
         _get(
@@ -251,7 +258,7 @@ async def test_forwarding_headers_are_added(origin, gateway_for):
     await within(client.closed)
     response = client.response()
     echo = json.loads(response.body)
-    assert _named(echo, "x-forwarded-for") == ["203.0.113.7, 127.0.0.1"]
+    assert _named(echo, "x-forwarded-for") == [forwarded_for]
     assert _named(echo, "x-forwarded-proto") == ["http"]
     assert _named(echo, "x-forwarded-host") == ["client.example:8080"]
     assert _named(echo, "via") == ["1.0 edge, 1.1 gateway"]

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 TWISTD = BIN / "twistd"
@@ -28,12 +29,13 @@ LISTENING = re.compile(r"gateway listening on 127\.0\.0\.1:(\d+)")
 class Child:
     """A child process whose stdout lines are read by a helper thread, so every wait can have a deadline."""
 
-    def __init__(self, argv: list[str], *, cwd: Path, stderr_path: Path) -> None:
+    def __init__(self, argv: list[str], *, cwd: Path, stderr_path: Path, **popen: Any) -> None:
+        """`popen`: more arguments for `subprocess.Popen` (env, pass_fds, ...)."""
         self.argv = argv
         self.stderr_path = stderr_path
         self._stderr = stderr_path.open("wb")
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, text=True
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, text=True, **popen
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()

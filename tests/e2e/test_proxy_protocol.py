@@ -1,0 +1,127 @@
+"""A listener with `proxy_protocol = true`: the client address a PROXY v1 or v2 header carries is the one the
+gateway uses for X-Forwarded-For, rate limits and the access log; a connection without a valid header is closed
+unanswered. Real loopback sockets, a real upstream (the test origin)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from tests.support.clients import connect, within
+from tests.support.origin import Origin
+from tests.support.running import gateway_config
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+GET_HEADERS = b"GET /headers HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n"
+
+
+def v1(source: str, *, family: str = "TCP4", destination: str = "127.0.0.1") -> bytes:
+    return f"PROXY {family} {source} {destination} 56324 8080\r\n".encode("ascii")
+
+
+def v2(source: str, destination: str = "127.0.0.1") -> bytes:
+    """A PROXY v2 header (RFC-like spec of HAProxy, section 2.2): version 2, command PROXY, TCP over IPv4 or
+    IPv6, the addresses and ports in network order."""
+    if ":" in source:
+        family, addresses = 0x21, socket.inet_pton(socket.AF_INET6, source) + socket.inet_pton(
+            socket.AF_INET6, destination if ":" in destination else "::1"
+        )
+    else:
+        family, addresses = 0x11, socket.inet_aton(source) + socket.inet_aton(destination)
+    payload = addresses + struct.pack("!HH", 56324, 8080)
+    return V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(payload)) + payload
+
+
+def config(origin: Origin, tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    return gateway_config(
+        origin.url,
+        listeners=[{"host": "127.0.0.1", "port": 0, "proxy_protocol": True}],
+        access_log={"path": str(tmp_path / "access.log")},
+        **sections,
+    )
+
+
+async def exchange(port: int, data: bytes) -> Any:
+    client = await connect(port, keep_all=True)
+    client.send(data)
+    await within(client.closed)
+    return client
+
+
+def access_lines(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("header", "carried"),
+    [
+        (v1("203.0.113.9"), "203.0.113.9"),
+        (v1("2001:db8::9", family="TCP6", destination="::1"), "2001:db8::9"),
+        (v2("198.51.100.4"), "198.51.100.4"),
+        (v2("2001:db8::4"), "2001:db8::4"),
+    ],
+    ids=["v1-ipv4", "v1-ipv6", "v2-ipv4", "v2-ipv6"],
+)
+@pytest_twisted.ensureDeferred
+async def test_the_carried_address_is_the_client_for_forwarded_for_and_the_access_log(
+    origin: Origin, gateway_for: Any, tmp_path: Path, header: bytes, carried: str
+) -> None:
+    """The upstream sees the carried address as X-Forwarded-For (the client's own X-Forwarded-For replaced: the
+    carried client is no trusted proxy) and the access log names it as the client."""
+    gateway = gateway_for(config(origin, tmp_path))
+    request = GET_HEADERS.replace(b"\r\n\r\n", b"\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+    client = await exchange(gateway.port, header + request)
+    response = client.response()
+    assert response.status == 200
+    echo = json.loads(response.body)
+    assert [v for k, v in echo["headers"] if k.lower() == "x-forwarded-for"] == [carried]
+    [line] = access_lines(tmp_path)
+    assert (line["client"], line["status"], line["ending"]) == (carried, 200, "completed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trusted_proxy_behind_the_load_balancer_keeps_its_forwarded_for(
+    origin: Origin, gateway_for: Any, tmp_path: Path
+) -> None:
+    """When the carried address is a trusted proxy's, its X-Forwarded-For is kept and appended to."""
+    gateway = gateway_for(config(origin, tmp_path, server={"trusted_proxies": ["10.0.0.0/8"]}))
+    request = GET_HEADERS.replace(b"\r\n\r\n", b"\r\nX-Forwarded-For: 203.0.113.1\r\n\r\n")
+    client = await exchange(gateway.port, v1("10.1.2.3") + request)
+    echo = json.loads(client.response().body)
+    assert [v for k, v in echo["headers"] if k.lower() == "x-forwarded-for"] == ["203.0.113.1, 10.1.2.3"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limits_count_by_the_carried_address(origin: Origin, gateway_for: Any, tmp_path: Path) -> None:
+    """An anonymous rate limit of one request counts each carried address apart, although every connection
+    comes from 127.0.0.1: a second address passes, a second request of the first is 429."""
+    gateway = gateway_for(config(origin, tmp_path, admission={"rate_limits": {"anonymous": {"rate": "1/m"}}}))
+    statuses = []
+    for source in ("203.0.113.1", "203.0.113.2", "203.0.113.1"):
+        client = await exchange(gateway.port, v1(source) + GET_HEADERS)
+        statuses.append(client.response().status)
+    assert statuses == [200, 200, 429]
+    assert [line["client"] for line in access_lines(tmp_path)] == ["203.0.113.1", "203.0.113.2", "203.0.113.1"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [GET_HEADERS, b"PROXY TCP4 not-an-address 127.0.0.1 1 2\r\n" + GET_HEADERS],
+    ids=["no-header", "bad-header"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_connection_without_a_valid_header_is_closed_unanswered(
+    origin: Origin, gateway_for: Any, tmp_path: Path, data: bytes
+) -> None:
+    """Without a valid PROXY header nothing is parsed as a request: the connection is closed without a byte,
+    and nothing reaches the upstream."""
+    gateway = gateway_for(config(origin, tmp_path))
+    client = await exchange(gateway.port, data)
+    assert bytes(client.head) == b""
+    assert origin.seen == []
