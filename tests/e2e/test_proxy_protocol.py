@@ -29,8 +29,10 @@ def v2(source: str, destination: str = "127.0.0.1") -> bytes:
     """A PROXY v2 header (RFC-like spec of HAProxy, section 2.2): version 2, command PROXY, TCP over IPv4 or
     IPv6, the addresses and ports in network order."""
     if ":" in source:
-        family, addresses = 0x21, socket.inet_pton(socket.AF_INET6, source) + socket.inet_pton(
-            socket.AF_INET6, destination if ":" in destination else "::1"
+        family, addresses = (
+            0x21,
+            socket.inet_pton(socket.AF_INET6, source)
+            + socket.inet_pton(socket.AF_INET6, destination if ":" in destination else "::1"),
         )
     else:
         family, addresses = 0x11, socket.inet_aton(source) + socket.inet_aton(destination)
