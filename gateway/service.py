@@ -227,7 +227,7 @@ class GatewayService(MultiService):
         """Listening sockets passed in by systemd (socket activation): name -> file descriptor."""
         self._reactor = reactor
         self.draining = False
-        self.access_log = AccessLog(config.access_log.path, include_query=config.access_log.query)
+        self.access_log = AccessLog(config.access_log.path, include_query=config.access_log.query, clock=reactor)
         self.metrics = Metrics(self._live)
         self.gateway = make_gateway(config, reactor, access_log=self.access_log, metrics=self.metrics)
         self.factory = GatewayFactory(self.gateway, clock=reactor)

@@ -680,3 +680,22 @@ def test_observer_factory_writes_to_the_real_stdout():
     made = observer()
     assert ILogObserver.providedBy(made) and isinstance(made, JsonLinesObserver)
     assert made._out is sys.__stdout__
+
+
+def test_lines_of_one_reactor_turn_are_flushed_together_after_it(tmp_path: Path) -> None:
+    """With a clock, lines are written to the file's buffer and flushed once the current reactor turn is over
+    (one write for every request that ended in it), whole lines only; `close` flushes what is left."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path), clock=clock)
+    log.record({"request_id": "a"})
+    log.record({"request_id": "b"})
+    assert path.read_text() == ""  # in the buffer, not yet written
+    clock.advance(0)
+    assert [json.loads(line)["request_id"] for line in path.read_text().splitlines()] == ["a", "b"]
+    log.record({"request_id": "c"})
+    log.close()
+    assert [json.loads(line)["request_id"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+    assert not clock.getDelayedCalls()
