@@ -233,6 +233,7 @@ class GatewayService(MultiService):
         self.factory = GatewayFactory(self.gateway, clock=reactor)
         self._retired_pools: list[UpstreamPool] = []
         self._retired_gatekeepers: list[Gatekeeper] = []
+        self._retire_calls: dict[int, Any] = {}
         self.listeners = [self._listener_service(listener, config) for listener in config.listeners]
         for service in self.listeners:
             service.setServiceParent(self)
@@ -306,13 +307,13 @@ class GatewayService(MultiService):
             new = _with_workers(new, old.server.workers)
         kept = {service.listener: service for service in self.listeners}
         added: list[ListenerService] = []
+        admin = self.admin
         try:
             for listener in new.listeners:
                 if listener not in kept:
                     service = self._listener_service(listener, new)
                     service.bind()
                     added.append(service)
-            admin = self.admin
             if _admin_changed(old, new):
                 admin = self._admin_service(new)
                 if admin is not None:
@@ -372,11 +373,12 @@ class GatewayService(MultiService):
         self._retired_gatekeepers.append(gatekeeper)
 
         def close() -> None:
+            self._retire_calls.pop(id(gatekeeper), None)
             if gatekeeper in self._retired_gatekeepers:
                 self._retired_gatekeepers.remove(gatekeeper)
                 gatekeeper.close()
 
-        self._reactor.callLater(RETIRE_DELAY, close)
+        self._retire_calls[id(gatekeeper)] = self._reactor.callLater(RETIRE_DELAY, close)
 
     # --- stop -------------------------------------------------------------------------------------------------
 
@@ -407,6 +409,9 @@ class GatewayService(MultiService):
         closing = [pool.close() for pool in (*self.gateway.pools.values(), *self._retired_pools)]
         closing += [gatekeeper.close() for gatekeeper in (self.gateway.gatekeeper, *self._retired_gatekeepers)]
         self._retired_gatekeepers.clear()
+        for call in self._retire_calls.values():
+            call.cancel()
+        self._retire_calls.clear()
         await DeferredList(closing)
         if self.admin is not None:
             await maybeDeferred(self.admin.stopService)

@@ -442,6 +442,14 @@ def test_two_listeners_on_port_zero_are_allowed() -> None:
 # --- errors: every error names the file, the key path and the reason -----------------------------------------
 
 
+def _both(*mutations: Mutation) -> Mutation:
+    def mutate(data: dict[str, Any]) -> None:
+        for mutation in mutations:
+            mutation(data)
+
+    return mutate
+
+
 def _add_route(**route: Any) -> Mutation:
     def mutate(data: dict[str, Any]) -> None:
         data["routes"].append({"auth": "anonymous", **route})
@@ -598,6 +606,37 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ("listeners-empty", set_at("listeners", []), "listeners", "at least one listener is needed"),
     ("routes-missing", delete_at("routes"), "routes", "is required (add at least one [[routes]] table)"),
     ("routes-empty", set_at("routes", []), "routes", "at least one route is needed"),
+    # operations: drain, trusted proxies, listeners by systemd or behind PROXY, the access log, the admin listener
+    ("drain-negative", set_at("server.drain_timeout", -1), "server.drain_timeout", "must be a positive"),
+    ("trusted-not-list", set_at("server.trusted_proxies", "10.0.0.0/8"), "server.trusted_proxies", "must be an array"),
+    ("trusted-bad", set_at("server.trusted_proxies", ["10.0.0.1/8"]), "server.trusted_proxies", "'10.0.0.1/8' is not"),
+    ("trusted-name", set_at("server.trusted_proxies", ["lb.local"]), "server.trusted_proxies", "'lb.local' is not"),
+    ("proxy-text", set_at("listeners.0.proxy_protocol", "yes"), "listeners[0].proxy_protocol", "true or false"),
+    (
+        "systemd-with-port",
+        set_at("listeners.0", {"systemd": "http", "port": 8080}),
+        "listeners[0].port",
+        "set in its .socket unit",
+    ),
+    ("systemd-empty", set_at("listeners.0", {"systemd": ""}), "listeners[0].systemd", "must not be empty"),
+    (
+        "systemd-twice",
+        set_at("listeners", [{"systemd": "http"}, {"systemd": "http"}]),
+        "listeners[1]",
+        "systemd socket 'http' is listed twice",
+    ),
+    ("access-log-key", set_at("access_log.file", "x.log"), "access_log.file", "unknown key"),
+    ("access-log-dir", set_at("access_log.path", "/nonexistent-dir/a.log"), "access_log.path", "does not exist"),
+    ("access-log-query", set_at("access_log.query", 1), "access_log.query", "true or false"),
+    ("admin-host", set_at("admin.host", "localhost"), "admin.host", "must be an IP address"),
+    ("admin-port", set_at("admin.port", 70000), "admin.port", "from 0 to 65535"),
+    ("admin-key", set_at("admin.path", "/metrics"), "admin.path", "unknown key"),
+    (
+        "admin-port-0-with-workers",
+        _both(set_at("server.workers", 2), set_at("admin.port", 0)),
+        "admin.port",
+        "must not be 0 when server.workers is above 1",
+    ),
 ]
 
 
@@ -899,3 +938,35 @@ def test_underscores_in_headers_is_off_by_default_and_must_be_a_boolean() -> Non
     with pytest.raises(ConfigError) as caught:
         parse(data, source="t.toml")
     assert caught.value.key == "server.underscores_in_headers"
+
+
+def test_operations_defaults() -> None:
+    """Without the operations keys: a 30 s drain, no trusted proxies, the access log on stdout without query
+    strings, no admin listener, listeners bound by the gateway without the PROXY protocol."""
+    cfg = parse(minimal(), source=SOURCE)
+    assert (cfg.server.drain_timeout, cfg.server.trusted_proxies) == (30.0, ())
+    assert (cfg.access_log.path, cfg.access_log.query) == ("-", False)
+    assert cfg.admin is None
+    assert (cfg.listeners[0].systemd, cfg.listeners[0].proxy_protocol) == ("", False)
+
+
+def test_operations_keys_are_read(tmp_path: Path) -> None:
+    """The keys of operations as given: networks parsed (an address is a /32 or /128), a systemd listener by
+    name, a PROXY listener, an access-log path relative to the config file's directory, the admin address."""
+    data = with_(
+        server={"drain_timeout": "5s", "trusted_proxies": ["10.0.0.0/8", "192.0.2.1", "::1"]},
+        listeners=[{"systemd": "http", "proxy_protocol": True}, {"host": "::", "port": 8443}],
+        access_log={"path": "logs/access.log", "query": True},
+        admin={"port": 9100},
+    )
+    (tmp_path / "logs").mkdir()
+    cfg = parse(data, source=tmp_path / "gateway.toml")
+    assert cfg.server.drain_timeout == 5.0
+    assert [str(n) for n in cfg.server.trusted_proxies] == ["10.0.0.0/8", "192.0.2.1/32", "::1/128"]
+    assert cfg.listeners == (
+        Listener(systemd="http", proxy_protocol=True),
+        Listener(host="::", port=8443),
+    )
+    assert (cfg.access_log.path, cfg.access_log.query) == (str(tmp_path / "logs" / "access.log"), True)
+    assert cfg.admin is not None and (cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 9100)
+    assert parse(with_(access_log={"path": ""}), source=SOURCE).access_log.path == ""

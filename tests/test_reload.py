@@ -1,0 +1,253 @@
+"""`GatewayService.reload` in this process, over real loopback sockets: the file is read and checked whole,
+an invalid one (or one whose new listener cannot be bound) changes nothing, a valid one applies to new requests
+while kept pools and rate-limit counts carry over. (Reload by SIGHUP of a real twistd, with a download in
+flight, is in tests/e2e/test_signals.py.)"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from gateway.config import load
+from gateway.service import GatewayService
+from tests.support.clients import connect, within
+from tests.support.origin import Origin
+from tests.support.processes import free_port
+from tests.support.running import gateway_config
+
+
+def toml(data: dict[str, Any]) -> str:
+    """A small TOML writer for the test configs (tables, arrays of tables, strings, numbers, lists)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        return str(v)
+
+    lines: list[str] = []
+
+    def table(prefix: str, body: dict[str, Any], array: bool = False) -> None:
+        scalars = {k: v for k, v in body.items() if not isinstance(v, dict) and not _tables(v)}
+        lines.append(f"[[{prefix}]]" if array else f"[{prefix}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for k, v in body.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}", v)
+
+    for key, v in data.items():
+        if isinstance(v, dict):
+            if all(isinstance(x, dict) for x in v.values()) and v:
+                for name, inner in v.items():
+                    table(f"{key}.{name}", inner)
+            else:
+                table(key, v)
+        elif _tables(v):
+            for item in v:
+                table(key, item, array=True)
+        else:
+            lines.insert(0, f"{key} = {value(v)}")
+    text = "\n".join(lines) + "\n"
+    tomllib.loads(text)  # the writer's own check
+    return text
+
+
+def _tables(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[list[GatewayService]]:
+    services: list[GatewayService] = []
+    yield services
+    for service in services:
+        if service.running:
+            service.factory.cut_all("test_teardown")
+            pytest_twisted.blockon(service.stopService())
+
+
+def start(path: Path, data: dict[str, Any], services: list[GatewayService]) -> GatewayService:
+    path.write_text(toml(data))
+    service = GatewayService(load(path), reactor)
+    service.startService()
+    services.append(service)
+    return service
+
+
+def port_of(service: GatewayService, index: int = 0) -> int:
+    port = service.listeners[index].port
+    assert port is not None
+    return port.getHost().port
+
+
+async def status(port: int, target: str = "/status/200") -> int:
+    client = await connect(port, keep_all=True)
+    client.send(f"GET {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n".encode())
+    await within(client.closed)
+    return client.response().status
+
+
+async def refused(port: int) -> None:
+    """Connections to `port` are refused, once the port has closed (within a few reactor turns; bounded)."""
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except ConnectionRefusedError:
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"port {port} still accepts connections")
+
+
+def base(origin: Origin, **sections: Any) -> dict[str, Any]:
+    data = gateway_config(origin.url, access_log={"path": ""}, **sections)
+    data["routes"][0]["path_prefix"] = "/status"
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_valid_reload_adds_a_route_and_a_listener_and_keeps_unchanged_pools(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """A route and a listener added by the file answer after the reload; the old listener still serves; the
+    pool of the unchanged upstream is the same object (its connections stay warm)."""
+    path = tmp_path / "gateway.toml"
+    first = free_port()  # a fixed port: the new file must name the same listener (port 0 would be a new one)
+    data = base(origin, listeners=[{"host": "127.0.0.1", "port": first}])
+    service = start(path, data, running)
+    assert await status(first, "/headers") == 404
+    pool = service.gateway.pools["origin"]
+    data["routes"].append({"name": "headers", "auth": "anonymous", "path_prefix": "/headers", "upstream": "origin"})
+    added = free_port()
+    data["listeners"] = [{"host": "127.0.0.1", "port": first}, {"host": "127.0.0.1", "port": added}]
+    path.write_text(toml(data))
+    old_gateway = service.gateway
+    assert service.reload() is True
+    assert service.gateway is not old_gateway
+    assert service.gateway.pools["origin"] is pool
+    assert [port_of(service, i) for i in range(2)] == [first, added]
+    assert await status(first, "/headers") == 200
+    assert await status(added, "/status/200") == 200
+    assert service.metrics.registry.get_sample_value("gateway_config_reloads_total", {"result": "applied"}) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removed_listener_stops_accepting_and_a_changed_upstream_gets_a_new_pool(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """A listener the new file leaves out stops accepting (connections refused); an upstream whose settings
+    changed gets a new pool, and the old one is retired."""
+    path = tmp_path / "gateway.toml"
+    one, two = free_port(), free_port()
+    data = base(origin, listeners=[{"host": "127.0.0.1", "port": one}, {"host": "127.0.0.1", "port": two}])
+    service = start(path, data, running)
+    assert await status(two) == 200
+    old_pool = service.gateway.pools["origin"]
+    data["listeners"] = [{"host": "127.0.0.1", "port": one}]
+    data["upstreams"]["origin"]["max_connections"] = 7
+    path.write_text(toml(data))
+    assert service.reload() is True
+    assert service.gateway.pools["origin"] is not old_pool
+    assert service.gateway.pools["origin"].upstream.max_connections == 7
+    assert old_pool in service._retired_pools
+    await refused(two)
+    assert await status(one) == 200
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda text: text.replace('path_prefix = "/status"', 'path_prefix = "status"'),
+        lambda text: text + "\n[server]\ndrain_timout = 1\n",
+        lambda text: text + "\n[[routes\n",
+    ],
+    ids=["bad-value", "unknown-key", "not-toml"],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_invalid_reload_changes_nothing(
+    origin: Origin, tmp_path: Path, running: list[GatewayService], broken: Any
+) -> None:
+    """An invalid file: reload answers False, the running Gateway, listeners and routes are the same, the
+    failure is counted."""
+    path = tmp_path / "gateway.toml"
+    service = start(path, base(origin), running)
+    gateway, listeners = service.gateway, list(service.listeners)
+    path.write_text(broken(path.read_text()))
+    assert service.reload() is False
+    assert service.gateway is gateway and service.listeners == listeners
+    assert await status(port_of(service)) == 200
+    assert service.metrics.registry.get_sample_value("gateway_config_reloads_total", {"result": "invalid"}) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_whose_new_listener_cannot_bind_changes_nothing(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """Two new listeners, the second on a port that is taken: the reload fails whole, the first new one is
+    closed again, and the old config still serves."""
+    path = tmp_path / "gateway.toml"
+    first = free_port()
+    data = base(origin, listeners=[{"host": "127.0.0.1", "port": first}])
+    service = start(path, data, running)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    free = free_port()
+    try:
+        data["listeners"] = [
+            {"host": "127.0.0.1", "port": first},
+            {"host": "127.0.0.1", "port": free},
+            {"host": "127.0.0.1", "port": taken.getsockname()[1]},
+        ]
+        path.write_text(toml(data))
+        gateway = service.gateway
+        assert service.reload() is False
+    finally:
+        taken.close()
+    assert service.gateway is gateway and len(service.listeners) == 1
+    await refused(free)
+    assert await status(first) == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limit_counts_carry_over_a_reload(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """A client that used its one request a minute before the reload is still limited after it: the new
+    gatekeeper counts in the old one's store."""
+    path = tmp_path / "gateway.toml"
+    service = start(path, base(origin, admission={"rate_limits": {"anonymous": {"rate": "1/m"}}}), running)
+    port = port_of(service)
+    assert await status(port) == 200
+    assert await status(port) == 429
+    old = service.gateway.gatekeeper
+    assert service.reload() is True
+    assert service.gateway.gatekeeper is not old
+    assert service.gateway.gatekeeper.store is old.store
+    assert await status(port) == 429
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_while_draining_is_ignored(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """Once the stop has begun, a reload changes nothing."""
+    path = tmp_path / "gateway.toml"
+    service = start(path, base(origin), running)
+    gateway = service.gateway
+    stopping = service.stopService()
+    assert service.reload() is False
+    assert service.gateway is gateway
+    await stopping
