@@ -135,6 +135,9 @@ def make_secrets(workdir: Path) -> BenchCredentials:
 
 
 HEAD = """# written by bench/admission.py for one run
+[access_log]
+path = ""
+
 [[listeners]]
 host = "127.0.0.1"
 port = {port}

@@ -82,6 +82,9 @@ backlog = 1024
 [limits]
 max_request_body_bytes = "8GiB"
 
+[access_log]
+path = ""  # off, as nginx's access_log is in its peers (bench/operations.py measures what it costs)
+
 [upstreams.origin]
 url = "http://127.0.0.1:{origin_port}"
 
