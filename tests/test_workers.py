@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.logger import formatEvent, globalLogPublisher
 
 from gateway.workers import WorkerPool, worker_command
 from tests.support.clients import within
 from tests.support.processes import children_of, is_alive, kill_if_ours
+from tests.support.scrape import until
 
 WAIT = 15.0
 
@@ -72,15 +73,6 @@ def make_pool(tmp_path: Path) -> Iterator[Callable[..., WorkerPool]]:
             pytest_twisted.blockon(within(pool.stopService(), WAIT))
     for pid in pids:
         kill_if_ours(pid, str(tmp_path))
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll `condition` every 10 ms until it holds; fail naming `what` after `timeout` seconds."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 async def ready(tmp_path: Path, *indexes: int) -> None:
