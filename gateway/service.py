@@ -305,12 +305,20 @@ class GatewayService(MultiService):
                 new=new.server.workers,
             )
             new = _with_workers(new, old.server.workers)
-        kept = {service.listener: service for service in self.listeners}
+        kept = {_address(service.listener): service for service in self.listeners}
         added: list[ListenerService] = []
         admin = self.admin
+        for listener in new.listeners:
+            running = kept.get(_address(listener))
+            if running is not None and running.listener != listener:
+                # Its socket is bound: a new one on the same address could not be bound beside it.
+                _log.warn(
+                    "Reload: listener {address} keeps its backlog and proxy_protocol until a restart",
+                    address=listener.describe(),
+                )
         try:
             for listener in new.listeners:
-                if listener not in kept:
+                if _address(listener) not in kept:
                     service = self._listener_service(listener, new)
                     service.bind()
                     added.append(service)
@@ -334,13 +342,13 @@ class GatewayService(MultiService):
         )
         self.factory.reconfigure(self.gateway)
         self.config = new
-        wanted = set(new.listeners)
+        wanted = {_address(listener) for listener in new.listeners}
         for service in list(self.listeners):
-            if service.listener not in wanted:
+            if _address(service.listener) not in wanted:
                 service.disownServiceParent()  # stops accepting; its connections go on
         for service in added:
             service.setServiceParent(self)
-        self.listeners = [service for service in self.listeners if service.listener in wanted] + added
+        self.listeners = [service for service in self.listeners if _address(service.listener) in wanted] + added
         if _admin_changed(old, new):
             if self.admin is not None:
                 self.admin.disownServiceParent()
@@ -431,6 +439,11 @@ def _within(clock: Any, waited: Deferred[Any], timeout: float) -> Deferred[bool]
 
     waited.addBoth(fired)
     return result
+
+
+def _address(listener: Listener) -> tuple[str, int, str]:
+    """What identifies a listener across a reload: its address, or its systemd socket's name."""
+    return (listener.host, listener.port, listener.systemd)
 
 
 def _admin_changed(old: Config, new: Config) -> bool:

@@ -251,3 +251,21 @@ async def test_a_reload_while_draining_is_ignored(
     assert service.reload() is False
     assert service.gateway is gateway
     await stopping
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listener_whose_backlog_changes_keeps_its_socket(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """A listener whose address stays and whose backlog changes is kept as it is (its socket cannot be bound
+    twice): the reload applies, with a warning, and the port never stops answering."""
+    path = tmp_path / "gateway.toml"
+    port = free_port()
+    data = base(origin, listeners=[{"host": "127.0.0.1", "port": port}])
+    service = start(path, data, running)
+    before = service.listeners[0]
+    data["listeners"] = [{"host": "127.0.0.1", "port": port, "backlog": 16}]
+    path.write_text(toml(data))
+    assert service.reload() is True
+    assert service.listeners == [before]
+    assert await status(port) == 200
