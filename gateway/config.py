@@ -8,6 +8,7 @@ touches the network or the reactor, so a reload can validate a file before anyth
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -501,6 +502,11 @@ def _access_log(t: Table | None, source: Path | str) -> AccessLog:
         path = str(Path(source).parent / path)
         if not Path(path).parent.is_dir():
             raise t.error("path", f"the directory of {path!r} does not exist")
+        if Path(path).is_dir():
+            raise t.error("path", f"{path!r} is a directory; name a file in it")
+        writable = os.access(path, os.W_OK) if Path(path).exists() else os.access(Path(path).parent, os.W_OK)
+        if not writable:
+            raise t.error("path", f"{path!r} cannot be written by this user")
     log = AccessLog(path=path, query=t.get("query", boolean, False))
     t.finish()
     return log

@@ -95,10 +95,11 @@ class AccessLog:
     def configure(self, path: str, *, include_query: bool) -> None:
         """Write to `path` from now on ("-" stdout, "" nowhere); a file that cannot be opened raises OSError
         and leaves the log as it was."""
-        self.include_query = include_query
         if path == self.path:
+            self.include_query = include_query
             return
-        out = self._open(path)
+        out = self._open(path)  # may raise: nothing has changed yet
+        self.include_query = include_query
         self.flush()
         old, self._out, self.path = self._out, out, path
         self._close(old)

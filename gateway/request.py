@@ -200,6 +200,8 @@ class GatewayRequest(http.Request):
         self._response_at: float | None = None
         self._body_bytes = 0
         self.consumer: str | None = None
+        self._head_read = False
+        """Whether the request line is known (Twisted's placeholder method is no method)."""
         self.refusal: GatewayError | None = None
         """The error the channel refused this request's head or body with (it then closes the connection)."""
         self.cut_by: str | None = None
@@ -215,6 +217,7 @@ class GatewayRequest(http.Request):
         channel = self.channel
         # HTTPChannel hands method, target and version to the request only after the body (requestReceived).
         self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
+        self._head_read = True
         self.path = self.uri.partition(b"?")[0]
         self._has_body = length != 0
         self.request_id = request_id_of(self.requestHeaders)
@@ -269,9 +272,21 @@ class GatewayRequest(http.Request):
         self.refusal = error
         if self.phase is Phase.HEAD:
             self.request_id = request_id
+            self._head_read = method is not None
             self.method = method or b""
             self.uri = target or b""
             self.path = self.uri.partition(b"?")[0]
+
+    def cut(self, ending: str) -> None:
+        """The gateway cuts this request's connection now (the drain timeout passed): the request ends here, as
+        `ending`, and what was under way is never finished as if complete."""
+        if not _TRANSITIONS[self.phase]:
+            return
+        if Phase.ABORTED in _TRANSITIONS[self.phase]:
+            self._abort_client(ending)
+        else:
+            self.cut_by = ending
+            self.connectionLost(Failure(ConnectionAborted(ending)))
 
     def lingered(self, size: int) -> bool:
         """`size` bytes arrived on the connection (framing included) while the answer waits for the body's end:
@@ -306,6 +321,8 @@ class GatewayRequest(http.Request):
         if not _TRANSITIONS[self.phase]:
             return
         # A client that hangs up after the whole response was written (while we lingered) was answered.
+        if self.phase is Phase.HEAD and not self.request_id:
+            self.request_id = request_id_of(self.requestHeaders)  # never answered: what the log knows it by
         if self.cut_by is not None:
             ending = self.cut_by
         elif self.refusal is not None:
@@ -422,7 +439,7 @@ class GatewayRequest(http.Request):
         self._upstream_headers = upstream_request_headers(
             self.requestHeaders,
             client_ip=client_ip,
-            keep_forwarded_for=bool(trusted) and _is_trusted(client_ip, trusted),
+            keep_forwarded_for=bool(trusted) and _trust(trusted)(client_ip),
             host=client_host[0] if client_host and route.host_header == "client" else _host_value(route),
             client_host=client_host[0] if client_host else None,
             proto=b"https" if ISSLTransport.providedBy(self._client_transport) else b"http",
@@ -755,7 +772,7 @@ class GatewayRequest(http.Request):
         return {
             "request_id": self.request_id,
             "client": getattr(self.client, "host", ""),
-            "method": self.method.decode("ascii", "backslashreplace") if self.method else None,
+            "method": self.method.decode("ascii", "backslashreplace") if self.method and self._head_read else None,
             "path": path.decode("ascii", "backslashreplace") if path else None,
             "route": route.name if route is not None else None,
             "upstream": route.upstream.name if route is not None and self._pool is not None else None,
@@ -779,17 +796,31 @@ def _host_value(route: Route) -> bytes:
     return (host if up.port == 80 else f"{host}:{up.port}").encode("ascii")
 
 
-@functools.lru_cache(maxsize=4096)
-def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    """Whether `address` is in one of `networks` (server.trusted_proxies); an IPv4 client of an IPv6 listener
-    ("::ffff:10.0.0.1") counts as its IPv4 address."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
+_TRUST_CHECKS: dict[int, tuple[object, Any]] = {}
+
+
+def _trust(networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> Any:
+    """The check of an address against `networks` (server.trusted_proxies), made once per config (found by the
+    tuple's identity: hashing the networks on every request would cost more than the check), with an address
+    cache of its own."""
+    found = _TRUST_CHECKS.get(id(networks))
+    if found is not None and found[0] is networks:
+        return found[1]
+
+    @functools.lru_cache(maxsize=4096)
+    def trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in networks)
+
+    if len(_TRUST_CHECKS) > 64:
+        _TRUST_CHECKS.clear()  # configs of long ago (a reload each)
+    _TRUST_CHECKS[id(networks)] = (networks, trusted)
+    return trusted
 
 
 def refusal_record(request_id: str, client: str, method: bytes | None, status: int) -> dict[str, Any]:

@@ -49,6 +49,8 @@ __all__ = ["GatewayService", "ListenerService", "make_gateway"]
 
 _log = Logger()
 
+CUT_WAIT = 2.0
+"""Seconds the stop waits for connections cut at the drain timeout to be gone."""
 RETIRE_DELAY = 120.0
 """Seconds a replaced gatekeeper is kept after a reload, for the checks still under way on it (each has a
 timeout well below this), before its threads and connections are closed."""
@@ -310,12 +312,20 @@ class GatewayService(MultiService):
         admin = self.admin
         for listener in new.listeners:
             running = kept.get(_address(listener))
-            if running is not None and running.listener != listener:
-                # Its socket is bound: a new one on the same address could not be bound beside it.
-                _log.warn(
-                    "Reload: listener {address} keeps its backlog and proxy_protocol until a restart",
+            if running is not None and running.listener.proxy_protocol != listener.proxy_protocol:
+                # What a connection's first bytes are cannot change under a bound socket: refused, not ignored
+                # (ignoring it would leave client addresses spoofable, or break every request).
+                _log.error(
+                    "Reload refused, the running config is unchanged: {source}: listener {address}: "
+                    "proxy_protocol changes only on a restart",
+                    source=source,
                     address=listener.describe(),
                 )
+                self.metrics.reloaded("invalid")
+                return False
+            if running is not None and running.listener.backlog != listener.backlog:
+                # Its socket is bound: a new one on the same address could not be bound beside it.
+                _log.warn("Reload: listener {address} keeps its backlog until a restart", address=listener.describe())
         try:
             for listener in new.listeners:
                 if _address(listener) not in kept:
@@ -357,6 +367,7 @@ class GatewayService(MultiService):
                 admin.setServiceParent(self)
         self._retire(previous)
         if self.workers is not None:
+            self.workers.stop_timeout = new.server.drain_timeout + 10.0  # they drain on the new timeout
             self.workers.signal_all("HUP")
         self.metrics.reloaded("applied")
         _log.info(
@@ -372,6 +383,10 @@ class GatewayService(MultiService):
         """What the new Gateway no longer uses: pools close their idle connections now (those still in use go
         back to the pool when their response ends and close after its idle timeout); the old gatekeeper closes
         once the checks still under way on it have had their time."""
+        # Retired pools that carry nothing any more are dropped (closed again: a connection may have come back).
+        for pool in [pool for pool in self._retired_pools if not pool.in_flight and not pool.queued]:
+            pool.close()
+            self._retired_pools.remove(pool)
         in_use = set(map(id, self.gateway.pools.values()))
         for pool in previous.pools.values():
             if id(pool) not in in_use:
@@ -413,6 +428,9 @@ class GatewayService(MultiService):
                     timeout=timeout,
                     count=cut,
                 )
+                # The aborted connections are lost on the reactor's next turns: wait for them (bounded), so
+                # that what they report still finds the pools and the access log open.
+                await _within(self._reactor, drained, CUT_WAIT)
         await workers
         closing = [pool.close() for pool in (*self.gateway.pools.values(), *self._retired_pools)]
         closing += [gatekeeper.close() for gatekeeper in (self.gateway.gatekeeper, *self._retired_gatekeepers)]

@@ -34,16 +34,21 @@ def install(reactor: Any, service: GatewayService, notifier: Notifier | None) ->
     """Install the handlers for `service`; tell systemd the process is ready."""
 
     def reload() -> None:
+        if service.draining:
+            service.reload()  # logs that it is ignored; systemd, told STOPPING=1, hears nothing more
+            return
         if notifier is not None:
             notifier.reloading()
         applied = service.reload()
         if notifier is not None:
-            notifier.ready("config reloaded" if applied else "reload refused: the config is invalid (see the log)")
+            notifier.ready("config reloaded" if applied else "reload refused, the config is unchanged (see the log)")
 
     def stop() -> None:
-        _log.info("SIGTERM: stopping gracefully (drain for at most {timeout:g} s)", timeout=_drain(service))
+        drain = _drain(service)
+        _log.info("SIGTERM: stopping gracefully (drain for at most {timeout:g} s)", timeout=drain)
         if notifier is not None:
-            notifier.stopping()
+            # Asks systemd for the drain and the workers' stop beyond TimeoutStopSec, if it is shorter.
+            notifier.notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int((drain + 20) * 1_000_000)}")
         with contextlib.suppress(ReactorNotRunning):
             reactor.stop()
 
@@ -51,6 +56,8 @@ def install(reactor: Any, service: GatewayService, notifier: Notifier | None) ->
 
     def reopen() -> None:
         service.access_log.reopen()
+        if service.workers is not None:
+            service.workers.signal_all("USR1")  # each worker writes the access log itself
 
     def on_usr1(signum: int, frame: Any) -> None:
         reactor.callFromThread(reopen)

@@ -163,6 +163,13 @@ class GatewayChannel(HTTPChannel):
         if self.refused is not None:
             return
         if getattr(self, _FIRST_LINE):
+            gateway = self.factory.gateway
+            if gateway.limits is not self.limits:
+                # A reload changed the limits since this kept-alive connection's last head: its new head (and
+                # what follows) is held to the config of now, as a new connection's is.
+                self.limits, self.server = gateway.limits, gateway.server
+                self.totalHeadersSize = self.limits.max_request_line_bytes + self.limits.max_header_bytes
+                self.maxHeaders = self.limits.max_header_count
             super().lineReceived(line)
             if not getattr(self, _FIRST_LINE):
                 self.MAX_LENGTH = self._header_room()  # the request line is in: header lines come next
@@ -235,7 +242,11 @@ class GatewayChannel(HTTPChannel):
             host = getattr(peer, "host", None)
             if isinstance(host, str) and isinstance(peer, IPv4Address | IPv6Address):
                 canonical = _canonical_ip(host)
-                if canonical is not None and canonical != host:
+                if canonical is not None and "." in canonical and ":" in host:
+                    # An IPv4 client of an IPv6 ("::") listener: "::ffff:192.0.2.1" is 192.0.2.1, for
+                    # X-Forwarded-For, the logs and per-address limits alike.
+                    peer = IPv4Address(peer.type, canonical, peer.port)  # type: ignore[arg-type]
+                elif canonical is not None and canonical != host:
                     peer = type(peer)(peer.type, canonical, peer.port)  # type: ignore[arg-type]
             self._peer = peer
         return self._peer
@@ -377,11 +388,15 @@ class GatewayChannel(HTTPChannel):
 
 @functools.lru_cache(maxsize=4096)
 def _canonical_ip(text: str) -> str | None:
-    """`text` as an IP address in canonical form (IPv6 compressed, lower case), or None if it is not one."""
+    """`text` as an IP address in canonical form (IPv6 compressed, lower case; an IPv4-mapped IPv6 address as
+    its IPv4 address), or None if it is not one."""
     try:
-        return str(ipaddress.ip_address(text))
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 def _request_id(requests: list[Any]) -> str:
@@ -482,6 +497,8 @@ class GatewayFactory(HTTPFactory):
         self.draining = True
         for channel in list(self.channels):
             requests = channel.requests
+            if channel.refused is not None:
+                continue  # answered and lingering: its timer closes it (closing now could reset the answer)
             if not requests:
                 channel.transport.loseConnection()  # idle between requests: nothing is lost
                 continue
@@ -500,9 +517,9 @@ class GatewayFactory(HTTPFactory):
         finished as if complete. Returns how many were cut."""
         channels = list(self.channels)
         for channel in channels:
-            for request in channel.requests:
+            for request in list(channel.requests):
                 if isinstance(request, GatewayRequest):
-                    request.cut_by = ending
+                    request.cut(ending)
             channel.transport.abortConnection()
         return len(channels)
 

@@ -455,6 +455,23 @@ async def test_drain_timeout_cut_is_logged_drain_timeout(origin, gateway_for, tm
     await within(client.closed)
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_stop_logs_what_it_cuts_at_the_drain_timeout(origin, gateway_for, tmp_path):
+    """A stream still running when the stop's drain timeout passes is logged "drain_timeout" by the stop itself
+    (before it closes the access log), and the stop ends."""
+    log = tmp_path / "access.log"
+    gateway = gateway_for(logged_config(origin.url, log, server={"drain_timeout": 0.2}))
+    client = await connect(gateway.port, keep_all=False)
+    client.send(get(b"/bytes/%d" % (256 * MiB)))
+    await within(client.received_at_least(64 * 1024))
+    client.pause()
+    await within(gateway.service.stopService())
+    (line,) = log_lines(log)
+    assert (line["status"], line["ending"]) == (200, "drain_timeout")
+    client.resume()
+    await within(client.closed)
+
+
 # === refused by the channel ===========================================================================================
 
 
@@ -570,6 +587,16 @@ def test_reopen_after_rename_writes_to_a_new_file_losing_nothing(tmp_path):
     assert [line["request_id"] for line in rotated] == [f"req-{n}" for n in range(5)]
     assert [line["request_id"] for line in current] == [f"req-{n}" for n in range(5, 8)]
     assert all(list(line) == ["time", "request_id", "status", "padding"] for line in rotated + current)
+
+
+def test_a_failed_configure_changes_nothing(tmp_path):
+    """`configure` to a path that cannot be opened raises and changes nothing, not even whether queries are
+    logged (a refused reload must not start logging tokens)."""
+    log = AccessLog(str(tmp_path / "a.log"), include_query=False)
+    with pytest.raises(OSError):
+        log.configure(str(tmp_path), include_query=True)  # a directory
+    assert (log.path, log.include_query) == (str(tmp_path / "a.log"), False)
+    log.close()
 
 
 def test_empty_path_writes_nothing(tmp_path):

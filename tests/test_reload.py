@@ -269,3 +269,42 @@ async def test_a_listener_whose_backlog_changes_keeps_its_socket(
     assert service.reload() is True
     assert service.listeners == [before]
     assert await status(port) == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_alive_connection_reads_its_next_head_with_the_new_limits(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """After a reload lowers max_header_bytes, the next request on a connection opened before it is held to the
+    new limit (431), as a new connection's is."""
+    path = tmp_path / "gateway.toml"
+    data = base(origin)
+    service = start(path, data, running)
+    client = await connect(port_of(service), keep_all=True)
+    big = b"X-Big: " + b"a" * 3000 + b"\r\n"
+    client.send(b"GET /status/200 HTTP/1.1\r\nHost: gateway.test\r\n" + big + b"\r\n")
+    await within(client.responses_received(1))
+    data["limits"] = {"max_header_bytes": 1024}
+    path.write_text(toml(data))
+    assert service.reload() is True
+    client.send(b"GET /status/200 HTTP/1.1\r\nHost: gateway.test\r\n" + big + b"\r\n")
+    await within(client.closed)
+    assert b"431" in bytes(client.head).split(b"\r\n\r\n", 1)[1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_turning_proxy_protocol_on_for_a_bound_listener_refuses_the_reload(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """What a connection's first bytes mean cannot change under a bound socket: the reload is refused (not half
+    applied), and the listener goes on as it was."""
+    path = tmp_path / "gateway.toml"
+    port = free_port()
+    data = base(origin, listeners=[{"host": "127.0.0.1", "port": port}])
+    service = start(path, data, running)
+    data["listeners"] = [{"host": "127.0.0.1", "port": port, "proxy_protocol": True}]
+    path.write_text(toml(data))
+    gateway = service.gateway
+    assert service.reload() is False
+    assert service.gateway is gateway
+    assert await status(port) == 200

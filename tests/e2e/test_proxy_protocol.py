@@ -127,3 +127,31 @@ async def test_a_connection_without_a_valid_header_is_closed_unanswered(
     client = await exchange(gateway.port, data)
     assert bytes(client.head) == b""
     assert origin.seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_unknown_falls_back_to_the_connections_own_address(
+    origin: Origin, gateway_for: Any, tmp_path: Path
+) -> None:
+    """`PROXY UNKNOWN` (a connection the load balancer cannot describe) carries no address: the connection's own
+    one is used. (Twisted's parser wants something after UNKNOWN; the bare `PROXY UNKNOWN\\r\\n` is closed.)"""
+    gateway = gateway_for(config(origin, tmp_path))
+    client = await exchange(gateway.port, b"PROXY UNKNOWN ::1 ::1 1 2\r\n" + GET_HEADERS)
+    echo = json.loads(client.response().body)
+    assert [v for k, v in echo["headers"] if k.lower() == "x-forwarded-for"] == ["127.0.0.1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ipv4_client_of_an_ipv6_listener_is_its_ipv4_address(
+    origin: Origin, gateway_for: Any, tmp_path: Path
+) -> None:
+    """On a "::" listener an IPv4 client's address arrives as "::ffff:127.0.0.1": X-Forwarded-For, the access
+    log and per-address limits all take it as 127.0.0.1 (else every IPv4 client would share one IPv6 /64)."""
+    data = gateway_config(
+        origin.url, listeners=[{"host": "::", "port": 0}], access_log={"path": str(tmp_path / "access.log")}
+    )
+    gateway = gateway_for(data)
+    client = await exchange(gateway.port, GET_HEADERS)
+    echo = json.loads(client.response().body)
+    assert [v for k, v in echo["headers"] if k.lower() == "x-forwarded-for"] == ["127.0.0.1"]
+    assert [line["client"] for line in access_lines(tmp_path)] == ["127.0.0.1"]

@@ -526,7 +526,8 @@ def test_sd_notify_ready_reloading_stopping(
     assert reloaded == {"READY": "1", "STATUS": "config reloaded"}, reloaded
 
     gateway.signal(signal.SIGTERM)
-    assert notify_socket.receive(WAIT) == {"STOPPING": "1"}
+    # STOPPING=1, and time for the drain (30 s by default) and the workers' stop beyond TimeoutStopSec.
+    assert notify_socket.receive(WAIT) == {"STOPPING": "1", "EXTEND_TIMEOUT_USEC": str((30 + 20) * 1_000_000)}
     assert gateway.exit_status() == 0, gateway.twistd.output()
     assert notify_socket.pending() == []
 
