@@ -229,3 +229,15 @@ async def test_closing_skips_the_checks_still_queued(gate: _Gate) -> None:
     threading.Timer(0.05, gate.event.set).start()  # it finishes while close() joins the thread
     auth.close()
     assert gate.ran == 1
+
+
+def test_a_check_skipped_because_the_method_closed_is_no_verdict_on_the_password() -> None:
+    """A check still queued when its method is closed (the gateway stops, or a reload retired it) is skipped
+    and answered as unavailable (503), never as a wrong password (401, counted as a failed login)."""
+    auth = BasicAuthenticator(BasicMethod(name="login"), CONSUMERS, reactor=Clock(), realm="gw")
+    stored = CONSUMERS["alice"].password_hash
+    assert stored is not None
+    auth.close()
+    with pytest.raises(AuthUnavailable) as info:
+        auth._check(PASSWORD, stored)
+    assert info.value.reason == "basic_closed"

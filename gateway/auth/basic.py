@@ -114,9 +114,12 @@ class BasicAuthenticator:
         return waiter
 
     def _check(self, password: bytes, stored: bytes) -> bool:
-        """In a pool thread: the bcrypt check, skipped once the gateway is stopping (a queued check then costs
-        nothing, and stopping waits only for those under way)."""
-        return not self._closed and bcrypt.checkpw(password, stored)
+        """In a pool thread: the bcrypt check, skipped once the method is closed (the gateway stops, or a reload
+        retired it): a queued check then costs nothing, and closing waits only for those under way. A skipped
+        check is no verdict on the password."""
+        if self._closed:
+            raise AuthUnavailable("the login could not be checked (the gateway is stopping)", reason="basic_closed")
+        return bool(bcrypt.checkpw(password, stored))
 
     def _checked(self, result: object, key: bytes, consumer: Consumer | None, user: str) -> None:
         self._pending -= 1
