@@ -10,12 +10,15 @@ Rules:
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["Live", "Metrics", "PoolState"]
 
@@ -99,44 +102,103 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("gateway_draining", "1 while the process drains before it stops.", int(live.draining))
 
 
+class _Histogram:
+    """One histogram's buckets and sum, as plain numbers: counted on the reactor thread, read at a scrape."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += count
+            out.append((floatToGoString(bound), total))
+        return out
+
+
+class _Histograms:
+    def __init__(self, name: str, documentation: str, label: str, bounds: tuple[float, ...]) -> None:
+        self.name, self.documentation, self.label, self.bounds = name, documentation, label, bounds
+        self.by_label: dict[str, _Histogram] = {}
+
+    def get(self, value: str) -> _Histogram:
+        found = self.by_label.get(value)
+        if found is None:
+            found = self.by_label[value] = _Histogram(self.bounds)
+        return found
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, histogram in sorted(self.by_label.items()):
+            family.add_metric([value], histogram.buckets(), sum_value=histogram.sum)
+        return family
+
+
+class _RequestCollector(Collector):
+    """The per-request series, kept by `Metrics` as plain dicts and numbers (no lock, no object per sample:
+    prometheus_client's own Counter and Histogram cost some 20 us per request between them) and turned into
+    metric families when a scrape comes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        requests = CounterMetricFamily(
+            "gateway_requests",
+            "Requests ended, by route, status and how they ended.",
+            labels=["route", "status", "ending"],
+        )
+        for labels, count in sorted(m.requests.items()):
+            requests.add_metric(list(labels), count)
+        yield requests
+        yield m.ttfb.family()
+        yield m.duration.family()
+        yield m.queue_wait.family()
+        for name, documentation, counts in (
+            ("gateway_request_body_bytes", "Request-body bytes read from clients.", m.bytes_in),
+            ("gateway_response_body_bytes", "Response-body bytes written to clients.", m.bytes_out),
+        ):
+            family = CounterMetricFamily(name, documentation, labels=["route"])
+            for route, count in sorted(counts.items()):
+                family.add_metric([route], count)
+            yield family
+
+
 class Metrics:
     """The process's metrics. `request_ended` takes a request's access-log record; `read_live` is called at
     every scrape."""
 
     def __init__(self, read_live: Callable[[], Live]) -> None:
         self.registry = registry = CollectorRegistry()
-        self._requests = Counter(
-            "gateway_requests",
-            "Requests ended, by route, status and how they ended.",
-            ["route", "status", "ending"],
-            registry=registry,
-        )
-        self._ttfb = Histogram(
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.bytes_in: dict[str, int] = {}
+        self.bytes_out: dict[str, int] = {}
+        self.ttfb = _Histograms(
             "gateway_time_to_first_byte_seconds",
             "From the start of the request head to the upstream's response head.",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
+            "route",
+            _LATENCY_BUCKETS,
         )
-        self._duration = Histogram(
+        self.duration = _Histograms(
             "gateway_request_duration_seconds",
             "From the start of the request head to the request's end (the whole stream).",
-            ["route"],
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
+            "route",
+            _DURATION_BUCKETS,
         )
-        self._queue_wait = Histogram(
+        self.queue_wait = _Histograms(
             "gateway_upstream_queue_wait_seconds",
             "Time admitted requests waited for an upstream slot.",
-            ["upstream"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self._bytes_in = Counter(
-            "gateway_request_body_bytes", "Request-body bytes read from clients.", ["route"], registry=registry
-        )
-        self._bytes_out = Counter(
-            "gateway_response_body_bytes", "Response-body bytes written to clients.", ["route"], registry=registry
+            "upstream",
+            _LATENCY_BUCKETS,
         )
         self._denials = Counter(
             "gateway_admission_denials",
@@ -145,38 +207,32 @@ class Metrics:
             registry=registry,
         )
         self._reloads = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"], registry=registry)
+        registry.register(_RequestCollector(self))
         registry.register(_LiveCollector(read_live))
-        # Labelled children by label values: `labels()` takes a lock and builds a key on every call.
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def _child(self, metric: Any, *values: str) -> Any:
-        key = (metric, *values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
 
     def request_ended(self, record: Mapping[str, Any]) -> None:
         route = record["route"] or ""
         status = record["status"]
-        self._child(self._requests, route, "" if status is None else str(status), record["ending"]).inc()
+        key = (route, "" if status is None else str(status), record["ending"])
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
         total = record["total_ms"]
         if total is not None:
-            self._child(self._duration, route).observe(total / 1000.0)
+            self.duration.get(route).observe(total / 1000.0)
         ttfb = record["ttfb_ms"]
         if ttfb is not None:
-            self._child(self._ttfb, route).observe(ttfb / 1000.0)
+            self.ttfb.get(route).observe(ttfb / 1000.0)
         queue = record["queue_ms"]
         if queue is not None:
-            self._child(self._queue_wait, record["upstream"]).observe(queue / 1000.0)
+            self.queue_wait.get(record["upstream"] or "").observe(queue / 1000.0)
         if record["bytes_in"]:
-            self._child(self._bytes_in, route).inc(record["bytes_in"])
+            self.bytes_in[route] = self.bytes_in.get(route, 0) + record["bytes_in"]
         if record["bytes_out"]:
-            self._child(self._bytes_out, route).inc(record["bytes_out"])
+            self.bytes_out[route] = self.bytes_out.get(route, 0) + record["bytes_out"]
 
     def denied(self, route: str, reason: str) -> None:
-        self._child(self._denials, route, reason).inc()
+        self._denials.labels(route, reason).inc()
 
     def reloaded(self, result: str) -> None:
         """A reload ended: "applied" or "invalid"."""
-        self._child(self._reloads, result).inc()
+        self._reloads.labels(result).inc()
