@@ -12,6 +12,8 @@ Rules:
 from __future__ import annotations
 
 import json
+import os
+import select
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -42,6 +44,11 @@ def _timestamp(seconds: float) -> str:
         _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
     return f"{_second[1]}.{int((seconds - whole) * 1000):03d}Z"
 
+
+FLUSH_INTERVAL = 0.2
+"""Seconds an access-log line may wait in the buffer (with a clock); stdout and files alike."""
+FLUSH_BYTES = 64 * 1024
+"""Bytes of lines after which the buffer is written at once."""
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 """One encoder for every line: `json.dumps` with separators builds a new one per call."""
@@ -78,17 +85,23 @@ def observer() -> ILogObserver:
 class AccessLog:
     """The access log: one JSON line per request, to stdout or to a file, or nowhere (path "").
 
-    A file is opened for appending and reopened by `reopen` (SIGUSR1), so logrotate can move it away and signal;
-    each line is written whole and flushed, so a line is never split between two files or left in a buffer.
-    One object lives as long as the process: a reload `configure`s it, and requests still running on the old
-    config write through the same object."""
+    Lines are kept in a buffer of the log's own and written with `os.write` in pieces that end on a line and
+    hold at most PIPE_BUF bytes (a line longer than that goes alone): each is one atomic write, so worker
+    processes sharing stdout (journald) or the same file (opened O_APPEND by each) never interleave inside a
+    line. With a clock, the buffer is written FLUSH_INTERVAL after its first line, or at once past
+    FLUSH_BYTES, as nginx's `access_log buffer=`; without one, at every line. A file is reopened by `reopen`
+    (SIGUSR1, for logrotate) after the buffer is written, so no line is split between two files. One object
+    lives as long as the process: a reload `configure`s it, and requests still running on the old config write
+    through the same object."""
 
     def __init__(self, path: str = "-", *, include_query: bool = False, clock: IReactorTime | None = None) -> None:
         self.path = ""
         self.include_query = include_query
         self._clock = clock
         self._flush_call: IDelayedCall | None = None
-        self._out: IO[str] | None = None
+        self._fd: int | None = None
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._logger = Logger(namespace=ACCESS_NAMESPACE, observer=LogPublisher(self._write))
         self.configure(path, include_query=include_query)
 
@@ -98,65 +111,93 @@ class AccessLog:
         if path == self.path:
             self.include_query = include_query
             return
-        out = self._open(path)  # may raise: nothing has changed yet
+        fd = self._open(path)  # may raise: nothing has changed yet
         self.include_query = include_query
         self.flush()
-        old, self._out, self.path = self._out, out, path
-        self._close(old)
+        old_fd, old_path = self._fd, self.path
+        self._fd, self.path = fd, path
+        self._close(old_fd, old_path not in ("", "-"))
 
     @staticmethod
-    def _open(path: str) -> IO[str] | None:
+    def _open(path: str) -> int | None:
         if path == "":
             return None
         if path == "-":
             # The process's real stdout: twistd replaces sys.stdout with a file that logs what is written to it.
-            return sys.__stdout__
-        return open(path, "a", encoding="utf-8")
+            return sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
     @staticmethod
-    def _close(out: IO[str] | None) -> None:
-        if out is not None and out is not sys.__stdout__:
-            out.close()
+    def _close(fd: int | None, owned: bool) -> None:
+        if fd is not None and owned:
+            os.close(fd)
 
     @property
     def enabled(self) -> bool:
-        return self._out is not None
+        return self._fd is not None
 
     def record(self, fields: dict[str, Any]) -> None:
         """Log one request's line; `fields` are its keys in order (the time is added from the event)."""
-        if self._out is not None:
+        if self._fd is not None:
             self._logger.info("access", access=fields)
 
     def _write(self, event: LogEvent) -> None:
-        out = self._out
-        if out is None:
+        if self._fd is None:
             return
-        fields = {"time": _timestamp(event["log_time"]), **event["access"]}
-        out.write(_encode(fields) + "\n")
-        if self._clock is None:
-            out.flush()
+        body = _encode(event["access"])
+        # The time first, then the record's own fields: '{"time":"...",' and the record's object less its "{".
+        line = f'{{"time":"{_timestamp(event["log_time"])}"{"," if len(body) > 2 else ""}{body[1:]}\n'
+        data = line.encode("utf-8")
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._clock is None or self._pending_bytes >= FLUSH_BYTES:
+            self.flush()
         elif self._flush_call is None:
-            # Flushed once the current reactor turn is over: every line of the requests that ended in it goes
-            # out in one write (each line whole: a line is at most a few hundred bytes, the buffer 8 KiB).
-            self._flush_call = self._clock.callLater(0, self.flush)
+            self._flush_call = self._clock.callLater(FLUSH_INTERVAL, self.flush)
 
     def flush(self) -> None:
-        self._flush_call = None
-        if self._out is not None:
-            self._out.flush()
+        """Write what the buffer holds, in whole-line pieces of at most PIPE_BUF bytes."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        fd = self._fd
+        if fd is None or not pending:
+            return
+        piece: list[bytes] = []
+        size = 0
+        for line in pending:
+            if piece and size + len(line) > _PIPE_BUF:
+                _write_all(fd, b"".join(piece))
+                piece, size = [], 0
+            piece.append(line)
+            size += len(line)
+        _write_all(fd, b"".join(piece))
 
     def reopen(self) -> None:
         """Reopen the file (after logrotate moved it away); stdout is left as it is."""
         if self.path in ("", "-"):
             return
         self.flush()
-        out = self._open(self.path)
-        old, self._out = self._out, out
-        self._close(old)
+        fd = self._open(self.path)
+        old, self._fd = self._fd, fd
+        self._close(old, True)
 
     def close(self) -> None:
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
         self.flush()
-        old, self._out = self._out, None
-        self._close(old)
+        old, self._fd = self._fd, None
+        self._close(old, self.path not in ("", "-"))
+
+
+_PIPE_BUF = select.PIPE_BUF
+"""The largest write to a pipe that is atomic (4096 on Linux)."""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of `data` to `fd`; a log that cannot be written is reported on stderr, never raised into a request."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as e:
+        print(f"gateway: the access log cannot be written: {e}", file=sys.stderr)

@@ -709,20 +709,60 @@ def test_observer_factory_writes_to_the_real_stdout():
     assert made._out is sys.__stdout__
 
 
-def test_lines_of_one_reactor_turn_are_flushed_together_after_it(tmp_path: Path) -> None:
-    """With a clock, lines are written to the file's buffer and flushed once the current reactor turn is over
-    (one write for every request that ended in it), whole lines only; `close` flushes what is left."""
+def test_lines_are_written_together_after_the_flush_interval(tmp_path: Path) -> None:
+    """With a clock, lines wait in the log's buffer and are written FLUSH_INTERVAL after the first of them (one
+    write for the lines of many requests), at once past FLUSH_BYTES, and by `close`; whole lines only."""
     from twisted.internet.task import Clock
+
+    from gateway.logs import FLUSH_BYTES, FLUSH_INTERVAL
 
     clock = Clock()
     path = tmp_path / "access.log"
     log = AccessLog(str(path), clock=clock)
     log.record({"request_id": "a"})
     log.record({"request_id": "b"})
+    clock.advance(FLUSH_INTERVAL / 2)
     assert path.read_text() == ""  # in the buffer, not yet written
-    clock.advance(0)
+    clock.advance(FLUSH_INTERVAL / 2)
     assert [json.loads(line)["request_id"] for line in path.read_text().splitlines()] == ["a", "b"]
+    big = "x" * 1000
+    for i in range(FLUSH_BYTES // 1000 + 1):
+        log.record({"request_id": str(i), "user_agent": big})
+    assert len(path.read_bytes()) >= FLUSH_BYTES  # written at once, before the interval
+    assert all(json.loads(line) for line in path.read_text().splitlines())
     log.record({"request_id": "c"})
     log.close()
-    assert [json.loads(line)["request_id"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+    assert json.loads(path.read_text().splitlines()[-1])["request_id"] == "c"
     assert not clock.getDelayedCalls()
+
+
+def test_lines_are_written_in_whole_line_pieces_of_at_most_pipe_buf(tmp_path: Path, monkeypatch: Any) -> None:
+    """Each write holds whole lines and at most PIPE_BUF bytes (one line longer than that alone): atomic on a
+    pipe shared by worker processes, so their lines never interleave."""
+    import os
+    import select
+
+    from gateway import logs
+
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def recording(fd: int, data: Any) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(logs.os, "write", recording)
+    log = AccessLog(str(tmp_path / "access.log"), clock=None)
+    log._clock = object()  # buffer without a timer: flushed by hand below
+    log._flush_call = object()  # type: ignore[assignment]
+    for i in range(50):
+        log.record({"request_id": str(i), "user_agent": "y" * 200})
+    log.record({"request_id": "long", "user_agent": "z" * (2 * select.PIPE_BUF)})
+    log._flush_call = None
+    log.flush()
+    assert len(writes) > 1
+    for data in writes:
+        assert data.endswith(b"\n")
+        assert len(data) <= select.PIPE_BUF or data.count(b"\n") == 1
+    assert b"".join(writes).count(b"\n") == 51
+    log.close()
