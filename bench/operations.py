@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each case per repeat, alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each case per repeat, alternating")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--max-other-cpu", type=float, default=10.0)
     args = parser.parse_args(argv)
