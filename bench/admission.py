@@ -408,6 +408,27 @@ def a1_check(port: int, routes: list[str], s: BenchCredentials) -> None:
         expect_status(port, "/jwt/small", 401, {"Authorization": f"Bearer {forged}"}, "A1 jwt, a bad signature")
 
 
+def measured_wrk(
+    gw: peers.Running, path: str, header: str | None, seconds: float, origin_pids: list[int]
+) -> tuple[clients.Wrk, dict[str, float | None]]:
+    """One wrk run against `path` of `gw`, and its figures: req/s, p50, p99, the gateway's CPU microseconds per
+    request, and the CPU share taken meanwhile by processes outside the benchmark and by the hypervisor."""
+    other = OtherCpu([gw.pid, *origin_pids])  # type: ignore[list-item]
+    cpu0 = cpu_seconds(gw.pid)  # type: ignore[arg-type]
+    result = wrk_run(gw.port, path, header, seconds)
+    cpu = cpu_seconds(gw.pid) - cpu0  # type: ignore[arg-type]
+    other_percent, steal_percent = other.percent()
+    gw.check_alive()
+    return result, {
+        "req/s": result.requests_per_s,
+        "p50 ms": result.p50_ms,
+        "p99 ms": result.p99_ms,
+        "CPU us/req": cpu / result.requests * 1e6 if result.requests else None,
+        "other CPU %": other_percent,
+        "steal %": steal_percent,
+    }
+
+
 def a1_run(
     gw: peers.Running, route: str, header: str | None, seconds: float, origin_pids: list[int], repeat: int
 ) -> dict[str, Any]:
@@ -415,20 +436,7 @@ def a1_run(
     record: dict[str, Any] = {"test": "A1", "case": route, "repeat": repeat, "metrics": {}, "notes": [], "error": None}
     started = time.monotonic()
     try:
-        other = OtherCpu([gw.pid, *origin_pids])  # type: ignore[list-item]
-        cpu0 = cpu_seconds(gw.pid)  # type: ignore[arg-type]
-        result = wrk_run(gw.port, f"/{route}/small", header, seconds)
-        cpu = cpu_seconds(gw.pid) - cpu0  # type: ignore[arg-type]
-        other_percent, steal_percent = other.percent()
-        gw.check_alive()
-        record["metrics"] = {
-            "req/s": result.requests_per_s,
-            "p50 ms": result.p50_ms,
-            "p99 ms": result.p99_ms,
-            "CPU us/req": cpu / result.requests * 1e6 if result.requests else None,
-            "other CPU %": other_percent,
-            "steal %": steal_percent,
-        }
+        result, record["metrics"] = measured_wrk(gw, f"/{route}/small", header, seconds, origin_pids)
         non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", result.output)
         if non2xx:
             record["error"] = f"wrk saw {non2xx.group(1)} non-2xx answers of {result.requests}"

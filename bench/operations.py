@@ -33,8 +33,7 @@ if __package__ in (None, ""):  # run as a script: bench/operations.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import origins, peers, procs, report
-from bench.admission import OtherCpu, Quiet, expect_status, log, start_gateway, wrk_run
-from bench.measure import cpu_seconds
+from bench.admission import Quiet, expect_status, log, measured_wrk, start_gateway, wrk_run
 
 CASES = ("off", "on")
 METRICS = ("req/s", "p50 ms", "p99 ms", "CPU us/req")
@@ -95,26 +94,13 @@ def measure(
     lines_before = _lines(rundir / "access.log")
     scraper = Scraper(admin_port) if case == "on" else None
     try:
-        other = OtherCpu([gw.pid, *origin_pids])  # type: ignore[list-item]
-        cpu0 = cpu_seconds(gw.pid)  # type: ignore[arg-type]
         if scraper is not None:
             scraper.start()
         try:
-            result = wrk_run(gw.port, "/small", None, seconds)
+            result, record["metrics"] = measured_wrk(gw, "/small", None, seconds, origin_pids)
         finally:
             if scraper is not None:
                 scraper.stop()
-        cpu = cpu_seconds(gw.pid) - cpu0  # type: ignore[arg-type]
-        other_percent, steal_percent = other.percent()
-        gw.check_alive()
-        record["metrics"] = {
-            "req/s": result.requests_per_s,
-            "p50 ms": result.p50_ms,
-            "p99 ms": result.p99_ms,
-            "CPU us/req": cpu / result.requests * 1e6 if result.requests else None,
-            "other CPU %": other_percent,
-            "steal %": steal_percent,
-        }
         if scraper is not None:
             record["notes"].append(f"{scraper.scrapes} scrapes of {scraper.size} bytes, {scraper.failures} failed")
             if scraper.failures or not scraper.scrapes:
