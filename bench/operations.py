@@ -40,24 +40,11 @@ METRICS = ("req/s", "p50 ms", "p99 ms", "CPU us/req")
 
 
 def config(case: str, port: int, origin_port: int, workdir: Path, admin_port: int) -> str:
-    text = f"""# written by bench/operations.py for one run
-[[listeners]]
-host = "127.0.0.1"
-port = {port}
-backlog = 1024
-
-[upstreams.origin]
-url = "http://127.0.0.1:{origin_port}"
-
-[[routes]]
-name = "all"
-auth = "anonymous"
-path_prefix = "/"
-upstream = "origin"
-"""
+    """The main harness's gateway config; with both on, the access log in `workdir` and the admin listener."""
     if case == "off":
-        return text + '\n[access_log]\npath = ""\n'
-    return text + f'\n[access_log]\npath = "{workdir / "access.log"}"\n\n[admin]\nport = {admin_port}\n'
+        return peers.gateway_config(port, origin_port)
+    text = peers.gateway_config(port, origin_port, access_log=str(workdir / "access.log"))
+    return text + f"\n[admin]\nport = {admin_port}\n"
 
 
 class Scraper(threading.Thread):

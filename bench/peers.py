@@ -71,7 +71,9 @@ class Peer:
 # --- gateway -----------------------------------------------------------------------------------------------
 
 
-def gateway_config(port: int, origin_port: int, workers: int | None = None) -> str:
+def gateway_config(port: int, origin_port: int, workers: int | None = None, access_log: str = "") -> str:
+    """One listener, one route to the origin; the access log off (as nginx's is) unless `access_log` names a
+    file."""
     server = f"[server]\nworkers = {workers}\n\n" if workers else ""
     return f"""# written by bench/ for one run
 {server}[[listeners]]
@@ -83,7 +85,7 @@ backlog = 1024
 max_request_body_bytes = "8GiB"
 
 [access_log]
-path = ""  # off, as nginx's access_log is in its peers (bench/operations.py measures what it costs)
+path = "{access_log}"  # bench/operations.py measures what it costs
 
 [upstreams.origin]
 url = "http://127.0.0.1:{origin_port}"

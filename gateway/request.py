@@ -97,6 +97,18 @@ class Gateway:
     access_log: AccessLog | None = None
     metrics: Metrics | None = None
 
+    @property
+    def observed(self) -> bool:
+        """Whether anything takes the records of finished requests (else none is built)."""
+        return self.access_log is not None or self.metrics is not None
+
+    def request_ended(self, record: dict[str, Any]) -> None:
+        """A request has ended: its one record goes to the access log and the metrics."""
+        if self.access_log is not None:
+            self.access_log.record(record)
+        if self.metrics is not None:
+            self.metrics.request_ended(record)
+
 
 class Phase(enum.Enum):
     """Where a request is in its life; the response side is what decides what can still be said."""
@@ -742,14 +754,8 @@ class GatewayRequest(http.Request):
     def _ended(self) -> None:
         """The request has ended: its one access-log record goes to the log and the metrics."""
         gateway = self.gateway
-        log, metrics = gateway.access_log, gateway.metrics
-        if log is None and metrics is None:
-            return
-        record = self.access_record()
-        if log is not None:
-            log.record(record)
-        if metrics is not None:
-            metrics.request_ended(record)
+        if gateway.observed:
+            gateway.request_ended(self.access_record())
 
     def access_record(self) -> dict[str, Any]:
         """The request's access-log fields, in the order of the line. Durations are milliseconds from the start

@@ -44,7 +44,7 @@ def install(reactor: Any, service: GatewayService, notifier: Notifier | None) ->
             notifier.ready("config reloaded" if applied else "reload refused, the config is unchanged (see the log)")
 
     def stop() -> None:
-        drain = _drain(service)
+        drain = service.config.server.drain_timeout
         _log.info("SIGTERM: stopping gracefully (drain for at most {timeout:g} s)", timeout=drain)
         if notifier is not None:
             # Asks systemd for the drain and the workers' stop beyond TimeoutStopSec, if it is shorter.
@@ -69,7 +69,3 @@ def install(reactor: Any, service: GatewayService, notifier: Notifier | None) ->
     signal.signal(signal.SIGUSR1, on_usr1)
     if notifier is not None:
         notifier.ready("serving")
-
-
-def _drain(service: GatewayService) -> float:
-    return service.config.server.drain_timeout

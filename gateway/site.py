@@ -371,13 +371,8 @@ class GatewayChannel(HTTPChannel):
 
     def _log_refusal(self, error: GatewayError, request_id: str, method: bytes | None) -> None:
         gateway = self.factory.gateway
-        if gateway.access_log is None and gateway.metrics is None:
-            return
-        record = refusal_record(request_id, getattr(self.getPeer(), "host", ""), method, error.status)
-        if gateway.access_log is not None:
-            gateway.access_log.record(record)
-        if gateway.metrics is not None:
-            gateway.metrics.request_ended(record)
+        if gateway.observed:
+            gateway.request_ended(refusal_record(request_id, getattr(self.getPeer(), "host", ""), method, error.status))
 
     def _linger_expired(self) -> None:
         timer, self._linger_timer = self._linger_timer, None
