@@ -26,6 +26,7 @@ from gateway.auth.settings import (
     parse_admission,
     parse_route_admission,
 )
+from gateway.config_tls import ListenerTLS, UpstreamTLS, hsts_value, listener_tls, upstream_tls
 from gateway.config_values import (
     ConfigError,
     Fields,
@@ -187,6 +188,10 @@ class Listener:
     """Every connection begins with a PROXY protocol header (v1 or v2, from HAProxy or an L4 load balancer): the
     client address it carries is the one used for X-Forwarded-For, limits and logs. A connection without a
     valid header is closed."""
+    tls: ListenerTLS | None = None
+    """HTTPS: its certificates and settings; None for plain HTTP."""
+    redirect_to_https: int = 0
+    """A plain listener that answers every request with a redirect to https on this port (0: it serves)."""
 
     def describe(self) -> str:
         return f"systemd socket {self.systemd!r}" if self.systemd else f"{self.host}:{self.port}"
@@ -212,6 +217,8 @@ class Upstream:
     """Idle pooled connections are closed after this, before a typical upstream keep-alive timeout (5 s)."""
     max_idle_connections: int = 64
     """Idle keep-alive connections kept open to this upstream."""
+    tls: UpstreamTLS | None = None
+    """For an https upstream: how its certificate is verified; None for http."""
 
     @property
     def origin(self) -> bytes:
@@ -237,6 +244,9 @@ class Route:
     flow_control: FlowControl = FlowControl()
     admission: RouteAdmission = NOBODY
     """Who may use the route; the default (for routes built in code) admits nobody."""
+    strict_transport_security: bytes = b""
+    """The Strict-Transport-Security header added to its responses over TLS (never over plain HTTP, RFC 6797);
+    empty adds none (an upstream's own passes through)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -461,20 +471,37 @@ def _check_flow(flow: FlowControl, key: str, source: Path | str) -> None:
         )
 
 
+def _redirect_port(value: object) -> int:
+    if value is True:
+        return 443
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    raise ValueError(f"must be true (https on port 443) or the https port number, got {value!r}")
+
+
 def _listener(t: Table) -> Listener:
     proxy_protocol = t.get("proxy_protocol", boolean, False)
+    tls_table = t.table("tls")
+    tls = listener_tls(tls_table) if tls_table is not None else None
+    redirect = 0
+    if t.has("redirect_to_https") and t.get("redirect_to_https", lambda v: v) is not False:
+        if tls is not None:
+            raise t.error("redirect_to_https", "is for a plain HTTP listener; this one serves HTTPS itself")
+        redirect = t.get("redirect_to_https", _redirect_port)
     if t.has("systemd"):
         name = t.get("systemd", nonempty_string)
         for key in ("host", "port", "backlog"):
             if t.has(key):
                 raise t.error(key, "a systemd socket's address and backlog are set in its .socket unit, not here")
         t.finish()
-        return Listener(systemd=name, proxy_protocol=proxy_protocol)
+        return Listener(systemd=name, proxy_protocol=proxy_protocol, tls=tls, redirect_to_https=redirect)
     listener = Listener(
         host=t.get("host", _interface),
         port=t.get("port", _port),
         backlog=t.get("backlog", positive_int, 511),
         proxy_protocol=proxy_protocol,
+        tls=tls,
+        redirect_to_https=redirect,
     )
     t.finish()
     return listener
@@ -527,14 +554,12 @@ def _admin(t: Table | None, server: Server) -> Admin | None:
 def _upstream_url(t: Table, key: str) -> tuple[str, str, int, bytes]:
     text = t.get(key, nonempty_string)
     parts = urlsplit(text)
-    if parts.scheme == "https":
-        raise t.error(key, "https upstreams are not supported yet (TLS to upstreams comes with the TLS work)")
-    if parts.scheme != "http" or not parts.hostname:
-        raise t.error(key, f'must be an http URL such as "http://127.0.0.1:8081", got {text!r}')
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise t.error(key, f'must be an http or https URL such as "http://127.0.0.1:8081", got {text!r}')
     if parts.query or parts.fragment or parts.username or parts.password:
         raise t.error(key, f"must not carry a query, fragment or credentials, got {text!r}")
     try:
-        port = 80 if parts.port is None else parts.port
+        port = (443 if parts.scheme == "https" else 80) if parts.port is None else parts.port
     except ValueError:
         raise t.error(key, f"has an invalid port, got {text!r}") from None
     if port == 0:
@@ -542,13 +567,17 @@ def _upstream_url(t: Table, key: str) -> tuple[str, str, int, bytes]:
     base = parts.path.rstrip("/")
     if base and not re.fullmatch(r"[!$&'()*+,;=:@/A-Za-z0-9._~%-]+", base):
         raise t.error(key, f"has a path with characters that must be percent-encoded, got {text!r}")
-    return "http", parts.hostname, port, base.encode("ascii")
+    return parts.scheme, parts.hostname, port, base.encode("ascii")
 
 
 def _upstream(name: str, t: Table) -> Upstream:
     scheme, host, port, base = _upstream_url(t, "url")
+    tls_table = t.table("tls")
+    if scheme == "http" and tls_table is not None:
+        raise t.error("tls", "is for an https upstream; this one's url is http")
+    tls = upstream_tls(tls_table, host) if scheme == "https" else None
     upstream = read_fields(
-        t, Upstream(name=name, scheme=scheme, host=host, port=port, base_path=base), _UPSTREAM_FIELDS
+        t, Upstream(name=name, scheme=scheme, host=host, port=port, base_path=base, tls=tls), _UPSTREAM_FIELDS
     )
     return upstream
 
@@ -567,13 +596,21 @@ def _route(
         scheme, host, port, base = _upstream_url(t, "upstream")
         # Routes naming the same URL share one upstream (one pool); the URL is its name.
         upstream = upstreams.setdefault(
-            target, Upstream(name=target, scheme=scheme, host=host, port=port, base_path=base)
+            target,
+            Upstream(
+                name=target,
+                scheme=scheme,
+                host=host,
+                port=port,
+                base_path=base,
+                tls=UpstreamTLS() if scheme == "https" else None,
+            ),
         )
     elif target in upstreams:
         upstream = upstreams[target]
     else:
         known = ", ".join(sorted(upstreams)) or "none are defined"
-        raise t.error("upstream", f"no upstream named {target!r} (known: {known}); give a name or an http URL")
+        raise t.error("upstream", f"no upstream named {target!r} (known: {known}); give a name or a URL")
     route_flow = read_fields(t.table("flow_control"), flow, _FLOW_FIELDS)
     _check_flow(route_flow, t.path_of("flow_control"), t._source)
     route = Route(
@@ -588,6 +625,7 @@ def _route(
         limits=read_fields(t.table("limits"), limits, _ROUTE_LIMIT_FIELDS),
         flow_control=route_flow,
         admission=parse_route_admission(t, admission),
+        strict_transport_security=t.get("strict_transport_security", hsts_value, b""),
     )
     t.finish()
     return route

@@ -21,6 +21,7 @@ __all__ = [
     "GatewayError",
     "HeadTimeout",
     "HeadersTooLarge",
+    "HttpsRedirect",
     "MethodNotAllowed",
     "NoRoute",
     "NotSupported",
@@ -30,6 +31,7 @@ __all__ = [
     "Unauthorized",
     "UpstreamBroken",
     "UpstreamSaturated",
+    "UpstreamTLSFailed",
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "problem",
@@ -228,6 +230,14 @@ class UpstreamBroken(GatewayError):
     slug = "upstream-failed"
 
 
+class UpstreamTLSFailed(GatewayError):
+    """The TLS handshake with an https upstream failed; the detail names its class, never the certificate."""
+
+    status = 502
+    title = "Upstream TLS failed"
+    slug = "upstream-tls-failed"
+
+
 class UpstreamSaturated(GatewayError):
     status = 503
     title = "Upstream saturated"
@@ -238,6 +248,22 @@ class UpstreamTimeout(GatewayError):
     status = 504
     title = "Upstream timeout"
     slug = "upstream-timeout"
+
+
+class HttpsRedirect(GatewayError):
+    """A redirecting plain listener's answer: the same URL over https. 301 for GET and HEAD; 308 otherwise, so
+    that a client repeats the method and body rather than turning them into a GET."""
+
+    title = "Moved to HTTPS"
+    slug = "https-redirect"
+
+    def __init__(self, location: bytes, method: bytes) -> None:
+        super().__init__(f"this address serves only HTTPS: {location.decode('ascii')}")
+        self.location = location
+        self.status = 301 if method in (b"GET", b"HEAD") else 308
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"Location", self.location)]
 
 
 class NotSupported(GatewayError):

@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["Live", "Metrics", "PoolState"]
+__all__ = ["CertificateState", "Live", "Metrics", "PoolState"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _DURATION_BUCKETS = (*_LATENCY_BUCKETS, 300.0, 1800.0, 3600.0)
@@ -34,6 +34,17 @@ class PoolState(NamedTuple):
     queued: int
     idle: int
     """Idle keep-alive connections kept for reuse."""
+
+
+class CertificateState(NamedTuple):
+    owner: str
+    """What uses it: "listener HOST:PORT" or "upstream NAME" (a client certificate shown to it)."""
+    certificate: str
+    """The certificate's file."""
+    names: str
+    """Its DNS names, comma-separated."""
+    not_after: float
+    """Its expiry, in seconds since the epoch."""
 
 
 class Live(NamedTuple):
@@ -52,6 +63,8 @@ class Live(NamedTuple):
     """Response bytes waiting in client connections' send buffers."""
     pools: Sequence[PoolState]
     draining: bool
+    certificates: Sequence[CertificateState] = ()
+    """Every certificate loaded now (a reload replaces them)."""
 
 
 class _LiveCollector(Collector):
@@ -100,6 +113,14 @@ class _LiveCollector(Collector):
         yield queued
         yield idle
         yield GaugeMetricFamily("gateway_draining", "1 while the process drains before it stops.", int(live.draining))
+        expiry = GaugeMetricFamily(
+            "gateway_tls_certificate_expiry_timestamp_seconds",
+            "When each loaded certificate expires (seconds since the epoch); alert on it minus time().",
+            labels=["owner", "certificate", "names"],
+        )
+        for state in live.certificates:
+            expiry.add_metric([state.owner, state.certificate, state.names], state.not_after)
+        yield expiry
 
 
 class _Histogram:

@@ -51,9 +51,12 @@ from gateway.errors import (
     ClientBodyTimeout,
     Denied,
     GatewayError,
+    HttpsRedirect,
     MethodNotAllowed,
+    NoRoute,
     UpstreamBroken,
     UpstreamTimeout,
+    UpstreamTLSFailed,
     UpstreamUnreachable,
 )
 from gateway.headers import (
@@ -64,9 +67,10 @@ from gateway.headers import (
 )
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
-from gateway.routing import Router
+from gateway.routing import Router, host_without_port
 from gateway.streaming import RequestBodyPipe, ResponseRelay
 from gateway.upstream import ConnectTimeout, UpstreamPool, UpstreamResponse
+from gateway.upstream_tls import tls_failure
 
 __all__ = ["Gateway", "GatewayRequest", "Phase", "refusal_record"]
 
@@ -153,6 +157,19 @@ _TIMEOUT_ERRORS = {
 }
 
 
+def _https_redirect(method: bytes, target: bytes, headers: Any, port: int) -> GatewayError:
+    """The redirect of a plain listener: the Host's name (its port replaced), then the target as sent."""
+    hosts = headers.getRawHeaders(b"host")
+    if not hosts:
+        return BadRequest("a request to an HTTPS-only address needs a Host header to be redirected")
+    host = host_without_port(hosts[0]).encode("ascii")  # checked by `decide`; an IPv6 literal keeps its brackets
+    if not host:
+        return BadRequest("a request to an HTTPS-only address needs a Host header to be redirected")
+    authority = host if port == 443 else b"%s:%d" % (host, port)
+    path = target if target.startswith(b"/") else b"/"
+    return HttpsRedirect(b"https://" + authority + path, method)
+
+
 class _Drop(Protocol):
     """Takes a response nobody wants any more and closes its connection (it cannot go back to the pool)."""
 
@@ -168,6 +185,7 @@ class GatewayRequest(http.Request):
         self.gateway: Gateway = channel.factory.gateway
         self._clock = self.gateway.clock
         self._client_transport = channel.transport
+        self._tls = ISSLTransport.providedBy(channel.transport)
         self.phase = Phase.HEAD
         self.ending = ""
         """How the request ended, for logs and tests: "completed", "answered", "client_gone", or why it was cut."""
@@ -243,6 +261,9 @@ class GatewayRequest(http.Request):
             RequestHead(self.method, self.uri, self.clientproto, self.requestHeaders, length),
             self.gateway.router,
         )
+        redirect_port = channel.listener.redirect_to_https if channel.listener is not None else 0
+        if redirect_port and (isinstance(decision, Admit) or isinstance(decision.error, NoRoute)):
+            decision = Reject(_https_redirect(self.method, self.uri, self.requestHeaders, redirect_port))
         if isinstance(decision, Reject):
             self.route = decision.route
             self._answer(decision.error)
@@ -251,7 +272,14 @@ class GatewayRequest(http.Request):
         self.route = decision.route
         verdict = self.gateway.gatekeeper.check(
             decision.route.admission,
-            AuthRequest(self.method, self.uri, self.requestHeaders, getattr(self.client, "host", ""), self.request_id),
+            AuthRequest(
+                self.method,
+                self.uri,
+                self.requestHeaders,
+                getattr(self.client, "host", ""),
+                self.request_id,
+                self.channel.client_certificate if self._tls else None,
+            ),
         )
         if isinstance(verdict, Allow):
             self._start(decision, length, verdict)
@@ -454,7 +482,7 @@ class GatewayRequest(http.Request):
             keep_forwarded_for=bool(trusted) and _trust(trusted)(client_ip),
             host=client_host[0] if client_host and route.host_header == "client" else _host_value(route),
             client_host=client_host[0] if client_host else None,
-            proto=b"https" if ISSLTransport.providedBy(self._client_transport) else b"http",
+            proto=b"https" if self._tls else b"http",
             via=via,
             request_id=self.request_id,
             received_version=self.clientproto.rpartition(b"/")[2],
@@ -529,6 +557,8 @@ class GatewayRequest(http.Request):
             request_id=self.request_id,
             received_version=b"%d.%d" % upstream.version[1:],
         )
+        if route.strict_transport_security and self._tls:
+            self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [route.strict_transport_security])
         if self.method == b"HEAD" or upstream.code == 304:
             # No body follows, but Content-Length still describes the representation: Agent leaves it among a
             # HEAD response's headers, and `UpstreamResponse` puts a 304's back (Agent reports length 0).
@@ -605,6 +635,16 @@ class GatewayRequest(http.Request):
             # Agent wraps what its response parser raised (`gateway.upstream`'s head limit) in ResponseFailed.
             if reason.check(GatewayError):
                 return reason.value  # type: ignore[return-value]
+        tls = tls_failure(failure) if self.route.upstream.scheme == "https" else None
+        if tls is not None:
+            _log.warn(
+                "TLS with upstream {upstream} failed: {reason} ({detail}) (request {request_id})",
+                upstream=name,
+                reason=tls,
+                detail=failure.getErrorMessage(),
+                request_id=self.request_id,
+            )
+            return UpstreamTLSFailed(f"the TLS handshake with upstream {name} failed: {tls}")
         if failure.check(ConnectTimeout, ConnectTimeoutError):
             return UpstreamTimeout(f"could not connect to upstream {name} within {self.route.timeouts.connect:g} s")
         if failure.check(ConnectError, DNSLookupError):
@@ -663,6 +703,8 @@ class GatewayRequest(http.Request):
         headers.setRawHeaders(b"Content-Type", [content_type])
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         headers.setRawHeaders(b"X-Request-ID", [self.request_id.encode("ascii")])
+        if self.route is not None and self.route.strict_transport_security and self._tls:
+            headers.setRawHeaders(b"Strict-Transport-Security", [self.route.strict_transport_security])
         self._enter(Phase.SENT, "answered")
         self.write(body)
 

@@ -24,24 +24,30 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
 from twisted.internet import fdesc, tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from gateway import config as config_module
 from gateway.admin import admin_site
 from gateway.auth.gatekeeper import Gatekeeper
+from gateway.certificates import CertificateSet, log_certificate
 from gateway.config import Config, ConfigError, Listener
+from gateway.config_tls import ListenerTLS
 from gateway.logs import AccessLog
-from gateway.metrics import Live, Metrics
+from gateway.metrics import CertificateState, Live, Metrics
 from gateway.request import Gateway
 from gateway.routing import Router
 from gateway.site import GatewayFactory
+from gateway.tls import ClientPolicy, ServerContexts, ServerTLSCreator
 from gateway.upstream import UpstreamPool
 from gateway.workers import WorkerPool, worker_command
 
@@ -103,6 +109,35 @@ class _BindNow:
         return succeed(self._listen(factory))
 
 
+def server_contexts(tls: ListenerTLS) -> ServerContexts:
+    """The OpenSSL contexts of a listener's TLS settings."""
+    return ServerContexts(
+        tls.certificates,
+        min_version=tls.min_version,
+        clients=ClientPolicy(mode=tls.client_certificates, ca=tls.client_ca),
+    )
+
+
+class _ListenerFactory(Factory):
+    """The gateway's factory as one listener sees it: each channel knows the listener it came in on (whether
+    it redirects to https), as the listener is now (a reload may change it)."""
+
+    def __init__(self, factory: GatewayFactory, service: ListenerService) -> None:
+        self._factory = factory
+        self._service = service
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        channel = self._factory.buildProtocol(addr)
+        channel.listener = self._service.listener
+        return channel
+
+    def doStart(self) -> None:
+        self._factory.doStart()
+
+    def doStop(self) -> None:
+        self._factory.doStop()
+
+
 class ListenerService(Service):
     """One listening TCP port. It binds in `privilegedStartService` (before twistd drops privileges), so a port
     that is taken fails start-up with the address in the error rather than later and quietly.
@@ -128,6 +163,8 @@ class ListenerService(Service):
         self._what = what
         self._inherited = inherited or {}
         self.port: IListeningPort | None = None
+        self.tls = ServerTLSCreator(server_contexts(listener.tls)) if listener.tls is not None else None
+        """What the listener's TLS connections are made with; `update` swaps in a reload's certificates."""
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -144,19 +181,38 @@ class ListenerService(Service):
             self._factory.remove_port(port)
         return maybeDeferred(port.stopListening) if port is not None else succeed(None)
 
+    def update(self, listener: Listener, contexts: ServerContexts | None) -> None:
+        """A reload's settings for this bound listener (same address): new connections get them, and new
+        handshakes `contexts` (its certificates, checked and built already); open connections keep theirs."""
+        self.listener = listener
+        if self.tls is not None and contexts is not None:
+            self.tls.update(contexts)
+            self._log_certificates()
+
+    def _log_certificates(self) -> None:
+        if self.tls is not None:
+            for certificate_set in self.tls.contexts.certificates:
+                log_certificate(f"listener {self.listener.describe()}", certificate_set, self._reactor)
+
     def bind(self) -> None:
         if self.port is not None:
             return
         listener = self.listener
+        factory = self._factory
+        if isinstance(factory, GatewayFactory):
+            factory = _ListenerFactory(factory, self)
+        if self.tls is not None:
+            # TLS is read under the PROXY header (which comes first on the wire) and over the socket.
+            factory = TLSMemoryBIOFactory(self.tls, False, factory)
         if listener.proxy_protocol:
             # Twisted's PROXY protocol support, through its public `proxyEndpoint` (what the `haproxy:` endpoint
             # string builds): the header is read and taken off before the channel sees a byte, and getPeer()
             # answers the address it carried. A connection without a valid header is closed.
             bound: list[IListeningPort] = []
-            proxyEndpoint(_BindNow(self._listen)).listen(self._factory).addCallback(bound.append)
+            proxyEndpoint(_BindNow(self._listen)).listen(factory).addCallback(bound.append)
             self.port = bound[0]
         else:
-            self.port = self._listen(self._factory)
+            self.port = self._listen(factory)
         if isinstance(self._factory, GatewayFactory):
             self._factory.add_port(self.port)  # paused at the connection cap (server.max_connections)
         address = self.port.getHost()
@@ -166,9 +222,12 @@ class ListenerService(Service):
             host=address.host,
             port=address.port,
             how=(f" (systemd socket {listener.systemd!r})" if listener.systemd else "")
-            + (" with the PROXY protocol" if listener.proxy_protocol else ""),
+            + (" with the PROXY protocol" if listener.proxy_protocol else "")
+            + (" for HTTPS" if listener.tls is not None else "")
+            + (f" (redirecting to https port {listener.redirect_to_https})" if listener.redirect_to_https else ""),
             pid=os.getpid(),
         )
+        self._log_certificates()
 
     def _listen(self, factory: IProtocolFactory) -> IListeningPort:
         """Bind (or adopt) the listener's socket for `factory`, at once: a port that is taken raises here."""
@@ -282,7 +341,21 @@ class GatewayService(MultiService):
         return None
 
     def _live(self) -> Live:
-        return self.factory.live(self.draining)
+        return self.factory.live(self.draining)._replace(certificates=self.certificates())
+
+    def certificates(self) -> list[CertificateState]:
+        """Every certificate in use now: the listeners' (as last loaded) and the client certificates shown to
+        upstreams."""
+        states = []
+        for service in self.listeners:
+            if service.tls is not None:
+                for certificate_set in service.tls.contexts.certificates:
+                    states.append(_state(f"listener {service.listener.describe()}", certificate_set))
+        for pool in self.gateway.pools.values():
+            tls = pool.upstream.tls
+            if tls is not None and tls.client is not None:
+                states.append(_state(f"upstream {pool.upstream.name}", tls.client))
+        return states
 
     # --- reload -------------------------------------------------------------------------------------------
 
@@ -323,10 +396,25 @@ class GatewayService(MultiService):
                 )
                 self.metrics.reloaded("invalid")
                 return False
+            if running is not None and (running.listener.tls is None) != (listener.tls is None):
+                _log.error(
+                    "Reload refused, the running config is unchanged: {source}: listener {address}: "
+                    "turning TLS on or off changes only on a restart (certificates reload)",
+                    source=source,
+                    address=listener.describe(),
+                )
+                self.metrics.reloaded("invalid")
+                return False
             if running is not None and running.listener.backlog != listener.backlog:
                 # Its socket is bound: a new one on the same address could not be bound beside it.
                 _log.warn("Reload: listener {address} keeps its backlog until a restart", address=listener.describe())
+        updates: list[tuple[ListenerService, Listener, ServerContexts | None]] = []
         try:
+            for listener in new.listeners:
+                running = kept.get(_address(listener))
+                if running is not None:
+                    contexts = server_contexts(listener.tls) if listener.tls is not None else None
+                    updates.append((running, listener, contexts))
             for listener in new.listeners:
                 if _address(listener) not in kept:
                     service = self._listener_service(listener, new)
@@ -337,7 +425,7 @@ class GatewayService(MultiService):
                 if admin is not None:
                     admin.bind()
             self.access_log.configure(new.access_log.path, include_query=new.access_log.query)
-        except (CannotListenError, OSError) as e:
+        except (CannotListenError, OSError, ValueError, SSL.Error) as e:
             for service in added:
                 service.stopService()
             if admin is not self.admin and admin is not None:
@@ -352,6 +440,8 @@ class GatewayService(MultiService):
         )
         self.factory.reconfigure(self.gateway)
         self.config = new
+        for service, listener, contexts in updates:
+            service.update(listener, contexts)
         wanted = {_address(listener) for listener in new.listeners}
         for service in list(self.listeners):
             if _address(service.listener) not in wanted:
@@ -457,6 +547,12 @@ def _within(clock: Any, waited: Deferred[Any], timeout: float) -> Deferred[bool]
 
     waited.addBoth(fired)
     return result
+
+
+def _state(owner: str, certificate_set: CertificateSet) -> CertificateState:
+    return CertificateState(
+        owner, certificate_set.certificate_path, ",".join(certificate_set.names), certificate_set.not_after.timestamp()
+    )
 
 
 def _address(listener: Listener) -> tuple[str, int, str]:

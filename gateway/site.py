@@ -26,11 +26,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime, ITCPTransport
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, HTTPFactory, Request, _ChunkedTransferDecoder, _MalformedChunkedDataError
 from twisted.web.http_headers import Headers
 
-from gateway.config import Limits, Server
+from gateway.config import Limits, Listener, Server
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -43,6 +44,7 @@ from gateway.errors import (
 from gateway.headers import request_id_of
 from gateway.metrics import Live, PoolState
 from gateway.request import Gateway, GatewayRequest, Phase, refusal_record
+from gateway.tls import ClientCertificate, client_certificate
 
 __all__ = ["GatewayChannel", "GatewayFactory"]
 
@@ -101,6 +103,8 @@ class GatewayChannel(HTTPChannel):
     limits: Limits = Limits()
     """The head limits, as the factory had them when the connection opened."""
     server: Server = Server()
+    listener: Listener | None = None
+    """The listener the connection came in on (None for a channel a test builds without one)."""
 
     refused: GatewayError | None = None
     """The error the connection was refused with, if it was."""
@@ -110,6 +114,15 @@ class GatewayChannel(HTTPChannel):
     _head_timer: IDelayedCall | None = None
     _linger_timer: IDelayedCall | None = None
     _lingered = 0
+    _client_certificate: ClientCertificate | bool | None = False
+    """False until read (once per connection: the handshake is over before any request arrives)."""
+
+    @property
+    def client_certificate(self) -> ClientCertificate | None:
+        """The client certificate the TLS handshake verified, if one was sent."""
+        if self._client_certificate is False:
+            self._client_certificate = client_certificate(self.transport)
+        return self._client_certificate  # type: ignore[return-value]
 
     # --- connection -------------------------------------------------------------------------------------------
 
@@ -527,6 +540,8 @@ class GatewayFactory(HTTPFactory):
         paused_responses = paused_uploads = buffered_uploads = buffered_responses = 0
         for channel in self.channels:
             transport = channel.transport
+            if isinstance(transport, TLSMemoryBIOProtocol):
+                transport = transport.transport  # the socket's buffer, under the TLS layer's (at most a record)
             # FileDescriptor's send buffer: the joined part past its offset, and the list not yet joined.
             buffered_responses += len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
             buffered_responses += getattr(transport, "_tempDataLen", 0)

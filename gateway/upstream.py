@@ -14,9 +14,14 @@ from typing import Any
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.components import proxyForInterface
@@ -27,8 +32,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from gateway.certificates import log_certificate
 from gateway.config import Upstream
 from gateway.errors import UpstreamBroken, UpstreamSaturated
+from gateway.upstream_tls import client_creator
 
 __all__ = ["ConnectTimeout", "UpstreamPool", "UpstreamResponse"]
 
@@ -277,11 +284,13 @@ class _TimedEndpoint:
 
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
-    """Endpoints for Agent: IP literals connect directly (no resolver thread), names go through the resolver."""
+    """Endpoints for Agent: IP literals connect directly (no resolver thread), names go through the resolver;
+    with `tls`, TLS runs over the TCP connection."""
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    def __init__(self, reactor: Any, timeout: float, tls: IOpenSSLClientConnectionCreator | None = None) -> None:
         self._reactor = reactor
         self._timeout = timeout
+        self._tls = tls
         self._endpoints: dict[tuple[bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -298,7 +307,11 @@ class _EndpointFactory:
                 inner = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=backstop)
             else:
                 inner = HostnameEndpoint(self._reactor, host, uri.port, timeout=backstop)
-            endpoint = self._endpoints[key] = _TimedEndpoint(inner, self._reactor, self._timeout)
+            endpoint = _TimedEndpoint(inner, self._reactor, self._timeout)
+            if self._tls is not None:
+                # The connect timeout bounds the TCP connect; the handshake falls under the response-head one.
+                endpoint = wrapClientTLS(self._tls, endpoint)
+            self._endpoints[key] = endpoint
         return endpoint
 
 
@@ -316,6 +329,16 @@ class UpstreamPool:
         self._uri = URI.fromBytes(upstream.origin)
         self._key = (self._uri.scheme, self._uri.host, self._uri.port)
         self._agents: dict[float, tuple[Agent, IStreamClientEndpoint]] = {}
+        self._tls = client_creator(upstream) if upstream.scheme == "https" else None
+        if upstream.tls is not None and upstream.tls.client is not None:
+            log_certificate(f"upstream {upstream.name}", upstream.tls.client, reactor)
+        if upstream.tls is not None and not upstream.tls.verify:
+            _log.warn(
+                "Upstream {name} ({url}): TLS certificate verification is OFF (verify = false); anyone on the path "
+                "can impersonate it",
+                name=upstream.name,
+                url=upstream.origin.decode("ascii"),
+            )
 
     @property
     def in_flight(self) -> int:
@@ -384,7 +407,7 @@ class UpstreamPool:
         """
         pair = self._agents.get(connect_timeout)
         if pair is None:
-            factory = _EndpointFactory(self._reactor, connect_timeout)
+            factory = _EndpointFactory(self._reactor, connect_timeout, self._tls)
             agent = Agent.usingEndpointFactory(self._reactor, factory, self._pool)
             pair = self._agents[connect_timeout] = (agent, factory.endpointForURI(self._uri))
         agent, endpoint = pair

@@ -600,7 +600,7 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
         "method-type-unknown",
         set_at("auth.keys.type", "oauth"),
         "auth.keys.type",
-        "unknown method type 'oauth' (known: api_key, jwt, basic, forward)",
+        "unknown method type 'oauth' (known: api_key, mtls, jwt, basic, forward)",
     ),
     ("method-type-empty", set_at("auth.keys.type", ""), "auth.keys.type", "must not be empty"),
     ("method-name", set_at("auth.a b", {"type": "api_key"}), "auth.a b", "a name may contain only letters, digits"),

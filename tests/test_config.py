@@ -562,22 +562,16 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ("host-double-star", set_at("routes.0.host", "*.*.example.com"), "routes[0].host", "must be a host name"),
     ("host-inner-star", set_at("routes.0.host", "api.*.com"), "routes[0].host", "must be a host name"),
     ("host-empty", set_at("routes.0.host", ""), "routes[0].host", "must not be empty"),
-    ("url-https", set_at("upstreams.app.url", "https://x:443"), "upstreams.app.url", "https upstreams are not sup"),
-    ("url-ftp", set_at("upstreams.app.url", "ftp://x"), "upstreams.app.url", "must be an http URL"),
-    ("url-no-host", set_at("upstreams.app.url", "http://"), "upstreams.app.url", "must be an http URL"),
-    ("url-no-scheme", set_at("upstreams.app.url", "127.0.0.1:8081"), "upstreams.app.url", "must be an http URL"),
+    ("tls-on-http", set_at("upstreams.app.tls", {"verify": False}), "upstreams.app.tls", "is for an https upstream"),
+    ("url-ftp", set_at("upstreams.app.url", "ftp://x"), "upstreams.app.url", "must be an http or https URL"),
+    ("url-no-host", set_at("upstreams.app.url", "http://"), "upstreams.app.url", "must be an http or https URL"),
+    ("url-no-scheme", set_at("upstreams.app.url", "127.0.0.1:8081"), "upstreams.app.url", "must be an http or https"),
     ("url-query", set_at("upstreams.app.url", "http://x/?a=1"), "upstreams.app.url", "must not carry a query"),
     ("url-fragment", set_at("upstreams.app.url", "http://x/#top"), "upstreams.app.url", "must not carry a query"),
     ("url-credentials", set_at("upstreams.app.url", "http://u:p@x/"), "upstreams.app.url", "must not carry a query"),
     ("url-user", set_at("upstreams.app.url", "http://u@x/"), "upstreams.app.url", "must not carry a query"),
     ("url-bad-port", set_at("upstreams.app.url", "http://x:99999"), "upstreams.app.url", "has an invalid port"),
     ("url-empty", set_at("upstreams.app.url", ""), "upstreams.app.url", "must not be empty"),
-    (
-        "route-url-https",
-        set_at("routes.0.upstream", "https://x"),
-        "routes[0].upstream",
-        "https upstreams are not supported",
-    ),
     (
         "route-url-query",
         set_at("routes.0.upstream", "http://x/?q"),
@@ -668,8 +662,7 @@ def test_unknown_upstream_lists_known_names() -> None:
     data["routes"][0]["upstream"] = "biling"
     error = error_of(data)
     assert str(error) == (
-        f"{SOURCE}: routes[0].upstream: no upstream named 'biling' (known: accounts, billing); "
-        "give a name or an http URL"
+        f"{SOURCE}: routes[0].upstream: no upstream named 'biling' (known: accounts, billing); give a name or a URL"
     )
 
 

@@ -34,6 +34,7 @@ EXPECTED_STATUS: list[tuple[type[GatewayError], int]] = [
     (BodyTooLarge, 413),
     (UpstreamUnreachable, 502),
     (UpstreamBroken, 502),
+    (errors.UpstreamTLSFailed, 502),
     (UpstreamSaturated, 503),
     (UpstreamTimeout, 504),
     (errors.Unauthorized, 401),
@@ -42,8 +43,9 @@ EXPECTED_STATUS: list[tuple[type[GatewayError], int]] = [
     (errors.AuthUnavailable, 503),
     (errors.AuthTimeout, 504),
 ]
-BASES_AND_PASSED_THROUGH = {errors.Denied, errors.AuthServiceDenied}
-"""`Denied` is the base of admission's refusals; `AuthServiceDenied` takes its status from the auth service."""
+BASES_AND_PASSED_THROUGH = {errors.Denied, errors.AuthServiceDenied, errors.HttpsRedirect}
+"""`Denied` is the base of admission's refusals; `AuthServiceDenied` takes its status from the auth service;
+`HttpsRedirect` is 301 or 308 by method (tests/test_tls.py)."""
 
 
 def all_subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:

@@ -47,6 +47,9 @@ def toml(data: dict[str, Any]) -> str:
         for k, v in body.items():
             if isinstance(v, dict):
                 table(f"{prefix}.{k}", v)
+            elif _tables(v):
+                for item in v:
+                    table(f"{prefix}.{k}", item, array=True)
 
     for key, v in data.items():
         if isinstance(v, dict):

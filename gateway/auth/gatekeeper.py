@@ -73,6 +73,10 @@ def build_authenticator(method: Method, admission: Admission, reactor: Any) -> A
         from gateway.auth.jwt import JwtAuthenticator
 
         return JwtAuthenticator(method, clock=reactor, reactor=reactor, realm=realm)  # type: ignore[arg-type]
+    if method.type == "mtls":
+        from gateway.auth.mtls import MtlsAuthenticator
+
+        return MtlsAuthenticator(method, admission.consumers)  # type: ignore[arg-type]
     if method.type == "forward":
         from gateway.auth.forward import ForwardAuthenticator
 
@@ -135,7 +139,10 @@ class Gatekeeper:
         chain = self._chain(admission)
         headers = request.headers
         for auth in chain:
-            credential = auth.credential(headers)
+            # A client certificate is the connection's, not a header's.
+            credential = (
+                request.client_certificate if getattr(auth, "from_connection", False) else auth.credential(headers)
+            )
             if credential is not None:
                 break
         else:

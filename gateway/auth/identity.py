@@ -11,7 +11,7 @@ a failure's detail, a log line or an upstream header.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
@@ -70,6 +70,8 @@ class AuthRequest(NamedTuple):
     headers: Headers
     client_address: str
     request_id: str
+    client_certificate: Any = None
+    """The `gateway.tls.ClientCertificate` the connection's TLS handshake verified, if any."""
 
 
 class Authenticator(Protocol):

@@ -13,6 +13,7 @@ Rules:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import tomllib
@@ -56,6 +57,7 @@ __all__ = [
     "JwtMethod",
     "KeyHeader",
     "Method",
+    "MtlsMethod",
     "RateLimit",
     "RateLimits",
     "RouteAdmission",
@@ -124,6 +126,10 @@ class Consumer:
     """Its own request rate, instead of `admission.rate_limits.consumer`."""
     max_concurrent: int | None = None
     """Its own cap on requests in flight, instead of `admission.max_concurrent`."""
+    client_certificates: frozenset[str] = frozenset()
+    """Client certificates that prove this consumer (the `mtls` method): each a subject DN in RFC 4514 form
+    ("CN=billing,O=Example") or a subjectAltName ("DNS:billing.internal", "URI:spiffe://example.org/billing",
+    "email:ops@example.com", "IP:10.0.0.5")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +232,18 @@ class ForwardMethod:
     """The largest 401/403 body of the auth service passed to the client; a longer one is 503."""
 
 
-Method = ApiKeyMethod | JwtMethod | BasicMethod | ForwardMethod
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MtlsMethod:
+    """Client certificates, verified in the TLS handshake against the listener's CA bundle, mapped to declared
+    consumers by subject or subjectAltName."""
+
+    type: ClassVar[str] = "mtls"
+    name: str
+    identity_header: bytes = b""
+    """A header that carries the certificate's subject upstream (b"" for none); a client's copy is removed."""
+
+
+Method = ApiKeyMethod | JwtMethod | BasicMethod | ForwardMethod | MtlsMethod
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -598,8 +615,13 @@ def _forward_method(name: str, t: Table) -> ForwardMethod:
     return method
 
 
+def _mtls_method(name: str, t: Table) -> MtlsMethod:
+    return MtlsMethod(name=name, identity_header=t.get("identity_header", _optional_header_name, b""))
+
+
 _METHOD_READERS = {
     "api_key": _api_key_method,
+    "mtls": _mtls_method,
     "jwt": _jwt_method,
     "basic": _basic_method,
     "forward": _forward_method,
@@ -636,9 +658,43 @@ def _consumer(name: str, t: Table) -> Consumer:
         password_hash=t.get("password", _password_hash) if t.has("password") else None,
         rate_limit=_rate_limit(rate) if rate is not None else None,
         max_concurrent=t.get("max_concurrent", positive_int) if t.has("max_concurrent") else None,
+        client_certificates=t.get("client_certificates", _certificate_identities, frozenset()),
     )
     t.finish()
     return consumer
+
+
+_SAN_PREFIXES = ("DNS:", "URI:", "email:", "IP:")
+
+
+def _certificate_identities(value: object) -> frozenset[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(
+            f'must be a non-empty array such as ["CN=billing,O=Example", "DNS:billing.internal"], got {describe(value)}'
+        )
+    identities = set()
+    for text in value:
+        prefix = next((p for p in _SAN_PREFIXES if text.lower().startswith(p.lower())), None)
+        if prefix is not None:
+            rest = text[len(prefix) :]
+            if prefix == "IP:":
+                try:
+                    rest = str(ipaddress.ip_address(rest))
+                except ValueError:
+                    raise ValueError(f"{text!r}: not an IP address") from None
+            elif prefix in ("DNS:", "email:"):
+                rest = rest.lower()
+            if not rest:
+                raise ValueError(f"{text!r}: names nothing after {prefix}")
+            identities.add(prefix + rest)
+        elif "=" in text:
+            identities.add(text)
+        else:
+            raise ValueError(
+                f'{text!r} is neither a subject DN ("CN=billing,O=Example") nor a subjectAltName '
+                '("DNS:...", "URI:...", "email:...", "IP:...")'
+            )
+    return frozenset(identities)
 
 
 def _consumers(top: Table, into: dict[str, Consumer]) -> None:
@@ -720,6 +776,8 @@ def _check_upstream_headers(top: Table, identity: IdentityHeaders, methods: Mapp
             named += [(f"auth.{name}.claim_headers.{h.decode()}", h.lower()) for h, _ in method.claim_headers]
         elif isinstance(method, ForwardMethod):
             named += [(f"auth.{name}.copy_headers", h) for h in method.copy_headers]
+        elif isinstance(method, MtlsMethod):
+            named.append((f"auth.{name}.identity_header", method.identity_header.lower()))
     for where, header in named:
         if not header:
             continue

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -251,10 +251,15 @@ class BodySender:
             self.done.callback(False)
 
 
-async def connect(port: int, **kwargs: Any) -> RawClient:
+async def connect(port: int, *, tls: Any = None, **kwargs: Any) -> RawClient:
+    """A raw client connected to 127.0.0.1:`port`; with `tls` (client connection creator), over TLS (the
+    handshake runs when the first bytes are sent; its failure is the connection's `reason`)."""
     client = RawClient(**kwargs)
     OPEN.append(client)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    if tls is not None:
+        endpoint = wrapClientTLS(tls, endpoint)
+    await connectProtocol(endpoint, client)
     return client
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IPullProducer, IPushProducer
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http
 from zope.interface import implementer
 
@@ -388,10 +389,15 @@ class Origin(http.HTTPFactory):
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
-    def start(self) -> Origin:
-        self.port = reactor.listenTCP(0, self, interface="127.0.0.1")
+    tls: Any = None
+
+    def start(self, tls: Any = None) -> Origin:
+        """Listen on 127.0.0.1:0; with `tls` (server connection creator, such as `CertificateOptions`), HTTPS."""
+        self.tls = tls
+        factory: Any = self if tls is None else TLSMemoryBIOFactory(tls, False, self)
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         return self
 
     def inject_faults(self) -> None:

@@ -1,0 +1,73 @@
+"""Client certificates as credentials: the `mtls` method maps the certificate a TLS handshake verified to a
+declared consumer.
+
+Rule: the certificate was verified by OpenSSL against the listener's client CA bundle before any byte of the
+request was read (one that does not verify fails the handshake), so this method only maps it: by its subject DN
+first, then by each subjectAltName. A verified certificate no consumer claims is refused 403: it proves who the
+client is, and that client is not allowed. Nothing of the certificate but its subject goes upstream, and only in
+the configured header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from twisted.internet.defer import Deferred
+from twisted.web.http_headers import Headers
+
+from gateway.auth.identity import AuthRequest, Identity
+from gateway.auth.settings import Consumer, MtlsMethod
+from gateway.errors import Forbidden
+from gateway.tls import ClientCertificate
+
+__all__ = ["MtlsAuthenticator"]
+
+
+class MtlsAuthenticator:
+    """Admits a request whose connection presented a client certificate that a consumer claims."""
+
+    from_connection = True
+    """Its credential is the connection's certificate, not a header (`Gatekeeper` hands it over)."""
+
+    def __init__(self, method: MtlsMethod, consumers: Mapping[str, Consumer]) -> None:
+        self.name = method.name
+        self._header = method.identity_header
+        self._by_identity = {
+            identity: consumer for consumer in consumers.values() for identity in consumer.client_certificates
+        }
+        self._identities: dict[tuple[str, str], Identity] = {}
+        """(consumer, subject) -> its identity, made once (what depends on it is then made once too)."""
+
+    def credential(self, headers: Headers) -> None:
+        return None  # never in the headers: see `from_connection`
+
+    def verify(self, credential: object, request: AuthRequest) -> Identity:
+        assert isinstance(credential, ClientCertificate)
+        consumer = self._by_identity.get(credential.subject)
+        if consumer is None:
+            consumer = next((self._by_identity[n] for n in sorted(credential.names) if n in self._by_identity), None)
+        if consumer is None:
+            raise Forbidden(
+                "the client certificate is valid but no consumer is allowed to use it",
+                reason="unknown_client_certificate",
+            )
+        identity = self._identities.get((consumer.name, credential.subject))
+        if identity is None:
+            headers = ((self._header, credential.subject.encode("utf-8")),) if self._header else ()
+            identity = self._identities[consumer.name, credential.subject] = Identity(
+                consumer=consumer.name,
+                scopes=consumer.scopes,
+                method=self.name,
+                headers=headers,
+                declared=True,
+            )
+        return identity
+
+    def challenge(self, failure: object) -> None:
+        return None  # a certificate is asked for in the handshake, not by a WWW-Authenticate challenge
+
+    def upstream_headers(self) -> frozenset[bytes]:
+        return frozenset({self._header.lower()}) if self._header else frozenset()
+
+    def close(self) -> Deferred[None] | None:
+        return None

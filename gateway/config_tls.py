@@ -1,0 +1,174 @@
+"""The TLS tables of the config file: a listener's `[listeners.tls]` and an upstream's `[upstreams.NAME.tls]`.
+
+Rule: certificate files are read and checked here (`gateway.certificates`), so `--check` and a reload refuse a
+missing file, a key that does not match, a broken chain or an expired certificate, naming the file and the key
+path, before anything changes. Paths are relative to the config file's directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+
+from gateway.certificates import CertificateError, CertificateSet, load_ca_bundle, load_certificate_set
+from gateway.config_values import Table, boolean, nonempty_string
+
+__all__ = ["ListenerTLS", "UpstreamTLS", "hsts_value", "listener_tls", "upstream_tls"]
+
+CLIENT_MODES = ("none", "request", "require")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerTLS:
+    """HTTPS on a listener: its certificate sets (the first is the default), its minimum version, and whether
+    it asks clients for certificates."""
+
+    certificates: tuple[CertificateSet, ...]
+    min_version: str = "1.2"
+    client_certificates: str = "none"
+    """"none"; "request" (verified against `client_ca` when sent, for routes whose admission accepts them);
+    "require" (a handshake without a valid one fails)."""
+    client_ca_path: str = ""
+    client_ca: tuple[x509.Certificate, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamTLS:
+    """How the gateway verifies an https upstream, and the certificate it shows it (if any).
+
+    Equal when the settings and the files' bytes are: a reload keeps the pool (and its warm connections) of an
+    upstream whose TLS files did not change."""
+
+    verify: bool = True
+    """False only when written in the config, with a warning at every start."""
+    ca_path: str = ""
+    """A CA bundle to trust instead of the system's roots."""
+    server_name: str = ""
+    """The name sent in SNI and checked against the certificate; the URL's host when empty."""
+    client: CertificateSet | None = field(default=None, compare=False, repr=False)
+    """A client certificate shown to the upstream (mTLS towards it)."""
+    ca: tuple[x509.Certificate, ...] = field(default=(), compare=False, repr=False)
+    files_digest: str = ""
+    """The SHA-256 of the files read, so that equality follows their content."""
+
+
+def _path(t: Table, key: str) -> Path:
+    text = t.get(key, nonempty_string)
+    return Path(t.source).parent / text
+
+
+def _certificate_set(t: Table) -> CertificateSet:
+    try:
+        certificate_set = load_certificate_set(
+            _path(t, "certificate"), _path(t, "key"), _path(t, "chain") if t.has("chain") else None
+        )
+    except CertificateError as e:
+        raise t.error("", str(e)) from None
+    t.finish()
+    return certificate_set
+
+
+def _min_version(value: object) -> str:
+    if value not in ("1.2", "1.3"):
+        raise ValueError(f'must be "1.2" or "1.3" (older versions are never accepted), got {value!r}')
+    return str(value)
+
+
+def _client_mode(value: object) -> str:
+    if value not in CLIENT_MODES:
+        raise ValueError(f'must be "none", "request" or "require", got {value!r}')
+    return str(value)
+
+
+def listener_tls(t: Table) -> ListenerTLS:
+    """A listener's `tls` table."""
+    sets = [_certificate_set(entry) for entry in t.tables("certificates", required=True)]
+    if not sets:
+        raise t.error("certificates", "at least one certificate set is needed")
+    mode = t.get("client_certificates", _client_mode, "none")
+    ca_path, ca = "", ()
+    if t.has("client_ca"):
+        path = _path(t, "client_ca")
+        try:
+            ca = load_ca_bundle(path)
+        except CertificateError as e:
+            raise t.error("client_ca", str(e)) from None
+        ca_path = str(path)
+    if mode != "none" and not ca:
+        raise t.error("client_ca", f'is required with client_certificates = "{mode}" (the CA bundle they chain to)')
+    if mode == "none" and ca:
+        raise t.error("client_certificates", 'must be "request" or "require" when client_ca is given')
+    tls = ListenerTLS(
+        certificates=tuple(sets),
+        min_version=t.get("min_version", _min_version, "1.2"),
+        client_certificates=mode,
+        client_ca_path=ca_path,
+        client_ca=ca,
+    )
+    t.finish()
+    return tls
+
+
+def upstream_tls(t: Table | None, host: str) -> UpstreamTLS:
+    """An https upstream's `tls` table (all defaults when there is none: verified against the system's roots)."""
+    if t is None:
+        return UpstreamTLS()
+    digest = hashlib.sha256()
+    verify = t.get("verify", boolean, True)
+    ca_path, ca = "", ()
+    if t.has("ca"):
+        if not verify:
+            raise t.error("ca", "is used only to verify the upstream, and verify = false turns that off")
+        path = _path(t, "ca")
+        try:
+            ca = load_ca_bundle(path)
+        except CertificateError as e:
+            raise t.error("ca", str(e)) from None
+        ca_path = str(path)
+        digest.update(path.read_bytes())
+    client = None
+    if t.has("certificate") or t.has("key"):
+        try:
+            client = load_certificate_set(
+                _path(t, "certificate"), _path(t, "key"), _path(t, "chain") if t.has("chain") else None
+            )
+        except CertificateError as e:
+            raise t.error("certificate", str(e)) from None
+        for path in (client.certificate_path, client.key_path, client.chain_path):
+            if path:
+                digest.update(Path(path).read_bytes())
+    server_name = t.get("server_name", _server_name, "")
+    tls = UpstreamTLS(
+        verify=verify,
+        ca_path=ca_path,
+        server_name=server_name,
+        client=client,
+        ca=ca,
+        files_digest=digest.hexdigest(),
+    )
+    t.finish()
+    return tls
+
+
+def _server_name(value: object) -> str:
+    text = nonempty_string(value).lower()
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", text):
+        raise ValueError(f'must be a DNS name such as "billing.internal", got {value!r}')
+    return text
+
+
+_HSTS = re.compile(r"max-age=\d{1,10}(\s*;\s*includeSubDomains)?(\s*;\s*preload)?", re.IGNORECASE)
+
+
+def hsts_value(value: object) -> bytes:
+    """A route's `strict_transport_security`: the header value, checked for its form (RFC 6797)."""
+    text = nonempty_string(value).strip()
+    if not _HSTS.fullmatch(text):
+        raise ValueError(
+            f'must be a Strict-Transport-Security value such as "max-age=31536000; includeSubDomains", got {value!r}'
+        )
+    return text.encode("ascii")

@@ -1,0 +1,284 @@
+"""TLS on both sides, in this process over real loopback sockets, with certificates made by trustme: SNI from
+memory, old versions refused, certificates reloaded (a broken set keeps the old one), client certificates
+mapped to consumers, https upstreams verified (untrusted and mismatched ones are a 502 naming the class), and
+the plain-HTTP redirect and HSTS."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import trustme
+from OpenSSL import SSL
+from twisted.internet import reactor
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.threads import deferToThread
+
+from gateway.auth.apikeys import hash_key
+from gateway.config import ConfigError, load, parse
+from gateway.service import GatewayService
+from tests.support.certs import client_options, expired, issue
+from tests.support.clients import connect, within
+from tests.support.origin import Origin
+from tests.support.running import gateway_config
+from tests.test_reload import toml
+
+HOST = "api.example.com"
+
+
+@pytest.fixture
+def running() -> Iterator[list[GatewayService]]:
+    services: list[GatewayService] = []
+    yield services
+    for service in services:
+        if service.running:
+            service.factory.cut_all("test_teardown")
+            pytest_twisted.blockon(service.stopService())
+
+
+def tls_config(origin_url: str, *sets: Any, **tls: Any) -> dict[str, Any]:
+    data = gateway_config(origin_url, access_log={"path": ""})
+    data["listeners"][0]["tls"] = {"certificates": [s.table() for s in sets], **tls}
+    return data
+
+
+async def get(port: int, options: Any, target: str = "/headers", host: str = HOST, extra: str = "") -> Any:
+    client = await connect(port, tls=options, keep_all=True)
+    client.send(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n".encode())
+    await within(client.closed)
+    return client
+
+
+def served_serial(client: Any) -> int:
+    return client.transport.getPeerCertificate().to_cryptography().serial_number
+
+
+@pytest_twisted.ensureDeferred
+async def test_sni_picks_the_certificate_and_the_default_serves_unknown_names(
+    tmp_path: Path, origin: Origin, gateway_for: Any
+) -> None:
+    ca = trustme.CA()
+    api = issue(ca, tmp_path, HOST, stem="api")
+    other = issue(ca, tmp_path, "*.other.test", stem="other")
+    gateway = gateway_for(tls_config(origin.url, api, other))
+    for name, expected in ((HOST, api), ("a.other.test", other)):
+        client = await get(gateway.port, client_options(ca, name))
+        assert client.response().status == 200
+        assert served_serial(client) == expected.serial()
+        assert json.loads(client.response().body)["headers"].count(["X-Forwarded-Proto", "https"]) == 1
+    # An unknown name (and a wildcard's grandchild) gets the default set, from memory.
+    contexts = gateway.service.listeners[0].tls.contexts
+    assert contexts.certificate_for("nobody.test") is contexts.certificates[0]
+    assert contexts.certificate_for("a.b.other.test") is contexts.certificates[0]
+    assert contexts.context_for(b"a.b.other.test") is None
+
+
+def _old_client(port: int, version: ssl.TLSVersion) -> str:
+    import socket
+    import warnings
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("ALL:@SECLEVEL=0")  # this client would speak the old versions itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = context.maximum_version = version
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=HOST) as tls:
+                return f"accepted {tls.version()}"
+        except (ssl.SSLError, ConnectionError) as e:
+            return f"refused {e}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_1_0_and_1_1_are_refused(tmp_path: Path, origin: Origin, gateway_for: Any) -> None:
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    api = issue(ca, tmp_path, HOST)
+    gateway = gateway_for(tls_config(origin.url, api))
+    for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+        outcome = await deferToThread(_old_client, gateway.port, version)
+        assert outcome.startswith("refused"), outcome
+    assert (await deferToThread(_old_client, gateway.port, ssl.TLSVersion.TLSv1_2)) == "accepted TLSv1.2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_changes_new_handshakes_and_a_broken_set_keeps_the_old(
+    tmp_path: Path, origin: Origin, running: list[GatewayService]
+) -> None:
+    ca = trustme.CA()
+    first = issue(ca, tmp_path, HOST)
+    path = tmp_path / "gateway.toml"
+    path.write_text(toml(tls_config(origin.url, first)))
+    service = GatewayService(load(path), reactor)
+    service.startService()
+    running.append(service)
+    port = service.listeners[0].port.getHost().port
+    # A download stays open on the first certificate across the reload.
+    download = await connect(port, tls=client_options(ca, HOST))
+    download.send(f"GET /bytes/{8 * 1024 * 1024} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+    await within(download.received_at_least(1))
+    download.pause()
+    second = issue(ca, tmp_path, HOST)  # the same files, renewed
+    assert service.reload() is True
+    client = await get(port, client_options(ca, HOST))
+    assert served_serial(client) == second.serial() != first.serial()
+    download.resume()
+    await within(download.closed, 30)
+    assert download.clean_close and download.received > 8 * 1024 * 1024
+    assert served_serial(download) == first.serial()
+    # A key that does not match its certificate: refused, the second set still serves.
+    other = issue(ca, tmp_path / "x", HOST)
+    second.key.write_bytes(other.key.read_bytes())
+    assert service.reload() is False
+    assert served_serial(await get(port, client_options(ca, HOST))) == second.serial()
+
+
+def test_check_names_the_file_and_reason(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    good = issue(ca, tmp_path, HOST)
+    old = expired(ca, tmp_path, HOST)
+    mismatched = issue(ca, tmp_path, HOST, stem="mismatched")
+    mismatched.key.write_bytes(good.key.read_bytes())
+    broken = issue(ca, tmp_path, HOST, stem="broken")
+    broken.chain.write_bytes(trustme.CA().cert_pem.bytes())  # not the issuer
+    cases = {
+        "expired": (old.table(), "expired on"),
+        "mismatch": (mismatched.table(), "does not match the certificate"),
+        "chain": (broken.table(), "is not issued by certificate 2"),
+        "incomplete": ({**good.table(), "chain": str(good.certificate)}, "is not issued by"),
+        "missing": ({**good.table(), "key": str(tmp_path / "nope.key")}, "cannot read the file"),
+        "no-chain": ({"certificate": str(good.certificate), "key": str(good.key)}, "the chain is incomplete"),
+    }
+    for name, (entry, reason) in cases.items():
+        data = gateway_config("http://127.0.0.1:1")
+        data["listeners"][0]["tls"] = {"certificates": [entry]}
+        with pytest.raises(ConfigError) as raised:
+            parse(data, source="test.toml")
+        assert reason in str(raised.value), (name, str(raised.value))
+        assert "listeners[0].tls.certificates[0]" in str(raised.value), name
+
+
+def _mtls_config(origin_url: str, server: Any, client_ca: Path, mode: str) -> dict[str, Any]:
+    data = tls_config(origin_url, server, client_certificates=mode, client_ca=str(client_ca))
+    data["auth"] = {"certs": {"type": "mtls", "identity_header": "X-Client-Subject"}, "keys": {"type": "api_key"}}
+    data["consumers"] = {
+        "billing": {"client_certificates": ["DNS:billing.internal"], "scopes": ["reports"]},
+        "ops": {"api_keys": [hash_key("gwk_test")]},
+    }
+    data["routes"][0]["auth"] = ["certs", "keys"]
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_certificates(tmp_path: Path, origin: Origin, gateway_for: Any) -> None:
+    ca, clients, stranger_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    server = issue(ca, tmp_path, HOST)
+    client_ca = tmp_path / "clients.pem"
+    client_ca.write_bytes(clients.cert_pem.bytes())
+    billing = clients.issue_cert("billing.internal", common_name="billing")
+    unknown = clients.issue_cert("nobody.internal")
+    stranger = stranger_ca.issue_cert("billing.internal")
+    gateway = gateway_for(_mtls_config(origin.url, server, client_ca, "request"))
+    # Mapped: admitted as the consumer, the subject upstream, a client's copy of the header removed.
+    client = await get(gateway.port, client_options(ca, HOST, billing), extra="X-Client-Subject: forged\r\n")
+    headers = json.loads(client.response().body)["headers"]
+    assert ["X-Consumer-Id", "billing"] in headers or ["X-Consumer-ID", "billing"] in headers, headers
+    subjects = [value for name, value in headers if name.lower() == "x-client-subject"]
+    assert len(subjects) == 1 and subjects[0].startswith("CN=billing,"), headers
+    # None sent: the route's other method may decide; with no credential at all, 401.
+    assert (await get(gateway.port, client_options(ca, HOST))).response().status == 401
+    keyed = await get(gateway.port, client_options(ca, HOST), extra="X-Api-Key: gwk_test\r\n")
+    assert keyed.response().status == 200
+    # Valid but no consumer claims it: 403. From another CA: the handshake fails.
+    assert (await get(gateway.port, client_options(ca, HOST, unknown))).response().status == 403
+    refused = await get(gateway.port, client_options(ca, HOST, stranger))
+    assert refused.received == 0 and refused.reason.check(SSL.Error), refused.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_required_client_certificate_refuses_the_handshake(
+    tmp_path: Path, origin: Origin, gateway_for: Any
+) -> None:
+    ca, clients = trustme.CA(), trustme.CA()
+    server = issue(ca, tmp_path, HOST)
+    client_ca = tmp_path / "clients.pem"
+    client_ca.write_bytes(clients.cert_pem.bytes())
+    gateway = gateway_for(_mtls_config(origin.url, server, client_ca, "require"))
+    refused = await get(gateway.port, client_options(ca, HOST))
+    assert refused.received == 0 and refused.reason.check(SSL.Error), refused.reason
+    billing = clients.issue_cert("billing.internal")
+    assert (await get(gateway.port, client_options(ca, HOST, billing))).response().status == 200
+
+
+def _https_origin(leaf: trustme.LeafCert) -> Origin:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    options = CertificateOptions(
+        privateKey=serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None),
+        certificate=x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()),
+    )
+    return Origin().start(tls=options)
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_upstreams(tmp_path: Path, gateway_for: Any, caplog: Any) -> None:
+    ca = trustme.CA()
+    ca_file = tmp_path / "upstream-ca.pem"
+    ca_file.write_bytes(ca.cert_pem.bytes())
+    origins = [_https_origin(ca.issue_cert("127.0.0.1")), _https_origin(trustme.CA().issue_cert("127.0.0.1"))]
+    wrong_name = _https_origin(ca.issue_cert("elsewhere.test"))
+    origins.append(wrong_name)
+    try:
+        trusted, self_signed, mismatched = origins
+        cases = [
+            (trusted, {"ca": str(ca_file)}, 200, None),
+            (self_signed, {"ca": str(ca_file)}, 502, "untrusted certificate"),
+            (mismatched, {"ca": str(ca_file)}, 502, "name mismatch"),
+            (self_signed, {"verify": False}, 200, None),
+        ]
+        for origin, tls, status, reason in cases:
+            data = gateway_config(origin.url, access_log={"path": ""}, upstream={"tls": tls})
+            gateway = gateway_for(data)
+            client = await connect(gateway.port, keep_all=True)
+            client.send(b"GET /status/200 HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n")
+            await within(client.closed)
+            response = client.response()
+            assert response.status == status, (tls, response.body)
+            if reason is not None:
+                problem = json.loads(response.body)
+                assert problem["type"] == "urn:gateway:problem:upstream-tls-failed"
+                assert problem["detail"].endswith(reason), problem
+    finally:
+        for origin in origins:
+            await origin.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redirect_and_hsts(tmp_path: Path, origin: Origin, gateway_for: Any) -> None:
+    ca = trustme.CA()
+    data = tls_config(origin.url, issue(ca, tmp_path, HOST))
+    data["listeners"].append({"host": "127.0.0.1", "port": 0, "redirect_to_https": 8443})
+    data["routes"][0]["strict_transport_security"] = "max-age=31536000; includeSubDomains"
+    gateway = gateway_for(data)
+    secure = (await get(gateway.port, client_options(ca, HOST))).response()
+    assert secure.header(b"strict-transport-security") == b"max-age=31536000; includeSubDomains"
+    plain_port = gateway.service.listeners[1].port.getHost().port
+    for method, status in (("GET", 301), ("POST", 308)):
+        client = await connect(plain_port, keep_all=True)
+        client.send(
+            f"{method} /a?b=1 HTTP/1.1\r\nHost: {HOST}:80\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        await within(client.closed)
+        response = client.response()
+        assert response.status == status
+        assert response.header(b"location") == f"https://{HOST}:8443/a?b=1".encode()
+        assert response.header(b"strict-transport-security") is None  # never over plain HTTP
