@@ -575,7 +575,7 @@ def _upstream(name: str, t: Table) -> Upstream:
     tls_table = t.table("tls")
     if scheme == "http" and tls_table is not None:
         raise t.error("tls", "is for an https upstream; this one's url is http")
-    tls = upstream_tls(tls_table, host) if scheme == "https" else None
+    tls = upstream_tls(tls_table) if scheme == "https" else None
     upstream = read_fields(
         t, Upstream(name=name, scheme=scheme, host=host, port=port, base_path=base, tls=tls), _UPSTREAM_FIELDS
     )

@@ -90,14 +90,7 @@ def listener_tls(t: Table) -> ListenerTLS:
     if not sets:
         raise t.error("certificates", "at least one certificate set is needed")
     mode = t.get("client_certificates", _client_mode, "none")
-    ca_path, ca = "", ()
-    if t.has("client_ca"):
-        path = _path(t, "client_ca")
-        try:
-            ca = load_ca_bundle(path)
-        except CertificateError as e:
-            raise t.error("client_ca", str(e)) from None
-        ca_path = str(path)
+    ca_path, ca = _ca_bundle(t, "client_ca") if t.has("client_ca") else ("", ())
     if mode != "none" and not ca:
         raise t.error("client_ca", f'is required with client_certificates = "{mode}" (the CA bundle they chain to)')
     if mode == "none" and ca:
@@ -113,7 +106,16 @@ def listener_tls(t: Table) -> ListenerTLS:
     return tls
 
 
-def upstream_tls(t: Table | None, host: str) -> UpstreamTLS:
+def _ca_bundle(t: Table, key: str) -> tuple[str, tuple[x509.Certificate, ...]]:
+    """The CA bundle a key names: its path and certificates (an error names the key, the file and why)."""
+    path = _path(t, key)
+    try:
+        return str(path), load_ca_bundle(path)
+    except CertificateError as e:
+        raise t.error(key, str(e)) from None
+
+
+def upstream_tls(t: Table | None) -> UpstreamTLS:
     """An https upstream's `tls` table (all defaults when there is none: verified against the system's roots)."""
     if t is None:
         return UpstreamTLS()
@@ -123,13 +125,8 @@ def upstream_tls(t: Table | None, host: str) -> UpstreamTLS:
     if t.has("ca"):
         if not verify:
             raise t.error("ca", "is used only to verify the upstream, and verify = false turns that off")
-        path = _path(t, "ca")
-        try:
-            ca = load_ca_bundle(path)
-        except CertificateError as e:
-            raise t.error("ca", str(e)) from None
-        ca_path = str(path)
-        digest.update(path.read_bytes())
+        ca_path, ca = _ca_bundle(t, "ca")
+        digest.update(Path(ca_path).read_bytes())
     client = None
     if t.has("certificate") or t.has("key"):
         try:

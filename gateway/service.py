@@ -385,23 +385,19 @@ class GatewayService(MultiService):
         admin = self.admin
         for listener in new.listeners:
             running = kept.get(_address(listener))
+            # What a connection's first bytes are cannot change under a bound socket: refused, not ignored
+            # (ignoring a PROXY change would leave client addresses spoofable, or break every request).
+            unchangeable = None
             if running is not None and running.listener.proxy_protocol != listener.proxy_protocol:
-                # What a connection's first bytes are cannot change under a bound socket: refused, not ignored
-                # (ignoring it would leave client addresses spoofable, or break every request).
+                unchangeable = "proxy_protocol changes only on a restart"
+            elif running is not None and (running.listener.tls is None) != (listener.tls is None):
+                unchangeable = "turning TLS on or off changes only on a restart (certificates reload)"
+            if unchangeable is not None:
                 _log.error(
-                    "Reload refused, the running config is unchanged: {source}: listener {address}: "
-                    "proxy_protocol changes only on a restart",
+                    "Reload refused, the running config is unchanged: {source}: listener {address}: {reason}",
                     source=source,
                     address=listener.describe(),
-                )
-                self.metrics.reloaded("invalid")
-                return False
-            if running is not None and (running.listener.tls is None) != (listener.tls is None):
-                _log.error(
-                    "Reload refused, the running config is unchanged: {source}: listener {address}: "
-                    "turning TLS on or off changes only on a restart (certificates reload)",
-                    source=source,
-                    address=listener.describe(),
+                    reason=unchangeable,
                 )
                 self.metrics.reloaded("invalid")
                 return False

@@ -68,15 +68,16 @@ class ServerContexts:
         clients: ClientPolicy = ClientPolicy(),
     ) -> None:
         self.certificates = tuple(certificates)
-        self._exact: dict[str, SSL.Context] = {}
-        self._wildcard: dict[str, SSL.Context] = {}
+        self._exact: dict[str, tuple[CertificateSet, SSL.Context]] = {}
+        self._wildcard: dict[str, tuple[CertificateSet, SSL.Context]] = {}
+        """Name (a wildcard's by its parent) -> the first set naming it, with its context."""
         options = [self._options(s, min_version, clients, default=i == 0) for i, s in enumerate(self.certificates)]
         self.default = options[0]
         for certificate_set, option in zip(self.certificates, options, strict=True):
-            context = option.getContext()
+            entry = (certificate_set, option.getContext())
             for name in certificate_set.names:
                 table = self._wildcard if name.startswith("*.") else self._exact
-                table.setdefault(name.removeprefix("*."), context)
+                table.setdefault(name.removeprefix("*."), entry)
 
     def _options(
         self, certificate_set: CertificateSet, min_version: str, clients: ClientPolicy, *, default: bool
@@ -102,30 +103,27 @@ class ServerContexts:
             **verify,
         )
 
-    def context_for(self, server_name: bytes | None) -> SSL.Context | None:
-        """The context of the set named `server_name`; None (the default set's) for no name or an unknown one."""
+    def _lookup(self, server_name: str | None) -> tuple[CertificateSet, SSL.Context] | None:
+        """The set (and context) named `server_name`: exactly, else by the wildcard of its parent."""
         if not server_name:
             return None
-        name = server_name.decode("ascii", "replace").lower().rstrip(".")
-        context = self._exact.get(name)
-        if context is None:
+        name = server_name.lower().rstrip(".")
+        entry = self._exact.get(name)
+        if entry is None:
             parent = name.partition(".")[2]
             if parent:
-                context = self._wildcard.get(parent)
-        return context
+                entry = self._wildcard.get(parent)
+        return entry
+
+    def context_for(self, server_name: bytes | None) -> SSL.Context | None:
+        """The context of the set named `server_name`; None (the default set's) for no name or an unknown one."""
+        entry = self._lookup(server_name.decode("ascii", "replace") if server_name else None)
+        return entry[1] if entry is not None else None
 
     def certificate_for(self, server_name: str | None) -> CertificateSet:
-        """The set a client sending `server_name` gets (for the start-up log and for tests)."""
-        if server_name:
-            name = server_name.lower().rstrip(".")
-            for certificate_set in self.certificates:
-                if name in certificate_set.names:
-                    return certificate_set
-            parent = name.partition(".")[2]
-            for certificate_set in self.certificates:
-                if "*." + parent in certificate_set.names:
-                    return certificate_set
-        return self.certificates[0]
+        """The set a client sending `server_name` gets (for tests and tools: the same lookup as handshakes)."""
+        entry = self._lookup(server_name)
+        return entry[0] if entry is not None else self.certificates[0]
 
 
 @implementer(IOpenSSLServerConnectionCreator)

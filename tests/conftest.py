@@ -17,6 +17,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import LogEvent
 
+from gateway.service import GatewayService
 from tests.support import clients
 from tests.support.logs import captured
 from tests.support.origin import Origin
@@ -86,3 +87,14 @@ def gateway_for() -> Iterator[Callable[[dict[str, Any]], RunningGateway]]:
         # What a test left open is cut first: the stop would otherwise drain it for server.drain_timeout.
         gateway.service.factory.cut_all("test_teardown")
         pytest_twisted.blockon(gateway.service.stopService())
+
+
+@pytest.fixture
+def running() -> Iterator[list[GatewayService]]:
+    """Services a test starts itself (in this process) and appends here; each is cut and stopped after it."""
+    services: list[GatewayService] = []
+    yield services
+    for service in services:
+        if service.running:
+            service.factory.cut_all("test_teardown")
+            pytest_twisted.blockon(service.stopService())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +69,6 @@ def toml(data: dict[str, Any]) -> str:
 
 def _tables(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
-
-
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[list[GatewayService]]:
-    services: list[GatewayService] = []
-    yield services
-    for service in services:
-        if service.running:
-            service.factory.cut_all("test_teardown")
-            pytest_twisted.blockon(service.stopService())
 
 
 def start(path: Path, data: dict[str, Any], services: list[GatewayService]) -> GatewayService:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,6 @@ from tests.support.running import gateway_config
 from tests.test_reload import toml
 
 HOST = "api.example.com"
-
-
-@pytest.fixture
-def running() -> Iterator[list[GatewayService]]:
-    services: list[GatewayService] = []
-    yield services
-    for service in services:
-        if service.running:
-            service.factory.cut_all("test_teardown")
-            pytest_twisted.blockon(service.stopService())
 
 
 def tls_config(origin_url: str, *sets: Any, **tls: Any) -> dict[str, Any]:
