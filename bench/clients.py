@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -24,7 +25,14 @@ class ClientError(RuntimeError):
     pass
 
 
-def connect(port: int, *, rcvbuf: int | None = None, timeout: float = 30.0) -> socket.socket:
+TLS_NAME = "localhost"
+"""The server name TLS clients send and verify (bench/tls.py issues the run's certificate for it)."""
+
+
+def connect(
+    port: int, *, rcvbuf: int | None = None, timeout: float = 30.0, tls: ssl.SSLContext | None = None
+) -> socket.socket:
+    """A connected socket; with `tls`, its handshake done (`tls` verifies the peer as TLS_NAME)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:  # before connect, so that the window is small from the start
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -32,6 +40,8 @@ def connect(port: int, *, rcvbuf: int | None = None, timeout: float = 30.0) -> s
     sock.settimeout(timeout)
     try:
         sock.connect((HOST, port))
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=TLS_NAME)
     except BaseException:
         sock.close()
         raise
@@ -140,11 +150,13 @@ class Fetch:
     ended: float
 
 
-def get(port: int, path: str, *, limit: int | None = None, timeout: float = 120.0) -> Fetch:
+def get(
+    port: int, path: str, *, limit: int | None = None, timeout: float = 120.0, tls: ssl.SSLContext | None = None
+) -> Fetch:
     """GET `path` and read the body as fast as possible (or only its first `limit` bytes)."""
     started = time.monotonic()
     deadline = started + timeout
-    with connect(port, timeout=min(timeout, 30.0)) as sock:
+    with connect(port, timeout=min(timeout, 30.0), tls=tls) as sock:
         sock.sendall(request("GET", path, port))
         head = read_head(sock)
         expect_ok(head, f"GET {path}")
@@ -210,12 +222,13 @@ def slow_get(
     seconds: float,
     rcvbuf: int = 16 * 1024,
     before_close: Callable[[int], Any] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, Any]:
     """GET `path` and read the body at `rate` bytes/s for `seconds`, then hang up.
 
     Returns the body bytes read, and what `before_close(bytes_read)` returned (called while still connected).
     """
-    sock = connect(port, rcvbuf=rcvbuf, timeout=5.0)
+    sock = connect(port, rcvbuf=rcvbuf, timeout=5.0, tls=tls)
     try:
         sock.sendall(request("GET", path, port))
         head = read_head(sock)
@@ -252,10 +265,10 @@ class Upload:
     error: str | None
 
 
-def upload(port: int, path: str, *, size: int, seconds: float) -> Upload:
+def upload(port: int, path: str, *, size: int, seconds: float, tls: ssl.SSLContext | None = None) -> Upload:
     """PUT a `size`-byte body (Content-Length) as fast as it is taken, for `seconds`, then abort (reset)."""
     block = memoryview(bytes(range(256)) * 4096)  # 1 MiB
-    sock = connect(port, timeout=5.0)
+    sock = connect(port, timeout=5.0, tls=tls)
     sent = 0
     first: float | None = None
     error = None
@@ -285,12 +298,12 @@ def upload(port: int, path: str, *, size: int, seconds: float) -> Upload:
         abort(sock)
 
 
-def sse(port: int, path: str, *, seconds: float) -> list[float]:
+def sse(port: int, path: str, *, seconds: float, tls: ssl.SSLContext | None = None) -> list[float]:
     """Read a server-sent-events stream for `seconds`; each event's latency in seconds (receive time minus the
     origin's send time it carries, both time.monotonic())."""
     latencies: list[float] = []
     deadline = time.monotonic() + seconds
-    with connect(port, timeout=seconds) as sock:
+    with connect(port, timeout=seconds, tls=tls) as sock:
         sock.sendall(request("GET", path, port, "Accept: text/event-stream\r\n"))
         try:
             head = read_head(sock)  # a proxy that holds small writes back holds the head back too
@@ -324,9 +337,11 @@ def sse(port: int, path: str, *, seconds: float) -> list[float]:
     return latencies
 
 
-def read_then_abort(port: int, path: str, *, nbytes: int, timeout: float = 30.0) -> tuple[float, int]:
+def read_then_abort(
+    port: int, path: str, *, nbytes: int, timeout: float = 30.0, tls: ssl.SSLContext | None = None
+) -> tuple[float, int]:
     """GET `path`, read `nbytes` of its body, then abort (reset); returns (time.monotonic() of the abort, bytes)."""
-    sock = connect(port, timeout=timeout)
+    sock = connect(port, timeout=timeout, tls=tls)
     aborted = False
     try:
         sock.sendall(request("GET", path, port))
@@ -409,7 +424,18 @@ def parse_wrk(output: str) -> Wrk:
     return Wrk(float(rps.group(1)), int(total.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), errors, output)
 
 
-def wrk(port: int, path: str, *, threads: int, connections: int, seconds: float) -> Wrk:
+def wrk(
+    port: int,
+    path: str,
+    *,
+    threads: int,
+    connections: int,
+    seconds: float,
+    tls: bool = False,
+    headers: tuple[str, ...] = (),
+) -> Wrk:
+    """wrk's figures; `tls` makes it speak https (wrk verifies no certificate), `headers` are sent on every
+    request (`Connection: close` makes every request a new connection, and a new handshake over TLS)."""
     exe = shutil.which("wrk")
     if exe is None:
         raise ClientError("wrk is not installed")
@@ -421,7 +447,8 @@ def wrk(port: int, path: str, *, threads: int, connections: int, seconds: float)
         "--latency",
         "--timeout",
         "5s",
-        f"http://{HOST}:{port}{path}",
+        *(arg for header in headers for arg in ("-H", header)),
+        f"{'https' if tls else 'http'}://{HOST}:{port}{path}",
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
     if done.returncode != 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from bench import procs
 from bench.origins import nginx_argv, nginx_main
+from bench.tls import BenchCertificate, gateway_listener_tls, haproxy_bind_tls, nginx_server_tls
 
 HERE = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
@@ -36,11 +38,13 @@ PACKAGES = ["nginx-light", "haproxy", "wrk"]
 
 @dataclass
 class Running:
-    """A started peer: where clients connect, and its main process (None for `direct`)."""
+    """A started peer: where clients connect, its main process (None for `direct`), and the client context
+    that trusts its certificate when it serves TLS."""
 
     name: str
     port: int
     proc: procs.Proc | None
+    tls: ssl.SSLContext | None = None
 
     @property
     def pid(self) -> int | None:
@@ -59,28 +63,37 @@ class Peer:
     name = ""
     # The scenarios this peer takes part in (None: all of them).
     only: frozenset[str] | None = None
+    # Whether it can serve TLS to the clients (bench/run.py --tls).
+    serves_tls = True
 
     def unavailable(self) -> str | None:
         """Why this peer cannot run here, or None."""
         return None
 
-    def start(self, origin_port: int, workdir: Path) -> Running:
+    def start(self, origin_port: int, workdir: Path, tls: BenchCertificate | None = None) -> Running:
+        """Start it in front of the origin; with `tls`, serving TLS with that certificate."""
         raise NotImplementedError
 
 
 # --- gateway -----------------------------------------------------------------------------------------------
 
 
-def gateway_config(port: int, origin_port: int, workers: int | None = None, access_log: str = "") -> str:
-    """One listener, one route to the origin; the access log off (as nginx's is) unless `access_log` names a
-    file."""
+def gateway_config(
+    port: int,
+    origin_port: int,
+    workers: int | None = None,
+    access_log: str = "",
+    tls: BenchCertificate | None = None,
+) -> str:
+    """One listener (serving TLS with `tls`), one route to the origin; the access log off (as nginx's is)
+    unless `access_log` names a file."""
     server = f"[server]\nworkers = {workers}\n\n" if workers else ""
     return f"""# written by bench/ for one run
 {server}[[listeners]]
 host = "127.0.0.1"
 port = {port}
 backlog = 1024
-
+{gateway_listener_tls(tls) if tls else ""}
 [limits]
 max_request_body_bytes = "8GiB"
 
@@ -104,7 +117,7 @@ class Gateway(Peer):
         self.workers = workers
         if workers:
             # A second worker process adds nothing to a single connection: only where there are many.
-            self.only = frozenset({"S2", "S5"})
+            self.only = frozenset({"S2", "S5", "S9"})
         self.twistd = VENV_BIN / "twistd"
 
     def unavailable(self) -> str | None:
@@ -135,10 +148,10 @@ class Gateway(Peer):
             return f"this gateway does not support [server] workers = {self.workers} ({reason})"
         return None
 
-    def start(self, origin_port: int, workdir: Path) -> Running:
+    def start(self, origin_port: int, workdir: Path, tls: BenchCertificate | None = None) -> Running:
         port = procs.free_port()
         config = workdir / "gateway.toml"
-        config.write_text(gateway_config(port, origin_port, self.workers))
+        config.write_text(gateway_config(port, origin_port, self.workers, tls=tls))
         argv = [
             str(self.twistd),
             "--nodaemon",
@@ -152,7 +165,7 @@ class Gateway(Peer):
         procs.wait_listening(port, proc)
         if self.workers:
             _wait_for_workers(proc, port, self.workers)
-        return Running(self.name, port, proc)
+        return Running(self.name, port, proc, tls.client_context() if tls else None)
 
 
 def listening_sockets(port: int) -> int:
@@ -184,8 +197,8 @@ def _wait_for_workers(proc: procs.Proc, port: int, workers: int, timeout: float 
 # --- nginx -------------------------------------------------------------------------------------------------
 
 
-def nginx_config(workdir: Path, port: int, origin_port: int, mode: str) -> str:
-    """mode: "stream", "stream-64k" or "buffered"."""
+def nginx_config(workdir: Path, port: int, origin_port: int, mode: str, tls: BenchCertificate | None = None) -> str:
+    """mode: "stream", "stream-64k" or "buffered"; with `tls`, the listener serves TLS."""
     if mode == "buffered":
         # nginx's defaults: responses buffered (and spooled to a temp file past its buffers), request bodies
         # read whole before anything is sent upstream, HTTP/1.0 to the upstream without keep-alive.
@@ -210,7 +223,8 @@ def nginx_config(workdir: Path, port: int, origin_port: int, mode: str) -> str:
     keepalive_requests 100000000;
     keepalive_timeout 300s;{upstream}
     server {{
-        listen 127.0.0.1:{port} backlog=1024;
+        listen 127.0.0.1:{port} backlog=1024{" ssl" if tls else ""};
+        {nginx_server_tls(tls) if tls else ""}
         location / {{
             {location}
             proxy_read_timeout 300s;
@@ -228,18 +242,18 @@ class Nginx(Peer):
     def unavailable(self) -> str | None:
         return None if shutil.which("nginx") else "nginx is not installed"
 
-    def start(self, origin_port: int, workdir: Path) -> Running:
+    def start(self, origin_port: int, workdir: Path, tls: BenchCertificate | None = None) -> Running:
         port = procs.free_port()
-        (workdir / "nginx.conf").write_text(nginx_config(workdir, port, origin_port, self.mode))
+        (workdir / "nginx.conf").write_text(nginx_config(workdir, port, origin_port, self.mode, tls))
         proc = procs.start(self.name, nginx_argv(workdir), workdir / "error.log")
         procs.wait_listening(port, proc)
-        return Running(self.name, port, proc)
+        return Running(self.name, port, proc, tls.client_context() if tls else None)
 
 
 # --- HAProxy -----------------------------------------------------------------------------------------------
 
 
-def haproxy_config(port: int, origin_port: int) -> str:
+def haproxy_config(port: int, origin_port: int, tls: BenchCertificate | None = None) -> str:
     return f"""# written by bench/ for one run
 global
     nbthread 1
@@ -255,7 +269,7 @@ defaults
     http-reuse safe
 
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{haproxy_bind_tls(tls) if tls else ""}
     default_backend origin
 
 backend origin
@@ -269,14 +283,14 @@ class Haproxy(Peer):
     def unavailable(self) -> str | None:
         return None if shutil.which("haproxy") else "haproxy is not installed"
 
-    def start(self, origin_port: int, workdir: Path) -> Running:
+    def start(self, origin_port: int, workdir: Path, tls: BenchCertificate | None = None) -> Running:
         port = procs.free_port()
         config = workdir / "haproxy.cfg"
-        config.write_text(haproxy_config(port, origin_port))
+        config.write_text(haproxy_config(port, origin_port, tls))
         argv = [shutil.which("haproxy") or "haproxy", "-db", "-f", str(config)]
         proc = procs.start(self.name, argv, workdir / "stderr.log", cwd=workdir)
         procs.wait_listening(port, proc)
-        return Running(self.name, port, proc)
+        return Running(self.name, port, proc, tls.client_context() if tls else None)
 
 
 # --- Twisted's ReverseProxyResource ------------------------------------------------------------------------
@@ -284,8 +298,9 @@ class Haproxy(Peer):
 
 class TwistedRpr(Peer):
     name = "twisted-rpr"
+    serves_tls = False
 
-    def start(self, origin_port: int, workdir: Path) -> Running:
+    def start(self, origin_port: int, workdir: Path, tls: BenchCertificate | None = None) -> Running:
         argv = [sys.executable, str(HERE / "rpr.py"), "--origin-port", str(origin_port), "--port", "0"]
         proc = procs.start(self.name, argv, workdir / "stderr.log", stdout_pipe=True)
         port = procs.read_port(proc)
@@ -298,8 +313,9 @@ class TwistedRpr(Peer):
 
 class Direct(Peer):
     name = "direct"
+    serves_tls = False  # the origins speak plain HTTP
 
-    def start(self, origin_port: int, workdir: Path) -> Running:
+    def start(self, origin_port: int, workdir: Path, tls: BenchCertificate | None = None) -> Running:
         return Running(self.name, origin_port, None)
 
 

@@ -7,7 +7,7 @@ calls (send, recv, epoll_ctl, epoll_wait: the line that makes the call), the gat
 that split and the hottest lines. This is the profile the closing notes of the performance pass quote; samples
 outside socket events (start-up imports, idle waits) are left out.
 
-Run: `.venv/bin/python bench/profile.py S5 [--seconds 5]` (py-spy is in the `bench` extra).
+Run: `.venv/bin/python bench/profile.py S5 [--seconds 5] [--tls]` (py-spy is in the `bench` extra).
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def find_gateway(scenario: str, timeout: float = 30.0) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("scenario", help="S1 to S8")
+    parser.add_argument("scenario", help="S1 to S9")
     parser.add_argument("--seconds", type=float, default=8.0, help="how long to sample (the run may end first)")
+    parser.add_argument("--tls", action="store_true", help="the scenario over TLS (bench/run.py --tls)")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,6 +101,7 @@ def main() -> None:
                 str(HERE / "run.py"),
                 *("--scenarios", args.scenario, "--peers", "gateway"),
                 *("--repeat", "1", "--out", tmp),
+                *(["--tls"] if args.tls else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -2,7 +2,7 @@
 connection, on loopback: the command line and the orchestration.
 
 Run: `.venv/bin/python bench/run.py [--repeat 3] [--scenarios S1,S3] [--peers gateway,nginx-stream] [--out DIR]
-[--quick]`. See bench/README.md for what each scenario measures.
+[--quick] [--tls]`. See bench/README.md for what each scenario measures.
 
 Each scenario run starts its peer fresh from a config written into a temp dir, warms it up with one small request,
 measures, and stops it by PID. Within each repeat, every scenario is run through each peer in turn (the peers'
@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: bench/run.py
 
 from bench import clients, origins, peers, procs, report
 from bench.scenarios import SCENARIOS, Context, Settings, derive_added_latency
+from bench.tls import BenchCertificate, make_certificate
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=HERE / "out", help="directory for the results and plots")
     parser.add_argument("--quick", action="store_true", help="1 repeat and shorter phases, for a smoke test")
     parser.add_argument("--no-install", action="store_true", help="never try to apt-get install nginx, haproxy, wrk")
+    parser.add_argument(
+        "--tls", action="store_true", help="the peers serve TLS to the clients (one certificate, the same ciphers)"
+    )
     args = parser.parse_args(argv)
     args.scenarios = _names(args.scenarios, list(SCENARIOS), "scenarios")
     args.peers = _names(args.peers, [p.name for p in peers.ALL], "peers")
@@ -65,7 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_one(
-    ctx: Context, scenario: str, peer: peers.Peer, repeat: int, workdir: Path, origin_port: int
+    ctx: Context,
+    scenario: str,
+    peer: peers.Peer,
+    repeat: int,
+    workdir: Path,
+    origin_port: int,
+    tls: BenchCertificate | None,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "scenario": scenario,
@@ -79,8 +89,8 @@ def run_one(
     started = time.monotonic()
     running = None
     try:
-        running = peer.start(origin_port, workdir)
-        clients.get(running.port, "/small", timeout=10)  # warm-up
+        running = peer.start(origin_port, workdir, tls)
+        clients.get(running.port, "/small", timeout=10, tls=running.tls)  # warm-up
         time.sleep(0.2)
         measured = SCENARIOS[scenario].run(ctx, running)
         running.check_alive()
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[str, str] = {}
     for name in args.peers:
         peer = peers.BY_NAME[name]
-        why = peer.unavailable()
+        why = peer.unavailable() or (None if peer.serves_tls or not args.tls else "it serves no TLS (--tls)")
         if why:
             skipped[name] = why
             log(f"skipping {name}: {why}")
@@ -122,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             chosen.append(peer)
     if peers.BY_NAME["gateway"] not in chosen:
         log("note: without the gateway peer there are no gateway/peer ratios")
-    if "S5" in args.scenarios and shutil.which("wrk") is None:
-        log("skipping S5: wrk is not installed")
-        args.scenarios.remove("S5")
+    for wrk_scenario in ("S5", "S9"):
+        if wrk_scenario in args.scenarios and shutil.which("wrk") is None:
+            log(f"skipping {wrk_scenario}: wrk is not installed")
+            args.scenarios.remove(wrk_scenario)
     settings = Settings.quick() if args.quick else Settings()
     use_nginx = shutil.which("nginx") is not None
     if not use_nginx:
@@ -148,13 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             started = origins.start(workdir, use_nginx)
             log(f"origins: {started.files.kind} on {started.files.port}, origin.py on {started.py.port}")
             ctx = Context(started, settings)
+            tls = make_certificate(workdir) if args.tls else None
             try:
                 for i, (repeat, scenario, peer) in enumerate(plan, 1):
                     rundir = workdir / f"{scenario}-{peer.name}-{repeat}"
                     rundir.mkdir()
                     prefix = f"[{i}/{len(plan)}] repeat {repeat + 1} {scenario} {peer.name}"
                     origin = started.of(SCENARIOS[scenario].origin)
-                    record = run_one(ctx, scenario, peer, repeat, rundir, origin.port)
+                    record = run_one(ctx, scenario, peer, repeat, rundir, origin.port, tls)
                     records.append(record)
                     log(f"{prefix}: {_line(record)} ({record['seconds']:.1f} s)")
                     if not origin.proc.alive():
@@ -173,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.executable).name, "bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "repeat": args.repeat,
         "quick": args.quick,
+        "tls": args.tls,
         "settings": dataclasses.asdict(settings),
         "peers": names,
         "skipped": skipped,

@@ -32,10 +32,13 @@ class Settings:
     s6_seconds: float = 15.0
     s7_seconds: float = 10.0
     s8_cap: float = 10.0
+    s9_seconds: float = 10.0
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(s3_seconds=5.0, s4_seconds=5.0, s5_seconds=3.0, s6_seconds=5.0, s7_seconds=3.0, s8_cap=5.0)
+        return cls(
+            s3_seconds=5.0, s4_seconds=5.0, s5_seconds=3.0, s6_seconds=5.0, s7_seconds=3.0, s8_cap=5.0, s9_seconds=3.0
+        )
 
 
 @dataclass
@@ -93,7 +96,7 @@ def _errors(results: list[Any]) -> list[BaseException]:
 
 def s1(ctx: Context, peer: Running) -> Measurement:
     cpu0 = cpu_seconds(peer.pid) if peer.pid else 0.0
-    fetch = clients.get(peer.port, "/files/1g.bin", timeout=120)
+    fetch = clients.get(peer.port, "/files/1g.bin", timeout=120, tls=peer.tls)
     cpu = cpu_seconds(peer.pid) - cpu0 if peer.pid else None
     if fetch.bytes != GiB:
         raise Failed(f"read {fetch.bytes} bytes of {GiB}")
@@ -106,7 +109,9 @@ def s1(ctx: Context, peer: Running) -> Measurement:
 def s2(ctx: Context, peer: Running) -> Measurement:
     clients_count, size = 16, 256 * MiB
     cpu0 = cpu_seconds(peer.pid) if peer.pid else 0.0
-    results = clients.parallel(lambda: clients.get(peer.port, "/files/256m.bin", timeout=180), clients_count, 200)
+    results = clients.parallel(
+        lambda: clients.get(peer.port, "/files/256m.bin", timeout=180, tls=peer.tls), clients_count, 200
+    )
     cpu = cpu_seconds(peer.pid) - cpu0 if peer.pid else None
     if errors := _errors(results):
         raise Failed(f"{len(errors)} of {clients_count} clients failed: {errors[0]}")
@@ -133,6 +138,7 @@ def s3(ctx: Context, peer: Running) -> Measurement:
         rate=1_000_000,
         seconds=ctx.settings.s3_seconds,
         before_close=lambda _got: ctx.origins.py.events(tag),
+        tls=peer.tls,
     )
     m = Measurement({"read-ahead MiB": (seen.get("sent", 0) - got) / MiB, "client read MB": got / 1e6})
     if sampler is not None:
@@ -147,7 +153,7 @@ def s4(ctx: Context, peer: Running) -> Measurement:
     sampler = RssSampler(peer.pid).start() if peer.pid else None
 
     def reader() -> int:
-        return clients.slow_get(peer.port, "/files/64m.bin", rate=rate, seconds=seconds)[0]
+        return clients.slow_get(peer.port, "/files/64m.bin", rate=rate, seconds=seconds, tls=peer.tls)[0]
 
     results = clients.parallel(reader, count, seconds + 30)
     m = Measurement()
@@ -166,7 +172,9 @@ def s4(ctx: Context, peer: Running) -> Measurement:
 
 def s5(ctx: Context, peer: Running) -> Measurement:
     cpu0 = cpu_seconds(peer.pid) if peer.pid else 0.0
-    result = clients.wrk(peer.port, "/small", threads=2, connections=64, seconds=ctx.settings.s5_seconds)
+    result = clients.wrk(
+        peer.port, "/small", threads=2, connections=64, seconds=ctx.settings.s5_seconds, tls=peer.tls is not None
+    )
     cpu = cpu_seconds(peer.pid) - cpu0 if peer.pid else None
     m = Measurement({"req/s": result.requests_per_s, "p50 ms": result.p50_ms, "p99 ms": result.p99_ms})
     if cpu is not None and result.requests:
@@ -186,7 +194,7 @@ def s6(ctx: Context, peer: Running) -> Measurement:
     # Without a proxy there is no RSS to sample: only the first-byte time is measured, which takes a moment.
     seconds = ctx.settings.s6_seconds if peer.pid else min(2.0, ctx.settings.s6_seconds)
     sampler = RssSampler(peer.pid).start() if peer.pid else None
-    up = clients.upload(peer.port, f"/sink?rate=5000000&tag={tag}", size=512 * MiB, seconds=seconds)
+    up = clients.upload(peer.port, f"/sink?rate=5000000&tag={tag}", size=512 * MiB, seconds=seconds, tls=peer.tls)
     m = Measurement({"client sent MB": up.sent / 1e6})
     if sampler is not None:
         time.sleep(0.1)
@@ -213,7 +221,9 @@ def s6(ctx: Context, peer: Running) -> Measurement:
 def s7(ctx: Context, peer: Running) -> Measurement:
     tag = ctx.tag("S7", peer.name)
     seconds = ctx.settings.s7_seconds
-    latencies = clients.sse(peer.port, f"/events?interval=0.05&seconds={seconds + 2:g}&tag={tag}", seconds=seconds)
+    latencies = clients.sse(
+        peer.port, f"/events?interval=0.05&seconds={seconds + 2:g}&tag={tag}", seconds=seconds, tls=peer.tls
+    )
     latencies = latencies[1:]  # the first event goes out with the connection being set up
     expected = int(seconds / 0.05) - 1
     m = Measurement()
@@ -248,7 +258,7 @@ def derive_added_latency(records: list[dict[str, Any]]) -> None:
 def s8(ctx: Context, peer: Running) -> Measurement:
     tag = ctx.tag("S8", peer.name)
     cap = ctx.settings.s8_cap
-    aborted_at, _got = clients.read_then_abort(peer.port, f"/big?tag={tag}", nbytes=10_000_000)
+    aborted_at, _got = clients.read_then_abort(peer.port, f"/big?tag={tag}", nbytes=10_000_000, tls=peer.tls)
     seen: dict[str, Any] = {}
     for _ in range(int(cap / 0.01) + 10):
         seen = ctx.origins.py.events(tag)
@@ -264,6 +274,31 @@ def s8(ctx: Context, peer: Running) -> Measurement:
     m.metrics["origin sent MiB"] = seen.get("sent", 0) / MiB
     if seen.get("complete"):
         m.notes.append("the origin had sent the whole 1 GiB body before the connection was closed")
+    return m
+
+
+# --- S9: a new connection for every request ----------------------------------------------------------------
+
+
+def s9(ctx: Context, peer: Running) -> Measurement:
+    """S5 with `Connection: close`: every request opens a connection, and over TLS makes a full handshake (wrk
+    resumes no sessions), so req/s is connections (handshakes) per second."""
+    cpu0 = cpu_seconds(peer.pid) if peer.pid else 0.0
+    result = clients.wrk(
+        peer.port,
+        "/small",
+        threads=2,
+        connections=16,
+        seconds=ctx.settings.s9_seconds,
+        tls=peer.tls is not None,
+        headers=("Connection: close",),
+    )
+    cpu = cpu_seconds(peer.pid) - cpu0 if peer.pid else None
+    m = Measurement({"connections/s": result.requests_per_s, "p50 ms": result.p50_ms, "p99 ms": result.p99_ms})
+    if cpu is not None and result.requests:
+        m.metrics["CPU us/conn"] = cpu / result.requests * 1e6
+    if result.errors:
+        m.notes.append(f"wrk counted {result.errors} errors (non-2xx answers or socket errors)")
     return m
 
 
@@ -356,6 +391,21 @@ SCENARIOS: dict[str, Scenario] = {
             s8,
             "a client GETs a 1 GiB body, reads 10 MB and aborts (reset): the time until the origin sees its "
             "connection closed (capped at {s8_cap:g} s)",
+        ),
+        Scenario(
+            "S9",
+            "a new connection per request (wrk -t2 -c16, Connection: close)",
+            "files",
+            (
+                Metric("connections/s", "higher"),
+                Metric("p50 ms", "lower"),
+                Metric("p99 ms", "lower"),
+                Metric("CPU us/conn", "lower"),
+            ),
+            s9,
+            "`wrk -t2 -c16 -d{s9_seconds:g}s --latency -H 'Connection: close'` on a 100-byte response: every request "
+            "on a new connection (over TLS, a full handshake): connections/s, latency p50 and p99, and the proxy's "
+            "CPU microseconds per connection",
         ),
     ]
 }

@@ -279,6 +279,7 @@ class GatewayRequest(http.Request):
                 getattr(self.client, "host", ""),
                 self.request_id,
                 self.channel.client_certificate if self._tls else None,
+                self._tls,
             ),
         )
         if isinstance(verdict, Allow):

@@ -165,8 +165,8 @@ async def test_without_identity_headers_configured_a_2xx_admits_nobody_in_partic
 async def test_the_auth_service_gets_the_request_head_and_the_chosen_headers_only(
     make: Make, service: AuthService
 ) -> None:
-    """A GET without a body, with X-Forwarded-Method/Uri/For/Host and X-Request-ID from the request, the chosen
-    headers, and its own Host; no other client header (a client's X-Forwarded-For is replaced)."""
+    """A GET without a body, with X-Forwarded-Proto/Method/Uri/For/Host and X-Request-ID from the request, the
+    chosen headers, and its own Host; no other client header (a client's X-Forwarded-For is replaced)."""
     await check(make("/allow?from=gateway"))
     [asked] = service.asked
     assert (asked.method, asked.uri, asked.body) == (b"GET", b"/allow?from=gateway", b"")
@@ -174,12 +174,14 @@ async def test_the_auth_service_gets_the_request_head_and_the_chosen_headers_onl
         b"host",
         b"authorization",
         b"cookie",
+        b"x-forwarded-proto",
         b"x-forwarded-method",
         b"x-forwarded-uri",
         b"x-forwarded-for",
         b"x-forwarded-host",
         b"x-request-id",
     }
+    assert asked.header(b"x-forwarded-proto") == [b"http"]
     assert asked.header(b"x-forwarded-method") == [b"POST"]
     assert asked.header(b"x-forwarded-uri") == [b"/reports/1?x=1"]
     assert asked.header(b"x-forwarded-for") == [b"10.0.0.7"]
@@ -196,6 +198,14 @@ async def test_without_a_host_no_x_forwarded_host_is_sent(make: Make, service: A
     request = AuthRequest(b"GET", b"/", Headers({b"Authorization": [SECRET]}), "10.0.0.7", "rid-2")
     await check(make(), request)
     assert b"x-forwarded-host" not in service.asked[0].names
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_over_tls_is_asked_about_as_https(make: Make, service: AuthService) -> None:
+    """X-Forwarded-Proto says https for a request that came over TLS."""
+    request = AuthRequest(b"GET", b"/", Headers({b"Authorization": [SECRET]}), "10.0.0.7", "rid-3", secure=True)
+    await check(make(), request)
+    assert service.asked[0].header(b"x-forwarded-proto") == [b"https"]
 
 
 @pytest_twisted.ensureDeferred

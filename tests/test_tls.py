@@ -14,8 +14,8 @@ import pytest
 import pytest_twisted
 import trustme
 from OpenSSL import SSL
-from twisted.internet import reactor
-from twisted.internet.ssl import CertificateOptions
+from twisted.internet import reactor, task
+from twisted.internet.ssl import Certificate, CertificateOptions
 from twisted.internet.threads import deferToThread
 
 from gateway.auth.apikeys import hash_key
@@ -23,11 +23,14 @@ from gateway.config import ConfigError, load, parse
 from gateway.service import GatewayService
 from tests.support.certs import client_options, expired, issue
 from tests.support.clients import connect, within
-from tests.support.origin import Origin
+from tests.support.logs import captured, in_namespace
+from tests.support.origin import Origin, pattern_bytes
 from tests.support.running import gateway_config
+from tests.support.scrape import admin_port, scrape
 from tests.test_reload import toml
 
 HOST = "api.example.com"
+MiB = 1024 * 1024
 
 
 def tls_config(origin_url: str, *sets: Any, **tls: Any) -> dict[str, Any]:
@@ -65,6 +68,100 @@ async def test_sni_picks_the_certificate_and_the_default_serves_unknown_names(
     assert contexts.certificate_for("nobody.test") is contexts.certificates[0]
     assert contexts.certificate_for("a.b.other.test") is contexts.certificates[0]
     assert contexts.context_for(b"a.b.other.test") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_exact_name_wins_over_a_wildcard_in_any_order(
+    tmp_path: Path, origin: Origin, gateway_for: Any
+) -> None:
+    ca = trustme.CA()
+    wildcard = issue(ca, tmp_path, "*.example.com", stem="wildcard")
+    exact = issue(ca, tmp_path, HOST, stem="exact")
+    gateway = gateway_for(tls_config(origin.url, wildcard, exact))
+    assert served_serial(await get(gateway.port, client_options(ca, HOST))) == exact.serial()
+    sibling = await get(gateway.port, client_options(ca, "www.example.com"), host="www.example.com")
+    assert served_serial(sibling) == wildcard.serial()
+
+
+@pytest_twisted.ensureDeferred
+async def test_backpressure_and_abort_pass_through_tls(tmp_path: Path, origin: Origin, gateway_for: Any) -> None:
+    """Over TLS too, a client that stops reading pauses the upstream (what is held is bounded by the socket and
+    TLS buffers, not the body), reading again brings the body whole, and a client that aborts closes the
+    upstream at once."""
+    ca = trustme.CA()
+    gateway = gateway_for(tls_config(origin.url, issue(ca, tmp_path, HOST)))
+    size = 64 * MiB
+    slow = await connect(gateway.port, tls=client_options(ca, HOST))
+    slow.send(f"GET /bytes/{size} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+    await within(slow.received_at_least(1))  # the handshake needs the client reading; then it stops
+    slow.pause()
+    seen = origin.seen[0]
+    await within(seen.paused)
+    # Without backpressure the gateway would read on into its memory at loopback speed: a second to show it
+    # does not (a wait for something that must not happen).
+    await task.deferLater(reactor, 1.0, lambda: None)
+    assert seen.events[-1] == "paused", seen.events[-5:]
+    assert seen.sent < 16 * MiB, f"the upstream sent {seen.sent} bytes to a client that read almost none"
+    slow.resume()
+    await within(slow.closed, 60)
+    head_length = bytes(slow.head).index(b"\r\n\r\n") + 4
+    assert slow.received - head_length == size
+    assert slow.tail == pattern_bytes(size - 64, 64)
+    assert seen.finished and slow.clean_close
+
+    leaving = await connect(gateway.port, tls=client_options(ca, HOST))
+    leaving.send(f"GET /bytes/{256 * MiB} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+    await within(leaving.received_at_least(1 * MiB))
+    leaving.abort()
+    gone = origin.seen[1]
+    await within(gone.connection_lost, 5)
+    assert not gone.finished and gone.sent < 64 * MiB
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxy_protocol_header_comes_before_the_handshake(
+    tmp_path: Path, origin: Origin, gateway_for: Any
+) -> None:
+    """Behind a TCP load balancer (`proxy_protocol = true` on an HTTPS listener) the PROXY header arrives in the
+    clear, then the TLS handshake: the carried address and https reach the upstream."""
+    ca = trustme.CA()
+    data = tls_config(origin.url, issue(ca, tmp_path, HOST))
+    data["listeners"][0]["proxy_protocol"] = True
+    gateway = gateway_for(data)
+    client = await connect(gateway.port, keep_all=True)
+    client.send(b"PROXY TCP4 203.0.113.9 127.0.0.1 56324 443\r\n")
+    client.transport.startTLS(client_options(ca, HOST))  # what was written before goes out in the clear
+    client.send(f"GET /headers HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+    await within(client.closed)
+    assert client.response().status == 200, client.response()
+    headers = json.loads(client.response().body)["headers"]
+    assert [v for k, v in headers if k.lower() == "x-forwarded-for"] == ["203.0.113.9"], headers
+    assert [v for k, v in headers if k.lower() == "x-forwarded-proto"] == ["https"], headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificate_expiry_is_logged_and_exported(tmp_path: Path, origin: Origin, gateway_for: Any) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    ca = trustme.CA()
+    soon = datetime.now(UTC).replace(microsecond=0) + timedelta(days=5)
+    api = issue(ca, tmp_path, HOST, not_after=soon)
+    data = tls_config(origin.url, api)
+    data["admin"] = {"host": "127.0.0.1", "port": 0}
+    with captured(in_namespace("gateway.certificates")) as events:
+        gateway = gateway_for(data)
+    warned = [e for e in events if e["log_level"].name == "warn" and e.get("names") == HOST]
+    assert len(warned) == 1 and str(api.certificate) in str(warned[0]["file"]), events
+    metrics = await scrape(admin_port(gateway))
+    expiry = [
+        (dict(labels), value)
+        for (name, labels), value in metrics.samples.items()
+        if name == "gateway_tls_certificate_expiry_timestamp_seconds"
+    ]
+    assert len(expiry) == 1, expiry
+    labels, value = expiry[0]
+    assert value == soon.timestamp()
+    assert labels["names"] == HOST and labels["certificate"] == str(api.certificate), labels
 
 
 def _old_client(port: int, version: ssl.TLSVersion) -> str:
@@ -207,15 +304,31 @@ async def test_required_client_certificate_refuses_the_handshake(
     assert (await get(gateway.port, client_options(ca, HOST, billing))).response().status == 200
 
 
-def _https_origin(leaf: trustme.LeafCert) -> Origin:
+def _https_origin(leaf: trustme.LeafCert, client_ca: trustme.CA | None = None) -> Origin:
+    """An HTTPS test origin serving `leaf`; with `client_ca`, one that requires a client certificate from it."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
+    mtls: dict[str, Any] = {}
+    if client_ca is not None:
+        mtls = {
+            "verify": True,
+            "requireCertificate": True,
+            "caCerts": [Certificate.loadPEM(client_ca.cert_pem.bytes()).original],
+        }
     options = CertificateOptions(
         privateKey=serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None),
         certificate=x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()),
+        **mtls,
     )
     return Origin().start(tls=options)
+
+
+async def _status_through(gateway: Any) -> Any:
+    client = await connect(gateway.port, keep_all=True)
+    client.send(b"GET /status/200 HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n")
+    await within(client.closed)
+    return client.response()
 
 
 @pytest_twisted.ensureDeferred
@@ -236,11 +349,11 @@ async def test_https_upstreams(tmp_path: Path, gateway_for: Any, caplog: Any) ->
         ]
         for origin, tls, status, reason in cases:
             data = gateway_config(origin.url, access_log={"path": ""}, upstream={"tls": tls})
-            gateway = gateway_for(data)
-            client = await connect(gateway.port, keep_all=True)
-            client.send(b"GET /status/200 HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n")
-            await within(client.closed)
-            response = client.response()
+            with captured(in_namespace("gateway.upstream")) as events:
+                gateway = gateway_for(data)
+            warnings = [e for e in events if "verification is OFF" in e["log_format"]]
+            assert len(warnings) == (1 if tls.get("verify") is False else 0), events
+            response = await _status_through(gateway)
             assert response.status == status, (tls, response.body)
             if reason is not None:
                 problem = json.loads(response.body)
@@ -249,6 +362,31 @@ async def test_https_upstreams(tmp_path: Path, gateway_for: Any, caplog: Any) ->
     finally:
         for origin in origins:
             await origin.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_certificate_towards_an_upstream(tmp_path: Path, gateway_for: Any) -> None:
+    """An upstream that requires a client certificate gets the configured one; without it the handshake fails
+    (502, "handshake failed")."""
+    ca, ours = trustme.CA(), trustme.CA()
+    ca_file = tmp_path / "upstream-ca.pem"
+    ca_file.write_bytes(ca.cert_pem.bytes())
+    strict = _https_origin(ca.issue_cert("127.0.0.1"), client_ca=ours)
+    try:
+        mine = issue(ours, tmp_path / "client", "gateway.internal", stem="gateway")
+        with_certificate = {"ca": str(ca_file), **mine.table()}
+        gateway = gateway_for(gateway_config(strict.url, access_log={"path": ""}, upstream={"tls": with_certificate}))
+        assert (await _status_through(gateway)).status == 200
+        without = gateway_for(
+            gateway_config(strict.url, access_log={"path": ""}, upstream={"tls": {"ca": str(ca_file)}})
+        )
+        refused = await _status_through(without)
+        assert refused.status == 502
+        problem = json.loads(refused.body)
+        assert problem["type"] == "urn:gateway:problem:upstream-tls-failed"
+        assert problem["detail"].endswith("handshake failed"), problem
+    finally:
+        await strict.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -5,8 +5,8 @@ Rules:
 * Fail closed. Only a 2xx answer admits; a 401 or 403 is passed to the client as the auth service wrote it
   (`AuthServiceDenied`); any other status (a 3xx is never followed), an answer that cannot be read, an invalid
   identity, an unreachable service (503) or one that does not answer within `timeout` (504) refuses the request.
-* The auth service learns the request's head, never its body: the method, target, client address, Host and
-  request id in X-Forwarded-* headers, and only the client headers the method names (`request_headers`).
+* The auth service learns the request's head, never its body: the scheme, method, target, client address, Host
+  and request id in X-Forwarded-* headers, and only the client headers the method names (`request_headers`).
 * One bound for the whole exchange, on the reactor's clock: connecting, the head and the body all fit in
   `timeout`, and bodies are read to at most `max_body` bytes (no answer is held without limit).
 * Nothing is left behind. An answer's body is read to its end (up to `max_body`), so its connection goes back
@@ -372,6 +372,7 @@ class ForwardAuthenticator:
         headers = Headers()
         for name, values in selected:
             headers.setRawHeaders(name, list(values))
+        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.secure else b"http"])
         headers.setRawHeaders(b"x-forwarded-method", [request.method])
         headers.setRawHeaders(b"x-forwarded-uri", [request.target])
         headers.setRawHeaders(b"x-forwarded-for", [request.client_address.encode("ascii", "replace")])

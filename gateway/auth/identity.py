@@ -72,6 +72,8 @@ class AuthRequest(NamedTuple):
     request_id: str
     client_certificate: Any = None
     """The `gateway.tls.ClientCertificate` the connection's TLS handshake verified, if any."""
+    secure: bool = False
+    """Whether the request came over TLS (an auth service is told so, as an upstream is)."""
 
 
 class Authenticator(Protocol):

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -20,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
+from cryptography import x509
 
+from tests.support.certs import Issued, issue, write_ca
 from tests.support.clients import Parsed, parse_response
 from tests.support.processes import (
     START_TIMEOUT,
@@ -38,7 +42,7 @@ from tests.support.processes import (
     wait_until_gone,
 )
 
-LISTENING = re.compile(r"gateway listening on 127\.0\.0\.1:(\d+) \(pid (\d+)\)")
+LISTENING = re.compile(r"gateway listening on 127\.0\.0\.1:(\d+)(?: for HTTPS)? \(pid (\d+)\)")
 WORKER_STARTED = re.compile(r"gateway worker 1 started \(pid (\d+)\)")
 CONNECTIONS = 40
 """Connections held open at once: the kernel hashes each to one of the two sockets, so all 40 landing in one
@@ -53,15 +57,15 @@ class Workers:
     worker_pid: int
 
 
-@pytest.fixture
-def workers(tmp_path: Path, spawn: list[Child]) -> Iterator[Workers]:
-    """The demo upstream and `twistd gateway` with `workers = 2` in front of it, both processes listening."""
+def start_workers(tmp_path: Path, spawn: list[Child], listener: str = "") -> Workers:
+    """The demo upstream and `twistd gateway` with `workers = 2` in front of it, both processes listening and
+    serving; `listener` is TOML added to the listener's table."""
     demo = start(spawn, [sys.executable, "-m", "gateway.demo", "--port", "0"], tmp_path, "demo")
     upstream = json.loads(demo.wait_for_line(re.compile(r"^\{.*\}$"), START_TIMEOUT).group(0))
     port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(
-        f'[server]\nworkers = 2\n\n[[listeners]]\nhost = "127.0.0.1"\nport = {port}\n\n'
+        f'[server]\nworkers = 2\n\n[[listeners]]\nhost = "127.0.0.1"\nport = {port}\n{listener}\n'
         f'[[routes]]\nname = "demo"\nauth = "anonymous"\npath_prefix = "/"\nupstream = "http://127.0.0.1:{upstream["port"]}"\n'
     )
     twistd = start(
@@ -79,8 +83,36 @@ def workers(tmp_path: Path, spawn: list[Child]) -> Iterator[Workers]:
     assert {int(found.group(2)) for found in listening} == {twistd.proc.pid, worker_pid}, twistd.output()
     # Serving: the worker's reactor runs, so SIGTERM reaches Twisted's handler rather than killing it outright.
     twistd.wait_for_line(re.compile(rf"gateway worker 1 \(pid {worker_pid}\) serving"), START_TIMEOUT)
-    yield Workers(twistd, port, config, worker_pid)
-    kill_if_ours(worker_pid, "gateway.worker")
+    return Workers(twistd, port, config, worker_pid)
+
+
+@pytest.fixture
+def workers(tmp_path: Path, spawn: list[Child]) -> Iterator[Workers]:
+    started = start_workers(tmp_path, spawn)
+    yield started
+    kill_if_ours(started.worker_pid, "gateway.worker")
+
+
+@dataclass
+class TLSWorkers:
+    workers: Workers
+    ca: trustme.CA
+    served: Issued
+    trust: Path
+
+
+@pytest.fixture
+def tls_workers(tmp_path: Path, spawn: list[Child]) -> Iterator[TLSWorkers]:
+    """`workers` with an HTTPS listener, its certificate issued for gateway.test by a CA made now."""
+    ca = trustme.CA()
+    served = issue(ca, tmp_path / "certs", "gateway.test")
+    listener = (
+        "\n[listeners.tls]\n\n[[listeners.tls.certificates]]\n"
+        f'certificate = "{served.certificate}"\nkey = "{served.key}"\nchain = "{served.chain}"\n'
+    )
+    started = start_workers(tmp_path, spawn, listener)
+    yield TLSWorkers(started, ca, served, write_ca(ca, tmp_path / "trust.pem"))
+    kill_if_ours(started.worker_pid, "gateway.worker")
 
 
 def get_on(sock: socket.socket, target: str, timeout: float = 30.0) -> Parsed:
@@ -265,3 +297,42 @@ def test_worker_with_an_invalid_config_exits_1_with_one_line(tmp_path: Path) -> 
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stderr == f"gateway worker 1: {config}: server.workers: must be a positive integer, got 0\n"
     assert done.stdout == ""
+
+
+def tls_spread(port: int, pids: list[int], trust: Path) -> tuple[dict[int, int], set[int]]:
+    """`spread` over TLS (verifying gateway.test against `trust`): how many connections each pid holds, and the
+    serial numbers of the certificates the handshakes showed."""
+    context = ssl.create_default_context(cafile=str(trust))
+    sockets: list[ssl.SSLSocket] = []
+    serials: set[int] = set()
+    try:
+        for _ in range(CONNECTIONS):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock = context.wrap_socket(raw, server_hostname="gateway.test")
+            sockets.append(sock)
+            der = sock.getpeercert(binary_form=True)
+            assert der is not None
+            serials.add(x509.load_der_x509_certificate(der).serial_number)
+            assert get_on(sock, "/report?size=100").status == 200
+        return {pid: established_on(pid, port) for pid in pids}, serials
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_tls_in_every_worker_and_a_renewed_certificate_everywhere_after_sighup(tls_workers: TLSWorkers) -> None:
+    """An HTTPS listener with two processes: both serve TLS with the certificate; renewed files and SIGHUP make
+    new handshakes in both processes show the renewed certificate."""
+    workers = tls_workers.workers
+    twistd = workers.twistd
+    pids = [twistd.proc.pid, workers.worker_pid]
+    counts, serials = tls_spread(workers.port, pids, tls_workers.trust)
+    assert sum(counts.values()) == CONNECTIONS and all(counts.values()), counts
+    assert serials == {tls_workers.served.serial()}
+    renewed = issue(tls_workers.ca, tls_workers.served.certificate.parent, "gateway.test")  # the same files
+    os.kill(twistd.proc.pid, signal.SIGHUP)
+    reloaded = re.compile(r"Reloaded .*gateway\.toml: 1 routes, 1 listeners \(pid (\d+)\)")
+    assert {int(twistd.wait_for_line(reloaded, START_TIMEOUT).group(1)) for _ in range(2)} == set(pids)
+    counts, serials = tls_spread(workers.port, pids, tls_workers.trust)
+    assert sum(counts.values()) == CONNECTIONS and all(counts.values()), counts
+    assert serials == {renewed.serial()} != {tls_workers.served.serial()}
