@@ -170,20 +170,35 @@ def s4(ctx: Context, peer: Running) -> Measurement:
 # --- S5: small requests ------------------------------------------------------------------------------------
 
 
-def s5(ctx: Context, peer: Running) -> Measurement:
+def _wrk_run(
+    peer: Running, *, connections: int, seconds: float, per: str, headers: tuple[str, ...] = ()
+) -> Measurement:
+    """wrk -t2 on the 100-byte response: rate, p50, p99, and the proxy's CPU microseconds per request (`per`
+    names what a request is: "req", or "conn" when each is a new connection)."""
     cpu0 = cpu_seconds(peer.pid) if peer.pid else 0.0
     result = clients.wrk(
-        peer.port, "/small", threads=2, connections=64, seconds=ctx.settings.s5_seconds, tls=peer.tls is not None
+        peer.port,
+        "/small",
+        threads=2,
+        connections=connections,
+        seconds=seconds,
+        tls=peer.tls is not None,
+        headers=headers,
     )
     cpu = cpu_seconds(peer.pid) - cpu0 if peer.pid else None
-    m = Measurement({"req/s": result.requests_per_s, "p50 ms": result.p50_ms, "p99 ms": result.p99_ms})
+    rate = "req/s" if per == "req" else "connections/s"
+    m = Measurement({rate: result.requests_per_s, "p50 ms": result.p50_ms, "p99 ms": result.p99_ms})
     if cpu is not None and result.requests:
         # The proxy's own CPU per request: steadier than req/s, which depends on how the two cores are shared
         # with wrk and the origin.
-        m.metrics["CPU us/req"] = cpu / result.requests * 1e6
+        m.metrics[f"CPU us/{per}"] = cpu / result.requests * 1e6
     if result.errors:
         m.notes.append(f"wrk counted {result.errors} errors (non-2xx answers or socket errors)")
     return m
+
+
+def s5(ctx: Context, peer: Running) -> Measurement:
+    return _wrk_run(peer, connections=64, seconds=ctx.settings.s5_seconds, per="req")
 
 
 # --- S6: slow upload ---------------------------------------------------------------------------------------
@@ -282,24 +297,8 @@ def s8(ctx: Context, peer: Running) -> Measurement:
 
 def s9(ctx: Context, peer: Running) -> Measurement:
     """S5 with `Connection: close`: every request opens a connection, and over TLS makes a full handshake (wrk
-    resumes no sessions), so req/s is connections (handshakes) per second."""
-    cpu0 = cpu_seconds(peer.pid) if peer.pid else 0.0
-    result = clients.wrk(
-        peer.port,
-        "/small",
-        threads=2,
-        connections=16,
-        seconds=ctx.settings.s9_seconds,
-        tls=peer.tls is not None,
-        headers=("Connection: close",),
-    )
-    cpu = cpu_seconds(peer.pid) - cpu0 if peer.pid else None
-    m = Measurement({"connections/s": result.requests_per_s, "p50 ms": result.p50_ms, "p99 ms": result.p99_ms})
-    if cpu is not None and result.requests:
-        m.metrics["CPU us/conn"] = cpu / result.requests * 1e6
-    if result.errors:
-        m.notes.append(f"wrk counted {result.errors} errors (non-2xx answers or socket errors)")
-    return m
+    resumes no sessions), so its rate is connections (handshakes) per second."""
+    return _wrk_run(peer, connections=16, seconds=ctx.settings.s9_seconds, per="conn", headers=("Connection: close",))
 
 
 SCENARIOS: dict[str, Scenario] = {
