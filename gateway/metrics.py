@@ -1,11 +1,12 @@
 """Prometheus metrics of one gateway process, on a registry of its own (served by the admin listener).
 
 Rules:
-* Counters and histograms move once per request, from its access-log record, when it ends; what is true
-  *now* (streams in flight, paused by backpressure, bytes held, pool connections) is read from the live objects
-  when a scrape comes, so the data path pays nothing for it.
-* Labels are bounded: route and upstream names from the config, status codes, endings and denial reasons from
-  the gateway's own short lists; never a path, a client address or a consumer.
+* Counters and histograms move once per request, from its access-log record, when it ends (and once per failed
+  TLS handshake); what is true *now* (streams in flight, paused by backpressure, bytes held, pool connections)
+  is read from the live objects when a scrape comes, so the data path pays nothing for it.
+* Labels are bounded: route and upstream names and listener addresses from the config, status codes, endings,
+  denial reasons and handshake-failure classes from the gateway's own short lists; never a path, a client
+  address or a consumer.
 """
 
 from __future__ import annotations
@@ -227,6 +228,12 @@ class Metrics:
             ["route", "reason"],
             registry=registry,
         )
+        self._handshake_failures = Counter(
+            "gateway_tls_handshake_failures",
+            "Client TLS handshakes that failed, by listener and reason class.",
+            ["listener", "reason"],
+            registry=registry,
+        )
         self._reloads = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"], registry=registry)
         registry.register(_RequestCollector(self))
         registry.register(_LiveCollector(read_live))
@@ -253,6 +260,10 @@ class Metrics:
 
     def denied(self, route: str, reason: str) -> None:
         self._denials.labels(route, reason).inc()
+
+    def handshake_failed(self, listener: str, reason: str) -> None:
+        """A client's TLS handshake failed; `reason` is one of `gateway.tls.handshake_failure`'s classes."""
+        self._handshake_failures.labels(listener, reason).inc()
 
     def reloaded(self, result: str) -> None:
         """A reload ended: "applied" or "invalid"."""

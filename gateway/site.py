@@ -21,15 +21,24 @@ import ipaddress
 import re
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionAborted
-from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IListeningPort,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, HTTPFactory, Request, _ChunkedTransferDecoder, _MalformedChunkedDataError
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from gateway.config import Limits, Listener, Server
 from gateway.errors import (
@@ -44,7 +53,7 @@ from gateway.errors import (
 from gateway.headers import request_id_of
 from gateway.metrics import Live, PoolState
 from gateway.request import Gateway, GatewayRequest, Phase, refusal_record
-from gateway.tls import ClientCertificate, client_certificate
+from gateway.tls import ClientCertificate, client_certificate, handshake_failure
 
 __all__ = ["GatewayChannel", "GatewayFactory"]
 
@@ -91,6 +100,7 @@ class _StrictChunkedDecoder(_ChunkedTransferDecoder):
         return bool(super()._dataReceived_TRAILER())
 
 
+@implementer(IHandshakeListener)
 class GatewayChannel(HTTPChannel):
     """Twisted's HTTP/1.1 channel with the gateway's limits on the request head, each refused with its status.
 
@@ -116,6 +126,7 @@ class GatewayChannel(HTTPChannel):
     _lingered = 0
     _client_certificate: ClientCertificate | bool | None = False
     """False until read (once per connection: the handshake is over before any request arrives)."""
+    _handshaken = False
 
     @property
     def client_certificate(self) -> ClientCertificate | None:
@@ -132,7 +143,15 @@ class GatewayChannel(HTTPChannel):
         if not self.factory.connection_opened(self):
             self.refuse(TooManyConnections("the gateway is at its client connection limit; try again shortly"))
 
+    def handshakeCompleted(self) -> None:
+        """The TLS layer under this channel finished its handshake (IHandshakeListener)."""
+        self._handshaken = True
+
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        listener = self.listener
+        # An SSL.Error only: not a client that merely left before or during its handshake.
+        if not self._handshaken and listener is not None and listener.tls is not None and reason.check(SSL.Error):
+            self.factory.handshake_failed(listener, reason.value)
         self._cancel_head_timer()
         if self._linger_timer is not None and self._linger_timer.active():
             self._linger_timer.cancel()
@@ -490,6 +509,14 @@ class GatewayFactory(HTTPFactory):
             self.accepting = True
             for port in self._ports:
                 _set_reading(port, True)
+
+    def handshake_failed(self, listener: Listener, error: SSL.Error) -> None:
+        """A client's TLS handshake failed: counted by listener and reason class, not logged (a listener on the
+        internet sees scanners and old clients all day; the count shows a trend, a log line each would drown
+        the rest)."""
+        metrics = self.gateway.metrics
+        if metrics is not None:
+            metrics.handshake_failed(listener.describe(), handshake_failure(error))
 
     def reconfigure(self, gateway: Gateway) -> None:
         """A reload: new connections and new requests get `gateway`; requests under way keep theirs."""

@@ -34,6 +34,7 @@ __all__ = [
     "ServerContexts",
     "ServerTLSCreator",
     "client_certificate",
+    "handshake_failure",
 ]
 
 MODERN_CIPHERS = (
@@ -175,3 +176,24 @@ def client_certificate(transport: Any) -> ClientCertificate | None:
         return None
     certificate = peer.to_cryptography()
     return ClientCertificate(subject=describe_name(certificate.subject), names=_alt_names(certificate))
+
+
+_HANDSHAKE_FAILURES = (
+    ("plain_http", ("http request", "https proxy request")),
+    ("protocol_version", ("unsupported protocol", "wrong version number", "version too low", "unknown protocol")),
+    ("no_shared_cipher", ("no shared cipher", "no suitable signature algorithm", "no shared group")),
+    ("client_certificate", ("peer did not return a certificate", "certificate verify failed")),
+    ("certificate_refused", ("alert unknown ca", "alert bad certificate", "alert certificate")),
+)
+"""OpenSSL's reason strings, by the bounded class a metric label may carry. certificate_refused: the client
+sent an alert refusing the listener's certificate (it does not trust it, or it expired)."""
+
+
+def handshake_failure(error: SSL.Error) -> str:
+    """The class of a failed server handshake, from the reasons OpenSSL gave (never the details: they are the
+    client's to send and would make a label without bound); "other" for the rest."""
+    reasons = str(error).lower()  # pyOpenSSL's list of (library, function, reason) from OpenSSL's error queue
+    for name, phrases in _HANDSHAKE_FAILURES:
+        if any(phrase in reasons for phrase in phrases):
+            return name
+    return "other"

@@ -27,7 +27,7 @@ from tests.support.clients import connect, within
 from tests.support.logs import captured, in_namespace
 from tests.support.origin import Origin
 from tests.support.running import gateway_config
-from tests.support.scrape import admin_port, scrape
+from tests.support.scrape import admin_port, scrape, scraped_until
 from tests.test_reload import toml
 
 HOST = "api.example.com"
@@ -293,6 +293,43 @@ async def test_required_client_certificate_refuses_the_handshake(
     assert (await get(gateway.port, client_options(ca, HOST, billing))).response().status == 200
 
 
+@pytest_twisted.ensureDeferred
+async def test_failed_handshakes_are_counted_by_reason(tmp_path: Path, origin: Origin, gateway_for: Any) -> None:
+    ca, clients, stranger_ca = trustme.CA(key_type=trustme.KeyType.RSA), trustme.CA(), trustme.CA()
+    server = issue(ca, tmp_path, HOST)
+    client_ca = tmp_path / "clients.pem"
+    client_ca.write_bytes(clients.cert_pem.bytes())
+    data = _mtls_config(origin.url, server, client_ca, "require")
+    data["admin"] = {"host": "127.0.0.1", "port": 0}
+    gateway = gateway_for(data)
+    billing = clients.issue_cert("billing.internal")
+    # Not counted: a handshake that succeeds, and a client that leaves before sending a byte.
+    assert (await get(gateway.port, client_options(ca, HOST, billing))).response().status == 200
+    idle = await connect(gateway.port)
+    idle.transport.loseConnection()
+    await within(idle.closed)
+    # Counted, each under its class.
+    assert (await deferToThread(_old_client, gateway.port, ssl.TLSVersion.TLSv1_1)).startswith("refused")
+    plain = await connect(gateway.port, keep_all=True)
+    plain.send(f"GET /headers HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    await within(plain.closed)
+    for options in (client_options(ca, HOST), client_options(ca, HOST, stranger_ca.issue_cert("billing.internal"))):
+        refused = await get(gateway.port, options)
+        assert refused.received == 0 and refused.reason.check(SSL.Error), refused.reason
+    distrusting = await get(gateway.port, client_options(stranger_ca, HOST, billing))
+    assert distrusting.received == 0 and distrusting.reason.check(SSL.Error), distrusting.reason
+
+    name = "gateway_tls_handshake_failures_total"
+    listener = "127.0.0.1:0"  # the listener as configured (as the certificate-expiry metric names it)
+    expected = {"protocol_version": 1.0, "plain_http": 1.0, "client_certificate": 2.0, "certificate_refused": 1.0}
+    metrics = await scraped_until(
+        admin_port(gateway), lambda s: sum(s.labelled(name).values()) >= 5, "five failed handshakes counted"
+    )
+    counted = {dict(labels)["reason"]: value for labels, value in metrics.labelled(name).items()}
+    assert counted == expected, counted
+    assert {dict(labels)["listener"] for labels in metrics.labelled(name)} == {listener}
+
+
 def _https_origin(leaf: trustme.LeafCert, client_ca: trustme.CA | None = None) -> Origin:
     """An HTTPS test origin serving `leaf`; with `client_ca`, one that requires a client certificate from it."""
     from cryptography import x509
@@ -398,3 +435,19 @@ async def test_redirect_and_hsts(tmp_path: Path, origin: Origin, gateway_for: An
         assert response.status == status
         assert response.header(b"location") == f"https://{HOST}:8443/a?b=1".encode()
         assert response.header(b"strict-transport-security") is None  # never over plain HTTP
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        ("no shared cipher", "no_shared_cipher"),
+        ("tlsv1 alert unknown ca", "certificate_refused"),
+        ("peer did not return a certificate", "client_certificate"),
+        ("unsupported protocol", "protocol_version"),
+        ("bad record mac", "other"),
+    ],
+)
+def test_handshake_failure_classes_are_bounded(reason: str, expected: str) -> None:
+    from gateway.tls import handshake_failure
+
+    assert handshake_failure(SSL.Error([("SSL routines", "", reason)])) == expected
