@@ -38,8 +38,8 @@ PACKAGES = ["nginx-light", "haproxy", "wrk"]
 
 @dataclass
 class Running:
-    """A started peer: where clients connect, its main process (None for `direct`), and the client context
-    that trusts its certificate when it serves TLS."""
+    """A started peer: where clients connect, its main process (None for `direct`), and, in a TLS run, the
+    client context that trusts the run's certificate (set by bench/run.py, the same for every peer)."""
 
     name: str
     port: int
@@ -165,7 +165,7 @@ class Gateway(Peer):
         procs.wait_listening(port, proc)
         if self.workers:
             _wait_for_workers(proc, port, self.workers)
-        return Running(self.name, port, proc, tls.client_context() if tls else None)
+        return Running(self.name, port, proc)
 
 
 def listening_sockets(port: int) -> int:
@@ -247,7 +247,7 @@ class Nginx(Peer):
         (workdir / "nginx.conf").write_text(nginx_config(workdir, port, origin_port, self.mode, tls))
         proc = procs.start(self.name, nginx_argv(workdir), workdir / "error.log")
         procs.wait_listening(port, proc)
-        return Running(self.name, port, proc, tls.client_context() if tls else None)
+        return Running(self.name, port, proc)
 
 
 # --- HAProxy -----------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ class Haproxy(Peer):
         argv = [shutil.which("haproxy") or "haproxy", "-db", "-f", str(config)]
         proc = procs.start(self.name, argv, workdir / "stderr.log", cwd=workdir)
         procs.wait_listening(port, proc)
-        return Running(self.name, port, proc, tls.client_context() if tls else None)
+        return Running(self.name, port, proc)
 
 
 # --- Twisted's ReverseProxyResource ------------------------------------------------------------------------

@@ -90,6 +90,8 @@ def run_one(
     running = None
     try:
         running = peer.start(origin_port, workdir, tls)
+        if tls is not None:
+            running.tls = tls.client_context()
         clients.get(running.port, "/small", timeout=10, tls=running.tls)  # warm-up
         time.sleep(0.2)
         measured = SCENARIOS[scenario].run(ctx, running)

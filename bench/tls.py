@@ -13,10 +13,8 @@ from pathlib import Path
 
 import trustme
 
+from bench.clients import TLS_NAME
 from gateway.tls import MODERN_CIPHERS
-
-NAME = "localhost"
-"""The name the certificate is issued for, and the one the Python clients send as SNI and verify."""
 
 
 @dataclass(frozen=True)
@@ -39,9 +37,9 @@ class BenchCertificate:
 
 
 def make_certificate(directory: Path) -> BenchCertificate:
-    """Issue a certificate for `localhost` and 127.0.0.1 from a CA made now, written into `directory`."""
+    """Issue a certificate for TLS_NAME (`localhost`) and 127.0.0.1 from a CA made now, written into `directory`."""
     ca = trustme.CA()
-    issued = ca.issue_cert(NAME, "127.0.0.1")
+    issued = ca.issue_cert(TLS_NAME, "127.0.0.1")
     files = BenchCertificate(
         certificate=directory / "bench-cert.pem",
         key=directory / "bench-key.pem",

@@ -148,10 +148,9 @@ class GatewayChannel(HTTPChannel):
         self._handshaken = True
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        listener = self.listener
-        # An SSL.Error only: not a client that merely left before or during its handshake.
-        if not self._handshaken and listener is not None and listener.tls is not None and reason.check(SSL.Error):
-            self.factory.handshake_failed(listener, reason.value)
+        # Only the TLS layer ends a connection with an SSL.Error; a client that merely left is not a failure.
+        if not self._handshaken and self.listener is not None and reason.check(SSL.Error):
+            self.factory.handshake_failed(self.listener, reason.value)
         self._cancel_head_timer()
         if self._linger_timer is not None and self._linger_timer.active():
             self._linger_timer.cancel()

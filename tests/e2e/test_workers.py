@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,12 +183,18 @@ def test_sigterm_stops_twistd_and_its_worker(workers: Workers) -> None:
         socket.create_connection(("127.0.0.1", workers.port), timeout=5).close()
 
 
-def spread(port: int, pids: list[int], target: str = "/report?size=100") -> dict[int, int]:
-    """Open `CONNECTIONS` keep-alive connections, each answered 200 on `target`; how many each pid holds."""
+def spread(
+    port: int,
+    pids: list[int],
+    target: str = "/report?size=100",
+    over: Callable[[socket.socket], socket.socket] = lambda sock: sock,
+) -> dict[int, int]:
+    """Open `CONNECTIONS` keep-alive connections, each answered 200 on `target`; how many each pid holds.
+    `over` makes each connection what the requests go over (a TLS socket, say)."""
     sockets: list[socket.socket] = []
     try:
         for _ in range(CONNECTIONS):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock = over(socket.create_connection(("127.0.0.1", port), timeout=30))
             sockets.append(sock)
             assert get_on(sock, target).status == 200
         return {pid: established_on(pid, port) for pid in pids}
@@ -303,21 +309,16 @@ def tls_spread(port: int, pids: list[int], trust: Path) -> tuple[dict[int, int],
     """`spread` over TLS (verifying gateway.test against `trust`): how many connections each pid holds, and the
     serial numbers of the certificates the handshakes showed."""
     context = ssl.create_default_context(cafile=str(trust))
-    sockets: list[ssl.SSLSocket] = []
     serials: set[int] = set()
-    try:
-        for _ in range(CONNECTIONS):
-            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
-            sock = context.wrap_socket(raw, server_hostname="gateway.test")
-            sockets.append(sock)
-            der = sock.getpeercert(binary_form=True)
-            assert der is not None
-            serials.add(x509.load_der_x509_certificate(der).serial_number)
-            assert get_on(sock, "/report?size=100").status == 200
-        return {pid: established_on(pid, port) for pid in pids}, serials
-    finally:
-        for sock in sockets:
-            sock.close()
+
+    def handshake(raw: socket.socket) -> socket.socket:
+        sock = context.wrap_socket(raw, server_hostname="gateway.test")
+        der = sock.getpeercert(binary_form=True)
+        assert der is not None
+        serials.add(x509.load_der_x509_certificate(der).serial_number)
+        return sock
+
+    return spread(port, pids, over=handshake), serials
 
 
 def test_tls_in_every_worker_and_a_renewed_certificate_everywhere_after_sighup(tls_workers: TLSWorkers) -> None:
