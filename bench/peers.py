@@ -12,6 +12,8 @@ temp dir; everything it writes (logs, pid files, temp files) stays in that dir, 
 | `nginx-buffered` | nginx with its default buffering of responses and request bodies |
 | `haproxy` | HAProxy, mode http, one thread, http-reuse safe |
 | `twisted-rpr` | Twisted's `twisted.web.proxy.ReverseProxyResource` (bench/rpr.py) |
+| `lean` | the small-request ceiling on the Twisted reactor (`../shared/bench/lean_twisted_proxy.py`), S5 only |
+| `gateway-baseline` | the gateway installed in the venv `GATEWAY_BASELINE_VENV` names: a change beside its base |
 | `direct` | no proxy: the client talks to the origin (the limit) |
 """
 
@@ -112,17 +114,17 @@ upstream = "origin"
 
 
 class Gateway(Peer):
-    def __init__(self, name: str = "gateway", workers: int | None = None) -> None:
+    def __init__(self, name: str = "gateway", workers: int | None = None, venv_bin: Path | None = None) -> None:
         self.name = name
         self.workers = workers
         if workers:
             # A second worker process adds nothing to a single connection: only where there are many.
             self.only = frozenset({"S2", "S5", "S9"})
-        self.twistd = VENV_BIN / "twistd"
+        self.twistd = (venv_bin or VENV_BIN) / "twistd"
 
     def unavailable(self) -> str | None:
         if not self.twistd.exists():
-            return f"no twistd next to {sys.executable} (install the gateway in this venv)"
+            return f"no twistd at {self.twistd} (install the gateway in that venv)"
         return self._check() if self.workers else None
 
     def _check(self) -> str | None:
@@ -166,6 +168,22 @@ class Gateway(Peer):
         if self.workers:
             _wait_for_workers(proc, port, self.workers)
         return Running(self.name, port, proc)
+
+
+class BaselineGateway(Gateway):
+    """The gateway installed in another venv (`GATEWAY_BASELINE_VENV`, e.g. a checkout of main before a change,
+    installed with `pip install -e`): the same config, side by side in the same run, so that a change is judged
+    against what it changes rather than against a run on another day."""
+
+    def __init__(self) -> None:
+        venv = os.environ.get("GATEWAY_BASELINE_VENV", "")
+        super().__init__("gateway-baseline", venv_bin=Path(venv) / "bin" if venv else Path("/nonexistent"))
+        self._venv = venv
+
+    def unavailable(self) -> str | None:
+        if not self._venv:
+            return "GATEWAY_BASELINE_VENV is not set (a venv with the baseline gateway installed)"
+        return super().unavailable()
 
 
 def listening_sockets(port: int) -> int:
@@ -308,6 +326,36 @@ class TwistedRpr(Peer):
         return Running(self.name, port, proc)
 
 
+# --- the lean Twisted proxy ---------------------------------------------------------------------------------
+
+LEAN_PROXY = HERE.parent.parent / "shared" / "bench" / "lean_twisted_proxy.py"
+
+
+class LeanProxy(Peer):
+    """The small-request ceiling of a proxy on the Twisted reactor (Twisted protocols and llhttp, no twisted.web),
+    the measuring instrument of ../shared/bench: in S5 only, where the gateway's per-request cost is the point."""
+
+    name = "lean"
+    serves_tls = False
+    only = frozenset({"S5"})
+
+    def unavailable(self) -> str | None:
+        if not LEAN_PROXY.exists():
+            return f"no {LEAN_PROXY} (the shared bench beside this checkout)"
+        try:
+            import httptools  # noqa: F401
+        except ImportError:
+            return "httptools is not installed in this venv (pip install -e '.[bench]')"
+        return None
+
+    def start(self, origin_port: int, workdir: Path, tls: BenchCertificate | None = None) -> Running:
+        port = procs.free_port()
+        argv = [sys.executable, str(LEAN_PROXY), "--listen", str(port), "--upstream", str(origin_port)]
+        proc = procs.start(self.name, argv, workdir / "lean.log")
+        procs.wait_listening(port, proc)
+        return Running(self.name, port, proc)
+
+
 # --- direct ------------------------------------------------------------------------------------------------
 
 
@@ -327,6 +375,8 @@ ALL: list[Peer] = [
     Nginx("nginx-buffered", "buffered"),
     Haproxy(),
     TwistedRpr(),
+    LeanProxy(),
+    BaselineGateway(),
     Direct(),
 ]
 BY_NAME = {peer.name: peer for peer in ALL}

@@ -61,6 +61,7 @@ def gateway_listener_tls(files: BenchCertificate) -> str:
     return f"""
 [listeners.tls]
 min_version = "1.2"
+trusted_ca = "{files.ca}"
 
 [[listeners.tls.certificates]]
 certificate = "{files.certificate}"

@@ -1,10 +1,16 @@
 """Certificates read from PEM files and checked before anything uses them: a server's certificate, key and chain,
 and CA bundles (for client certificates and for upstreams).
 
-Rule: a set is whole or refused, with the file and the reason: the key must match the certificate, every
-certificate of the chain must be issued by the next one, the last must be a root (self-signed) or be issued by a
-root this system trusts, and the certificate must be valid now. Pure (files and the clock only), so `--check` and a
-reload refuse a bad set before anything changes; nothing here touches the reactor.
+Rules:
+* Refused, with the file and the reason, is only a set that cannot work: a file that cannot be read or parsed, a
+  key that does not match the certificate, a chain out of order (each certificate must be issued by the next),
+  a certificate that names no DNS name.
+* Whether the chain verifies (every certificate valid now, the last one a trust anchor or issued by one: the
+  system's roots, or a CA file the config names) is recorded on the set, in words, and served all the same: a
+  company CA the system does not know, a missing intermediate or an expired certificate is a warning and a
+  gauge, as nginx would start with it, unless the config asks for the refusal (`strict_certificates`).
+* Pure (files and the clock only), so `--check` and a reload refuse a bad set before anything changes; nothing
+  here touches the reactor.
 """
 
 from __future__ import annotations
@@ -67,6 +73,19 @@ class CertificateSet:
     names: tuple[str, ...]
     """Lower-cased DNS names of the certificate (its subjectAltName; the common name only when it has none),
     wildcards ("*.example.com") included."""
+    chain_problem: str = ""
+    """Why the chain does not verify, in words (what is missing or expired, and what to do), when loaded; empty
+    when it verifies."""
+
+    @property
+    def chain_verified(self) -> bool:
+        """The chain is whole, every certificate valid and the last a trust anchor or issued by one (when
+        loaded)."""
+        return not self.chain_problem
+
+    @property
+    def subject(self) -> str:
+        return _subject(self.certificate)
 
     @property
     def not_after(self) -> datetime:
@@ -81,15 +100,27 @@ class CertificateSet:
 
 
 def log_certificate(owner: str, certificate_set: CertificateSet, clock: Any) -> None:
-    """One line per loaded certificate: what it is for, its names and its expiry (a warning when close)."""
+    """One line per loaded certificate: what it is for, its names and its expiry; a warning when the expiry is
+    close or the chain does not verify (saying what is missing)."""
     days = (certificate_set.not_after.timestamp() - clock.seconds()) / 86400
+    fields = {
+        "owner": owner,
+        "names": ", ".join(certificate_set.names),
+        "file": certificate_set.certificate_path,
+        "subject": certificate_set.subject,
+        "expiry": f"{certificate_set.not_after:%Y-%m-%dT%H:%M:%SZ}",
+        "days": days,
+    }
+    if certificate_set.chain_problem:
+        _log.warn(
+            "TLS certificate for {owner}: {names} from {file} ({subject}), expires {expiry} ({days:.0f} days); "
+            "its chain does not verify, used as given: {problem}",
+            problem=certificate_set.chain_problem,
+            **fields,
+        )
+        return
     (_log.warn if days < EXPIRY_WARNING_DAYS else _log.info)(
-        "TLS certificate for {owner}: {names} from {file}, expires {expiry} ({days:.0f} days)",
-        owner=owner,
-        names=", ".join(certificate_set.names),
-        file=certificate_set.certificate_path,
-        expiry=f"{certificate_set.not_after:%Y-%m-%dT%H:%M:%SZ}",
-        days=days,
+        "TLS certificate for {owner}: {names} from {file}, expires {expiry} ({days:.0f} days)", **fields
     )
 
 
@@ -171,19 +202,17 @@ def system_roots() -> tuple[x509.Certificate, ...]:
     return ()
 
 
-def _check_validity(path: Path, certificate: x509.Certificate, now: datetime, what: str) -> None:
+def _validity_problem(certificate: x509.Certificate, now: datetime, what: str) -> str:
+    """Why `certificate` is not valid at `now` ("" when it is)."""
     if now < certificate.not_valid_before_utc:
-        raise CertificateError(
-            path, f"{what} ({_subject(certificate)}) is not valid before {certificate.not_valid_before_utc:%Y-%m-%d}"
-        )
+        return f"{what} ({_subject(certificate)}) is not valid before {certificate.not_valid_before_utc:%Y-%m-%d}"
     if now > certificate.not_valid_after_utc:
-        raise CertificateError(
-            path, f"{what} ({_subject(certificate)}) expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
-        )
+        return f"{what} ({_subject(certificate)}) expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    return ""
 
 
-def _check_chain(path: Path, certificates: Sequence[x509.Certificate], now: datetime) -> None:
-    """Each certificate is issued by the next; the last is a root or issued by a root this system trusts."""
+def _check_order(path: Path, certificates: Sequence[x509.Certificate]) -> None:
+    """Each certificate is issued by the next (else no client could build the chain from what is sent)."""
     for position, (subject, issuer) in enumerate(pairwise(certificates), start=1):
         if not _issued_by(subject, issuer):
             raise CertificateError(
@@ -192,21 +221,40 @@ def _check_chain(path: Path, certificates: Sequence[x509.Certificate], now: date
                 f"by certificate {position + 1} ({_subject(issuer)}); list the certificate first, then each "
                 "issuer in turn",
             )
-        if position > 1:
-            _check_validity(path, subject, now, f"chain certificate {position}")
+
+
+def _trust_problem(
+    certificates: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate], trusted_key: str
+) -> str:
+    """Why the chain (in order) does not end at a trust anchor ("" when it does): the last certificate must be
+    one, or be issued by one."""
     last = certificates[-1]
-    if len(certificates) > 1:
-        _check_validity(path, last, now, f"chain certificate {len(certificates)}")
+    if last in anchors or any(anchor.subject == last.issuer and _issued_by(last, anchor) for anchor in anchors):
+        return ""
     if last.issuer == last.subject and _issued_by(last, last):
-        return  # a root ends the chain (a private CA's, most often)
-    if any(root.subject == last.issuer and _issued_by(last, root) for root in system_roots()):
-        return
-    raise CertificateError(
-        path,
+        untrusted = f"neither a system root nor in {trusted_key}" if trusted_key else "not a system root"
+        if len(certificates) == 1:
+            return f"the certificate ({_subject(last)}) is self-signed, and {untrusted}"
+        advice = f"; for a company CA, set {trusted_key} to this root" if trusted_key else ""
+        return f"the chain ends at the root {_subject(last)}, which is {untrusted}{advice}"
+    trusted = f"a system root or in {trusted_key}" if trusted_key else "a system root"
+    advice = f", and for a company CA set {trusted_key} to its root" if trusted_key else ""
+    return (
         f"the chain is incomplete: {_subject(last)} is issued by {describe_name(last.issuer)}, which is neither in "
-        "the chain nor a root this system trusts; add the intermediate certificates (a fullchain.pem), or for a "
-        "private CA its root certificate, as the chain",
+        f"the chain nor trusted ({trusted}); add the intermediate certificates (a fullchain.pem, or chain){advice}"
     )
+
+
+def _chain_problem(
+    certificates: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate], now: datetime, trusted_key: str
+) -> str:
+    """Why the chain (in order) does not verify now, every reason in turn ("" when it verifies)."""
+    problems = [
+        _validity_problem(certificate, now, "the certificate" if position == 1 else f"chain certificate {position}")
+        for position, certificate in enumerate(certificates, start=1)
+    ]
+    problems.append(_trust_problem(certificates, anchors, trusted_key))
+    return "; ".join(problem for problem in problems if problem)
 
 
 def _dns_names(certificate: x509.Certificate) -> tuple[str, ...]:
@@ -223,10 +271,15 @@ def load_certificate_set(
     key_path: Path | str,
     chain_path: Path | str | None = None,
     *,
+    trusted: Sequence[x509.Certificate] = (),
+    trusted_key: str = "",
     now: datetime | None = None,
 ) -> CertificateSet:
     """Read and check one certificate set; `certificate_path` may hold the chain after the certificate itself
-    (a fullchain.pem), and `chain_path` more of it."""
+    (a fullchain.pem), and `chain_path` more of it.
+
+    Raises `CertificateError` for what cannot work; whether the chain verifies, against the system's roots and
+    `trusted` (the CA file of the config key `trusted_key`, named in the problem), is `chain_problem`."""
     now = now or datetime.now(UTC)
     cert_file, key_file = Path(certificate_path), Path(key_path)
     certificates = _certificates(cert_file, what="the server certificate first, then its chain")
@@ -239,8 +292,7 @@ def load_certificate_set(
         raise CertificateError(
             key_file, f"the private key does not match the certificate in {cert_file} ({_subject(leaf)})"
         )
-    _check_validity(cert_file, leaf, now, "the certificate")
-    _check_chain(chain_file if chain_file is not None and len(certificates) > 1 else cert_file, certificates, now)
+    _check_order(chain_file if chain_file is not None and len(certificates) > 1 else cert_file, certificates)
     names = _dns_names(leaf)
     if not names:
         raise CertificateError(cert_file, f"the certificate ({_subject(leaf)}) names no DNS name to be chosen by")
@@ -252,6 +304,7 @@ def load_certificate_set(
         key=key,
         chain=tuple(certificates[1:]),
         names=names,
+        chain_problem=_chain_problem(certificates, (*system_roots(), *trusted), now, trusted_key),
     )
 
 
@@ -271,5 +324,7 @@ def load_ca_bundle(path: Path | str, *, now: datetime | None = None) -> tuple[x5
             raise CertificateError(
                 bundle, f"certificate {position} ({_subject(certificate)}) is not a CA certificate (basicConstraints)"
             )
-        _check_validity(bundle, certificate, now, f"CA certificate {position}")
+        problem = _validity_problem(certificate, now, f"CA certificate {position}")
+        if problem:
+            raise CertificateError(bundle, problem)
     return tuple(certificates)

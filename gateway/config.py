@@ -116,6 +116,9 @@ class FlowControl:
     low_water: int = 64 * KiB
 
 
+DEFAULT_HIDDEN_RESPONSE_HEADERS = frozenset({b"server", b"x-powered-by"})
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Server:
     """Settings of the client-facing HTTP server, shared by every listener."""
@@ -151,6 +154,12 @@ class Server:
     drain_timeout: float = 30.0
     """On SIGTERM, how long requests in flight may go on once the listeners have stopped accepting; those still
     running then are cut (never finished as if complete)."""
+    server_header: str = ""
+    """The Server header of every response, the gateway's own answers and relayed ones (replacing the upstream's),
+    as nginx sends its own; empty: the gateway sends none of its own."""
+    hide_response_headers: frozenset[bytes] = DEFAULT_HIDDEN_RESPONSE_HEADERS
+    """Upstream response headers never relayed to clients (lower-cased names; routes may say otherwise): by
+    default Server and X-Powered-By, which tell clients the inner stack and its version."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,6 +197,9 @@ class Listener:
     """Every connection begins with a PROXY protocol header (v1 or v2, from HAProxy or an L4 load balancer): the
     client address it carries is the one used for X-Forwarded-For, limits and logs. A connection without a
     valid header is closed."""
+    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """The peers (load balancers) allowed to send a PROXY header; a connection from any other address is closed
+    before a byte of it is read. Empty: any peer (with a warning at every start)."""
     tls: ListenerTLS | None = None
     """HTTPS: its certificates and settings; None for plain HTTP."""
     redirect_to_https: int = 0
@@ -219,6 +231,9 @@ class Upstream:
     """Idle keep-alive connections kept open to this upstream."""
     tls: UpstreamTLS | None = None
     """For an https upstream: how its certificate is verified; None for http."""
+    inline: bool = False
+    """Given by a route as a URL rather than by name: its name is then that URL, which goes to logs and metrics
+    but never into an answer (it would tell clients the inner network's addresses)."""
 
     @property
     def origin(self) -> bytes:
@@ -247,6 +262,8 @@ class Route:
     strict_transport_security: bytes = b""
     """The Strict-Transport-Security header added to its responses over TLS (never over plain HTTP, RFC 6797);
     empty adds none (an upstream's own passes through)."""
+    hide_response_headers: frozenset[bytes] = DEFAULT_HIDDEN_RESPONSE_HEADERS
+    """Upstream response headers not relayed on this route (lower-cased names); empty relays them all."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -312,7 +329,7 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
     routes: list[Route] = []
     names: set[str] = set()
     for table in top.tables("routes", required=True):
-        route = _route(table, upstreams, timeouts, limits, flow, admission)
+        route = _route(table, upstreams, server, timeouts, limits, flow, admission)
         if route.name in names:
             raise ConfigError(source, table.path_of("name"), f"route name {route.name!r} is used twice")
         names.add(route.name)
@@ -360,6 +377,32 @@ def _via_name(value: object) -> str:
     if text and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", text):
         raise ValueError(f"must be a single token (letters, digits, -._~ and the like), got {text!r}")
     return text
+
+
+def _server_header(value: object) -> str:
+    text = string(value)
+    if not re.fullmatch(r"[\x21-\x7e]([\x20-\x7e]{0,254}[\x21-\x7e])?|", text):
+        raise ValueError(f'must be visible ASCII (such as "gateway"), at most 256 bytes, got {text!r}')
+    return text
+
+
+# Headers that make or frame a response (or that the gateway sets itself): hiding them would break it.
+_NEVER_HIDDEN = frozenset({b"content-length", b"transfer-encoding", b"connection", b"content-type", b"x-request-id"})
+
+
+def _header_names(value: object) -> frozenset[bytes]:
+    """An array of header names ("X-Powered-By"), kept lower-cased; [] for none."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f'must be an array of header names such as ["Server", "X-Powered-By"], got {describe(value)}')
+    names = set()
+    for text in value:
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", text):
+            raise ValueError(f"{text!r} is not a header name")
+        name = text.lower().encode("ascii")
+        if name in _NEVER_HIDDEN:
+            raise ValueError(f"{text!r} frames or identifies the response and cannot be hidden")
+        names.add(name)
+    return frozenset(names)
 
 
 def _interface(value: object) -> str:
@@ -437,6 +480,8 @@ _SERVER_FIELDS: Fields = {
     "lingering_timeout": positive_seconds,
     "lingering_max_bytes": positive_size,
     "via": _via_name,
+    "server_header": lambda value: _server_header(value),
+    "hide_response_headers": lambda value: _header_names(value),
     "underscores_in_headers": boolean,
     "workers": positive_int,
     "drain_timeout": positive_seconds,
@@ -481,6 +526,9 @@ def _redirect_port(value: object) -> int:
 
 def _listener(t: Table) -> Listener:
     proxy_protocol = t.get("proxy_protocol", boolean, False)
+    proxy_protocol_from = t.get("proxy_protocol_from", _networks, ())
+    if proxy_protocol_from and not proxy_protocol:
+        raise t.error("proxy_protocol_from", "lists who may send a PROXY header; it needs proxy_protocol = true")
     tls_table = t.table("tls")
     tls = listener_tls(tls_table) if tls_table is not None else None
     redirect = 0
@@ -494,12 +542,19 @@ def _listener(t: Table) -> Listener:
             if t.has(key):
                 raise t.error(key, "a systemd socket's address and backlog are set in its .socket unit, not here")
         t.finish()
-        return Listener(systemd=name, proxy_protocol=proxy_protocol, tls=tls, redirect_to_https=redirect)
+        return Listener(
+            systemd=name,
+            proxy_protocol=proxy_protocol,
+            proxy_protocol_from=proxy_protocol_from,
+            tls=tls,
+            redirect_to_https=redirect,
+        )
     listener = Listener(
         host=t.get("host", _interface),
         port=t.get("port", _port),
         backlog=t.get("backlog", positive_int, 511),
         proxy_protocol=proxy_protocol,
+        proxy_protocol_from=proxy_protocol_from,
         tls=tls,
         redirect_to_https=redirect,
     )
@@ -585,6 +640,7 @@ def _upstream(name: str, t: Table) -> Upstream:
 def _route(
     t: Table,
     upstreams: dict[str, Upstream],
+    server: Server,
     timeouts: Timeouts,
     limits: Limits,
     flow: FlowControl,
@@ -604,6 +660,7 @@ def _route(
                 port=port,
                 base_path=base,
                 tls=UpstreamTLS() if scheme == "https" else None,
+                inline=True,
             ),
         )
     elif target in upstreams:
@@ -626,6 +683,7 @@ def _route(
         flow_control=route_flow,
         admission=parse_route_admission(t, admission),
         strict_transport_security=t.get("strict_transport_security", hsts_value, b""),
+        hide_response_headers=t.get("hide_response_headers", _header_names, server.hide_response_headers),
     )
     t.finish()
     return route

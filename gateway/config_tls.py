@@ -1,8 +1,10 @@
 """The TLS tables of the config file: a listener's `[listeners.tls]` and an upstream's `[upstreams.NAME.tls]`.
 
 Rule: certificate files are read and checked here (`gateway.certificates`), so `--check` and a reload refuse a
-missing file, a key that does not match, a broken chain or an expired certificate, naming the file and the key
-path, before anything changes. Paths are relative to the config file's directory.
+missing file, a key that does not match or a chain out of order, naming the file and the key path, before
+anything changes. A chain that does not verify (incomplete, untrusted, expired) is loaded with its problem, to be
+warned about and exported, unless a listener sets `strict_certificates`. Paths are relative to the config file's
+directory.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class ListenerTLS:
     "require" (a handshake without a valid one fails)."""
     client_ca_path: str = ""
     client_ca: tuple[x509.Certificate, ...] = field(default=(), repr=False)
+    trusted_ca_path: str = ""
+    """CA certificates (a company CA) the certificates' chains are checked against, besides the system's roots."""
+    strict_certificates: bool = False
+    """A set whose chain does not verify is refused (else it serves, with a warning and a gauge at 0)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,13 +67,23 @@ def _path(t: Table, key: str) -> Path:
     return Path(t.source).parent / text
 
 
-def _certificate_set(t: Table) -> CertificateSet:
+def _certificate_set(t: Table, trusted: tuple[x509.Certificate, ...], *, strict: bool) -> CertificateSet:
     try:
         certificate_set = load_certificate_set(
-            _path(t, "certificate"), _path(t, "key"), _path(t, "chain") if t.has("chain") else None
+            _path(t, "certificate"),
+            _path(t, "key"),
+            _path(t, "chain") if t.has("chain") else None,
+            trusted=trusted,
+            trusted_key="trusted_ca",
         )
     except CertificateError as e:
         raise t.error("", str(e)) from None
+    if strict and not certificate_set.chain_verified:
+        raise t.error(
+            "",
+            f"{certificate_set.certificate_path}: {certificate_set.chain_problem} "
+            "(strict_certificates = true refuses a chain that does not verify)",
+        )
     t.finish()
     return certificate_set
 
@@ -86,7 +102,9 @@ def _client_mode(value: object) -> str:
 
 def listener_tls(t: Table) -> ListenerTLS:
     """A listener's `tls` table."""
-    sets = [_certificate_set(entry) for entry in t.tables("certificates", required=True)]
+    strict = t.get("strict_certificates", boolean, False)
+    trusted_path, trusted = _ca_bundle(t, "trusted_ca") if t.has("trusted_ca") else ("", ())
+    sets = [_certificate_set(entry, trusted, strict=strict) for entry in t.tables("certificates", required=True)]
     if not sets:
         raise t.error("certificates", "at least one certificate set is needed")
     mode = t.get("client_certificates", _client_mode, "none")
@@ -101,6 +119,8 @@ def listener_tls(t: Table) -> ListenerTLS:
         client_certificates=mode,
         client_ca_path=ca_path,
         client_ca=ca,
+        trusted_ca_path=trusted_path,
+        strict_certificates=strict,
     )
     t.finish()
     return tls
@@ -130,8 +150,14 @@ def upstream_tls(t: Table | None) -> UpstreamTLS:
     client = None
     if t.has("certificate") or t.has("key"):
         try:
+            # Its chain is checked against the system's roots and `ca` (the CA file this table names); one that
+            # does not verify is shown all the same, with a warning and a gauge at 0.
             client = load_certificate_set(
-                _path(t, "certificate"), _path(t, "key"), _path(t, "chain") if t.has("chain") else None
+                _path(t, "certificate"),
+                _path(t, "key"),
+                _path(t, "chain") if t.has("chain") else None,
+                trusted=ca,
+                trusted_key="ca" if ca else "",
             )
         except CertificateError as e:
             raise t.error("certificate", str(e)) from None

@@ -7,6 +7,8 @@ that helps the operator without leaking internals, and the request id that ties 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
+from http import HTTPStatus
 from typing import ClassVar
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "problem",
+    "reason_phrase",
 ]
 
 PROBLEM_CONTENT_TYPE = b"application/problem+json"
@@ -287,3 +290,14 @@ def problem(error: GatewayError, request_id: str) -> tuple[int, bytes, bytes]:
         separators=(",", ":"),
     ).encode("utf-8")
     return error.status, PROBLEM_CONTENT_TYPE, body
+
+
+@lru_cache(maxsize=64)
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of a status the gateway answers with itself, as `http.HTTPStatus` has it
+    (RFC 9110, 6585): Twisted's own table lacks some (it sends "429 Unknown Status") and has RFC 2616's older
+    spellings ("Request Time-out"). An upstream's phrase is never replaced."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"

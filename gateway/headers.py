@@ -57,7 +57,7 @@ def canonical_name(name: bytes) -> bytes:
     return next(iter(headers.getAllRawHeaders()))[0]
 
 
-_CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID = (
+_CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _FORWARDED, _X_REAL_IP, _SERVER = (
     canonical_name(n)
     for n in (
         b"connection",
@@ -67,8 +67,14 @@ _CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID = (
         b"x-forwarded-proto",
         b"x-forwarded-host",
         b"x-request-id",
+        b"forwarded",
+        b"x-real-ip",
+        b"server",
     )
 )
+# The forwarding headers the gateway sets or guards, lower-cased: a CGI/WSGI upstream reads "X_Forwarded_For"
+# as one of them (only reachable with server.underscores_in_headers = true).
+_FORWARDING = frozenset(name.lower() for name in (_XFF, _XFP, _XFH, _XRID, _X_REAL_IP, _VIA))
 _DROP_UPSTREAM = frozenset(canonical_name(n) for n in HOP_BY_HOP | _REMADE_UPSTREAM)
 _DROP_CLIENT = frozenset(canonical_name(n) for n in HOP_BY_HOP | _REMADE_CLIENT)
 
@@ -143,8 +149,10 @@ def upstream_request_headers(
     request came in with ("1.0" or "1.1"), as Via records it (RFC 9110 section 7.6.3). Unless `underscores`,
     a header with "_" in its name is dropped (see `gateway.config.Server.underscores_in_headers`).
     Headers named in `remove` (canonical names: credentials, and every identity header admission sets) are
-    dropped, then those of `add` set: a client cannot send an identity header of its own. The client's
-    X-Forwarded-For is appended to with `keep_forwarded_for` (a trusted proxy's), else replaced.
+    dropped, then those of `add` set: a client cannot send an identity header of its own. With
+    `keep_forwarded_for` (the peer is a trusted proxy) the client's X-Forwarded-For is appended to and its
+    Forwarded (RFC 7239) and X-Real-IP are kept; from anyone else X-Forwarded-For is replaced and the other two
+    removed, so no upstream reads a forged client address.
     """
     source = _raw(client)
     out = Headers()
@@ -154,11 +162,14 @@ def upstream_request_headers(
             del raw[name]
     for name in remove:
         raw.pop(name, None)
-    if underscores and remove:
-        # With underscores allowed, "X_Consumer_ID" reaches a CGI/WSGI upstream as X-Consumer-ID: such a
-        # spelling of a removed header is removed too.
-        removed = {name.lower() for name in remove}
-        for name in [name for name in raw if b"_" in name and name.replace(b"_", b"-").lower() in removed]:
+    if not keep_forwarded_for:
+        raw.pop(_FORWARDED, None)
+        raw.pop(_X_REAL_IP, None)
+    if underscores:
+        # With underscores allowed, "X_Consumer_ID" reaches a CGI/WSGI upstream as X-Consumer-ID, and
+        # "X_Forwarded_For" as X-Forwarded-For: such a spelling of a removed or forwarding header is removed too.
+        guarded = _FORWARDING | {name.lower() for name in remove}
+        for name in [name for name in raw if b"_" in name and name.replace(b"_", b"-").lower() in guarded]:
             del raw[name]
     for name, value in add:
         raw.setdefault(name, []).append(value)  # the client's copies are gone: every value here is ours
@@ -175,17 +186,35 @@ def upstream_request_headers(
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _client_drop(hidden: frozenset[bytes]) -> frozenset[bytes]:
+    """What is not relayed to a client: the hop-by-hop headers, and a route's hidden ones (lower-cased names;
+    a frozenset caches its hash, so this costs one lookup per response)."""
+    return _DROP_CLIENT | {canonical_name(name) for name in hidden}
+
+
 def client_response_headers(
-    upstream: Headers, target: Headers, *, via: bytes, request_id: str, received_version: bytes = b"1.1"
+    upstream: Headers,
+    target: Headers,
+    *,
+    via: bytes,
+    request_id: str,
+    received_version: bytes = b"1.1",
+    hidden: frozenset[bytes] = frozenset(),
+    server: bytes = b"",
 ) -> None:
-    """Copy the upstream response headers `upstream` into the client response headers `target`."""
+    """Copy the upstream response headers `upstream` into the client response headers `target`, without the
+    `hidden` ones (lower-cased names: by default Server and X-Powered-By, which tell clients the inner stack);
+    with `server`, the gateway's own Server header replaces the upstream's."""
     source = _raw(upstream)
     raw = _raw(target)
-    raw.update(_end_to_end(source, _DROP_CLIENT))
+    raw.update(_end_to_end(source, _client_drop(hidden) if hidden else _DROP_CLIENT))
     if _XRID not in raw:
         raw[_XRID] = [request_id.encode("ascii")]
     if via:
         _add_via(raw, source.get(_VIA), received_version + b" " + via)
+    if server:
+        raw[_SERVER] = [server]
 
 
 def _add_via(raw: dict[bytes, list[bytes]], existing: Sequence[bytes] | None, ours: bytes) -> None:

@@ -2,8 +2,9 @@
 
 Rules:
 * Counters and histograms move once per request, from its access-log record, when it ends (and once per failed
-  TLS handshake); what is true *now* (streams in flight, paused by backpressure, bytes held, pool connections)
-  is read from the live objects when a scrape comes, so the data path pays nothing for it.
+  TLS handshake or refused PROXY connection); what is true *now* (streams in flight, paused by backpressure,
+  bytes held, pool connections) is read from the live objects when a scrape comes, so the data path pays nothing
+  for it.
 * Labels are bounded: route and upstream names and listener addresses from the config, status codes, endings,
   denial reasons and handshake-failure classes from the gateway's own short lists; never a path, a client
   address or a consumer.
@@ -46,6 +47,9 @@ class CertificateState(NamedTuple):
     """Its DNS names, comma-separated."""
     not_after: float
     """Its expiry, in seconds since the epoch."""
+    chain_verified: bool
+    """Whether its chain verified when it was loaded: complete, every certificate valid, ending at the system's
+    roots or a configured CA file."""
 
 
 class Live(NamedTuple):
@@ -119,9 +123,17 @@ class _LiveCollector(Collector):
             "When each loaded certificate expires (seconds since the epoch); alert on it minus time().",
             labels=["owner", "certificate", "names"],
         )
+        verified = GaugeMetricFamily(
+            "gateway_tls_certificate_chain_verified",
+            "1 when each loaded certificate's chain verified when it was loaded (complete, every certificate valid, "
+            "ending at the system's roots or a configured CA file); 0 when it is used as given, with a warning.",
+            labels=["owner", "certificate", "names"],
+        )
         for state in live.certificates:
             expiry.add_metric([state.owner, state.certificate, state.names], state.not_after)
+            verified.add_metric([state.owner, state.certificate, state.names], int(state.chain_verified))
         yield expiry
+        yield verified
 
 
 class _Histogram:
@@ -234,6 +246,13 @@ class Metrics:
             ["listener", "reason"],
             registry=registry,
         )
+        self._proxy_refusals = Counter(
+            "gateway_proxy_protocol_refused_connections",
+            "Connections of a PROXY protocol listener closed unread: from a peer its proxy_protocol_from does not "
+            "list (peer_not_allowed), or whose header claimed an address or port that is none (invalid_address).",
+            ["listener", "reason"],
+            registry=registry,
+        )
         self._reloads = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"], registry=registry)
         registry.register(_RequestCollector(self))
         registry.register(_LiveCollector(read_live))
@@ -264,6 +283,10 @@ class Metrics:
     def handshake_failed(self, listener: str, reason: str) -> None:
         """A client's TLS handshake failed; `reason` is one of `gateway.tls.handshake_failure`'s classes."""
         self._handshake_failures.labels(listener, reason).inc()
+
+    def proxy_refused(self, listener: str, reason: str) -> None:
+        """A PROXY protocol listener closed a connection: "peer_not_allowed" or "invalid_address"."""
+        self._proxy_refusals.labels(listener, reason).inc()
 
     def reloaded(self, result: str) -> None:
         """A reload ended: "applied" or "invalid"."""

@@ -16,8 +16,6 @@ Rules this module keeps:
 from __future__ import annotations
 
 import enum
-import functools
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +38,7 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from gateway.addresses import member_of
 from gateway.admission import Admit, Reject, RequestHead, decide
 from gateway.auth.gatekeeper import Allow, Gatekeeper, Verdict
 from gateway.auth.identity import AuthRequest
@@ -58,7 +57,9 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamTLSFailed,
     UpstreamUnreachable,
+    reason_phrase,
 )
+from gateway.framing import MAX_BODY_LENGTH, decimal_length_too_large
 from gateway.headers import (
     client_response_headers,
     connection_tokens,
@@ -480,7 +481,7 @@ class GatewayRequest(http.Request):
         self._upstream_headers = upstream_request_headers(
             self.requestHeaders,
             client_ip=client_ip,
-            keep_forwarded_for=bool(trusted) and _trust(trusted)(client_ip),
+            keep_forwarded_for=bool(trusted) and member_of(trusted)(client_ip),
             host=client_host[0] if client_host and route.host_header == "client" else _host_value(route),
             client_host=client_host[0] if client_host else None,
             proto=b"https" if self._tls else b"http",
@@ -550,13 +551,28 @@ class GatewayRequest(http.Request):
         route = self.route
         assert route is not None
         upstream = response.original if isinstance(response, UpstreamResponse) else response
+        if _length_too_large(upstream):
+            # A length a client's parser would read its own way (gateway.framing): a broken upstream, whose
+            # connection is closed unread (the response never began).
+            _log.warn(
+                "Upstream {upstream} sent a Content-Length over {limit}; closing its connection (request {request_id})",
+                upstream=route.upstream.name,
+                limit=MAX_BODY_LENGTH,
+                request_id=self.request_id,
+            )
+            response.deliverBody(_Drop())
+            self._upstream_failed(Failure(UpstreamBroken(f"the upstream sent a Content-Length over {MAX_BODY_LENGTH}")))
+            return
         self.setResponseCode(upstream.code, upstream.phrase)
+        server = self.gateway.server
         client_response_headers(
             upstream.headers,
             self.responseHeaders,
-            via=self.gateway.server.via.encode("ascii"),
+            via=server.via.encode("ascii"),
             request_id=self.request_id,
             received_version=b"%d.%d" % upstream.version[1:],
+            hidden=route.hide_response_headers,
+            server=server.server_header.encode("ascii"),
         )
         if route.strict_transport_security and self._tls:
             self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [route.strict_transport_security])
@@ -629,7 +645,8 @@ class GatewayRequest(http.Request):
 
     def _error_for(self, failure: Failure) -> GatewayError:
         assert self.route is not None
-        name = self.route.upstream.name
+        name = self.route.upstream.name  # for the log: a URL, when the route gave one
+        named = _upstream_in_answers(self.route)
         if failure.check(GatewayError):
             return failure.value  # type: ignore[return-value]
         for reason in getattr(failure.value, "reasons", ()):
@@ -645,11 +662,11 @@ class GatewayRequest(http.Request):
                 detail=failure.getErrorMessage(),
                 request_id=self.request_id,
             )
-            return UpstreamTLSFailed(f"the TLS handshake with upstream {name} failed: {tls}")
+            return UpstreamTLSFailed(f"the TLS handshake with {named} failed: {tls}")
         if failure.check(ConnectTimeout, ConnectTimeoutError):
-            return UpstreamTimeout(f"could not connect to upstream {name} within {self.route.timeouts.connect:g} s")
+            return UpstreamTimeout(f"could not connect to {named} within {self.route.timeouts.connect:g} s")
         if failure.check(ConnectError, DNSLookupError):
-            return UpstreamUnreachable(f"could not connect to upstream {name}")
+            return UpstreamUnreachable(f"could not connect to {named}")
         if failure.check(*_UPSTREAM_BROKE):
             _log.warn(
                 "Upstream {upstream} failed before answering: {reason} (request {request_id})",
@@ -659,7 +676,7 @@ class GatewayRequest(http.Request):
             )
         else:
             _log.failure("Unexpected upstream failure (request {request_id})", failure, request_id=self.request_id)
-        return UpstreamBroken(f"upstream {name} closed the connection without a complete response")
+        return UpstreamBroken(f"{named} closed the connection without a complete response")
 
     # --- timers, limits and endings ----------------------------------------------------------------------
 
@@ -697,13 +714,15 @@ class GatewayRequest(http.Request):
         self.requestHeaders.removeHeader(b"expect")
         if (self._has_body and not self._received) or isinstance(error, BadRequest | MethodNotAllowed):
             self._close_after_response()  # what follows on this connection cannot be trusted to be a request
-        self.setResponseCode(status)
+        self.setResponseCode(status, reason_phrase(status))
         headers = self.responseHeaders
         for name, value in error.extra_headers():
             headers.addRawHeader(name, value)
         headers.setRawHeaders(b"Content-Type", [content_type])
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         headers.setRawHeaders(b"X-Request-ID", [self.request_id.encode("ascii")])
+        if self.gateway.server.server_header:
+            headers.setRawHeaders(b"Server", [self.gateway.server.server_header.encode("ascii")])
         if self.route is not None and self.route.strict_transport_security and self._tls:
             headers.setRawHeaders(b"Strict-Transport-Security", [self.route.strict_transport_security])
         self._enter(Phase.SENT, "answered")
@@ -839,37 +858,30 @@ class GatewayRequest(http.Request):
         }
 
 
+def _length_too_large(response: IResponse) -> bool:
+    """Whether an upstream response declares a body length over `MAX_BODY_LENGTH`: as its framing (Agent parsed
+    it), or, for a response without a body (HEAD, 304), in the Content-Length that is relayed."""
+    length = response.length
+    if length is not UNKNOWN_LENGTH:
+        if length > MAX_BODY_LENGTH:
+            return True
+        if length:
+            return False
+    declared = response.headers.getRawHeaders(b"content-length")
+    return bool(declared) and any(decimal_length_too_large(value) for value in declared)
+
+
+def _upstream_in_answers(route: Route) -> str:
+    """How an answer names a route's upstream: by its config name, or by the route when the route gave a URL
+    (the address goes to the log only)."""
+    upstream = route.upstream
+    return f"the upstream of route {route.name}" if upstream.inline else f"upstream {upstream.name}"
+
+
 def _host_value(route: Route) -> bytes:
     up = route.upstream
     host = f"[{up.host}]" if ":" in up.host else up.host
     return (host if up.port == 80 else f"{host}:{up.port}").encode("ascii")
-
-
-_TRUST_CHECKS: dict[int, tuple[object, Any]] = {}
-
-
-def _trust(networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> Any:
-    """The check of an address against `networks` (server.trusted_proxies), made once per config (found by the
-    tuple's identity: hashing the networks on every request would cost more than the check), with an address
-    cache of its own."""
-    found = _TRUST_CHECKS.get(id(networks))
-    if found is not None and found[0] is networks:
-        return found[1]
-
-    @functools.lru_cache(maxsize=4096)
-    def trusted(address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in networks)
-
-    if len(_TRUST_CHECKS) > 64:
-        _TRUST_CHECKS.clear()  # configs of long ago (a reload each)
-    _TRUST_CHECKS[id(networks)] = (networks, trusted)
-    return trusted
 
 
 def refusal_record(request_id: str, client: str, method: bytes | None, status: int) -> dict[str, Any]:

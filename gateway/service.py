@@ -37,6 +37,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from gateway import config as config_module
+from gateway.addresses import member_of
 from gateway.admin import admin_site
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.certificates import CertificateSet, log_certificate
@@ -57,6 +58,8 @@ _log = Logger()
 
 CUT_WAIT = 2.0
 """Seconds the stop waits for connections cut at the drain timeout to be gone."""
+_REFUSAL_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about peers refused by a listener's proxy_protocol_from."""
 RETIRE_DELAY = 120.0
 """Seconds a replaced gatekeeper is kept after a reload, for the checks still under way on it (each has a
 timeout well below this), before its threads and connections are closed."""
@@ -81,9 +84,13 @@ def make_gateway(
         if name in pools:
             continue
         old = previous.pools.get(name) if previous is not None else None
-        pools[name] = (
-            old if old is not None and old.upstream == route.upstream else UpstreamPool(route.upstream, reactor)
-        )
+        if old is not None and old.upstream == route.upstream:
+            pools[name] = old
+            client = route.upstream.tls.client if route.upstream.tls is not None else None
+            if client is not None:  # read again by this reload (a new pool logs its own)
+                log_certificate(f"upstream {name}", client, reactor)
+        else:
+            pools[name] = UpstreamPool(route.upstream, reactor)
     store = previous.gatekeeper.store if previous is not None else None
     return Gateway(
         server=config.server,
@@ -116,6 +123,32 @@ def server_contexts(tls: ListenerTLS) -> ServerContexts:
         min_version=tls.min_version,
         clients=ClientPolicy(mode=tls.client_certificates, ca=tls.client_ca),
     )
+
+
+@implementer(IProtocolFactory)
+class _ProxySourceGate:
+    """The factory of a PROXY protocol listener as the listening socket sees it: a connection from a peer its
+    `proxy_protocol_from` does not list is closed before a byte of it is read (no protocol is built, so the
+    port closes the socket), since its header could claim any client address. Asked of the listener as it is
+    now (a reload may change the list)."""
+
+    def __init__(self, wrapped: IProtocolFactory, service: ListenerService) -> None:
+        self._wrapped = wrapped
+        self._service = service
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        allowed = self._service.listener.proxy_protocol_from
+        host = getattr(addr, "host", "")
+        if not allowed or member_of(allowed)(host):
+            return self._wrapped.buildProtocol(addr)  # type: ignore[no-any-return]
+        self._service.refused_proxy_peer(host)
+        return None
+
+    def doStart(self) -> None:
+        self._wrapped.doStart()
+
+    def doStop(self) -> None:
+        self._wrapped.doStop()
 
 
 class _ListenerFactory(Factory):
@@ -165,6 +198,8 @@ class ListenerService(Service):
         self.port: IListeningPort | None = None
         self.tls = ServerTLSCreator(server_contexts(listener.tls)) if listener.tls is not None else None
         """What the listener's TLS connections are made with; `update` swaps in a reload's certificates."""
+        self._proxy_refusal_logged_at: float | None = None
+        self._proxy_refusals_unlogged = 0
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -188,6 +223,7 @@ class ListenerService(Service):
         if self.tls is not None and contexts is not None:
             self.tls.update(contexts)
             self._log_certificates()
+        self._warn_open_proxy_protocol()
 
     def _log_certificates(self) -> None:
         if self.tls is not None:
@@ -209,7 +245,8 @@ class ListenerService(Service):
             # string builds): the header is read and taken off before the channel sees a byte, and getPeer()
             # answers the address it carried. A connection without a valid header is closed.
             bound: list[IListeningPort] = []
-            proxyEndpoint(_BindNow(self._listen)).listen(factory).addCallback(bound.append)
+            gated = _BindNow(lambda wrapped: self._listen(_ProxySourceGate(wrapped, self)))
+            proxyEndpoint(gated).listen(factory).addCallback(bound.append)
             self.port = bound[0]
         else:
             self.port = self._listen(factory)
@@ -228,6 +265,41 @@ class ListenerService(Service):
             pid=os.getpid(),
         )
         self._log_certificates()
+        self._warn_open_proxy_protocol()
+
+    def refused_proxy_peer(self, host: str) -> None:
+        """A peer outside `proxy_protocol_from` connected to this PROXY protocol listener and was refused:
+        counted, and logged at most once a minute (with how many more since), as a scan would flood the log."""
+        listener = self.listener.describe()
+        factory = self._factory
+        metrics = factory.gateway.metrics if isinstance(factory, GatewayFactory) else None
+        if metrics is not None:
+            metrics.proxy_refused(listener, "peer_not_allowed")
+        now = self._reactor.seconds()
+        if self._proxy_refusal_logged_at is not None and now - self._proxy_refusal_logged_at < _REFUSAL_LOG_INTERVAL:
+            self._proxy_refusals_unlogged += 1
+            return
+        _log.warn(
+            "Refused a connection to PROXY protocol listener {listener} from {peer}, which proxy_protocol_from does "
+            "not list{more}",
+            listener=listener,
+            peer=host,
+            more=f" ({self._proxy_refusals_unlogged} more refused since the last line)"
+            if self._proxy_refusals_unlogged
+            else "",
+        )
+        self._proxy_refusal_logged_at = now
+        self._proxy_refusals_unlogged = 0
+
+    def _warn_open_proxy_protocol(self) -> None:
+        listener = self.listener
+        if listener.proxy_protocol and not listener.proxy_protocol_from:
+            _log.warn(
+                "Listener {listener} takes a PROXY header from any peer, so anyone who can reach it can claim any "
+                "client address: it must be reachable only from the load balancer. List the load balancers' "
+                "addresses in proxy_protocol_from to refuse everyone else.",
+                listener=listener.describe(),
+            )
 
     def _listen(self, factory: IProtocolFactory) -> IListeningPort:
         """Bind (or adopt) the listener's socket for `factory`, at once: a port that is taken raises here."""
@@ -351,10 +423,12 @@ class GatewayService(MultiService):
             if service.tls is not None:
                 for certificate_set in service.tls.contexts.certificates:
                     states.append(_state(f"listener {service.listener.describe()}", certificate_set))
-        for pool in self.gateway.pools.values():
-            tls = pool.upstream.tls
-            if tls is not None and tls.client is not None:
-                states.append(_state(f"upstream {pool.upstream.name}", tls.client))
+        # The routes' upstreams (those with a pool), as the last load read them: a pool a reload kept holds the
+        # upstream read before, whose chain was checked then.
+        upstreams = {route.upstream.name: route.upstream for route in self.config.routes}
+        for name, upstream in upstreams.items():
+            if upstream.tls is not None and upstream.tls.client is not None:
+                states.append(_state(f"upstream {name}", upstream.tls.client))
         return states
 
     # --- reload -------------------------------------------------------------------------------------------
@@ -547,7 +621,11 @@ def _within(clock: Any, waited: Deferred[Any], timeout: float) -> Deferred[bool]
 
 def _state(owner: str, certificate_set: CertificateSet) -> CertificateState:
     return CertificateState(
-        owner, certificate_set.certificate_path, ",".join(certificate_set.names), certificate_set.not_after.timestamp()
+        owner,
+        certificate_set.certificate_path,
+        ",".join(certificate_set.names),
+        certificate_set.not_after.timestamp(),
+        certificate_set.chain_verified,
     )
 
 

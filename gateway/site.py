@@ -16,9 +16,6 @@ Rules:
 
 from __future__ import annotations
 
-import functools
-import ipaddress
-import re
 from typing import Any
 
 from OpenSSL import SSL
@@ -36,10 +33,11 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, HTTPFactory, Request, _ChunkedTransferDecoder, _MalformedChunkedDataError
+from twisted.web.http import HTTPChannel, HTTPFactory, Request, _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from gateway.addresses import canonical_ip
 from gateway.config import Limits, Listener, Server
 from gateway.errors import (
     BadRequest,
@@ -49,7 +47,9 @@ from gateway.errors import (
     RequestLineTooLong,
     TooManyConnections,
     problem,
+    reason_phrase,
 )
+from gateway.framing import MAX_BODY_LENGTH, StrictChunkedDecoder, decimal_length_too_large
 from gateway.headers import request_id_of
 from gateway.metrics import Live, PoolState
 from gateway.request import Gateway, GatewayRequest, Phase, refusal_record
@@ -59,15 +59,8 @@ __all__ = ["GatewayChannel", "GatewayFactory"]
 
 _log = Logger()
 
-# RFC 9110's reason phrases for the statuses the channel answers itself (Twisted has none for 431).
-_REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
 _CRLF = len(b"\r\n")
+_MAX_PORT = 65535
 _CAP_LOG_INTERVAL = 60.0
 _ANSWERED = frozenset({Phase.SENT, Phase.DONE})
 """Phases of a request whose whole response has been written."""
@@ -75,29 +68,16 @@ _ANSWERED = frozenset({Phase.SENT, Phase.DONE})
 _FIRST_LINE = "_HTTPChannel__first_line"
 
 
-def refusal_bytes(error: GatewayError, request_id: str, *, head_request: bool = False) -> bytes:
+def refusal_bytes(error: GatewayError, request_id: str, *, head_request: bool = False, server: str = "") -> bytes:
     """The whole response that refuses a request on the channel: status, problem+json body (none for HEAD, whose
-    answer never has one), Connection: close."""
+    answer never has one), Connection: close, and the configured Server header if there is one."""
     status, content_type, body = problem(error, request_id)
-    reason = _REASONS.get(status, error.title.encode("ascii"))
-    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\nX-Request-ID: %s\r\n\r\n"
-    head %= (status, reason, content_type, len(body), request_id.encode("ascii"))
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\nX-Request-ID: %s\r\n"
+    head %= (status, reason_phrase(status), content_type, len(body), request_id.encode("ascii"))
+    if server:
+        head += b"Server: %s\r\n" % server.encode("ascii")
+    head += b"\r\n"
     return head if head_request else head + body
-
-
-_TRAILER_FIELD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00\r\n]*")
-
-
-class _StrictChunkedDecoder(_ChunkedTransferDecoder):
-    """Twisted's chunked decoder, refusing a malformed trailer line (no colon, a bad name, obs-fold) rather than
-    ignoring it: "0\r\nX\r\nGET /smuggled ...\r\n\r\n" would otherwise end the body, with the next request's
-    lines taken as trailers, where a stricter parser in front of the gateway sees a broken body."""
-
-    def _dataReceived_TRAILER(self) -> bool:
-        end = self._buffer.find(b"\r\n", self._start)
-        if end > 0 and not _TRAILER_FIELD.fullmatch(self._buffer, 0, end):
-            raise _MalformedChunkedDataError("malformed trailer field")
-        return bool(super()._dataReceived_TRAILER())
 
 
 @implementer(IHandshakeListener)
@@ -237,9 +217,14 @@ class GatewayChannel(HTTPChannel):
         return bool(super().headerReceived(line))
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        if header == b"Content-Length" and data.isdigit() and decimal_length_too_large(data):
+            # Twisted takes any number of digits (and raises on more than Python converts): see gateway.framing.
+            self.refuse(BadRequest(f"the Content-Length is over the largest body length taken ({MAX_BODY_LENGTH})"))
+            self.length = None
+            return False
         chosen = bool(super()._maybeChooseTransferDecoder(header, data))
         if type(self._transferDecoder) is _ChunkedTransferDecoder:
-            self._transferDecoder.__class__ = _StrictChunkedDecoder  # same state, stricter trailers
+            self._transferDecoder.__class__ = StrictChunkedDecoder  # same state; sizes and trailers checked
         return chosen
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -272,7 +257,7 @@ class GatewayChannel(HTTPChannel):
             peer = self.transport.getPeer()
             host = getattr(peer, "host", None)
             if isinstance(host, str) and isinstance(peer, IPv4Address | IPv6Address):
-                canonical = _canonical_ip(host)
+                canonical = canonical_ip(host)
                 if canonical is not None and "." in canonical and ":" in host:
                     # An IPv4 client of an IPv6 ("::") listener: "::ffff:192.0.2.1" is 192.0.2.1, for
                     # X-Forwarded-For, the logs and per-address limits alike.
@@ -283,15 +268,25 @@ class GatewayChannel(HTTPChannel):
         return self._peer
 
     def _invalid_peer(self) -> bool:
-        """On the first bytes of a connection: a client address that is no IP address (a PROXY header's made-up
-        text) ends the connection, unanswered, as an invalid PROXY header does."""
+        """On the first bytes of a connection: a client address that is no IP address or a port outside
+        0-65535 (a PROXY header's made-up text: Twisted's parser takes any number) ends the connection,
+        unanswered, as an invalid PROXY header does."""
         peer = self.getPeer()
-        host = getattr(peer, "host", None)
-        if isinstance(peer, IPv4Address | IPv6Address) and _canonical_ip(str(host)) is None:
-            _log.warn("Closing a connection whose PROXY header carried an invalid address: {host!r}", host=host)
-            self.transport.abortConnection()
-            return True
-        return False
+        if not isinstance(peer, IPv4Address | IPv6Address):
+            return False
+        host, port = peer.host, peer.port
+        if canonical_ip(str(host)) is not None and isinstance(port, int) and 0 <= port <= _MAX_PORT:
+            return False
+        _log.warn(
+            "Closing a connection whose PROXY header carried an invalid address: {host!r} port {port!r}",
+            host=host,
+            port=port,
+        )
+        metrics = self.factory.gateway.metrics
+        if metrics is not None and self.listener is not None:
+            metrics.proxy_refused(self.listener.describe(), "invalid_address")
+        self.transport.abortConnection()
+        return True
 
     _host: IAddress | None = None
 
@@ -391,7 +386,8 @@ class GatewayChannel(HTTPChannel):
             self.transport.abortConnection()
             return
         if not started:
-            self.transport.write(refusal_bytes(error, request_id, head_request=method == b"HEAD"))
+            answer = refusal_bytes(error, request_id, head_request=method == b"HEAD", server=self.server.server_header)
+            self.transport.write(answer)
         if ITCPTransport.providedBy(self.transport):
             # Lingering close: FIN after the answer, read and drop what still comes, cut at the deadline.
             self._networkProducer.resumeProducing()
@@ -410,19 +406,6 @@ class GatewayChannel(HTTPChannel):
         if timer is not None and timer.active():
             timer.cancel()
         self.transport.abortConnection()
-
-
-@functools.lru_cache(maxsize=4096)
-def _canonical_ip(text: str) -> str | None:
-    """`text` as an IP address in canonical form (IPv6 compressed, lower case; an IPv4-mapped IPv6 address as
-    its IPv4 address), or None if it is not one."""
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 def _request_id(requests: list[Any]) -> str:

@@ -19,7 +19,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
+from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ISSLTransport
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
@@ -150,6 +150,20 @@ class ClientCertificate:
     """RFC 4514 text ("CN=billing,O=Example")."""
     names: frozenset[str]
     """Its subjectAltNames, each as "DNS:name", "URI:uri", "email:address" or "IP:address"."""
+    common_names: frozenset[str]
+    """The values of its subject's CN attributes (usually one), as written."""
+
+    @classmethod
+    def of(cls, certificate: x509.Certificate) -> ClientCertificate:
+        """What admission sees of `certificate`."""
+        subject = certificate.subject
+        return cls(
+            subject=describe_name(subject),
+            names=_alt_names(certificate),
+            common_names=frozenset(
+                a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
+            ),
+        )
 
 
 def _alt_names(certificate: x509.Certificate) -> frozenset[str]:
@@ -174,8 +188,7 @@ def client_certificate(transport: Any) -> ClientCertificate | None:
     peer = transport.getPeerCertificate()
     if peer is None:
         return None
-    certificate = peer.to_cryptography()
-    return ClientCertificate(subject=describe_name(certificate.subject), names=_alt_names(certificate))
+    return ClientCertificate.of(peer.to_cryptography())
 
 
 _HANDSHAKE_FAILURES = (

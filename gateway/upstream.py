@@ -35,6 +35,7 @@ from zope.interface import implementer
 from gateway.certificates import log_certificate
 from gateway.config import Upstream
 from gateway.errors import UpstreamBroken, UpstreamSaturated
+from gateway.framing import StrictChunkedDecoder
 from gateway.upstream_tls import client_creator
 
 __all__ = ["ConnectTimeout", "UpstreamPool", "UpstreamResponse"]
@@ -51,6 +52,9 @@ MAX_RESPONSE_HEAD = 64 * 1024
 """Bytes of response head (status line, headers, and any 1xx heads before them) taken from an upstream; more is
 answered 502, like nginx's "upstream sent too big header" (Envoy's default cap is 60 KiB). Agent caps only one
 line (16 KiB), so without this an upstream could send headers without end, all held in memory and relayed."""
+
+
+_STRICT_DECODERS = {b"chunked": StrictChunkedDecoder}
 
 
 class ConnectTimeout(Exception):
@@ -143,6 +147,8 @@ class _ClientProtocol(HTTP11ClientProtocol):
         gate = _ReadGate(self.transport)
         self._transportProxy = parser.transport = gate
         _limit_head(parser)
+        # Where Agent looks up its decoders: chunk sizes over 2^63 - 1 refused (see gateway.framing).
+        parser._transferDecoders = _STRICT_DECODERS  # type: ignore[attr-defined]
 
         def wrap(response: IResponse) -> IResponse:
             hidden = parser.connHeaders
@@ -321,6 +327,8 @@ class UpstreamPool:
     def __init__(self, upstream: Upstream, reactor: Any) -> None:
         self.upstream = upstream
         self._reactor = reactor
+        self._named = "the route's upstream" if upstream.inline else f"upstream {upstream.name}"
+        """How answers name it: an upstream a route gave as a URL is named by no address (see Upstream.inline)."""
         self._pool = _ConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = upstream.max_idle_connections
         self._pool.cachedConnectionTimeout = upstream.idle_timeout
@@ -373,14 +381,14 @@ class UpstreamPool:
         """
         up = self.upstream
         if self._slots.tokens == 0 and len(self._slots.waiting) >= up.max_queue:
-            return fail(UpstreamSaturated(f"upstream {up.name} has {up.max_queue} requests queued already"))
+            return fail(UpstreamSaturated(f"{self._named} has {up.max_queue} requests queued already"))
         waiting = self._slots.acquire()
         if waiting.called:
             return waiting
 
         def timed_out(failure: Failure) -> Failure:
             if failure.check(DeferredTimeout):
-                raise UpstreamSaturated(f"no connection to upstream {up.name} came free within {up.queue_timeout:g} s")
+                raise UpstreamSaturated(f"no connection to {self._named} came free within {up.queue_timeout:g} s")
             return failure
 
         waiting.addTimeout(up.queue_timeout, self._reactor)

@@ -3,8 +3,10 @@ on a Clock (no reactor, no sockets)."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
+import bcrypt
 import pytest
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
@@ -126,7 +128,8 @@ def test_missing_and_unaccepted_credentials_are_told_apart() -> None:
 
 def test_failed_authentications_lock_the_address_out_before_verifying() -> None:
     """After `failed_auth.burst` failures an address gets 429 without its credential being verified (a brute
-    force costs nothing); other addresses still authenticate; the budget comes back at its rate."""
+    force costs nothing); other addresses still authenticate; the budget comes back at its rate. (A method that
+    names no claimant, as this one, counts per address and method.)"""
     clock = Clock()
     cfg = config(
         route={"auth": ["test"]},
@@ -196,10 +199,16 @@ def test_deferred_refusals_and_which_count_as_failed_attempts(
         auth={"test": {"type": "basic"}},
         admission={"rate_limits": {"failed_auth": {"rate": "1/m"}}},
     )
-    keeper, store = gatekeeper(cfg, Clock(), Counting(result=fail(outcome)))
+    counting = Counting(result=fail(outcome))
+    keeper, store = gatekeeper(cfg, Clock(), counting)
     verdict = _sync.successResultOf(keeper.check(cfg.routes[0].admission, request((b"X-Test", b"x"))))
     assert type(verdict) is expected
-    assert store.peek("failed:10.0.0.1", cfg.admission.rate_limits.failed_auth).allowed is not counted  # type: ignore[arg-type]
+    ceiling = cfg.admission.rate_limits.failed_auth_per_address
+    assert ceiling is not None
+    assert store.peek("failed:10.0.0.1", ceiling).remaining == ceiling.burst - counted
+    counting.result = None
+    again = keeper.check(cfg.routes[0].admission, request((b"X-Test", b"x")))
+    assert isinstance(again, TooManyRequests) is counted
 
 
 def test_consumer_rate_limit_applies_across_requests_of_that_consumer() -> None:
@@ -341,3 +350,181 @@ def test_ipv6_clients_are_limited_by_their_64_bit_prefix() -> None:
     assert isinstance(keeper.check(route, request(peer="2001:db8:1:2:ffff::9")), Allow)
     assert isinstance(keeper.check(route, request(peer="2001:db8:1:2::abcd")), TooManyRequests)
     assert isinstance(keeper.check(route, request(peer="2001:db8:1:3::1")), Allow)
+
+
+# --- failed logins behind one address (a NAT): counted per claimant, with a ceiling per address ----------------
+
+PASSWORD_HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(rounds=4)).decode("ascii")
+TOO_LONG = "x" * 73
+"""A password bcrypt never checks: refused at once (a failure without a thread), so these tests need no pool."""
+
+
+def basic(user: str, password: str = TOO_LONG) -> tuple[bytes, bytes]:
+    return (b"Authorization", b"Basic " + base64.b64encode(f"{user}:{password}".encode()))
+
+
+def basic_config(**rate_limits: Any) -> Config:
+    return config(
+        route={"auth": ["login"]},
+        auth={"login": {"type": "basic"}},
+        consumers={name: {"password": PASSWORD_HASH} for name in ("alice", "bob")},
+        admission={"rate_limits": rate_limits},
+    )
+
+
+def test_one_user_failing_behind_a_nat_locks_out_only_that_user() -> None:
+    """Basic failures count per address and user name: alice failing three times at an address is refused 429
+    there (before her password is checked), while bob at the same address is still checked, and alice at
+    another address too."""
+    clock = Clock()
+    cfg = basic_config(failed_auth={"rate": "3/m"})
+    keeper, _ = gatekeeper(cfg, clock)
+    route = cfg.routes[0].admission
+    for _ in range(3):
+        failed = keeper.check(route, request(basic("alice")))
+        assert isinstance(failed, Unauthorized) and failed.reason == "invalid_password"
+    locked = keeper.check(route, request(basic("alice")))
+    assert isinstance(locked, TooManyRequests) and locked.reason == "too_many_failed_authentications"
+    assert dict(locked.extra_headers())[b"RateLimit-Policy"] == b'"failed-auth";q=3;w=60'
+    bob = keeper.check(route, request(basic("bob")))
+    assert isinstance(bob, Unauthorized) and bob.reason == "invalid_password"  # checked, not refused
+    elsewhere = keeper.check(route, request(basic("alice"), peer="10.0.0.2"))
+    assert isinstance(elsewhere, Unauthorized)
+    clock.advance(20)
+    assert isinstance(keeper.check(route, request(basic("alice"))), Unauthorized)
+
+
+def test_the_per_address_ceiling_locks_out_everyone_behind_the_address() -> None:
+    """Failures of any user count against the address's ceiling too: once it is spent, every user at that
+    address gets 429 (its own reason and policy), other addresses none; when both budgets are spent the answer
+    names the one to wait longest for."""
+    clock = Clock()
+    cfg = basic_config(failed_auth={"rate": "2/m"}, failed_auth_per_address={"rate": "3/m"})
+    keeper, _ = gatekeeper(cfg, clock)
+    route = cfg.routes[0].admission
+    for user in ("alice", "alice", "carol"):
+        assert isinstance(keeper.check(route, request(basic(user))), Unauthorized)
+    locked = keeper.check(route, request(basic("bob")))
+    assert isinstance(locked, TooManyRequests) and locked.reason == "too_many_failed_authentications_address"
+    assert dict(locked.extra_headers()) == {
+        b"Retry-After": b"20",
+        b"RateLimit-Policy": b'"failed-auth-address";q=3;w=60',
+        b"RateLimit": b'"failed-auth-address";r=0;t=20',
+    }
+    assert isinstance(keeper.check(route, request(basic("bob"), peer="10.0.0.2")), Unauthorized)
+    both = keeper.check(route, request(basic("alice")))
+    assert isinstance(both, TooManyRequests) and both.reason == "too_many_failed_authentications"
+    assert dict(both.extra_headers())[b"Retry-After"] == b"30"
+    clock.advance(20)
+    assert isinstance(keeper.check(route, request(basic("bob"))), Unauthorized)
+    assert isinstance(keeper.check(route, request(basic("alice"))), TooManyRequests)
+
+
+def test_the_default_ceiling_is_ten_times_failed_auth() -> None:
+    """Without failed_auth_per_address, ten users behind one address may each fail failed_auth's burst; the
+    eleventh is refused by the ceiling before it fails once."""
+    cfg = basic_config(failed_auth={"rate": "2/m"})
+    keeper, _ = gatekeeper(cfg, Clock())
+    route = cfg.routes[0].admission
+    for i in range(10):
+        for _ in range(2):
+            assert isinstance(keeper.check(route, request(basic(f"user{i}"))), Unauthorized)
+    refused = keeper.check(route, request(basic("user10")))
+    assert isinstance(refused, TooManyRequests) and refused.reason == "too_many_failed_authentications_address"
+
+
+def test_the_ceiling_bounds_the_limit_keys_of_one_address() -> None:
+    """A client trying a new user name on every request makes at most the ceiling's burst of keys in the limit
+    store: past it every attempt is refused before it is counted. The keys hold no user name."""
+    cfg = basic_config(failed_auth={"rate": "3/m"}, failed_auth_per_address={"rate": "5/m"})
+    keeper, store = gatekeeper(cfg, Clock())
+    route = cfg.routes[0].admission
+    for i in range(100):
+        keeper.check(route, request(basic(f"name{i}")))
+    keys = [key for key in store._arrival if key.startswith("failed:10.0.0.1")]
+    assert len(keys) == 5 + 1  # five claimants and the address
+    assert not any("name" in key for key in keys)
+
+
+def test_api_keys_count_by_their_first_characters() -> None:
+    """API key failures count per address and key prefix (its first 8 characters): a client sending a revoked
+    key is locked out alone; alice's key, with another prefix, is admitted from the same address; a key that
+    shares the revoked one's prefix shares its budget. No key material is kept in the limit store."""
+    cfg = config(admission={"rate_limits": {"failed_auth": {"rate": "2/m"}}})
+    keeper, store = gatekeeper(cfg, Clock())
+    route = cfg.routes[0].admission
+    revoked = "gwk_REVOKED-key-of-someone-else"
+    for _ in range(2):
+        assert isinstance(keeper.check(route, request(key(revoked))), Unauthorized)
+    locked = keeper.check(route, request(key(revoked)))
+    assert isinstance(locked, TooManyRequests) and locked.reason == "too_many_failed_authentications"
+    assert isinstance(keeper.check(route, request(key("gwk_REVOanother-key"))), TooManyRequests)
+    assert isinstance(keeper.check(route, request(key())), Allow)
+    assert isinstance(keeper.check(route, request(key("gwk_OTHER-wrong-key"))), Unauthorized)
+    assert not any("gwk_" in k or "REVO" in k for k in store._arrival)
+
+
+def test_what_each_method_claims() -> None:
+    """Basic claims its user name, an API key its first 8 characters (never more than half the key), a JWT its
+    signature; a malformed credential claims nothing (counted under the method)."""
+    cfg = parse(
+        {
+            **gateway_config("http://127.0.0.1:8081", route={"auth": ["keys", "login", "corp"]}),
+            "auth": {
+                "keys": {"type": "api_key"},
+                "login": {"type": "basic"},
+                "corp": {
+                    "type": "jwt",
+                    "issuer": "https://id.example.com/",
+                    "audiences": ["gateway"],
+                    "algorithms": ["RS256"],
+                    "jwks_url": "https://id.example.com/jwks",
+                },
+            },
+        },
+        source="test.toml",
+    )
+    methods = Gatekeeper(cfg.admission, reactor=Clock())._authenticators
+    keys, login, corp = methods["keys"], methods["login"], methods["corp"]
+
+    def claimant(auth: Any, *headers: tuple[bytes, bytes]) -> bytes | None:
+        return auth.claimant(auth.credential(request(*headers).headers))
+
+    assert claimant(keys, key("gwk_abcdefghijklmnop")) == b"api_key\0gwk_abcd"
+    assert claimant(keys, key("abcdef")) == b"api_key\0abc"
+    assert claimant(keys, (b"X-API-Key", b"a"), (b"X-API-Key", b"b")) is None
+    assert claimant(login, basic("alice", "pw")) == b"basic\0alice"
+    assert claimant(login, (b"Authorization", b"Basic !!!")) is None
+    token = b"eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJodHRwczovL2lkLmV4YW1wbGUuY29tLyJ9.c2lnbmF0dXJl"
+    assert claimant(corp, (b"Authorization", b"Bearer " + token)) == b"jwt\0c2lnbmF0dXJl"
+
+
+class GuessableUsers(Guessable):
+    """A password-like method whose credentials are "user:password", claiming the user."""
+
+    def claimant(self, credential: object) -> bytes:
+        return str(credential).partition(":")[0].encode()
+
+
+def test_concurrent_guesses_count_against_the_user_and_the_address() -> None:
+    """Passwords being checked count against their user's budget (alice's guesses are cut at 3) and against the
+    address's ceiling (bob's at 5 for the address), so concurrent guesses overtake neither."""
+    cfg = config(
+        route={"auth": ["test"]},
+        auth={"test": {"type": "basic"}},
+        admission={"rate_limits": {"failed_auth": {"rate": "3/m"}, "failed_auth_per_address": {"rate": "5/m"}}},
+    )
+    guessing = GuessableUsers()
+    keeper, _ = gatekeeper(cfg, Clock(), guessing)
+    route = cfg.routes[0].admission
+    alice = [keeper.check(route, request((b"X-Test", b"alice:%d" % i))) for i in range(4)]
+    assert [isinstance(v, Deferred) for v in alice] == [True, True, True, False]
+    assert isinstance(alice[3], TooManyRequests) and alice[3].reason == "too_many_failed_authentications"
+    bob = [keeper.check(route, request((b"X-Test", b"bob:%d" % i))) for i in range(3)]
+    assert [isinstance(v, Deferred) for v in bob] == [True, True, False]
+    assert isinstance(bob[2], TooManyRequests) and bob[2].reason == "too_many_failed_authentications_address"
+    assert isinstance(keeper.check(route, request((b"X-Test", b"bob:0"))), Deferred)  # the same guess: counted once
+    for d in guessing.pending:
+        d.errback(AuthFailure("bad_test", "wrong"))
+    assert keeper._guessing == {}
+    assert isinstance(keeper.check(route, request((b"X-Test", b"carol:1"))), TooManyRequests)  # 5 failures counted

@@ -231,6 +231,92 @@ def test_consumer_defaults() -> None:
     assert parse(data, source=SOURCE).admission.consumers["bob"] == Consumer(name="bob")
 
 
+def test_client_certificate_forms() -> None:
+    """Each entry of client_certificates is read as (field, value): the field in any case (today's "DNS:",
+    "URI:", "email:" and "IP:" unchanged), a bare DN as "dn:"; DNS names and email addresses in lower case, IP
+    addresses in their usual form, CNs and URIs exactly as written."""
+    data = minimal()
+    data["consumers"]["alice"]["client_certificates"] = [
+        "cn:Billing Service",
+        "CN:billing",
+        "dn:CN=billing,O=Example",
+        "CN=ops,O=Example",
+        "DNS:Billing.Internal",
+        "dns:b.internal",
+        "email:Ops@Example.com",
+        "URI:spiffe://example.org/Billing",
+        "IP:10.0.0.5",
+        "ip:2001:DB8::0:1",
+    ]
+    consumer = parse(data, source=SOURCE).admission.consumers["alice"]
+    assert consumer.client_certificates == {
+        ("cn", "Billing Service"),
+        ("cn", "billing"),
+        ("dn", "CN=billing,O=Example"),
+        ("dn", "CN=ops,O=Example"),
+        ("dns", "billing.internal"),
+        ("dns", "b.internal"),
+        ("email", "ops@example.com"),
+        ("uri", "spiffe://example.org/Billing"),
+        ("ip", "10.0.0.5"),
+        ("ip", "2001:db8::1"),
+    }
+
+
+def _subject(*attributes: tuple[x509.ObjectIdentifier, str]) -> str:
+    """A certificate subject (most general first, as in the certificate) as the gateway writes it."""
+    return x509.Name([x509.NameAttribute(oid, value) for oid, value in attributes]).rfc4514_string()
+
+
+@pytest.mark.parametrize(
+    ("written", "subject"),
+    [
+        ("dn:CN=billing,O=Example", _subject((NameOID.ORGANIZATION_NAME, "Example"), (NameOID.COMMON_NAME, "billing"))),
+        ("cn=billing,o=Example", _subject((NameOID.ORGANIZATION_NAME, "Example"), (NameOID.COMMON_NAME, "billing"))),
+        ("dn:CN=a\\2cb,O=x", _subject((NameOID.ORGANIZATION_NAME, "x"), (NameOID.COMMON_NAME, "a,b"))),
+        ("dn:CN=a\\,b,O=x", _subject((NameOID.ORGANIZATION_NAME, "x"), (NameOID.COMMON_NAME, "a,b"))),
+        (
+            "dn:emailAddress=ops@example.com,CN=ops",
+            _subject((NameOID.COMMON_NAME, "ops"), (NameOID.EMAIL_ADDRESS, "ops@example.com")),
+        ),
+        (
+            "dn:CN=ops,serialNumber=42,C=DE",
+            _subject((NameOID.COUNTRY_NAME, "DE"), (NameOID.SERIAL_NUMBER, "42"), (NameOID.COMMON_NAME, "ops")),
+        ),
+    ],
+)
+def test_a_dn_is_read_as_a_certificate_writes_its_subject(written: str, subject: str) -> None:
+    """A configured DN is parsed and written back, so it equals the subject of the certificate it names however
+    it is escaped, whatever the case of its attribute names, and with OpenSSL's emailAddress and serialNumber."""
+    data = minimal()
+    data["consumers"]["alice"]["client_certificates"] = [written]
+    assert parse(data, source=SOURCE).admission.consumers["alice"].client_certificates == {("dn", subject)}
+
+
+def test_one_value_in_two_fields_is_two_identities() -> None:
+    """cn:billing and dns:billing are different identities: two consumers may claim one each."""
+    data = minimal()
+    data["consumers"]["alice"]["client_certificates"] = ["cn:billing"]
+    data["consumers"]["bob"] = {"client_certificates": ["dns:billing", "uri:billing", "dn:CN=billing"]}
+    consumers = parse(data, source=SOURCE).admission.consumers
+    assert consumers["alice"].client_certificates == {("cn", "billing")}
+    assert consumers["bob"].client_certificates == {("dns", "billing"), ("uri", "billing"), ("dn", "CN=billing")}
+
+
+def test_a_certificate_claimed_in_the_credentials_file_too_names_that_file(tmp_path: Path) -> None:
+    """A consumer of the credentials file claiming what a consumer of the config claims is an error of the
+    credentials file."""
+    path = _write_config(
+        tmp_path, 'credentials_file = "consumers.toml"', '[consumers.alice]\nclient_certificates = ["DNS:b.internal"]\n'
+    )
+    creds = tmp_path / "consumers.toml"
+    creds.write_text('[consumers.bob]\nclient_certificates = ["dns:B.internal"]\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert (info.value.source, info.value.key) == (str(creds), "consumers.bob.client_certificates")
+    assert info.value.reason == "dns:b.internal is claimed by consumer 'alice' too: a certificate proves one consumer"
+
+
 def test_consumer_empty_lists() -> None:
     """Empty api_keys and scopes arrays are allowed and mean none."""
     data = minimal()
@@ -358,6 +444,7 @@ def test_every_admission_key() -> None:
             "consumer": {"rate": "100/s", "burst": 200},
             "anonymous": {"rate": "50/s"},
             "failed_auth": {"rate": "5/10s", "burst": 2},
+            "failed_auth_per_address": {"rate": "30/m", "burst": 40},
         },
         "max_concurrent": 7,
     }
@@ -368,6 +455,7 @@ def test_every_admission_key() -> None:
         consumer=RateLimit(requests=100, period=1.0, burst=200),
         anonymous=RateLimit(requests=50, period=1.0, burst=50),
         failed_auth=RateLimit(requests=5, period=10.0, burst=2),
+        failed_auth_per_address=RateLimit(requests=30, period=60.0, burst=40),
     )
     assert admission.max_concurrent == 7
 
@@ -466,21 +554,39 @@ def test_bad_burst(burst: object) -> None:
 
 
 def test_failed_auth_false_disables_it() -> None:
-    """failed_auth = false turns the brute-force limit off; consumer and anonymous may be false too."""
+    """failed_auth = false turns the brute-force limit off, its per-address ceiling with it (unless that is
+    given); consumer and anonymous may be false too."""
     data = minimal()
     data["admission"] = {"rate_limits": {"failed_auth": False, "consumer": False, "anonymous": False}}
     assert parse(data, source=SOURCE).admission.rate_limits == RateLimits(
-        consumer=None, anonymous=None, failed_auth=None
+        consumer=None, anonymous=None, failed_auth=None, failed_auth_per_address=None
     )
 
 
 def test_rate_limits_table_without_failed_auth_keeps_its_default() -> None:
-    """A [admission.rate_limits] table that does not mention failed_auth keeps 10 a minute."""
+    """A [admission.rate_limits] table that does not mention failed_auth keeps 10 a minute, and 100 a minute per
+    address."""
     data = minimal()
     data["admission"] = {"rate_limits": {"consumer": {"rate": "1/s"}}}
     limits = parse(data, source=SOURCE).admission.rate_limits
     assert limits.failed_auth == RateLimit(requests=10, period=60.0, burst=10)
+    assert limits.failed_auth_per_address == RateLimit(requests=100, period=60.0, burst=100)
     assert limits.anonymous is None
+
+
+def test_the_per_address_ceiling_follows_failed_auth_unless_given() -> None:
+    """failed_auth_per_address, when not given, is ten times failed_auth (its rate and burst, over its period);
+    either may be false on its own: the ceiling alone counts per address only, as before claimants."""
+    data = minimal()
+    data["admission"] = {"rate_limits": {"failed_auth": {"rate": "5/10s", "burst": 2}}}
+    limits = parse(data, source=SOURCE).admission.rate_limits
+    assert limits.failed_auth_per_address == RateLimit(requests=50, period=10.0, burst=20)
+    data["admission"] = {"rate_limits": {"failed_auth_per_address": False}}
+    limits = parse(data, source=SOURCE).admission.rate_limits
+    assert (limits.failed_auth, limits.failed_auth_per_address) == (RateLimit(requests=10, period=60.0, burst=10), None)
+    data["admission"] = {"rate_limits": {"failed_auth": False, "failed_auth_per_address": {"rate": "20/m"}}}
+    limits = parse(data, source=SOURCE).admission.rate_limits
+    assert (limits.failed_auth, limits.failed_auth_per_address) == (None, RateLimit(requests=20, period=60.0, burst=20))
 
 
 def test_rate_limit_interval() -> None:
@@ -927,6 +1033,81 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ),
     ("consumer-max-concurrent", set_at("consumers.alice.max_concurrent", 0), "consumers.alice.max_concurrent", "must"),
     ("consumer-unknown-key", set_at("consumers.alice.scope", ["read"]), "consumers.alice.scope", "unknown key"),
+    (
+        "certificates-not-array",
+        set_at("consumers.alice.client_certificates", "cn:billing"),
+        "consumers.alice.client_certificates",
+        'must be a non-empty array such as ["cn:billing"], ["dns:billing.internal", "dn:CN=billing,O=Example"], '
+        "got a string",
+    ),
+    (
+        "certificates-empty",
+        set_at("consumers.alice.client_certificates", []),
+        "consumers.alice.client_certificates",
+        "must be a non-empty array",
+    ),
+    (
+        "certificates-no-field",
+        set_at("consumers.alice.client_certificates", ["billing"]),
+        "consumers.alice.client_certificates",
+        "'billing' names no certificate field: write cn:NAME (the subject's CN), dn:DN (the whole subject), "
+        "dns:NAME, email:ADDRESS, uri:URI or ip:ADDRESS (a subjectAltName)",
+    ),
+    (
+        "certificates-unknown-field",
+        set_at("consumers.alice.client_certificates", ["spiffe://example.org/billing"]),
+        "consumers.alice.client_certificates",
+        "'spiffe://example.org/billing' names no certificate field",
+    ),
+    (
+        "certificates-nothing-after",
+        set_at("consumers.alice.client_certificates", ["CN:"]),
+        "consumers.alice.client_certificates",
+        "'CN:' names nothing after cn:",
+    ),
+    (
+        "certificates-white-space",
+        set_at("consumers.alice.client_certificates", ["cn: billing"]),
+        "consumers.alice.client_certificates",
+        "'cn: billing' has white space around its cn (it would never match)",
+    ),
+    (
+        "certificates-dn-spaces",
+        set_at("consumers.alice.client_certificates", ["dn:CN=billing, O=Example"]),
+        "consumers.alice.client_certificates",
+        "'CN=billing, O=Example' is not a subject DN in RFC 4514 form: most specific first, no spaces around "
+        '"," or "=", such as "CN=billing,O=Example" (`openssl x509 -noout -subject -nameopt RFC2253` prints it so)',
+    ),
+    (
+        "certificates-bare-dn-unknown-attribute",
+        set_at("consumers.alice.client_certificates", ["XX=1,CN=billing"]),
+        "consumers.alice.client_certificates",
+        "'XX=1,CN=billing' is not a subject DN",
+    ),
+    (
+        "certificates-ip",
+        set_at("consumers.alice.client_certificates", ["IP:10.0.0.300"]),
+        "consumers.alice.client_certificates",
+        "'10.0.0.300' is not an IP address",
+    ),
+    (
+        "certificates-claimed-twice",
+        _both(
+            set_at("consumers.alice.client_certificates", ["cn:billing"]),
+            set_at("consumers.bob.client_certificates", ["dns:billing", "CN:billing"]),
+        ),
+        "consumers.bob.client_certificates",
+        "cn:billing is claimed by consumer 'alice' too: a certificate proves one consumer",
+    ),
+    (
+        "certificates-dn-claimed-twice-in-another-spelling",
+        _both(
+            set_at("consumers.alice.client_certificates", ["CN=billing,O=Example"]),
+            set_at("consumers.bob.client_certificates", ["dn:cn=billing,o=Example"]),
+        ),
+        "consumers.bob.client_certificates",
+        "dn:CN=billing,O=Example is claimed by consumer 'alice' too",
+    ),
     # admission
     ("admission-not-table", set_at("admission", "x"), "admission", "must be a table, got a string"),
     ("admission-unknown-key", set_at("admission.realms", "x"), "admission.realms", "unknown key"),
@@ -986,6 +1167,18 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
         set_at("admission.rate_limits.failed_auth", True),
         "admission.rate_limits.failed_auth",
         "must be a table, got a boolean",
+    ),
+    (
+        "failed-auth-per-address-true",
+        set_at("admission.rate_limits.failed_auth_per_address", True),
+        "admission.rate_limits.failed_auth_per_address",
+        "must be a table, got a boolean",
+    ),
+    (
+        "failed-auth-per-address-rate",
+        set_at("admission.rate_limits.failed_auth_per_address", {"rate": "100"}),
+        "admission.rate_limits.failed_auth_per_address.rate",
+        "must be a rate such as",
     ),
     (
         "anonymous-rate-string",

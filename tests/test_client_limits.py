@@ -282,6 +282,11 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("cl-negative", post_with(b"Content-Length: -1")),
     ("cl-hex", post_with(b"Content-Length: 0x3", body=b"abc")),
     ("cl-empty", post_with(b"Content-Length:")),
+    # Lengths a C parser cannot hold (2^63, and 2^64 + 3, which a 64-bit parser wraps to 3), and more digits
+    # than Python converts to an int at all.
+    ("cl-2^63", post_with(b"Content-Length: 9223372036854775808", body=b"abc")),
+    ("cl-2^64+3", post_with(b"Content-Length: 18446744073709551619", body=b"abc")),
+    ("cl-5000-digits", post_with(b"Content-Length: " + b"9" * 5000, body=b"abc")),
     ("space-before-colon", post_with(b"Content-Length : 3", body=b"abc")),
     ("tab-before-colon", b"GET / HTTP/1.1\r\nHost\t: example.test\r\n\r\n"),
     ("no-colon", b"GET / HTTP/1.1\r\nHost: example.test\r\nJustAName\r\n\r\n"),
@@ -416,6 +421,10 @@ BAD_CHUNKS: list[tuple[str, bytes]] = [
     ("size-empty", b"\r\nabc\r\n0\r\n\r\n"),
     ("no-crlf-after-data", b"3\r\nabcX\r\n0\r\n\r\n"),
     ("extension-bad-byte", b"3;a\x00b\r\nabc\r\n0\r\n\r\n"),
+    # Sizes a C parser cannot hold: one over 2^63 - 1, and one of 17 digits that a 64-bit parser wraps to 3.
+    ("size-2^63", b"8000000000000000\r\nabc\r\n0\r\n\r\n"),
+    ("size-17-digits", b"10000000000000003\r\nabc\r\n0\r\n\r\n"),
+    ("size-64-digits", b"f" * 64 + b"\r\nabc\r\n0\r\n\r\n"),
     # A trailer line that is no field: Twisted would take the next request's lines as trailers too.
     ("trailer-without-colon", b"3\r\nabc\r\n0\r\nX\r\n"),
     ("trailer-obs-fold", b"3\r\nabc\r\n0\r\nA: 1\r\n folded\r\n\r\n"),
@@ -454,6 +463,30 @@ def test_well_formed_trailers_end_the_body_and_are_not_forwarded(gateway: Callab
     assert up.received().endswith(b"3\r\nabc\r\n0\r\n\r\n")
     assert b"Checksum" not in up.received()
     assert client.channel.refused is None
+
+
+def test_chunk_sizes_up_to_2_63_minus_1_are_taken_whatever_their_leading_zeros(
+    gateway: Callable[..., Gateway],
+) -> None:
+    """What counts is the value, not the digits: 17 digits with leading zeros are a size of 3 (as nginx, HAProxy
+    and llhttp read them), and the largest size taken, 2^63 - 1, is a chunk the body limit then bounds."""
+    gw = gateway()
+    client = gw.client()
+    client.send(b"POST /upload HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+    up = gw.upstream()
+    client.send(b"00000000000000003\r\nabc\r\n" + b"7fffffffffffffff\r\ndef")
+    assert client.channel.refused is None
+    assert up.received().endswith(b"3\r\nabc\r\n3\r\ndef\r\n")
+
+
+def test_content_length_of_2_63_minus_1_is_a_length_and_gets_413(gateway: Callable[..., Gateway]) -> None:
+    """The largest Content-Length taken is a length like any other: over the route's body limit, 413."""
+    gw = gateway()
+    client = gw.client()
+    client.send(post_with(b"Content-Length: 0009223372036854775807"))
+    parsed = parse_response(client.received())
+    assert (parsed.status, parsed.complete) == (413, True)
+    assert gw.pending_connections() == 0
 
 
 def test_invalid_chunk_after_a_complete_early_answer_keeps_lingering(gateway: Callable[..., Gateway]) -> None:
@@ -716,6 +749,29 @@ async def test_loopback_oversized_headers_get_431(gateway_for: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_loopback_answers_carry_standard_reason_phrases(origin: Any, gateway_for: Any) -> None:
+    """Over TCP, the status lines the gateway writes itself carry their standard phrases, on both paths that
+    write them (the channel's refusals and a request's answers): "431 Request Header Fields Too Large" and
+    "429 Too Many Requests", never Twisted's "Unknown Status"; an upstream's own phrase passes unchanged."""
+    gateway = gateway_for(gateway_config(origin.url, admission={"rate_limits": {"anonymous": {"rate": "1/m"}}}))
+    lines = []
+    for request in (
+        b"GET / HTTP/1.1\r\nHost: example.test\r\nX-Big: " + b"v" * 20_000 + b"\r\n\r\n",
+        b"GET /status/200 HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n",
+        b"GET /status/200 HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n",
+    ):
+        client = await connect(gateway.port, keep_all=True)
+        client.send(request)
+        await within(client.closed)
+        lines.append(bytes(client.head).partition(b"\r\n")[0])
+    assert lines == [
+        b"HTTP/1.1 431 Request Header Fields Too Large",
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 429 Too Many Requests",
+    ]
+
+
+@pytest_twisted.ensureDeferred
 async def test_loopback_slow_head_gets_408(gateway_for: Any) -> None:
     """Over TCP, a head left incomplete is answered 408 once head_timeout (200 ms here) has passed, and closed."""
     gateway = gateway_for(gateway_config(UPSTREAM, server={"head_timeout": "200ms"}))
@@ -747,6 +803,23 @@ async def test_loopback_connection_cap_holds_clients_in_the_backlog(origin: Any,
     await within(second.closed)
     assert second.response().status == 200
     assert factory.accepting
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_chunk_size_over_64_bits_gets_400_at_once(origin: Any, gateway_for: Any) -> None:
+    """Over TCP, in front of a real origin: a chunk size of 17 hex digits is answered 400 as soon as its line
+    arrives (not 408 once the client gives up waiting for the rest of a body that big), and the origin never
+    gets a complete body: its connection is closed with the body unfinished."""
+    gateway = gateway_for(gateway_config(origin.url))
+    client = await connect(gateway.port)
+    client.send(b"POST /sink HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    seen = await within(origin.request_seen(1))
+    client.send(b"10000000000000003\r\nabc\r\n0\r\n\r\n")
+    await within(client.closed)
+    parsed = _assert_refused_over_tcp(client, 400)
+    assert json.loads(parsed.body)["detail"] == "the chunked request body is malformed"
+    await within(seen.connection_lost)
+    assert not seen.body_complete
 
 
 @pytest.mark.parametrize("data", [case for _, case in MALFORMED], ids=[name for name, _ in MALFORMED])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -606,6 +607,33 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ("trusted-bad", set_at("server.trusted_proxies", ["10.0.0.1/8"]), "server.trusted_proxies", "'10.0.0.1/8' is not"),
     ("trusted-name", set_at("server.trusted_proxies", ["lb.local"]), "server.trusted_proxies", "'lb.local' is not"),
     ("proxy-text", set_at("listeners.0.proxy_protocol", "yes"), "listeners[0].proxy_protocol", "true or false"),
+    ("hide-not-list", set_at("server.hide_response_headers", "Server"), "server.hide_response_headers", "an array"),
+    (
+        "hide-bad-name",
+        set_at("routes.0.hide_response_headers", ["X Powered"]),
+        "routes[0].hide_response_headers",
+        "'X Powered' is not a header name",
+    ),
+    (
+        "hide-framing",
+        set_at("routes.0.hide_response_headers", ["Content-Length"]),
+        "routes[0].hide_response_headers",
+        "cannot be hidden",
+    ),
+    ("server-header-control", set_at("server.server_header", "gw\r\nX: 1"), "server.server_header", "visible ASCII"),
+    ("server-header-type", set_at("server.server_header", 1), "server.server_header", "must be a string"),
+    (
+        "proxy-from-without-proxy",
+        set_at("listeners.0.proxy_protocol_from", ["10.0.0.0/8"]),
+        "listeners[0].proxy_protocol_from",
+        "needs proxy_protocol = true",
+    ),
+    (
+        "proxy-from-bad",
+        lambda d: d["listeners"][0].update(proxy_protocol=True, proxy_protocol_from=["10.0.0.1/8"]),
+        "listeners[0].proxy_protocol_from",
+        "'10.0.0.1/8' is not",
+    ),
     (
         "systemd-with-port",
         set_at("listeners.0", {"systemd": "http", "port": 8080}),
@@ -933,6 +961,35 @@ def test_underscores_in_headers_is_off_by_default_and_must_be_a_boolean() -> Non
     assert caught.value.key == "server.underscores_in_headers"
 
 
+def test_response_header_keys() -> None:
+    """By default Server and X-Powered-By are hidden on every route and the gateway sends no Server of its own;
+    server.hide_response_headers changes the default, a route's own list (names in any case, [] for none)
+    overrides it for that route."""
+    cfg = parse(minimal(), source=SOURCE)
+    assert cfg.server.server_header == ""
+    assert cfg.routes[0].hide_response_headers == {b"server", b"x-powered-by"}
+    data = with_(server={"server_header": "edge gateway", "hide_response_headers": ["X-AspNet-Version"]})
+    data["routes"].append(
+        {"name": "raw", "auth": "anonymous", "path_prefix": "/raw", "upstream": "app", "hide_response_headers": []}
+    )
+    data["routes"].append(
+        {
+            "name": "php",
+            "auth": "anonymous",
+            "path_prefix": "/php",
+            "upstream": "app",
+            "hide_response_headers": ["x-POWERED-by"],
+        }
+    )
+    cfg = parse(data, source=SOURCE)
+    assert cfg.server.server_header == "edge gateway"
+    assert [route.hide_response_headers for route in cfg.routes] == [
+        {b"x-aspnet-version"},
+        frozenset(),
+        {b"x-powered-by"},
+    ]
+
+
 def test_operations_defaults() -> None:
     """Without the operations keys: a 30 s drain, no trusted proxies, the access log on stdout without query
     strings, no admin listener, listeners bound by the gateway without the PROXY protocol."""
@@ -948,7 +1005,10 @@ def test_operations_keys_are_read(tmp_path: Path) -> None:
     name, a PROXY listener, an access-log path relative to the config file's directory, the admin address."""
     data = with_(
         server={"drain_timeout": "5s", "trusted_proxies": ["10.0.0.0/8", "192.0.2.1", "::1"]},
-        listeners=[{"systemd": "http", "proxy_protocol": True}, {"host": "::", "port": 8443}],
+        listeners=[
+            {"systemd": "http", "proxy_protocol": True, "proxy_protocol_from": ["10.1.0.0/16", "fd00::1"]},
+            {"host": "::", "port": 8443},
+        ],
         access_log={"path": "logs/access.log", "query": True},
         admin={"port": 9100},
     )
@@ -957,7 +1017,11 @@ def test_operations_keys_are_read(tmp_path: Path) -> None:
     assert cfg.server.drain_timeout == 5.0
     assert [str(n) for n in cfg.server.trusted_proxies] == ["10.0.0.0/8", "192.0.2.1/32", "::1/128"]
     assert cfg.listeners == (
-        Listener(systemd="http", proxy_protocol=True),
+        Listener(
+            systemd="http",
+            proxy_protocol=True,
+            proxy_protocol_from=(ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("fd00::1/128")),
+        ),
         Listener(host="::", port=8443),
     )
     assert (cfg.access_log.path, cfg.access_log.query) == (str(tmp_path / "logs" / "access.log"), True)

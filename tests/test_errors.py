@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from urllib.parse import urlsplit
 
 import pytest
@@ -154,3 +155,26 @@ def test_status_is_4xx_or_5xx(cls: type[GatewayError]) -> None:
 def test_subclass_is_exported(cls: type[GatewayError]) -> None:
     """Every GatewayError subclass is a public name of gateway.errors."""
     assert cls.__name__ in errors.__all__
+
+
+STANDARD_PHRASES = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    502: b"Bad Gateway",
+    504: b"Gateway Timeout",
+}
+"""Phrases Twisted's table lacks or spells the RFC 2616 way (413 and 414 are left out: Python 3.13 renamed
+them after RFC 9110, "Content Too Large" and "URI Too Long")."""
+
+
+def test_every_status_the_gateway_answers_with_has_its_standard_reason_phrase() -> None:
+    """Each status of an error class (and the redirects) has the phrase `http.HTTPStatus` gives it, never
+    Twisted's "Unknown Status" (which it sends for 429 and 431) nor RFC 2616's older spellings ("Request
+    Time-out")."""
+    statuses = {status for _, status in EXPECTED_STATUS} | {301, 308}
+    phrases = {status: errors.reason_phrase(status) for status in statuses}
+    assert phrases == {status: HTTPStatus(status).phrase.encode("ascii") for status in statuses}
+    assert {status: phrases[status] for status in STANDARD_PHRASES} == STANDARD_PHRASES

@@ -18,6 +18,7 @@ from tests.support.clients import RawClient, connect, parse_response, parse_resp
 from tests.support.faults import assert_problem, cached_connections, get, pools_settled
 from tests.support.origin import FORGED, pattern_bytes
 from tests.support.running import gateway_config
+from tests.support.scrape import lines_logged
 
 
 def _assert_cut(client: RawClient, status: int = 200) -> bytes:
@@ -51,6 +52,38 @@ async def test_upstream_refusing_the_connection_gets_502(refused_port, gateway_f
     problem = assert_problem(client, 502)
     assert "could not connect" in problem["detail"]
     assert len(str(problem["request_id"])) == 32
+    await pools_settled(gateway)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_given_as_a_url_is_named_by_its_route_in_answers_and_by_its_address_in_the_log(
+    refused_port, gateway_for, tmp_path
+):
+    """A route that gives its upstream as a URL: the 502 names the route, never the address (it would tell a
+    client the inner network's layout); the access log names the address for the operator."""
+    url = f"http://127.0.0.1:{refused_port}"
+    data = gateway_config(url, route={"name": "reports", "upstream": url}, access_log={"path": str(tmp_path / "a")})
+    del data["upstreams"]
+    gateway = gateway_for(data)
+    client = await connect(gateway.port, keep_all=True)
+    client.send(get(b"/anything"))
+    await within(client.closed)
+    problem = assert_problem(client, 502)
+    assert problem["detail"] == "could not connect to the upstream of route reports"
+    assert str(refused_port).encode() not in bytes(client.head)
+    [line] = await lines_logged(tmp_path / "a", 1)
+    assert (line["route"], line["upstream"], line["status"]) == ("reports", url, 502)
+    await pools_settled(gateway)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_named_upstream_is_named_in_answers(refused_port, gateway_for):
+    """An upstream declared by name is named by that name in answers (the operator chose it; it is no address)."""
+    gateway = gateway_for(gateway_config(f"http://127.0.0.1:{refused_port}"))
+    client = await connect(gateway.port, keep_all=True)
+    client.send(get(b"/anything"))
+    await within(client.closed)
+    assert assert_problem(client, 502)["detail"] == "could not connect to upstream origin"
     await pools_settled(gateway)
 
 
@@ -154,13 +187,18 @@ async def test_upstream_sending_an_invalid_status_line_gets_502(origin, gateway_
     await pools_settled(gateway)
 
 
+@pytest.mark.parametrize(
+    "size", [b"zz", b"10000000000000003", b"8000000000000000"], ids=["not-hex", "17-digits", "2^63"]
+)
 @pytest_twisted.ensureDeferred
-async def test_upstream_invalid_chunking_after_the_head_was_relayed_cuts_the_client(origin, gateway_for):
+async def test_upstream_invalid_chunking_after_the_head_was_relayed_cuts_the_client(origin, gateway_for, size):
     """An invalid chunk-size line arriving after the response head and a first chunk reached the client gets
-    the client connection cut (that chunk relayed, no terminator), and the upstream connection closed."""
+    the client connection cut at once (that chunk relayed, no terminator), and the upstream connection closed.
+    A size no 64-bit parser holds is invalid too: the data after it is not relayed as if it were that chunk,
+    nor is the connection left open until the upstream idle timeout."""
     gateway = gateway_for(gateway_config(origin.url))
     client = await connect(gateway.port, keep_all=True)
-    client.send(get(b"/bad-chunking/1000?later=1", close=False))
+    client.send(get(b"/bad-chunking/1000?later=1&size=" + size, close=False))
     await within(client.until(lambda c: len(parse_responses(bytes(c.head))) == 1, "the head and first chunk came"))
     await within(client.until(lambda c: c.response().body == pattern_bytes(0, 1000), "the first chunk came"))
     origin.inject_faults()
@@ -182,6 +220,25 @@ async def test_upstream_invalid_chunking_in_its_first_read_cuts_the_client(origi
     assert not client.clean_close
     responses = parse_responses(bytes(client.head))
     assert [(r.status, r.complete) for r in responses] in ([], [(200, False)])
+    await within(origin.connections_lost(1))
+    await pools_settled(gateway)
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize("digits", [b"9223372036854775808", b"18446744073709551619", b"9" * 30, b"9" * 5000])
+@pytest_twisted.ensureDeferred
+async def test_upstream_content_length_over_64_bits_gets_502(origin, gateway_for, digits, method):
+    """A response Content-Length over 2^63 - 1 is a broken upstream: 502 before anything is relayed (a client
+    would read that length its own way), the upstream connection closed. So it is for a HEAD response, whose
+    Content-Length frames nothing but is relayed."""
+    gateway = gateway_for(gateway_config(origin.url))
+    client = await connect(gateway.port, keep_all=True)
+    client.send(get(b"/huge-length/" + digits, method=method))
+    await within(client.closed)
+    if method == b"HEAD":
+        assert parse_response(bytes(client.head), head_request=True).status == 502
+    else:
+        assert_problem(client, 502)
     await within(origin.connections_lost(1))
     await pools_settled(gateway)
 

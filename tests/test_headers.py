@@ -434,6 +434,49 @@ def test_request_removes_identity_headers_and_sets_the_gateways() -> None:
     assert out.getRawHeaders(b"x-team") == [b"reports", b"ops"]
 
 
+@pytest.mark.parametrize("name", [b"Forwarded", b"forwarded", b"X-Real-IP", b"x-real-ip"])
+def test_request_drops_client_address_headers_from_a_peer_that_is_no_trusted_proxy(name: bytes) -> None:
+    """Forwarded (RFC 7239) and X-Real-IP name a client address: from a peer that is no trusted proxy they are
+    forged, and removed (X-Forwarded-For is replaced by the peer's address)."""
+    client = headers((name, b"for=203.0.113.9"), (b"X-Forwarded-For", b"203.0.113.9"), (b"Accept", b"*/*"))
+    out = upstream(client, keep_forwarded_for=False)
+    assert not {b"forwarded", b"x-real-ip"} & names(out)
+    assert out.getRawHeaders(b"x-forwarded-for") == [b"192.0.2.7"]
+    assert out.getRawHeaders(b"accept") == [b"*/*"]
+
+
+def test_request_keeps_a_trusted_proxys_client_address_headers_unchanged() -> None:
+    """From a trusted proxy, every Forwarded and X-Real-IP value passes as it came; X-Forwarded-For is appended to."""
+    client = headers(
+        (b"Forwarded", b'for=203.0.113.9;proto=https, for="[2001:db8::1]"'),
+        (b"Forwarded", b"for=198.51.100.1"),
+        (b"X-Real-IP", b"203.0.113.9"),
+        (b"X-Forwarded-For", b"203.0.113.9"),
+    )
+    out = upstream(client, keep_forwarded_for=True)
+    assert out.getRawHeaders(b"forwarded") == [b'for=203.0.113.9;proto=https, for="[2001:db8::1]"', b"for=198.51.100.1"]
+    assert out.getRawHeaders(b"x-real-ip") == [b"203.0.113.9"]
+    assert out.getRawHeaders(b"x-forwarded-for") == [b"203.0.113.9, 192.0.2.7"]
+
+
+@pytest.mark.parametrize("keep_forwarded_for", [False, True])
+def test_request_with_underscores_allowed_removes_underscored_forwarding_headers(keep_forwarded_for: bool) -> None:
+    """With underscores_in_headers on, "X_Forwarded_For" would reach a CGI/WSGI upstream as X-Forwarded-For
+    beside the gateway's own: every underscored spelling of a forwarding header the gateway sets or guards is
+    removed, whoever sent it; other underscored headers pass."""
+    client = headers(
+        (b"X_Forwarded_For", b"6.6.6.6"),
+        (b"x_forwarded-proto", b"https"),
+        (b"X_Forwarded_Host", b"evil.example"),
+        (b"X_Real_IP", b"6.6.6.6"),
+        (b"X_Request_ID", b"forged"),
+        (b"X_Other", b"kept"),
+    )
+    out = upstream(client, underscores=True, keep_forwarded_for=keep_forwarded_for)
+    assert {name for name in names(out) if b"_" in name} == {b"x_other"}
+    assert out.getRawHeaders(b"x-forwarded-for") == [b"192.0.2.7"]
+
+
 def test_request_with_underscores_allowed_removes_underscored_spellings_of_removed_headers() -> None:
     """With underscores_in_headers on, "X_Consumer_ID" would reach a CGI/WSGI upstream as X-Consumer-ID: it is
     removed like X-Consumer-ID itself; other underscored headers still pass."""
@@ -441,3 +484,19 @@ def test_request_with_underscores_allowed_removes_underscored_spellings_of_remov
     out = upstream(client, underscores=True, remove=frozenset({b"X-Consumer-Id", b"X-Auth-Method"}))
     assert names(out) >= {b"x_other"}
     assert not {b"x_consumer_id", b"x_auth_method"} & names(out)
+
+
+def test_response_hides_the_named_headers_in_any_case() -> None:
+    """`hidden` (lower-cased names) are not relayed, whatever case the upstream sent them in; the rest are."""
+    source = headers((b"SERVER", b"Apache/2.4.1"), (b"x-powered-by", b"PHP/5.6"), (b"X-Kept", b"1"))
+    out = Headers()
+    client_response_headers(source, out, via=b"", request_id="rid", hidden=frozenset({b"server", b"x-powered-by"}))
+    assert names(out) == {b"x-kept", b"x-request-id"}
+
+
+def test_response_server_header_replaces_the_upstreams() -> None:
+    """With the gateway's own Server, the upstream's (when not hidden anyway) is replaced, never joined."""
+    source = headers((b"Server", b"Apache/2.4.1"))
+    out = Headers()
+    client_response_headers(source, out, via=b"", request_id="rid", server=b"gateway")
+    assert out.getRawHeaders(b"server") == [b"gateway"]

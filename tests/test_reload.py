@@ -158,6 +158,35 @@ async def test_a_removed_listener_stops_accepting_and_a_changed_upstream_gets_a_
     assert await status(one) == 200
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_reload_changes_who_may_send_a_proxy_header_on_a_bound_listener(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """proxy_protocol_from applies to the connections that come after a reload, on the same bound socket: this
+    test's peer (127.0.0.1) is refused while the file lists only 10.0.0.0/8, and served once it lists 127.0.0.1."""
+    path = tmp_path / "gateway.toml"
+    port = free_port()
+    data = base(
+        origin,
+        listeners=[{"host": "127.0.0.1", "port": port, "proxy_protocol": True, "proxy_protocol_from": ["10.0.0.0/8"]}],
+    )
+    service = start(path, data, running)
+
+    async def proxied_status() -> int | None:
+        client = await connect(port, keep_all=True)
+        client.send(b"PROXY TCP4 203.0.113.9 127.0.0.1 4000 80\r\n")
+        client.send(b"GET /status/200 HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n")
+        await within(client.closed)
+        return client.response().status if client.head else None
+
+    assert await proxied_status() is None
+    data["listeners"][0]["proxy_protocol_from"] = ["10.0.0.0/8", "127.0.0.1"]
+    path.write_text(toml(data))
+    assert service.reload() is True
+    assert port_of(service) == port
+    assert await proxied_status() == 200
+
+
 @pytest.mark.parametrize(
     "broken",
     [

@@ -1,7 +1,8 @@
 """TLS on both sides, in this process over real loopback sockets, with certificates made by trustme: SNI from
-memory, old versions refused, certificates reloaded (a broken set keeps the old one), client certificates
-mapped to consumers, https upstreams verified (untrusted and mismatched ones are a 502 naming the class), and
-the plain-HTTP redirect and HSTS."""
+memory, old versions refused, certificates reloaded (a broken set keeps the old one), chains that do not verify
+(a company CA, an expired certificate) served with a warning and a gauge unless strict_certificates, client
+certificates mapped to consumers, https upstreams verified (untrusted and mismatched ones are a 502 naming the
+class), and the plain-HTTP redirect and HSTS."""
 
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
+from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.ssl import Certificate, CertificateOptions
 from twisted.internet.threads import deferToThread
 
 from gateway.auth.apikeys import hash_key
+from gateway.certificates import CertificateSet, describe_name, load_certificate_set
 from gateway.config import ConfigError, load, parse
 from gateway.service import GatewayService
 from tests.support.backpressure import held_back_then_whole
-from tests.support.certs import client_options, expired, issue
+from tests.support.certs import client_options, expired, issue, write_ca
 from tests.support.clients import connect, within
 from tests.support.logs import captured, in_namespace
 from tests.support.origin import Origin
@@ -135,7 +138,7 @@ async def test_certificate_expiry_is_logged_and_exported(tmp_path: Path, origin:
     ca = trustme.CA()
     soon = datetime.now(UTC).replace(microsecond=0) + timedelta(days=5)
     api = issue(ca, tmp_path, HOST, not_after=soon)
-    data = tls_config(origin.url, api)
+    data = tls_config(origin.url, api, trusted_ca=str(write_ca(ca, tmp_path / "company-ca.pem")))  # it verifies
     data["admin"] = {"host": "127.0.0.1", "port": 0}
     with captured(in_namespace("gateway.certificates")) as events:
         gateway = gateway_for(data)
@@ -151,6 +154,22 @@ async def test_certificate_expiry_is_logged_and_exported(tmp_path: Path, origin:
     labels, value = expiry[0]
     assert value == soon.timestamp()
     assert labels["names"] == HOST and labels["certificate"] == str(api.certificate), labels
+
+
+def _served_serial_unverified(port: int, server_name: str) -> int:
+    """The serial number of the certificate served for `server_name`, read by a client that verifies nothing."""
+    import socket
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
 
 
 def _old_client(port: int, version: ssl.TLSVersion) -> str:
@@ -216,29 +235,230 @@ async def test_reload_changes_new_handshakes_and_a_broken_set_keeps_the_old(
     assert served_serial(await get(port, client_options(ca, HOST))) == second.serial()
 
 
+def _listener_set(entry: dict[str, str], **tls: Any) -> CertificateSet:
+    """The certificate set a listener's `tls` table with this one entry loads."""
+    data = gateway_config("http://127.0.0.1:1")
+    data["listeners"][0]["tls"] = {"certificates": [entry], **tls}
+    tls_settings = parse(data, source="test.toml").listeners[0].tls
+    assert tls_settings is not None
+    return tls_settings.certificates[0]
+
+
+def _subject(pem: trustme.Blob) -> str:
+    """The subject of a PEM certificate (a CA's `cert_pem`, a leaf's `cert_chain_pems[0]`), as messages give it."""
+    return describe_name(x509.load_pem_x509_certificate(pem.bytes()).subject)
+
+
 def test_check_names_the_file_and_reason(tmp_path: Path) -> None:
+    """What cannot work is refused, strict_certificates or not: a file that cannot be read, a key that does not
+    match, a chain out of order."""
     ca = trustme.CA()
     good = issue(ca, tmp_path, HOST)
-    old = expired(ca, tmp_path, HOST)
     mismatched = issue(ca, tmp_path, HOST, stem="mismatched")
     mismatched.key.write_bytes(good.key.read_bytes())
     broken = issue(ca, tmp_path, HOST, stem="broken")
     broken.chain.write_bytes(trustme.CA().cert_pem.bytes())  # not the issuer
     cases = {
-        "expired": (old.table(), "expired on"),
         "mismatch": (mismatched.table(), "does not match the certificate"),
         "chain": (broken.table(), "is not issued by certificate 2"),
-        "incomplete": ({**good.table(), "chain": str(good.certificate)}, "is not issued by"),
+        "out-of-order": ({**good.table(), "chain": str(good.certificate)}, "is not issued by"),
         "missing": ({**good.table(), "key": str(tmp_path / "nope.key")}, "cannot read the file"),
-        "no-chain": ({"certificate": str(good.certificate), "key": str(good.key)}, "the chain is incomplete"),
     }
     for name, (entry, reason) in cases.items():
-        data = gateway_config("http://127.0.0.1:1")
-        data["listeners"][0]["tls"] = {"certificates": [entry]}
+        for strict in ({}, {"strict_certificates": True}):
+            with pytest.raises(ConfigError) as raised:
+                _listener_set(entry, **strict)
+            assert reason in str(raised.value), (name, str(raised.value))
+            assert str(raised.value).startswith("test.toml: listeners[0].tls.certificates[0]: "), name
+
+
+def test_a_company_ca_chain_loads_saying_what_is_missing(tmp_path: Path) -> None:
+    """A certificate from a CA the system does not trust is loaded, not refused: its chain is marked as not
+    verified, with what is missing; trusted_ca (the company's root) makes it verify."""
+    root = trustme.CA(organization_name="Company Root")
+    company = root.create_child_ca()
+    served = issue(company, tmp_path, HOST)  # the leaf, then the intermediate; chain: the root
+    leaf_only = tmp_path / "leaf.pem"
+    leaf_only.write_bytes(served.leaf.cert_chain_pems[0].bytes())
+    trusted_ca = str(write_ca(root, tmp_path / "company-ca.pem"))
+    intermediate, company_root = _subject(company.cert_pem), _subject(root.cert_pem)
+    incomplete = (
+        f"the chain is incomplete: {intermediate} is issued by {company_root}, which is neither in the chain nor "
+        "trusted (a system root or in trusted_ca); add the intermediate certificates (a fullchain.pem, or chain), "
+        "and for a company CA set trusted_ca to its root"
+    )
+    without_intermediate = f"is issued by {intermediate}, which is neither in the chain nor trusted"
+    untrusted_root = f"the chain ends at the root {company_root}, which is neither a system root nor in trusted_ca"
+    cases = [
+        # (entry, tls settings, the problem, or "" for a chain that verifies)
+        (served.table(chain=False), {}, incomplete),
+        (served.table(chain=False), {"trusted_ca": trusted_ca}, ""),
+        (served.table(), {}, untrusted_root),
+        (served.table(), {"trusted_ca": trusted_ca}, ""),
+        ({"certificate": str(leaf_only), "key": str(served.key)}, {"trusted_ca": trusted_ca}, without_intermediate),
+    ]
+    for entry, tls, problem in cases:
+        loaded = _listener_set(entry, **tls)
+        assert loaded.chain_verified is (problem == ""), (entry, tls, loaded.chain_problem)
+        assert problem in loaded.chain_problem, (entry, tls, loaded.chain_problem)
+        assert loaded.names == (HOST,)
+
+
+def test_an_expired_or_not_yet_valid_certificate_loads_saying_so(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    root = trustme.CA()
+    company = root.create_child_ca()
+    served = issue(company, tmp_path, HOST)
+    trusted = [x509.load_pem_x509_certificate(root.cert_pem.bytes())]
+    valid = load_certificate_set(served.certificate, served.key, trusted=trusted, trusted_key="trusted_ca")
+    assert valid.chain_verified and valid.chain_problem == ""
+    later = load_certificate_set(served.certificate, served.key, trusted=trusted, now=datetime(3001, 1, 1, tzinfo=UTC))
+    assert not later.chain_verified
+    assert later.chain_problem.startswith("the certificate (")
+    assert "expired on 3000-01-01 00:00 UTC; chain certificate 2 (" in later.chain_problem, later.chain_problem
+    early = load_certificate_set(served.certificate, served.key, trusted=trusted, now=datetime(1999, 1, 1, tzinfo=UTC))
+    assert "is not valid before 2000-01-01" in early.chain_problem, early.chain_problem
+    old = _listener_set(expired(root, tmp_path, HOST).table())
+    assert not old.chain_verified and "expired on" in old.chain_problem
+
+
+def test_strict_certificates_refuses_a_chain_that_does_not_verify(tmp_path: Path) -> None:
+    """Today's refusals, for those who want them: with strict_certificates = true a chain that does not verify
+    is a config error naming the file, the key and the reason; one that verifies loads."""
+    root = trustme.CA()
+    company = root.create_child_ca()
+    served = issue(company, tmp_path, HOST)
+    old = expired(root, tmp_path, HOST)
+    trusted_ca = str(write_ca(root, tmp_path / "company-ca.pem"))
+    cases = {
+        "expired": (old.table(), {"trusted_ca": trusted_ca}, "expired on"),
+        "incomplete": (served.table(chain=False), {}, "the chain is incomplete"),
+        "untrusted-root": (served.table(), {}, "the chain ends at the root"),
+    }
+    for name, (entry, tls, reason) in cases.items():
+        assert not _listener_set(entry, **tls).chain_verified, name
         with pytest.raises(ConfigError) as raised:
-            parse(data, source="test.toml")
-        assert reason in str(raised.value), (name, str(raised.value))
-        assert "listeners[0].tls.certificates[0]" in str(raised.value), name
+            _listener_set(entry, strict_certificates=True, **tls)
+        message = str(raised.value)
+        assert message.startswith(f"test.toml: listeners[0].tls.certificates[0]: {entry['certificate']}: "), message
+        assert reason in message and "strict_certificates = true" in message, (name, message)
+    assert _listener_set(served.table(chain=False), strict_certificates=True, trusted_ca=trusted_ca).chain_verified
+    with pytest.raises(ConfigError, match=r"listeners\[0\]\.tls\.strict_certificates: must be true or false"):
+        _listener_set(served.table(), strict_certificates="yes")
+
+
+def test_an_upstream_client_certificate_is_checked_against_the_system_and_its_ca(tmp_path: Path) -> None:
+    root = trustme.CA()
+    company = root.create_child_ca()
+    mine = issue(company, tmp_path, "gateway.internal", stem="client")
+    ca_file = str(write_ca(root, tmp_path / "internal-ca.pem"))
+    for tls, verified in (({}, False), ({"ca": ca_file}, True)):
+        data = gateway_config("https://billing.internal:8443", upstream={"tls": {**tls, **mine.table(chain=False)}})
+        upstream_tls = parse(data, source="test.toml").routes[0].upstream.tls
+        assert upstream_tls is not None and upstream_tls.client is not None
+        assert upstream_tls.client.chain_verified is verified, upstream_tls.client.chain_problem
+        if not verified:
+            assert "the chain is incomplete" in upstream_tls.client.chain_problem
+            assert "(a system root); add the intermediate certificates" in upstream_tls.client.chain_problem
+
+
+def _warnings(events: list[Any]) -> dict[str, Any]:
+    """The chain warnings among `events`, by owner."""
+    return {e["owner"]: e for e in events if e["log_level"].name == "warn" and "problem" in e}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chain_that_does_not_verify_is_warned_about_at_start_and_at_each_reload(
+    tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """For a listener's certificate and an upstream's client certificate: a warning naming what uses it, the
+    file, the subject and what is missing, at start and at each reload, until the chain verifies."""
+    root = trustme.CA(organization_name="Company Root")
+    company = root.create_child_ca()
+    served = issue(company, tmp_path, HOST)
+    mine = issue(company, tmp_path / "client", "gateway.internal", stem="client")
+    ca_file = str(write_ca(root, tmp_path / "company-ca.pem"))
+    data = gateway_config("https://127.0.0.1:9", access_log={"path": ""}, upstream={"tls": mine.table(chain=False)})
+    data["listeners"][0]["tls"] = {"certificates": [served.table(chain=False)]}
+    path = tmp_path / "gateway.toml"
+    path.write_text(toml(data))
+    with captured(in_namespace("gateway.certificates")) as events:
+        service = GatewayService(load(path), reactor)
+        service.startService()
+        running.append(service)
+    at_start = _warnings(events)
+    assert set(at_start) == {"listener 127.0.0.1:0", "upstream origin"}, events
+    for owner, issued in (("listener 127.0.0.1:0", served), ("upstream origin", mine)):
+        warning = at_start[owner]
+        assert warning["file"] == str(issued.certificate)
+        assert warning["subject"] == _subject(issued.leaf.cert_chain_pems[0])
+        assert warning["problem"].startswith(f"the chain is incomplete: {_subject(company.cert_pem)} is issued by"), (
+            warning
+        )
+    with captured(in_namespace("gateway.certificates")) as events:
+        assert service.reload() is True  # the same files: the upstream's pool is kept
+    assert set(_warnings(events)) == {"listener 127.0.0.1:0", "upstream origin"}, events
+    # Trusting the company's root: the chains verify, and the lines are plain info.
+    data["listeners"][0]["tls"]["trusted_ca"] = ca_file
+    data["upstreams"]["origin"]["tls"]["ca"] = ca_file
+    path.write_text(toml(data))
+    with captured(in_namespace("gateway.certificates")) as events:
+        assert service.reload() is True
+    assert _warnings(events) == {}, events
+    assert {e["owner"] for e in events} == {"listener 127.0.0.1:0", "upstream origin"}, events
+
+
+@pytest_twisted.ensureDeferred
+async def test_chain_verification_is_exported_beside_the_expiry(
+    tmp_path: Path, origin: Origin, gateway_for: Any
+) -> None:
+    """gateway_tls_certificate_chain_verified: 1 or 0 per loaded certificate, labelled as the expiry gauge is. An
+    expired certificate is served all the same."""
+    root = trustme.CA()
+    company = root.create_child_ca()
+    good = issue(company, tmp_path, HOST, stem="good")
+    old = expired(root, tmp_path, "old.example.com")
+    mine = issue(company, tmp_path / "client", "gateway.internal", stem="client")
+    data = tls_config(origin.url, trusted_ca=str(write_ca(root, tmp_path / "company-ca.pem")))
+    data["listeners"][0]["tls"]["certificates"] = [good.table(chain=False), old.table()]
+    data["upstreams"]["other"] = {"url": "https://127.0.0.1:9", "tls": mine.table(chain=False)}  # no ca
+    data["routes"].append({"name": "other", "path_prefix": "/other", "upstream": "other", "auth": "anonymous"})
+    data["admin"] = {"host": "127.0.0.1", "port": 0}
+    gateway = gateway_for(data)
+    assert (await get(gateway.port, client_options(root, HOST))).response().status == 200
+    assert (await deferToThread(_served_serial_unverified, gateway.port, "old.example.com")) == old.serial()
+    metrics = await scrape(admin_port(gateway))
+    verified = {
+        (dict(labels)["owner"], dict(labels)["certificate"], dict(labels)["names"]): value
+        for labels, value in metrics.labelled("gateway_tls_certificate_chain_verified").items()
+    }
+    assert verified == {
+        ("listener 127.0.0.1:0", str(good.certificate), HOST): 1.0,
+        ("listener 127.0.0.1:0", str(old.certificate), "old.example.com"): 0.0,
+        ("upstream other", str(mine.certificate), "gateway.internal"): 0.0,
+    }, verified
+    expiry = metrics.labelled("gateway_tls_certificate_expiry_timestamp_seconds")
+    assert set(expiry) == set(metrics.labelled("gateway_tls_certificate_chain_verified"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_company_ca_leaf_and_intermediate_are_served_to_a_client_trusting_its_root(
+    tmp_path: Path, origin: Origin, gateway_for: Any
+) -> None:
+    """The usual company setup, with no trusted_ca: the certificate file holds the leaf and the intermediate,
+    the gateway starts (warning that the chain does not verify against the system's roots) and sends both, and
+    a client that trusts the company's root completes a request."""
+    root = trustme.CA(organization_name="Company Root")
+    company = root.create_child_ca()
+    served = issue(company, tmp_path, HOST)
+    data = tls_config(origin.url)
+    data["listeners"][0]["tls"]["certificates"] = [served.table(chain=False)]
+    gateway = gateway_for(data)
+    assert not gateway.service.listeners[0].tls.contexts.certificates[0].chain_verified
+    client = await get(gateway.port, client_options(root, HOST))
+    assert client.response().status == 200, client.response()
+    assert served_serial(client) == served.serial()
 
 
 def _mtls_config(origin_url: str, server: Any, client_ca: Path, mode: str) -> dict[str, Any]:
@@ -276,6 +496,33 @@ async def test_client_certificates(tmp_path: Path, origin: Origin, gateway_for: 
     assert (await get(gateway.port, client_options(ca, HOST, unknown))).response().status == 403
     refused = await get(gateway.port, client_options(ca, HOST, stranger))
     assert refused.received == 0 and refused.reason.check(SSL.Error), refused.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_certificates_mapped_by_common_name(tmp_path: Path, origin: Origin, gateway_for: Any) -> None:
+    """`cn:billing` admits a certificate whose subject's CN is "billing" (whatever its DNS names), and not one
+    that has "billing" only as a DNS name: that one is `dns:billing`'s consumer. A CN is matched exactly."""
+    ca, clients = trustme.CA(), trustme.CA()
+    server = issue(ca, tmp_path, HOST)
+    client_ca = tmp_path / "clients.pem"
+    client_ca.write_bytes(clients.cert_pem.bytes())
+    data = _mtls_config(origin.url, server, client_ca, "request")
+    data["consumers"] = {
+        "billing": {"client_certificates": ["cn:billing"]},
+        "named": {"client_certificates": ["dns:billing"]},
+    }
+    gateway = gateway_for(data)
+    cases = [
+        (clients.issue_cert("pod-7.billing.internal", common_name="billing"), 200, "billing"),
+        (clients.issue_cert("billing", common_name="someone-else"), 200, "named"),
+        (clients.issue_cert("pod-8.billing.internal", common_name="Billing"), 403, None),
+    ]
+    for leaf, status, consumer in cases:
+        response = (await get(gateway.port, client_options(ca, HOST, leaf))).response()
+        assert response.status == status, response.body
+        if consumer is not None:
+            headers = {name.lower(): value for name, value in json.loads(response.body)["headers"]}
+            assert headers["x-consumer-id"] == consumer
 
 
 @pytest_twisted.ensureDeferred

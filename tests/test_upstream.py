@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IHostnameResolver
@@ -77,6 +78,37 @@ def test_acquire_fails_at_once_when_the_queue_is_full() -> None:
     _sync.assertNoResult(first)
     _sync.assertNoResult(second)
     assert pool.queued == 2
+
+
+@pytest.mark.parametrize(
+    ("inline", "named"), [(False, "upstream origin"), (True, "the route's upstream")], ids=["named", "url"]
+)
+def test_saturation_names_the_upstream_by_its_name_never_by_a_url(inline: bool, named: str) -> None:
+    """A 503 for a full queue or a queue timeout names a declared upstream by its name; one a route gave as a URL
+    (whose name is that URL) by no address."""
+    clock = MemoryReactorClock()
+    pool = UpstreamPool(
+        Upstream(
+            name="http://10.1.2.3:8080" if inline else "origin",
+            scheme="http",
+            host="10.1.2.3",
+            port=8080,
+            base_path=b"",
+            inline=inline,
+            max_connections=1,
+            max_queue=1,
+            queue_timeout=1,
+        ),
+        clock,
+    )
+    _sync.successResultOf(pool.acquire())
+    waiting = pool.acquire()
+    full = _sync.failureResultOf(pool.acquire(), UpstreamSaturated).value
+    assert str(full) == f"{named} has 1 requests queued already"
+    clock.advance(1)
+    timed_out = _sync.failureResultOf(waiting, UpstreamSaturated).value
+    assert str(timed_out) == f"no connection to {named} came free within 1 s"
+    assert "10.1.2.3" not in str(full) + str(timed_out)
 
 
 def test_queue_timeout_fails_a_waiter_after_exactly_queue_timeout() -> None:

@@ -26,6 +26,9 @@ __all__ = ["ApiKeyAuthenticator", "hash_key", "mint_key"]
 KEY_PREFIX = "gwk_"
 """Minted keys start with this, so a leaked one is recognisable (secret scanners look for such prefixes)."""
 _KEY = re.compile(rb"[\x21-\x7e]{1,512}")
+CLAIMANT_CHARACTERS = 8
+"""How much of a key tells its holder's failures apart from others' behind the same address: its first 8
+characters ("gwk_" and 24 random bits of a minted key), and never more than half of a short key."""
 
 
 def mint_key() -> str:
@@ -76,6 +79,14 @@ class ApiKeyAuthenticator:
                 continue  # a JWT: for the route's JWT methods
             return where, parts[1]
         return None
+
+    def claimant(self, credential: object) -> bytes | None:
+        """The key's first characters (`CLAIMANT_CHARACTERS`): a client with a revoked key is refused on its own,
+        while one trying many keys runs into its address's ceiling."""
+        _, key = credential  # type: ignore[misc]
+        if key is MALFORMED:
+            return None
+        return b"api_key\0" + key[: min(CLAIMANT_CHARACTERS, len(key) // 2)]
 
     def verify(self, credential: object, request: AuthRequest) -> Identity:
         where, key = credential  # type: ignore[misc]

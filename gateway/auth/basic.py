@@ -50,7 +50,8 @@ class BasicAuthenticator:
     """Admits a request whose Basic user name is a consumer with a password hash and whose password matches it."""
 
     guessable = True
-    """Passwords can be guessed: checks under way count against the client address's failed-auth budget."""
+    """Passwords can be guessed: checks under way count against the failed-auth budgets of the client address
+    and of the user name it tries."""
 
     def __init__(self, method: BasicMethod, consumers: Mapping[str, Consumer], *, reactor: Any, realm: str) -> None:
         self.name = method.name
@@ -81,6 +82,14 @@ class BasicAuthenticator:
         if parts is None or parts[0] != b"basic":
             return None
         return basic_credentials(parts[1])
+
+    def claimant(self, credential: object) -> bytes | None:
+        """The user name: one user mistyping a password is refused on their own, not everyone behind their
+        address."""
+        if credential is MALFORMED:
+            return None
+        user, _ = credential  # type: ignore[misc]
+        return b"basic\0" + user.encode("utf-8")
 
     def verify(self, credential: object, request: AuthRequest) -> Identity | Deferred[Identity]:
         if credential is MALFORMED:

@@ -4,10 +4,14 @@ Order, and why:
 1. An anonymous route: only the per-address rate limit.
 2. The first of the route's methods whose credential the request carries decides (none carried: 401 naming
    every method in WWW-Authenticate).
-3. A client address over its budget of failed authentications gets 429 before its credential is checked (a
-   brute-force attempt costs the gateway nothing, bcrypt included).
+3. A credential whose failed-auth budget is spent gets 429 before it is checked (a brute-force attempt costs the
+   gateway nothing, bcrypt included). Failures are counted twice: per client address and claimant (what the
+   credential claims to be: a Basic user name, an API key's first characters, a JWT; for forward auth and
+   malformed credentials, the method), so one user mistyping a password behind an office's NAT address locks
+   out only themselves; and per client address alone, against a higher ceiling, so a client trying many names
+   or keys is stopped all the same. Either spent is 429.
 4. The credential is verified: at once, or later through a Deferred (JWKS fetch, bcrypt, forward auth). A
-   failure is 401 and counts against the address.
+   failure is 401 and counts against both budgets.
 5. Scopes (403), then the consumer's request rate (429), then its concurrency cap (429; the slot is given back
    by `Allow.release` when the request ends, however it ends).
 
@@ -18,8 +22,10 @@ decides what to do with it (`gateway.request`). Nothing here reads a body or wri
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import math
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -44,6 +50,20 @@ _log = Logger()
 
 _MAX_FORWARDED = 20000
 """Identities whose upstream headers are remembered (as many as a few methods' caches of identities hold)."""
+_CLAIMANT_KEY = secrets.token_bytes(32)
+"""Keys the digest a claimant is counted by: the limit store holds no user name, key prefix or signature, nor
+anything from which one could be found again. One per process, so counts survive a reload (the store is handed
+on); with several workers each counts on its own anyway."""
+
+
+class _FailureLimit(NamedTuple):
+    """One of the failed-auth budgets (per claimant, per address) a credential counts against."""
+
+    limit: RateLimit
+    policy: str
+    """Its name in the RateLimit-Policy header."""
+    reason: str
+    """The reason code of a refusal."""
 
 
 class Allow(NamedTuple):
@@ -104,9 +124,21 @@ class Gatekeeper:
             }
         self._authenticators = dict(authenticators)
         self._chains: dict[tuple[str, ...], tuple[Authenticator, ...]] = {}
+        rates = self._rates
+        limits = []
+        if rates.failed_auth is not None:
+            limits.append(_FailureLimit(rates.failed_auth, "failed-auth", "too_many_failed_authentications"))
+        if rates.failed_auth_per_address is not None:
+            limits.append(
+                _FailureLimit(
+                    rates.failed_auth_per_address, "failed-auth-address", "too_many_failed_authentications_address"
+                )
+            )
+        self._failure_limits = tuple(limits)
+        """The failed-auth budgets that are on, in the order of the keys `_failure_keys` gives a credential."""
         self._guessing: dict[str, dict[Any, int]] = {}
-        """Client address -> the guessable credentials (passwords) being checked for it, each with its number
-        of requests; distinct ones count against the address's failed-auth budget while they are checked."""
+        """A failed-auth budget's key -> the guessable credentials (passwords) being checked that count against
+        it, each with its number of requests; distinct ones count against the budget while they are checked."""
         identity = admission.identity
         self._consumer_header = canonical_name(identity.consumer) if identity.consumer else b""
         self._scopes_header = canonical_name(identity.scopes) if identity.scopes else b""
@@ -151,51 +183,82 @@ class Gatekeeper:
             else:
                 reason, detail = "missing_credentials", "this route requires credentials"
             return Unauthorized(detail, reason=reason, headers=_challenges(chain))
-        failed = self._rates.failed_auth
-        guessable = failed is not None and getattr(auth, "guessable", False)
-        if failed is not None:
-            decision = self._store.peek("failed:" + peer, failed)
-            # A password being checked counts against the budget until its verdict: otherwise a burst of
-            # concurrent guesses would all pass this check before the first failure is counted.
-            if not decision.allowed or (guessable and self._guessing_over(peer, credential, decision.remaining)):
-                return _too_many("failed-auth", failed, decision, "too_many_failed_authentications", None)
+        keys = self._failure_keys(peer, auth, credential)
+        guessable = bool(keys) and getattr(auth, "guessable", False)
+        if keys:
+            refused = self._over_budget(keys, credential, guessable)
+            if refused is not None:
+                return refused
         try:
             result = auth.verify(credential, request)
         except AuthFailure as failure:
-            return self._failed(chain, auth, failure, peer)
+            return self._failed(chain, auth, failure, keys)
         except Denied as denied:
             return denied
         if isinstance(result, Deferred):
             if guessable:
-                self._guess_started(peer, credential)
-                result.addBoth(self._guess_ended, peer, credential)
+                self._guess_started(keys, credential)
+                result.addBoth(self._guess_ended, keys, credential)
             return result.addCallbacks(
                 self._authorise,
                 self._verify_failed,
                 callbackArgs=(admission, chain),
-                errbackArgs=(chain, auth, peer, request.request_id),
+                errbackArgs=(chain, auth, keys, request.request_id),
             )
         return self._authorise(result, admission, chain)
 
-    def _guessing_over(self, peer: str, credential: Any, remaining: int) -> bool:
-        """Whether one more distinct password being checked for `peer` would be over its remaining budget."""
-        guessing = self._guessing.get(peer)
+    def _failure_keys(self, peer: str, auth: Authenticator, credential: object) -> tuple[str, ...]:
+        """The limit-store keys of the failed-auth budgets `credential` counts against from `peer`, in the order
+        of `_failure_limits`: its claimant's at that address (by a keyed digest of the claimant), then the
+        address's own; () with both limits off."""
+        if not self._failure_limits:
+            return ()
+        address = "failed:" + peer
+        if self._rates.failed_auth is None:
+            return (address,)
+        claimant = getattr(auth, "claimant", None)
+        tag = claimant(credential) if claimant is not None else None
+        if tag is None:
+            tag = b"method\0" + auth.name.encode("utf-8")
+        claimed = address + "/" + hashlib.blake2b(tag, digest_size=12, key=_CLAIMANT_KEY).hexdigest()
+        return (claimed, address) if self._rates.failed_auth_per_address is not None else (claimed,)
+
+    def _over_budget(self, keys: Sequence[str], credential: Any, guessable: bool) -> Denied | None:
+        """429 when a budget is spent (the one the client must wait longest for, if several), else None."""
+        refused: tuple[_FailureLimit, RateDecision] | None = None
+        for key, failure in zip(keys, self._failure_limits, strict=True):
+            decision = self._store.peek(key, failure.limit)
+            # A password being checked counts against the budget until its verdict: otherwise a burst of
+            # concurrent guesses would all pass this check before the first failure is counted.
+            spent = not decision.allowed or (guessable and self._guessing_over(key, credential, decision.remaining))
+            if spent and (refused is None or decision.retry_after > refused[1].retry_after):
+                refused = (failure, decision)
+        if refused is None:
+            return None
+        failure, decision = refused
+        return _too_many(failure.policy, failure.limit, decision, failure.reason, None)
+
+    def _guessing_over(self, key: str, credential: Any, remaining: int) -> bool:
+        """Whether one more distinct password being checked against budget `key` would be over what it has left."""
+        guessing = self._guessing.get(key)
         return guessing is not None and credential not in guessing and len(guessing) >= remaining
 
-    def _guess_started(self, peer: str, credential: Any) -> None:
-        guessing = self._guessing.setdefault(peer, {})
-        guessing[credential] = guessing.get(credential, 0) + 1
+    def _guess_started(self, keys: Sequence[str], credential: Any) -> None:
+        for key in keys:
+            guessing = self._guessing.setdefault(key, {})
+            guessing[credential] = guessing.get(credential, 0) + 1
 
-    def _guess_ended(self, result: object, peer: str, credential: Any) -> object:
-        guessing = self._guessing.get(peer)
-        if guessing is not None:
-            left = guessing.get(credential, 1) - 1
-            if left > 0:
-                guessing[credential] = left
-            else:
-                guessing.pop(credential, None)
-                if not guessing:
-                    del self._guessing[peer]
+    def _guess_ended(self, result: object, keys: Sequence[str], credential: Any) -> object:
+        for key in keys:
+            guessing = self._guessing.get(key)
+            if guessing is not None:
+                left = guessing.get(credential, 1) - 1
+                if left > 0:
+                    guessing[credential] = left
+                else:
+                    guessing.pop(credential, None)
+                    if not guessing:
+                        del self._guessing[key]
         return result
 
     def _chain(self, admission: RouteAdmission) -> tuple[Authenticator, ...]:
@@ -204,26 +267,32 @@ class Gatekeeper:
             chain = self._chains[admission.methods] = tuple(self._authenticators[n] for n in admission.methods)
         return chain
 
-    def _failed(self, chain: Sequence[Authenticator], auth: Authenticator, failure: AuthFailure, peer: str) -> Denied:
-        self._count_failure(peer)
+    def _failed(
+        self, chain: Sequence[Authenticator], auth: Authenticator, failure: AuthFailure, keys: Sequence[str]
+    ) -> Denied:
+        self._count_failure(keys)
         return Unauthorized(
             failure.detail, reason=failure.reason, consumer=failure.consumer, headers=_challenges(chain, auth, failure)
         )
 
-    def _count_failure(self, peer: str) -> None:
-        failed = self._rates.failed_auth
-        if failed is not None:
-            self._store.take("failed:" + peer, failed)
+    def _count_failure(self, keys: Sequence[str]) -> None:
+        for key, failure in zip(keys, self._failure_limits, strict=True):
+            self._store.take(key, failure.limit)
 
     def _verify_failed(
-        self, reason: Failure, chain: Sequence[Authenticator], auth: Authenticator, peer: str, request_id: str
+        self,
+        reason: Failure,
+        chain: Sequence[Authenticator],
+        auth: Authenticator,
+        keys: Sequence[str],
+        request_id: str,
     ) -> Verdict | Failure:
         value = reason.value
         if isinstance(value, AuthFailure):
-            return self._failed(chain, auth, value, peer)
+            return self._failed(chain, auth, value, keys)
         if isinstance(value, Denied):
             if isinstance(value, AuthServiceDenied) and value.status == 401:
-                self._count_failure(peer)
+                self._count_failure(keys)
             return value
         if isinstance(value, CancelledError):
             return reason  # the client left; nobody is waiting for a verdict

@@ -3,9 +3,10 @@
 
 Rule: a method looks only at the request head and its own state; it says whether the request carries its kind
 of credential (`credential`), and if so who it proves (`verify`, at once or later through a Deferred) or why
-not (`AuthFailure`, answered 401 and counted against the client address; or a `Denied` such as 503 when it
-could not decide, which is not the client's fault). A credential never leaves the method: not in an identity,
-a failure's detail, a log line or an upstream header.
+not (`AuthFailure`, answered 401 and counted against the client address and against what the credential claims
+to be, `claimant`; or a `Denied` such as 503 when it could not decide, which is not the client's fault). A
+credential never leaves the method: not in an identity, a failure's detail, a log line or an upstream header;
+`claimant` hands out a part of it that proves nothing (a user name, a key's first characters, a signature).
 """
 
 from __future__ import annotations
@@ -82,7 +83,13 @@ class Authenticator(Protocol):
     name: str
     guessable: bool
     """Whether its credentials can be guessed (passwords, not 256-bit keys or signatures): while one is being
-    checked, it counts against the client address's failed-auth budget (optional; False when absent)."""
+    checked, it counts against the failed-auth budgets it would count against if it failed (optional; False
+    when absent)."""
+
+    def claimant(self, credential: object) -> bytes | None:
+        """Who `credential` claims to be, for counting its failures apart from other clients' behind the same
+        address (a NAT): a Basic user name, an API key's first characters, a token's signature; None to count them
+        under the method (optional; as None when absent). The gatekeeper keeps only a keyed digest of it."""
 
     def credential(self, headers: Headers) -> object | None:
         """This method's credential in the request headers, or None when the request carries none of its kind.

@@ -140,6 +140,14 @@ class JwtAuthenticator:
             return None  # another issuer's token is another method's
         return token
 
+    def claimant(self, credential: object) -> bytes | None:
+        """The token's signature: a client resending its expired token is refused on its own, not everyone
+        behind its address (tokens cannot be guessed, so one budget per token costs nothing; a client making up
+        tokens runs into its address's ceiling)."""
+        if not isinstance(credential, bytes):
+            return None
+        return b"jwt\0" + credential.rpartition(b".")[2]
+
     def verify(self, credential: object, request: AuthRequest) -> Identity | Deferred[Identity]:
         if credential is MALFORMED:
             raise AuthFailure("malformed_credentials", "send one Authorization header", bearer_error="invalid_request")

@@ -1,22 +1,27 @@
 """Client certificates as credentials: the `mtls` method maps the certificate a TLS handshake verified to a
 declared consumer.
 
-Rule: the certificate was verified by OpenSSL against the listener's client CA bundle before any byte of the
-request was read (one that does not verify fails the handshake), so this method only maps it: by its subject DN
-first, then by each subjectAltName. A verified certificate no consumer claims is refused 403: it proves who the
-client is, and that client is not allowed. Nothing of the certificate but its subject goes upstream, and only in
-the configured header.
+Rules:
+* The certificate was verified by OpenSSL against the listener's client CA bundle before any byte of the request
+  was read (one that does not verify fails the handshake), so this method only maps it, by (field, value) pairs:
+  a consumer's "cn:billing" matches a CN of the subject and nothing else, "dns:billing" a DNS subjectAltName and
+  nothing else (a CA that puts what it likes in one field cannot claim another's).
+* One certificate, one consumer, whichever fields several consumers claim: the subject DN decides first, then
+  the subject's CN (the smallest, if several), then the subjectAltNames in the order DNS, IP, URI, email (each by
+  its smallest value). The config refuses two consumers claiming the same (field, value).
+* A verified certificate no consumer claims is refused 403: it proves who the client is, and that client is not
+  allowed. Nothing of the certificate but its subject goes upstream, and only in the configured header.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
 from gateway.auth.identity import AuthRequest, Identity
-from gateway.auth.settings import Consumer, MtlsMethod
+from gateway.auth.settings import CertificateIdentity, Consumer, MtlsMethod
 from gateway.errors import Forbidden
 from gateway.tls import ClientCertificate
 
@@ -32,9 +37,10 @@ class MtlsAuthenticator:
     def __init__(self, method: MtlsMethod, consumers: Mapping[str, Consumer]) -> None:
         self.name = method.name
         self._header = method.identity_header
-        self._by_identity = {
+        self._by_identity: dict[CertificateIdentity, Consumer] = {
             identity: consumer for consumer in consumers.values() for identity in consumer.client_certificates
         }
+        """(field, value) -> the consumer claiming it (the config lets only one claim each)."""
         self._identities: dict[tuple[str, str], Identity] = {}
         """(consumer, subject) -> its identity, made once (what depends on it is then made once too)."""
 
@@ -43,9 +49,8 @@ class MtlsAuthenticator:
 
     def verify(self, credential: object, request: AuthRequest) -> Identity:
         assert isinstance(credential, ClientCertificate)
-        consumer = self._by_identity.get(credential.subject)
-        if consumer is None:
-            consumer = next((self._by_identity[n] for n in sorted(credential.names) if n in self._by_identity), None)
+        by_identity = self._by_identity
+        consumer = next((by_identity[i] for i in _identities(credential) if i in by_identity), None)
         if consumer is None:
             raise Forbidden(
                 "the client certificate is valid but no consumer is allowed to use it",
@@ -71,3 +76,14 @@ class MtlsAuthenticator:
 
     def close(self) -> Deferred[None] | None:
         return None
+
+
+def _identities(certificate: ClientCertificate) -> Iterator[CertificateIdentity]:
+    """What `certificate` may be claimed by, as (field, value) normalised as the settings normalise a consumer's
+    (`CERTIFICATE_FIELDS`), in the order that decides between consumers."""
+    yield "dn", certificate.subject
+    for name in sorted(certificate.common_names):
+        yield "cn", name
+    for name in sorted(certificate.names):  # "DNS:", "IP:", "URI:", "email:" (as `gateway.tls` writes them)
+        kind, _, value = name.partition(":")
+        yield kind.lower(), value

@@ -9,6 +9,8 @@ Rules:
   changes; the runtime objects get the bytes, not the paths.
 * An algorithm allow-list belongs to each JWT method and is checked against its key: `none` is never allowed,
   and an HMAC algorithm never shares a method with a public-key one (no algorithm confusion).
+* A consumer claims client certificates by one field each ("cn:billing", "dns:billing.internal"), read into
+  (field, value) so that no entry can match another field; no two consumers may claim the same one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import ipaddress
 import json
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -27,6 +29,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import NameOID
 
 from gateway.config_values import (
     ConfigError,
@@ -45,12 +48,15 @@ from gateway.headers import HOP_BY_HOP
 
 __all__ = [
     "ANONYMOUS",
+    "CERTIFICATE_FIELDS",
     "DEFAULT_ADMISSION",
+    "FAILED_AUTH_ADDRESS_FACTOR",
     "GATEWAY_OWNED",
     "NOBODY",
     "Admission",
     "ApiKeyMethod",
     "BasicMethod",
+    "CertificateIdentity",
     "Consumer",
     "ForwardMethod",
     "IdentityHeaders",
@@ -112,6 +118,10 @@ class RateLimit:
         return self.period / self.requests
 
 
+CertificateIdentity = tuple[str, str]
+"""A field of a client certificate and its value, normalised as `CERTIFICATE_FIELDS` reads it: ("cn", "billing")."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Consumer:
     """A known caller: its credentials (hashes only), the scopes it holds and its own limits."""
@@ -126,10 +136,11 @@ class Consumer:
     """Its own request rate, instead of `admission.rate_limits.consumer`."""
     max_concurrent: int | None = None
     """Its own cap on requests in flight, instead of `admission.max_concurrent`."""
-    client_certificates: frozenset[str] = frozenset()
-    """Client certificates that prove this consumer (the `mtls` method): each a subject DN in RFC 4514 form
-    ("CN=billing,O=Example") or a subjectAltName ("DNS:billing.internal", "URI:spiffe://example.org/billing",
-    "email:ops@example.com", "IP:10.0.0.5")."""
+    client_certificates: frozenset[CertificateIdentity] = frozenset()
+    """Client certificates that prove this consumer (the `mtls` method), each as (field, value): ("cn", "billing"),
+    ("dn", "CN=billing,O=Example"), ("dns", "billing.internal"), ("email", "ops@example.com"),
+    ("uri", "spiffe://example.org/billing") or ("ip", "10.0.0.5"); each matches its own field of a certificate only.
+    Written in the config as "cn:billing", "dn:CN=billing,O=Example"... (`CERTIFICATE_FIELDS`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +276,13 @@ class RateLimits:
     anonymous: RateLimit | None = None
     """Per client address, on anonymous routes."""
     failed_auth: RateLimit | None = RateLimit(requests=10, period=60.0, burst=10)
-    """Failed authentications per client address (brute force): over it, 429 before credentials are checked."""
+    """Failed authentications per client address and claimed identity (a Basic user name, an API key's first
+    characters, a JWT; see `gateway.auth.gatekeeper`): over it, 429 before that identity's credentials are
+    checked from that address, while other users behind the same address (a NAT) go on."""
+    failed_auth_per_address: RateLimit | None = RateLimit(requests=100, period=60.0, burst=100)
+    """Failed authentications per client address, whatever identity they claim: the ceiling over `failed_auth`
+    (a client trying many user names or keys). When not configured, `FAILED_AUTH_ADDRESS_FACTOR` times
+    `failed_auth` (its requests and burst, over the same period)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -300,6 +317,9 @@ ANONYMOUS = RouteAdmission(anonymous=True)
 NOBODY = RouteAdmission()
 """What a route built in code without admission gets: every request refused (401)."""
 DEFAULT_ADMISSION = Admission()
+FAILED_AUTH_ADDRESS_FACTOR = 10
+"""`failed_auth_per_address`, when not configured, is this many times `failed_auth`: ten people behind one NAT
+address may each fail as often as one alone before the address as a whole is refused."""
 
 
 # --- readers ----------------------------------------------------------------------------------------------
@@ -664,44 +684,112 @@ def _consumer(name: str, t: Table) -> Consumer:
     return consumer
 
 
-_SAN_PREFIXES = ("DNS:", "URI:", "email:", "IP:")
+class _AnyCase(Mapping[str, x509.ObjectIdentifier]):
+    """Attribute type names of a DN, whatever their case (RFC 4514 section 3: "cn" is "CN"), with OpenSSL's names
+    of two attributes cryptography writes as OIDs: for `x509.Name.from_rfc4514_string`."""
+
+    _NAMES: ClassVar[dict[str, x509.ObjectIdentifier]] = {
+        "CN": NameOID.COMMON_NAME,
+        "L": NameOID.LOCALITY_NAME,
+        "ST": NameOID.STATE_OR_PROVINCE_NAME,
+        "O": NameOID.ORGANIZATION_NAME,
+        "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+        "C": NameOID.COUNTRY_NAME,
+        "STREET": NameOID.STREET_ADDRESS,
+        "DC": NameOID.DOMAIN_COMPONENT,
+        "UID": NameOID.USER_ID,
+        "EMAILADDRESS": NameOID.EMAIL_ADDRESS,
+        "SERIALNUMBER": NameOID.SERIAL_NUMBER,
+    }
+
+    def __getitem__(self, name: str) -> x509.ObjectIdentifier:
+        return self._NAMES[name.upper()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
 
 
-def _certificate_identities(value: object) -> frozenset[str]:
+_ANY_CASE = _AnyCase()
+
+
+def _subject_dn(value: str) -> str:
+    """A subject DN in the form a certificate's is compared in: parsed, then written back (so "CN=a\\2cb" and
+    "CN=a\\,b", or "cn=" and "CN=", are one DN)."""
+    try:
+        return x509.Name.from_rfc4514_string(value, _ANY_CASE).rfc4514_string()
+    except ValueError:
+        raise ValueError(
+            f'{value!r} is not a subject DN in RFC 4514 form: most specific first, no spaces around "," or '
+            '"=", such as "CN=billing,O=Example" (`openssl x509 -noout -subject -nameopt RFC2253` prints it so)'
+        ) from None
+
+
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+CERTIFICATE_FIELDS: Mapping[str, Callable[[str], str]] = MappingProxyType(
+    {
+        "cn": lambda value: value,
+        "dn": _subject_dn,
+        "dns": str.lower,
+        "email": str.lower,
+        "uri": lambda value: value,
+        "ip": _ip,
+    }
+)
+"""The fields a consumer's `client_certificates` may name ("cn:billing"), each with how its value is normalised:
+a CN (of the subject; exact), the whole subject DN, and the subjectAltNames (DNS names and email addresses
+whatever their case, URIs exact, IP addresses in their usual form). Each matches its own field only."""
+
+
+def _certificate_identity(text: str) -> CertificateIdentity:
+    """One entry of `client_certificates`: "field:value" (the field in any case, so "DNS:", "URI:" and "IP:" read
+    as before), or a bare subject DN ("CN=billing,O=Example", read as "dn:")."""
+    field, sep, value = text.partition(":")
+    field = field.lower()
+    if not sep or field not in CERTIFICATE_FIELDS:
+        if "=" not in text:
+            raise ValueError(
+                f"{text!r} names no certificate field: write cn:NAME (the subject's CN), dn:DN (the whole subject), "
+                "dns:NAME, email:ADDRESS, uri:URI or ip:ADDRESS (a subjectAltName)"
+            )
+        field, value = "dn", text
+    if not value:
+        raise ValueError(f"{text!r} names nothing after {field}:")
+    if value != value.strip():
+        raise ValueError(f"{text!r} has white space around its {field} (it would never match)")
+    return field, CERTIFICATE_FIELDS[field](value)
+
+
+def _certificate_identities(value: object) -> frozenset[CertificateIdentity]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
         raise ValueError(
-            f'must be a non-empty array such as ["CN=billing,O=Example", "DNS:billing.internal"], got {describe(value)}'
+            'must be a non-empty array such as ["cn:billing"], ["dns:billing.internal", '
+            f'"dn:CN=billing,O=Example"], got {describe(value)}'
         )
-    identities = set()
-    for text in value:
-        prefix = next((p for p in _SAN_PREFIXES if text.lower().startswith(p.lower())), None)
-        if prefix is not None:
-            rest = text[len(prefix) :]
-            if prefix == "IP:":
-                try:
-                    rest = str(ipaddress.ip_address(rest))
-                except ValueError:
-                    raise ValueError(f"{text!r}: not an IP address") from None
-            elif prefix in ("DNS:", "email:"):
-                rest = rest.lower()
-            if not rest:
-                raise ValueError(f"{text!r}: names nothing after {prefix}")
-            identities.add(prefix + rest)
-        elif "=" in text:
-            identities.add(text)
-        else:
-            raise ValueError(
-                f'{text!r} is neither a subject DN ("CN=billing,O=Example") nor a subjectAltName '
-                '("DNS:...", "URI:...", "email:...", "IP:...")'
-            )
-    return frozenset(identities)
+    return frozenset(_certificate_identity(text) for text in value)
 
 
 def _consumers(top: Table, into: dict[str, Consumer]) -> None:
+    claimed = {identity: c.name for c in into.values() for identity in c.client_certificates}
     for name, table in top.named_tables("consumers"):
         if name in into:
             raise table.error("", f"consumer {name!r} is declared twice (in the config and the credentials file)")
-        into[name] = _consumer(name, table)
+        consumer = into[name] = _consumer(name, table)
+        for identity in sorted(consumer.client_certificates):
+            other = claimed.setdefault(identity, name)
+            if other != name:
+                raise table.error(
+                    "client_certificates",
+                    f"{':'.join(identity)} is claimed by consumer {other!r} too: a certificate proves one consumer",
+                )
 
 
 def _credentials_file(t: Table, into: dict[str, Consumer]) -> None:
@@ -739,10 +827,12 @@ def parse_admission(top: Table) -> Admission:
     rates = RateLimits()
     limits = t.table("rate_limits")
     if limits is not None:
+        failed = _optional_rate(limits, "failed_auth", rates.failed_auth)
         rates = RateLimits(
             consumer=_optional_rate(limits, "consumer", None),
             anonymous=_optional_rate(limits, "anonymous", None),
-            failed_auth=_optional_rate(limits, "failed_auth", rates.failed_auth),
+            failed_auth=failed,
+            failed_auth_per_address=_optional_rate(limits, "failed_auth_per_address", _address_ceiling(failed)),
         )
         limits.finish()
     admission = Admission(
@@ -792,6 +882,15 @@ def _check_upstream_headers(top: Table, identity: IdentityHeaders, methods: Mapp
         if other is not None and not (other.startswith("auth.") and where.startswith("auth.")):
             raise ConfigError(top.source, where, f"{header.decode()} is already set by {other}")
         seen[header] = where
+
+
+def _address_ceiling(failed: RateLimit | None) -> RateLimit | None:
+    """`failed_auth_per_address` when not configured: `FAILED_AUTH_ADDRESS_FACTOR` times `failed_auth` (none
+    without it: `failed_auth = false` turns both off)."""
+    if failed is None:
+        return None
+    factor = FAILED_AUTH_ADDRESS_FACTOR
+    return RateLimit(requests=failed.requests * factor, period=failed.period, burst=failed.burst * factor)
 
 
 def _optional_rate(t: Table, key: str, default: RateLimit | None) -> RateLimit | None:

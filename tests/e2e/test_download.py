@@ -253,6 +253,87 @@ async def test_forwarding_headers_are_added(origin, gateway_for, trusted, forwar
     assert response.header(b"via") == b"1.1 gateway"
 
 
+@pytest.mark.parametrize(
+    ("trusted", "kept"),
+    [([], False), (["127.0.0.0/8"], True), (["10.0.0.1", "::1"], False)],
+    ids=["untrusted-removed", "trusted-kept", "other-proxies-trusted"],
+)
+@pytest_twisted.ensureDeferred
+async def test_forwarded_and_x_real_ip_reach_the_upstream_only_from_a_trusted_proxy(origin, gateway_for, trusted, kept):
+    """A client that is not a trusted proxy cannot make an upstream believe a forged address through RFC 7239's
+    Forwarded or through X-Real-IP: both are removed, as its X-Forwarded-For is replaced. A trusted proxy's pass
+    unchanged, every value of them."""
+    gateway = gateway_for(gateway_config(origin.url, server={"trusted_proxies": trusted}))
+    client = await connect(gateway.port, keep_all=True)
+    client.send(
+        _get(
+            b"/headers",
+            b'Forwarded: for=203.0.113.7;proto=https, for="[2001:db8::7]"',
+            b"forwarded: for=198.51.100.1",
+            b"X-Real-IP: 203.0.113.7",
+        )
+    )
+    await within(client.closed)
+    echo = json.loads(client.response().body)
+    if kept:
+        assert _named(echo, "forwarded") == ['for=203.0.113.7;proto=https, for="[2001:db8::7]"', "for=198.51.100.1"]
+        assert _named(echo, "x-real-ip") == ["203.0.113.7"]
+    else:
+        assert _named(echo, "forwarded") == []
+        assert _named(echo, "x-real-ip") == []
+    assert _named(echo, "x-forwarded-for") == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ({}, {"x-aspnet-version": b"4.0.30319"}),
+        (
+            {"route": {"hide_response_headers": []}},
+            {"server": b"Apache/2.4.1 (Unix)", "x-powered-by": b"PHP/5.6.40", "x-aspnet-version": b"4.0.30319"},
+        ),
+        (
+            {"server": {"hide_response_headers": ["X-AspNet-Version", "X-Powered-By"]}},
+            {"server": b"Apache/2.4.1 (Unix)"},
+        ),
+        ({"server": {"server_header": "gateway"}}, {"server": b"gateway", "x-aspnet-version": b"4.0.30319"}),
+    ],
+    ids=["default-hides-server-and-powered-by", "route-hides-nothing", "server-list", "own-server-header"],
+)
+@pytest_twisted.ensureDeferred
+async def test_upstream_identity_headers_are_hidden(origin, gateway_for, sections, expected):
+    """An upstream's Server and X-Powered-By (its stack and version) do not reach clients by default; a route's
+    (or the server's) hide_response_headers says which headers are hidden instead, [] none; with
+    server.server_header the gateway's own Server replaces the upstream's. Other headers pass unchanged."""
+    gateway = gateway_for(gateway_config(origin.url, **sections))
+    client = await connect(gateway.port, keep_all=True)
+    client.send(_get(b"/stack"))
+    await within(client.closed)
+    response = client.response()
+    assert response.status == 200
+    shown = {name: response.header(name.encode()) for name in ("server", "x-powered-by", "x-aspnet-version")}
+    assert {name: value for name, value in shown.items() if value is not None} == expected
+
+
+@pytest.mark.parametrize("server_header", ["", "gateway"])
+@pytest_twisted.ensureDeferred
+async def test_the_gateways_own_answers_carry_a_server_header_only_when_configured(origin, gateway_for, server_header):
+    """The gateway's own answers (a 404 of a request, a 400 refusal of the channel) carry no Server header unless
+    server.server_header sets one."""
+    gateway = gateway_for(
+        gateway_config(origin.url, route={"path_prefix": "/status"}, server={"server_header": server_header})
+    )
+    servers = []
+    for request in (_get(b"/elsewhere"), b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"):
+        client = await connect(gateway.port, keep_all=True)
+        client.send(request)
+        await within(client.closed)
+        response = client.response()
+        assert response.status in (400, 404)
+        servers.append(response.header(b"server"))
+    assert servers == [server_header.encode() or None] * 2
+
+
 @pytest_twisted.ensureDeferred
 async def test_request_id_is_propagated(origin, gateway_for):
     """A client's X-Request-ID reaches the upstream once, unchanged, and comes back on the response."""

@@ -1,6 +1,7 @@
 """A listener with `proxy_protocol = true`: the client address a PROXY v1 or v2 header carries is the one the
-gateway uses for X-Forwarded-For, rate limits and the access log; a connection without a valid header is closed
-unanswered. Real loopback sockets, a real upstream (the test origin)."""
+gateway uses for X-Forwarded-For, rate limits and the access log; a connection without a valid header, or from a
+peer that `proxy_protocol_from` does not list, is closed unanswered. Real loopback sockets, a real upstream (the
+test origin)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ import pytest
 import pytest_twisted
 
 from tests.support.clients import connect, within
+from tests.support.logs import captured, in_namespace
 from tests.support.origin import Origin
-from tests.support.running import gateway_config
+from tests.support.running import RunningGateway, gateway_config
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 GET_HEADERS = b"GET /headers HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n"
 
 
-def v1(source: str, *, family: str = "TCP4", destination: str = "127.0.0.1") -> bytes:
-    return f"PROXY {family} {source} {destination} 56324 8080\r\n".encode("ascii")
+def v1(source: str, *, family: str = "TCP4", destination: str = "127.0.0.1", source_port: str = "56324") -> bytes:
+    return f"PROXY {family} {source} {destination} {source_port} 8080\r\n".encode("ascii")
 
 
 def v2(source: str, destination: str = "127.0.0.1") -> bytes:
@@ -40,10 +42,13 @@ def v2(source: str, destination: str = "127.0.0.1") -> bytes:
     return V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(payload)) + payload
 
 
-def config(origin: Origin, tmp_path: Path, **sections: Any) -> dict[str, Any]:
+def config(origin: Origin, tmp_path: Path, *, allowed: list[str] | None = None, **sections: Any) -> dict[str, Any]:
+    listener: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "proxy_protocol": True}
+    if allowed is not None:
+        listener["proxy_protocol_from"] = allowed
     return gateway_config(
         origin.url,
-        listeners=[{"host": "127.0.0.1", "port": 0, "proxy_protocol": True}],
+        listeners=[listener],
         access_log={"path": str(tmp_path / "access.log")},
         **sections,
     )
@@ -156,3 +161,103 @@ async def test_an_ipv4_client_of_an_ipv6_listener_is_its_ipv4_address(
     echo = json.loads(client.response().body)
     assert [v for k, v in echo["headers"] if k.lower() == "x-forwarded-for"] == ["127.0.0.1"]
     assert [line["client"] for line in access_lines(tmp_path, gateway)] == ["127.0.0.1"]
+
+
+def refusals(gateway: RunningGateway, reason: str) -> float:
+    registry = gateway.service.metrics.registry
+    value = registry.get_sample_value(
+        "gateway_proxy_protocol_refused_connections_total",
+        {"listener": gateway.config.listeners[0].describe(), "reason": reason},
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize(
+    "header",
+    [v1("10.9.9.9"), v2("10.9.9.9"), b""],
+    ids=["v1", "v2", "no-header"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_peer_outside_proxy_protocol_from_is_closed_before_its_header_is_read(
+    origin: Origin, gateway_for: Any, tmp_path: Path, header: bytes
+) -> None:
+    """With `proxy_protocol_from = ["10.0.0.0/8"]`, this test's connection (from 127.0.0.1) is closed without
+    a byte of answer whatever its header claims (here an allowed address), nothing reaches the upstream or the
+    access log, and the refusal is counted by listener and reason, and logged with the peer."""
+    gateway = gateway_for(config(origin, tmp_path, allowed=["10.0.0.0/8"]))
+    with captured(in_namespace("gateway.service")) as events:
+        client = await exchange(gateway.port, header + GET_HEADERS)
+    assert bytes(client.head) == b""
+    assert origin.seen == []
+    assert access_lines(tmp_path, gateway) == []
+    assert refusals(gateway, "peer_not_allowed") == 1
+    [event] = [e for e in events if "proxy_protocol_from" in e["log_format"]]
+    assert event["peer"] == "127.0.0.1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_are_logged_at_most_once_a_minute_and_all_counted(
+    origin: Origin, gateway_for: Any, tmp_path: Path
+) -> None:
+    """A scan of a PROXY listener does not flood the log: three refused peers are three in the counter and one
+    line in the log (the next line, a minute later at the earliest, says how many it did not name)."""
+    gateway = gateway_for(config(origin, tmp_path, allowed=["10.0.0.0/8"]))
+    with captured(in_namespace("gateway.service")) as events:
+        for _ in range(3):
+            await exchange(gateway.port, v1("10.9.9.9") + GET_HEADERS)
+    assert refusals(gateway, "peer_not_allowed") == 3
+    assert len([e for e in events if "proxy_protocol_from" in e["log_format"]]) == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [("127.0.0.1", ["127.0.0.0/8"]), ("127.0.0.1", ["10.0.0.0/8", "127.0.0.1"]), ("::", ["127.0.0.1"])],
+    ids=["network", "address", "ipv4-client-of-an-ipv6-listener"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_peer_in_proxy_protocol_from_is_served_with_the_address_it_carries(
+    origin: Origin, gateway_for: Any, tmp_path: Path, host: str, allowed: list[str]
+) -> None:
+    """A listed peer (by network or by address; on a "::" listener an IPv4 peer, which arrives as
+    "::ffff:127.0.0.1", by its IPv4 address) is a load balancer: its header is read and the address it carries
+    is the client's. Nothing is counted and no warning is given at start."""
+    data = config(origin, tmp_path, allowed=allowed)
+    data["listeners"][0]["host"] = host
+    with captured(in_namespace("gateway.service")) as events:
+        gateway = gateway_for(data)
+    client = await exchange(gateway.port, v1("203.0.113.9") + GET_HEADERS)
+    echo = json.loads(client.response().body)
+    assert [v for k, v in echo["headers"] if k.lower() == "x-forwarded-for"] == ["203.0.113.9"]
+    assert refusals(gateway, "peer_not_allowed") == 0
+    assert not [e for e in events if "from any peer" in e["log_format"]]
+
+
+def test_a_proxy_protocol_listener_open_to_any_peer_is_warned_about_at_start(
+    origin: Origin, gateway_for: Any, tmp_path: Path
+) -> None:
+    """Without proxy_protocol_from the listener takes a header from anyone: a warning at start says so, naming
+    the listener and what to set."""
+    with captured(in_namespace("gateway.service")) as events:
+        gateway = gateway_for(config(origin, tmp_path))
+    [warning] = [e for e in events if "from any peer" in e["log_format"]]
+    assert warning["log_level"].name == "warn"
+    assert warning["listener"] == gateway.config.listeners[0].describe()
+    assert "proxy_protocol_from" in warning["log_format"]
+
+
+@pytest.mark.parametrize(
+    "port",
+    ["65536", "99999", "18446744073709551696", "-1"],
+    ids=["65536", "99999", "2^64+80", "negative"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_header_whose_source_port_is_no_port_is_closed_unanswered(
+    origin: Origin, gateway_for: Any, tmp_path: Path, port: str
+) -> None:
+    """A port outside 0-65535 (2^64 + 80 is 80 to a parser that wraps around) is an invalid header: the
+    connection is closed unanswered, counted as invalid_address, and nothing reaches the upstream."""
+    gateway = gateway_for(config(origin, tmp_path))
+    client = await exchange(gateway.port, v1("203.0.113.9", source_port=port) + GET_HEADERS)
+    assert bytes(client.head) == b""
+    assert origin.seen == []
+    assert refusals(gateway, "invalid_address") == 1

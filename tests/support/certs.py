@@ -16,16 +16,19 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 
 @dataclass(frozen=True)
 class Issued:
-    """One certificate set on disk: the certificate, its key, and its chain (the issuing CA's root)."""
+    """One certificate set on disk: the certificate (followed by the intermediates, when an intermediate CA
+    issued it), its key, and its chain (the root of the issuing CA)."""
 
     certificate: Path
     key: Path
     chain: Path
     leaf: trustme.LeafCert
 
-    def table(self) -> dict[str, str]:
-        """The `[[listeners.tls.certificates]]` entry for it."""
-        return {"certificate": str(self.certificate), "key": str(self.key), "chain": str(self.chain)}
+    def table(self, *, chain: bool = True) -> dict[str, str]:
+        """The `[[listeners.tls.certificates]]` entry for it; without `chain`, the certificate file alone (the
+        leaf and its intermediates, as nginx and HAProxy take it)."""
+        entry = {"certificate": str(self.certificate), "key": str(self.key)}
+        return {**entry, "chain": str(self.chain)} if chain else entry
 
     def serial(self) -> int:
         return x509.load_pem_x509_certificate(self.leaf.cert_chain_pems[0].bytes()).serial_number
@@ -46,8 +49,15 @@ def issue(
     certificate, key, chain = (directory / f"{stem}.pem", directory / f"{stem}.key", directory / f"{stem}.chain.pem")
     certificate.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
     key.write_bytes(leaf.private_key_pem.bytes())
-    chain.write_bytes(ca.cert_pem.bytes())
+    chain.write_bytes(root_of(ca).cert_pem.bytes())
     return Issued(certificate, key, chain, leaf)
+
+
+def root_of(ca: trustme.CA) -> trustme.CA:
+    """The root CA above `ca` (an intermediate made by `create_child_ca`), or `ca` itself."""
+    while ca.parent_cert is not None:
+        ca = ca.parent_cert
+    return ca
 
 
 def expired(ca: trustme.CA, directory: Path, *names: str, stem: str = "expired") -> Issued:

@@ -12,12 +12,15 @@ Paths (all under the origin's root):
 * `POST /early/STATUS` answers STATUS on the request head, without reading the body, then closes;
 * `GET /bad-status` writes an invalid status line and closes;
 * `GET /hop-headers` answers with hop-by-hop headers, one only named in its Connection header;
+* `GET /stack` answers 200 with the headers that tell its stack (`Server`, `X-Powered-By`, `X-AspNet-Version`);
 * `GET /status/CODE` answers CODE with a small body (none for 204/304; Content-Length kept for HEAD);
 * `GET /overlong/N[?later=1]` declares N bytes, sends them and then a forged second response (`FORGED`), in the
   same write (or with `later=1` once the test calls `inject_faults()`), and leaves the connection open without
   finishing the request;
-* `GET /bad-chunking/N[?later=1]` sends a chunked head, one valid chunk of N bytes and then an invalid chunk-size
-  line (with `later=1` only when the test calls `inject_faults()`);
+* `GET /bad-chunking/N[?later=1][&size=HEX]` sends a chunked head, one valid chunk of N bytes and then an invalid
+  chunk-size line, `zz` or the given one, followed by 64 bytes of data (with `later=1` only when the test calls
+  `inject_faults()`);
+* `GET /huge-length/DIGITS` answers with a `Content-Length` of DIGITS (and 2 bytes of body);
 * `GET /bad-transfer-coding` declares `Transfer-Encoding: gzip`, which no HTTP/1.1 client can frame;
 * `GET /huge-headers/N[?line=1]` answers with about N bytes of headers (1 KiB lines, or one line of N bytes);
 * `GET /close-next` answers 200, then closes its connection when the next request arrives on it, unanswered,
@@ -233,10 +236,17 @@ class OriginRequest(http.Request):
             self.setHeader(b"keep-alive", b"timeout=5")
             self.setHeader(b"x-end-to-end", b"kept")
             self._reply(200, b"hop", b"text/plain")
+        elif path == b"/stack":
+            self.setHeader(b"server", b"Apache/2.4.1 (Unix)")
+            self.setHeader(b"x-powered-by", b"PHP/5.6.40")
+            self.setHeader(b"x-aspnet-version", b"4.0.30319")
+            self._reply(200, b"stack", b"text/plain")
         elif path.startswith(b"/status/"):
             code = int(path.rsplit(b"/", 1)[1])
             self._reply(code, b"" if code in (204, 304) else b"status body", b"text/plain")
-        elif path.startswith((b"/overlong/", b"/bad-chunking/", b"/bad-transfer-coding", b"/huge-headers/")):
+        elif path.startswith(
+            (b"/overlong/", b"/bad-chunking/", b"/bad-transfer-coding", b"/huge-headers/", b"/huge-length/")
+        ):
             self._misframe(path, q)
         elif path == b"/close-next":
             self.channel.close_next = True
@@ -254,6 +264,9 @@ class OriginRequest(http.Request):
         """Responses that break HTTP/1.1 framing, written as raw bytes; the request is never finished, so the
         connection stays open until the gateway closes it."""
         write = self.channel.transport.write
+        if path.startswith(b"/huge-length/"):
+            write(b"HTTP/1.1 200 OK\r\nContent-Length: %s\r\n\r\nok" % path.rsplit(b"/", 1)[1])
+            return
         n = int(path.rsplit(b"/", 1)[1]) if path[-1:].isdigit() else 0
         if path.startswith(b"/overlong/"):
             head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n
@@ -264,10 +277,11 @@ class OriginRequest(http.Request):
                 write(head + pattern_bytes(0, n) + FORGED)
         elif path.startswith(b"/bad-chunking/"):
             write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (n, pattern_bytes(0, n)))
+            bad = q.get(b"size", b"zz") + b"\r\n" + pattern_bytes(n, 64)
             if q.get(b"later") == b"1":
-                self.origin.faults.append(lambda: write(b"zz\r\n"))
+                self.origin.faults.append(lambda: write(bad))
             else:
-                write(b"zz\r\n")
+                write(bad)
         elif path == b"/bad-transfer-coding":
             write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot gzip")
         else:
