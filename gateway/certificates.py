@@ -76,6 +76,9 @@ class CertificateSet:
     chain_problem: str = ""
     """Why the chain does not verify, in words (what is missing or expired, and what to do), when loaded; empty
     when it verifies."""
+    strict_problem: str = ""
+    """What of `chain_problem` `strict_certificates` refuses: all of it, but for a chain that ends (valid) at a
+    root of its own that nothing here trusts, which was accepted before the leniency and still is."""
 
     @property
     def chain_verified(self) -> bool:
@@ -223,14 +226,16 @@ def _check_order(path: Path, certificates: Sequence[x509.Certificate]) -> None:
             )
 
 
-def _trust_problem(
-    certificates: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate], trusted_key: str
-) -> str:
-    """Why the chain (in order) does not end at a trust anchor ("" when it does): the last certificate must be
-    one, or be issued by one."""
+def _anchored(certificate: x509.Certificate, anchors: Sequence[x509.Certificate]) -> bool:
+    """Whether `certificate` is a trust anchor or is issued by one."""
+    return certificate in anchors or any(
+        anchor.subject == certificate.issuer and _issued_by(certificate, anchor) for anchor in anchors
+    )
+
+
+def _trust_problem(certificates: Sequence[x509.Certificate], trusted_key: str) -> str:
+    """Why a chain (in order) that reaches no trust anchor does not verify, in words, with what to do."""
     last = certificates[-1]
-    if last in anchors or any(anchor.subject == last.issuer and _issued_by(last, anchor) for anchor in anchors):
-        return ""
     if last.issuer == last.subject and _issued_by(last, last):
         untrusted = f"neither a system root nor in {trusted_key}" if trusted_key else "not a system root"
         if len(certificates) == 1:
@@ -245,16 +250,29 @@ def _trust_problem(
     )
 
 
-def _chain_problem(
+def _chain_problems(
     certificates: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate], now: datetime, trusted_key: str
-) -> str:
-    """Why the chain (in order) does not verify now, every reason in turn ("" when it verifies)."""
-    problems = [
+) -> tuple[str, str]:
+    """Why the chain (in order) does not verify now, every reason in turn ("" when it verifies), and the part of
+    it `strict_certificates` refuses: all of it but a chain that ends, valid, at a root of its own that no anchor
+    trusts (what was accepted before the leniency came; such a root is a company's, known to its clients).
+
+    The chain is taken as a client builds it: up to the first certificate that is a trust anchor or is issued by
+    one, so what the file sends past that (a cross-signed root, expired or not) does not count."""
+    used = next(
+        (position for position, certificate in enumerate(certificates, start=1) if _anchored(certificate, anchors)),
+        None,
+    )
+    validity = [
         _validity_problem(certificate, now, "the certificate" if position == 1 else f"chain certificate {position}")
-        for position, certificate in enumerate(certificates, start=1)
+        for position, certificate in enumerate(certificates[:used], start=1)
     ]
-    problems.append(_trust_problem(certificates, anchors, trusted_key))
-    return "; ".join(problem for problem in problems if problem)
+    validity = [problem for problem in validity if problem]
+    trust = _trust_problem(certificates, trusted_key) if used is None else ""
+    last = certificates[-1]
+    own_root = last.issuer == last.subject and _issued_by(last, last)
+    strict = [*validity, *([trust] if trust and not own_root else [])]
+    return "; ".join([*validity, *([trust] if trust else [])]), "; ".join(strict)
 
 
 def _dns_names(certificate: x509.Certificate) -> tuple[str, ...]:
@@ -293,6 +311,7 @@ def load_certificate_set(
             key_file, f"the private key does not match the certificate in {cert_file} ({_subject(leaf)})"
         )
     _check_order(chain_file if chain_file is not None and len(certificates) > 1 else cert_file, certificates)
+    chain_problem, strict_problem = _chain_problems(certificates, (*system_roots(), *trusted), now, trusted_key)
     names = _dns_names(leaf)
     if not names:
         raise CertificateError(cert_file, f"the certificate ({_subject(leaf)}) names no DNS name to be chosen by")
@@ -304,7 +323,8 @@ def load_certificate_set(
         key=key,
         chain=tuple(certificates[1:]),
         names=names,
-        chain_problem=_chain_problem(certificates, (*system_roots(), *trusted), now, trusted_key),
+        chain_problem=chain_problem,
+        strict_problem=strict_problem,
     )
 
 

@@ -78,11 +78,11 @@ def _certificate_set(t: Table, trusted: tuple[x509.Certificate, ...], *, strict:
         )
     except CertificateError as e:
         raise t.error("", str(e)) from None
-    if strict and not certificate_set.chain_verified:
+    if strict and certificate_set.strict_problem:
         raise t.error(
             "",
-            f"{certificate_set.certificate_path}: {certificate_set.chain_problem} "
-            "(strict_certificates = true refuses a chain that does not verify)",
+            f"{certificate_set.certificate_path}: {certificate_set.strict_problem} "
+            "(strict_certificates = true refuses an expired certificate or an incomplete chain)",
         )
     t.finish()
     return certificate_set

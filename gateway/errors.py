@@ -242,9 +242,20 @@ class UpstreamTLSFailed(GatewayError):
 
 
 class UpstreamSaturated(GatewayError):
+    """An upstream's queue is full or its wait too long. The pool that says so serves every route that names it
+    (routes giving the same URL share one), so it leaves `{upstream}` in `template` for the request to name."""
+
     status = 503
     title = "Upstream saturated"
     slug = "upstream-saturated"
+
+    def __init__(self, template: str, *, upstream: str = "the upstream") -> None:
+        super().__init__(template.format(upstream=upstream))
+        self.template = template
+
+    def naming(self, upstream: str) -> UpstreamSaturated:
+        """The same error, its upstream called `upstream` ("upstream billing", "the upstream of route reports")."""
+        return UpstreamSaturated(self.template, upstream=upstream)
 
 
 class UpstreamTimeout(GatewayError):
@@ -292,12 +303,24 @@ def problem(error: GatewayError, request_id: str) -> tuple[int, bytes, bytes]:
     return error.status, PROBLEM_CONTENT_TYPE, body
 
 
+_RFC_9110_PHRASES = {
+    413: "Content Too Large",
+    414: "URI Too Long",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Content",
+}
+"""Where RFC 9110 renamed a status and Python before 3.13 has the old name ("Request Entity Too Large")."""
+
+
 @lru_cache(maxsize=64)
 def reason_phrase(status: int) -> bytes:
-    """The standard reason phrase of a status the gateway answers with itself, as `http.HTTPStatus` has it
-    (RFC 9110, 6585): Twisted's own table lacks some (it sends "429 Unknown Status") and has RFC 2616's older
-    spellings ("Request Time-out"). An upstream's phrase is never replaced."""
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b"Unknown"
+    """The standard reason phrase of a status the gateway answers with itself: RFC 9110's (6585's for 429 and
+    431), whatever the Python version. Twisted's own table lacks some (it sends "429 Unknown Status") and has
+    RFC 2616's older spellings ("Request Time-out"). An upstream's phrase is never replaced."""
+    phrase = _RFC_9110_PHRASES.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Unknown"
+    return phrase.encode("ascii")

@@ -21,7 +21,7 @@ import re
 
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
-__all__ = ["MAX_BODY_LENGTH", "StrictChunkedDecoder", "decimal_length_too_large"]
+__all__ = ["MAX_BODY_LENGTH", "StrictChunkedDecoder", "body_length"]
 
 MAX_BODY_LENGTH = 2**63 - 1
 """The largest Content-Length or chunk size taken: a signed 64-bit length, as nginx (off_t) and HAProxy read it."""
@@ -30,12 +30,18 @@ _MAX_DIGITS = len(str(MAX_BODY_LENGTH))
 _TRAILER_FIELD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00\r\n]*")
 
 
-def decimal_length_too_large(digits: bytes) -> bool:
-    """Whether a Content-Length of decimal `digits` (digits only, as the parsers have checked) is over
-    `MAX_BODY_LENGTH`. Leading zeros do not count; the digits are never turned into an int of unbounded size
-    (Python refuses to convert more than 4,300 digits at all)."""
-    significant = digits.strip(b" \t").lstrip(b"0")
-    return len(significant) > _MAX_DIGITS or (len(significant) == _MAX_DIGITS and int(significant) > MAX_BODY_LENGTH)
+def body_length(text: bytes) -> int | None:
+    """A decimal Content-Length value (1*DIGIT, within optional spaces) as a number, or None when it is no such
+    value or over `MAX_BODY_LENGTH`. Never raises, and never turns the digits into an int of unbounded size
+    (Python refuses to convert more than 4,300 digits at all); leading zeros do not count."""
+    digits = text.strip(b" \t")
+    if not digits.isdigit():
+        return None
+    significant = digits.lstrip(b"0")
+    if len(significant) > _MAX_DIGITS:
+        return None
+    value = int(significant) if significant else 0
+    return value if value <= MAX_BODY_LENGTH else None
 
 
 class StrictChunkedDecoder(_ChunkedTransferDecoder):

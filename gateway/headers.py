@@ -57,7 +57,7 @@ def canonical_name(name: bytes) -> bytes:
     return next(iter(headers.getAllRawHeaders()))[0]
 
 
-_CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _FORWARDED, _X_REAL_IP, _SERVER = (
+_CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _SERVER = (
     canonical_name(n)
     for n in (
         b"connection",
@@ -67,14 +67,35 @@ _CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _FORWARDED, _X_REAL_IP, _SERV
         b"x-forwarded-proto",
         b"x-forwarded-host",
         b"x-request-id",
+        b"server",
+    )
+)
+# What proxies in front of an upstream set about the client and the request as it reached them, besides the
+# X-Forwarded-* the gateway makes itself: only a trusted proxy's pass; anyone else's are forged (client-address
+# libraries read any of the first group; frameworks build URLs from the second).
+_PROXY_SET = frozenset(
+    canonical_name(name)
+    for name in (
         b"forwarded",
         b"x-real-ip",
-        b"server",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-cluster-client-ip",
+        b"x-forwarded",
+        b"forwarded-for",
+        b"x-original-forwarded-for",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
     )
 )
 # The forwarding headers the gateway sets or guards, lower-cased: a CGI/WSGI upstream reads "X_Forwarded_For"
 # as one of them (only reachable with server.underscores_in_headers = true).
-_FORWARDING = frozenset(name.lower() for name in (_XFF, _XFP, _XFH, _XRID, _X_REAL_IP, _VIA))
+_FORWARDING = frozenset(name.lower() for name in (_XFF, _XFP, _XFH, _XRID, _VIA, *_PROXY_SET))
 _DROP_UPSTREAM = frozenset(canonical_name(n) for n in HOP_BY_HOP | _REMADE_UPSTREAM)
 _DROP_CLIENT = frozenset(canonical_name(n) for n in HOP_BY_HOP | _REMADE_CLIENT)
 
@@ -150,9 +171,9 @@ def upstream_request_headers(
     a header with "_" in its name is dropped (see `gateway.config.Server.underscores_in_headers`).
     Headers named in `remove` (canonical names: credentials, and every identity header admission sets) are
     dropped, then those of `add` set: a client cannot send an identity header of its own. With
-    `keep_forwarded_for` (the peer is a trusted proxy) the client's X-Forwarded-For is appended to and its
-    Forwarded (RFC 7239) and X-Real-IP are kept; from anyone else X-Forwarded-For is replaced and the other two
-    removed, so no upstream reads a forged client address.
+    `keep_forwarded_for` (the peer is a trusted proxy) the client's X-Forwarded-For is appended to and what else
+    proxies set (Forwarded, X-Real-IP, True-Client-IP, X-Forwarded-Port...) is kept; from anyone else
+    X-Forwarded-For is replaced and the others removed, so no upstream reads a forged client address or URL.
     """
     source = _raw(client)
     out = Headers()
@@ -162,9 +183,9 @@ def upstream_request_headers(
             del raw[name]
     for name in remove:
         raw.pop(name, None)
-    if not keep_forwarded_for:
-        raw.pop(_FORWARDED, None)
-        raw.pop(_X_REAL_IP, None)
+    if not keep_forwarded_for and not _PROXY_SET.isdisjoint(raw):
+        for name in _PROXY_SET.intersection(raw):
+            del raw[name]
     if underscores:
         # With underscores allowed, "X_Consumer_ID" reaches a CGI/WSGI upstream as X-Consumer-ID, and
         # "X_Forwarded_For" as X-Forwarded-For: such a spelling of a removed or forwarding header is removed too.
@@ -186,7 +207,7 @@ def upstream_request_headers(
     return out
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)
 def _client_drop(hidden: frozenset[bytes]) -> frozenset[bytes]:
     """What is not relayed to a client: the hop-by-hop headers, and a route's hidden ones (lower-cased names;
     a frozenset caches its hash, so this costs one lookup per response)."""

@@ -54,12 +54,13 @@ from gateway.errors import (
     MethodNotAllowed,
     NoRoute,
     UpstreamBroken,
+    UpstreamSaturated,
     UpstreamTimeout,
     UpstreamTLSFailed,
     UpstreamUnreachable,
     reason_phrase,
 )
-from gateway.framing import MAX_BODY_LENGTH, decimal_length_too_large
+from gateway.framing import MAX_BODY_LENGTH, body_length
 from gateway.headers import (
     client_response_headers,
     connection_tokens,
@@ -78,6 +79,7 @@ __all__ = ["Gateway", "GatewayRequest", "Phase", "refusal_record"]
 _log = Logger()
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_HTTP_1 = frozenset({(1, 0), (1, 1)})
 # How an upstream connection fails before a response head arrives, in Agent's words.
 _UPSTREAM_BROKE = (
     ResponseNeverReceived,
@@ -551,17 +553,18 @@ class GatewayRequest(http.Request):
         route = self.route
         assert route is not None
         upstream = response.original if isinstance(response, UpstreamResponse) else response
-        if _length_too_large(upstream):
-            # A length a client's parser would read its own way (gateway.framing): a broken upstream, whose
-            # connection is closed unread (the response never began).
+        broken = _broken_head(upstream)
+        if broken:
+            # A status line or length a client's parser would read its own way (gateway.framing): a broken
+            # upstream, whose connection is closed unread (the response never began).
             _log.warn(
-                "Upstream {upstream} sent a Content-Length over {limit}; closing its connection (request {request_id})",
+                "Upstream {upstream} sent {what}; closing its connection (request {request_id})",
                 upstream=route.upstream.name,
-                limit=MAX_BODY_LENGTH,
+                what=broken,
                 request_id=self.request_id,
             )
             response.deliverBody(_Drop())
-            self._upstream_failed(Failure(UpstreamBroken(f"the upstream sent a Content-Length over {MAX_BODY_LENGTH}")))
+            self._upstream_failed(Failure(UpstreamBroken(f"the upstream sent {broken}")))
             return
         self.setResponseCode(upstream.code, upstream.phrase)
         server = self.gateway.server
@@ -647,8 +650,11 @@ class GatewayRequest(http.Request):
         assert self.route is not None
         name = self.route.upstream.name  # for the log: a URL, when the route gave one
         named = _upstream_in_answers(self.route)
-        if failure.check(GatewayError):
-            return failure.value  # type: ignore[return-value]
+        value = failure.value
+        if isinstance(value, UpstreamSaturated):
+            return value.naming(named)
+        if isinstance(value, GatewayError):
+            return value
         for reason in getattr(failure.value, "reasons", ()):
             # Agent wraps what its response parser raised (`gateway.upstream`'s head limit) in ResponseFailed.
             if reason.check(GatewayError):
@@ -858,17 +864,28 @@ class GatewayRequest(http.Request):
         }
 
 
-def _length_too_large(response: IResponse) -> bool:
-    """Whether an upstream response declares a body length over `MAX_BODY_LENGTH`: as its framing (Agent parsed
-    it), or, for a response without a body (HEAD, 304), in the Content-Length that is relayed."""
+def _broken_head(response: IResponse) -> str:
+    """What is wrong with an upstream response's head that Agent let through, in words ("" when nothing): the
+    numbers a client would read again its own way. A status outside 100-599 (Agent takes "-1", "+20" or "099"
+    and the gateway would write them back), a version other than HTTP/1.0 or 1.1 (it goes into Via), a body
+    length over `MAX_BODY_LENGTH` as its framing, or, for a response without a body (HEAD, 304), a relayed
+    Content-Length that is no such length."""
+    if not 100 <= response.code <= 599:
+        return "an invalid status code"
+    if response.version[1:] not in _HTTP_1:
+        return "an invalid HTTP version"
     length = response.length
     if length is not UNKNOWN_LENGTH:
         if length > MAX_BODY_LENGTH:
-            return True
+            return f"a Content-Length over {MAX_BODY_LENGTH}"
         if length:
-            return False
+            return ""
     declared = response.headers.getRawHeaders(b"content-length")
-    return bool(declared) and any(decimal_length_too_large(value) for value in declared)
+    if declared:
+        lengths = {body_length(part) for value in declared for part in value.split(b",")}
+        if None in lengths or len(lengths) > 1:
+            return f"a Content-Length that is not one length up to {MAX_BODY_LENGTH}"
+    return ""
 
 
 def _upstream_in_answers(route: Route) -> str:

@@ -49,7 +49,7 @@ from gateway.errors import (
     problem,
     reason_phrase,
 )
-from gateway.framing import MAX_BODY_LENGTH, StrictChunkedDecoder, decimal_length_too_large
+from gateway.framing import MAX_BODY_LENGTH, StrictChunkedDecoder, body_length
 from gateway.headers import request_id_of
 from gateway.metrics import Live, PoolState
 from gateway.request import Gateway, GatewayRequest, Phase, refusal_record
@@ -217,11 +217,15 @@ class GatewayChannel(HTTPChannel):
         return bool(super().headerReceived(line))
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
-        if header == b"Content-Length" and data.isdigit() and decimal_length_too_large(data):
-            # Twisted takes any number of digits (and raises on more than Python converts): see gateway.framing.
-            self.refuse(BadRequest(f"the Content-Length is over the largest body length taken ({MAX_BODY_LENGTH})"))
-            self.length = None
-            return False
+        if header == b"Content-Length" and data.isdigit():
+            # Twisted takes any number of digits, and raises on more than Python converts (leading zeros
+            # included): see gateway.framing. It is given the value without them (the header is kept as sent).
+            length = body_length(data)
+            if length is None:
+                self.refuse(BadRequest(f"the Content-Length is over the largest body length taken ({MAX_BODY_LENGTH})"))
+                self.length = None
+                return False
+            data = b"%d" % length
         chosen = bool(super()._maybeChooseTransferDecoder(header, data))
         if type(self._transferDecoder) is _ChunkedTransferDecoder:
             self._transferDecoder.__class__ = StrictChunkedDecoder  # same state; sizes and trailers checked

@@ -327,8 +327,9 @@ class UpstreamPool:
     def __init__(self, upstream: Upstream, reactor: Any) -> None:
         self.upstream = upstream
         self._reactor = reactor
-        self._named = "the route's upstream" if upstream.inline else f"upstream {upstream.name}"
-        """How answers name it: an upstream a route gave as a URL is named by no address (see Upstream.inline)."""
+        self._named = "the upstream" if upstream.inline else f"upstream {upstream.name}"
+        """How its errors name it: an upstream a route gave as a URL by no address (see Upstream.inline); the
+        request names it by its route (`UpstreamSaturated.naming`)."""
         self._pool = _ConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = upstream.max_idle_connections
         self._pool.cachedConnectionTimeout = upstream.idle_timeout
@@ -381,14 +382,18 @@ class UpstreamPool:
         """
         up = self.upstream
         if self._slots.tokens == 0 and len(self._slots.waiting) >= up.max_queue:
-            return fail(UpstreamSaturated(f"{self._named} has {up.max_queue} requests queued already"))
+            return fail(
+                UpstreamSaturated(f"{{upstream}} has {up.max_queue} requests queued already", upstream=self._named)
+            )
         waiting = self._slots.acquire()
         if waiting.called:
             return waiting
 
         def timed_out(failure: Failure) -> Failure:
             if failure.check(DeferredTimeout):
-                raise UpstreamSaturated(f"no connection to {self._named} came free within {up.queue_timeout:g} s")
+                raise UpstreamSaturated(
+                    f"no connection to {{upstream}} came free within {up.queue_timeout:g} s", upstream=self._named
+                )
             return failure
 
         waiting.addTimeout(up.queue_timeout, self._reactor)

@@ -283,11 +283,23 @@ def _subject(*attributes: tuple[x509.ObjectIdentifier, str]) -> str:
             "dn:CN=ops,serialNumber=42,C=DE",
             _subject((NameOID.COUNTRY_NAME, "DE"), (NameOID.SERIAL_NUMBER, "42"), (NameOID.COMMON_NAME, "ops")),
         ),
+        (
+            "dn:CN=ann,GN=Ann,SN=Lee,title=Ops,postalCode=1000,organizationIdentifier=VATDE-1",
+            _subject(
+                (NameOID.ORGANIZATION_IDENTIFIER, "VATDE-1"),
+                (NameOID.POSTAL_CODE, "1000"),
+                (NameOID.TITLE, "Ops"),
+                (NameOID.SURNAME, "Lee"),
+                (NameOID.GIVEN_NAME, "Ann"),
+                (NameOID.COMMON_NAME, "ann"),
+            ),
+        ),
     ],
 )
 def test_a_dn_is_read_as_a_certificate_writes_its_subject(written: str, subject: str) -> None:
     """A configured DN is parsed and written back, so it equals the subject of the certificate it names however
-    it is escaped, whatever the case of its attribute names, and with OpenSSL's emailAddress and serialNumber."""
+    it is escaped, whatever the case of its attribute names, and with the names OpenSSL's RFC 2253 output gives
+    attributes cryptography writes as OIDs (emailAddress, serialNumber, GN, SN, title...)."""
     data = minimal()
     data["consumers"]["alice"]["client_certificates"] = [written]
     assert parse(data, source=SOURCE).admission.consumers["alice"].client_certificates == {("dn", subject)}

@@ -287,6 +287,7 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("cl-2^63", post_with(b"Content-Length: 9223372036854775808", body=b"abc")),
     ("cl-2^64+3", post_with(b"Content-Length: 18446744073709551619", body=b"abc")),
     ("cl-5000-digits", post_with(b"Content-Length: " + b"9" * 5000, body=b"abc")),
+    ("cl-leading-zeros-2^63", post_with(b"Content-Length: " + b"0" * 5000 + b"9223372036854775808", body=b"abc")),
     ("space-before-colon", post_with(b"Content-Length : 3", body=b"abc")),
     ("tab-before-colon", b"GET / HTTP/1.1\r\nHost\t: example.test\r\n\r\n"),
     ("no-colon", b"GET / HTTP/1.1\r\nHost: example.test\r\nJustAName\r\n\r\n"),
@@ -477,6 +478,20 @@ def test_chunk_sizes_up_to_2_63_minus_1_are_taken_whatever_their_leading_zeros(
     client.send(b"00000000000000003\r\nabc\r\n" + b"7fffffffffffffff\r\ndef")
     assert client.channel.refused is None
     assert up.received().endswith(b"3\r\nabc\r\n3\r\ndef\r\n")
+
+
+def test_content_length_with_thousands_of_leading_zeros_is_its_value(gateway: Callable[..., Gateway]) -> None:
+    """5,000 zeros and a 3 is a body of 3 bytes (Twisted alone would raise converting 5,001 digits): the
+    request is forwarded with Content-Length 3, and its body follows."""
+    gw = gateway()
+    client = gw.client()
+    client.send(post_with(b"Content-Length: " + b"0" * 5000 + b"3", body=b"abc"))
+    up = gw.upstream()
+    assert client.channel.refused is None
+    assert b"\r\nContent-Length: 3\r\n" in up.received()
+    assert up.received().endswith(b"\r\n\r\nabc")
+    up.respond(OK_0)
+    assert parse_response(client.received()).status == 200
 
 
 def test_content_length_of_2_63_minus_1_is_a_length_and_gets_413(gateway: Callable[..., Gateway]) -> None:

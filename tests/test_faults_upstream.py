@@ -225,20 +225,80 @@ async def test_upstream_invalid_chunking_in_its_first_read_cuts_the_client(origi
 
 
 @pytest.mark.parametrize("method", [b"GET", b"HEAD"])
-@pytest.mark.parametrize("digits", [b"9223372036854775808", b"18446744073709551619", b"9" * 30, b"9" * 5000])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"9223372036854775808",
+        b"18446744073709551619",
+        b"9" * 30,
+        b"9" * 5000,
+        b"0" * 5000 + b"9223372036854775808",
+        b"1234567890,%201234567",
+        b"12345678901234567x",
+    ],
+    ids=["2^63", "2^64+3", "30-digits", "5000-digits", "leading-zeros-2^63", "list-differing", "not-digits"],
+)
 @pytest_twisted.ensureDeferred
-async def test_upstream_content_length_over_64_bits_gets_502(origin, gateway_for, digits, method):
-    """A response Content-Length over 2^63 - 1 is a broken upstream: 502 before anything is relayed (a client
-    would read that length its own way), the upstream connection closed. So it is for a HEAD response, whose
-    Content-Length frames nothing but is relayed."""
+async def test_upstream_content_length_that_is_no_64_bit_length_gets_502(origin, gateway_for, value, method):
+    """A response Content-Length over 2^63 - 1 or not a length at all is a broken upstream: 502 before anything
+    is relayed (a client would read it its own way), the upstream connection closed and its slot given back. So
+    it is for a HEAD response, whose Content-Length frames nothing but is relayed (and which Agent never reads)."""
     gateway = gateway_for(gateway_config(origin.url))
     client = await connect(gateway.port, keep_all=True)
-    client.send(get(b"/huge-length/" + digits, method=method))
+    client.send(get(b"/content-length?value=" + value, method=method))
     await within(client.closed)
     if method == b"HEAD":
         assert parse_response(bytes(client.head), head_request=True).status == 502
     else:
         assert_problem(client, 502)
+    await within(origin.connections_lost(1))
+    await pools_settled(gateway)
+
+
+@pytest.mark.parametrize(
+    ("method", "value", "length"),
+    [
+        (b"GET", b"0" * 100 + b"2", b"2"),
+        (b"HEAD", b"0" * 5000 + b"2", b"0" * 5000 + b"2"),
+        (b"HEAD", b"9223372036854775807", b"9223372036854775807"),
+        (b"HEAD", b"7,%207", b"7, 7"),
+    ],
+    ids=["leading-zeros", "leading-zeros-head", "2^63-1-head", "list-of-equal-head"],
+)
+@pytest_twisted.ensureDeferred
+async def test_upstream_content_length_that_is_a_length_is_relayed(origin, gateway_for, method, value, length):
+    """What is a length up to 2^63 - 1 passes: 100 zeros and a 2 is a body of 2 bytes (relayed with its framing,
+    "2"; Agent refuses more digits than Python converts, 502); a HEAD answer relays the upstream's Content-Length
+    as sent, leading zeros, the largest length taken, or a list of one value repeated."""
+    gateway = gateway_for(gateway_config(origin.url))
+    client = await connect(gateway.port, keep_all=True)
+    client.send(get(b"/content-length?value=" + value, method=method))
+    await within(client.closed)
+    response = parse_response(bytes(client.head), head_request=method == b"HEAD")
+    assert (response.status, response.header(b"content-length")) == (200, length)
+    assert response.body == (b"" if method == b"HEAD" else b"ok")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"HTTP/1.1 -1 OK",
+        b"HTTP/1.1 +20 OK",
+        b"HTTP/1.1 099 OK",
+        b"HTTP/1.1 1000 OK",
+        b"HTTP/1.18446744073709551617 200 OK",
+    ],
+    ids=["negative", "plus", "below-100", "four-digits", "version-overflow"],
+)
+@pytest_twisted.ensureDeferred
+async def test_upstream_status_line_a_client_would_read_otherwise_gets_502(origin, gateway_for, line):
+    """Agent takes a status of "-1", "+20" or "1000" and a version of any size; the gateway would write them
+    back to the client (the status line, Via). A broken upstream: 502, its connection closed."""
+    gateway = gateway_for(gateway_config(origin.url))
+    client = await connect(gateway.port, keep_all=True)
+    client.send(get(b"/status-line?line=" + line.replace(b" ", b"%20").replace(b"+", b"%2B")))
+    await within(client.closed)
+    assert_problem(client, 502)
     await within(origin.connections_lost(1))
     await pools_settled(gateway)
 

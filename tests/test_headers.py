@@ -434,13 +434,35 @@ def test_request_removes_identity_headers_and_sets_the_gateways() -> None:
     assert out.getRawHeaders(b"x-team") == [b"reports", b"ops"]
 
 
-@pytest.mark.parametrize("name", [b"Forwarded", b"forwarded", b"X-Real-IP", b"x-real-ip"])
+PROXY_SET = [
+    b"Forwarded",
+    b"forwarded",
+    b"X-Real-IP",
+    b"x-real-ip",
+    b"X-Client-IP",
+    b"True-Client-IP",
+    b"CF-Connecting-IP",
+    b"Fastly-Client-IP",
+    b"X-Cluster-Client-IP",
+    b"X-Forwarded",
+    b"Forwarded-For",
+    b"X-Original-Forwarded-For",
+    b"X-Forwarded-Port",
+    b"X-Forwarded-Prefix",
+    b"X-Forwarded-Server",
+    b"X-Forwarded-Scheme",
+    b"X-Forwarded-Ssl",
+]
+
+
+@pytest.mark.parametrize("name", PROXY_SET)
 def test_request_drops_client_address_headers_from_a_peer_that_is_no_trusted_proxy(name: bytes) -> None:
-    """Forwarded (RFC 7239) and X-Real-IP name a client address: from a peer that is no trusted proxy they are
-    forged, and removed (X-Forwarded-For is replaced by the peer's address)."""
+    """Forwarded (RFC 7239), X-Real-IP and the other headers proxies set about the client (its address, port,
+    scheme, the path prefix it used): from a peer that is no trusted proxy they are forged, and removed
+    (X-Forwarded-For is replaced by the peer's address)."""
     client = headers((name, b"for=203.0.113.9"), (b"X-Forwarded-For", b"203.0.113.9"), (b"Accept", b"*/*"))
     out = upstream(client, keep_forwarded_for=False)
-    assert not {b"forwarded", b"x-real-ip"} & names(out)
+    assert name.lower() not in names(out)
     assert out.getRawHeaders(b"x-forwarded-for") == [b"192.0.2.7"]
     assert out.getRawHeaders(b"accept") == [b"*/*"]
 
@@ -470,6 +492,8 @@ def test_request_with_underscores_allowed_removes_underscored_forwarding_headers
         (b"X_Forwarded_Host", b"evil.example"),
         (b"X_Real_IP", b"6.6.6.6"),
         (b"X_Request_ID", b"forged"),
+        (b"True_Client_IP", b"6.6.6.6"),
+        (b"X_Forwarded_Prefix", b"/evil"),
         (b"X_Other", b"kept"),
     )
     out = upstream(client, underscores=True, keep_forwarded_for=keep_forwarded_for)

@@ -1048,6 +1048,23 @@ def test_queued_request_gets_503_after_exactly_queue_timeout(gateway: Callable[.
     assert response(first).status == 200
 
 
+def test_a_saturated_upstream_given_as_a_url_is_named_by_the_route(gateway: Callable[..., Gateway]) -> None:
+    """An upstream a route gives as a URL has the default caps (256 in flight); the 503 of a request that waited
+    its queue_timeout (10 s) names the route, never the URL (its pool serves every route naming that URL)."""
+    gw = gateway(route={"name": "reports", "upstream": UPSTREAM})
+    in_flight = [start_get(gw) for _ in range(256)]
+    waiting = gw.client()
+    waiting.send(GET)
+    gw.advance(10)
+    parsed = response(waiting)
+    assert parsed.status == 503
+    detail = json.loads(parsed.body)["detail"]
+    assert detail == "no connection to the upstream of route reports came free within 10 s"
+    for client, _req, up in in_flight:
+        up.respond(OK_5)
+        assert response(client).status == 200
+
+
 def test_released_slot_goes_to_the_next_waiter(gateway: Callable[..., Gateway]) -> None:
     """When the request in flight ends, the queued one is sent upstream and answered."""
     gw = queue_gateway(gateway)

@@ -324,8 +324,10 @@ def test_an_expired_or_not_yet_valid_certificate_loads_saying_so(tmp_path: Path)
 
 
 def test_strict_certificates_refuses_a_chain_that_does_not_verify(tmp_path: Path) -> None:
-    """Today's refusals, for those who want them: with strict_certificates = true a chain that does not verify
-    is a config error naming the file, the key and the reason; one that verifies loads."""
+    """The refusals from before the leniency, for those who want them: with strict_certificates = true an
+    expired certificate or an incomplete chain is a config error naming the file, the key and the reason; one
+    that verifies loads, and so does one that ends at a root of its own (accepted before, and still warned
+    about: its clients must know that root)."""
     root = trustme.CA()
     company = root.create_child_ca()
     served = issue(company, tmp_path, HOST)
@@ -334,7 +336,6 @@ def test_strict_certificates_refuses_a_chain_that_does_not_verify(tmp_path: Path
     cases = {
         "expired": (old.table(), {"trusted_ca": trusted_ca}, "expired on"),
         "incomplete": (served.table(chain=False), {}, "the chain is incomplete"),
-        "untrusted-root": (served.table(), {}, "the chain ends at the root"),
     }
     for name, (entry, tls, reason) in cases.items():
         assert not _listener_set(entry, **tls).chain_verified, name
@@ -344,8 +345,54 @@ def test_strict_certificates_refuses_a_chain_that_does_not_verify(tmp_path: Path
         assert message.startswith(f"test.toml: listeners[0].tls.certificates[0]: {entry['certificate']}: "), message
         assert reason in message and "strict_certificates = true" in message, (name, message)
     assert _listener_set(served.table(chain=False), strict_certificates=True, trusted_ca=trusted_ca).chain_verified
+    own_root = _listener_set(served.table(), strict_certificates=True)
+    assert not own_root.chain_verified and "the chain ends at the root" in own_root.chain_problem
     with pytest.raises(ConfigError, match=r"listeners\[0\]\.tls\.strict_certificates: must be true or false"):
         _listener_set(served.table(), strict_certificates="yes")
+
+
+def _cross_signed(ca: trustme.CA, by: trustme.CA, *, expired: bool) -> bytes:
+    """A copy of `ca`'s root certificate (its subject and key) issued by `by` instead: a cross-signature, as
+    Let's Encrypt's long chain sent one for ISRG Root X1."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    subject = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    issuer = x509.load_pem_x509_certificate(by.cert_pem.bytes())
+    issuer_key = serialization.load_pem_private_key(by.private_key_pem.bytes(), password=None)
+    now = datetime.now(UTC)
+    not_after = now - timedelta(days=1) if expired else now + timedelta(days=30)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject.subject)
+        .issuer_name(issuer.subject)
+        .public_key(subject.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=30))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_chain_counts_up_to_its_first_trusted_certificate(tmp_path: Path) -> None:
+    """A chain is taken as a client builds it: up to the first certificate that is a trust anchor or issued by
+    one. What the file sends past it (here an expired cross-signed copy of the trusted root) does not make it
+    unverified, nor does strict_certificates refuse it; without that anchor the same file is incomplete."""
+    root, other = trustme.CA(), trustme.CA()
+    company = root.create_child_ca()
+    served = issue(company, tmp_path, HOST)
+    cross = tmp_path / "cross.pem"
+    cross.write_bytes(_cross_signed(root, other, expired=True))
+    entry = {**served.table(chain=False), "chain": str(cross)}
+    trusted_ca = str(write_ca(root, tmp_path / "root.pem"))
+    anchored = _listener_set(entry, trusted_ca=trusted_ca, strict_certificates=True)
+    assert anchored.chain_verified, anchored.chain_problem
+    alone = _listener_set(entry)
+    assert not alone.chain_verified
+    assert "expired on" in alone.chain_problem and "the chain is incomplete" in alone.chain_problem, alone.chain_problem
 
 
 def test_an_upstream_client_certificate_is_checked_against_the_system_and_its_ca(tmp_path: Path) -> None:

@@ -81,11 +81,11 @@ def test_acquire_fails_at_once_when_the_queue_is_full() -> None:
 
 
 @pytest.mark.parametrize(
-    ("inline", "named"), [(False, "upstream origin"), (True, "the route's upstream")], ids=["named", "url"]
+    ("inline", "named"), [(False, "upstream origin"), (True, "the upstream")], ids=["named", "url"]
 )
 def test_saturation_names_the_upstream_by_its_name_never_by_a_url(inline: bool, named: str) -> None:
     """A 503 for a full queue or a queue timeout names a declared upstream by its name; one a route gave as a URL
-    (whose name is that URL) by no address."""
+    (whose name is that URL) by no address, and the request names it by its route (`naming`)."""
     clock = MemoryReactorClock()
     pool = UpstreamPool(
         Upstream(
@@ -109,6 +109,7 @@ def test_saturation_names_the_upstream_by_its_name_never_by_a_url(inline: bool, 
     timed_out = _sync.failureResultOf(waiting, UpstreamSaturated).value
     assert str(timed_out) == f"no connection to {named} came free within 1 s"
     assert "10.1.2.3" not in str(full) + str(timed_out)
+    assert str(full.naming("the upstream of route r")) == "the upstream of route r has 1 requests queued already"
 
 
 def test_queue_timeout_fails_a_waiter_after_exactly_queue_timeout() -> None:

@@ -686,7 +686,7 @@ def _consumer(name: str, t: Table) -> Consumer:
 
 class _AnyCase(Mapping[str, x509.ObjectIdentifier]):
     """Attribute type names of a DN, whatever their case (RFC 4514 section 3: "cn" is "CN"), with OpenSSL's names
-    of two attributes cryptography writes as OIDs: for `x509.Name.from_rfc4514_string`."""
+    of the attributes cryptography writes as OIDs: for `x509.Name.from_rfc4514_string`."""
 
     _NAMES: ClassVar[dict[str, x509.ObjectIdentifier]] = {
         "CN": NameOID.COMMON_NAME,
@@ -700,6 +700,20 @@ class _AnyCase(Mapping[str, x509.ObjectIdentifier]):
         "UID": NameOID.USER_ID,
         "EMAILADDRESS": NameOID.EMAIL_ADDRESS,
         "SERIALNUMBER": NameOID.SERIAL_NUMBER,
+        # The other names OpenSSL's RFC 2253 output uses (cryptography writes these as OIDs, parsed the same).
+        "GN": NameOID.GIVEN_NAME,
+        "SN": NameOID.SURNAME,
+        "TITLE": NameOID.TITLE,
+        "INITIALS": NameOID.INITIALS,
+        "GENERATIONQUALIFIER": NameOID.GENERATION_QUALIFIER,
+        "DNQUALIFIER": NameOID.DN_QUALIFIER,
+        "PSEUDONYM": NameOID.PSEUDONYM,
+        "ORGANIZATIONIDENTIFIER": NameOID.ORGANIZATION_IDENTIFIER,
+        "POSTALCODE": NameOID.POSTAL_CODE,
+        "BUSINESSCATEGORY": NameOID.BUSINESS_CATEGORY,
+        "JURISDICTIONC": NameOID.JURISDICTION_COUNTRY_NAME,
+        "JURISDICTIONST": NameOID.JURISDICTION_STATE_OR_PROVINCE_NAME,
+        "JURISDICTIONL": NameOID.JURISDICTION_LOCALITY_NAME,
     }
 
     def __getitem__(self, name: str) -> x509.ObjectIdentifier:

@@ -20,7 +20,8 @@ Paths (all under the origin's root):
 * `GET /bad-chunking/N[?later=1][&size=HEX]` sends a chunked head, one valid chunk of N bytes and then an invalid
   chunk-size line, `zz` or the given one, followed by 64 bytes of data (with `later=1` only when the test calls
   `inject_faults()`);
-* `GET /huge-length/DIGITS` answers with a `Content-Length` of DIGITS (and 2 bytes of body);
+* `GET /content-length?value=V` answers with `Content-Length: V` (and 2 bytes of body), whatever V is;
+* `GET /status-line?line=L` answers with the status line L (then `Content-Length: 2` and 2 bytes of body);
 * `GET /bad-transfer-coding` declares `Transfer-Encoding: gzip`, which no HTTP/1.1 client can frame;
 * `GET /huge-headers/N[?line=1]` answers with about N bytes of headers (1 KiB lines, or one line of N bytes);
 * `GET /close-next` answers 200, then closes its connection when the next request arrives on it, unanswered,
@@ -38,6 +39,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IPullProducer, IPushProducer
@@ -245,7 +247,14 @@ class OriginRequest(http.Request):
             code = int(path.rsplit(b"/", 1)[1])
             self._reply(code, b"" if code in (204, 304) else b"status body", b"text/plain")
         elif path.startswith(
-            (b"/overlong/", b"/bad-chunking/", b"/bad-transfer-coding", b"/huge-headers/", b"/huge-length/")
+            (
+                b"/overlong/",
+                b"/bad-chunking/",
+                b"/bad-transfer-coding",
+                b"/huge-headers/",
+                b"/content-length",
+                b"/status-line",
+            )
         ):
             self._misframe(path, q)
         elif path == b"/close-next":
@@ -264,8 +273,11 @@ class OriginRequest(http.Request):
         """Responses that break HTTP/1.1 framing, written as raw bytes; the request is never finished, so the
         connection stays open until the gateway closes it."""
         write = self.channel.transport.write
-        if path.startswith(b"/huge-length/"):
-            write(b"HTTP/1.1 200 OK\r\nContent-Length: %s\r\n\r\nok" % path.rsplit(b"/", 1)[1])
+        if path == b"/content-length":
+            write(b"HTTP/1.1 200 OK\r\nContent-Length: %s\r\n\r\nok" % unquote_to_bytes(q[b"value"]))
+            return
+        if path == b"/status-line":
+            write(unquote_to_bytes(q[b"line"]) + b"\r\nContent-Length: 2\r\n\r\nok")
             return
         n = int(path.rsplit(b"/", 1)[1]) if path[-1:].isdigit() else 0
         if path.startswith(b"/overlong/"):
