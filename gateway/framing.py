@@ -11,8 +11,9 @@ The chunked decoder here also refuses a malformed trailer line (no colon, a bad 
 ignoring it: "0\\r\\nX\\r\\nGET /smuggled ...\\r\\n\\r\\n" would otherwise end the body, with the next request's
 lines taken as trailers, where a stricter parser in front of the gateway sees a broken body.
 
-Both are hooks into twisted.web's parsers (its chunked decoder is private); the gateway's own HTTP/1.1 engine over
-llhttp, which refuses these itself, replaces them.
+The decoder hooks into twisted.web's server parser (its chunked decoder is private); the gateway's own HTTP/1.1
+wire layer over llhttp (`gateway.http1`), which refuses sizes over 64 bits itself, replaces it as it replaced
+Agent on the upstream side (where the gateway refuses a Content-Length over 2^63-1 on top of llhttp).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class StrictChunkedDecoder(_ChunkedTransferDecoder):
     """Twisted's chunked decoder, refusing a chunk size over `MAX_BODY_LENGTH` and a malformed trailer line.
 
     Both raise the error Twisted's own refusals raise, so each side handles them as it handles any broken
-    chunked framing: the server channel answers 400 and closes, Agent fails the response."""
+    chunked framing: the server channel answers 400 and closes."""
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
         read = bool(super()._dataReceived_CHUNK_LENGTH())

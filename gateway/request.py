@@ -79,8 +79,8 @@ __all__ = ["Gateway", "GatewayRequest", "Phase", "refusal_record"]
 _log = Logger()
 
 _NO_BODY_STATUSES = frozenset({204, 304})
-_HTTP_1 = frozenset({(1, 0), (1, 1)})
-# How an upstream connection fails before a response head arrives, in Agent's words.
+# How an upstream connection fails before a response head arrives (`gateway.http1.upstream` reports it in
+# twisted.web.client's words).
 _UPSTREAM_BROKE = (
     ResponseNeverReceived,
     ResponseFailed,
@@ -540,7 +540,7 @@ class GatewayRequest(http.Request):
     def _body_refused(self) -> None:
         """The upstream will take no more of the body (it closed, or answered early and closed)."""
         if not self._received:
-            self._discarding = True  # the rest is read and dropped; Agent reports the failure, if any
+            self._discarding = True  # the rest is read and dropped; the upstream end reports the failure, if any
 
     def _got_response(self, response: IResponse) -> None:
         self._upstream_request = None
@@ -552,11 +552,11 @@ class GatewayRequest(http.Request):
             return
         route = self.route
         assert route is not None
-        upstream = response.original if isinstance(response, UpstreamResponse) else response
-        broken = _broken_head(upstream)
+        upstream = response
+        broken = _length_too_large(upstream)
         if broken:
-            # A status line or length a client's parser would read its own way (gateway.framing): a broken
-            # upstream, whose connection is closed unread (the response never began).
+            # A length a client's parser would read its own way (gateway.framing): a broken upstream, whose
+            # connection is closed unread (the response never began).
             _log.warn(
                 "Upstream {upstream} sent {what}; closing its connection (request {request_id})",
                 upstream=route.upstream.name,
@@ -580,13 +580,13 @@ class GatewayRequest(http.Request):
         if route.strict_transport_security and self._tls:
             self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [route.strict_transport_security])
         if self.method == b"HEAD" or upstream.code == 304:
-            # No body follows, but Content-Length still describes the representation: Agent leaves it among a
-            # HEAD response's headers, and `UpstreamResponse` puts a 304's back (Agent reports length 0).
+            # No body follows, but Content-Length still describes the representation: it is relayed as sent.
             length = upstream.headers.getRawHeaders(b"content-length")
             if length:
                 self.responseHeaders.setRawHeaders(b"Content-Length", length[-1:])
         elif upstream.length is not UNKNOWN_LENGTH and upstream.code not in _NO_BODY_STATUSES:
-            # Agent moves Content-Length out of response.headers; keep the upstream's framing when it had one.
+            # Keep the upstream's framing when it had one (its Content-Length header is dropped with the rest of the
+            # framing: the channel writes its own).
             self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % upstream.length])
         if self._has_body and not self._received:
             self._close_after_response()  # an early answer: the rest of the body must not be read as a request
@@ -605,8 +605,8 @@ class GatewayRequest(http.Request):
         relay = self._relay
         upstream.deliverBody(relay)
         if relay.paused and not relay.stopped:
-            # deliverBody resumes the upstream socket after handing over what Agent had buffered, even when
-            # that filled the client's buffer and the relay paused it: pause it again.
+            # deliverBody resumes the upstream socket after handing over what was read before it, even when that
+            # filled the client's buffer and the relay paused it: pause it again.
             relay.transport.pauseProducing()
 
     def _response_ended(self, reason: Failure) -> None:
@@ -656,7 +656,7 @@ class GatewayRequest(http.Request):
         if isinstance(value, GatewayError):
             return value
         for reason in getattr(failure.value, "reasons", ()):
-            # Agent wraps what its response parser raised (`gateway.upstream`'s head limit) in ResponseFailed.
+            # A broken response (its head over the limit, a malformed status line...) is wrapped in ResponseFailed.
             if reason.check(GatewayError):
                 return reason.value  # type: ignore[return-value]
         tls = tls_failure(failure) if self.route.upstream.scheme == "https" else None
@@ -700,10 +700,18 @@ class GatewayRequest(http.Request):
             self._abort_client(which)
 
     def _body_too_large(self, limit: int) -> None:
-        # Only while waiting: Agent hands a response over only once the body is sent or the response complete,
-        # and an answer complete before the body's end stops the forwarding (see `_maybe_finish`).
         if self.phase is Phase.WAITING:
             self._fail_before_response(BodyTooLarge(f"the request body went over this route's {limit}-byte limit"))
+        elif self.phase is Phase.STREAMING:
+            # An answer the upstream began mid-upload is being relayed: it cannot become a 413, and the upstream
+            # must not get a body past the limit, nor its end. Both ends are cut (the answer never looks complete).
+            _log.info(
+                "Request body over the {limit}-byte limit while the answer streams; cutting the stream (request "
+                "{request_id})",
+                limit=limit,
+                request_id=self.request_id,
+            )
+            self._abort_client("body_too_large")
 
     def _fail_before_response(self, error: GatewayError) -> None:
         self._answer(error)  # first: what cancelling the upstream reports back now finds the request answered
@@ -776,8 +784,8 @@ class GatewayRequest(http.Request):
             self._pipe.fail(reason)
         for pending in (self._waiting, self._upstream_request):
             if pending is not None:
-                # Once connected, Agent's Deferred is "called" but waits on the connection's own Deferred;
-                # cancel() passes the cancellation on to it (and is a no-op on one that has fired).
+                # A Deferred waiting on another (connecting, then the response head) passes cancel() on to it, and
+                # cancel() is a no-op on one that has fired.
                 pending.cancel()
         self._waiting = self._upstream_request = None
 
@@ -864,27 +872,19 @@ class GatewayRequest(http.Request):
         }
 
 
-def _broken_head(response: IResponse) -> str:
-    """What is wrong with an upstream response's head that Agent let through, in words ("" when nothing): the
-    numbers a client would read again its own way. A status outside 100-599 (Agent takes "-1", "+20" or "099"
-    and the gateway would write them back), a version other than HTTP/1.0 or 1.1 (it goes into Via), a body
-    length over `MAX_BODY_LENGTH` as its framing, or, for a response without a body (HEAD, 304), a relayed
-    Content-Length that is no such length."""
-    if not 100 <= response.code <= 599:
-        return "an invalid status code"
-    if response.version[1:] not in _HTTP_1:
-        return "an invalid HTTP version"
+def _length_too_large(response: IResponse) -> str:
+    """What is wrong, in words ("" when nothing), with a length an upstream response declares that llhttp took
+    (it takes anything within 64 bits): a body length over `MAX_BODY_LENGTH` as its framing, or, for a response
+    without a body (HEAD, 304), a relayed Content-Length over it."""
     length = response.length
     if length is not UNKNOWN_LENGTH:
-        if length > MAX_BODY_LENGTH:
+        if length > MAX_BODY_LENGTH:  # type: ignore[operator]
             return f"a Content-Length over {MAX_BODY_LENGTH}"
         if length:
             return ""
-    declared = response.headers.getRawHeaders(b"content-length")
-    if declared:
-        lengths = {body_length(part) for value in declared for part in value.split(b",")}
-        if None in lengths or len(lengths) > 1:
-            return f"a Content-Length that is not one length up to {MAX_BODY_LENGTH}"
+    for value in response.headers.getRawHeaders(b"content-length", ()):
+        if body_length(value) is None:
+            return f"a Content-Length over {MAX_BODY_LENGTH}"
     return ""
 
 

@@ -154,7 +154,8 @@ class ReadSizer:
 
 @implementer(IBodyProducer, IPushProducer)
 class RequestBodyPipe:
-    """The request body on its way upstream: an `IBodyProducer` for Agent, fed by the client's chunks.
+    """The request body on its way upstream: an `IBodyProducer` for the upstream connection, fed by the client's
+    chunks.
 
     Chunks are written straight to the upstream while it accepts them; while it does not (it paused us, or the
     connection is not open yet) they queue here, and above the high-water mark the client socket is paused.
@@ -228,7 +229,7 @@ class RequestBodyPipe:
         self._shut()
         done, self._done = self._done, None
         if done is not None and not done.called:
-            done.errback(self._failure)  # Agent then aborts the upstream connection: no terminator is sent
+            done.errback(self._failure)  # the upstream connection is then cut: no terminator is sent
 
     def abandon(self) -> None:
         """Stop forwarding without failing the upstream request (it has answered already); drop what comes."""
@@ -239,7 +240,7 @@ class RequestBodyPipe:
     def stopped(self) -> bool:
         return self._stopped
 
-    # --- the upstream side (IBodyProducer / IPushProducer, called by Agent and the upstream transport) ----
+    # --- the upstream side (IBodyProducer / IPushProducer, called by the upstream connection and its socket) -
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         if self._failure is not None:
@@ -320,9 +321,10 @@ class ResponseConsumer(TypingProtocol):
 
 @implementer(IPushProducer)
 class ResponseRelay(Protocol):
-    """The upstream response body on its way to the client: Agent's body protocol and the client's producer.
+    """The upstream response body on its way to the client: the response's body protocol and the client's
+    producer.
 
-    A full client socket pauses the upstream socket (through Agent's `TransportProxyProducer`); a drained one
+    A full client socket pauses the upstream socket (through the response's transport proxy); a drained one
     resumes it. Holds nothing itself: each chunk read from the upstream is written to the client at once. Given
     `read_size` (sets the upstream socket's read size), it reads in pieces that follow the client's pace
     (`ReadSizer`).
@@ -370,7 +372,7 @@ class ResponseRelay(Protocol):
 
     def pauseProducing(self) -> None:
         # Called on every write while the client's buffer is full. The timers change once; the upstream socket
-        # is paused every time, since whoever resumed it behind our back (Agent does, in deliverBody) must not
+        # is paused every time, since whoever resumed it behind our back (deliverBody does) must not
         # leave it reading into a full client buffer.
         if self.stopped:
             return

@@ -1,9 +1,15 @@
-"""One pool per upstream: Agent over a persistent connection pool, a connect timeout, a concurrency cap and queue.
+"""One pool per upstream: keep-alive connections of the gateway's own (`gateway.http1.upstream`), a connect timeout,
+a concurrency cap and queue.
 
-Rule: an upstream never has more than `max_connections` requests in flight, never more than `max_queue`
-waiting, and nobody waits longer than `queue_timeout` (`HTTPConnectionPool.maxPersistentPerHost` caps only idle
-connections, twisted#7614). Idle pooled connections close after `idle_timeout`, before a typical upstream's
-keep-alive timeout, so a request rarely races the upstream closing the connection it was given.
+Rules:
+* An upstream never has more than `max_connections` requests in flight, never more than `max_queue` waiting, and
+  nobody waits longer than `queue_timeout`.
+* Idle connections are kept (at most `max_idle_connections`, most recently used first) and closed after
+  `idle_timeout`, before a typical upstream's keep-alive timeout, so a request rarely races the upstream closing
+  the connection it was given. A connection is only ever idle after an exchange that ended whole on both sides.
+* A request without a body whose method is idempotent, sent on a reused connection that turns out to have been
+  closed before any byte of a response came, is sent once more on a new connection (the upstream closed an idle
+  connection just as it was reused; it never saw the request).
 """
 
 from __future__ import annotations
@@ -12,252 +18,34 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator,
-    IProtocol,
-    IProtocolFactory,
-    IStreamClientEndpoint,
-)
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol, HTTPClientParser, TransportProxyProducer
-from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from gateway.certificates import log_certificate
 from gateway.config import Upstream
-from gateway.errors import UpstreamBroken, UpstreamSaturated
-from gateway.framing import StrictChunkedDecoder
+from gateway.errors import UpstreamSaturated
+from gateway.http1.upstream import MAX_RESPONSE_HEAD, UPSTREAM_BUFFER_SIZE, UpstreamConnection, UpstreamResponse
 from gateway.upstream_tls import client_creator
 
-__all__ = ["ConnectTimeout", "UpstreamPool", "UpstreamResponse"]
-
+__all__ = ["MAX_RESPONSE_HEAD", "UPSTREAM_BUFFER_SIZE", "ConnectTimeout", "UpstreamPool", "UpstreamResponse"]
 
 _log = Logger()
 
-UPSTREAM_BUFFER_SIZE = 256 * 1024
-"""An upstream socket's write-buffer size above which an upload is paused, and its read size until a response
-body's relay sets one that follows the client (`gateway.streaming.ReadSizer`)."""
-
-
-MAX_RESPONSE_HEAD = 64 * 1024
-"""Bytes of response head (status line, headers, and any 1xx heads before them) taken from an upstream; more is
-answered 502, like nginx's "upstream sent too big header" (Envoy's default cap is 60 KiB). Agent caps only one
-line (16 KiB), so without this an upstream could send headers without end, all held in memory and relayed."""
-
-
-_STRICT_DECODERS = {b"chunked": StrictChunkedDecoder}
+_RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
+"""Methods sent again on a new connection when a reused one was found closed (RFC 9110 section 9.2.2)."""
 
 
 class ConnectTimeout(Exception):
     """The TCP connection to the upstream was not open within the route's connect timeout."""
-
-
-class UpstreamResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
-    """An Agent response with what Agent keeps to itself put back: the Connection header (its options are
-    hop-by-hop names to strip), a 304's Content-Length, and whether the connection ended in a reset."""
-
-    def __init__(self, original: IResponse, connection: _ClientProtocol) -> None:
-        super().__init__(original)
-        self._connection = connection
-
-    @property
-    def reset(self) -> bool:
-        """Whether the upstream connection was lost other than by a clean close. Agent reports a body framed
-        by the connection's close as complete (PotentialDataLoss) however the connection ended."""
-        reason = self._connection.lost_reason
-        return reason is not None and not reason.check(ConnectionDone)
-
-    def set_read_size(self, size: int) -> None:
-        """Read the rest of this response's body from the upstream socket `size` bytes at a time."""
-        transport = self._connection.transport
-        if transport is not None:
-            transport.bufferSize = size
-
-
-class _ReadGate(TransportProxyProducer):
-    """Agent's proxy of the upstream socket for one request, settling pauses and resumes asked for while a read
-    is parsed only once the read is done.
-
-    Agent pauses the socket when a response head is complete and resumes it when the body is given a protocol,
-    which the gateway does at once, in the same read: two `epoll_ctl` calls per request for nothing (6% of the
-    CPU of small requests, bench S5). Between reads a pause or resume passes through at once, as in Agent.
-    """
-
-    def __init__(self, producer: Any) -> None:
-        super().__init__(producer)
-        self.parsing = False
-        self._wanted_paused = False
-        self._paused = False
-        """Whether this proxy has paused the socket (a new request finds it reading: Agent resumes it when a
-        response ends)."""
-
-    def pauseProducing(self) -> None:
-        self._wanted_paused = True
-        if not self.parsing:
-            self.settle()
-
-    def resumeProducing(self) -> None:
-        self._wanted_paused = False
-        if not self.parsing:
-            self.settle()
-
-    def settle(self) -> None:
-        """Pause or resume the socket if that is what was last asked for and it is not so yet."""
-        self.parsing = False
-        if self._producer is not None and self._wanted_paused != self._paused:
-            self._paused = self._wanted_paused
-            if self._paused:
-                self._producer.pauseProducing()
-            else:
-                self._producer.resumeProducing()
-
-
-class _ClientProtocol(HTTP11ClientProtocol):
-    """Agent's HTTP/1.1 client protocol, with three changes for a proxy:
-    it reads in larger pieces; it hands out `UpstreamResponse`s; and it aborts a connection whose response
-    ended before the request body was sent, rather than closing it gracefully: such a connection is never
-    reused, and a graceful close would wait for the rest of the body to be written, which the upstream (having
-    answered) may never read, leaving the socket open for good."""
-
-    lost_reason: Failure | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        # Larger pieces than Twisted's 64 KiB: an upload is paused less often, and a head with the start of its
-        # body costs one read. The client side keeps 64 KiB: its write buffer is what pauses the upstream, and a
-        # larger one only adds copying.
-        self.transport.bufferSize = UPSTREAM_BUFFER_SIZE
-
-    def request(self, request: Any) -> Deferred[IResponse]:
-        if self.transport is not None:
-            self.transport.bufferSize = UPSTREAM_BUFFER_SIZE  # undo the read size the last response's relay set
-        sent = super().request(request)
-        parser = self._parser
-        if parser is None:
-            return sent
-        gate = _ReadGate(self.transport)
-        self._transportProxy = parser.transport = gate
-        _limit_head(parser)
-        # Where Agent looks up its decoders: chunk sizes over 2^63 - 1 refused (see gateway.framing).
-        parser._transferDecoders = _STRICT_DECODERS  # type: ignore[attr-defined]
-
-        def wrap(response: IResponse) -> IResponse:
-            hidden = parser.connHeaders
-            options = hidden.getRawHeaders(b"connection")
-            if options:
-                response.headers.setRawHeaders(b"connection", options)
-            if response.code == 304 and hidden.hasHeader(b"content-length"):
-                response.headers.setRawHeaders(b"content-length", hidden.getRawHeaders(b"content-length"))
-            return UpstreamResponse(response, self)
-
-        return sent.addCallback(wrap)
-
-    def dataReceived(self, bytes: bytes) -> None:
-        gate = self._transportProxy
-        if gate is None:
-            super().dataReceived(bytes)
-            return
-        gate.parsing = True
-        try:
-            super().dataReceived(bytes)
-        finally:
-            gate.settle()
-
-    def _finishResponse_WAITING(self, rest: bytes) -> None:
-        if rest and self._currentRequest is not None:
-            # Bytes past the response's framing: the upstream is out of step with us, and what it sent could
-            # be taken as the answer to the next request on this connection. Agent drops them and pools the
-            # connection; close it instead.
-            _log.warn("Upstream sent {count} bytes after a complete response; closing its connection", count=len(rest))
-            self._currentRequest.persistent = False
-        super()._finishResponse_WAITING(rest)
-
-    def _giveUp(self, reason: Failure) -> None:
-        if self._state == "TRANSMITTING":
-            # The response broke (an invalid or oversized head) while the request body was still being sent.
-            # Agent would drop its request Deferred here (it is chained to the response only once the body is
-            # sent) and crash when the connection is then lost: the request would never end. Do what Agent does
-            # for a response that ends mid-upload: hand the failure to the request, stop the body, and abort
-            # (a graceful close would wait behind the body's producer).
-            self._state = "TRANSMITTING_AFTER_RECEIVING_RESPONSE"
-            self._responseDeferred.chainDeferred(self._finishedRequest)
-            self._currentRequest.stopWriting()
-            self.transport.abortConnection()
-            self._disconnectParser(reason)
-            return
-        super()._giveUp(reason)
-
-    def _finishResponse_TRANSMITTING(self, rest: bytes) -> None:
-        transport = self.transport
-        super()._finishResponse_TRANSMITTING(rest)
-        transport.abortConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost_reason = reason
-        super().connectionLost(reason)
-
-
-def _limit_head(parser: HTTPClientParser) -> None:
-    """Make `parser` fail once the response head (1xx heads included) goes over `MAX_RESPONSE_HEAD` bytes.
-
-    Agent builds the parser itself, so its line handler is wrapped here. Raising from it makes Agent give up:
-    the connection is closed and the request fails before any of the head is relayed.
-    """
-    line_received = parser.lineReceived
-    taken = 0
-
-    def counted(line: bytes) -> None:
-        nonlocal taken
-        taken += len(line) + 1
-        if taken > MAX_RESPONSE_HEAD:
-            _log.warn("Upstream response head over {limit} bytes; closing its connection", limit=MAX_RESPONSE_HEAD)
-            raise UpstreamBroken(f"the upstream sent a response head of more than {MAX_RESPONSE_HEAD} bytes")
-        line_received(line)
-
-    parser.lineReceived = counted  # type: ignore[method-assign]
-
-
-class _ClientFactory(_HTTP11ClientFactory):
-    noisy = False  # a "Starting factory" line per upstream connection is noise
-
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _ClientProtocol(self._quiescentCallback)
-
-
-class _ConnectionPool(HTTPConnectionPool):
-    """A persistent pool whose connections speak `_ClientProtocol`, and which tells the request that asked
-    for a connection once it has one (`on_connected`, for the access log's connect time)."""
-
-    _factory = _ClientFactory
-    on_connected: Callable[[], None] | None = None
-    """Set by `UpstreamPool.request` for the `getConnection` call Agent makes within it (at once, in the same
-    call), and taken by it."""
-
-    def getConnection(self, key: Any, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
-        connecting = super().getConnection(key, endpoint)
-        callback, self.on_connected = self.on_connected, None
-        if callback is not None:
-
-            def connected(protocol: Any) -> Any:
-                callback()
-                return protocol
-
-            connecting.addCallback(connected)
-        return connecting
-
-    @property
-    def idle(self) -> int:
-        """Idle connections kept for reuse."""
-        return sum(len(connections) for connections in self._connections.values())
 
 
 @implementer(IStreamClientEndpoint)
@@ -288,37 +76,14 @@ class _TimedEndpoint:
         return connecting.addBoth(settled)
 
 
-@implementer(IAgentEndpointFactory)
-class _EndpointFactory:
-    """Endpoints for Agent: IP literals connect directly (no resolver thread), names go through the resolver;
-    with `tls`, TLS runs over the TCP connection."""
+class _ConnectionFactory(Factory):
+    noisy = False  # a "Starting factory" line per upstream connection is noise
 
-    def __init__(self, reactor: Any, timeout: float, tls: IOpenSSLClientConnectionCreator | None = None) -> None:
-        self._reactor = reactor
-        self._timeout = timeout
-        self._tls = tls
-        self._endpoints: dict[tuple[bytes, int], IStreamClientEndpoint] = {}
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
 
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            host = uri.host.decode("ascii")
-            inner: IStreamClientEndpoint
-            # The reactor's own per-attempt timeout is a backstop a little later than ours.
-            backstop = self._timeout + 1
-            if isIPAddress(host):
-                inner = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=backstop)
-            elif isIPv6Address(host):
-                inner = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=backstop)
-            else:
-                inner = HostnameEndpoint(self._reactor, host, uri.port, timeout=backstop)
-            endpoint = _TimedEndpoint(inner, self._reactor, self._timeout)
-            if self._tls is not None:
-                # The connect timeout bounds the TCP connect; the handshake falls under the response-head one.
-                endpoint = wrapClientTLS(self._tls, endpoint)
-            self._endpoints[key] = endpoint
-        return endpoint
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return UpstreamConnection(self._pool._returned, self._pool._lost)
 
 
 class UpstreamPool:
@@ -327,17 +92,17 @@ class UpstreamPool:
     def __init__(self, upstream: Upstream, reactor: Any) -> None:
         self.upstream = upstream
         self._reactor = reactor
+        self._slots = DeferredSemaphore(upstream.max_connections)
+        self._idle: list[UpstreamConnection] = []
+        """Connections waiting for a request, the most recently used last."""
+        self._idle_timers: dict[UpstreamConnection, IDelayedCall] = {}
+        self._closed = False
+        self._closing: list[tuple[UpstreamConnection, Deferred[None]]] = []
+        self._factory = _ConnectionFactory(self)
+        self._endpoints: dict[float, IStreamClientEndpoint] = {}
         self._named = "the upstream" if upstream.inline else f"upstream {upstream.name}"
         """How its errors name it: an upstream a route gave as a URL by no address (see Upstream.inline); the
         request names it by its route (`UpstreamSaturated.naming`)."""
-        self._pool = _ConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = upstream.max_idle_connections
-        self._pool.cachedConnectionTimeout = upstream.idle_timeout
-        self._slots = DeferredSemaphore(upstream.max_connections)
-        # Parsed once: Agent.request would parse the URI of every request again.
-        self._uri = URI.fromBytes(upstream.origin)
-        self._key = (self._uri.scheme, self._uri.host, self._uri.port)
-        self._agents: dict[float, tuple[Agent, IStreamClientEndpoint]] = {}
         self._tls = client_creator(upstream) if upstream.scheme == "https" else None
         if upstream.tls is not None and upstream.tls.client is not None:
             log_certificate(f"upstream {upstream.name}", upstream.tls.client, reactor)
@@ -348,6 +113,8 @@ class UpstreamPool:
                 name=upstream.name,
                 url=upstream.origin.decode("ascii"),
             )
+
+    # --- what a scrape sees -------------------------------------------------------------------------------------
 
     @property
     def in_flight(self) -> int:
@@ -362,7 +129,13 @@ class UpstreamPool:
     @property
     def idle(self) -> int:
         """Idle keep-alive connections kept for reuse."""
-        return self._pool.idle
+        return len(self._idle)
+
+    def idle_connections(self) -> tuple[UpstreamConnection, ...]:
+        """The idle connections, the next to be reused last (for tests and tools)."""
+        return tuple(self._idle)
+
+    # --- the concurrency cap and the queue ----------------------------------------------------------------------
 
     def try_acquire(self) -> bool:
         """Take a free slot at once if there is one: the common case, without a Deferred.
@@ -402,6 +175,8 @@ class UpstreamPool:
     def release(self) -> None:
         self._slots.release()
 
+    # --- requests -----------------------------------------------------------------------------------------------
+
     def request(
         self,
         method: bytes,
@@ -411,22 +186,128 @@ class UpstreamPool:
         *,
         connect_timeout: float,
         on_connected: Callable[[], None] | None = None,
-    ) -> Deferred[IResponse]:
-        """Send one request over a pooled connection (opened within `connect_timeout` if none is idle).
+    ) -> Deferred[UpstreamResponse]:
+        """Send one request over an idle connection, or a new one opened within `connect_timeout`; the Deferred
+        fires with the response once its head is read. `target` goes on the request line byte for byte.
+        Cancelling it gives up wherever the request is (connecting, sending, waiting for the head)."""
+        connection = self._take_idle()
+        if connection is not None:
+            sent = self._send(connection, method, target, headers, body, on_connected)
+            if body is None and method in _RETRYABLE:
+                return sent.addErrback(self._retry_if_stale, method, target, headers, connect_timeout, on_connected)
+            return sent
+        return self._connect(connect_timeout).addCallback(self._send, method, target, headers, body, on_connected)  # type: ignore[no-any-return]
 
-        `target` goes on the request line byte for byte: `Agent.request` would parse it out of a URI and
-        serialise it again, dropping an empty query ("/x?") or empty parameters ("/x;") and costing a URL
-        parse per request; `_requestWithEndpoint` (what `ProxyAgent` uses too) takes it as it is.
-        """
-        pair = self._agents.get(connect_timeout)
-        if pair is None:
-            factory = _EndpointFactory(self._reactor, connect_timeout, self._tls)
-            agent = Agent.usingEndpointFactory(self._reactor, factory, self._pool)
-            pair = self._agents[connect_timeout] = (agent, factory.endpointForURI(self._uri))
-        agent, endpoint = pair
-        self._pool.on_connected = on_connected  # Agent asks the pool for a connection within this call
-        return agent._requestWithEndpoint(self._key, endpoint, method, self._uri, headers, body, target)
+    def _send(
+        self,
+        connection: UpstreamConnection,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+        on_connected: Callable[[], None] | None,
+    ) -> Deferred[UpstreamResponse]:
+        if on_connected is not None:
+            on_connected()
+        return connection.request(method, target, headers, body)
+
+    def _retry_if_stale(
+        self,
+        failure: Failure,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        connect_timeout: float,
+        on_connected: Callable[[], None] | None,
+    ) -> Deferred[UpstreamResponse] | Failure:
+        """A reused connection was lost before any byte of the response: the upstream had closed it (idle) just
+        as it was reused. Once, on a new connection."""
+        if not failure.check(ResponseNeverReceived):
+            return failure
+        return self._connect(connect_timeout).addCallback(self._send, method, target, headers, None, on_connected)  # type: ignore[no-any-return]
+
+    def _connect(self, connect_timeout: float) -> Deferred[UpstreamConnection]:
+        return self._endpoint(connect_timeout).connect(self._factory)  # type: ignore[return-value]
+
+    def _endpoint(self, timeout: float) -> IStreamClientEndpoint:
+        endpoint = self._endpoints.get(timeout)
+        if endpoint is None:
+            up = self.upstream
+            inner: IStreamClientEndpoint
+            backstop = timeout + 1  # the reactor's own per-attempt timeout, a little later than ours
+            if isIPAddress(up.host):
+                inner = TCP4ClientEndpoint(self._reactor, up.host, up.port, timeout=backstop)
+            elif isIPv6Address(up.host):
+                inner = TCP6ClientEndpoint(self._reactor, up.host, up.port, timeout=backstop)
+            else:
+                inner = HostnameEndpoint(self._reactor, up.host, up.port, timeout=backstop)
+            endpoint = _TimedEndpoint(inner, self._reactor, timeout)
+            if self._tls is not None:
+                # The connect timeout bounds the TCP connect; the handshake falls under the response-head one.
+                endpoint = wrapClientTLS(self._tls, endpoint)
+            self._endpoints[timeout] = endpoint
+        return endpoint
+
+    # --- idle connections ---------------------------------------------------------------------------------------
+
+    def _take_idle(self) -> UpstreamConnection | None:
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            timer = self._idle_timers.pop(connection, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            if connection.usable:
+                return connection
+        return None
+
+    def _returned(self, connection: UpstreamConnection) -> None:
+        """An exchange ended whole on `connection`: kept for the next request, or closed."""
+        if self._closed or len(self._idle) >= self.upstream.max_idle_connections:
+            connection.transport.loseConnection()
+            return
+        self._idle.append(connection)
+        self._idle_timers[connection] = self._reactor.callLater(self.upstream.idle_timeout, self._expired, connection)
+
+    def _expired(self, connection: UpstreamConnection) -> None:
+        self._idle_timers.pop(connection, None)
+        if connection in self._idle:
+            self._idle.remove(connection)
+            connection.transport.loseConnection()
+
+    def _lost(self, connection: UpstreamConnection) -> None:
+        timer = self._idle_timers.pop(connection, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if connection in self._idle:
+            self._idle.remove(connection)
+        for closing in [entry for entry in self._closing if entry[0] is connection]:
+            self._closing.remove(closing)
+            closing[1].callback(None)
 
     def close(self) -> Deferred[None]:
-        """Close the idle pooled connections (in-flight ones close when their response ends)."""
-        return self._pool.closeCachedConnections()
+        """Close the idle connections (in-flight ones close when their exchange ends); fires once they are gone."""
+        self._closed = True
+        waits: list[Deferred[None]] = []
+        while self._idle:
+            connection = self._idle.pop()
+            timer = self._idle_timers.pop(connection, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            gone: Deferred[None] = Deferred()
+            self._closing.append((connection, gone))
+            waits.append(gone)
+            connection.transport.loseConnection()
+        if not waits:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        remaining = [len(waits)]
+
+        def one_gone(_: object) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done.callback(None)
+
+        for gone in waits:
+            gone.addCallback(one_gone)
+        return done

@@ -188,14 +188,14 @@ async def test_upstream_sending_an_invalid_status_line_gets_502(origin, gateway_
 
 
 @pytest.mark.parametrize(
-    "size", [b"zz", b"10000000000000003", b"8000000000000000"], ids=["not-hex", "17-digits", "2^63"]
+    "size", [b"zz", b"10000000000000003", b"1" + b"0" * 40], ids=["not-hex", "17-digits", "41-digits"]
 )
 @pytest_twisted.ensureDeferred
 async def test_upstream_invalid_chunking_after_the_head_was_relayed_cuts_the_client(origin, gateway_for, size):
     """An invalid chunk-size line arriving after the response head and a first chunk reached the client gets
     the client connection cut at once (that chunk relayed, no terminator), and the upstream connection closed.
-    A size no 64-bit parser holds is invalid too: the data after it is not relayed as if it were that chunk,
-    nor is the connection left open until the upstream idle timeout."""
+    A size no 64-bit parser holds is invalid too (llhttp's check): the data after it is not relayed as if it were
+    that chunk, nor is the connection left open until the upstream idle timeout."""
     gateway = gateway_for(gateway_config(origin.url))
     client = await connect(gateway.port, keep_all=True)
     client.send(get(b"/bad-chunking/1000?later=1&size=" + size, close=False))
@@ -234,9 +234,10 @@ async def test_upstream_invalid_chunking_in_its_first_read_cuts_the_client(origi
         b"9" * 5000,
         b"0" * 5000 + b"9223372036854775808",
         b"1234567890,%201234567",
+        b"7,%207",
         b"12345678901234567x",
     ],
-    ids=["2^63", "2^64+3", "30-digits", "5000-digits", "leading-zeros-2^63", "list-differing", "not-digits"],
+    ids=["2^63", "2^64+3", "30-digits", "5000-digits", "leading-zeros-2^63", "list-differing", "list", "not-digits"],
 )
 @pytest_twisted.ensureDeferred
 async def test_upstream_content_length_that_is_no_64_bit_length_gets_502(origin, gateway_for, value, method):
@@ -258,18 +259,17 @@ async def test_upstream_content_length_that_is_no_64_bit_length_gets_502(origin,
 @pytest.mark.parametrize(
     ("method", "value", "length"),
     [
-        (b"GET", b"0" * 100 + b"2", b"2"),
+        (b"GET", b"0" * 5000 + b"2", b"2"),
         (b"HEAD", b"0" * 5000 + b"2", b"0" * 5000 + b"2"),
         (b"HEAD", b"9223372036854775807", b"9223372036854775807"),
-        (b"HEAD", b"7,%207", b"7, 7"),
     ],
-    ids=["leading-zeros", "leading-zeros-head", "2^63-1-head", "list-of-equal-head"],
+    ids=["leading-zeros", "leading-zeros-head", "2^63-1-head"],
 )
 @pytest_twisted.ensureDeferred
 async def test_upstream_content_length_that_is_a_length_is_relayed(origin, gateway_for, method, value, length):
-    """What is a length up to 2^63 - 1 passes: 100 zeros and a 2 is a body of 2 bytes (relayed with its framing,
-    "2"; Agent refuses more digits than Python converts, 502); a HEAD answer relays the upstream's Content-Length
-    as sent, leading zeros, the largest length taken, or a list of one value repeated."""
+    """What is a length up to 2^63 - 1 passes: 5,000 zeros and a 2 is a body of 2 bytes (relayed with its
+    framing, "2"); a HEAD answer relays the upstream's Content-Length as sent, leading zeros or the largest length
+    taken (a list, even of one value repeated, is refused: llhttp takes none)."""
     gateway = gateway_for(gateway_config(origin.url))
     client = await connect(gateway.port, keep_all=True)
     client.send(get(b"/content-length?value=" + value, method=method))

@@ -8,10 +8,12 @@ from typing import Any
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseFailed
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -363,3 +365,94 @@ def test_bytes_after_a_complete_response_close_the_connection() -> None:
     assert _sync.successResultOf(response).length == 2
     assert transport.disconnecting
     assert clock.getDelayedCalls() == []  # no idle timer: the connection is not in the pool
+
+
+# --- idle connections and the retry of a stale one -------------------------------------------------------
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def _answered(pool: UpstreamPool, clock: MemoryReactorClock) -> tuple[Any, StringTransport]:
+    """One GET sent on a new connection and answered whole: the connection is idle in the pool."""
+    response = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
+    protocol, transport = _connected(pool, clock)
+    protocol.dataReceived(OK)
+    _sync.successResultOf(response)
+    transport.clear()
+    return protocol, transport
+
+
+def test_an_idle_connection_is_reused_and_closed_after_idle_timeout() -> None:
+    """A connection that ended its exchange whole is reused by the next request (no new connection); one left
+    idle for idle_timeout is closed, not a moment before."""
+    pool, clock = pool_for(idle_timeout=4)
+    protocol, transport = _answered(pool, clock)
+    assert pool.idle == 1
+    second = pool.request(b"GET", b"/2", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
+    assert len(clock.tcpClients) == 1
+    assert transport.value().startswith(b"GET /2 HTTP/1.1\r\n")
+    protocol.dataReceived(OK)
+    _sync.successResultOf(second)
+    clock.advance(4 - EPS)
+    assert not transport.disconnecting
+    clock.advance(EPS)
+    assert transport.disconnecting
+    assert pool.idle == 0
+
+
+def test_at_most_max_idle_connections_are_kept() -> None:
+    """Past max_idle_connections, a connection whose exchange ended is closed rather than kept."""
+    pool, clock = pool_for(max_idle_connections=1)
+    first = [pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5) for _ in range(2)]
+    connections = [_connected_at(pool, clock, index) for index in range(2)]
+    for protocol, _transport in connections:
+        protocol.dataReceived(OK)
+    for response in first:
+        _sync.successResultOf(response)
+    assert pool.idle == 1
+    assert [transport.disconnecting for _protocol, transport in connections] == [False, True]
+
+
+def _connected_at(pool: UpstreamPool, clock: MemoryReactorClock, index: int) -> tuple[Any, StringTransport]:
+    host, port, factory, _timeout, _bind = clock.tcpClients[index]
+    transport = StringTransport()
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"DELETE", b"OPTIONS"])
+def test_a_reused_connection_found_closed_is_retried_once_on_a_new_one(method: bytes) -> None:
+    """An idempotent request without a body, sent on a reused connection that is lost before any byte of an
+    answer (the upstream closed it idle just then), goes out once more on a new connection."""
+    pool, clock = pool_for()
+    protocol, _transport = _answered(pool, clock)
+    response = pool.request(method, b"/again", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    _sync.assertNoResult(response)
+    assert len(clock.tcpClients) == 2
+    retried, transport = _connected(pool, clock)
+    assert transport.value().startswith(method + b" /again HTTP/1.1\r\n")
+    retried.dataReceived(OK if method != b"HEAD" else b"HTTP/1.1 200 OK\r\n\r\n")
+    assert _sync.successResultOf(response).code == 200
+
+
+def test_a_request_with_a_body_or_a_post_is_never_retried() -> None:
+    """A POST, or any request with a body, may have been acted on: its failure is reported, not repeated."""
+    pool, clock = pool_for()
+    protocol, _transport = _answered(pool, clock)
+    response = pool.request(b"POST", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    _sync.failureResultOf(response, ResponseNeverReceived)
+    assert len(clock.tcpClients) == 1
+
+
+def test_a_new_connection_is_never_retried() -> None:
+    """Only a reused connection can have been closed under the request: on a new one the failure is the answer."""
+    pool, clock = pool_for()
+    response = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
+    protocol, _transport = _connected(pool, clock)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    _sync.failureResultOf(response, ResponseNeverReceived)
+    assert len(clock.tcpClients) == 1

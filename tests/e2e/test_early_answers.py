@@ -13,8 +13,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from gateway.http1.upstream import UpstreamConnection
 from gateway.site import GatewayChannel, GatewayFactory
-from gateway.upstream import _ClientProtocol
 from tests.support.clients import connect, parse_responses, within
 from tests.support.running import gateway_config
 
@@ -53,12 +53,12 @@ class _StreamsWhileReading(Protocol):
         self.paused = True
 
 
-def _open_gateway_upstreams() -> list[_ClientProtocol]:
+def _open_gateway_upstreams() -> list[UpstreamConnection]:
     """The gateway's upstream protocols whose TCP connection is still open (in-memory tests' ones excluded)."""
     return [
         obj
         for obj in gc.get_objects()
-        if isinstance(obj, _ClientProtocol) and hasattr(obj.transport, "socket") and obj.transport.connected
+        if isinstance(obj, UpstreamConnection) and hasattr(obj.transport, "socket") and obj.transport.connected
     ]
 
 
@@ -171,7 +171,7 @@ async def test_upstream_connection_is_closed_after_an_early_answer_to_an_upload_
         await within(upstream.lost, 10)  # the upstream has closed its end
         await task.deferLater(reactor, 2.0, lambda: None)
         still_open = [
-            (p._state, p.transport.disconnecting, type(p.transport.producer).__name__)
+            (p.usable, p.transport.disconnecting, type(p.transport.producer).__name__)
             for p in _open_gateway_upstreams()
         ]
         assert still_open == [], f"gateway-side upstream sockets still open 2 s after the upstream closed: {still_open}"

@@ -40,15 +40,13 @@ def _pool_problems(gateway: RunningGateway) -> list[str]:
     for name, pool in gateway.service.gateway.pools.items():
         if pool.in_flight or pool.queued:
             problems.append(f"{name}: {pool.in_flight} in flight, {pool.queued} queued")
-        cached = [c for conns in pool._pool._connections.values() for c in conns]
-        if set(pool._pool._timeouts) != set(cached):
-            problems.append(f"{name}: idle timers do not match the cached connections")
-        for connection in cached:
-            if connection.state == "CONNECTION_LOST":
-                continue  # a dead connection waits for its timer; getConnection skips it
+        idle = pool.idle_connections()
+        if set(pool._idle_timers) != set(idle):
+            problems.append(f"{name}: idle timers do not match the idle connections")
+        for connection in idle:
             transport = connection.transport
-            if connection.state != "QUIESCENT" or not transport.connected or transport not in readers:
-                problems.append(f"{name}: cached connection {connection.state}, not reading or closed")
+            if not connection.usable or not transport.connected or transport not in readers:
+                problems.append(f"{name}: an idle connection is busy, not reading or closed")
     return problems
 
 
@@ -66,5 +64,4 @@ async def pools_settled(gateway: RunningGateway, seconds: float = 5.0) -> None:
 
 def cached_connections(gateway: RunningGateway, name: str = "origin") -> list[Any]:
     """The live idle connections the pool of upstream `name` holds."""
-    pool = gateway.pool(name)._pool
-    return [c for conns in pool._connections.values() for c in conns if c.state == "QUIESCENT"]
+    return [c for c in gateway.pool(name).idle_connections() if c.usable]

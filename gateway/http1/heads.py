@@ -1,0 +1,42 @@
+"""Request heads and body framing as bytes: pure functions, no I/O.
+
+Rules: a head is one bytes object (one `write`, one TCP segment for a small request); header names and values go
+out as given (the caller has checked them); the framing header (Content-Length, or Transfer-Encoding: chunked for
+a body of unknown length) is the writer's, never the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["CRLF", "LAST_CHUNK", "chunk", "request_head"]
+
+CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+"""The end of a chunked body without trailers."""
+
+_CONTENT_LENGTH_0 = frozenset({b"POST", b"PUT", b"PATCH"})
+"""Methods whose bodiless requests still say `Content-Length: 0` (RFC 9110 section 8.6: a user agent should send
+it for a method that defines a meaning for a body; servers wait for a body otherwise)."""
+
+
+def request_head(
+    method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]], *, length: int | None, has_body: bool
+) -> bytes:
+    """The head of an HTTP/1.1 request: the request line, `headers` in order, then the framing of its body:
+    `Content-Length: length` when the length is known, chunked when it is not (`length` None with a body), and
+    nothing for a request without a body (but `Content-Length: 0` for POST, PUT and PATCH)."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, CRLF)
+    if has_body:
+        parts.append(b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length)
+    elif method in _CONTENT_LENGTH_0:
+        parts.append(b"Content-Length: 0\r\n")
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> bytes:
+    """`data` as one chunk of a chunked body (never empty: an empty chunk ends the body)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)

@@ -1,0 +1,527 @@
+"""A connection to an upstream server: one request at a time, its response read by llhttp (`httptools`).
+
+Rules:
+* Full duplex: the response is handed over as soon as its head is read, while the request body may still be going
+  out; its body is relayed as it is read, never held beyond one socket read.
+* Strict: llhttp with no lenient flag (it refuses chunk sizes and lengths that overflow, Content-Length beside
+  Transfer-Encoding, bare CR, obs-fold...); on top of it a transfer coding other than `chunked` alone, a head over
+  `MAX_RESPONSE_HEAD` (1xx heads included), a status outside 100-599, a version other than HTTP/1.0 and 1.1 and an
+  upgrade nobody asked for are broken responses. Each fails the request before any of it is relayed, or cuts the
+  body (the owner then cuts the client: a truncated body never looks complete).
+* A connection is reused only after an exchange that ended whole on both sides, with keep-alive, and nothing
+  after the response; otherwise it is closed (aborted when the request body was not all sent: a graceful close
+  would wait behind a body the upstream no longer reads).
+* The response and its body speak Twisted's client vocabulary (`IResponse`-like attributes, a body `IProtocol`
+  that ends with `ResponseDone`, `PotentialDataLoss` for a body framed by the connection's close, or
+  `ResponseFailed`), which is what the gateway's request path consumes today.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httptools
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IProtocol, IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    PotentialDataLoss,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from gateway.errors import UpstreamBroken
+from gateway.http1.heads import CRLF, LAST_CHUNK, request_head
+
+__all__ = ["MAX_RESPONSE_HEAD", "UPSTREAM_BUFFER_SIZE", "UpstreamConnection", "UpstreamResponse"]
+
+_log = Logger()
+
+UPSTREAM_BUFFER_SIZE = 256 * 1024
+"""An upstream socket's read size until a response body's relay sets one that follows the client
+(`gateway.streaming.ReadSizer`); larger reads than Twisted's 64 KiB make a big body cheaper."""
+
+MAX_RESPONSE_HEAD = 64 * 1024
+"""Bytes of response head (status line, headers, and any 1xx heads before them) taken from an upstream; more is
+answered 502, like nginx's "upstream sent too big header" (Envoy's default cap is 60 KiB)."""
+
+_NO_BODY = frozenset({204, 304})
+_STATUS_LINE_AND_END = len(b"HTTP/1.1 200 \r\n\r\n")
+"""The bytes of a head besides its reason phrase and header lines (each counted as it comes)."""
+_HTTP_1 = frozenset({"1.0", "1.1"})
+
+
+class _Broken(Exception):
+    """Raised from a parser callback to stop the parse: the response is broken (`reason` says how)."""
+
+    def __init__(self, error: UpstreamBroken) -> None:
+        super().__init__(error.detail)
+        self.error = error
+
+
+@implementer(IPushProducer)
+class _BodyTransport:
+    """What a response's body protocol sees as its transport: pauses, resumes and stops reading from the upstream
+    socket, for as long as the response is being read. Cut off (`detach`) when it ends, so that a late pause
+    or stop can never reach a connection that has gone back to the pool."""
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        self._connection: UpstreamConnection | None = connection
+
+    def detach(self) -> None:
+        self._connection = None
+
+    def pauseProducing(self) -> None:
+        if self._connection is not None:
+            self._connection.pause_reading()
+
+    def resumeProducing(self) -> None:
+        if self._connection is not None:
+            self._connection.resume_reading()
+
+    def stopProducing(self) -> None:
+        """The body is not wanted any more (the client left, or the gateway cut the stream): the connection
+        closes, never to be reused."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.abandon()
+
+
+class UpstreamResponse:
+    """A response as read from an upstream: its status line and headers (all of them, framing ones included, as
+    sent), its body length (`UNKNOWN_LENGTH` unless a Content-Length framed it; 0 for HEAD, 204 and 304), and its
+    body, delivered to the protocol `deliverBody` is given."""
+
+    def __init__(self, connection: UpstreamConnection, code: int, phrase: bytes, version: str, headers: Headers):
+        self._connection = connection
+        self.code = code
+        self.phrase = phrase
+        self.version = (b"HTTP", 1, 1) if version == "1.1" else (b"HTTP", 1, 0)
+        self.headers = headers
+        self.length: int | object = UNKNOWN_LENGTH
+        self._protocol: IProtocol | None = None
+        self._held: list[bytes] = []
+        self._ended: Failure | None = None
+        self._transport = _BodyTransport(connection)
+
+    @property
+    def reset(self) -> bool:
+        """Whether the upstream connection was lost other than by a clean close (a body framed by the connection's
+        close is complete only if it was closed, not reset)."""
+        reason = self._connection.lost_reason
+        return reason is not None and not reason.check(ConnectionDone)
+
+    def set_read_size(self, size: int) -> None:
+        """Read the rest of this response's body from the upstream socket `size` bytes at a time."""
+        self._connection.set_read_size(size)
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        """Give the body to `protocol`: what was read already, then the rest as it comes, then `connectionLost`
+        with `ResponseDone`, `PotentialDataLoss` or `ResponseFailed`."""
+        self._protocol = protocol
+        protocol.makeConnection(self._transport)  # type: ignore[arg-type]
+        held, self._held = self._held, []
+        for data in held:
+            protocol.dataReceived(data)
+        if self._ended is not None:
+            self._transport.detach()
+            protocol.connectionLost(self._ended)
+        elif held:
+            self._connection.resume_reading()  # held back until the body had a protocol
+
+    # --- fed by the connection -------------------------------------------------------------------------------
+
+    def _body(self, data: bytes) -> None:
+        protocol = self._protocol
+        if protocol is not None:
+            protocol.dataReceived(data)
+        else:
+            self._held.append(data)  # one read at most: reading pauses until the body has a protocol
+            self._connection.pause_reading()
+
+    def _end(self, reason: Failure) -> None:
+        if self._ended is not None:
+            return
+        self._ended = reason
+        protocol = self._protocol
+        if protocol is not None:
+            self._transport.detach()
+            protocol.connectionLost(reason)
+
+
+class _Exchange:
+    """One request on a connection: what was sent of it, what came back, and the parser reading its response.
+
+    The parser's callbacks come here, not to the connection: a read may go on being parsed after its exchange
+    ended and the connection went to the next request, and nothing of it may reach that one."""
+
+    __slots__ = (
+        "body",
+        "chunked",
+        "connection",
+        "done",
+        "head_bytes",
+        "headers",
+        "length",
+        "method",
+        "parser",
+        "received_any",
+        "request_done",
+        "response",
+        "response_done",
+        "sent",
+        "status",
+    )
+
+    def __init__(self, connection: UpstreamConnection, method: bytes, body: IBodyProducer | None, length: int | None):
+        self.connection = connection
+        self.method = method
+        self.body = body
+        self.length = length
+        self.chunked = body is not None and length is None
+        self.sent = 0
+        self.done: Deferred[UpstreamResponse] | None = None
+        self.response: UpstreamResponse | None = None
+        self.request_done = body is None
+        self.response_done = False
+        self.head_bytes = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.status = b""
+        self.received_any = False
+        self.parser = httptools.HttpResponseParser(self)
+
+    # --- httptools callbacks ------------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.response_done:
+            raise _Broken(UpstreamBroken("the upstream sent bytes after a complete response"))
+        self.headers = []
+        self.status = b""
+
+    def on_status(self, status: bytes) -> None:
+        self.status += status
+        self._count_head(len(status))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, size: int) -> None:
+        if self.response is None:
+            self.head_bytes += size
+            if self.head_bytes > MAX_RESPONSE_HEAD:
+                raise _Broken(_head_too_large())
+
+    def on_headers_complete(self) -> None:
+        self._count_head(_STATUS_LINE_AND_END)
+        parser = self.parser
+        code = parser.get_status_code()
+        if code == 101:
+            raise _Broken(UpstreamBroken("the upstream switched protocols unasked"))
+        if 100 <= code < 200:
+            return  # an interim answer (100 Continue, 103 Early Hints): the final one follows
+        if not 200 <= code <= 599:
+            raise _Broken(UpstreamBroken("the upstream sent an invalid status code"))
+        version = parser.get_http_version()
+        if version not in _HTTP_1:
+            raise _Broken(UpstreamBroken("the upstream sent an invalid HTTP version"))
+        headers = Headers()
+        length: int | None = None
+        coded = False
+        for name, value in self.headers:
+            headers.addRawHeader(name, value)
+            lowered = name.lower()
+            if lowered == b"transfer-encoding":
+                if coded or value.strip(b" \t").lower() != b"chunked":
+                    raise _Broken(UpstreamBroken("the upstream sent a transfer coding other than chunked alone"))
+                coded = True
+            elif lowered == b"content-length":
+                # llhttp has checked it: digits only, one value, within 64 bits (zeros first may be thousands).
+                length = int(value.strip(b" \t").lstrip(b"0") or b"0")
+        response = UpstreamResponse(self.connection, code, self.status, version, headers)
+        if self.method == b"HEAD" or code in _NO_BODY:
+            response.length = 0
+        elif length is not None and not coded:
+            response.length = length
+        self.response = response
+        if self.method == b"HEAD":
+            # llhttp cannot be told that a response to HEAD has no body: it is complete here, and any byte the
+            # parser still takes for this exchange is one too many.
+            self.connection._response_complete(self, keep_alive=version == "1.1" and not _closes(headers))
+        done, self.done = self.done, None
+        if done is not None:
+            done.callback(response)
+
+    def on_body(self, data: bytes) -> None:
+        response = self.response
+        if response is None:
+            return
+        if self.response_done:
+            raise _Broken(UpstreamBroken("the upstream sent a body with its answer to HEAD"))
+        response._body(data)
+
+    def on_message_complete(self) -> None:
+        if self.response is None or self.response_done:
+            return  # the end of an interim (1xx) answer, or of an answer to HEAD (complete at its head)
+        self.connection._response_complete(self, keep_alive=self.parser.should_keep_alive())
+
+
+class UpstreamConnection(Protocol):
+    """An HTTP/1.1 client connection to one upstream server, one exchange at a time.
+
+    `request` sends a request (its body from an `IBodyProducer`, flow-controlled by the socket) and returns a
+    Deferred of the response, which fires as soon as the response head is read. `on_idle` is called when the
+    exchange ended whole and the connection may be reused; `on_lost` when the connection is gone."""
+
+    def __init__(
+        self, on_idle: Callable[[UpstreamConnection], object], on_lost: Callable[[UpstreamConnection], object]
+    ):
+        self._on_idle = on_idle
+        self._on_lost = on_lost
+        self._exchange: _Exchange | None = None
+        self._reading_paused = False
+        self.lost_reason: Failure | None = None
+        """How the connection ended (None while it is open)."""
+        self.reused = False
+        """Whether an exchange has been carried on this connection already."""
+        self._closing = False
+
+    # --- the socket ---------------------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.set_read_size(UPSTREAM_BUFFER_SIZE)
+
+    @property
+    def usable(self) -> bool:
+        """Whether a new request may go out on this connection now."""
+        return self._exchange is None and self.lost_reason is None and not self._closing and self.connected
+
+    def set_read_size(self, size: int) -> None:
+        transport = self.transport
+        if transport is not None and hasattr(transport, "bufferSize"):
+            transport.bufferSize = size
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def abandon(self) -> None:
+        """Close the connection now, whatever it was doing (the response is not wanted any more, or broke); the
+        pool forgets it at once."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+        self._on_lost(self)
+
+    # --- a request ----------------------------------------------------------------------------------------------
+
+    def request(
+        self, method: bytes, target: bytes, headers: Headers, body: IBodyProducer | None
+    ) -> Deferred[UpstreamResponse]:
+        """Send one request; the Deferred fires with the response once its head is read, or fails (the
+        exceptions of `twisted.web.client`: `ResponseNeverReceived`, `ResponseFailed`, `RequestTransmissionFailed`,
+        with the cause among their reasons). Cancelling it closes the connection."""
+        assert self.usable, "one exchange at a time, on an open connection"
+        length = None if body is None or body.length is UNKNOWN_LENGTH else int(body.length)  # type: ignore[call-overload]
+        exchange = self._exchange = _Exchange(self, method, body, length)
+        done = exchange.done = Deferred(self._cancelled)
+        if self.reused:
+            self.set_read_size(UPSTREAM_BUFFER_SIZE)  # undo the read size the last response's relay set
+        self.reused = True
+        self.transport.write(request_head(method, target, _pairs(headers), length=length, has_body=body is not None))
+        if body is not None:
+            self.transport.registerProducer(body, True)
+            producing = body.startProducing(self)  # type: ignore[arg-type]
+            producing.addCallbacks(
+                self._body_sent, self._body_failed, callbackArgs=(exchange,), errbackArgs=(exchange,)
+            )
+        return done
+
+    def write(self, data: bytes) -> None:
+        """A piece of the request body, from its producer (IConsumer)."""
+        exchange = self._exchange
+        if exchange is None or exchange.request_done or not data:
+            return
+        exchange.sent += len(data)
+        if exchange.chunked:
+            self.transport.writeSequence([b"%x\r\n" % len(data), data, CRLF])
+        else:
+            self.transport.write(data)
+
+    def _body_sent(self, _: object, exchange: _Exchange) -> None:
+        if exchange is not self._exchange or exchange.request_done:
+            return
+        self.transport.unregisterProducer()
+        if exchange.length is not None and exchange.sent != exchange.length:
+            self._transmission_failed(exchange, Failure(UpstreamBroken("the request body was not its declared length")))
+            return
+        if exchange.chunked:
+            self.transport.write(LAST_CHUNK)
+        exchange.request_done = True
+        self._maybe_idle(exchange)
+
+    def _body_failed(self, reason: Failure, exchange: _Exchange) -> None:
+        if exchange is not self._exchange or exchange.request_done:
+            return
+        self._transmission_failed(exchange, reason)
+
+    def _transmission_failed(self, exchange: _Exchange, reason: Failure) -> None:
+        """The request body cannot be sent whole: the upstream must see it unfinished, so the connection is cut."""
+        exchange.request_done = True
+        if self.transport.producer is not None:
+            self.transport.unregisterProducer()
+        self._fail_head(exchange, RequestTransmissionFailed([reason]))
+        self.abandon()
+
+    def _cancelled(self, _: Deferred[UpstreamResponse]) -> None:
+        """The owner gave up on the request before its response head: the connection closes."""
+        exchange = self._exchange
+        if exchange is not None:
+            exchange.done = None
+        self.abandon()
+
+    def _fail_head(self, exchange: _Exchange, error: Exception) -> None:
+        done, exchange.done = exchange.done, None
+        if done is not None:
+            done.errback(Failure(error))
+
+    # --- the response -------------------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self._exchange
+        if exchange is None or exchange.response_done:
+            if data and not self._closing:
+                # Bytes with no request to answer: the upstream is out of step with us, and they could be taken
+                # as the answer to the next request on this connection.
+                _log.warn(
+                    "Upstream sent {count} bytes with no request outstanding; closing its connection", count=len(data)
+                )
+                self.abandon()
+            return
+        exchange.received_any = True
+        try:
+            exchange.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._broken(exchange, UpstreamBroken("the upstream switched protocols unasked"))
+            return
+        except httptools.HttpParserError as error:
+            cause = error.__context__
+            if isinstance(cause, _Broken):
+                self._broken(exchange, cause.error)
+            else:
+                if cause is not None:
+                    _log.failure("Relaying an upstream response failed", Failure(cause))
+                self._broken(exchange, UpstreamBroken(f"the upstream sent a malformed response ({error})"))
+            return
+        if exchange is self._exchange and exchange.response is None:
+            # The head is not complete after this read: what it holds so far counts (a header line is only seen
+            # by the callbacks once whole).
+            exchange.head_bytes += len(data)
+            if exchange.head_bytes > MAX_RESPONSE_HEAD:
+                self._broken(exchange, _head_too_large())
+
+    def _response_complete(self, exchange: _Exchange, *, keep_alive: bool) -> None:
+        exchange.response_done = True
+        if not keep_alive:
+            self._closing = True
+        response = exchange.response
+        assert response is not None
+        if not exchange.request_done:
+            # An answer that ended before the request body was all sent: the connection cannot be reused, and the
+            # rest of the body is not wanted. Abort: a graceful close would wait behind a body nobody reads.
+            exchange.request_done = True
+            body = exchange.body
+            if self.transport.producer is not None:
+                self.transport.unregisterProducer()
+            if body is not None:
+                body.stopProducing()
+            self.abandon()
+        # Back to the pool first: the owner, told the response ended, may start its next request at once (a
+        # pipelined one), which should find this connection. This exchange's parser may still be going through
+        # the read: its callbacks reach this exchange only, and refuse any byte past the response.
+        self._maybe_idle(exchange)
+        response._end(Failure(ResponseDone()))
+
+    def _maybe_idle(self, exchange: _Exchange) -> None:
+        """The exchange is over on both sides: the connection goes back to the pool, or closes."""
+        if exchange is not self._exchange or not (exchange.request_done and exchange.response_done):
+            return
+        self._exchange = None
+        self.resume_reading()
+        if self._closing or self.lost_reason is not None:
+            if self.lost_reason is None:
+                self.transport.loseConnection()
+            return
+        self._on_idle(self)
+
+    def _broken(self, exchange: _Exchange, error: UpstreamBroken) -> None:
+        """The response is broken: before its head was handed over the request fails with `error` (502); after
+        it, the body ends in failure (the owner cuts the client). The connection closes either way."""
+        _log.warn("Upstream response broken: {reason}; closing its connection", reason=error.detail)
+        response = exchange.response
+        if exchange.done is not None:
+            self._fail_head(exchange, ResponseFailed([Failure(error)]))
+        elif response is not None:
+            response._end(Failure(ResponseFailed([Failure(error)], response)))
+        exchange.response_done = True
+        if not exchange.request_done:
+            exchange.request_done = True
+            if self.transport.producer is not None:
+                self.transport.unregisterProducer()
+            if exchange.body is not None:
+                exchange.body.stopProducing()
+        self.abandon()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost_reason = reason
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            if not exchange.request_done:
+                exchange.request_done = True
+                if exchange.body is not None:
+                    exchange.body.stopProducing()
+            response = exchange.response
+            if exchange.done is not None:
+                error = ResponseFailed if exchange.received_any else ResponseNeverReceived
+                self._fail_head(exchange, error([reason]))
+            elif response is not None and not exchange.response_done:
+                if response.length is UNKNOWN_LENGTH and not _chunked(response.headers) and not self._closing:
+                    # A body framed by the connection's close: complete as far as anyone can tell (the owner
+                    # tells a close from a reset by `reset`).
+                    response._end(Failure(PotentialDataLoss()))
+                else:
+                    response._end(Failure(ResponseFailed([reason], response)))
+        self._on_lost(self)
+
+
+def _pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+
+
+def _closes(headers: Headers) -> bool:
+    for value in headers.getRawHeaders(b"connection", ()):
+        if any(token.strip(b" \t").lower() == b"close" for token in value.split(b",")):
+            return True
+    return False
+
+
+def _chunked(headers: Headers) -> bool:
+    return headers.hasHeader(b"transfer-encoding")
+
+
+def _head_too_large() -> UpstreamBroken:
+    return UpstreamBroken(f"the upstream sent a response head of more than {MAX_RESPONSE_HEAD} bytes")
