@@ -293,6 +293,7 @@ class UpstreamConnection(Protocol):
         self.reused = False
         """Whether an exchange has been carried on this connection already."""
         self._closing = False
+        self._body_registered = False
 
     # --- the socket ---------------------------------------------------------------------------------------------
 
@@ -345,6 +346,7 @@ class UpstreamConnection(Protocol):
         self.transport.write(request_head(method, target, _pairs(headers), length=length, has_body=body is not None))
         if body is not None:
             self.transport.registerProducer(body, True)
+            self._body_registered = True
             producing = body.startProducing(self)  # type: ignore[arg-type]
             producing.addCallbacks(
                 self._body_sent, self._body_failed, callbackArgs=(exchange,), errbackArgs=(exchange,)
@@ -365,7 +367,7 @@ class UpstreamConnection(Protocol):
     def _body_sent(self, _: object, exchange: _Exchange) -> None:
         if exchange is not self._exchange or exchange.request_done:
             return
-        self.transport.unregisterProducer()
+        self._unregister_body()
         if exchange.length is not None and exchange.sent != exchange.length:
             self._transmission_failed(exchange, Failure(UpstreamBroken("the request body was not its declared length")))
             return
@@ -382,10 +384,16 @@ class UpstreamConnection(Protocol):
     def _transmission_failed(self, exchange: _Exchange, reason: Failure) -> None:
         """The request body cannot be sent whole: the upstream must see it unfinished, so the connection is cut."""
         exchange.request_done = True
-        if self.transport.producer is not None:
-            self.transport.unregisterProducer()
+        self._unregister_body()
         self._fail_head(exchange, RequestTransmissionFailed([reason]))
         self.abandon()
+
+    def _unregister_body(self) -> None:
+        """The request body's producer stops being the socket's (sent, failed or not wanted any more)."""
+        if self._body_registered:
+            self._body_registered = False
+            if self.transport is not None:
+                self.transport.unregisterProducer()
 
     def _cancelled(self, _: Deferred[UpstreamResponse]) -> None:
         """The owner gave up on the request before its response head: the connection closes."""
@@ -445,8 +453,7 @@ class UpstreamConnection(Protocol):
             # rest of the body is not wanted. Abort: a graceful close would wait behind a body nobody reads.
             exchange.request_done = True
             body = exchange.body
-            if self.transport.producer is not None:
-                self.transport.unregisterProducer()
+            self._unregister_body()
             if body is not None:
                 body.stopProducing()
             self.abandon()
@@ -480,8 +487,7 @@ class UpstreamConnection(Protocol):
         exchange.response_done = True
         if not exchange.request_done:
             exchange.request_done = True
-            if self.transport.producer is not None:
-                self.transport.unregisterProducer()
+            self._unregister_body()
             if exchange.body is not None:
                 exchange.body.stopProducing()
         self.abandon()
