@@ -540,9 +540,9 @@ class GatewayService(MultiService):
         return True
 
     def _retire(self, previous: Gateway) -> None:
-        """What the new Gateway no longer uses: pools close their idle connections now (those still in use go
-        back to the pool when their response ends and close after its idle timeout); the old gatekeeper closes
-        once the checks still under way on it have had their time."""
+        """What the new Gateway no longer uses: pools close their idle connections now (those still in use close
+        as their exchange ends: a closed pool keeps none); the old gatekeeper closes once the checks still under
+        way on it have had their time."""
         # Retired pools that carry nothing any more are dropped (closed again: a connection may have come back).
         for pool in [pool for pool in self._retired_pools if not pool.in_flight and not pool.queued]:
             pool.close()

@@ -27,7 +27,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from gateway.errors import UpstreamBroken
-from gateway.http1.upstream import UpstreamConnection, UpstreamResponse
+from gateway.http1.upstream import MAX_RESPONSE_HEAD, UpstreamConnection, UpstreamResponse
+from tests.test_upstream import _head_of
 
 _sync = SynchronousTestCase()
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -484,3 +485,138 @@ def test_stopping_the_body_closes_the_connection() -> None:
     late.transport.stopProducing()
     assert c2.transport.calls == calls
     assert c2.idle == [c2.protocol] and c2.protocol.usable
+
+
+# --- found in review: bytes past a response, split heads, trailers, late pauses, cancels, lengths ---------------
+
+
+def test_bytes_after_a_response_in_the_same_read_never_let_the_connection_be_reused() -> None:
+    """A response that ends within a read followed by more bytes stands (its body ends complete), but the
+    connection is never offered to the next request, not even for a moment: the bytes are seen before it could
+    go back to the pool (a queued request given it would be cut by them)."""
+    c = Connection()
+    response = get(c)
+    seen_idle: list[bool] = []
+
+    class Watch(Body):
+        def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+            seen_idle.append(bool(c.idle))
+            super().connectionLost(reason)
+
+    body = Watch()
+    response.addCallback(lambda r: r.deliverBody(body))
+    c.receive(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+    assert body.data == b"ok" and body.ended is not None and body.ended.check(ResponseDone)
+    assert seen_idle == [False]
+    assert c.idle == [] and "abort" in c.transport.calls
+
+
+def test_a_head_split_across_reads_counts_once() -> None:
+    """A head that comes in many reads (a TLS record at a time) is held to MAX_RESPONSE_HEAD as a whole, not to
+    half of it: its lines are counted once, whatever the reads."""
+
+    for size, taken in ((MAX_RESPONSE_HEAD, True), (MAX_RESPONSE_HEAD + 1, False)):
+        c = Connection()
+        response = get(c)
+        head = _head_of(size)
+        for start in range(0, len(head), 1000):
+            if "abort" in c.transport.calls:
+                break
+            c.receive(head[start : start + 1000])
+        if taken:
+            assert _sync.successResultOf(response).code == 204
+        else:
+            _sync.failureResultOf(response, ResponseFailed)
+
+
+def test_trailers_are_bounded_and_not_kept() -> None:
+    """Trailers are counted like a head (64 KiB at most, then the body ends failed and the connection closes)
+    and never kept: they are not relayed."""
+    c = Connection()
+    response = get(c)
+    c.receive(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n")
+    r = _sync.successResultOf(response)
+    body = Body()
+    r.deliverBody(body)
+    line = b"X-T: " + b"t" * 1000 + b"\r\n"
+    for _ in range(80):
+        if body.ended is not None:
+            break
+        c.receive(line)
+    assert body.data == b"abc"
+    assert body.ended is not None and body.ended.check(ResponseFailed)
+    assert r.headers.getRawHeaders(b"x-t") is None
+    assert "abort" in c.transport.calls
+
+
+def test_a_trailer_that_never_ends_is_bounded() -> None:
+    """Bytes with no body byte in them (a trailer line that never ends, held by the parser) are bounded too."""
+    c = Connection()
+    response = get(c)
+    c.receive(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: ")
+    body = Body()
+    _sync.successResultOf(response).deliverBody(body)
+    for _ in range(100):
+        if body.ended is not None:
+            break
+        c.receive(b"t" * 16384)
+    assert body.ended is not None and body.ended.check(ResponseFailed)
+
+
+def test_a_body_delivered_after_the_response_ended_cannot_pause_the_pooled_connection() -> None:
+    """A response read whole before its body had a protocol is already over (its connection may be pooled): the
+    protocol then gets a transport cut off from the connection."""
+    c = Connection()
+    response = get(c)
+    c.receive(OK)
+    r = _sync.successResultOf(response)
+    assert c.idle == [c.protocol]
+    body = Body()
+    r.deliverBody(body)
+    calls = list(c.transport.calls)
+    body.transport.pauseProducing()
+    body.transport.stopProducing()
+    assert c.transport.calls == calls
+    assert body.data == b"ok" and c.protocol.usable
+
+
+def test_cancelling_stops_and_unregisters_the_body_once() -> None:
+    """A cancel while the body is still going stops its producer once and lets it go from the socket."""
+    c = Connection()
+    body = ManualBody()
+    response = get(c, b"POST", body)
+    response.cancel()
+    assert body.events == ["stop"]
+    assert c.transport.producer is None
+    c.lose(ConnectionDone())
+    assert body.events == ["stop"]
+    _sync.failureResultOf(response)
+
+
+def test_a_body_past_its_declared_length_is_never_written() -> None:
+    """A producer writing past its declared length (the rest would be read as the next request) has that write
+    dropped, is stopped, and the connection cut: the request fails."""
+    c = Connection()
+    body = ManualBody(3)
+    response = get(c, b"POST", body)
+    c.sent()
+    body.write(b"ab")
+    body.write(b"cd")
+    assert c.sent() == b"ab"
+    assert body.events == ["stop"]
+    assert "abort" in c.transport.calls
+    failure = _sync.failureResultOf(response, RequestTransmissionFailed)
+    assert failure.value.reasons[0].check(UpstreamBroken)
+
+
+def test_an_http_1_0_answer_to_head_with_keep_alive_keeps_the_connection() -> None:
+    """An HTTP/1.0 upstream that says keep-alive keeps its connection after an answer to HEAD; without it, not."""
+    for answer, kept in (
+        (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n", True),
+        (b"HTTP/1.0 200 OK\r\n\r\n", False),
+    ):
+        c = Connection()
+        response = get(c, b"HEAD")
+        c.receive(answer)
+        _sync.successResultOf(response).deliverBody(Body())
+        assert (c.idle == [c.protocol]) is kept

@@ -132,7 +132,6 @@ class UpstreamResponse:
         for data in held:
             protocol.dataReceived(data)
         if self._ended is not None:
-            self._transport.detach()
             protocol.connectionLost(self._ended)
         elif held:
             self._connection.resume_reading()  # held back until the body had a protocol
@@ -151,9 +150,9 @@ class UpstreamResponse:
         if self._ended is not None:
             return
         self._ended = reason
+        self._transport.detach()  # from now on the connection may serve another exchange
         protocol = self._protocol
         if protocol is not None:
-            self._transport.detach()
             protocol.connectionLost(reason)
 
 
@@ -164,11 +163,14 @@ class _Exchange:
     ended and the connection went to the next request, and nothing of it may reach that one."""
 
     __slots__ = (
+        "between_body",
         "body",
         "chunked",
+        "complete",
         "connection",
         "done",
         "head_bytes",
+        "head_read",
         "headers",
         "length",
         "method",
@@ -179,6 +181,7 @@ class _Exchange:
         "response_done",
         "sent",
         "status",
+        "trailer_bytes",
     )
 
     def __init__(self, connection: UpstreamConnection, method: bytes, body: IBodyProducer | None, length: int | None):
@@ -193,6 +196,15 @@ class _Exchange:
         self.request_done = body is None
         self.response_done = False
         self.head_bytes = 0
+        """Bytes of the head's whole lines, as the parser reports them."""
+        self.head_read = 0
+        """Bytes of the reads that ended before the head was complete (all head)."""
+        self.trailer_bytes = 0
+        self.between_body = 0
+        """Bytes read since the last body byte, once the head is in (chunk framing, trailers)."""
+        self.complete: bool | None = None
+        """The response ended within the read being parsed: whether its connection may be kept (acted on once the
+        whole read is parsed)."""
         self.headers: list[tuple[bytes, bytes]] = []
         self.status = b""
         self.received_any = False
@@ -211,6 +223,12 @@ class _Exchange:
         self._count_head(len(status))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.response is not None:
+            # A trailer field: counted, never kept (trailers are not relayed), and bounded like a head.
+            self.trailer_bytes += len(name) + len(value) + 4
+            if self.trailer_bytes > MAX_RESPONSE_HEAD:
+                raise _Broken(UpstreamBroken(f"the upstream sent trailers of more than {MAX_RESPONSE_HEAD} bytes"))
+            return
         self.headers.append((name, value))
         self._count_head(len(name) + len(value) + 4)
 
@@ -255,7 +273,7 @@ class _Exchange:
         if self.method == b"HEAD":
             # llhttp cannot be told that a response to HEAD has no body: it is complete here, and any byte the
             # parser still takes for this exchange is one too many.
-            self.connection._response_complete(self, keep_alive=version == "1.1" and not _closes(headers))
+            self.connection._response_complete(self, keep_alive=_keeps_alive(version, headers))
         done, self.done = self.done, None
         if done is not None:
             done.callback(response)
@@ -266,12 +284,33 @@ class _Exchange:
             return
         if self.response_done:
             raise _Broken(UpstreamBroken("the upstream sent a body with its answer to HEAD"))
+        self.between_body = 0
         response._body(data)
 
     def on_message_complete(self) -> None:
         if self.response is None or self.response_done:
             return  # the end of an interim (1xx) answer, or of an answer to HEAD (complete at its head)
         self.connection._response_complete(self, keep_alive=self.parser.should_keep_alive())
+
+    # --- the request body's consumer (IConsumer, for its producer) ----------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """A piece of this exchange's request body: written while it is the connection's exchange and within its
+        declared length (a byte past it would be read as the start of the next request: request smuggling)."""
+        if self.request_done or not data:
+            return
+        connection = self.connection
+        if connection._exchange is not self:
+            return
+        if self.length is not None and self.sent + len(data) > self.length:
+            over = Failure(UpstreamBroken("the request body is over its declared length"))
+            connection._transmission_failed(self, over, stop=True)
+            return
+        self.sent += len(data)
+        if self.chunked:
+            connection.transport.writeSequence([b"%x\r\n" % len(data), data, CRLF])
+        else:
+            connection.transport.write(data)
 
 
 class UpstreamConnection(Protocol):
@@ -342,27 +381,17 @@ class UpstreamConnection(Protocol):
         done = exchange.done = Deferred(self._cancelled)
         if self.reused:
             self.set_read_size(UPSTREAM_BUFFER_SIZE)  # undo the read size the last response's relay set
+        self.resume_reading()  # an idle connection reads (to see a close); nothing may have left it paused
         self.reused = True
         self.transport.write(request_head(method, target, _pairs(headers), length=length, has_body=body is not None))
         if body is not None:
             self.transport.registerProducer(body, True)
             self._body_registered = True
-            producing = body.startProducing(self)  # type: ignore[arg-type]
+            producing = body.startProducing(exchange)  # type: ignore[arg-type]
             producing.addCallbacks(
                 self._body_sent, self._body_failed, callbackArgs=(exchange,), errbackArgs=(exchange,)
             )
         return done
-
-    def write(self, data: bytes) -> None:
-        """A piece of the request body, from its producer (IConsumer)."""
-        exchange = self._exchange
-        if exchange is None or exchange.request_done or not data:
-            return
-        exchange.sent += len(data)
-        if exchange.chunked:
-            self.transport.writeSequence([b"%x\r\n" % len(data), data, CRLF])
-        else:
-            self.transport.write(data)
 
     def _body_sent(self, _: object, exchange: _Exchange) -> None:
         if exchange is not self._exchange or exchange.request_done:
@@ -381,8 +410,11 @@ class UpstreamConnection(Protocol):
             return
         self._transmission_failed(exchange, reason)
 
-    def _transmission_failed(self, exchange: _Exchange, reason: Failure) -> None:
-        """The request body cannot be sent whole: the upstream must see it unfinished, so the connection is cut."""
+    def _transmission_failed(self, exchange: _Exchange, reason: Failure, *, stop: bool = False) -> None:
+        """The request body cannot be sent whole: the upstream must see it unfinished, so the connection is cut;
+        with `stop`, its producer (still producing) is stopped."""
+        if stop:
+            self._stop_body(exchange)
         exchange.request_done = True
         self._unregister_body()
         self._fail_head(exchange, RequestTransmissionFailed([reason]))
@@ -396,11 +428,21 @@ class UpstreamConnection(Protocol):
                 self.transport.unregisterProducer()
 
     def _cancelled(self, _: Deferred[UpstreamResponse]) -> None:
-        """The owner gave up on the request before its response head: the connection closes."""
+        """The owner gave up on the request before its response head: the body (if still going) is stopped, once,
+        and the connection closes."""
         exchange = self._exchange
         if exchange is not None:
             exchange.done = None
+            self._stop_body(exchange)
         self.abandon()
+
+    def _stop_body(self, exchange: _Exchange) -> None:
+        """The rest of the request body is not wanted (the exchange is over): its producer is stopped, once."""
+        if not exchange.request_done:
+            exchange.request_done = True
+            self._unregister_body()
+            if exchange.body is not None:
+                exchange.body.stopProducing()
 
     def _fail_head(self, exchange: _Exchange, error: Exception) -> None:
         done, exchange.done = exchange.done, None
@@ -423,43 +465,59 @@ class UpstreamConnection(Protocol):
         exchange.received_any = True
         try:
             exchange.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._broken(exchange, UpstreamBroken("the upstream switched protocols unasked"))
-            return
         except httptools.HttpParserError as error:
+            if exchange.complete is not None:
+                # The response ended within this read and more came after it: the response stands, and the
+                # connection, out of step with us, is closed rather than reused.
+                _log.warn("Upstream sent bytes after a complete response; closing its connection")
+                exchange.complete = None
+                self._closing = True
+                self._end_response(exchange)
+                self.abandon()
+                return
             cause = error.__context__
-            if isinstance(cause, _Broken):
+            if isinstance(error, httptools.HttpParserUpgrade):
+                self._broken(exchange, UpstreamBroken("the upstream switched protocols unasked"))
+            elif isinstance(cause, _Broken):
                 self._broken(exchange, cause.error)
             else:
                 if cause is not None:
                     _log.failure("Relaying an upstream response failed", Failure(cause))
                 self._broken(exchange, UpstreamBroken(f"the upstream sent a malformed response ({error})"))
             return
-        if exchange is self._exchange and exchange.response is None:
-            # The head is not complete after this read: what it holds so far counts (a header line is only seen
-            # by the callbacks once whole).
-            exchange.head_bytes += len(data)
-            if exchange.head_bytes > MAX_RESPONSE_HEAD:
+        if exchange.complete is not None:
+            keep_alive, exchange.complete = exchange.complete, None
+            if not keep_alive:
+                self._closing = True
+            self._end_response(exchange)
+        elif exchange.response is None:
+            # A read that ends before the head is complete is all head: counted on its own (the callbacks count
+            # whole lines apart: each count is at most the head's size).
+            exchange.head_read += len(data)
+            if exchange.head_read > MAX_RESPONSE_HEAD:
                 self._broken(exchange, _head_too_large())
+        else:
+            # Bytes with no body byte in them (chunk framing, a trailer that never ends) are bounded too.
+            exchange.between_body += len(data)
+            if exchange.between_body > MAX_RESPONSE_HEAD + UPSTREAM_BUFFER_SIZE:
+                self._broken(exchange, UpstreamBroken("the upstream sent too many bytes without a body byte"))
 
     def _response_complete(self, exchange: _Exchange, *, keep_alive: bool) -> None:
+        """The response ended (within a parse): acted on once the whole read is parsed, so that a byte past it is
+        seen before the connection can go back to the pool and on to another request."""
         exchange.response_done = True
-        if not keep_alive:
-            self._closing = True
+        exchange.complete = keep_alive
+
+    def _end_response(self, exchange: _Exchange) -> None:
         response = exchange.response
         assert response is not None
         if not exchange.request_done:
             # An answer that ended before the request body was all sent: the connection cannot be reused, and the
             # rest of the body is not wanted. Abort: a graceful close would wait behind a body nobody reads.
-            exchange.request_done = True
-            body = exchange.body
-            self._unregister_body()
-            if body is not None:
-                body.stopProducing()
+            self._stop_body(exchange)
             self.abandon()
         # Back to the pool first: the owner, told the response ended, may start its next request at once (a
-        # pipelined one), which should find this connection. This exchange's parser may still be going through
-        # the read: its callbacks reach this exchange only, and refuse any byte past the response.
+        # pipelined one, or one queued for this upstream), which should find this connection.
         self._maybe_idle(exchange)
         response._end(Failure(ResponseDone()))
 
@@ -485,23 +543,21 @@ class UpstreamConnection(Protocol):
         elif response is not None:
             response._end(Failure(ResponseFailed([Failure(error)], response)))
         exchange.response_done = True
-        if not exchange.request_done:
-            exchange.request_done = True
-            self._unregister_body()
-            if exchange.body is not None:
-                exchange.body.stopProducing()
+        exchange.complete = None
+        self._stop_body(exchange)
         self.abandon()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost_reason = reason
+        self._body_registered = False  # the transport lets its producer go itself
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
-            if not exchange.request_done:
-                exchange.request_done = True
-                if exchange.body is not None:
-                    exchange.body.stopProducing()
+            self._stop_body(exchange)
             response = exchange.response
-            if exchange.done is not None:
+            if exchange.complete is not None and response is not None:
+                exchange.complete = None
+                response._end(Failure(ResponseDone()))  # it ended whole before the connection did
+            elif exchange.done is not None:
                 error = ResponseFailed if exchange.received_any else ResponseNeverReceived
                 self._fail_head(exchange, error([reason]))
             elif response is not None and not exchange.response_done:
@@ -518,11 +574,13 @@ def _pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
-def _closes(headers: Headers) -> bool:
-    for value in headers.getRawHeaders(b"connection", ()):
-        if any(token.strip(b" \t").lower() == b"close" for token in value.split(b",")):
-            return True
-    return False
+def _keeps_alive(version: str, headers: Headers) -> bool:
+    """Whether a response leaves its connection open (RFC 9112 section 9.3): HTTP/1.1 unless it says close,
+    HTTP/1.0 only when it says keep-alive."""
+    tokens = {
+        token.strip(b" \t").lower() for value in headers.getRawHeaders(b"connection", ()) for token in value.split(b",")
+    }
+    return b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
 
 
 def _chunked(headers: Headers) -> bool:
