@@ -94,9 +94,19 @@ class AccessLog:
     lives as long as the process: a reload `configure`s it, and requests still running on the old config write
     through the same object."""
 
-    def __init__(self, path: str = "-", *, include_query: bool = False, clock: IReactorTime | None = None) -> None:
+    def __init__(
+        self,
+        path: str = "-",
+        *,
+        include_query: bool = False,
+        clock: IReactorTime | None = None,
+        stdout_is_log: bool = False,
+    ) -> None:
         self.path = ""
         self.include_query = include_query
+        self._stdout_is_log = stdout_is_log
+        """"-" means the process's log (twistd's log file) rather than its standard output: a twistd that
+        daemonises sends its standard output to /dev/null."""
         self._clock = clock
         self._flush_call: IDelayedCall | None = None
         self._fd: int | None = None
@@ -118,10 +128,11 @@ class AccessLog:
         self._fd, self.path = fd, path
         self._close(old_fd, old_path not in ("", "-"))
 
-    @staticmethod
-    def _open(path: str) -> int | None:
+    def _open(self, path: str) -> int | None:
         if path == "":
             return None
+        if path == "-" and self._stdout_is_log:
+            return _TO_LOG
         if path == "-":
             # The process's real stdout: twistd replaces sys.stdout with a file that logs what is written to it.
             return sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
@@ -164,6 +175,10 @@ class AccessLog:
         fd = self._fd
         if fd is None or not pending:
             return
+        if fd == _TO_LOG:
+            for line in pending:
+                _DAEMON_LOG.info("{line}", line=line.decode("utf-8").rstrip("\n"))
+            return
         piece: list[bytes] = []
         size = 0
         for line in pending:
@@ -187,6 +202,12 @@ class AccessLog:
         self.flush()
         old, self._fd = self._fd, None
         self._close(old, self.path not in ("", "-"))
+
+
+_TO_LOG = -1
+"""The "descriptor" of an access log written into the process's own log (a daemon's log file)."""
+_DAEMON_LOG = Logger(namespace=ACCESS_NAMESPACE)
+"""Where such lines go: the global log publisher, which twistd's log file observes (and rotates)."""
 
 
 _PIPE_BUF = select.PIPE_BUF

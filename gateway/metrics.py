@@ -17,10 +17,12 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from gateway.about import versions
 
 __all__ = ["CertificateState", "Live", "Metrics", "PoolState"]
 
@@ -254,6 +256,13 @@ class Metrics:
             registry=registry,
         )
         self._reloads = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"], registry=registry)
+        build = Gauge(
+            "gateway_build_info",
+            "Always 1: the gateway's version and those of Twisted, Python and OpenSSL, as labels.",
+            list(versions()),
+            registry=registry,
+        )
+        build.labels(**versions()).set(1)
         registry.register(_RequestCollector(self))
         registry.register(_LiveCollector(read_live))
 

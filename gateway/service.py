@@ -352,6 +352,7 @@ class GatewayService(MultiService):
         worker_environment: Callable[[], dict[str, str]] | None = None,
         worker_json_log: bool = False,
         inherited: Mapping[str, int] | None = None,
+        daemon: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -360,7 +361,10 @@ class GatewayService(MultiService):
         """Listening sockets passed in by systemd (socket activation): name -> file descriptor."""
         self._reactor = reactor
         self.draining = False
-        self.access_log = AccessLog(config.access_log.path, include_query=config.access_log.query, clock=reactor)
+        # A daemonised twistd sends its standard output to /dev/null: "-" then means its log file.
+        self.access_log = AccessLog(
+            config.access_log.path, include_query=config.access_log.query, clock=reactor, stdout_is_log=daemon
+        )
         self.metrics = Metrics(self._live)
         self.gateway = make_gateway(config, reactor, access_log=self.access_log, metrics=self.metrics)
         self.factory = GatewayFactory(self.gateway, clock=reactor)

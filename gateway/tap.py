@@ -18,6 +18,7 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from gateway import config, signals
+from gateway.about import versions
 from gateway.sdnotify import Notifier, child_environment
 from gateway.service import GatewayService
 
@@ -27,10 +28,19 @@ __all__ = ["Options", "makeService"]
 class Options(usage.Options):
     """The command line of `twistd gateway`."""
 
-    synopsis = "[--config FILE] [--check]"
+    synopsis = "[--config FILE] [--check] [--version]"
     longdesc = "Run the streaming HTTP API gateway with the TOML config FILE."
     optParameters = [["config", "c", "/etc/gateway/gateway.toml", "The TOML config file."]]
     optFlags = [["check", None, "Validate the config file, print the verdict and exit (0 valid, 1 not)."]]
+
+    def opt_version(self) -> None:
+        """Print the gateway's version and those of Twisted, Python and OpenSSL, and exit."""
+        about = versions()
+        print(f"gateway {about['version']}")
+        print(f"Twisted {about['twisted']}")
+        print(f"Python {about['python']}")
+        print(f"{about['openssl']} (pyOpenSSL {about['pyopenssl']})")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         try:
@@ -81,6 +91,14 @@ def makeService(options: Options) -> IService:
 
     twistd = getattr(options, "parent", None)  # twistd's own options, when run by twistd
     json_log = twistd is not None and twistd.get("logger") == "gateway.logs.observer"
+    daemon = twistd is not None and not twistd.get("nodaemon")
+    workers = options.config.server.workers
+    if daemon and workers > 1:
+        raise SystemExit(
+            f"gateway: {options.config.source}: server.workers: {workers} worker processes log to the standard "
+            "output they share with twistd, which a daemonised twistd discards: run twistd --nodaemon (as the "
+            "systemd unit does), or set server.workers = 1"
+        )
     service = _TwistdService(
         options.config,
         reactor,
@@ -88,6 +106,7 @@ def makeService(options: Options) -> IService:
         worker_environment=child_environment,
         worker_json_log=json_log,
         inherited=systemd_sockets(reactor, options.config),
+        daemon=daemon,
     )
     reactor.callWhenRunning(signals.install, reactor, service, Notifier.from_environment())
     return service

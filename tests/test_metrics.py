@@ -502,3 +502,14 @@ def test_live_gauges_are_read_at_each_collection():
     }
     for (name, labels), value in expected.items():
         assert registry.get_sample_value(name, dict(labels)) == value, name
+
+
+def test_build_info_carries_the_versions():
+    """gateway_build_info is 1 with the gateway's, Twisted's, Python's and OpenSSL's versions as labels: the
+    same four `twistd gateway --version` prints."""
+    from gateway.about import versions
+
+    metrics = Metrics(_live)
+    about = versions()
+    assert metrics.registry.get_sample_value("gateway_build_info", about) == 1
+    assert about["version"] and about["twisted"] and about["python"] and about["openssl"].startswith("OpenSSL")

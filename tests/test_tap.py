@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,22 @@ def test_make_service_with_workers_owns_a_worker_pool(tmp_path: Path) -> None:
     assert isinstance(service.workers, WorkerPool)
     assert service.workers.count == 1
     assert not service.workers.running
+
+
+def test_version_prints_the_gateway_twisted_python_and_openssl_versions(capsys: pytest.CaptureFixture[str]) -> None:
+    """`twistd gateway --version` prints the gateway's version (from the package metadata: pyproject.toml is the
+    one place it is written), then Twisted's, Python's and OpenSSL's, and exits 0 without reading a config."""
+    import platform
+
+    import gateway
+    import twisted
+
+    with pytest.raises(SystemExit) as done:
+        tap.Options().parseOptions(["--config", "/nonexistent.toml", "--version"])
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"gateway {gateway.__version__}"
+    assert lines[1:3] == [f"Twisted {twisted.__version__}", f"Python {platform.python_version()}"]
+    assert lines[3].startswith("OpenSSL ") and "(pyOpenSSL " in lines[3]
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert gateway.__version__ == declared

@@ -13,12 +13,24 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.clients import parse_response
-from tests.support.processes import LISTENING, START_TIMEOUT, STOP_TIMEOUT, TWISTD, Child, fetch, run, start
+from tests.support.processes import (
+    LISTENING,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    TWISTD,
+    Child,
+    fetch,
+    free_port,
+    run,
+    start,
+    wait_until_gone,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,6 +40,19 @@ def test_twistd_help_lists_gateway(tmp_path: Path) -> None:
     done = run([str(TWISTD), "--help"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert re.search(r"^\s+gateway\s+Streaming HTTP API gateway", done.stdout, re.MULTILINE), done.stdout
+
+
+def test_version_prints_the_versions_and_exits_0(tmp_path: Path) -> None:
+    """`twistd gateway --version` (a real process) prints the gateway's version first, then Twisted's, Python's
+    and OpenSSL's, and exits 0 without a config file."""
+    import gateway
+
+    done = run([str(TWISTD), "gateway", "--version"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"gateway {gateway.__version__}"
+    assert [line.split()[0] for line in lines] == ["gateway", "Twisted", "Python", "OpenSSL"]
+    assert not (tmp_path / "twistd.log").exists()
 
 
 def test_check_on_example_config_exits_0_and_prints_ok() -> None:
@@ -128,3 +153,65 @@ def test_port_in_use_exits_1_naming_the_address(tmp_path: Path) -> None:
         )
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"Couldn't listen on 127.0.0.1:{port}" in done.stdout + done.stderr
+
+
+def _demo(spawn: list[Child], tmp_path: Path) -> int:
+    demo = start(spawn, [sys.executable, "-m", "gateway.demo", "--port", "0"], tmp_path, "demo")
+    return int(json.loads(demo.wait_for_line(re.compile(r"^\{.*\}$"), START_TIMEOUT).group(0))["port"])
+
+
+def _config(tmp_path: Path, demo_port: int, port: int, extra: str = "") -> Path:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'{extra}[[listeners]]\nhost = "127.0.0.1"\nport = {port}\n\n'
+        f'[[routes]]\nname = "demo"\nauth = "anonymous"\npath_prefix = "/"\nupstream = "http://127.0.0.1:{demo_port}"\n'
+    )
+    return config
+
+
+def test_a_daemon_writes_the_default_access_log_into_its_log_file(tmp_path: Path, spawn: list[Child]) -> None:
+    """`twistd gateway` without --nodaemon detaches and sends its standard output to /dev/null: the access log's
+    default path "-" then means twistd's log file, so a request's line is found there (as one JSON line after
+    twistd's prefix). The daemon is stopped by the PID its pidfile names."""
+    port = free_port()
+    config = _config(tmp_path, _demo(spawn, tmp_path), port)
+    pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
+    done = run(
+        [str(TWISTD), f"--pidfile={pidfile}", f"--logfile={logfile}", "gateway", "--config", str(config)],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    deadline = time.monotonic() + START_TIMEOUT
+    while not pidfile.exists() or "listening on" not in (logfile.read_text() if logfile.exists() else ""):
+        assert time.monotonic() < deadline, logfile.read_text() if logfile.exists() else "no log file"
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    try:
+        assert parse_response(fetch(port, "/report?size=1000")).status == 200
+        lines: list[dict[str, object]] = []
+        while not lines:
+            assert time.monotonic() < deadline + 10, logfile.read_text()
+            time.sleep(0.05)
+            lines = [
+                json.loads(line.partition("] ")[2])
+                for line in logfile.read_text().splitlines()
+                if "[gateway.access" in line
+            ]
+        assert [(line["path"], line["status"], line["ending"]) for line in lines] == [("/report", 200, "completed")]
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until_gone(pid, STOP_TIMEOUT)
+
+
+def test_a_daemon_with_workers_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    """Worker processes log to the standard output they share with twistd, which a daemon discards: started as
+    a daemon with server.workers above 1, `twistd gateway` exits 1 with one line that says what to do."""
+    config = _config(tmp_path, 1, free_port(), extra="[server]\nworkers = 2\n\n")
+    done = run(
+        [str(TWISTD), f"--pidfile={tmp_path / 'p.pid'}", "--logfile=-", "gateway", "--config", str(config)],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "server.workers: 2 worker processes log to the standard output" in done.stderr
+    assert "twistd --nodaemon" in done.stderr
+    assert not (tmp_path / "p.pid").exists()
