@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
@@ -61,6 +61,7 @@ __all__ = [
     "Timeouts",
     "Upstream",
     "load",
+    "load_text",
     "parse",
 ]
 
@@ -280,19 +281,31 @@ class Config:
     access_log: AccessLog = AccessLog()
     admin: Admin | None = None
     """None: no admin listener (no [admin] table in the file)."""
+    text: bytes = field(default=b"", repr=False, compare=False)
+    """The file's bytes this config was read from (b"" for one built from a mapping): what the worker processes
+    are given, so that every process serves exactly what the twistd process read and checked."""
 
 
 def load(path: Path | str) -> Config:
     """Read and validate the TOML file at `path`."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        text = path.read_bytes()
     except OSError as e:
         raise ConfigError(path, "", f"cannot read the file: {e.strerror or e}") from None
+    return load_text(text, source=path)
+
+
+def load_text(text: bytes, *, source: Path | str) -> Config:
+    """Validate the bytes of a TOML config file read from `source` (which names it in errors, and which relative
+    paths in it are relative to)."""
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, "", f"not valid UTF-8: {e}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, "", f"not valid TOML: {e}") from None
-    return parse(data, source=path)
+        raise ConfigError(source, "", f"not valid TOML: {e}") from None
+    return replace(parse(data, source=source), text=text)
 
 
 def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:

@@ -387,6 +387,7 @@ class GatewayService(MultiService):
                 reactor,
                 config.server.workers - 1,
                 command,
+                config_text=_config_text(config),
                 stop_timeout=config.server.drain_timeout + 10.0,
                 environment=worker_environment,
                 inherited_fds=tuple(self.inherited.values()),
@@ -437,15 +438,16 @@ class GatewayService(MultiService):
 
     # --- reload -------------------------------------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """Read the config file again and apply it to new requests; False (and nothing changed) if it is
-        invalid or a new listener cannot be bound."""
+    def reload(self, text: bytes | None = None) -> bool:
+        """Read the config file again (or take `text`, its bytes as the twistd process read them, in a worker) and
+        apply it to new requests; False (and nothing changed) if it is invalid or a new listener cannot be bound.
+        The worker processes are given the very bytes this process read and checked."""
         if self.draining:
             _log.warn("Reload ignored: the gateway is stopping")
             return False
         source = self.config.source
         try:
-            new = config_module.load(source)
+            new = config_module.load(source) if text is None else config_module.load_text(text, source=source)
         except ConfigError as e:
             _log.error("Reload refused, the running config is unchanged: {error}", error=str(e))
             self.metrics.reloaded("invalid")
@@ -532,7 +534,7 @@ class GatewayService(MultiService):
         self._retire(previous)
         if self.workers is not None:
             self.workers.stop_timeout = new.server.drain_timeout + 10.0  # they drain on the new timeout
-            self.workers.signal_all("HUP")
+            self.workers.send_config(_config_text(new))
         self.metrics.reloaded("applied")
         _log.info(
             "Reloaded {source}: {routes} routes, {listeners} listeners (pid {pid})",
@@ -621,6 +623,19 @@ def _within(clock: Any, waited: Deferred[Any], timeout: float) -> Deferred[bool]
 
     waited.addBoth(fired)
     return result
+
+
+def _config_text(config: Config) -> bytes:
+    """The bytes the worker processes are given: those `config` was read from. A config built from a mapping (in
+    tests) has none: its file, if there is one, is read once here; without one the workers are given nothing,
+    and refuse it naming the file."""
+    if config.text:
+        return config.text
+    try:
+        with open(config.source, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _state(owner: str, certificate_set: CertificateSet) -> CertificateState:

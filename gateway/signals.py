@@ -30,10 +30,14 @@ __all__ = ["install"]
 _log = Logger()
 
 
-def install(reactor: Any, service: GatewayService, notifier: Notifier | None) -> None:
-    """Install the handlers for `service`; tell systemd the process is ready."""
+def install(reactor: Any, service: GatewayService, notifier: Notifier | None, *, reload_on_hup: bool = True) -> None:
+    """Install the handlers for `service`; tell systemd the process is ready. Without `reload_on_hup` (a worker,
+    whose reloads come from the twistd process) SIGHUP is logged and ignored."""
 
     def reload() -> None:
+        if not reload_on_hup:
+            _log.info("SIGHUP ignored: a worker reloads with the config its twistd process sends")
+            return
         if service.draining:
             service.reload()  # logs that it is ignored; systemd, told STOPPING=1, hears nothing more
             return

@@ -1,11 +1,14 @@
 """One extra worker process: `python -m gateway.worker --config FILE --index N`, started by `gateway.workers`.
 
-Rule: this is a composition root like `gateway.tap` (it names the global reactor). It serves the same config as
-the twistd process that started it, on the same ports (each listener bound with SO_REUSEPORT), with the admin
-port plus its index, starts no workers of its own, and logs as `twistd --logfile=-` does, to the stdout it
-shares with its parent. Signals do what they do to the twistd process (`gateway.signals`): SIGHUP reloads,
-SIGTERM drains and stops. It also stops when its stdin, a pipe from the parent, reaches end of file: the parent
-is gone, however it died, so no worker outlives it.
+Rule: this is a composition root like `gateway.tap` (it names the global reactor). It serves the config the
+twistd process that started it read and checked: its bytes come down stdin, a pipe from the parent (each one
+framed as its length and a newline, then the bytes: `gateway.workers.config_frame`), first at start, then at
+every reload; the file itself is never read here (`--config` names it, for errors and relative paths). It serves
+on the same ports (each listener bound with SO_REUSEPORT), with the admin port plus its index, starts no workers
+of its own, and logs as `twistd --logfile=-` does, to the stdout it shares with its parent. SIGTERM drains and
+stops, SIGUSR1 reopens the access log (`gateway.signals`); a SIGHUP of its own is ignored (reloads come from the
+parent). It also stops when its stdin reaches end of file: the parent is gone, however it died, so no worker
+outlives it.
 """
 
 from __future__ import annotations
@@ -25,18 +28,53 @@ from twisted.python.failure import Failure
 from gateway import config, logs, signals
 from gateway.service import GatewayService
 
-__all__ = ["main"]
+__all__ = ["ConfigFrames", "first_config", "main"]
 
 _log = Logger(namespace="gateway.worker")
 
 
+class ConfigFrames:
+    """Splits what comes down the parent pipe into configs (`gateway.workers.config_frame`): each complete one is
+    handed to `received`, whatever the pieces it came in."""
+
+    def __init__(self, received: Callable[[bytes], object]) -> None:
+        self._received = received
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            size, newline, rest = self._buffer.partition(b"\n")
+            if not newline:
+                return
+            if not size.isdigit():
+                raise ValueError(f"not a config frame: {self._buffer[:40]!r}")
+            if len(rest) < int(size):
+                return
+            text, self._buffer = rest[: int(size)], rest[int(size) :]
+            self._received(text)
+
+
+def first_config(fd: int = 0) -> bytes:
+    """The first config down the parent pipe, read before the reactor runs (blocking)."""
+    found: list[bytes] = []
+    frames = ConfigFrames(found.append)
+    while not found:
+        data = os.read(fd, 65536)
+        if not data:
+            raise EOFError("the parent closed the pipe before it sent a config")
+        frames.feed(data)
+    return found[0]
+
+
 class _ParentPipe(FileDescriptor):
-    """Reads stdin only to notice its end, which means the parent process has exited.
+    """Reads stdin: the configs the parent sends for reloads, and its end, which means the parent has exited.
 
     Not `twisted.internet.stdio`: it would make stdout non-blocking, and stdout is shared with the parent."""
 
-    def __init__(self, reactor: object, on_closed: Callable[[], None]) -> None:
+    def __init__(self, reactor: object, on_config: Callable[[bytes], object], on_closed: Callable[[], None]) -> None:
         super().__init__(reactor)  # type: ignore[arg-type]
+        self._frames = ConfigFrames(on_config)
         self._on_closed = on_closed
         fdesc.setNonBlocking(0)
         self.startReading()
@@ -45,7 +83,7 @@ class _ParentPipe(FileDescriptor):
         return 0
 
     def doRead(self) -> object:
-        return fdesc.readFromFD(0, lambda data: None)
+        return fdesc.readFromFD(0, self._frames.feed)
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -64,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     index = args.index
     try:
-        cfg = config.load(args.config)
-    except config.ConfigError as e:
+        cfg = config.load_text(first_config(), source=args.config)
+    except (config.ConfigError, EOFError, ValueError) as e:
         print(f"gateway worker {index}: {e}", file=sys.stderr)
         return 1
 
@@ -84,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # SIGHUP reloads, SIGTERM drains and exits 0, SIGUSR1 reopens the access log; systemd hears only from the
     # twistd process (a worker has no NOTIFY_SOCKET).
-    reactor.callWhenRunning(signals.install, reactor, service, None)
+    reactor.callWhenRunning(signals.install, reactor, service, None, reload_on_hup=False)
 
     def parent_gone() -> None:
         _log.info(
@@ -93,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(ReactorNotRunning):  # already stopping (SIGTERM came first)
             reactor.stop()
 
-    _ParentPipe(reactor, parent_gone)
+    _ParentPipe(reactor, service.reload, parent_gone)
     # Once running, Twisted's SIGTERM handler is in place (until then SIGTERM kills the process outright).
     reactor.callWhenRunning(_log.info, "gateway worker {index} (pid {pid}) serving", index=index, pid=os.getpid())
     reactor.run()

@@ -1,14 +1,16 @@
 """Worker processes: the extra processes that serve the same listeners as the twistd process, and their stop.
 
-Rule: every worker the pool starts, it also ends, within a bound. A worker (`python -m gateway.worker`) loads the
-same config file and binds every listener itself with SO_REUSEPORT, so the kernel spreads new connections across
-the twistd process (worker 0) and workers 1..N-1. Workers share the parent's stdout and stderr, and their stdin is
-a pipe from the parent: they exit on SIGTERM, or when that pipe closes because the parent is gone, even killed
-outright. Stopping the pool sends SIGTERM to every worker and waits for each to exit; after `stop_timeout`
-seconds it sends SIGKILL. A worker that dies on its own is restarted: at once the first time, then after a delay
-that doubles (to at most a minute) while it keeps dying within a minute of its start, so a worker that cannot
-start does not spin. `signal_all` reaches every worker (SIGHUP for a reload). The reactor is given, never
-imported.
+Rule: every worker the pool starts, it also ends, within a bound. A worker (`python -m gateway.worker`) serves
+the config the twistd process read and checked, given as its very bytes over the worker's stdin (a pipe from the
+parent; a reload sends the new bytes the same way), so a file edited between two reads can never make two
+processes serve different configs; it binds every listener itself with SO_REUSEPORT, so the kernel spreads new
+connections across the twistd process (worker 0) and workers 1..N-1. Workers share the parent's stdout and
+stderr: they exit on SIGTERM, or when the stdin pipe closes because the parent is gone, even killed outright.
+Stopping the pool sends SIGTERM to every worker and waits for each to exit; after `stop_timeout` seconds it sends
+SIGKILL. A worker that dies on its own is restarted: at once the first time, then after a delay that doubles (to
+at most a minute) while it keeps dying within a minute of its start, so a worker that cannot start does not
+spin. `signal_all` reaches every worker (SIGUSR1 to reopen the access log). The reactor is given,
+never imported.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["KILL_TIMEOUT", "STOP_TIMEOUT", "WorkerPool", "worker_command"]
+__all__ = ["KILL_TIMEOUT", "STOP_TIMEOUT", "WorkerPool", "config_frame", "worker_command"]
 
 _log = Logger()
 
@@ -52,6 +54,11 @@ def worker_command(
     for name, fd in (inherited or {}).items():
         command += ["--inherited", f"{name}={fd}"]
     return command
+
+
+def config_frame(text: bytes) -> bytes:
+    """A config's bytes as they go down a worker's stdin: their length in decimal and a newline, then them."""
+    return b"%d\n%s" % (len(text), text)
 
 
 def _describe_exit(reason: Failure) -> str:
@@ -98,6 +105,11 @@ class _Worker(ProcessProtocol):
         self._waiting.append(d)
         return d
 
+    def send(self, data: bytes) -> None:
+        """Write `data` down the worker's stdin (unless it has ended)."""
+        if not self.ended and self.transport is not None:
+            self.transport.write(data)
+
     def signal(self, name: str) -> bool:
         """Send signal `name` ("TERM", "KILL", "HUP"); False if the process had already exited."""
         if self.ended or self.transport is None:
@@ -119,6 +131,7 @@ class WorkerPool(Service):
         count: int,
         command: Callable[[int], Sequence[str]],
         *,
+        config_text: bytes = b"",
         stop_timeout: float = STOP_TIMEOUT,
         kill_timeout: float = KILL_TIMEOUT,
         environment: Callable[[], dict[str, str]] | None = None,
@@ -126,6 +139,8 @@ class WorkerPool(Service):
     ) -> None:
         self.count = count
         self.command = command
+        self.config_text = config_text
+        """The bytes of the config every worker serves (each new one is given them first)."""
         self.stop_timeout = stop_timeout
         self.kill_timeout = kill_timeout
         self.restarts = 0
@@ -158,9 +173,17 @@ class WorkerPool(Service):
         child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         child_fds.update({fd: fd for fd in self._inherited_fds})  # systemd's listening sockets, same numbers
         self._reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
+        worker.send(config_frame(self.config_text))
         worker.started_at = self._reactor.seconds()
         self._workers[index] = worker
         _log.info("gateway worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def send_config(self, text: bytes) -> None:
+        """A reload: every running worker is given `text` (the config's bytes) to reload with; workers started
+        from now on begin with it."""
+        self.config_text = text
+        for worker in self._workers.values():
+            worker.send(config_frame(text))
 
     def signal_all(self, name: str) -> None:
         """Send signal `name` to every running worker."""

@@ -167,3 +167,50 @@ async def test_a_killed_worker_is_restarted_with_a_new_pid(
     assert is_alive(pool.pids[1])
     assert pool.restarts == 1
     assert f"gateway worker 1 (pid {old}) was killed by signal 9 (SIGKILL) unexpectedly" in "\n".join(worker_log)
+
+
+RECORDS = (
+    "import sys\n"
+    "from gateway.worker import ConfigFrames\n"
+    "out = open(sys.argv[1] + '.configs', 'ab', buffering=0)\n"
+    "frames = ConfigFrames(lambda text: out.write(text + b'\\n--\\n'))\n"
+    "open(sys.argv[1], 'w').close()\n"
+    "while data := sys.stdin.buffer.read1(65536):\n"
+    "    frames.feed(data)\n"
+)
+"""A stand-in that writes every config it is given down its stdin to a file, each followed by a separator."""
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_worker_is_given_the_config_bytes_at_start_and_at_each_reload(
+    make_pool: Callable[..., WorkerPool], tmp_path: Path
+) -> None:
+    """A worker gets the config as bytes down its stdin when it starts, and again at each `send_config`; a worker
+    started after a reload begins with the latest bytes."""
+    pool = make_pool(RECORDS, count=2, config_text=b"first = 1\n")
+    await ready(tmp_path, 1, 2)
+    pool.send_config(b"second = 2\n")
+    configs = [tmp_path / f"ready-{i}.configs" for i in (1, 2)]
+    await until(lambda: all(b"second" in c.read_bytes() for c in configs if c.exists()), "the reload's bytes")
+    for recorded in configs:
+        assert recorded.read_bytes() == b"first = 1\n\n--\nsecond = 2\n\n--\n"
+    pid = pool.pids[1]
+    os.kill(pid, signal.SIGKILL)
+    await until(lambda: pool.pids.get(1, pid) != pid, "worker 1 restarted")
+    await until(lambda: configs[0].read_bytes().endswith(b"second = 2\n\n--\nsecond = 2\n\n--\n"), "restart's bytes")
+
+
+def test_config_frames_are_found_whatever_the_pieces() -> None:
+    """What comes down the pipe is split into configs by their length, fed a byte at a time or all at once."""
+    from gateway.worker import ConfigFrames
+    from gateway.workers import config_frame
+
+    stream = config_frame(b"a = 1\n") + config_frame(b"") + config_frame(b"x" * 70_000)
+    for step in (1, 7, len(stream)):
+        found: list[bytes] = []
+        frames = ConfigFrames(found.append)
+        for start in range(0, len(stream), step):
+            frames.feed(stream[start : start + step])
+        assert found == [b"a = 1\n", b"", b"x" * 70_000]
+    with pytest.raises(ValueError):
+        ConfigFrames(found.append).feed(b"not a frame\n")

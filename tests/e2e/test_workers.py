@@ -24,6 +24,7 @@ import pytest
 import trustme
 from cryptography import x509
 
+from gateway.workers import config_frame
 from tests.support.certs import Issued, issue, write_ca
 from tests.support.clients import Parsed, parse_response
 from tests.support.processes import (
@@ -37,7 +38,6 @@ from tests.support.processes import (
     free_port,
     is_alive,
     kill_if_ours,
-    run,
     start,
     wait_until_gone,
 )
@@ -222,6 +222,38 @@ def test_a_killed_worker_is_restarted_and_serves_again(workers: Workers) -> None
         kill_if_ours(new_pid, "gateway.worker")
 
 
+def test_a_worker_serves_the_config_twistd_read_not_the_file_as_it_is_now(workers: Workers) -> None:
+    """The config is read once, by twistd: a file edited since (not reloaded) changes no process, not even a
+    worker started after the edit (one killed and restarted gets the bytes twistd read and checked), and a
+    SIGHUP then gives every worker the bytes twistd read for the reload."""
+    twistd = workers.twistd
+    text = workers.config.read_text()
+    workers.config.write_text(text.replace('path_prefix = "/"', 'path_prefix = "/elsewhere"'))
+    os.kill(workers.worker_pid, signal.SIGKILL)
+    new_pid = int(twistd.wait_for_line(WORKER_STARTED, START_TIMEOUT).group(1))
+    try:
+        twistd.wait_for_line(re.compile(rf"gateway worker 1 \(pid {new_pid}\) serving"), START_TIMEOUT)
+        counts = spread(workers.port, [twistd.proc.pid, new_pid])  # every connection: 200 on /report
+        assert sum(counts.values()) == CONNECTIONS and all(counts.values()), counts
+        workers.config.write_text(text.replace('path_prefix = "/"', 'path_prefix = "/report"'))
+        os.kill(twistd.proc.pid, signal.SIGHUP)
+        reloaded = re.compile(r"Reloaded .*gateway\.toml: 1 routes, 1 listeners \(pid (\d+)\)")
+        pids = {int(twistd.wait_for_line(reloaded, START_TIMEOUT).group(1)) for _ in range(2)}
+        assert pids == {twistd.proc.pid, new_pid}, twistd.output()
+        workers.config.write_text(text.replace('path_prefix = "/"', 'path_prefix = "/elsewhere"'))  # not read
+        counts = spread(workers.port, sorted(pids), "/report?size=100")
+        assert sum(counts.values()) == CONNECTIONS and all(counts.values()), counts
+    finally:
+        kill_if_ours(new_pid, "gateway.worker")
+
+
+def test_sighup_to_a_worker_is_ignored(workers: Workers) -> None:
+    """A worker's reloads come from twistd: a SIGHUP sent to the worker itself is logged and changes nothing."""
+    os.kill(workers.worker_pid, signal.SIGHUP)
+    workers.twistd.wait_for_line(re.compile(r"SIGHUP ignored: a worker reloads with the config"), START_TIMEOUT)
+    assert is_alive(workers.worker_pid)
+
+
 def test_sighup_reloads_every_process(workers: Workers) -> None:
     """SIGHUP to twistd reloads it and its worker: both log the reload, and a route the new file adds answers
     on every connection, whichever process takes it."""
@@ -295,14 +327,31 @@ def test_worker_exits_when_twistd_is_killed(workers: Workers) -> None:
     assert "Traceback" not in log + twistd.stderr()
 
 
+def _worker(config: Path, stdin: bytes, tmp_path: Path) -> subprocess.CompletedProcess[bytes]:
+    argv = [sys.executable, "-m", "gateway.worker", "--config", str(config), "--index", "1"]
+    return subprocess.run(argv, cwd=tmp_path, input=stdin, capture_output=True, timeout=60, check=False)
+
+
 def test_worker_with_an_invalid_config_exits_1_with_one_line(tmp_path: Path) -> None:
-    """`python -m gateway.worker` on an invalid config exits 1 with `gateway worker N: file: key: reason`."""
+    """`python -m gateway.worker` given an invalid config exits 1 with `gateway worker N: file: key: reason`:
+    the file named by --config, the reason from the bytes that came down its stdin (the file itself is not read:
+    here it holds a valid config)."""
     config = tmp_path / "bad.toml"
-    config.write_text('[server]\nworkers = 0\n\n[[listeners]]\nhost = "127.0.0.1"\nport = 1\n')
-    done = run([sys.executable, "-m", "gateway.worker", "--config", str(config), "--index", "1"], cwd=tmp_path)
+    config.write_text('[[listeners]]\nhost = "127.0.0.1"\nport = 1\n')
+    invalid = b'[server]\nworkers = 0\n\n[[listeners]]\nhost = "127.0.0.1"\nport = 1\n'
+    done = _worker(config, config_frame(invalid), tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert done.stderr == f"gateway worker 1: {config}: server.workers: must be a positive integer, got 0\n"
-    assert done.stdout == ""
+    assert done.stderr.decode() == f"gateway worker 1: {config}: server.workers: must be a positive integer, got 0\n"
+    assert done.stdout == b""
+
+
+def test_worker_whose_parent_sends_no_config_exits_1_with_one_line(tmp_path: Path) -> None:
+    """A worker whose stdin ends before a config came (its parent died at once) exits 1 saying so."""
+    config = tmp_path / "gateway.toml"
+    config.write_text('[[listeners]]\nhost = "127.0.0.1"\nport = 1\n')
+    done = _worker(config, b"12\nhalf", tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.decode() == "gateway worker 1: the parent closed the pipe before it sent a config\n"
 
 
 def tls_spread(port: int, pids: list[int], trust: Path) -> tuple[dict[int, int], set[int]]:
