@@ -77,7 +77,8 @@ def make_gateway(
     admission checks (with their own threads and connections, started lazily).
 
     With `previous` (a reload), the pools of upstreams whose settings did not change are kept (their warm
-    connections with them), and so are the rate-limit counts."""
+    connections with them), and so are the rate-limit counts and the admission methods whose settings (and
+    consumers) did not change, with their caches (keys fetched, passwords verified) and connections."""
     pools: dict[str, UpstreamPool] = {}
     for route in config.routes:
         name = route.upstream.name
@@ -92,13 +93,14 @@ def make_gateway(
         else:
             pools[name] = UpstreamPool(route.upstream, reactor)
     store = previous.gatekeeper.store if previous is not None else None
+    old_gatekeeper = previous.gatekeeper if previous is not None else None
     return Gateway(
         server=config.server,
         limits=config.limits,
         router=Router(config.routes),
         pools=pools,
         clock=reactor,
-        gatekeeper=Gatekeeper(config.admission, reactor=reactor, store=store),
+        gatekeeper=Gatekeeper(config.admission, reactor=reactor, store=store, previous=old_gatekeeper),
         access_log=access_log if access_log is not None and access_log.enabled else None,
         metrics=metrics,
     )

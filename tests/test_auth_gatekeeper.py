@@ -528,3 +528,50 @@ def test_concurrent_guesses_count_against_the_user_and_the_address() -> None:
         d.errback(AuthFailure("bad_test", "wrong"))
     assert keeper._guessing == {}
     assert isinstance(keeper.check(route, request((b"X-Test", b"carol:1"))), TooManyRequests)  # 5 failures counted
+
+
+# --- a reload keeps the methods whose settings did not change -----------------------------------------------
+
+
+def _three_methods(**consumer_changes: Any) -> Config:
+    consumers = {"alice": {"password": PASSWORD_HASH, "api_keys": [hash_key("gwk_alicekey")]}}
+    consumers["alice"].update(consumer_changes)
+    return parse(
+        {
+            **gateway_config("http://127.0.0.1:8081", route={"auth": ["keys", "login", "corp"]}),
+            "auth": {
+                "keys": {"type": "api_key"},
+                "login": {"type": "basic"},
+                "corp": {
+                    "type": "jwt",
+                    "issuer": "https://id.example.com/",
+                    "audiences": ["gateway"],
+                    "algorithms": ["RS256"],
+                    "jwks_url": "https://id.example.com/jwks",
+                },
+            },
+            "consumers": consumers,
+        },
+        source="test.toml",
+    )
+
+
+def test_a_reload_keeps_the_methods_whose_settings_did_not_change() -> None:
+    """A reload's gatekeeper takes over each method built from the same settings (and, for methods that look up
+    consumers, the same consumers), caches and connections with it: a JWKS is not fetched again, verified
+    passwords stay verified. Closing the old gatekeeper then leaves what it handed on alone."""
+    clock = Clock()
+    old = Gatekeeper(_three_methods().admission, reactor=clock)
+    same = Gatekeeper(_three_methods().admission, reactor=clock, previous=old)
+    assert all(same._authenticators[name] is old._authenticators[name] for name in ("keys", "login", "corp"))
+    # A consumer's password changed: the methods that look consumers up are new; the JWT method is kept.
+    other = bcrypt.hashpw(b"other", bcrypt.gensalt(rounds=4)).decode("ascii")
+    changed = Gatekeeper(_three_methods(password=other).admission, reactor=clock, previous=same)
+    assert changed._authenticators["corp"] is same._authenticators["corp"]
+    assert changed._authenticators["keys"] is not same._authenticators["keys"]
+    assert changed._authenticators["login"] is not same._authenticators["login"]
+    old.close()  # everything it had was handed on: nothing of it is closed
+    assert not same._authenticators["login"]._closed
+    same.close()  # its login method was not handed on (the consumers changed): closed; the kept ones are not
+    assert same._authenticators["login"]._closed
+    assert not changed._authenticators["login"]._closed

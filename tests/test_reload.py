@@ -261,6 +261,37 @@ async def test_rate_limit_counts_carry_over_a_reload(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_reload_keeps_the_admission_methods_whose_settings_did_not_change(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """A reload of a file whose [auth.*] tables did not change keeps their methods (a JWKS fetched stays, verified
+    passwords stay verified); one whose settings changed is built anew. The old gatekeeper's close, once retired,
+    leaves the kept methods alone."""
+    path = tmp_path / "gateway.toml"
+    jwt = {
+        "type": "jwt",
+        "issuer": "https://id.example.com/",
+        "audiences": ["gateway"],
+        "algorithms": ["RS256"],
+        "jwks_url": "https://id.example.com/jwks",
+    }
+    data = base(origin, auth={"corp": jwt, "sso": {**jwt, "issuer": "https://sso.example.com/"}})
+    data["routes"][0]["auth"] = ["corp", "sso"]
+    service = start(path, data, running)
+    old = service.gateway.gatekeeper
+    corp, sso = old._authenticators["corp"], old._authenticators["sso"]
+    data["auth"]["sso"]["leeway"] = "5s"
+    path.write_text(toml(data))
+    assert service.reload() is True
+    new = service.gateway.gatekeeper
+    assert new is not old
+    assert new._authenticators["corp"] is corp
+    assert new._authenticators["sso"] is not sso
+    old.close()
+    assert not corp.keys._closed
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_reload_while_draining_is_ignored(
     origin: Origin, tmp_path: Path, running: list[GatewayService]
 ) -> None:

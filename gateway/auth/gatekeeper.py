@@ -82,6 +82,15 @@ class Allow(NamedTuple):
 Verdict = Allow | Denied
 
 
+_LOOKS_UP_CONSUMERS = frozenset({"api_key", "basic", "mtls"})
+
+
+def _basis(method: Method, admission: Admission) -> tuple[object, ...]:
+    """What a method's running form is built from (`build_authenticator`): equal bases make equal methods."""
+    consumers = admission.consumers if method.type in _LOOKS_UP_CONSUMERS else None
+    return (method, admission.realm, consumers)
+
+
 def build_authenticator(method: Method, admission: Admission, reactor: Any) -> Authenticator:
     """The running form of one configured method."""
     realm = admission.realm
@@ -114,14 +123,18 @@ class Gatekeeper:
         reactor: Any,
         store: LimitStore | None = None,
         authenticators: Mapping[str, Authenticator] | None = None,
+        previous: Gatekeeper | None = None,
     ) -> None:
         self._admission = admission
         self._rates = admission.rate_limits
         self._store: LimitStore = store if store is not None else MemoryLimitStore(reactor)
+        self._handed_on: set[int] = set()
+        """Ids of this gatekeeper's methods a reload's gatekeeper took over: they are its to close now."""
         if authenticators is None:
-            authenticators = {
-                name: build_authenticator(method, admission, reactor) for name, method in admission.methods.items()
-            }
+            authenticators = {}
+            for name, method in admission.methods.items():
+                kept = previous.hand_on(name, method, admission) if previous is not None else None
+                authenticators[name] = kept or build_authenticator(method, admission, reactor)
         self._authenticators = dict(authenticators)
         self._chains: dict[tuple[str, ...], tuple[Authenticator, ...]] = {}
         rates = self._rates
@@ -374,9 +387,25 @@ class Gatekeeper:
         """The rate and concurrency counts: a reload hands them to the next gatekeeper, so limits go on."""
         return self._store
 
+    def hand_on(self, name: str, method: Method, admission: Admission) -> Authenticator | None:
+        """This gatekeeper's method `name` for a reload's gatekeeper, if what it was built from is unchanged
+        (its settings, the realm, and the consumers for a method that looks them up), with its caches and
+        connections (keys fetched, passwords verified, warm connections to an auth service); None otherwise.
+        A method handed on is the new gatekeeper's to close."""
+        auth = self._authenticators.get(name)
+        old = self._admission.methods.get(name)
+        if auth is None or old is None or _basis(old, self._admission) != _basis(method, admission):
+            return None
+        self._handed_on.add(id(auth))
+        return auth
+
     def close(self) -> Deferred[Any]:
-        """Release every method's threads and connections."""
-        closing = [d for d in (auth.close() for auth in self._authenticators.values()) if d is not None]
+        """Release the threads and connections of every method not handed on to a reload's gatekeeper."""
+        closing = [
+            d
+            for d in (auth.close() for auth in self._authenticators.values() if id(auth) not in self._handed_on)
+            if d is not None
+        ]
         return DeferredList(closing)
 
 
