@@ -224,6 +224,8 @@ class GatewayRequest(http.Request):
         """Body bytes read and dropped while lingering."""
         self._release: Any = None
         """Gives back the consumer's concurrency slot; called once, when the request ends however it ends."""
+        self._admitted_headers: Any = ()
+        """Headers admission gives every response to this request (its rate limit)."""
         # For the access log: when the head began, was decided, got an upstream slot and its response head.
         self._began = self._clock.seconds()
         self._decided_at: float | None = None
@@ -459,6 +461,7 @@ class GatewayRequest(http.Request):
         self._target = decision.upstream_target
         self._pool = gateway.pools[route.upstream.name]
         self._release = allow.release
+        self._admitted_headers = allow.response_headers
         self.consumer = allow.identity.consumer
         self._decided_at = self._clock.seconds()
         if self._has_body:
@@ -579,6 +582,8 @@ class GatewayRequest(http.Request):
         )
         if route.strict_transport_security and self._tls:
             self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [route.strict_transport_security])
+        for name, value in self._admitted_headers:
+            self.responseHeaders.addRawHeader(name, value)
         if self.method == b"HEAD" or upstream.code == 304:
             # No body follows, but Content-Length still describes the representation: it is relayed as sent.
             length = upstream.headers.getRawHeaders(b"content-length")
@@ -731,6 +736,8 @@ class GatewayRequest(http.Request):
         self.setResponseCode(status, reason_phrase(status))
         headers = self.responseHeaders
         for name, value in error.extra_headers():
+            headers.addRawHeader(name, value)
+        for name, value in self._admitted_headers:
             headers.addRawHeader(name, value)
         headers.setRawHeaders(b"Content-Type", [content_type])
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])

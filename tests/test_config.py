@@ -608,6 +608,7 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ("trusted-name", set_at("server.trusted_proxies", ["lb.local"]), "server.trusted_proxies", "'lb.local' is not"),
     ("proxy-text", set_at("listeners.0.proxy_protocol", "yes"), "listeners[0].proxy_protocol", "true or false"),
     ("hide-not-list", set_at("server.hide_response_headers", "Server"), "server.hide_response_headers", "an array"),
+    ("rate-headers", set_at("routes.0.rate_limit_headers", "yes"), "routes[0].rate_limit_headers", "true or false"),
     (
         "hide-bad-name",
         set_at("routes.0.hide_response_headers", ["X Powered"]),

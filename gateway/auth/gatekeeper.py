@@ -77,6 +77,8 @@ class Allow(NamedTuple):
     remove: frozenset[bytes]
     """Canonical names of the client headers to remove before forwarding: every header admission may set (so a
     client cannot spoof one), and the credential used (unless the route forwards credentials)."""
+    response_headers: Sequence[tuple[bytes, bytes]] = ()
+    """Headers for the client's response: the rate limit it was counted against (RateLimit-Policy, RateLimit)."""
 
 
 Verdict = Allow | Denied
@@ -180,6 +182,8 @@ class Gatekeeper:
                 decision = self._store.take("anonymous:" + peer, rate)
                 if not decision.allowed:
                     return _too_many("anonymous", rate, decision, "rate_limited_address", None)
+                if admission.rate_limit_headers:
+                    return self._anonymous._replace(response_headers=_rate_headers("anonymous", rate, decision))
             return self._anonymous
         chain = self._chain(admission)
         headers = request.headers
@@ -319,6 +323,7 @@ class Gatekeeper:
             return self._forbidden(identity, admission, chain)
         name = identity.consumer
         release = None
+        response_headers: Sequence[tuple[bytes, bytes]] = ()
         if name is not None:
             # A declared consumer's own limits apply to it alone; a token's subject or an auth service's name is
             # counted under its method, never as the declared consumer of the same name.
@@ -342,6 +347,8 @@ class Gatekeeper:
                     if release is not None:
                         release()  # refused: the slot taken for it goes back
                     return _too_many("consumer", rate, decision, "rate_limited_consumer", name)
+                if admission.rate_limit_headers:
+                    response_headers = _rate_headers("consumer", rate, decision)
         forwarded = self._forwarded.get((id(identity), admission.forward_credentials))
         if forwarded is None or forwarded[0] is not identity:
             if len(self._forwarded) >= _MAX_FORWARDED:
@@ -351,7 +358,7 @@ class Gatekeeper:
                 remove = remove.union(canonical_name(n) for n in identity.credential_headers)
             forwarded = (identity, self._identity_headers(identity), remove)
             self._forwarded[id(identity), admission.forward_credentials] = forwarded
-        return Allow(identity, release, forwarded[1], forwarded[2])
+        return Allow(identity, release, forwarded[1], forwarded[2], response_headers)
 
     def _forbidden(self, identity: Identity, admission: RouteAdmission, chain: Sequence[Authenticator]) -> Denied:
         needed = missing_scopes(identity.scopes, any_of=admission.scopes_any, all_of=admission.scopes_all)
@@ -442,17 +449,29 @@ def _too_many(
 ) -> TooManyRequests:
     """429 with Retry-After and the RateLimit-Policy / RateLimit headers (draft-ietf-httpapi-ratelimit-headers)."""
     retry = max(1, math.ceil(decision.retry_after))
-    window = max(1, math.ceil(limit.period))
     return TooManyRequests(
         f"over the {name} rate limit of {limit.requests} requests per {limit.period:g} s; retry in {retry} s",
         reason=reason,
         consumer=consumer,
         headers=[
             (b"Retry-After", b"%d" % retry),
-            (b"RateLimit-Policy", b'"%s";q=%d;w=%d' % (name.encode("ascii"), limit.requests, window)),
+            (b"RateLimit-Policy", _policy(name, limit)),
             (b"RateLimit", b'"%s";r=0;t=%d' % (name.encode("ascii"), retry)),
         ],
     )
+
+
+def _policy(name: str, limit: RateLimit) -> bytes:
+    return b'"%s";q=%d;w=%d' % (name.encode("ascii"), limit.requests, max(1, math.ceil(limit.period)))
+
+
+def _rate_headers(name: str, limit: RateLimit, decision: RateDecision) -> list[tuple[bytes, bytes]]:
+    """The RateLimit-Policy and RateLimit headers of an admitted request (draft-ietf-httpapi-ratelimit-headers):
+    the policy it was counted against, the requests left now and the seconds until the whole quota is back."""
+    return [
+        (b"RateLimit-Policy", _policy(name, limit)),
+        (b"RateLimit", b'"%s";r=%d;t=%d' % (name.encode("ascii"), decision.remaining, math.ceil(decision.reset))),
+    ]
 
 
 def _once(release: Callable[[], None]) -> Callable[[], None]:

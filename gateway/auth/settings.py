@@ -311,6 +311,9 @@ class RouteAdmission:
     """The consumer must hold every one of these."""
     forward_credentials: bool = False
     """Send the credential headers upstream too (normally removed once the request is admitted)."""
+    rate_limit_headers: bool = True
+    """Tell clients their rate limit on every response of the route (RateLimit-Policy and RateLimit), not only on
+    a 429."""
 
 
 ANONYMOUS = RouteAdmission(anonymous=True)
@@ -919,8 +922,8 @@ def _optional_rate(t: Table, key: str, default: RateLimit | None) -> RateLimit |
 
 
 def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
-    """A route's `auth` (required: "anonymous", or method names), `scopes_any`, `scopes_all` and
-    `forward_credentials`."""
+    """A route's `auth` (required: "anonymous", or method names), `scopes_any`, `scopes_all`,
+    `forward_credentials` and `rate_limit_headers`."""
     if not t.has("auth"):
         raise t.error(
             "auth",
@@ -928,6 +931,7 @@ def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
             'auth = ["keys"] (no route is public by accident)',
         )
     value = t.get("auth", lambda v: v)
+    rate_headers = t.get("rate_limit_headers", boolean, True)
     scopes_any = t.get("scopes_any", _scopes, frozenset())
     scopes_all = t.get("scopes_all", _scopes, frozenset())
     forward = t.get("forward_credentials", boolean, False)
@@ -936,7 +940,7 @@ def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
             raise t.error("scopes_any" if scopes_any else "scopes_all", "an anonymous route has no scopes to check")
         if t.has("forward_credentials"):
             raise t.error("forward_credentials", "an anonymous route has no credentials to remove or forward")
-        return ANONYMOUS
+        return ANONYMOUS if rate_headers else RouteAdmission(anonymous=True, rate_limit_headers=False)
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise t.error("auth", f'must be "anonymous" or a non-empty array of method names, got {value!r}')
     for name in value:
@@ -961,4 +965,5 @@ def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
         scopes_any=scopes_any,
         scopes_all=scopes_all,
         forward_credentials=forward,
+        rate_limit_headers=rate_headers,
     )

@@ -265,3 +265,45 @@ async def test_a_denial_is_logged_with_its_reason_and_consumer(origin, gateway_f
     denials = [e for e in logged if e.get("reason") == "insufficient_scope"]
     assert len(denials) == 1
     assert denials[0]["status"] == 403 and denials[0]["consumer"] == "alice" and denials[0]["route"] == "origin"
+
+
+# === RateLimit headers on every response of a rate-limited route =========================================
+
+
+@pytest.mark.parametrize("switch", [True, False], ids=["on", "off"])
+@pytest_twisted.ensureDeferred
+async def test_a_consumer_under_a_rate_limit_is_told_its_quota_on_every_response(origin, gateway_for, switch):
+    """Each admitted response of a rate-limited consumer carries RateLimit-Policy and RateLimit (its quota, what
+    is left, seconds until all of it is back), as the 429 does; the route's `rate_limit_headers = false` leaves
+    them out (the 429 keeps them)."""
+    data = protected(
+        origin.url, admission={"rate_limits": {"consumer": {"rate": "3/m"}}}, route={"rate_limit_headers": switch}
+    )
+    gateway = gateway_for(data)
+    seen = []
+    for _ in range(4):
+        client = await _exchange(gateway.port, _get(b"/status/200", f"X-API-Key: {KEY}".encode()))
+        (response,) = parse_responses(bytes(client.head))
+        seen.append((response.status, response.header(b"ratelimit-policy"), response.header(b"ratelimit")))
+    if switch:
+        assert [status for status, _, _ in seen] == [200, 200, 200, 429]
+        assert {policy for _, policy, _ in seen} == {b'"consumer";q=3;w=60'}
+        assert [left.split(b";")[1] for _, _, left in seen] == [b"r=2", b"r=1", b"r=0", b"r=0"]
+    else:
+        assert [(status, policy, left) for status, policy, left in seen[:3]] == [(200, None, None)] * 3
+        assert seen[3][0] == 429 and seen[3][1] == b'"consumer";q=3;w=60'
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_anonymous_rate_limited_route_tells_the_address_its_quota(origin, gateway_for):
+    """An anonymous route under `rate_limits.anonymous` tells each client address its quota on every response;
+    a route without a rate limit sends no RateLimit header at all."""
+    gateway = gateway_for(gateway_config(origin.url, admission={"rate_limits": {"anonymous": {"rate": "10/m"}}}))
+    client = await _exchange(gateway.port, _get(b"/status/200"))
+    (response,) = parse_responses(bytes(client.head))
+    assert response.header(b"ratelimit-policy") == b'"anonymous";q=10;w=60'
+    assert response.header(b"ratelimit").startswith(b'"anonymous";r=9;t=')
+    plain = gateway_for(gateway_config(origin.url))
+    client = await _exchange(plain.port, _get(b"/status/200"))
+    (response,) = parse_responses(bytes(client.head))
+    assert response.header(b"ratelimit") is None and response.header(b"ratelimit-policy") is None
