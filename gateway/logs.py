@@ -5,8 +5,8 @@ Rules:
   terminal transition, or the channel's refusal of a head that never became a request). The line goes through
   `twisted.logger`, but on a publisher of its own: access lines never mix into the service log, and the service
   log's observers never pay for them.
-* Secrets never reach a line: no header values but the User-Agent's, and the query string only when the config
-  says so (tokens travel in queries).
+* Secrets never reach a line: no header values but the User-Agent's and the Host, and the query string only when
+  the config says so (tokens travel in queries).
 """
 
 from __future__ import annotations

@@ -225,6 +225,10 @@ class GatewayRequest(http.Request):
         self._release: Any = None
         """Gives back the consumer's concurrency slot; called once, when the request ends however it ends."""
         self._admitted_headers: Any = ()
+        self._upstream_address: str | None = None
+        self._tls_info: tuple[str | None, str | None] = channel.tls_info if self._tls else (None, None)  # type: ignore[attr-defined]
+        """The TLS version and cipher of the connection (its handshake is over before a request's first byte)."""
+        """The server the request went to (for the access log), once it had a connection."""
         """Headers admission gives every response to this request (its rate limit)."""
         # For the access log: when the head began, was decided, got an upstream slot and its response head.
         self._began = self._clock.seconds()
@@ -531,9 +535,10 @@ class GatewayRequest(http.Request):
             self._arm_timer(route.timeouts.response_headers, "response_headers")
         sent.addCallbacks(self._got_response, self._upstream_failed)
 
-    def _connected(self) -> None:
-        """The request is going out on an upstream connection (new or reused)."""
+    def _connected(self, address: str) -> None:
+        """The request is going out on an upstream connection (new or reused) to the server at `address`."""
         self._sent_at = self._clock.seconds()
+        self._upstream_address = address
 
     def _body_sent(self) -> None:
         """The whole body is with the upstream: now it owes us a response head."""
@@ -858,13 +863,16 @@ class GatewayRequest(http.Request):
             status = 499  # nginx's "client closed request"
         else:
             status = None  # nothing was sent (cut by the gateway before a response began)
+        tls_version, tls_cipher = self._tls_info
         return {
             "request_id": self.request_id,
             "client": getattr(self.client, "host", ""),
             "method": self.method.decode("ascii", "backslashreplace") if self.method and self._head_read else None,
+            "host": _host_field(self.requestHeaders.getRawHeaders(b"host")) if self._head_read else None,
             "path": path.decode("ascii", "backslashreplace") if path else None,
             "route": route.name if route is not None else None,
             "upstream": route.upstream.name if route is not None and self._pool is not None else None,
+            "upstream_addr": self._upstream_address,
             "consumer": self.consumer,
             "status": status,
             "bytes_in": self._body_bytes,
@@ -875,6 +883,8 @@ class GatewayRequest(http.Request):
             "ttfb_ms": _ms(self._response_at, began),
             "total_ms": round((now - began) * 1000.0, 3),
             "ending": self.ending or "client_gone",
+            "tls_version": tls_version,
+            "tls_cipher": tls_cipher,
             "user_agent": _user_agent(self.requestHeaders.getRawHeaders(b"user-agent")),
         }
 
@@ -908,16 +918,25 @@ def _host_value(route: Route) -> bytes:
     return (host if up.port == 80 else f"{host}:{up.port}").encode("ascii")
 
 
-def refusal_record(request_id: str, client: str, method: bytes | None, status: int) -> dict[str, Any]:
+def refusal_record(
+    request_id: str,
+    client: str,
+    method: bytes | None,
+    status: int,
+    *,
+    tls: tuple[str | None, str | None] = (None, None),
+) -> dict[str, Any]:
     """The access-log record of a request head the channel refused before it became a request (a request line
     too long, slow or malformed, a connection over the cap): the same fields, most of them null."""
     return {
         "request_id": request_id,
         "client": client,
         "method": method.decode("ascii", "backslashreplace") if method else None,
+        "host": None,
         "path": None,
         "route": None,
         "upstream": None,
+        "upstream_addr": None,
         "consumer": None,
         "status": status,
         "bytes_in": 0,
@@ -928,6 +947,8 @@ def refusal_record(request_id: str, client: str, method: bytes | None, status: i
         "ttfb_ms": None,
         "total_ms": None,
         "ending": "refused",
+        "tls_version": tls[0],
+        "tls_cipher": tls[1],
         "user_agent": None,
     }
 
@@ -939,6 +960,15 @@ def _ms(end: float | None, start: float | None) -> float | None:
 
 
 _MAX_USER_AGENT = 256
+_MAX_HOST = 256
+
+
+def _host_field(values: list[bytes] | None) -> str | None:
+    """The Host the client sent (checked by admission when it was routed; a refused one may be anything, so it is
+    bounded and escaped)."""
+    if not values:
+        return None
+    return values[0][:_MAX_HOST].decode("ascii", "backslashreplace")
 
 
 def _user_agent(values: list[bytes] | None) -> str | None:

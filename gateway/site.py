@@ -53,7 +53,7 @@ from gateway.framing import MAX_BODY_LENGTH, StrictChunkedDecoder, body_length
 from gateway.headers import request_id_of
 from gateway.metrics import Live, PoolState
 from gateway.request import Gateway, GatewayRequest, Phase, refusal_record
-from gateway.tls import ClientCertificate, client_certificate, handshake_failure
+from gateway.tls import ClientCertificate, client_certificate, handshake_failure, tls_parameters
 
 __all__ = ["GatewayChannel", "GatewayFactory"]
 
@@ -107,6 +107,16 @@ class GatewayChannel(HTTPChannel):
     _client_certificate: ClientCertificate | bool | None = False
     """False until read (once per connection: the handshake is over before any request arrives)."""
     _handshaken = False
+
+    _tls_info: tuple[str | None, str | None] | None = None
+
+    @property
+    def tls_info(self) -> tuple[str | None, str | None]:
+        """The TLS version and cipher the handshake agreed on ("TLSv1.3", "TLS_AES_256_GCM_SHA384"), or
+        (None, None) on a plain connection; read once per connection."""
+        if self._tls_info is None:
+            self._tls_info = tls_parameters(self.transport)
+        return self._tls_info
 
     @property
     def client_certificate(self) -> ClientCertificate | None:
@@ -403,7 +413,8 @@ class GatewayChannel(HTTPChannel):
     def _log_refusal(self, error: GatewayError, request_id: str, method: bytes | None) -> None:
         gateway = self.factory.gateway
         if gateway.observed:
-            gateway.request_ended(refusal_record(request_id, getattr(self.getPeer(), "host", ""), method, error.status))
+            client = getattr(self.getPeer(), "host", "")
+            gateway.request_ended(refusal_record(request_id, client, method, error.status, tls=self.tls_info))
 
     def _linger_expired(self) -> None:
         timer, self._linger_timer = self._linger_timer, None

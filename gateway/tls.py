@@ -35,6 +35,7 @@ __all__ = [
     "ServerTLSCreator",
     "client_certificate",
     "handshake_failure",
+    "tls_parameters",
 ]
 
 MODERN_CIPHERS = (
@@ -176,6 +177,16 @@ def _alt_names(certificate: x509.Certificate) -> frozenset[str]:
     names |= {f"email:{n.lower()}" for n in san.get_values_for_type(x509.RFC822Name)}
     names |= {f"IP:{ip_address(n)}" for n in san.get_values_for_type(x509.IPAddress)}
     return frozenset(names)
+
+
+def tls_parameters(transport: Any) -> tuple[str | None, str | None]:
+    """The protocol version and cipher a TLS connection's handshake agreed on, or (None, None) for plain TCP or a
+    handshake not done."""
+    if not ISSLTransport.providedBy(transport):
+        return (None, None)
+    connection = transport.getHandle()
+    version = connection.get_protocol_version_name()
+    return (version if version and version != "Unknown" else None, connection.get_cipher_name())
 
 
 def client_certificate(transport: Any) -> ClientCertificate | None:

@@ -185,10 +185,11 @@ class UpstreamPool:
         body: IBodyProducer | None,
         *,
         connect_timeout: float,
-        on_connected: Callable[[], None] | None = None,
+        on_connected: Callable[[str], None] | None = None,
     ) -> Deferred[UpstreamResponse]:
         """Send one request over an idle connection, or a new one opened within `connect_timeout`; the Deferred
-        fires with the response once its head is read. `target` goes on the request line byte for byte.
+        fires with the response once its head is read. `target` goes on the request line byte for byte;
+        `on_connected` is told the address of the server the request goes to, once it has a connection.
         Cancelling it gives up wherever the request is (connecting, sending, waiting for the head)."""
         connection = self._take_idle()
         if connection is not None:
@@ -205,10 +206,10 @@ class UpstreamPool:
         target: bytes,
         headers: Headers,
         body: IBodyProducer | None,
-        on_connected: Callable[[], None] | None,
+        on_connected: Callable[[str], None] | None,
     ) -> Deferred[UpstreamResponse]:
         if on_connected is not None:
-            on_connected()
+            on_connected(connection.address)
         return connection.request(method, target, headers, body)
 
     def _retry_if_stale(
@@ -218,7 +219,7 @@ class UpstreamPool:
         target: bytes,
         headers: Headers,
         connect_timeout: float,
-        on_connected: Callable[[], None] | None,
+        on_connected: Callable[[str], None] | None,
     ) -> Deferred[UpstreamResponse] | Failure:
         """A reused connection was lost before any byte of the response: the upstream had closed it (idle) just
         as it was reused. Once, on a new connection."""

@@ -33,9 +33,11 @@ FIELDS = [
     "request_id",
     "client",
     "method",
+    "host",
     "path",
     "route",
     "upstream",
+    "upstream_addr",
     "consumer",
     "status",
     "bytes_in",
@@ -46,6 +48,8 @@ FIELDS = [
     "ttfb_ms",
     "total_ms",
     "ending",
+    "tls_version",
+    "tls_cipher",
     "user_agent",
 ]
 DURATIONS = ("decision_ms", "queue_ms", "connect_ms", "ttfb_ms", "total_ms")
@@ -121,8 +125,9 @@ def _closed_port() -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_completed_get_logs_one_line_with_every_field(origin, gateway_for, tmp_path):
-    """A completed GET leaves one line: its id, client, method, path, route, upstream, status, body bytes, every
-    duration, ending "completed" and the user agent."""
+    """A completed GET leaves one line: its id, client, method, Host, path, route, upstream and the server that
+    answered, status, body bytes, every duration, ending "completed", no TLS (a plain listener) and the user
+    agent."""
     log = tmp_path / "access.log"
     gateway = gateway_for(logged_config(origin.url, log))
     client = await exchange(gateway, get(b"/bytes/1000", UA))
@@ -134,13 +139,17 @@ async def test_completed_get_logs_one_line_with_every_field(origin, gateway_for,
         request_id=request_id(client),
         method="GET",
         path="/bytes/1000",
+        host="example.test",
         route="origin",
         upstream="origin",
+        upstream_addr=origin.url.removeprefix("http://"),
         consumer=None,
         status=200,
         bytes_in=0,
         bytes_out=1000,
         ending="completed",
+        tls_version=None,
+        tls_cipher=None,
         user_agent="access-log-test/1.0",
     )
 

@@ -30,7 +30,7 @@ from tests.support.clients import connect, within
 from tests.support.logs import captured, in_namespace
 from tests.support.origin import Origin
 from tests.support.running import gateway_config
-from tests.support.scrape import admin_port, scrape, scraped_until
+from tests.support.scrape import admin_port, lines_logged, scrape, scraped_until
 from tests.test_reload import toml
 
 HOST = "api.example.com"
@@ -72,6 +72,24 @@ async def test_sni_picks_the_certificate_and_the_default_serves_unknown_names(
     assert contexts.certificate_for("nobody.test") is contexts.certificates[0]
     assert contexts.certificate_for("a.b.other.test") is contexts.certificates[0]
     assert contexts.context_for(b"a.b.other.test") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_access_log_names_the_tls_version_and_cipher(
+    tmp_path: Path, origin: Origin, gateway_for: Any
+) -> None:
+    """On a TLS listener each access-log line has the protocol version and cipher the handshake agreed on, and the
+    Host the client sent."""
+    ca = trustme.CA()
+    data = tls_config(origin.url, issue(ca, tmp_path, HOST))
+    data["access_log"] = {"path": str(tmp_path / "access.log")}
+    gateway = gateway_for(data)
+    client = await get(gateway.port, client_options(ca, HOST))
+    assert client.response().status == 200
+    [line] = await lines_logged(tmp_path / "access.log", 1)
+    assert line["tls_version"] == "TLSv1.3"  # both ends offer it: the handshake agrees on it
+    assert line["tls_cipher"] in ("TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256")
+    assert line["host"] == HOST
 
 
 @pytest_twisted.ensureDeferred

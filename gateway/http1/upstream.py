@@ -333,11 +333,21 @@ class UpstreamConnection(Protocol):
         """Whether an exchange has been carried on this connection already."""
         self._closing = False
         self._body_registered = False
+        self._address: str | None = None
 
     # --- the socket ---------------------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.set_read_size(UPSTREAM_BUFFER_SIZE)
+
+    @property
+    def address(self) -> str:
+        """The upstream server's address, `host:port` (`[host]:port` for IPv6), as the access log names it."""
+        if self._address is None:
+            peer = self.transport.getPeer() if self.transport is not None else None
+            host, port = getattr(peer, "host", ""), getattr(peer, "port", 0)
+            self._address = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return self._address
 
     @property
     def usable(self) -> bool:
