@@ -464,10 +464,10 @@ def test_api_keys_count_by_their_first_characters() -> None:
     assert not any("gwk_" in k or "REVO" in k for k in store._arrival)
 
 
-def test_what_each_method_claims() -> None:
-    """Basic claims its user name, an API key its first 8 characters (never more than half the key), a JWT its
-    signature; a malformed credential claims nothing (counted under the method)."""
-    cfg = parse(
+def _three_methods(**consumer_changes: Any) -> Config:
+    consumers = {"alice": {"password": PASSWORD_HASH, "api_keys": [hash_key("gwk_alicekey")]}}
+    consumers["alice"].update(consumer_changes)
+    return parse(
         {
             **gateway_config("http://127.0.0.1:8081", route={"auth": ["keys", "login", "corp"]}),
             "auth": {
@@ -481,9 +481,16 @@ def test_what_each_method_claims() -> None:
                     "jwks_url": "https://id.example.com/jwks",
                 },
             },
+            "consumers": consumers,
         },
         source="test.toml",
     )
+
+
+def test_what_each_method_claims() -> None:
+    """Basic claims its user name, an API key its first 8 characters (never more than half the key), a JWT its
+    signature; a malformed credential claims nothing (counted under the method)."""
+    cfg = _three_methods()
     methods = Gatekeeper(cfg.admission, reactor=Clock())._authenticators
     keys, login, corp = methods["keys"], methods["login"], methods["corp"]
 
@@ -531,29 +538,6 @@ def test_concurrent_guesses_count_against_the_user_and_the_address() -> None:
 
 
 # --- a reload keeps the methods whose settings did not change -----------------------------------------------
-
-
-def _three_methods(**consumer_changes: Any) -> Config:
-    consumers = {"alice": {"password": PASSWORD_HASH, "api_keys": [hash_key("gwk_alicekey")]}}
-    consumers["alice"].update(consumer_changes)
-    return parse(
-        {
-            **gateway_config("http://127.0.0.1:8081", route={"auth": ["keys", "login", "corp"]}),
-            "auth": {
-                "keys": {"type": "api_key"},
-                "login": {"type": "basic"},
-                "corp": {
-                    "type": "jwt",
-                    "issuer": "https://id.example.com/",
-                    "audiences": ["gateway"],
-                    "algorithms": ["RS256"],
-                    "jwks_url": "https://id.example.com/jwks",
-                },
-            },
-            "consumers": consumers,
-        },
-        source="test.toml",
-    )
 
 
 def test_a_reload_keeps_the_methods_whose_settings_did_not_change() -> None:
