@@ -41,12 +41,10 @@ def member_of(networks: Networks) -> Callable[[str], bool]:
 
     @functools.lru_cache(maxsize=4096)
     def member(address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
+        canonical = canonical_ip(address)
+        if canonical is None:
             return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        ip = ipaddress.ip_address(canonical)
         return any(ip in network for network in networks)
 
     if len(_CHECKS) > 64:

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from gateway.addresses import Networks
 from gateway.auth.settings import (
     DEFAULT_ADMISSION,
     NOBODY,
@@ -140,7 +141,7 @@ class Server:
     lingering_max_bytes: int = 16 * MiB
     """How much of a rejected request body is read and discarded at most before the connection is cut: a client
     that reads while it sends has its answer long before, and one that never stops sending is cut early."""
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_proxies: Networks = ()
     """Client addresses (networks) whose X-Forwarded-For is kept and appended to; every other client's is
     replaced by its own address, so a client cannot make up the addresses upstreams and logs see."""
     via: str = "gateway"
@@ -198,7 +199,7 @@ class Listener:
     """Every connection begins with a PROXY protocol header (v1 or v2, from HAProxy or an L4 load balancer): the
     client address it carries is the one used for X-Forwarded-For, limits and logs. A connection without a
     valid header is closed."""
-    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    proxy_protocol_from: Networks = ()
     """The peers (load balancers) allowed to send a PROXY header; a connection from any other address is closed
     before a byte of it is read. Empty: any peer (with a warning at every start)."""
     tls: ListenerTLS | None = None
@@ -575,7 +576,7 @@ def _listener(t: Table) -> Listener:
     return listener
 
 
-def _networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _networks(value: object) -> Networks:
     """An array of addresses or networks ("10.0.0.0/8", "::1")."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f'must be an array of addresses or networks such as ["10.0.0.0/8", "::1"], got {value!r}')

@@ -48,8 +48,8 @@ def body_length(text: bytes) -> int | None:
 class StrictChunkedDecoder(_ChunkedTransferDecoder):
     """Twisted's chunked decoder, refusing a chunk size over `MAX_BODY_LENGTH` and a malformed trailer line.
 
-    Both raise the error Twisted's own refusals raise, so each side handles them as it handles any broken
-    chunked framing: the server channel answers 400 and closes."""
+    Both raise the error Twisted's own refusals raise, so the server channel handles them as it handles any broken
+    chunked framing: it answers 400 and closes."""
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
         read = bool(super()._dataReceived_CHUNK_LENGTH())

@@ -36,7 +36,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gateway.addresses import member_of
 from gateway.admission import Admit, Reject, RequestHead, decide
@@ -207,10 +207,10 @@ class GatewayRequest(http.Request):
         self._pool: UpstreamPool | None = None
         self._slot_held = False
         self._waiting: Deferred[Any] | None = None
-        self._upstream_request: Deferred[IResponse] | None = None
+        self._upstream_request: Deferred[UpstreamResponse] | None = None
         self._pipe: RequestBodyPipe | None = None
         self._relay: ResponseRelay | None = None
-        self._response: IResponse | None = None
+        self._response: UpstreamResponse | None = None
         self._target = b""
         self._verdict: Deferred[Verdict] | None = None
         """The pending admission verdict (phase ADMITTING)."""
@@ -225,11 +225,11 @@ class GatewayRequest(http.Request):
         self._release: Any = None
         """Gives back the consumer's concurrency slot; called once, when the request ends however it ends."""
         self._admitted_headers: Any = ()
+        """Headers admission gives every response to this request (its rate limit)."""
         self._upstream_address: str | None = None
+        """The server the request went to (for the access log), once it had a connection."""
         self._tls_info: tuple[str | None, str | None] = channel.tls_info if self._tls else (None, None)  # type: ignore[attr-defined]
         """The TLS version and cipher of the connection (its handshake is over before a request's first byte)."""
-        """The server the request went to (for the access log), once it had a connection."""
-        """Headers admission gives every response to this request (its rate limit)."""
         # For the access log: when the head began, was decided, got an upstream slot and its response head.
         self._began = self._clock.seconds()
         self._decided_at: float | None = None
@@ -550,7 +550,7 @@ class GatewayRequest(http.Request):
         if not self._received:
             self._discarding = True  # the rest is read and dropped; the upstream end reports the failure, if any
 
-    def _got_response(self, response: IResponse) -> None:
+    def _got_response(self, response: UpstreamResponse) -> None:
         self._upstream_request = None
         self._response_at = self._clock.seconds()
         self._cancel_timer()
@@ -560,8 +560,7 @@ class GatewayRequest(http.Request):
             return
         route = self.route
         assert route is not None
-        upstream = response
-        broken = _length_too_large(upstream)
+        broken = _length_too_large(response)
         if broken:
             # A length a client's parser would read its own way (gateway.framing): a broken upstream, whose
             # connection is closed unread (the response never began).
@@ -574,14 +573,14 @@ class GatewayRequest(http.Request):
             response.deliverBody(_Drop())
             self._upstream_failed(Failure(UpstreamBroken(f"the upstream sent {broken}")))
             return
-        self.setResponseCode(upstream.code, upstream.phrase)
+        self.setResponseCode(response.code, response.phrase)
         server = self.gateway.server
         client_response_headers(
-            upstream.headers,
+            response.headers,
             self.responseHeaders,
             via=server.via.encode("ascii"),
             request_id=self.request_id,
-            received_version=b"%d.%d" % upstream.version[1:],
+            received_version=b"%d.%d" % response.version[1:],
             hidden=route.hide_response_headers,
             server=server.server_header.encode("ascii"),
         )
@@ -589,15 +588,15 @@ class GatewayRequest(http.Request):
             self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [route.strict_transport_security])
         for name, value in self._admitted_headers:
             self.responseHeaders.addRawHeader(name, value)
-        if self.method == b"HEAD" or upstream.code == 304:
+        if self.method == b"HEAD" or response.code == 304:
             # No body follows, but Content-Length still describes the representation: it is relayed as sent.
-            length = upstream.headers.getRawHeaders(b"content-length")
+            length = response.headers.getRawHeaders(b"content-length")
             if length:
                 self.responseHeaders.setRawHeaders(b"Content-Length", length[-1:])
-        elif upstream.length is not UNKNOWN_LENGTH and upstream.code not in _NO_BODY_STATUSES:
+        elif response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY_STATUSES:
             # Keep the upstream's framing when it had one (its Content-Length header is dropped with the rest of the
             # framing: the channel writes its own).
-            self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % upstream.length])
+            self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
         if self._has_body and not self._received:
             self._close_after_response()  # an early answer: the rest of the body must not be read as a request
         self._enter(Phase.STREAMING)
@@ -609,11 +608,11 @@ class GatewayRequest(http.Request):
             client_stall_timeout=route.timeouts.client_send_stall,
             on_end=self._response_ended,
             on_timeout=self._timed_out,
-            read_size=response.set_read_size if isinstance(response, UpstreamResponse) else None,
+            read_size=response.set_read_size,
         )
         self._response = response
         relay = self._relay
-        upstream.deliverBody(relay)
+        response.deliverBody(relay)
         if relay.paused and not relay.stopped:
             # deliverBody resumes the upstream socket after handing over what was read before it, even when that
             # filled the client's buffer and the relay paused it: pause it again.
@@ -646,7 +645,7 @@ class GatewayRequest(http.Request):
             self._abort_client("upstream_truncated")
 
     def _response_reset(self) -> bool:
-        return isinstance(self._response, UpstreamResponse) and self._response.reset
+        return self._response is not None and self._response.reset
 
     def _upstream_failed(self, failure: Failure) -> None:
         self._waiting = None
@@ -889,7 +888,7 @@ class GatewayRequest(http.Request):
         }
 
 
-def _length_too_large(response: IResponse) -> str:
+def _length_too_large(response: UpstreamResponse) -> str:
     """What is wrong, in words ("" when nothing), with a length an upstream response declares that llhttp took
     (it takes anything within 64 bits): a body length over `MAX_BODY_LENGTH` as its framing, or, for a response
     without a body (HEAD, 304), a relayed Content-Length over it."""

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IStreamClientEndpoint
@@ -299,16 +299,4 @@ class UpstreamPool:
             self._closing.append((connection, gone))
             waits.append(gone)
             connection.transport.loseConnection()
-        if not waits:
-            return succeed(None)
-        done: Deferred[None] = Deferred()
-        remaining = [len(waits)]
-
-        def one_gone(_: object) -> None:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                done.callback(None)
-
-        for gone in waits:
-            gone.addCallback(one_gone)
-        return done
+        return DeferredList(waits).addCallback(lambda _: None)

@@ -27,32 +27,11 @@ from twisted.python.failure import Failure
 
 from gateway import config, logs, signals
 from gateway.service import GatewayService
+from gateway.workers import ConfigFrames
 
-__all__ = ["ConfigFrames", "first_config", "main"]
+__all__ = ["first_config", "main"]
 
 _log = Logger(namespace="gateway.worker")
-
-
-class ConfigFrames:
-    """Splits what comes down the parent pipe into configs (`gateway.workers.config_frame`): each complete one is
-    handed to `received`, whatever the pieces it came in."""
-
-    def __init__(self, received: Callable[[bytes], object]) -> None:
-        self._received = received
-        self._buffer = b""
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-        while True:
-            size, newline, rest = self._buffer.partition(b"\n")
-            if not newline:
-                return
-            if not size.isdigit():
-                raise ValueError(f"not a config frame: {self._buffer[:40]!r}")
-            if len(rest) < int(size):
-                return
-            text, self._buffer = rest[: int(size)], rest[int(size) :]
-            self._received(text)
 
 
 def first_config(fd: int = 0) -> bytes:
@@ -120,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway worker {index}: {e}", file=sys.stderr)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    # SIGHUP reloads, SIGTERM drains and exits 0, SIGUSR1 reopens the access log; systemd hears only from the
-    # twistd process (a worker has no NOTIFY_SOCKET).
+    # SIGTERM drains and exits 0, SIGUSR1 reopens the access log, SIGHUP is ignored (reloads come down the pipe);
+    # systemd hears only from the twistd process (a worker has no NOTIFY_SOCKET).
     reactor.callWhenRunning(signals.install, reactor, service, None, reload_on_hup=False)
 
     def parent_gone() -> None:

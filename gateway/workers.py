@@ -27,7 +27,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["KILL_TIMEOUT", "STOP_TIMEOUT", "WorkerPool", "config_frame", "worker_command"]
+__all__ = ["KILL_TIMEOUT", "STOP_TIMEOUT", "ConfigFrames", "WorkerPool", "config_frame", "worker_command"]
 
 _log = Logger()
 
@@ -59,6 +59,28 @@ def worker_command(
 def config_frame(text: bytes) -> bytes:
     """A config's bytes as they go down a worker's stdin: their length in decimal and a newline, then them."""
     return b"%d\n%s" % (len(text), text)
+
+
+class ConfigFrames:
+    """Splits what comes down a worker's stdin into configs (framed by `config_frame`): each complete one is
+    handed to `received`, whatever the pieces it came in."""
+
+    def __init__(self, received: Callable[[bytes], object]) -> None:
+        self._received = received
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            size, newline, rest = self._buffer.partition(b"\n")
+            if not newline:
+                return
+            if not size.isdigit():
+                raise ValueError(f"not a config frame: {self._buffer[:40]!r}")
+            if len(rest) < int(size):
+                return
+            text, self._buffer = rest[: int(size)], rest[int(size) :]
+            self._received(text)
 
 
 def _describe_exit(reason: Failure) -> str:

@@ -54,6 +54,6 @@ def test_a_chunked_body_round_trips_through_llhttp() -> None:
     parser = httptools.HttpRequestParser(Reader())
     body = [b"a", b"x" * 4096, bytes(range(256))]
     head = request_head(b"POST", b"/", [(b"Host", b"h")], length=None, has_body=True)
-    parser.feed_data(head + b"".join(chunk(piece) for piece in body) + LAST_CHUNK)
+    parser.feed_data(head + b"".join(b"".join(chunk(piece)) for piece in body) + LAST_CHUNK)
     assert b"".join(seen) == b"".join(body)
     assert ended == [True]

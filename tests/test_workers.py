@@ -171,7 +171,7 @@ async def test_a_killed_worker_is_restarted_with_a_new_pid(
 
 RECORDS = (
     "import sys\n"
-    "from gateway.worker import ConfigFrames\n"
+    "from gateway.workers import ConfigFrames\n"
     "out = open(sys.argv[1] + '.configs', 'ab', buffering=0)\n"
     "frames = ConfigFrames(lambda text: out.write(text + b'\\n--\\n'))\n"
     "open(sys.argv[1], 'w').close()\n"
@@ -202,8 +202,7 @@ async def test_every_worker_is_given_the_config_bytes_at_start_and_at_each_reloa
 
 def test_config_frames_are_found_whatever_the_pieces() -> None:
     """What comes down the pipe is split into configs by their length, fed a byte at a time or all at once."""
-    from gateway.worker import ConfigFrames
-    from gateway.workers import config_frame
+    from gateway.workers import ConfigFrames, config_frame
 
     stream = config_frame(b"a = 1\n") + config_frame(b"") + config_frame(b"x" * 70_000)
     for step in (1, 7, len(stream)):

@@ -37,6 +37,7 @@ def request_head(
     return b"".join(parts)
 
 
-def chunk(data: bytes) -> bytes:
-    """`data` as one chunk of a chunked body (never empty: an empty chunk ends the body)."""
-    return b"%x\r\n%s\r\n" % (len(data), data)
+def chunk(data: bytes) -> list[bytes]:
+    """`data` as one chunk of a chunked body, in pieces for `writeSequence` (the data is not copied into a new
+    bytes object); never empty: an empty chunk ends the body."""
+    return [b"%x\r\n" % len(data), data, CRLF]

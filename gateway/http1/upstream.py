@@ -39,7 +39,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from gateway.errors import UpstreamBroken
-from gateway.http1.heads import CRLF, LAST_CHUNK, request_head
+from gateway.headers import connection_tokens
+from gateway.http1.heads import LAST_CHUNK, chunk, request_head
 
 __all__ = ["MAX_RESPONSE_HEAD", "UPSTREAM_BUFFER_SIZE", "UpstreamConnection", "UpstreamResponse"]
 
@@ -107,6 +108,8 @@ class UpstreamResponse:
         self.version = (b"HTTP", 1, 1) if version == "1.1" else (b"HTTP", 1, 0)
         self.headers = headers
         self.length: int | object = UNKNOWN_LENGTH
+        self.close_delimited = False
+        """Its body runs to the connection's close (neither Content-Length nor chunked framing)."""
         self._protocol: IProtocol | None = None
         self._held: list[bytes] = []
         self._ended: Failure | None = None
@@ -267,8 +270,12 @@ class _Exchange:
         response = UpstreamResponse(self.connection, code, self.status, version, headers)
         if self.method == b"HEAD" or code in _NO_BODY:
             response.length = 0
-        elif length is not None and not coded:
+        elif coded:
+            pass  # chunked: the length is known at the last chunk
+        elif length is not None:
             response.length = length
+        else:
+            response.close_delimited = True
         self.response = response
         if self.method == b"HEAD":
             # llhttp cannot be told that a response to HEAD has no body: it is complete here, and any byte the
@@ -308,7 +315,7 @@ class _Exchange:
             return
         self.sent += len(data)
         if self.chunked:
-            connection.transport.writeSequence([b"%x\r\n" % len(data), data, CRLF])
+            connection.transport.writeSequence(chunk(data))
         else:
             connection.transport.write(data)
 
@@ -571,7 +578,7 @@ class UpstreamConnection(Protocol):
                 error = ResponseFailed if exchange.received_any else ResponseNeverReceived
                 self._fail_head(exchange, error([reason]))
             elif response is not None and not exchange.response_done:
-                if response.length is UNKNOWN_LENGTH and not _chunked(response.headers) and not self._closing:
+                if response.close_delimited and not self._closing:
                     # A body framed by the connection's close: complete as far as anyone can tell (the owner
                     # tells a close from a reset by `reset`).
                     response._end(Failure(PotentialDataLoss()))
@@ -587,14 +594,8 @@ def _pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
 def _keeps_alive(version: str, headers: Headers) -> bool:
     """Whether a response leaves its connection open (RFC 9112 section 9.3): HTTP/1.1 unless it says close,
     HTTP/1.0 only when it says keep-alive."""
-    tokens = {
-        token.strip(b" \t").lower() for value in headers.getRawHeaders(b"connection", ()) for token in value.split(b",")
-    }
+    tokens = connection_tokens(headers)
     return b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
-
-
-def _chunked(headers: Headers) -> bool:
-    return headers.hasHeader(b"transfer-encoding")
 
 
 def _head_too_large() -> UpstreamBroken:
