@@ -43,9 +43,9 @@ from gateway.auth.gatekeeper import Gatekeeper
 from gateway.certificates import CertificateSet, log_certificate
 from gateway.config import Config, ConfigError, Listener
 from gateway.config_tls import ListenerTLS
+from gateway.exchange import Gateway
 from gateway.logs import AccessLog
 from gateway.metrics import CertificateState, Live, Metrics
-from gateway.request import Gateway
 from gateway.routing import Router
 from gateway.site import GatewayFactory
 from gateway.tls import ClientPolicy, ServerContexts, ServerTLSCreator
@@ -162,9 +162,7 @@ class _ListenerFactory(Factory):
         self._service = service
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
-        channel = self._factory.buildProtocol(addr)
-        channel.listener = self._service.listener
-        return channel
+        return self._factory.buildProtocol(addr, self._service.listener)
 
     def doStart(self) -> None:
         self._factory.doStart()

@@ -23,10 +23,9 @@ from gateway.auth.credentials import challenge
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.limits import MemoryLimitStore
-from gateway.request import Phase
-from gateway.site import GatewayFactory
+from gateway.exchange import Phase
 from tests.support.clients import Parsed, parse_response
-from tests.support.memory import Client, Upstream, disconnect
+from tests.support.memory import Client, RecordingFactory, Upstream, disconnect
 from tests.support.running import gateway_config
 from tests.test_request import CONTINUE, EPS, OK_5, Gateway, closed, post, problem_of
 
@@ -90,7 +89,7 @@ class AdmissionGateway(Gateway):
         authenticators["held"] = self.held  # type: ignore[assignment]
         gatekeeper = Gatekeeper(admission, reactor=self.reactor, store=self.store, authenticators=authenticators)
         self.gateway = dataclasses.replace(self.gateway, gatekeeper=gatekeeper)
-        self.factory = GatewayFactory(self.gateway, clock=self.reactor)
+        self.factory = RecordingFactory(self.gateway, clock=self.reactor)
 
 
 def admission_config(**sections: Any) -> dict[str, Any]:

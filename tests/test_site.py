@@ -1,5 +1,5 @@
-"""`gateway.site.GatewayFactory` in memory: the channels it builds, what it schedules, and the header limits
-Twisted enforces for it, on a `MemoryReactorClock` with clients over `StringTransport`."""
+"""`gateway.site.GatewayFactory` in memory: the connections it builds, what it schedules, and the exchanges they
+make, on a `MemoryReactorClock` with clients over `StringTransport`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
-from twisted.web.http import HTTPChannel
 
-from gateway.request import GatewayRequest
+from gateway.exchange import Exchange
+from gateway.http1.server import ClientConnection
 from gateway.site import GatewayFactory
 from tests.support.memory import MemoryGateway
 from tests.support.running import gateway_config
@@ -22,31 +22,27 @@ def memory_gateway(**sections: Any) -> MemoryGateway:
     return MemoryGateway(gateway_config(UPSTREAM, **sections))
 
 
-def test_build_protocol_makes_a_channel_with_the_configured_limits() -> None:
-    """Each channel is an HTTPChannel with the configured head limits and idle timeout; Twisted's own head-size
-    count (which includes the request line) is a backstop above the channel's."""
+def test_build_protocol_makes_a_connection_with_the_configured_limits() -> None:
+    """Each connection is a client connection holding the configured head limits and server settings."""
     gw = memory_gateway(
         limits={"max_header_bytes": 4096, "max_header_count": 17},
         server={"idle_timeout": 12},
     )
     channel = gw.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 50000))
-    assert isinstance(channel, HTTPChannel)
+    assert isinstance(channel, ClientConnection)
     assert channel.limits.max_header_bytes == 4096
-    assert channel.limits.max_request_line_bytes == channel.MAX_LENGTH
-    assert channel.totalHeadersSize == 4096 + channel.limits.max_request_line_bytes
-    assert channel.maxHeaders == 17
-    assert channel.timeOut == 12
-    assert channel.factory is gw.factory
+    assert channel.limits.max_header_count == 17
+    assert channel.server.idle_timeout == 12
+    assert channel.owner is gw.factory
 
 
-def test_build_protocol_uses_gateway_request_as_the_request_factory() -> None:
-    """Every request a channel reads is a GatewayRequest, carrying the factory's Gateway."""
+def test_every_request_is_served_by_an_exchange_of_the_factorys_gateway() -> None:
+    """Every request a connection reads is served by an Exchange, carrying the factory's Gateway."""
     gw = memory_gateway()
-    channel = gw.factory.buildProtocol(None)
-    assert channel.requestFactory is GatewayRequest
     client = gw.client()
     client.send(b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n")
-    assert isinstance(client.request, GatewayRequest)
+    assert isinstance(client.request, Exchange)
+    assert client.channel.handler is client.request
     assert client.request.gateway is gw.gateway
     client.disconnect()
     gw.close()

@@ -13,8 +13,9 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from gateway.http1.server import ClientConnection
 from gateway.http1.upstream import UpstreamConnection
-from gateway.site import GatewayChannel, GatewayFactory
+from gateway.site import GatewayFactory
 from tests.support.clients import connect, parse_responses, within
 from tests.support.running import gateway_config
 
@@ -71,8 +72,8 @@ def _gateway_client_sockets() -> list[Any]:
     return [
         obj.transport.socket
         for obj in gc.get_objects()
-        if isinstance(obj, GatewayChannel)
-        and isinstance(getattr(obj, "factory", None), GatewayFactory)
+        if isinstance(obj, ClientConnection)
+        and isinstance(getattr(obj, "owner", None), GatewayFactory)
         and hasattr(obj.transport, "socket")
         and obj.transport.connected
     ]

@@ -1,4 +1,5 @@
-"""An in-memory gateway: the real factory, channel, request and Agent on a `MemoryReactorClock`.
+"""An in-memory gateway: the real factory, client connections, exchanges and upstream pools on a
+`MemoryReactorClock`.
 
 Clients are `StringTransport`s fed with `dataReceived`; upstream connections are taken from the reactor's
 `tcpClients` and answered by the test over another `StringTransport`. Nothing touches a socket, and time moves
@@ -18,11 +19,11 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 from zope.interface import implementer
 
 from gateway.config import parse
-from gateway.request import GatewayRequest
+from gateway.exchange import Exchange
+from gateway.http1.server import ClientConnection, Message
 from gateway.service import make_gateway
 from gateway.site import GatewayFactory
 
@@ -83,7 +84,7 @@ class Upstream:
 class Client:
     """One client connection to the gateway."""
 
-    channel: HTTPChannel
+    channel: ClientConnection
     transport: AbortableTransport
 
     def send(self, data: bytes) -> None:
@@ -93,11 +94,29 @@ class Client:
         return self.transport.value()
 
     @property
-    def request(self) -> GatewayRequest:
-        return self.channel.requests[-1]
+    def exchanges(self) -> list[Exchange]:
+        """Every exchange made on this connection, in order."""
+        return _EXCHANGES.setdefault(id(self.channel), [])
+
+    @property
+    def request(self) -> Exchange:
+        """The latest request's exchange (it stays here once it has ended)."""
+        return self.exchanges[-1]
 
     def disconnect(self) -> None:
         disconnect(self.transport, self.channel, ConnectionLost("client went away"))
+
+
+_EXCHANGES: dict[int, list[Exchange]] = {}
+
+
+class RecordingFactory(GatewayFactory):
+    """The gateway's factory, keeping every exchange it makes (by connection) for the test to look at."""
+
+    def handle(self, connection: ClientConnection, message: Message) -> Exchange:
+        exchange = super().handle(connection, message)
+        _EXCHANGES.setdefault(id(connection), []).append(exchange)
+        return exchange
 
 
 class MemoryGateway:
@@ -107,7 +126,7 @@ class MemoryGateway:
         self.reactor = MemoryReactorClock()
         self.config = parse(data, source="memory.toml")
         self.gateway = make_gateway(self.config, self.reactor)
-        self.factory = GatewayFactory(self.gateway, clock=self.reactor)
+        self.factory = RecordingFactory(self.gateway, clock=self.reactor)
         self._taken = 0
 
     def client(self) -> Client:

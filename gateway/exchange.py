@@ -1,16 +1,16 @@
-"""`GatewayRequest`: the lifecycle of one proxied request, as named phases with one transition table.
+"""`Exchange`: the lifecycle of one proxied request, as named phases with one transition table.
 
 Rules this module keeps:
-* Decisions are made on the head. `gotLength` runs once the head is complete and before a body byte is read
-  or `100 Continue` is sent (Twisted sends it right after `gotLength` returns, and only if `Expect` is still
-  there); `twisted.web.Resource.render` would come after the whole body had been spooled, so the gateway does
-  not use resources at all.
-* The body is never stored: `handleContentChunk` feeds the pipe to the upstream; `process` marks its end.
+* Decisions are made on the head. `begin` runs once the head is complete and before a body byte is read or
+  `100 Continue` is sent (which the exchange sends itself, only once the request is admitted).
+* The body is never stored: `body_received` feeds the pipe to the upstream; `body_ended` marks its end.
 * A response is never presented as complete unless it is: a truncated or stalled stream aborts the client
-  connection; `finish` (which writes the chunked terminator) is only called for a complete response.
-* `finish` is only called once the request body has been read to its end (`process`), which keeps Twisted's
-  channel in step; while an answer waits for that, the rest of the body is read and dropped for at most the
-  lingering timeout, because closing with unread data would reset the connection and could destroy the answer.
+  connection; the connection's `finish` (which writes the chunked terminator) is only called for a complete
+  response.
+* `finish` is only called once the request body has been read to its end, so the connection reads the next
+  request from where this one ended; while an answer waits for that, the rest of the body is read and dropped
+  for at most the lingering timeout, because closing with unread data would reset the connection and could
+  destroy the answer.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionLost, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.client import (
     PotentialDataLoss,
     RequestNotSent,
@@ -36,6 +35,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gateway.addresses import member_of
@@ -67,6 +67,7 @@ from gateway.headers import (
     request_id_of,
     upstream_request_headers,
 )
+from gateway.http1.server import ClientConnection, Message
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.routing import Router, host_without_port
@@ -74,7 +75,7 @@ from gateway.streaming import RequestBodyPipe, ResponseRelay
 from gateway.upstream import ConnectTimeout, UpstreamPool, UpstreamResponse
 from gateway.upstream_tls import tls_failure
 
-__all__ = ["Gateway", "GatewayRequest", "Phase", "refusal_record"]
+__all__ = ["Exchange", "Gateway", "Phase", "refusal_record"]
 
 _log = Logger()
 
@@ -121,7 +122,7 @@ class Phase(enum.Enum):
     """Where a request is in its life; the response side is what decides what can still be said."""
 
     HEAD = "head"
-    """Created by the channel; its head is not complete yet."""
+    """Its head is read; not decided yet."""
     ADMITTING = "admitting"
     """Routed; waiting for an admission verdict (a JWKS fetch, a bcrypt check, forward auth). The body is not
     read meanwhile, beyond what came with the head: the client's socket is paused at the first body byte."""
@@ -153,6 +154,9 @@ _TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
     Phase.CLIENT_GONE: frozenset(),
 }
 
+_ANSWERED = frozenset({Phase.SENT, Phase.DONE})
+"""Phases of a request whose whole response has been written."""
+
 _TIMEOUT_ERRORS = {
     "response_headers": lambda t: UpstreamTimeout(f"the upstream sent no response headers within {t:g} s"),
     "upstream_send_stall": lambda t: UpstreamTimeout(f"the upstream stopped reading the request body for {t:g} s"),
@@ -173,6 +177,12 @@ def _https_redirect(method: bytes, target: bytes, headers: Any, port: int) -> Ga
     return HttpsRedirect(b"https://" + authority + path, method)
 
 
+def _expects_continue(exchange: Exchange) -> bool:
+    """Whether the client waits for `100 Continue` before it sends the body (HTTP/1.1 only)."""
+    expect = exchange.requestHeaders.getRawHeaders(b"expect")
+    return bool(expect) and expect[0].lower() == b"100-continue" and exchange.clientproto == b"HTTP/1.1"  # type: ignore[index]
+
+
 class _Drop(Protocol):
     """Takes a response nobody wants any more and closes its connection (it cannot go back to the pool)."""
 
@@ -180,15 +190,30 @@ class _Drop(Protocol):
         self.transport.stopProducing()
 
 
-class GatewayRequest(http.Request):
-    """One client request, proxied. Created by Twisted's `HTTPChannel` for each request it reads."""
+class Exchange:
+    """One client request, proxied: made by the client connection (`gateway.http1.server`) once the request's head
+    is read, told of its body as it comes, answering through the connection."""
 
-    def __init__(self, channel: http.HTTPChannel, queued: object = None) -> None:
-        super().__init__(channel, parsePOSTFormSubmission=False)
-        self.gateway: Gateway = channel.factory.gateway
-        self._clock = self.gateway.clock
-        self._client_transport = channel.transport
-        self._tls = ISSLTransport.providedBy(channel.transport)
+    def __init__(self, gateway: Gateway, connection: ClientConnection, message: Message, draining: bool) -> None:
+        self.gateway = gateway
+        self._clock = gateway.clock
+        self._connection = connection
+        self._tls = ISSLTransport.providedBy(connection.transport)
+        self.method = message.method
+        self.uri = message.target
+        self.clientproto = message.version
+        self.path = self.uri.partition(b"?")[0]
+        self.requestHeaders = message.headers
+        self._length = message.length
+        self._draining = draining
+        self.client = connection.getPeer()
+        self.code = 200
+        self._phrase = b"OK"
+        self.responseHeaders = Headers()
+        self.startedWriting = False
+        self.sentLength = 0
+        """Body bytes of the response written to the client."""
+        self._disconnected = False
         self.phase = Phase.HEAD
         self.ending = ""
         """How the request ended, for logs and tests: "completed", "answered", "client_gone", or why it was cut."""
@@ -202,7 +227,6 @@ class GatewayRequest(http.Request):
         """The rest of the request body is read and dropped (the upstream takes no more of it)."""
         self._lingering = False
         """The answer is complete and waits, under the lingering deadline, for the request body to end."""
-        self._saved_idle_timeout: float | None = None
         self._timer: IDelayedCall | None = None
         self._pool: UpstreamPool | None = None
         self._slot_held = False
@@ -228,7 +252,7 @@ class GatewayRequest(http.Request):
         """Headers admission gives every response to this request (its rate limit)."""
         self._upstream_address: str | None = None
         """The server the request went to (for the access log), once it had a connection."""
-        self._tls_info: tuple[str | None, str | None] = channel.tls_info if self._tls else (None, None)  # type: ignore[attr-defined]
+        self._tls_info: tuple[str | None, str | None] = connection.tls_info if self._tls else (None, None)
         """The TLS version and cipher of the connection (its handshake is over before a request's first byte)."""
         # For the access log: when the head began, was decided, got an upstream slot and its response head.
         self._began = self._clock.seconds()
@@ -239,38 +263,42 @@ class GatewayRequest(http.Request):
         self._response_at: float | None = None
         self._body_bytes = 0
         self.consumer: str | None = None
-        self._head_read = False
-        """Whether the request line is known (Twisted's placeholder method is no method)."""
         self.refusal: GatewayError | None = None
-        """The error the channel refused this request's head or body with (it then closes the connection)."""
+        """The error the connection refused this request's body with (it then closes the connection)."""
         self.cut_by: str | None = None
         """Why the gateway is about to cut the connection under this request ("drain_timeout")."""
 
-    # --- hooks called by HTTPChannel ---------------------------------------------------------------------
+    # --- what the client connection calls ------------------------------------------------------------------
 
-    def parseCookies(self) -> None:
-        """Cookies pass through untouched; there is no need to parse them."""
+    @property
+    def relay(self) -> ResponseRelay | None:
+        """The response body's relay while it streams (for the metrics: is it paused)."""
+        return self._relay
 
-    def gotLength(self, length: int | None) -> None:
+    @property
+    def pipe(self) -> RequestBodyPipe | None:
+        """The request body's pipe while it flows (for the metrics: what it holds)."""
+        return self._pipe
+
+    @property
+    def answered(self) -> bool:
+        """Whether the whole response has been written."""
+        return self.phase in _ANSWERED
+
+    def begin(self) -> None:
         """The head is complete: decide, and start the upstream request before any body byte is read."""
-        channel = self.channel
-        # HTTPChannel hands method, target and version to the request only after the body (requestReceived).
-        self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
-        self._head_read = True
-        self.path = self.uri.partition(b"?")[0]
+        length = self._length
+        connection = self._connection
         self._has_body = length != 0
         self.request_id = request_id_of(self.requestHeaders)
-        if channel.persistent and (
-            b"close" in connection_tokens(self.requestHeaders) or channel.factory.draining  # type: ignore[attr-defined]
-        ):
-            # Twisted misses "close" in "Connection: close, TE"; a draining gateway takes no next request.
-            channel.persistent = False
-            self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        if connection.persistent and (b"close" in connection_tokens(self.requestHeaders) or self._draining):
+            # "close" among other options ("Connection: close, TE"); a draining gateway takes no next request.
+            self._close_after_response()
         decision = decide(
             RequestHead(self.method, self.uri, self.clientproto, self.requestHeaders, length),
             self.gateway.router,
         )
-        redirect_port = channel.listener.redirect_to_https if channel.listener is not None else 0
+        redirect_port = connection.listener.redirect_to_https if connection.listener is not None else 0
         if redirect_port and (isinstance(decision, Admit) or isinstance(decision.error, NoRoute)):
             decision = Reject(_https_redirect(self.method, self.uri, self.requestHeaders, redirect_port))
         if isinstance(decision, Reject):
@@ -287,18 +315,20 @@ class GatewayRequest(http.Request):
                 self.requestHeaders,
                 getattr(self.client, "host", ""),
                 self.request_id,
-                self.channel.client_certificate if self._tls else None,
+                connection.client_certificate if self._tls else None,
                 self._tls,
             ),
         )
         if isinstance(verdict, Allow):
             self._start(decision, length, verdict)
+            if self.phase is Phase.WAITING and self._has_body and _expects_continue(self):
+                connection.send_continue()
         elif isinstance(verdict, Deferred):
             self._await_verdict(decision, length, verdict)
         else:
             self._refuse(verdict)
 
-    def handleContentChunk(self, data: bytes) -> None:
+    def body_received(self, data: bytes) -> None:
         self._body_bytes += len(data)
         pipe = self._pipe
         if pipe is not None and not self._discarding:
@@ -309,23 +339,39 @@ class GatewayRequest(http.Request):
             pipe.feed(data)
         elif self.phase is Phase.ADMITTING:
             # Came with the head, or was sent without waiting for 100 Continue: held, and nothing more is read
-            # until the verdict. Paused on every chunk: HTTPChannel resumes the socket when an earlier answer on
-            # the connection drains, and each resume lets one more read in (at most one per drain).
+            # until the verdict.
             self._held.append(data)
             self._paused_for_verdict = True
-            self._client_transport.pauseProducing()
+            self._connection.pause_reading()
 
-    def refused(self, error: GatewayError, request_id: str, method: bytes | None, target: bytes | None) -> None:
-        """The channel refused this request (its head, or its body's framing) with `error`, in an answer it
-        wrote itself with `request_id`: remembered for the access log, with what the channel had read of the
-        request line if the head never came whole."""
+    # --- the response, written through the connection ----------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write response body bytes (the head first, once): what the relay writes to."""
+        if not self.startedWriting:
+            self.startedWriting = True
+            self._connection.write_head(
+                self.code, self._phrase, self.responseHeaders, head_request=self.method == b"HEAD"
+            )
+        if data:
+            self.sentLength += len(data)
+            self._connection.write_body(data)
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        self._connection.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._connection.unregisterProducer()
+
+    def _set_status(self, code: int, phrase: bytes) -> None:
+        self.code, self._phrase = code, phrase
+
+    def refused(self, error: GatewayError, request_id: str) -> None:
+        """The connection refused this request (its body's framing) with `error`, in an answer it wrote itself
+        with `request_id`: remembered for the access log."""
         self.refusal = error
-        if self.phase is Phase.HEAD:
+        if not self.request_id:
             self.request_id = request_id
-            self._head_read = method is not None
-            self.method = method or b""
-            self.uri = target or b""
-            self.path = self.uri.partition(b"?")[0]
 
     def cut(self, ending: str) -> None:
         """The gateway cuts this request's connection now (the drain timeout passed): the request ends here, as
@@ -336,7 +382,7 @@ class GatewayRequest(http.Request):
             self._abort_client(ending)
         else:
             self.cut_by = ending
-            self.connectionLost(Failure(ConnectionAborted(ending)))
+            self.connection_lost(Failure(ConnectionAborted(ending)))
 
     def lingered(self, size: int) -> bool:
         """`size` bytes arrived on the connection (framing included) while the answer waits for the body's end:
@@ -349,30 +395,21 @@ class GatewayRequest(http.Request):
             return True
         return False
 
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        """The body is complete. Method, target and version were taken at `gotLength`; the body never went to
-        `self.content`, so the base class's form parsing has nothing to do."""
-        self.process()
-
-    def process(self) -> None:
+    def body_ended(self) -> None:
+        """The request body is complete (or there was none)."""
         self._received = True
-        if self._saved_idle_timeout is not None:
-            # HTTPChannel saves its idle timeout here at the end of the body and restores it after the
-            # response; we had switched it off for the body (the pipe times the body), so hand it back.
-            self.channel._savedTimeOut = self._saved_idle_timeout
         if self._lingering:
             self._cancel_timer()
         elif self._pipe is not None and not self._discarding:
             self._pipe.end()
         self._maybe_finish()
 
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
+    def connection_lost(self, reason: Failure) -> None:
+        """The client connection is gone (or refused this request): whatever is under way stops."""
+        self._disconnected = True
         if not _TRANSITIONS[self.phase]:
             return
         # A client that hangs up after the whole response was written (while we lingered) was answered.
-        if self.phase is Phase.HEAD and not self.request_id:
-            self.request_id = request_id_of(self.requestHeaders)  # never answered: what the log knows it by
         if self.cut_by is not None:
             ending = self.cut_by
         elif self.refusal is not None:
@@ -394,12 +431,8 @@ class GatewayRequest(http.Request):
         """The verdict takes time: hold back `100 Continue` and the body until it comes."""
         self._enter(Phase.ADMITTING)
         self._admitting = (decision, length)
-        if self._has_body:
-            self._saved_idle_timeout = self.channel.setTimeout(None)  # the check has its own timeouts
-            expect = self.requestHeaders.getRawHeaders(b"expect")
-            if expect and expect[0].lower() == b"100-continue" and self.clientproto == b"HTTP/1.1":
-                self._continue_owed = True
-        self.requestHeaders.removeHeader(b"expect")  # Twisted would send 100 Continue once gotLength returns
+        if self._has_body and _expects_continue(self):
+            self._continue_owed = True
         self._verdict = verdict
         verdict.addCallbacks(self._got_verdict, self._verdict_failed)
 
@@ -418,15 +451,15 @@ class GatewayRequest(http.Request):
         self._admitting = None
         self._start(decision, length, verdict)
         for data in held:
-            self.handleContentChunk(data)
+            self.body_received(data)
         if self._received and self._pipe is not None and not self._discarding:
             self._pipe.end()
         if self._paused_for_verdict:
             self._paused_for_verdict = False
             if self._pipe is None or not self._pipe.client_paused:
-                self._client_transport.resumeProducing()
+                self._connection.resume_reading()
         if self._continue_owed and not held and not self._received and self.phase is Phase.WAITING:
-            self.channel._send100Continue()
+            self._connection.send_continue()
 
     def _verdict_failed(self, failure: Failure) -> None:
         self._verdict = None
@@ -454,7 +487,7 @@ class GatewayRequest(http.Request):
         self._answer(denied)
         if self._paused_for_verdict:
             self._paused_for_verdict = False
-            self._client_transport.resumeProducing()  # lingering reads and drops what the client still sends
+            self._connection.resume_reading()  # lingering reads and drops what the client still sends
         self._maybe_finish()
 
     # --- admitted: the upstream exchange -----------------------------------------------------------------
@@ -469,12 +502,9 @@ class GatewayRequest(http.Request):
         self.consumer = allow.identity.consumer
         self._decided_at = self._clock.seconds()
         if self._has_body:
-            if self._saved_idle_timeout is None:
-                # Twisted's idle timer would cut an upload we paused for a slow upstream; the pipe times the body.
-                self._saved_idle_timeout = self.channel.setTimeout(None)
             self._pipe = RequestBodyPipe(
                 length=length,
-                client=self._client_transport,
+                client=self._connection.transport,
                 clock=self._clock,
                 flow=route.flow_control,
                 client_idle_timeout=route.timeouts.client_body_idle,
@@ -573,7 +603,7 @@ class GatewayRequest(http.Request):
             response.deliverBody(_Drop())
             self._upstream_failed(Failure(UpstreamBroken(f"the upstream sent {broken}")))
             return
-        self.setResponseCode(response.code, response.phrase)
+        self._set_status(response.code, response.phrase)
         server = self.gateway.server
         client_response_headers(
             response.headers,
@@ -595,7 +625,7 @@ class GatewayRequest(http.Request):
                 self.responseHeaders.setRawHeaders(b"Content-Length", length[-1:])
         elif response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY_STATUSES:
             # Keep the upstream's framing when it had one (its Content-Length header is dropped with the rest of the
-            # framing: the channel writes its own).
+            # framing: the connection writes its own).
             self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
         if self._has_body and not self._received:
             self._close_after_response()  # an early answer: the rest of the body must not be read as a request
@@ -620,9 +650,7 @@ class GatewayRequest(http.Request):
 
     def _response_ended(self, reason: Failure) -> None:
         self._relay = None
-        if self._disconnected:
-            self.producer = None
-        else:
+        if not self._disconnected:
             self.unregisterProducer()
         self._release_slot()
         if self.phase is not Phase.STREAMING:
@@ -733,11 +761,9 @@ class GatewayRequest(http.Request):
         if self._decided_at is None:
             self._decided_at = self._clock.seconds()
         status, content_type, body = error.render(self.request_id)
-        # No `100 Continue` after a final answer (Twisted sends it once gotLength returns, if Expect is there).
-        self.requestHeaders.removeHeader(b"expect")
         if (self._has_body and not self._received) or isinstance(error, BadRequest | MethodNotAllowed):
             self._close_after_response()  # what follows on this connection cannot be trusted to be a request
-        self.setResponseCode(status, reason_phrase(status))
+        self._set_status(status, reason_phrase(status))
         headers = self.responseHeaders
         for name, value in error.extra_headers():
             headers.addRawHeader(name, value)
@@ -762,22 +788,19 @@ class GatewayRequest(http.Request):
                 self._pipe.abandon()  # the answer is complete: what the upstream did not take, it never will
             if not self._disconnected:
                 self._cancel_timer()
-                self.finish()
                 self._enter(Phase.DONE)
+                self._connection.finish()
         elif self._has_body and not self._lingering:
             self._lingering = True
             self._discarding = True
             if self._pipe is not None:
                 self._pipe.abandon()  # the upstream has answered; it gets nothing more
-            if self.chunked:
-                # The response is complete: say so now, as finish() will only run once the body is in.
-                self.channel.write(b"0\r\n\r\n")
-                self.chunked = 0
-            # Lingering close, as nginx does it: send FIN once the answer is out (a client that will not send
+            # The response is complete: say so now (its last chunk), as finish() will only run once the body is
+            # in. Lingering close, as nginx does it: send FIN once the answer is out (a client that will not send
             # its body can see the answer is all there and hang up), keep reading and dropping the body, and
             # cut the connection only at the deadline.
-            if ITCPTransport.providedBy(self._client_transport):
-                self._client_transport.loseWriteConnection()
+            self._connection.end_body()
+            self._connection.linger()
             self._arm_timer(self.gateway.server.lingering_timeout, "lingering")
 
     def _abort_client(self, ending: str) -> None:
@@ -787,7 +810,7 @@ class GatewayRequest(http.Request):
         if self._relay is not None:
             self._relay.stopProducing()
         self._cancel_upstream(ConnectionAborted(ending))
-        self._client_transport.abortConnection()
+        self._connection.abort()
 
     def _cancel_upstream(self, reason: Exception) -> None:
         """Abandon the upstream request, wherever it is: an unfinished body must reach it as unfinished."""
@@ -801,7 +824,7 @@ class GatewayRequest(http.Request):
         self._waiting = self._upstream_request = None
 
     def _close_after_response(self) -> None:
-        self.channel.persistent = False
+        self._connection.persistent = False
         self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
 
     def _release_slot(self) -> None:
@@ -866,8 +889,8 @@ class GatewayRequest(http.Request):
         return {
             "request_id": self.request_id,
             "client": getattr(self.client, "host", ""),
-            "method": self.method.decode("ascii", "backslashreplace") if self.method and self._head_read else None,
-            "host": _host_field(self.requestHeaders.getRawHeaders(b"host")) if self._head_read else None,
+            "method": self.method.decode("ascii", "backslashreplace"),
+            "host": _host_field(self.requestHeaders.getRawHeaders(b"host")),
             "path": path.decode("ascii", "backslashreplace") if path else None,
             "route": route.name if route is not None else None,
             "upstream": route.upstream.name if route is not None and self._pool is not None else None,
@@ -924,15 +947,16 @@ def refusal_record(
     status: int,
     *,
     tls: tuple[str | None, str | None] = (None, None),
+    path: bytes | None = None,
 ) -> dict[str, Any]:
-    """The access-log record of a request head the channel refused before it became a request (a request line
+    """The access-log record of a request head the connection refused before it became a request (a request line
     too long, slow or malformed, a connection over the cap): the same fields, most of them null."""
     return {
         "request_id": request_id,
         "client": client,
         "method": method.decode("ascii", "backslashreplace") if method else None,
         "host": None,
-        "path": None,
+        "path": path.decode("ascii", "backslashreplace") if path else None,
         "route": None,
         "upstream": None,
         "upstream_addr": None,
