@@ -35,7 +35,6 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gateway.addresses import member_of
@@ -67,6 +66,7 @@ from gateway.headers import (
     request_id_of,
     upstream_request_headers,
 )
+from gateway.http1.fields import Fields
 from gateway.http1.server import ClientConnection, Message
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
@@ -209,7 +209,7 @@ class Exchange:
         self.client = connection.getPeer()
         self.code = 200
         self._phrase = b"OK"
-        self.responseHeaders = Headers()
+        self.responseHeaders = Fields()
         self.startedWriting = False
         self.sentLength = 0
         """Body bytes of the response written to the client."""

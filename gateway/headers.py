@@ -2,7 +2,8 @@
 
 Rule: end-to-end headers pass unchanged in both directions; hop-by-hop headers (the fixed list and every name
 listed in Connection) never do; framing (Content-Length, Transfer-Encoding) is re-made by whoever writes the
-next hop. Pure functions over `Headers`: no I/O, no reactor.
+next hop. Names pass as they were spelt; the headers the gateway adds have its own spelling. Pure functions over
+`Fields` (`gateway.http1.fields`): no I/O, no reactor.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 from collections.abc import Iterable, Sequence
 
 from twisted.web.http_headers import Headers
+
+from gateway.http1.fields import Fields
 
 __all__ = [
     "HOP_BY_HOP",
@@ -57,8 +60,10 @@ def canonical_name(name: bytes) -> bytes:
     return next(iter(headers.getAllRawHeaders()))[0]
 
 
+# How the gateway spells the headers it sets (as Twisted's Headers did, so what upstreams and clients see is
+# unchanged); the keys are the lower-cased names.
 _CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _SERVER = (
-    canonical_name(n)
+    n
     for n in (
         b"connection",
         b"host",
@@ -74,7 +79,7 @@ _CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _SERVER = (
 # X-Forwarded-* the gateway makes itself: only a trusted proxy's pass; anyone else's are forged (client-address
 # libraries read any of the first group; frameworks build URLs from the second).
 _PROXY_SET = frozenset(
-    canonical_name(name)
+    name
     for name in (
         b"forwarded",
         b"x-real-ip",
@@ -95,18 +100,34 @@ _PROXY_SET = frozenset(
 )
 # The forwarding headers the gateway sets or guards, lower-cased: a CGI/WSGI upstream reads "X_Forwarded_For"
 # as one of them (only reachable with server.underscores_in_headers = true).
-_FORWARDING = frozenset(name.lower() for name in (_XFF, _XFP, _XFH, _XRID, _VIA, *_PROXY_SET))
-_DROP_UPSTREAM = frozenset(canonical_name(n) for n in HOP_BY_HOP | _REMADE_UPSTREAM)
-_DROP_CLIENT = frozenset(canonical_name(n) for n in HOP_BY_HOP | _REMADE_CLIENT)
+_FORWARDING = frozenset((_XFF, _XFP, _XFH, _XRID, _VIA, *_PROXY_SET))
+_DROP_UPSTREAM = HOP_BY_HOP | _REMADE_UPSTREAM
+_DROP_CLIENT = HOP_BY_HOP | _REMADE_CLIENT
+_SPELLING = {name: canonical_name(name) for name in (_HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _SERVER)}
 
 
-def _raw(headers: Headers) -> dict[bytes, list[bytes]]:
-    """The name -> values dict inside a `Headers` (names canonical, values checked when they were parsed).
+def _entries(headers: Fields | Headers) -> dict[bytes, tuple[bytes, list[bytes]]]:
+    """Lower-cased name -> (name as spelt, values) of `headers` (a Twisted `Headers` is read through its public
+    methods: tests and side calls build those)."""
+    if isinstance(headers, Fields):
+        return headers.entries
+    return Fields((name, value) for name, values in headers.getAllRawHeaders() for value in values).entries
 
-    Copying headers through it skips re-checking and re-canonicalising every name and value, which the public
-    setters do: on a small request that was the largest cost of the gateway's own code.
-    """
-    return headers._rawHeaders
+
+def _values(headers: Fields | Headers, name: bytes) -> list[bytes] | None:
+    """The values of `name` (lower-cased) in `headers`."""
+    entry = _entries(headers).get(name)
+    return entry[1] if entry is not None else None
+
+
+def _set(raw: dict[bytes, tuple[bytes, list[bytes]]], name: bytes, values: list[bytes]) -> None:
+    """Set one of the gateway's own headers (`name` lower-cased), in its spelling."""
+    raw[name] = (_SPELLING[name], values)
+
+
+@functools.lru_cache(maxsize=256)
+def _lowered(names: frozenset[bytes]) -> frozenset[bytes]:
+    return frozenset(name.lower() for name in names)
 
 
 def _tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
@@ -121,17 +142,17 @@ def _tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def connection_tokens(headers: Headers) -> frozenset[bytes]:
+def connection_tokens(headers: Fields | Headers) -> frozenset[bytes]:
     """The lower-cased options listed in every Connection header (RFC 9110 §7.6.1: a comma-separated list).
 
     Twisted splits Connection on spaces only, so "close, TE" would hide "close"; this parses it properly.
     """
-    return _tokens(_raw(headers).get(_CONNECTION))
+    return _tokens(_values(headers, _CONNECTION))
 
 
-def request_id_of(headers: Headers) -> str:
+def request_id_of(headers: Fields | Headers) -> str:
     """The client's X-Request-ID when it is a sane token (visible ASCII, at most 200 bytes), else a new one."""
-    values = _raw(headers).get(_XRID)
+    values = _values(headers, _XRID)
     if values and _REQUEST_ID.fullmatch(values[-1]):
         return values[-1].decode("ascii")
     # 128 random bits, as unlikely to repeat as uuid4().hex, from the process's PRNG (seeded by the OS when
@@ -140,16 +161,20 @@ def request_id_of(headers: Headers) -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def _end_to_end(source: dict[bytes, list[bytes]], drop: frozenset[bytes]) -> dict[bytes, list[bytes]]:
+_Entries = dict[bytes, tuple[bytes, list[bytes]]]
+
+
+def _end_to_end(source: _Entries, drop: frozenset[bytes]) -> _Entries:
     """The headers of `source` that may cross: none of `drop`, none named in its Connection header."""
-    named = _tokens(source.get(_CONNECTION))
+    connection = source.get(_CONNECTION)
+    named = _tokens(connection[1]) if connection is not None else None
     if named:
-        return {name: list(values) for name, values in source.items() if name not in drop and name.lower() not in named}
-    return {name: list(values) for name, values in source.items() if name not in drop}
+        drop = drop | named
+    return {key: (name, list(values)) for key, (name, values) in source.items() if key not in drop}
 
 
 def upstream_request_headers(
-    client: Headers,
+    client: Fields | Headers,
     *,
     client_ip: str,
     host: bytes,
@@ -162,7 +187,7 @@ def upstream_request_headers(
     remove: Iterable[bytes] = (),
     add: Sequence[tuple[bytes, bytes]] = (),
     keep_forwarded_for: bool = True,
-) -> Headers:
+) -> Fields:
     """The headers sent upstream for a client request with headers `client`.
 
     `host` is the Host to send (the client's or the upstream's, by the route's policy); `client_host` is the
@@ -175,13 +200,14 @@ def upstream_request_headers(
     proxies set (Forwarded, X-Real-IP, True-Client-IP, X-Forwarded-Port...) is kept; from anyone else
     X-Forwarded-For is replaced and the others removed, so no upstream reads a forged client address or URL.
     """
-    source = _raw(client)
-    out = Headers()
-    raw = out._rawHeaders = _end_to_end(source, _DROP_UPSTREAM)
+    source = _entries(client)
+    out = Fields()
+    raw = out.entries = _end_to_end(source, _DROP_UPSTREAM)
     if not underscores:
         for name in [name for name in raw if b"_" in name]:
             del raw[name]
-    for name in remove:
+    removed = _lowered(frozenset(remove)) if remove else frozenset()
+    for name in removed:
         raw.pop(name, None)
     if not keep_forwarded_for and not _PROXY_SET.isdisjoint(raw):
         for name in _PROXY_SET.intersection(raw):
@@ -189,19 +215,19 @@ def upstream_request_headers(
     if underscores:
         # With underscores allowed, "X_Consumer_ID" reaches a CGI/WSGI upstream as X-Consumer-ID, and
         # "X_Forwarded_For" as X-Forwarded-For: such a spelling of a removed or forwarding header is removed too.
-        guarded = _FORWARDING | {name.lower() for name in remove}
-        for name in [name for name in raw if b"_" in name and name.replace(b"_", b"-").lower() in guarded]:
+        guarded = _FORWARDING | removed
+        for name in [name for name in raw if b"_" in name and name.replace(b"_", b"-") in guarded]:
             del raw[name]
     for name, value in add:
-        raw.setdefault(name, []).append(value)  # the client's copies are gone: every value here is ours
-    raw[_HOST] = [host]
+        out.addRawHeader(name, value)  # the client's copies are gone: every value here is ours
+    _set(raw, _HOST, [host])
     forwarded_for = source.get(_XFF) if keep_forwarded_for else None
     ip = client_ip.encode("ascii")
-    raw[_XFF] = [b", ".join([*forwarded_for, ip])] if forwarded_for else [ip]
-    raw[_XFP] = [proto]
+    _set(raw, _XFF, [b", ".join([*forwarded_for[1], ip])] if forwarded_for else [ip])
+    _set(raw, _XFP, [proto])
     if client_host is not None:
-        raw[_XFH] = [client_host]
-    raw[_XRID] = [request_id.encode("ascii")]
+        _set(raw, _XFH, [client_host])
+    _set(raw, _XRID, [request_id.encode("ascii")])
     if via:
         _add_via(raw, source.get(_VIA), received_version + b" " + via)
     return out
@@ -211,12 +237,12 @@ def upstream_request_headers(
 def _client_drop(hidden: frozenset[bytes]) -> frozenset[bytes]:
     """What is not relayed to a client: the hop-by-hop headers, and a route's hidden ones (lower-cased names;
     a frozenset caches its hash, so this costs one lookup per response)."""
-    return _DROP_CLIENT | {canonical_name(name) for name in hidden}
+    return _DROP_CLIENT | _lowered(hidden)
 
 
 def client_response_headers(
-    upstream: Headers,
-    target: Headers,
+    upstream: Fields | Headers,
+    target: Fields,
     *,
     via: bytes,
     request_id: str,
@@ -227,16 +253,19 @@ def client_response_headers(
     """Copy the upstream response headers `upstream` into the client response headers `target`, without the
     `hidden` ones (lower-cased names: by default Server and X-Powered-By, which tell clients the inner stack);
     with `server`, the gateway's own Server header replaces the upstream's."""
-    source = _raw(upstream)
-    raw = _raw(target)
+    source = _entries(upstream)
+    raw = target.entries
     raw.update(_end_to_end(source, _client_drop(hidden) if hidden else _DROP_CLIENT))
     if _XRID not in raw:
-        raw[_XRID] = [request_id.encode("ascii")]
+        _set(raw, _XRID, [request_id.encode("ascii")])
     if via:
         _add_via(raw, source.get(_VIA), received_version + b" " + via)
     if server:
-        raw[_SERVER] = [server]
+        _set(raw, _SERVER, [server])
 
 
-def _add_via(raw: dict[bytes, list[bytes]], existing: Sequence[bytes] | None, ours: bytes) -> None:
-    raw[_VIA] = [b", ".join([*existing, ours])] if existing else [ours]
+def _add_via(raw: _Entries, existing: tuple[bytes, list[bytes]] | None, ours: bytes) -> None:
+    if existing is not None:
+        raw[_VIA] = (existing[0], [b", ".join([*existing[1], ours])])
+    else:
+        _set(raw, _VIA, [ours])

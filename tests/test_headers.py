@@ -8,7 +8,6 @@ import string
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.web.http_headers import Headers
 
 from gateway.headers import (
     client_response_headers,
@@ -16,6 +15,7 @@ from gateway.headers import (
     request_id_of,
     upstream_request_headers,
 )
+from gateway.http1.fields import Fields as Headers
 
 # Written out here rather than imported, so a header quietly dropped from the module's list fails a test.
 HOP_BY_HOP = [

@@ -14,12 +14,11 @@ import secrets
 from collections.abc import Mapping
 
 from twisted.internet.defer import Deferred
-from twisted.web.http_headers import Headers
 
 from gateway.auth.credentials import MALFORMED, challenge, looks_like_jwt, split_authorization
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.settings import ApiKeyMethod, Consumer, KeyHeader
-from gateway.headers import canonical_name
+from gateway.http1.fields import HeaderLookup
 
 __all__ = ["ApiKeyAuthenticator", "hash_key", "mint_key"]
 
@@ -56,15 +55,14 @@ class ApiKeyAuthenticator:
             for digest in consumer.api_key_hashes
         }
         """The SHA-256 digest of each key -> its consumer."""
-        self._where = [(canonical_name(where.name), where) for where in self._headers]
+        self._where = [(where.name.lower(), where) for where in self._headers]
         self._identities: dict[tuple[str, bytes], Identity] = {}
         """(consumer, header) -> its identity, made once: the same object every time, so what depends on it
         (the headers set upstream) is made once too."""
 
-    def credential(self, headers: Headers) -> tuple[KeyHeader, bytes] | object | None:
-        raw = headers._rawHeaders  # by canonical name: what getRawHeaders would do, without re-encoding the name
+    def credential(self, headers: HeaderLookup) -> tuple[KeyHeader, bytes] | object | None:
         for name, where in self._where:
-            values = raw.get(name)
+            values = headers.getRawHeaders(name)
             if not values:
                 continue
             if len(values) != 1:

@@ -23,12 +23,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web.http_headers import Headers
 
 from gateway.auth.credentials import MALFORMED, authorization, basic_credentials, challenge, split_authorization
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.settings import BasicMethod, Consumer
 from gateway.errors import AuthUnavailable
+from gateway.http1.fields import HeaderLookup
 
 __all__ = ["BasicAuthenticator"]
 
@@ -72,7 +72,7 @@ class BasicAuthenticator:
         self._identities: dict[str, Identity] = {}
         self._closed = False
 
-    def credential(self, headers: Headers) -> object | None:
+    def credential(self, headers: HeaderLookup) -> object | None:
         value = authorization(headers.getRawHeaders(b"authorization"))
         if value is None:
             return None

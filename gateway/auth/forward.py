@@ -49,6 +49,7 @@ from zope.interface import implementer
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.settings import GATEWAY_OWNED, ForwardMethod
 from gateway.errors import AuthServiceDenied, AuthTimeout, AuthUnavailable, Denied
+from gateway.http1.fields import HeaderLookup
 
 __all__ = ["ForwardAuthenticator", "Selected"]
 
@@ -140,7 +141,7 @@ class _Check:
       the connection are ignored.
     """
 
-    def __init__(self, auth: ForwardAuthenticator, headers: Headers, request: AuthRequest) -> None:
+    def __init__(self, auth: ForwardAuthenticator, headers: HeaderLookup, request: AuthRequest) -> None:
         self._auth = auth
         self._request_id = request.request_id
         self._state = "waiting"
@@ -296,7 +297,7 @@ class ForwardAuthenticator:
         self.in_flight = 0
         """Checks under way (each has a connection to the auth service)."""
 
-    def credential(self, headers: Headers) -> Selected | None:
+    def credential(self, headers: HeaderLookup) -> Selected | None:
         """The chosen headers the request carries, or None without any (the method does not apply)."""
         selected = []
         for name in self._selected:
@@ -336,7 +337,7 @@ class ForwardAuthenticator:
         if self._closed:
             self._pool.closeCachedConnections()
 
-    def identity_from(self, headers: Headers) -> Identity:
+    def identity_from(self, headers: HeaderLookup) -> Identity:
         """The identity a 2xx answer's headers give; `AuthUnavailable` when they are invalid (a broken auth
         service must not smuggle bad values into upstream headers)."""
         method = self.method

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.web.http_headers import Headers
+
+from gateway.http1.fields import HeaderLookup
 
 __all__ = ["AuthFailure", "AuthRequest", "Authenticator", "Identity"]
 
@@ -68,7 +69,7 @@ class AuthRequest(NamedTuple):
     method: bytes
     target: bytes
     """As the client sent it (origin-form)."""
-    headers: Headers
+    headers: HeaderLookup
     client_address: str
     request_id: str
     client_certificate: Any = None
@@ -91,7 +92,7 @@ class Authenticator(Protocol):
         address (a NAT): a Basic user name, an API key's first characters, a token's signature; None to count them
         under the method (optional; as None when absent). The gatekeeper keeps only a keyed digest of it."""
 
-    def credential(self, headers: Headers) -> object | None:
+    def credential(self, headers: HeaderLookup) -> object | None:
         """This method's credential in the request headers, or None when the request carries none of its kind.
 
         A credential that is present but malformed is returned all the same (for `verify` to refuse): the

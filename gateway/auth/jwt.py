@@ -26,7 +26,6 @@ import jwt
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.http_headers import Headers
 
 from gateway.auth.credentials import (
     MALFORMED,
@@ -41,6 +40,7 @@ from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.jwks import Fetch, KeySource, TreqFetcher
 from gateway.auth.settings import JwtMethod
 from gateway.errors import AuthUnavailable
+from gateway.http1.fields import HeaderLookup
 
 __all__ = ["MAX_CACHE_SECONDS", "JwtAuthenticator"]
 
@@ -123,7 +123,7 @@ class JwtAuthenticator:
 
     # --- Authenticator ----------------------------------------------------------------------------------------
 
-    def credential(self, headers: Headers) -> object | None:
+    def credential(self, headers: HeaderLookup) -> object | None:
         value = authorization(headers.getRawHeaders(b"authorization"))
         if not isinstance(value, bytes):
             return value  # None (no Authorization) or MALFORMED (several)

@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from twisted.internet.defer import Deferred
-from twisted.web.http_headers import Headers
 
 from gateway.auth.identity import AuthRequest, Identity
 from gateway.auth.settings import CertificateIdentity, Consumer, MtlsMethod
 from gateway.errors import Forbidden
+from gateway.http1.fields import HeaderLookup
 from gateway.tls import ClientCertificate
 
 __all__ = ["MtlsAuthenticator"]
@@ -44,7 +44,7 @@ class MtlsAuthenticator:
         self._identities: dict[tuple[str, str], Identity] = {}
         """(consumer, subject) -> its identity, made once (what depends on it is then made once too)."""
 
-    def credential(self, headers: Headers) -> None:
+    def credential(self, headers: HeaderLookup) -> None:
         return None  # never in the headers: see `from_connection`
 
     def verify(self, credential: object, request: AuthRequest) -> Identity:

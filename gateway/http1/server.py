@@ -32,7 +32,6 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListen
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from gateway.addresses import canonical_ip
@@ -49,6 +48,7 @@ from gateway.errors import (
 )
 from gateway.framing import MAX_BODY_LENGTH, body_length
 from gateway.headers import request_id_of
+from gateway.http1.fields import Fields
 from gateway.http1.heads import CRLF, LAST_CHUNK, chunk
 from gateway.tls import ClientCertificate, client_certificate, tls_parameters
 
@@ -91,7 +91,7 @@ class Message:
         self._target: list[bytes] = []
         self.target = b""
         self.version = b""
-        self.headers = Headers()
+        self.headers = Fields()
         self.length: int | None = 0
         """The Content-Length, 0 without a body, None for a chunked body."""
         self.keep_alive = False
@@ -246,7 +246,7 @@ class ClientConnection(Protocol):
         if not self.response_started and not self.transport.disconnecting:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def write_head(self, code: int, phrase: bytes, headers: Headers, *, head_request: bool) -> None:
+    def write_head(self, code: int, phrase: bytes, headers: Fields, *, head_request: bool) -> None:
         """The response head, in one write. Its framing is the connection's: a Content-Length the exchange set is
         kept; without one the body is chunked (HTTP/1.1) or ends with the connection (HTTP/1.0); a response to
         HEAD and a 204 or 304 has no body."""
@@ -254,8 +254,8 @@ class ClientConnection(Protocol):
         body_allowed = not head_request and code not in _NO_BODY_STATUSES
         parts = [b"HTTP/1.1 %d %s\r\n" % (code, phrase)]
         has_length = False
-        for name, values in headers.getAllRawHeaders():
-            if name == b"Content-Length":
+        for key, (name, values) in headers.entries.items():
+            if key == b"content-length":
                 has_length = True
             for value in values:
                 parts += (name, b": ", value, CRLF)
@@ -590,7 +590,7 @@ class ClientConnection(Protocol):
         self.persistent = False
         handler, self.handler = self.handler, None
         message = self._message
-        request_id = request_id_of(message.headers if message is not None else Headers())
+        request_id = request_id_of(message.headers if message is not None else Fields())
         method = message.method if message is not None else b""
         line = (method, message.target) if message is not None and self._line_done else None
         # Whose refusal it is: the request being read's (its body's framing failed), unless a new head was

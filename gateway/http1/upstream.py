@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from gateway.errors import UpstreamBroken
 from gateway.headers import connection_tokens
+from gateway.http1.fields import Fields
 from gateway.http1.heads import LAST_CHUNK, chunk, request_head
 
 __all__ = ["MAX_RESPONSE_HEAD", "UPSTREAM_BUFFER_SIZE", "UpstreamConnection", "UpstreamResponse"]
@@ -101,7 +102,7 @@ class UpstreamResponse:
     sent), its body length (`UNKNOWN_LENGTH` unless a Content-Length framed it; 0 for HEAD, 204 and 304), and its
     body, delivered to the protocol `deliverBody` is given."""
 
-    def __init__(self, connection: UpstreamConnection, code: int, phrase: bytes, version: str, headers: Headers):
+    def __init__(self, connection: UpstreamConnection, code: int, phrase: bytes, version: str, headers: Fields):
         self._connection = connection
         self.code = code
         self.phrase = phrase
@@ -254,11 +255,11 @@ class _Exchange:
         version = parser.get_http_version()
         if version not in _HTTP_1:
             raise _Broken(UpstreamBroken("the upstream sent an invalid HTTP version"))
-        headers = Headers()
+        headers = Fields()
         length: int | None = None
         coded = False
         for name, value in self.headers:
-            headers.addRawHeader(name, value)
+            headers.addRawHeader(name, value.rstrip(b" \t"))  # llhttp keeps trailing whitespace
             lowered = name.lower()
             if lowered == b"transfer-encoding":
                 if coded or value.strip(b" \t").lower() != b"chunked":
@@ -387,7 +388,7 @@ class UpstreamConnection(Protocol):
     # --- a request ----------------------------------------------------------------------------------------------
 
     def request(
-        self, method: bytes, target: bytes, headers: Headers, body: IBodyProducer | None
+        self, method: bytes, target: bytes, headers: Fields | Headers, body: IBodyProducer | None
     ) -> Deferred[UpstreamResponse]:
         """Send one request; the Deferred fires with the response once its head is read, or fails (the
         exceptions of `twisted.web.client`: `ResponseNeverReceived`, `ResponseFailed`, `RequestTransmissionFailed`,
@@ -587,11 +588,11 @@ class UpstreamConnection(Protocol):
         self._on_lost(self)
 
 
-def _pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
+def _pairs(headers: Fields | Headers) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
-def _keeps_alive(version: str, headers: Headers) -> bool:
+def _keeps_alive(version: str, headers: Fields) -> bool:
     """Whether a response leaves its connection open (RFC 9112 section 9.3): HTTP/1.1 unless it says close,
     HTTP/1.0 only when it says keep-alive."""
     tokens = connection_tokens(headers)
