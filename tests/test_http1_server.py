@@ -20,10 +20,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 
 from gateway.config import Config, parse
 from gateway.errors import GatewayError, TooManyConnections, reason_phrase
+from gateway.http1.fields import Fields
 from gateway.http1.server import ClientConnection, Message
 from tests.support.clients import parse_response
 from tests.support.memory import AbortableTransport, disconnect
@@ -114,7 +114,7 @@ class Handler:
     # Answering, through the connection's response methods.
 
     def head(self, code: int = 200, *headers: tuple[bytes, bytes]) -> None:
-        raw = Headers()
+        raw = Fields()
         for name, value in headers:
             raw.addRawHeader(name, value)
         self.connection.write_head(code, reason_phrase(code), raw, head_request=self.message.method == b"HEAD")
@@ -736,3 +736,97 @@ def test_abort_cuts_the_connection_and_stops_its_timers(wire: Callable[..., Wire
     assert w.received().endswith(chunk(b"part"))
     disconnect(w.transport, w.connection, ConnectionAborted("aborted"))
     assert w.timers() == 0
+
+
+# === found by these tests, and fixed =======================================================================
+
+
+def test_bytes_after_a_connection_close_request_are_ignored(wire: Callable[..., Wire]) -> None:
+    """a request with Connection: close followed by more bytes (same read) is answered normally, and the
+    bytes after it are not processed (RFC 9112 9.6)."""
+    w = wire()
+    w.send(get(b"/a", b"Connection: close") + get(b"/b"))
+    assert w.connection.refused is None
+    w.handler().respond()
+    assert w.received() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    assert w.transport.lost
+
+
+def test_bytes_after_a_connection_close_request_in_a_later_read_are_ignored(wire: Callable[..., Wire]) -> None:
+    """the same when the next bytes come in a read of their own while the request is served."""
+    w = wire()
+    w.send(get(b"/a", b"Connection: close"))
+    w.send(get(b"/b"))
+    assert w.handler().lost is None
+    w.handler().respond()
+    assert parse_response(w.received()).status == 200
+
+
+def test_http_1_0_request_followed_by_more_bytes_is_answered(wire: Callable[..., Wire]) -> None:
+    """the request is answered, what follows is dropped."""
+    w = wire()
+    w.send(get(b"/a", version=b"HTTP/1.0") + get(b"/b"))
+    w.handler().respond()
+    assert w.received() == OK
+
+
+def test_idle_timer_is_not_armed_while_a_pipelined_request_is_served(wire: Callable[..., Wire]) -> None:
+    """a request answered at its end (as the exchange answers a 404) with another pipelined behind it in
+    the same read: no timer runs while the second is served, and idle counts from its finish."""
+    w = wire(server={"idle_timeout": 60})
+    w.owner.on_end = lambda h: h.respond() if h.message.target == b"/a" else None
+    w.send(get(b"/a") + get(b"/b"))
+    assert w.timers() == 0
+    w.advance(50)
+    w.handler().respond()
+    w.advance(60 - EPS)
+    assert not w.transport.disconnecting
+
+
+EPS = 0.25
+
+
+def test_a_handlers_pause_in_begin_holds_for_a_pipelined_request(wire: Callable[..., Wire]) -> None:
+    """a pipelined request whose handler pauses reading as it begins (the exchange waiting for a verdict)
+    stays paused: the connection does not resume reading behind its back."""
+    w = wire()
+    w.owner.on_begin = lambda h: h.connection.pause_reading() if h.message.target == b"/upload" else None
+    w.send(get(b"/a") + chunked_post() + chunk(b"abc"))
+    w.handler(0).respond()
+    assert w.events[-1] == ("body", b"/upload", b"abc")
+    assert w.transport.producerState == "paused"
+
+
+def test_new_head_refused_while_a_request_is_served_is_the_heads_refusal(wire: Callable[..., Wire]) -> None:
+    """a new head over its limit, read while an earlier request is served, is that head's refusal: the
+    served request is not told it was refused nor cut, and the 414 follows its response (the owner hears
+    head_refused)."""
+    w = wire(limits={"max_request_line_bytes": 64})
+    w.send(get(b"/a"))
+    w.send(b"GET /" + b"x" * 100)
+    assert w.received() == b""  # nothing may go out as if it were /a's answer
+    assert w.events == [("begin", b"/a"), ("end", b"/a")]
+    w.handler().respond()
+    assert w.owner.refusals == [(414, None)]
+    assert w.received().startswith(OK + b"HTTP/1.1 414 ")
+
+
+def test_malformed_chunk_after_an_early_finish_gets_no_second_answer(wire: Callable[..., Wire]) -> None:
+    """a request finished before its body ended (on_message_complete's "answered before its end
+    was read" path), whose body then turns malformed: no answer follows the complete response."""
+    w = wire()
+    w.send(chunked_post() + chunk(b"abc"))
+    w.handler().respond()
+    answered = w.received()
+    w.send(b"zz\r\n")
+    assert w.received() == answered
+
+
+def test_trailer_section_is_held_to_the_header_limit(wire: Callable[..., Wire]) -> None:
+    """a trailer field that never ends is refused past max_header_bytes, as a head's would be (httptools
+    otherwise accumulates it in memory without bound)."""
+    w = wire(limits={"max_header_bytes": 1024})
+    w.send(chunked_post() + chunk(b"abc") + b"0\r\nX-T: ")
+    for _ in range(10):
+        w.send(b"a" * 100_000)
+    assert w.connection.refused is not None

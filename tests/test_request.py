@@ -163,6 +163,21 @@ def test_get_relays_status_code_and_reason_phrase(gateway: Callable[..., Gateway
     assert (parsed.status, parsed.reason) == (299, b"Quite Unusual Reason")
 
 
+def test_header_names_pass_byte_exact_both_ways(gateway: Callable[..., Gateway]) -> None:
+    """Header names reach the next hop spelt as they were sent (no re-casing), values unchanged, each in one head;
+    the headers the gateway adds have its own spelling."""
+    gw = gateway()
+    client = gw.client()
+    client.send(b"GET / HTTP/1.1\r\nHost: example.test\r\nx-lower-case: a\r\nX-MiXeD: b c\r\n\r\n")
+    up = gw.upstream()
+    head = up.received()
+    assert b"\r\nx-lower-case: a\r\n" in head and b"\r\nX-MiXeD: b c\r\n" in head
+    assert b"\r\nX-Forwarded-For: 10.0.0.1\r\n" in head
+    up.respond(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-UPSTREAM: 1\r\nContent-Length: 0\r\n\r\n")
+    answer = client.received()
+    assert b"\r\ncontent-type: text/plain\r\n" in answer and b"\r\nx-UPSTREAM: 1\r\n" in answer
+
+
 def test_get_sends_method_path_and_query_unchanged(gateway: Callable[..., Gateway]) -> None:
     """The upstream receives the client's method, path and query bytes as they were sent."""
     gw = gateway()

@@ -186,6 +186,14 @@ class ClientConnection(Protocol):
         self._linger_timer: IDelayedCall | None = None
         self._lingered = 0
         self._reading_paused = False
+        self._last_read = False
+        """The latest request was the connection's last (Connection: close, HTTP/1.0 without keep-alive, or the
+        gateway closes after it): what follows is not read (RFC 9112 section 9.6)."""
+        self._body_progress = False
+        self._framing_raw = 0
+        """Bytes of a chunked body's reads that carried no body (size lines, extensions, trailers)."""
+        self._refuse_after: GatewayError | None = None
+        """A refusal of a later head, answered once the request under way has finished."""
         self._counted = False
         self._handshaken = False
         self._peer: IAddress | None = None
@@ -293,6 +301,13 @@ class ClientConnection(Protocol):
         """The request is served (its response complete, its body read): the next request may be read."""
         self.end_body()
         self.handler = None
+        if self._refuse_after is not None:
+            error, self._refuse_after = self._refuse_after, None
+            if self.persistent and not self.transport.disconnecting:
+                self.refuse(error)
+            else:
+                self.transport.loseConnection()
+            return
         if self.refused is not None:
             return
         if not self.persistent or self.transport.disconnecting:
@@ -364,12 +379,15 @@ class ClientConnection(Protocol):
             if self._lingered > self.server.lingering_max_bytes and self._linger_timer is not None:
                 self._linger_expired()
             return
+        if self._last_read or self._refuse_after is not None:
+            return  # after the client's last request, or a refused head waiting its turn: nothing more is a request
         handler = self.handler
         if handler is not None and not self._queued and handler.lingered(len(data)):
             return  # an answered request's body past the discard bound: the connection is cut
         within = self._message if self._in_head else None
         idle = self._message is None and self.handler is None and not self._queued
         self._begun = 0
+        self._body_progress = False
         if self._idle_timer is not None:
             self._cancel_idle()
         try:
@@ -404,6 +422,15 @@ class ClientConnection(Protocol):
             else:
                 self._head_raw = self._known_head()
             self._check_partial_head()
+        elif message is not None and message.length is None:
+            # A chunked body: reads without body bytes are framing or trailers, which httptools accumulates
+            # (a trailer field whole); past the header limit they are refused as a head's would be.
+            self._framing_raw = 0 if self._body_progress else self._framing_raw + len(data)
+            if self._framing_raw > self.limits.max_header_bytes:
+                self.refuse(
+                    HeadersTooLarge(f"the trailer fields are over the {self.limits.max_header_bytes}-byte limit")
+                )
+                return
         if self._queued:
             self.transport.pauseProducing()  # a pipelined request waits its turn: read nothing more meanwhile
 
@@ -433,6 +460,7 @@ class ClientConnection(Protocol):
                 # to the config of now, as a new connection's is.
                 self.limits, self.server = limits, self.owner.server
         self._begun += 1
+        self._cancel_idle()  # a head under way: no longer idle
         self.head_began = self._clock.seconds()
         self._message = Message()
         self._head_bytes = self._header_count = self._head_raw = 0
@@ -523,7 +551,11 @@ class ClientConnection(Protocol):
             message.body = deque()
             self._queued.append(message)
 
+    def on_chunk_complete(self) -> None:
+        self._body_progress = True
+
     def on_body(self, body: bytes) -> None:
+        self._body_progress = True
         message = self._message
         assert message is not None
         if message.body is not None:
@@ -540,6 +572,9 @@ class ClientConnection(Protocol):
                 self.handler.body_ended()
             elif not self._queued and self.refused is None:
                 self._arm_idle()  # answered before its end was read: idle from here
+        if not (message.keep_alive and self.persistent):
+            self._last_read = True
+            raise _Refused("the client's last request")  # stops the parse: what follows is not read (RFC 9112 9.6)
 
     # --- serving, one request at a time ----------------------------------------------------------------------
 
@@ -561,9 +596,10 @@ class ClientConnection(Protocol):
 
     def _next(self) -> None:
         if self._queued:
-            self._serve(self._queued.popleft())
-            if not self._queued and self.handler is not None and self.refused is None:
-                self.transport.resumeProducing()
+            message = self._queued.popleft()
+            if not self._queued:
+                self.transport.resumeProducing()  # first: a pause the handler asks for as it begins then holds
+            self._serve(message)
         else:
             self.transport.resumeProducing()
             if self._message is None:
@@ -583,13 +619,20 @@ class ClientConnection(Protocol):
 
         If a response has already begun on the connection no answer can follow it: a complete one lingers as if
         the refusal were its own, an incomplete one is cut."""
-        if self.refused is not None:
+        if self.refused is not None or self._refuse_after is not None:
+            return
+        message = self._message
+        own = not self._queued and message is not None and not self._in_head
+        if self.handler is not None and not own:
+            # A later head is refused while a request is served: its answer follows that request's response.
+            self._refuse_after = error
+            self._queued.clear()
+            self.transport.pauseProducing()
             return
         self.refused = error
         self._cancel_timers()
         self.persistent = False
         handler, self.handler = self.handler, None
-        message = self._message
         request_id = request_id_of(message.headers if message is not None else Fields())
         method = message.method if message is not None else b""
         line = (method, message.target) if message is not None and self._line_done else None
@@ -600,7 +643,8 @@ class ClientConnection(Protocol):
             owner_handler.refused(error, request_id)
         else:
             self.owner.head_refused(self, error, request_id, line)
-        started = handler is not None and self.response_started
+        # A response begun: the served request's, or a request's answered before its body ended.
+        started = self.response_started and (handler is not None or (message is not None and not self._in_head))
         complete = handler is None or handler.answered
         if handler is not None:
             handler.connection_lost(Failure(ConnectionAborted(f"request refused: {error.detail}")))
