@@ -1,8 +1,10 @@
 """Read the TOML config file into frozen, typed objects.
 
-Rule: a config either loads whole or not at all, and every error names the file, the key path and the reason
-(`etc/gateway.toml: routes[1].timeouts.connect: must be a positive number of seconds, got -1`). Nothing here
-touches the network or the reactor, so a reload can validate a file before anything changes.
+Rule: a config either loads whole or not at all; when it does not, every error in it is reported at once, one per
+line, each naming the file, the key path and the reason
+(`etc/gateway.toml: routes["events"].timeouts.connect: must be a positive number of seconds, got -1`). Routes are
+named in key paths by their name, listeners by their address, upstreams, consumers and methods by their table's
+name. Nothing here touches the network or the reactor, so a reload can validate a file before anything changes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
@@ -20,8 +23,10 @@ from urllib.parse import urlsplit
 
 from gateway.addresses import Networks
 from gateway.auth.settings import (
+    ADMISSION_KEYS,
     DEFAULT_ADMISSION,
     NOBODY,
+    ROUTE_ADMISSION_KEYS,
     Admission,
     RouteAdmission,
     parse_admission,
@@ -30,8 +35,10 @@ from gateway.auth.settings import (
 from gateway.config_tls import ListenerTLS, UpstreamTLS, hsts_value, listener_tls, upstream_tls
 from gateway.config_values import (
     ConfigError,
+    Errors,
     Fields,
     GiB,
+    Invalid,
     KiB,
     MiB,
     Table,
@@ -310,49 +317,42 @@ def load_text(text: bytes, *, source: Path | str) -> Config:
 
 
 def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
-    """Validate an already-decoded config mapping; pure, so tests feed it dicts."""
-    top = Table(data, "", source)
+    """Validate an already-decoded config mapping; pure, so tests feed it dicts. Every error is reported, in one
+    `ConfigError`."""
+    top = Table(data, "", source, Errors())
+    top.known(_TOP_KEYS)
     server = _section(top, "server", Server, _SERVER_FIELDS)
     timeouts = _section(top, "timeouts", Timeouts, _TIMEOUT_FIELDS)
     limits = _section(top, "limits", Limits, _LIMIT_FIELDS)
     flow = _section(top, "flow_control", FlowControl, _FLOW_FIELDS)
-    _check_flow(flow, top.path_of("flow_control"), source)
-
-    listeners = tuple(_listener(t) for t in top.tables("listeners", required=True))
-    if not listeners:
-        raise ConfigError(source, "listeners", "at least one listener is needed")
-    seen_addresses: set[tuple[str, int]] = set()
-    for i, listener in enumerate(listeners):
-        address = (listener.host, listener.port) if not listener.systemd else (listener.systemd, -1)
-        if (listener.port or listener.systemd) and address in seen_addresses:
-            raise ConfigError(source, f"listeners[{i}]", f"{listener.describe()} is listed twice")
-        seen_addresses.add(address)
-        if server.workers > 1 and not listener.systemd and listener.port == 0:
-            raise ConfigError(
-                source,
-                f"listeners[{i}].port",
-                f"must not be 0 when server.workers is above 1 (it is {server.workers}): each worker process "
-                "binds its own socket with SO_REUSEPORT, so port 0 would give each process a different port",
-            )
+    _check_flow(flow, top, "flow_control")
+    listeners = _listeners(top, server)
 
     upstreams: dict[str, Upstream] = {}
     for name, table in top.named_tables("upstreams"):
-        upstreams[name] = _upstream(name, table)
+        upstream = table.attempt(partial(_upstream, name))
+        if upstream is not None:
+            upstreams[name] = upstream
 
     admission = parse_admission(top)
     routes: list[Route] = []
     names: set[str] = set()
-    for table in top.tables("routes", required=True):
-        route = _route(table, upstreams, server, timeouts, limits, flow, admission)
-        if route.name in names:
-            raise ConfigError(source, table.path_of("name"), f"route name {route.name!r} is used twice")
-        names.add(route.name)
-        routes.append(route)
-    if not routes:
-        raise ConfigError(source, "routes", "at least one route is needed")
+    tables = top.tables("routes", required=True, name=_route_name)
+    if not tables and top.valid("routes"):
+        top.report("routes", "at least one route is needed")
+    for table in tables:
+        route = table.attempt(
+            partial(_route, upstreams=upstreams, defaults=(server, timeouts, limits, flow, admission))
+        )
+        if route is not None and route.name in names:
+            table.report("name", f"route name {route.name!r} is used twice")
+        elif route is not None:
+            names.add(route.name)
+            routes.append(route)
     access_log = _access_log(top.table("access_log"), source)
     admin = _admin(top.table("admin"), server)
     top.finish()
+    top.errors.check()
     return Config(
         source=str(source),
         server=server,
@@ -364,6 +364,61 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
         access_log=access_log,
         admin=admin,
     )
+
+
+_TOP_KEYS = (
+    "server",
+    "timeouts",
+    "limits",
+    "flow_control",
+    "listeners",
+    "upstreams",
+    "routes",
+    "access_log",
+    "admin",
+    *ADMISSION_KEYS,
+)
+
+
+def _listeners(top: Table, server: Server) -> tuple[Listener, ...]:
+    """The listeners, each named in errors by its address (`listeners["127.0.0.1:8080"]`); none listed twice."""
+    tables = top.tables("listeners", required=True, name=_listener_name)
+    if not tables and top.valid("listeners"):
+        top.report("listeners", "at least one listener is needed")
+    listeners = []
+    seen_addresses: set[tuple[str, int]] = set()
+    for table in tables:
+        listener = table.attempt(_listener)
+        if listener is None:
+            continue
+        address = (listener.host, listener.port) if not listener.systemd else (listener.systemd, -1)
+        if (listener.port or listener.systemd) and address in seen_addresses:
+            table.report("", f"{listener.describe()} is listed twice")
+        seen_addresses.add(address)
+        if server.workers > 1 and not listener.systemd and listener.port == 0:
+            table.report(
+                "port",
+                f"must not be 0 when server.workers is above 1 (it is {server.workers}): each worker process "
+                "binds its own socket with SO_REUSEPORT, so port 0 would give each process a different port",
+            )
+        listeners.append(listener)
+    return tuple(listeners)
+
+
+def _listener_name(data: Mapping[str, Any]) -> str | None:
+    """How a listener is named in errors: its address as written ("127.0.0.1:8080", "[::]:443"), or its systemd
+    socket ("systemd:http")."""
+    host, port, systemd = data.get("host"), data.get("port"), data.get("systemd")
+    if isinstance(systemd, str) and systemd:
+        return f"systemd:{systemd}"
+    if isinstance(host, str) and host and isinstance(port, int) and not isinstance(port, bool):
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return None
+
+
+def _route_name(data: Mapping[str, Any]) -> str | None:
+    name = data.get("name")
+    return name if isinstance(name, str) and name.strip() else None
 
 
 # --- value readers: each turns one raw TOML value into a typed value or says why it cannot ---------------
@@ -523,11 +578,13 @@ def _section(top: Table, key: str, kind: type[_T], readers: Fields) -> _T:
     return read_fields(top.table(key), kind(), readers)
 
 
-def _check_flow(flow: FlowControl, key: str, source: Path | str) -> None:
+def _check_flow(flow: FlowControl, t: Table, key: str) -> None:
+    """low_water below high_water; not checked when a water mark, here or at the top level, was refused (the
+    default put in its place would be compared)."""
+    if t.failed(key) or t.errors.about(t.source, "flow_control"):
+        return
     if flow.low_water >= flow.high_water:
-        raise ConfigError(
-            source, f"{key}.low_water", f"must be below high_water ({flow.low_water} >= {flow.high_water})"
-        )
+        t.report(f"{key}.low_water", f"must be below high_water ({flow.low_water} >= {flow.high_water})")
 
 
 def _redirect_port(value: object) -> int:
@@ -538,24 +595,40 @@ def _redirect_port(value: object) -> int:
     raise ValueError(f"must be true (https on port 443) or the https port number, got {value!r}")
 
 
+_LISTENER_KEYS = (
+    "host",
+    "port",
+    "backlog",
+    "systemd",
+    "proxy_protocol",
+    "proxy_protocol_from",
+    "tls",
+    "redirect_to_https",
+)
+
+
 def _listener(t: Table) -> Listener:
+    t.known(_LISTENER_KEYS)
     proxy_protocol = t.get("proxy_protocol", boolean, False)
     proxy_protocol_from = t.get("proxy_protocol_from", _networks, ())
-    if proxy_protocol_from and not proxy_protocol:
-        raise t.error("proxy_protocol_from", "lists who may send a PROXY header; it needs proxy_protocol = true")
+    if proxy_protocol_from and not proxy_protocol and t.valid("proxy_protocol"):
+        t.report("proxy_protocol_from", "lists who may send a PROXY header; it needs proxy_protocol = true")
     tls_table = t.table("tls")
     tls = listener_tls(tls_table) if tls_table is not None else None
     redirect = 0
     if t.has("redirect_to_https") and t.get("redirect_to_https", lambda v: v) is not False:
-        if tls is not None:
-            raise t.error("redirect_to_https", "is for a plain HTTP listener; this one serves HTTPS itself")
-        redirect = t.get("redirect_to_https", _redirect_port)
+        if tls_table is not None:
+            t.report("redirect_to_https", "is for a plain HTTP listener; this one serves HTTPS itself")
+        else:
+            redirect = t.get("redirect_to_https", _redirect_port, 0)
     if t.has("systemd"):
-        name = t.get("systemd", nonempty_string)
         for key in ("host", "port", "backlog"):
             if t.has(key):
-                raise t.error(key, "a systemd socket's address and backlog are set in its .socket unit, not here")
+                t.report(key, "a systemd socket's address and backlog are set in its .socket unit, not here")
+        name = t.require("systemd", nonempty_string)
         t.finish()
+        if name is None:
+            raise Invalid()
         return Listener(
             systemd=name,
             proxy_protocol=proxy_protocol,
@@ -563,17 +636,21 @@ def _listener(t: Table) -> Listener:
             tls=tls,
             redirect_to_https=redirect,
         )
-    listener = Listener(
-        host=t.get("host", _interface),
-        port=t.get("port", _port),
-        backlog=t.get("backlog", positive_int, 511),
+    host = t.require("host", _interface)
+    port = t.require("port", _port)
+    backlog = t.get("backlog", positive_int, 511)
+    t.finish()
+    if host is None or port is None:
+        raise Invalid()
+    return Listener(
+        host=host,
+        port=port,
+        backlog=backlog,
         proxy_protocol=proxy_protocol,
         proxy_protocol_from=proxy_protocol_from,
         tls=tls,
         redirect_to_https=redirect,
     )
-    t.finish()
-    return listener
 
 
 def _networks(value: object) -> Networks:
@@ -592,17 +669,17 @@ def _networks(value: object) -> Networks:
 def _access_log(t: Table | None, source: Path | str) -> AccessLog:
     if t is None:
         return AccessLog()
+    t.known(("path", "query"))
     path = t.get("path", string, "-")
     if path not in ("-", ""):
         # Relative to the config file, as the credentials file is: the service's directory is not the config's.
         path = str(Path(source).parent / path)
         if not Path(path).parent.is_dir():
-            raise t.error("path", f"the directory of {path!r} does not exist")
-        if Path(path).is_dir():
-            raise t.error("path", f"{path!r} is a directory; name a file in it")
-        writable = os.access(path, os.W_OK) if Path(path).exists() else os.access(Path(path).parent, os.W_OK)
-        if not writable:
-            raise t.error("path", f"{path!r} cannot be written by this user")
+            t.report("path", f"the directory of {path!r} does not exist")
+        elif Path(path).is_dir():
+            t.report("path", f"{path!r} is a directory; name a file in it")
+        elif not (os.access(path, os.W_OK) if Path(path).exists() else os.access(Path(path).parent, os.W_OK)):
+            t.report("path", f"{path!r} cannot be written by this user")
     log = AccessLog(path=path, query=t.get("query", boolean, False))
     t.finish()
     return log
@@ -611,11 +688,12 @@ def _access_log(t: Table | None, source: Path | str) -> AccessLog:
 def _admin(t: Table | None, server: Server) -> Admin | None:
     if t is None:
         return None
+    t.known(("host", "port"))
     admin = Admin(host=t.get("host", _interface, "127.0.0.1"), port=t.get("port", _port, 9901))
     if server.workers > 1 and admin.port == 0:
-        raise t.error("port", "must not be 0 when server.workers is above 1 (worker i listens on port + i)")
-    if admin.port + server.workers - 1 > 65535:
-        raise t.error("port", f"port + workers - 1 must be at most 65535, got {admin.port + server.workers - 1}")
+        t.report("port", "must not be 0 when server.workers is above 1 (worker i listens on port + i)")
+    elif admin.port + server.workers - 1 > 65535 and t.valid("port"):
+        t.report("port", f"port + workers - 1 must be at most 65535, got {admin.port + server.workers - 1}")
     t.finish()
     return admin
 
@@ -639,33 +717,101 @@ def _upstream_url(t: Table, key: str) -> tuple[str, str, int, bytes]:
     return parts.scheme, parts.hostname, port, base.encode("ascii")
 
 
+_UPSTREAM_KEYS = ("url", "tls", *_UPSTREAM_FIELDS)
+
+
 def _upstream(name: str, t: Table) -> Upstream:
-    scheme, host, port, base = _upstream_url(t, "url")
+    t.known(_UPSTREAM_KEYS)
+    try:
+        where: tuple[str, str, int, bytes] | None = _upstream_url(t, "url")
+    except Invalid:
+        where = None  # refused: the rest is read all the same, for its own errors
     tls_table = t.table("tls")
-    if scheme == "http" and tls_table is not None:
-        raise t.error("tls", "is for an https upstream; this one's url is http")
-    tls = upstream_tls(tls_table) if scheme == "https" else None
-    upstream = read_fields(
-        t, Upstream(name=name, scheme=scheme, host=host, port=port, base_path=base, tls=tls), _UPSTREAM_FIELDS
-    )
-    return upstream
+    if where is not None and where[0] == "http" and tls_table is not None:
+        t.report("tls", "is for an https upstream; this one's url is http")
+    tls = upstream_tls(tls_table) if where is None or where[0] == "https" else None
+    pool = read_fields(t, Upstream(name=name, scheme="", host="", port=0, base_path=b""), _UPSTREAM_FIELDS)
+    if where is None:
+        raise Invalid()
+    scheme, host, port, base = where
+    return replace(pool, scheme=scheme, host=host, port=port, base_path=base, tls=tls)
+
+
+_ROUTE_KEYS = (
+    "name",
+    "upstream",
+    "host",
+    "path_prefix",
+    "strip_prefix",
+    "host_header",
+    "allow_methods",
+    "timeouts",
+    "limits",
+    "flow_control",
+    "strict_transport_security",
+    "hide_response_headers",
+    *ROUTE_ADMISSION_KEYS,
+)
 
 
 def _route(
     t: Table,
+    *,
     upstreams: dict[str, Upstream],
-    server: Server,
-    timeouts: Timeouts,
-    limits: Limits,
-    flow: FlowControl,
-    admission: Admission,
+    defaults: tuple[Server, Timeouts, Limits, FlowControl, Admission],
 ) -> Route:
-    name = t.get("name", nonempty_string)
-    target = t.get("upstream", nonempty_string)
+    server, timeouts, limits, flow, admission = defaults
+    t.known(_ROUTE_KEYS)
+    name = t.require("name", nonempty_string)
+    upstream = _route_upstream(t, upstreams)
+    route_flow = read_fields(t.table("flow_control"), flow, _FLOW_FIELDS)
+    _check_flow(route_flow, t, "flow_control")
+    try:
+        route_admission: RouteAdmission | None = parse_route_admission(t, admission)
+    except Invalid:
+        route_admission = None
+    host = t.get("host", _host_pattern) if t.has("host") else None
+    path_prefix = t.get("path_prefix", _path_prefix, b"/")
+    strip_prefix = t.get("strip_prefix", boolean, False)
+    host_header = t.get("host_header", _host_header_policy, "upstream")
+    allow_methods = t.get("allow_methods", _allowed_methods, frozenset())
+    route_timeouts = read_fields(t.table("timeouts"), timeouts, _TIMEOUT_FIELDS)
+    route_limits = read_fields(t.table("limits"), limits, _ROUTE_LIMIT_FIELDS)
+    hsts = t.get("strict_transport_security", hsts_value, b"")
+    hidden = t.get("hide_response_headers", _header_names, server.hide_response_headers)
+    t.finish()
+    if name is None or upstream is None or route_admission is None:
+        raise Invalid()
+    return Route(
+        name=name,
+        host=host,
+        path_prefix=path_prefix,
+        upstream=upstream,
+        strip_prefix=strip_prefix,
+        host_header=host_header,
+        allow_methods=allow_methods,
+        timeouts=route_timeouts,
+        limits=route_limits,
+        flow_control=route_flow,
+        admission=route_admission,
+        strict_transport_security=hsts,
+        hide_response_headers=hidden,
+    )
+
+
+def _route_upstream(t: Table, upstreams: dict[str, Upstream]) -> Upstream | None:
+    """The upstream a route names, or gives as a URL; None when there is none (reported, unless the upstream it
+    names was itself refused: that is reported already)."""
+    target = t.require("upstream", nonempty_string)
+    if target is None:
+        return None
     if "://" in target:
-        scheme, host, port, base = _upstream_url(t, "upstream")
+        try:
+            scheme, host, port, base = _upstream_url(t, "upstream")
+        except Invalid:
+            return None
         # Routes naming the same URL share one upstream (one pool); the URL is its name.
-        upstream = upstreams.setdefault(
+        return upstreams.setdefault(
             target,
             Upstream(
                 name=target,
@@ -677,27 +823,9 @@ def _route(
                 inline=True,
             ),
         )
-    elif target in upstreams:
-        upstream = upstreams[target]
-    else:
+    if target in upstreams:
+        return upstreams[target]
+    if not t.errors.about(t.source, f"upstreams.{target}"):
         known = ", ".join(sorted(upstreams)) or "none are defined"
-        raise t.error("upstream", f"no upstream named {target!r} (known: {known}); give a name or a URL")
-    route_flow = read_fields(t.table("flow_control"), flow, _FLOW_FIELDS)
-    _check_flow(route_flow, t.path_of("flow_control"), t._source)
-    route = Route(
-        name=name,
-        host=t.get("host", _host_pattern) if t.has("host") else None,
-        path_prefix=t.get("path_prefix", _path_prefix, b"/"),
-        upstream=upstream,
-        strip_prefix=t.get("strip_prefix", boolean, False),
-        host_header=t.get("host_header", _host_header_policy, "upstream"),
-        allow_methods=t.get("allow_methods", _allowed_methods, frozenset()),
-        timeouts=read_fields(t.table("timeouts"), timeouts, _TIMEOUT_FIELDS),
-        limits=read_fields(t.table("limits"), limits, _ROUTE_LIMIT_FIELDS),
-        flow_control=route_flow,
-        admission=parse_route_admission(t, admission),
-        strict_transport_security=t.get("strict_transport_security", hsts_value, b""),
-        hide_response_headers=t.get("hide_response_headers", _header_names, server.hide_response_headers),
-    )
-    t.finish()
-    return route
+        t.report("upstream", f"no upstream named {target!r} (known: {known}); give a name or a URL")
+    return None

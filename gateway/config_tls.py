@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from cryptography import x509
 
 from gateway.certificates import CertificateError, CertificateSet, load_ca_bundle, load_certificate_set
-from gateway.config_values import Table, boolean, nonempty_string
+from gateway.config_values import Invalid, Table, boolean, nonempty_string
 
 __all__ = ["ListenerTLS", "UpstreamTLS", "hsts_value", "listener_tls", "upstream_tls"]
 
@@ -67,15 +68,26 @@ def _path(t: Table, key: str) -> Path:
     return Path(t.source).parent / text
 
 
+def _set_files(t: Table) -> tuple[Path, Path, Path | None] | None:
+    """The certificate, key and (optional) chain files a table names; None when one of them is missing or not a
+    file name (reported)."""
+    certificate = t.require("certificate", nonempty_string)
+    key = t.require("key", nonempty_string)
+    chain = t.require("chain", nonempty_string) if t.has("chain") else ""
+    if certificate is None or key is None or chain is None:
+        return None
+    folder = Path(t.source).parent
+    return folder / certificate, folder / key, (folder / chain if chain else None)
+
+
 def _certificate_set(t: Table, trusted: tuple[x509.Certificate, ...], *, strict: bool) -> CertificateSet:
+    t.known(("certificate", "key", "chain"))
+    files = _set_files(t)
+    t.finish()
+    if files is None:
+        raise Invalid()
     try:
-        certificate_set = load_certificate_set(
-            _path(t, "certificate"),
-            _path(t, "key"),
-            _path(t, "chain") if t.has("chain") else None,
-            trusted=trusted,
-            trusted_key="trusted_ca",
-        )
+        certificate_set = load_certificate_set(*files, trusted=trusted, trusted_key="trusted_ca")
     except CertificateError as e:
         raise t.error("", str(e)) from None
     if strict and certificate_set.strict_problem:
@@ -84,7 +96,6 @@ def _certificate_set(t: Table, trusted: tuple[x509.Certificate, ...], *, strict:
             f"{certificate_set.certificate_path}: {certificate_set.strict_problem} "
             "(strict_certificates = true refuses an expired certificate or an incomplete chain)",
         )
-    t.finish()
     return certificate_set
 
 
@@ -100,21 +111,35 @@ def _client_mode(value: object) -> str:
     return str(value)
 
 
+_LISTENER_TLS_KEYS = (
+    "certificates",
+    "min_version",
+    "client_certificates",
+    "client_ca",
+    "trusted_ca",
+    "strict_certificates",
+)
+
+
 def listener_tls(t: Table) -> ListenerTLS:
-    """A listener's `tls` table."""
+    """A listener's `tls` table; what cannot be read is reported (and left out), never raised."""
+    t.known(_LISTENER_TLS_KEYS)
     strict = t.get("strict_certificates", boolean, False)
     trusted_path, trusted = _ca_bundle(t, "trusted_ca") if t.has("trusted_ca") else ("", ())
-    sets = [_certificate_set(entry, trusted, strict=strict) for entry in t.tables("certificates", required=True)]
-    if not sets:
-        raise t.error("certificates", "at least one certificate set is needed")
+    # With its trusted CA refused, whether a chain is complete is not known: strict is not checked then.
+    strict = strict and t.valid("trusted_ca")
+    entries = t.tables("certificates", required=True)
+    if not entries and t.valid("certificates"):
+        t.report("certificates", "at least one certificate set is needed")
+    sets = [entry.attempt(partial(_certificate_set, trusted=trusted, strict=strict)) for entry in entries]
     mode = t.get("client_certificates", _client_mode, "none")
     ca_path, ca = _ca_bundle(t, "client_ca") if t.has("client_ca") else ("", ())
-    if mode != "none" and not ca:
-        raise t.error("client_ca", f'is required with client_certificates = "{mode}" (the CA bundle they chain to)')
-    if mode == "none" and ca:
-        raise t.error("client_certificates", 'must be "request" or "require" when client_ca is given')
+    if mode != "none" and not ca and t.valid("client_ca"):
+        t.report("client_ca", f'is required with client_certificates = "{mode}" (the CA bundle they chain to)')
+    if mode == "none" and ca and t.valid("client_certificates"):
+        t.report("client_certificates", 'must be "request" or "require" when client_ca is given')
     tls = ListenerTLS(
-        certificates=tuple(sets),
+        certificates=tuple(s for s in sets if s is not None),
         min_version=t.get("min_version", _min_version, "1.2"),
         client_certificates=mode,
         client_ca_path=ca_path,
@@ -127,43 +152,50 @@ def listener_tls(t: Table) -> ListenerTLS:
 
 
 def _ca_bundle(t: Table, key: str) -> tuple[str, tuple[x509.Certificate, ...]]:
-    """The CA bundle a key names: its path and certificates (an error names the key, the file and why)."""
-    path = _path(t, key)
+    """The CA bundle a key names: its path and certificates; none when it cannot be read (the error names the
+    key, the file and why)."""
+    try:
+        path = _path(t, key)
+    except Invalid:
+        return "", ()
     try:
         return str(path), load_ca_bundle(path)
     except CertificateError as e:
-        raise t.error(key, str(e)) from None
+        t.report(key, str(e))
+        return "", ()
+
+
+_UPSTREAM_TLS_KEYS = ("verify", "ca", "certificate", "key", "chain", "server_name")
 
 
 def upstream_tls(t: Table | None) -> UpstreamTLS:
-    """An https upstream's `tls` table (all defaults when there is none: verified against the system's roots)."""
+    """An https upstream's `tls` table (all defaults when there is none: verified against the system's roots);
+    what cannot be read is reported (and left out), never raised."""
     if t is None:
         return UpstreamTLS()
+    t.known(_UPSTREAM_TLS_KEYS)
     digest = hashlib.sha256()
     verify = t.get("verify", boolean, True)
     ca_path, ca = "", ()
     if t.has("ca"):
         if not verify:
-            raise t.error("ca", "is used only to verify the upstream, and verify = false turns that off")
+            t.report("ca", "is used only to verify the upstream, and verify = false turns that off")
         ca_path, ca = _ca_bundle(t, "ca")
-        digest.update(Path(ca_path).read_bytes())
+        if ca_path:
+            digest.update(Path(ca_path).read_bytes())
     client = None
-    if t.has("certificate") or t.has("key"):
+    files = _set_files(t) if t.has("certificate") or t.has("key") else None
+    if files is not None:
         try:
             # Its chain is checked against the system's roots and `ca` (the CA file this table names); one that
             # does not verify is shown all the same, with a warning and a gauge at 0.
-            client = load_certificate_set(
-                _path(t, "certificate"),
-                _path(t, "key"),
-                _path(t, "chain") if t.has("chain") else None,
-                trusted=ca,
-                trusted_key="ca" if ca else "",
-            )
+            client = load_certificate_set(*files, trusted=ca, trusted_key="ca" if ca else "")
         except CertificateError as e:
-            raise t.error("certificate", str(e)) from None
-        for path in (client.certificate_path, client.key_path, client.chain_path):
-            if path:
-                digest.update(Path(path).read_bytes())
+            t.report("certificate", str(e))
+        if client is not None:
+            for path in (client.certificate_path, client.key_path, client.chain_path):
+                if path:
+                    digest.update(Path(path).read_bytes())
     server_name = t.get("server_name", _server_name, "")
     tls = UpstreamTLS(
         verify=verify,

@@ -449,7 +449,14 @@ class GatewayService(MultiService):
         try:
             new = config_module.load(source) if text is None else config_module.load_text(text, source=source)
         except ConfigError as e:
-            _log.error("Reload refused, the running config is unchanged: {error}", error=str(e))
+            # One line per error, each whole (file, key, reason): several say which of how many they are.
+            count = len(e.errors)
+            for number, error in enumerate(e.errors, 1):
+                _log.error(
+                    "Reload refused, the running config is unchanged{which}: {error}",
+                    which=f" (error {number} of {count})" if count > 1 else "",
+                    error=str(error),
+                )
             self.metrics.reloaded("invalid")
             return False
         old = self.config

@@ -1,9 +1,9 @@
 """`twistd gateway`: the command line (`--config`, `--check`) and `makeService`; nothing else.
 
 Rule: this is the composition root, the one module that names the global reactor (with `gateway.worker`, the
-same root for the extra worker processes); everything below takes a reactor as a parameter. A config error is
-printed as `file: key: reason` and exits non-zero before anything starts, so `twistd gateway --config F --check`
-works like `nginx -t`.
+same root for the extra worker processes); everything below takes a reactor as a parameter. An invalid config
+prints every error in it, one per line as `gateway: file: key: reason`, and exits non-zero before anything starts,
+so `twistd gateway --config F --check` works like `nginx -t`.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ class Options(usage.Options):
         try:
             self.config = config.load(self["config"])
         except config.ConfigError as e:
-            # Not a UsageError: twistd would print its whole help text before the one line that matters.
-            print(f"gateway: {e}", file=sys.stderr)
+            # Not a UsageError: twistd would print its whole help text before the lines that matter.
+            for error in e.errors:
+                print(f"gateway: {error}", file=sys.stderr)
             raise SystemExit(1) from None
         if self["check"]:
             print(f"gateway: {self['config']}: OK")

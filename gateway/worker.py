@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load_text(first_config(), source=args.config)
     except (config.ConfigError, EOFError, ValueError) as e:
-        print(f"gateway worker {index}: {e}", file=sys.stderr)
+        for error in e.errors if isinstance(e, config.ConfigError) else (e,):
+            print(f"gateway worker {index}: {error}", file=sys.stderr)
         return 1
 
     from twisted.internet import reactor

@@ -661,57 +661,77 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     (
         "route-without-auth",
         delete_at("routes.0.auth"),
-        "routes[0].auth",
+        'routes["public"].auth',
         'is required: say auth = "anonymous" for a public route, or name the methods it accepts',
     ),
     (
         "route-unknown-method",
         set_at("routes.1.auth", ["keys", "nope"]),
-        "routes[1].auth",
+        'routes["api"].auth',
         "no method named 'nope' (define it as [auth.nope]; known: corp, keys, login, sso)",
     ),
     (
         "route-method-none-defined",
         _both(delete_at("auth"), set_at("routes.1.auth", ["keys"])),
-        "routes[1].auth",
+        'routes["api"].auth',
         "no method named 'keys' (define it as [auth.keys]; known: none are defined)",
     ),
-    ("route-method-twice", set_at("routes.1.auth", ["keys", "corp", "keys"]), "routes[1].auth", "names a method twice"),
+    (
+        "route-method-twice",
+        set_at("routes.1.auth", ["keys", "corp", "keys"]),
+        'routes["api"].auth',
+        "names a method twice",
+    ),
     (
         "route-auth-empty",
         set_at("routes.1.auth", []),
-        "routes[1].auth",
+        'routes["api"].auth',
         'must be "anonymous" or a non-empty array of method names, got []',
     ),
-    ("route-auth-other-string", set_at("routes.1.auth", "keys"), "routes[1].auth", 'must be "anonymous" or a non'),
-    ("route-auth-anonymous-case", set_at("routes.0.auth", "Anonymous"), "routes[0].auth", 'must be "anonymous" or'),
-    ("route-auth-not-strings", set_at("routes.1.auth", ["keys", 1]), "routes[1].auth", 'must be "anonymous" or a'),
-    ("route-auth-boolean", set_at("routes.1.auth", True), "routes[1].auth", 'must be "anonymous" or a non-empty'),
+    ("route-auth-other-string", set_at("routes.1.auth", "keys"), 'routes["api"].auth', 'must be "anonymous" or a non'),
+    (
+        "route-auth-anonymous-case",
+        set_at("routes.0.auth", "Anonymous"),
+        'routes["public"].auth',
+        'must be "anonymous" or',
+    ),
+    ("route-auth-not-strings", set_at("routes.1.auth", ["keys", 1]), 'routes["api"].auth', 'must be "anonymous" or a'),
+    ("route-auth-boolean", set_at("routes.1.auth", True), 'routes["api"].auth', 'must be "anonymous" or a non-empty'),
     (
         "anonymous-scopes_any",
         set_at("routes.0.scopes_any", ["read"]),
-        "routes[0].scopes_any",
+        'routes["public"].scopes_any',
         "an anonymous route has no scopes to check",
     ),
     (
         "anonymous-scopes_all",
         set_at("routes.0.scopes_all", ["read"]),
-        "routes[0].scopes_all",
+        'routes["public"].scopes_all',
         "an anonymous route has no scopes to check",
     ),
-    ("route-scope-space", set_at("routes.1.scopes_any", ["a b"]), "routes[1].scopes_any", "a scope is one word"),
-    ("route-scope-quote", set_at("routes.1.scopes_all", ['a"b']), "routes[1].scopes_all", "a scope is one word"),
-    ("route-scope-backslash", set_at("routes.1.scopes_all", ["a\\b"]), "routes[1].scopes_all", "a scope is one word"),
-    ("route-scope-non-ascii", set_at("routes.1.scopes_all", ["lé"]), "routes[1].scopes_all", "a scope is one word"),
-    ("route-scope-empty", set_at("routes.1.scopes_any", [""]), "routes[1].scopes_any", "must not contain an empty"),
-    ("route-scopes-string", set_at("routes.1.scopes_any", "read"), "routes[1].scopes_any", "must be an array of str"),
+    ("route-scope-space", set_at("routes.1.scopes_any", ["a b"]), 'routes["api"].scopes_any', "a scope is one word"),
+    ("route-scope-quote", set_at("routes.1.scopes_all", ['a"b']), 'routes["api"].scopes_all', "a scope is one word"),
+    (
+        "route-scope-backslash",
+        set_at("routes.1.scopes_all", ["a\\b"]),
+        'routes["api"].scopes_all',
+        "a scope is one word",
+    ),
+    ("route-scope-non-ascii", set_at("routes.1.scopes_all", ["lé"]), 'routes["api"].scopes_all', "a scope is one word"),
+    ("route-scope-empty", set_at("routes.1.scopes_any", [""]), 'routes["api"].scopes_any', "must not contain an empty"),
+    (
+        "route-scopes-string",
+        set_at("routes.1.scopes_any", "read"),
+        'routes["api"].scopes_any',
+        "must be an array of str",
+    ),
     (
         "route-forward-credentials",
         set_at("routes.1.forward_credentials", "yes"),
-        "routes[1].forward_credentials",
+        'routes["api"].forward_credentials',
         "must be true or false, got a string",
     ),
-    ("route-unknown-key", set_at("routes.1.scope_any", ["read"]), "routes[1].scope_any", "unknown key"),
+    ("route-unknown-key", set_at("routes.1.scope_any", ["read"]), 'routes["api"].scope_any', "unknown key"),
     # methods of any type
     ("method-type-missing", delete_at("auth.keys.type"), "auth.keys.type", "is required"),
     (
@@ -1225,7 +1245,7 @@ def test_route_without_auth_message() -> None:
     data = minimal()
     del data["routes"][0]["auth"]
     assert str(error_of(data)) == (
-        'test.toml: routes[0].auth: is required: say auth = "anonymous" for a public route, or name the methods '
+        'test.toml: routes["public"].auth: is required: say auth = "anonymous" for a public route, or name the methods '
         'it accepts, such as auth = ["keys"] (no route is public by accident)'
     )
 
@@ -1729,7 +1749,7 @@ def test_two_jwt_methods_of_one_issuer_on_a_route_are_refused() -> None:
     data["auth"]["corp2"] = dict(data["auth"]["corp"])
     data["routes"][1]["auth"] = ["corp", "corp2"]
     error = error_of(data)
-    assert error.key == "routes[1].auth"
+    assert error.key == 'routes["api"].auth'
     assert "same issuer" in error.reason
 
 
@@ -1737,4 +1757,48 @@ def test_forward_credentials_on_an_anonymous_route_is_refused() -> None:
     """An anonymous route has no credential to forward or remove: saying forward_credentials there is an error."""
     data = minimal()
     data["routes"][0]["forward_credentials"] = True
-    assert error_of(data).key == "routes[0].forward_credentials"
+    assert error_of(data).key == 'routes["public"].forward_credentials'
+
+
+# --- every error at once -----------------------------------------------------------------------------------------
+
+
+def test_every_admission_error_is_reported_at_once() -> None:
+    """A consumer, a method and a route each with an error: one ConfigError lists the three, the consumer and
+    the method named by their tables' names and the route by its name."""
+    data = minimal()
+    data["consumers"]["alice"]["max_concurrent"] = 0
+    data["auth"]["login"]["threads"] = "four"
+    data["routes"][1]["scopes_any"] = ["a b"]
+    error = error_of(data)
+    assert str(error).splitlines() == [
+        "test.toml: consumers.alice.max_concurrent: must be a positive integer, got 0",
+        "test.toml: auth.login.threads: must be an integer, got a string",
+        'test.toml: routes["api"].scopes_any: a scope is one word of visible characters (no spaces or quotes), '
+        "got 'a b'",
+    ]
+    assert len(error.errors) == 3
+
+
+def test_a_route_naming_a_method_that_could_not_be_read_says_nothing_more() -> None:
+    """A method refused for its own error is not reported again as unknown by the routes that name it; a method
+    nobody defined still is."""
+    data = minimal()
+    del data["auth"]["corp"]["issuer"]
+    data["routes"][0] = {"name": "public", "auth": ["nope"], "upstream": "app"}
+    assert [(e.key, e.reason) for e in error_of(data).errors] == [
+        ("auth.corp.issuer", "is required"),
+        ('routes["public"].auth', "no method named 'nope' (define it as [auth.nope]; known: keys, login, sso)"),
+    ]
+
+
+def test_a_misspelt_method_key_names_the_key_it_stands_for() -> None:
+    """A JWT method with `issuer` written `isuer`: one error about `isuer` suggesting `issuer`; an unknown type's
+    keys are not reported as unknown (which keys it may have is not known)."""
+    data = minimal()
+    data["auth"]["corp"]["isuer"] = data["auth"]["corp"].pop("issuer")
+    data["auth"]["sso"]["type"] = "oauth"
+    assert [(e.key, e.reason) for e in error_of(data).errors] == [
+        ("auth.corp.isuer", 'unknown key; did you mean "issuer"?'),
+        ("auth.sso.type", "unknown method type 'oauth' (known: api_key, mtls, jwt, basic, forward)"),
+    ]

@@ -421,7 +421,7 @@ def test_workers_above_one_reject_a_listener_on_port_zero() -> None:
     """With server.workers above 1, a listener on port 0 is an error on its port that says why (SO_REUSEPORT)."""
     data = with_(server={"workers": 2}, listeners=[{"host": "127.0.0.1", "port": 8080}, {"host": "::1", "port": 0}])
     error = error_of(data)
-    assert error.key == "listeners[1].port"
+    assert error.key == 'listeners["[::1]:0"].port'
     assert error.reason == (
         "must not be 0 when server.workers is above 1 (it is 2): each worker process binds its own socket with "
         "SO_REUSEPORT, so port 0 would give each process a different port"
@@ -465,54 +465,74 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ("unknown-limits", set_at("limits.max_body", 1), "limits.max_body", "unknown key"),
     ("unknown-flow", set_at("flow_control.high", 1), "flow_control.high", "unknown key"),
     ("unknown-timeouts", set_at("timeouts.conect", 1), "timeouts.conect", "unknown key"),
-    ("unknown-listener", set_at("listeners.0.hots", "x"), "listeners[0].hots", "unknown key"),
+    ("unknown-listener", set_at("listeners.0.hots", "x"), 'listeners["127.0.0.1:8080"].hots', "unknown key"),
     ("unknown-upstream", set_at("upstreams.app.urll", "x"), "upstreams.app.urll", "unknown key"),
-    ("unknown-route", set_at("routes.0.pathprefix", "/x"), "routes[0].pathprefix", "unknown key"),
+    ("unknown-route", set_at("routes.0.pathprefix", "/x"), 'routes["app"].pathprefix', "unknown key"),
     (
         "unknown-route-timeouts",
         _add_route(name="b", path_prefix="/b", upstream="app", timeouts={"conect": "1s"}),
-        "routes[1].timeouts.conect",
+        'routes["b"].timeouts.conect',
         "unknown key",
     ),
     (
         "route-header-limit-not-overridable",
         set_at("routes.0.limits", {"max_header_bytes": 1}),
-        "routes[0].limits.max_header_bytes",
+        'routes["app"].limits.max_header_bytes',
         "unknown key",
     ),
-    ("unknown-route-flow", set_at("routes.0.flow_control", {"hi": 1}), "routes[0].flow_control.hi", "unknown key"),
+    ("unknown-route-flow", set_at("routes.0.flow_control", {"hi": 1}), 'routes["app"].flow_control.hi', "unknown key"),
     # wrong types
     ("port-bool", set_at("listeners.0.port", True), "listeners[0].port", "must be a port number from 0 to 65535"),
     ("port-string", set_at("listeners.0.port", "8080"), "listeners[0].port", "must be a port number"),
-    ("backlog-bool", set_at("listeners.0.backlog", True), "listeners[0].backlog", "must be an integer, got a boolean"),
+    (
+        "backlog-bool",
+        set_at("listeners.0.backlog", True),
+        'listeners["127.0.0.1:8080"].backlog',
+        "must be an integer, got a boolean",
+    ),
     ("count-string", set_at("limits.max_header_count", "100"), "limits.max_header_count", "must be an integer, got a"),
     ("count-float", set_at("limits.max_header_count", 1.0), "limits.max_header_count", "must be an integer, got a"),
     ("server-string", set_at("server", "fast"), "server", "must be a table, got a string"),
     ("timeouts-array", set_at("timeouts", [1]), "timeouts", "must be a table, got an array"),
-    ("route-timeouts-string", set_at("routes.0.timeouts", "30s"), "routes[0].timeouts", "must be a table, got a str"),
-    ("route-limits-int", set_at("routes.0.limits", 5), "routes[0].limits", "must be a table, got an integer"),
+    (
+        "route-timeouts-string",
+        set_at("routes.0.timeouts", "30s"),
+        'routes["app"].timeouts',
+        "must be a table, got a str",
+    ),
+    ("route-limits-int", set_at("routes.0.limits", 5), 'routes["app"].limits', "must be a table, got an integer"),
     ("routes-table", set_at("routes", {"name": "x"}), "routes", "must be an array of tables ([[routes]]), got a table"),
     ("listeners-ints", set_at("listeners", [1]), "listeners", "must be an array of tables ([[listeners]])"),
     ("upstreams-array", set_at("upstreams", []), "upstreams", "must be a table, got an array"),
     ("upstream-string", set_at("upstreams.app", "http://x"), "upstreams.app", "must be a table, got a string"),
-    ("strip-string", set_at("routes.0.strip_prefix", "yes"), "routes[0].strip_prefix", "must be true or false, got"),
+    (
+        "strip-string",
+        set_at("routes.0.strip_prefix", "yes"),
+        'routes["app"].strip_prefix',
+        "must be true or false, got",
+    ),
     ("name-int", set_at("routes.0.name", 5), "routes[0].name", "must be a string, got an integer"),
     ("via-int", set_at("server.via", 1), "server.via", "must be a string, got an integer"),
     ("workers-bool", set_at("server.workers", True), "server.workers", "must be an integer, got a boolean"),
     ("workers-string", set_at("server.workers", "2"), "server.workers", "must be an integer, got a string"),
     ("workers-float", set_at("server.workers", 2.0), "server.workers", "must be an integer, got a number"),
     ("via-spaces", set_at("server.via", "my gateway"), "server.via", "must be a single token"),
-    ("host-header", set_at("routes.0.host_header", "origin"), "routes[0].host_header", 'must be "upstream"'),
-    ("listener-hostname", set_at("listeners.0.host", "localhost"), "listeners[0].host", "must be an IP address"),
+    ("host-header", set_at("routes.0.host_header", "origin"), 'routes["app"].host_header', 'must be "upstream"'),
+    (
+        "listener-hostname",
+        set_at("listeners.0.host", "localhost"),
+        'listeners["localhost:8080"].host',
+        "must be an IP address",
+    ),
     ("url-int", set_at("upstreams.app.url", 8081), "upstreams.app.url", "must be a string, got an integer"),
-    ("upstream-bool", set_at("routes.0.upstream", True), "routes[0].upstream", "must be a string, got a boolean"),
+    ("upstream-bool", set_at("routes.0.upstream", True), 'routes["app"].upstream', "must be a string, got a boolean"),
     # impossible values
     ("connect-negative", set_at("timeouts.connect", -1), "timeouts.connect", "must be a positive number of seconds"),
     ("connect-zero", set_at("timeouts.connect", 0), "timeouts.connect", "must be a positive number of seconds"),
     (
         "route-idle-zero",
         set_at("routes.0.timeouts", {"upstream_idle": 0}),
-        "routes[0].timeouts.upstream_idle",
+        'routes["app"].timeouts.upstream_idle',
         "must be a positive number of seconds, got 0",
     ),
     ("queue-timeout-zero", set_at("upstreams.app.queue_timeout", "0s"), "upstreams.app.queue_timeout", "must be"),
@@ -520,8 +540,18 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ("workers-zero", set_at("server.workers", 0), "server.workers", "must be a positive integer, got 0"),
     ("workers-negative", set_at("server.workers", -2), "server.workers", "must be a positive integer, got -2"),
     ("max-conn-zero", set_at("upstreams.app.max_connections", 0), "upstreams.app.max_connections", "must be a pos"),
-    ("port-70000", set_at("listeners.0.port", 70000), "listeners[0].port", "must be a port number from 0 to 65535"),
-    ("port-negative", set_at("listeners.0.port", -1), "listeners[0].port", "must be a port number from 0 to 65535"),
+    (
+        "port-70000",
+        set_at("listeners.0.port", 70000),
+        'listeners["127.0.0.1:70000"].port',
+        "must be a port number from 0 to 65535",
+    ),
+    (
+        "port-negative",
+        set_at("listeners.0.port", -1),
+        'listeners["127.0.0.1:-1"].port',
+        "must be a port number from 0 to 65535",
+    ),
     (
         "water-equal",
         set_at("flow_control", {"high_water": "64KiB", "low_water": "64KiB"}),
@@ -543,26 +573,26 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     (
         "route-water-equal",
         set_at("routes.0.flow_control", {"high_water": 1000, "low_water": 1000}),
-        "routes[0].flow_control.low_water",
+        'routes["app"].flow_control.low_water',
         "must be below high_water (1000 >= 1000)",
     ),
     (
         "route-water-inherited-high",
         set_at("routes.0.flow_control", {"low_water": "1MiB"}),
-        "routes[0].flow_control.low_water",
+        'routes["app"].flow_control.low_water',
         "must be below high_water",
     ),
-    ("prefix-no-slash", set_at("routes.0.path_prefix", "api"), "routes[0].path_prefix", 'must start with "/"'),
-    ("prefix-empty", set_at("routes.0.path_prefix", ""), "routes[0].path_prefix", "must not be empty"),
-    ("prefix-space", set_at("routes.0.path_prefix", "/a b"), "routes[0].path_prefix", "must contain only URL path"),
-    ("host-star", set_at("routes.0.host", "*"), "routes[0].host", "must be a host name"),
-    ("host-port", set_at("routes.0.host", "api.example.com:80"), "routes[0].host", "must be a host name"),
-    ("host-underscore", set_at("routes.0.host", "a_b.example.com"), "routes[0].host", "must be a host name"),
-    ("host-leading-dash", set_at("routes.0.host", "-a.example.com"), "routes[0].host", "must be a host name"),
-    ("host-empty-label", set_at("routes.0.host", "a..example.com"), "routes[0].host", "must be a host name"),
-    ("host-double-star", set_at("routes.0.host", "*.*.example.com"), "routes[0].host", "must be a host name"),
-    ("host-inner-star", set_at("routes.0.host", "api.*.com"), "routes[0].host", "must be a host name"),
-    ("host-empty", set_at("routes.0.host", ""), "routes[0].host", "must not be empty"),
+    ("prefix-no-slash", set_at("routes.0.path_prefix", "api"), 'routes["app"].path_prefix', 'must start with "/"'),
+    ("prefix-empty", set_at("routes.0.path_prefix", ""), 'routes["app"].path_prefix', "must not be empty"),
+    ("prefix-space", set_at("routes.0.path_prefix", "/a b"), 'routes["app"].path_prefix', "must contain only URL path"),
+    ("host-star", set_at("routes.0.host", "*"), 'routes["app"].host', "must be a host name"),
+    ("host-port", set_at("routes.0.host", "api.example.com:80"), 'routes["app"].host', "must be a host name"),
+    ("host-underscore", set_at("routes.0.host", "a_b.example.com"), 'routes["app"].host', "must be a host name"),
+    ("host-leading-dash", set_at("routes.0.host", "-a.example.com"), 'routes["app"].host', "must be a host name"),
+    ("host-empty-label", set_at("routes.0.host", "a..example.com"), 'routes["app"].host', "must be a host name"),
+    ("host-double-star", set_at("routes.0.host", "*.*.example.com"), 'routes["app"].host', "must be a host name"),
+    ("host-inner-star", set_at("routes.0.host", "api.*.com"), 'routes["app"].host', "must be a host name"),
+    ("host-empty", set_at("routes.0.host", ""), 'routes["app"].host', "must not be empty"),
     ("tls-on-http", set_at("upstreams.app.tls", {"verify": False}), "upstreams.app.tls", "is for an https upstream"),
     ("url-ftp", set_at("upstreams.app.url", "ftp://x"), "upstreams.app.url", "must be an http or https URL"),
     ("url-no-host", set_at("upstreams.app.url", "http://"), "upstreams.app.url", "must be an http or https URL"),
@@ -576,14 +606,19 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     (
         "route-url-query",
         set_at("routes.0.upstream", "http://x/?q"),
-        "routes[0].upstream",
+        'routes["app"].upstream',
         "must not carry a query",
     ),
-    ("upstream-name", set_at("upstreams", {"a b": {"url": "http://x"}}), "upstreams.a b", "a name may contain only"),
+    ("upstream-name", set_at("upstreams.a b", {"url": "http://x"}), "upstreams.a b", "a name may contain only"),
     # missing, duplicate and empty
     ("no-url", set_at("upstreams.app", {}), "upstreams.app.url", "is required"),
-    ("no-route-name", set_at("routes.0", {"upstream": "app"}), "routes[0].name", "is required"),
-    ("no-route-upstream", set_at("routes.0", {"name": "app"}), "routes[0].upstream", "is required"),
+    ("no-route-name", set_at("routes.0", {"auth": "anonymous", "upstream": "app"}), "routes[0].name", "is required"),
+    (
+        "no-route-upstream",
+        set_at("routes.0", {"auth": "anonymous", "name": "app"}),
+        'routes["app"].upstream',
+        "is required",
+    ),
     ("no-listener-port", set_at("listeners.0", {"host": "127.0.0.1"}), "listeners[0].port", "is required"),
     (
         "duplicate-route",
@@ -606,19 +641,24 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     ("trusted-not-list", set_at("server.trusted_proxies", "10.0.0.0/8"), "server.trusted_proxies", "must be an array"),
     ("trusted-bad", set_at("server.trusted_proxies", ["10.0.0.1/8"]), "server.trusted_proxies", "'10.0.0.1/8' is not"),
     ("trusted-name", set_at("server.trusted_proxies", ["lb.local"]), "server.trusted_proxies", "'lb.local' is not"),
-    ("proxy-text", set_at("listeners.0.proxy_protocol", "yes"), "listeners[0].proxy_protocol", "true or false"),
+    (
+        "proxy-text",
+        set_at("listeners.0.proxy_protocol", "yes"),
+        'listeners["127.0.0.1:8080"].proxy_protocol',
+        "true or false",
+    ),
     ("hide-not-list", set_at("server.hide_response_headers", "Server"), "server.hide_response_headers", "an array"),
-    ("rate-headers", set_at("routes.0.rate_limit_headers", "yes"), "routes[0].rate_limit_headers", "true or false"),
+    ("rate-headers", set_at("routes.0.rate_limit_headers", "yes"), 'routes["app"].rate_limit_headers', "true or false"),
     (
         "hide-bad-name",
         set_at("routes.0.hide_response_headers", ["X Powered"]),
-        "routes[0].hide_response_headers",
+        'routes["app"].hide_response_headers',
         "'X Powered' is not a header name",
     ),
     (
         "hide-framing",
         set_at("routes.0.hide_response_headers", ["Content-Length"]),
-        "routes[0].hide_response_headers",
+        'routes["app"].hide_response_headers',
         "cannot be hidden",
     ),
     ("server-header-control", set_at("server.server_header", "gw\r\nX: 1"), "server.server_header", "visible ASCII"),
@@ -626,19 +666,19 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
     (
         "proxy-from-without-proxy",
         set_at("listeners.0.proxy_protocol_from", ["10.0.0.0/8"]),
-        "listeners[0].proxy_protocol_from",
+        'listeners["127.0.0.1:8080"].proxy_protocol_from',
         "needs proxy_protocol = true",
     ),
     (
         "proxy-from-bad",
         lambda d: d["listeners"][0].update(proxy_protocol=True, proxy_protocol_from=["10.0.0.1/8"]),
-        "listeners[0].proxy_protocol_from",
+        'listeners["127.0.0.1:8080"].proxy_protocol_from',
         "'10.0.0.1/8' is not",
     ),
     (
         "systemd-with-port",
         set_at("listeners.0", {"systemd": "http", "port": 8080}),
-        "listeners[0].port",
+        'listeners["systemd:http"].port',
         "set in its .socket unit",
     ),
     ("systemd-empty", set_at("listeners.0", {"systemd": ""}), "listeners[0].systemd", "must not be empty"),
@@ -691,7 +731,8 @@ def test_unknown_upstream_lists_known_names() -> None:
     data["routes"][0]["upstream"] = "biling"
     error = error_of(data)
     assert str(error) == (
-        f"{SOURCE}: routes[0].upstream: no upstream named 'biling' (known: accounts, billing); give a name or a URL"
+        f'{SOURCE}: routes["app"].upstream: '
+        "no upstream named 'biling' (known: accounts, billing); give a name or a URL"
     )
 
 
@@ -700,7 +741,7 @@ def test_unknown_upstream_with_none_defined() -> None:
     data = minimal()
     del data["upstreams"]
     error = error_of(data)
-    assert error.key == "routes[0].upstream"
+    assert error.key == 'routes["app"].upstream'
     assert "(known: none are defined)" in error.reason
 
 
@@ -709,19 +750,19 @@ def test_unknown_upstream_with_none_defined() -> None:
     [
         (
             with_(routes=[{"name": "a", "auth": "anonymous", "upstream": "app", "timeouts": {"connect": -1}}]),
-            "test.toml: routes[0].timeouts.connect: must be a positive number of seconds, got -1",
+            'test.toml: routes["a"].timeouts.connect: must be a positive number of seconds, got -1',
         ),
         (
             with_(listeners=[{"host": "127.0.0.1", "port": 70000}]),
-            "test.toml: listeners[0].port: must be a port number from 0 to 65535, got 70000",
+            'test.toml: listeners["127.0.0.1:70000"].port: must be a port number from 0 to 65535, got 70000',
         ),
         (
             with_(routes=[{"name": "a", "auth": "anonymous", "upstream": "app", "path_prefix": "api"}]),
-            "test.toml: routes[0].path_prefix: must start with \"/\", got 'api'",
+            'test.toml: routes["a"].path_prefix: must start with "/", got \'api\'',
         ),
         (
             with_(server={"idle_timeout": "60s", "viaa": "x"}),
-            "test.toml: server.viaa: unknown key (check its spelling and the section it is in)",
+            'test.toml: server.viaa: unknown key; did you mean "via"?',
         ),
     ],
 )
@@ -733,6 +774,182 @@ def test_error_message_format(data: dict[str, Any], message: str) -> None:
 def test_error_without_key_reads_source_and_reason() -> None:
     """A ConfigError without a key prints as "source: reason"."""
     assert str(ConfigError("x.toml", "", "broken")) == "x.toml: broken"
+
+
+# --- every error at once: one load reports them all, each item named by its name ------------------------------
+
+IDLE_SOON = 'must be seconds as a number or a string such as "250ms", "30s", "2m", got \'soon\''
+
+
+def messages(data: dict[str, Any]) -> list[str]:
+    """Every error of `data`, one string each, as `str(ConfigError)` lists them one per line."""
+    error = error_of(data)
+    assert str(error) == "\n".join(str(e) for e in error.errors)
+    return [str(e) for e in error.errors]
+
+
+def test_three_errors_in_three_sections_are_reported_in_one_error() -> None:
+    """Three independent errors (the server, a listener, a route) make one ConfigError listing all three, one per
+    line, in the order the file is read; `errors` carries each, and source, key and reason are the first's."""
+    data = with_(server={"idle_timeout": "soon"})
+    data["listeners"][0]["port"] = 70000
+    data["routes"][0]["path_prefix"] = "api"
+    error = error_of(data)
+    assert str(error) == (
+        f"test.toml: server.idle_timeout: {IDLE_SOON}\n"
+        'test.toml: listeners["127.0.0.1:70000"].port: must be a port number from 0 to 65535, got 70000\n'
+        'test.toml: routes["app"].path_prefix: must start with "/", got \'api\''
+    )
+    assert [(e.source, e.key) for e in error.errors] == [
+        (SOURCE, "server.idle_timeout"),
+        (SOURCE, 'listeners["127.0.0.1:70000"].port'),
+        (SOURCE, 'routes["app"].path_prefix'),
+    ]
+    assert (error.source, error.key, error.reason) == (SOURCE, "server.idle_timeout", IDLE_SOON)
+
+
+def test_every_error_of_one_item_and_of_every_item() -> None:
+    """Two bad values in one route, and two routes with an error each: all four are reported (a bad value does
+    not stop the reading of its table, nor of the tables after it)."""
+    data = minimal()
+    data["routes"][0].update(strip_prefix="yes", timeouts={"connect": 0})
+    data["routes"].append({"name": "b", "auth": "anonymous", "upstream": "app", "path_prefix": "/b", "hots": "x"})
+    data["routes"].append({"name": "c", "auth": "anonymous", "upstream": "app", "path_prefix": "c"})
+    assert messages(data) == [
+        'test.toml: routes["app"].strip_prefix: must be true or false, got a string',
+        'test.toml: routes["app"].timeouts.connect: must be a positive number of seconds, got 0',
+        'test.toml: routes["b"].hots: unknown key; did you mean "host"?',
+        'test.toml: routes["c"].path_prefix: must start with "/", got \'c\'',
+    ]
+
+
+def test_every_unknown_key_of_a_table_is_reported() -> None:
+    """Two typos in one table are two errors, not the first of them."""
+    assert messages(with_(server={"viaa": "x", "drain_timout": 1})) == [
+        'test.toml: server.drain_timout: unknown key; did you mean "drain_timeout"?',
+        'test.toml: server.viaa: unknown key; did you mean "via"?',
+    ]
+
+
+def test_an_unknown_key_close_to_a_known_one_names_it() -> None:
+    """An unknown key that is a misspelling of a key the table knows (and does not have) says which."""
+    data = minimal()
+    data["routes"][0]["timeouts"] = {"conect": "1s"}
+    assert messages(data) == ['test.toml: routes["app"].timeouts.conect: unknown key; did you mean "connect"?']
+    assert messages(with_(tiemouts={})) == ['test.toml: tiemouts: unknown key; did you mean "timeouts"?']
+
+
+def test_an_unknown_key_close_to_nothing_suggests_nothing() -> None:
+    """An unknown key like no known key gets the plain advice, no guess."""
+    assert messages(with_(server={"colour": "blue"})) == [
+        "test.toml: server.colour: unknown key (check its spelling and the section it is in)"
+    ]
+    assert "did you mean" not in error_of(with_(zebra=1)).reason
+
+
+def test_a_misspelt_required_key_is_one_error_naming_what_was_written() -> None:
+    """`urls` for an upstream's required `url` is one error about `urls` that suggests `url`, not a second one
+    saying `url` is missing; a route naming that upstream says nothing more."""
+    data = minimal()
+    data["upstreams"]["api"] = {"urls": "http://127.0.0.1:8082"}
+    data["routes"][0]["upstream"] = "api"
+    assert messages(data) == ['test.toml: upstreams.api.urls: unknown key; did you mean "url"?']
+    data = minimal()
+    data["listeners"][0] = {"host": "127.0.0.1", "prot": 8080}
+    assert messages(data) == ['test.toml: listeners[0].prot: unknown key; did you mean "port"?']
+    data = minimal()
+    data["listener"] = data.pop("listeners")
+    assert messages(data) == ['test.toml: listener: unknown key; did you mean "listeners"?']
+
+
+def test_a_required_key_missing_beside_a_known_key_like_it_is_missing() -> None:
+    """A key the table knows is never taken for a misspelling of a missing one: a TLS table with
+    client_certificates but no certificates lacks certificates."""
+    data = minimal()
+    data["listeners"][0]["tls"] = {"client_certificates": "none"}
+    assert messages(data) == [
+        'test.toml: listeners["127.0.0.1:8080"].tls.certificates: is required (add at least one [[certificates]] table)'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("listener", "key"),
+    [
+        ({"host": "127.0.0.1", "port": 8080, "backlog": 0}, 'listeners["127.0.0.1:8080"].backlog'),
+        ({"host": "::1", "port": 8443, "backlog": 0}, 'listeners["[::1]:8443"].backlog'),
+        ({"systemd": "http", "backlog": 0}, 'listeners["systemd:http"].backlog'),
+        ({"host": "127.0.0.1", "port": "80", "backlog": 0}, "listeners[0].backlog"),
+    ],
+    ids=["ipv4", "ipv6", "systemd", "no-address"],
+)
+def test_a_listener_is_named_by_its_address(listener: dict[str, Any], key: str) -> None:
+    """A listener is named in errors by the address written in it (IPv6 in brackets), or its systemd socket;
+    by its index when it has no address to be named by."""
+    assert key in [e.key for e in error_of(with_(listeners=[listener])).errors]
+
+
+def test_items_are_named_by_their_names_and_by_index_when_they_share_one() -> None:
+    """A route is named by its name, an upstream by its table's; two routes with one name are named by their
+    index, so each error points at one of them."""
+    data = with_(upstreams={"billing": {"url": "http://10.0.0.1", "max_queue": 0}})
+    data["routes"] = [
+        {"name": "reports", "auth": "anonymous", "upstream": "billing", "host_header": "x"},
+        {"name": "twice", "auth": "anonymous", "upstream": "billing", "path_prefix": "/a"},
+        {"name": "twice", "auth": "anonymous", "upstream": "billing", "path_prefix": "b"},
+    ]
+    assert [e.key for e in error_of(data).errors] == [
+        "upstreams.billing.max_queue",
+        'routes["reports"].host_header',
+        "routes[2].path_prefix",
+        "routes[2].name",
+    ]
+
+
+def test_a_name_that_looks_like_a_path_is_quoted() -> None:
+    """A route name is quoted as a JSON string, so no name can read as more of the path."""
+    data = minimal()
+    data["routes"][0].update(name='a"].b', strip_prefix=1)
+    assert error_of(data).key == 'routes["a\\"].b"].strip_prefix'
+
+
+def test_no_error_follows_from_a_refused_value() -> None:
+    """A check that depends on a refused value is not made: no flow-control comparison with a refused water mark
+    (here or inherited), no "needs proxy_protocol" when proxy_protocol was refused, no "no upstream named" for a
+    route naming an upstream that could not be read."""
+    data = with_(flow_control={"low_water": "lots", "high_water": "1KiB"})
+    data["routes"][0]["flow_control"] = {"high_water": "512B"}
+    data["listeners"][0].update(proxy_protocol="yes", proxy_protocol_from=["10.0.0.0/8"])
+    data["upstreams"]["broken"] = {"url": "ftp://x"}
+    data["routes"].append({"name": "b", "auth": "anonymous", "upstream": "broken", "path_prefix": "/b"})
+    assert [e.key for e in error_of(data).errors] == [
+        "flow_control.low_water",
+        'listeners["127.0.0.1:8080"].proxy_protocol',
+        "upstreams.broken.url",
+    ]
+
+
+def test_an_upstream_that_is_not_a_table_is_its_one_error() -> None:
+    """`upstreams` given as something else than a table is reported once; the routes naming upstreams say
+    nothing more."""
+    assert messages(with_(upstreams=["app"])) == ["test.toml: upstreams: must be a table, got an array"]
+
+
+def test_load_reports_every_error_of_the_file(tmp_path: Path) -> None:
+    """`load` reads the file whole: its three errors are one ConfigError, each naming the file."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[server]\nidle_timeout = "soon"\n'
+        '[[listeners]]\nhost = "127.0.0.1"\nport = 8080\n'
+        '[upstreams.api]\nurls = "http://127.0.0.1:8081"\n'
+        '[[routes]]\nname = "events"\nauth = "anonymous"\nupstream = "api"\n[routes.timeouts]\nconnect = -1\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value).splitlines() == [
+        f"{path}: server.idle_timeout: {IDLE_SOON}",
+        f'{path}: upstreams.api.urls: unknown key; did you mean "url"?',
+        f'{path}: routes["events"].timeouts.connect: must be a positive number of seconds, got -1',
+    ]
 
 
 # --- load: reading the file ----------------------------------------------------------------------------------
@@ -773,7 +990,7 @@ def test_load_validation_error_names_the_file(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError) as info:
         config.load(path)
-    assert str(info.value).startswith(f"{path}: routes[0].timeouts.connect: must be seconds")
+    assert str(info.value).startswith(f'{path}: routes["a"].timeouts.connect: must be seconds')
 
 
 def test_load_accepts_a_string_path(tmp_path: Path) -> None:
@@ -837,7 +1054,7 @@ CLIENT_LIMIT_ERRORS: list[tuple[str, Mutation, str, str]] = [
     (
         "route-line-limit-not-overridable",
         set_at("routes.0.limits", {"max_request_line_bytes": 1024}),
-        "routes[0].limits.max_request_line_bytes",
+        'routes["app"].limits.max_request_line_bytes',
         "unknown key",
     ),
 ]
@@ -886,7 +1103,7 @@ def test_allow_methods_errors_name_file_key_and_reason(value: object, reason: st
     data = minimal()
     data["routes"][0]["allow_methods"] = value
     error = error_of(data)
-    assert (error.source, error.key) == (SOURCE, "routes[0].allow_methods")
+    assert (error.source, error.key) == (SOURCE, 'routes["app"].allow_methods')
     assert reason in error.reason
 
 
@@ -914,7 +1131,7 @@ def test_path_prefix_no_request_could_match_is_an_error(prefix: str, reason: str
     data = minimal()
     data["routes"][0]["path_prefix"] = prefix
     error = error_of(data)
-    assert (error.source, error.key) == (SOURCE, "routes[0].path_prefix")
+    assert (error.source, error.key) == (SOURCE, 'routes["app"].path_prefix')
     assert reason in error.reason
 
 
@@ -931,7 +1148,7 @@ def test_path_prefix_with_a_dot_segment_before_encoded_parameters_fails_loading_
     )
     with pytest.raises(ConfigError) as info:
         config.load(path)
-    assert str(info.value).startswith(f"{path}: routes[0].path_prefix: must be a path requests could be routed by")
+    assert str(info.value).startswith(f'{path}: routes["app"].path_prefix: must be a path requests could be routed by')
     assert '"." or ".." segment' in info.value.reason and prefix in info.value.reason
 
 
@@ -939,13 +1156,13 @@ def test_path_prefix_with_a_dot_segment_before_encoded_parameters_fails_loading_
 @given(prefix=st.text(alphabet="/a.%2eEfF5cC0;~-3bB", min_size=1, max_size=10).map(lambda s: "/" + s))
 def test_every_accepted_prefix_is_a_routing_path(prefix: str) -> None:
     """Any path_prefix the config accepts can be routed on (the router never meets a prefix it would refuse),
-    and any it refuses is refused as routes[0].path_prefix."""
+    and any it refuses is refused as routes["app"].path_prefix."""
     data = minimal()
     data["routes"][0]["path_prefix"] = prefix
     try:
         cfg = parse(data, source=SOURCE)
     except ConfigError as e:
-        assert e.key == "routes[0].path_prefix"
+        assert e.key == 'routes["app"].path_prefix'
         return
     routing_path(cfg.routes[0].path_prefix)
 

@@ -14,10 +14,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent
 
 from gateway.config import load
 from gateway.service import GatewayService
 from tests.support.clients import connect, within
+from tests.support.logs import captured, in_namespace
 from tests.support.origin import Origin
 from tests.support.processes import free_port
 from tests.support.running import gateway_config
@@ -208,6 +210,36 @@ async def test_an_invalid_reload_changes_nothing(
     path.write_text(broken(path.read_text()))
     assert service.reload() is False
     assert service.gateway is gateway and service.listeners == listeners
+    assert await status(port_of(service)) == 200
+    assert service.metrics.registry.get_sample_value("gateway_config_reloads_total", {"result": "invalid"}) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_refused_for_three_errors_logs_each_and_keeps_serving(
+    origin: Origin, tmp_path: Path, running: list[GatewayService]
+) -> None:
+    """A file with three errors in three sections: reload answers False, logs one line per error (each with the
+    file, the key and the reason, and which of the three it is), counts one invalid reload, and the running
+    config goes on serving."""
+    path = tmp_path / "gateway.toml"
+    data = base(origin)
+    service = start(path, data, running)
+    gateway = service.gateway
+    data["server"] = {"idle_timeout": "soon"}
+    data["upstreams"]["origin"]["max_queue"] = 0
+    data["routes"][0]["path_prefix"] = "status"
+    path.write_text(toml(data))
+    with captured(in_namespace("gateway.service")) as events:
+        assert service.reload() is False
+    assert [formatEvent(event) for event in events] == [
+        f"Reload refused, the running config is unchanged (error 1 of 3): {path}: server.idle_timeout: must be "
+        'seconds as a number or a string such as "250ms", "30s", "2m", got \'soon\'',
+        f"Reload refused, the running config is unchanged (error 2 of 3): {path}: upstreams.origin.max_queue: "
+        "must be a positive integer, got 0",
+        f'Reload refused, the running config is unchanged (error 3 of 3): {path}: routes["origin"].path_prefix: '
+        "must start with \"/\", got 'status'",
+    ]
+    assert service.gateway is gateway
     assert await status(port_of(service)) == 200
     assert service.metrics.registry.get_sample_value("gateway_config_reloads_total", {"result": "invalid"}) == 1
 

@@ -131,7 +131,9 @@ def test_invalid_file_prints_file_key_reason_and_exits_1(tmp_path: Path, capsys:
     assert exited.value.code == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f"gateway: {path}: listeners[0].port: must be a port number from 0 to 65535, got 70000\n"
+    assert (
+        err == f'gateway: {path}: listeners["127.0.0.1:70000"].port: must be a port number from 0 to 65535, got 70000\n'
+    )
 
 
 def test_check_on_invalid_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,7 +144,44 @@ def test_check_on_invalid_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFix
     assert exited.value.code == 1
     out, err = capsys.readouterr()
     assert "OK" not in out
-    assert err.startswith(f"gateway: {path}: listeners[0].port: ")
+    assert err.startswith(f'gateway: {path}: listeners["127.0.0.1:70000"].port: ')
+
+
+THREE_ERRORS = """\
+[server]
+idle_timeout = "soon"
+
+[[listeners]]
+host = "127.0.0.1"
+port = 70000
+
+[upstreams.api]
+urls = "http://127.0.0.1:8081"
+
+[[routes]]
+name = "all"
+auth = "anonymous"
+upstream = "api"
+"""
+
+
+def test_check_on_a_file_with_three_errors_prints_each_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--check` on a file with three errors prints the three, one `gateway: <file>: <key>: <reason>` line each,
+    and exits with status 1 (the route naming the refused upstream adds nothing)."""
+    path = write(tmp_path, THREE_ERRORS)
+    with pytest.raises(SystemExit) as exited:
+        tap.Options().parseOptions(["--config", str(path), "--check"])
+    assert exited.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f'gateway: {path}: server.idle_timeout: must be seconds as a number or a string such as "250ms", '
+        '"30s", "2m", got \'soon\'',
+        f'gateway: {path}: listeners["127.0.0.1:70000"].port: must be a port number from 0 to 65535, got 70000',
+        f'gateway: {path}: upstreams.api.urls: unknown key; did you mean "url"?',
+    ]
 
 
 def test_missing_file_prints_file_and_reason_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

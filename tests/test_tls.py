@@ -287,7 +287,7 @@ def test_check_names_the_file_and_reason(tmp_path: Path) -> None:
             with pytest.raises(ConfigError) as raised:
                 _listener_set(entry, **strict)
             assert reason in str(raised.value), (name, str(raised.value))
-            assert str(raised.value).startswith("test.toml: listeners[0].tls.certificates[0]: "), name
+            assert str(raised.value).startswith('test.toml: listeners["127.0.0.1:0"].tls.certificates[0]: '), name
 
 
 def test_a_company_ca_chain_loads_saying_what_is_missing(tmp_path: Path) -> None:
@@ -360,12 +360,16 @@ def test_strict_certificates_refuses_a_chain_that_does_not_verify(tmp_path: Path
         with pytest.raises(ConfigError) as raised:
             _listener_set(entry, strict_certificates=True, **tls)
         message = str(raised.value)
-        assert message.startswith(f"test.toml: listeners[0].tls.certificates[0]: {entry['certificate']}: "), message
+        assert message.startswith(
+            f'test.toml: listeners["127.0.0.1:0"].tls.certificates[0]: {entry["certificate"]}: '
+        ), message
         assert reason in message and "strict_certificates = true" in message, (name, message)
     assert _listener_set(served.table(chain=False), strict_certificates=True, trusted_ca=trusted_ca).chain_verified
     own_root = _listener_set(served.table(), strict_certificates=True)
     assert not own_root.chain_verified and "the chain ends at the root" in own_root.chain_problem
-    with pytest.raises(ConfigError, match=r"listeners\[0\]\.tls\.strict_certificates: must be true or false"):
+    with pytest.raises(
+        ConfigError, match=r'listeners\["127\.0\.0\.1:0"\]\.tls\.strict_certificates: must be true or false'
+    ):
         _listener_set(served.table(), strict_certificates="yes")
 
 

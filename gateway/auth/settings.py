@@ -19,11 +19,12 @@ import ipaddress
 import json
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from gateway.config_values import (
-    ConfigError,
+    Invalid,
     KiB,
     Table,
     boolean,
@@ -47,12 +48,14 @@ from gateway.config_values import (
 from gateway.headers import HOP_BY_HOP
 
 __all__ = [
+    "ADMISSION_KEYS",
     "ANONYMOUS",
     "CERTIFICATE_FIELDS",
     "DEFAULT_ADMISSION",
     "FAILED_AUTH_ADDRESS_FACTOR",
     "GATEWAY_OWNED",
     "NOBODY",
+    "ROUTE_ADMISSION_KEYS",
     "Admission",
     "ApiKeyMethod",
     "BasicMethod",
@@ -376,10 +379,13 @@ def _rate(value: object) -> tuple[int, float]:
 
 
 def _rate_limit(t: Table) -> RateLimit:
-    count, period = t.get("rate", _rate)
-    burst = t.get("burst", positive_int, count)
+    t.known(("rate", "burst"))
+    rate = t.require("rate", _rate)
+    burst = t.get("burst", positive_int, rate[0] if rate is not None else 1)
     t.finish()
-    return RateLimit(requests=count, period=period, burst=burst)
+    if rate is None:
+        raise Invalid()
+    return RateLimit(requests=rate[0], period=rate[1], burst=burst)
 
 
 def _key_header(value: object) -> KeyHeader:
@@ -467,8 +473,11 @@ def _claim_headers(t: Table) -> tuple[tuple[bytes, str], ...]:
     pairs = []
     for header in t.names():
         if not _TOKEN.fullmatch(header):
-            raise t.error(header, "must be a header name")
-        pairs.append((header.encode("ascii"), t.get(header, _claim)))
+            t.report(header, "must be a header name")
+            continue
+        claim = t.require(header, _claim)
+        if claim is not None:
+            pairs.append((header.encode("ascii"), claim))
     t.finish()
     return tuple(pairs)
 
@@ -531,59 +540,76 @@ def _jwks_file(t: Table, key: str) -> Mapping[str, object]:
 
 
 def _api_key_method(name: str, t: Table) -> ApiKeyMethod:
-    method = ApiKeyMethod(name=name)
-    if t.has("headers"):
-        method = ApiKeyMethod(name=name, headers=t.get("headers", _key_headers))
-    return method
+    return ApiKeyMethod(name=name, headers=t.get("headers", _key_headers, ApiKeyMethod(name=name).headers))
+
+
+_KEY_SOURCES = ("public_key_file", "jwks_file", "jwks_url", "secret_file")
 
 
 def _jwt_method(name: str, t: Table) -> JwtMethod:
-    algorithms = t.get("algorithms", _algorithms)
-    sources = [k for k in ("public_key_file", "jwks_file", "jwks_url", "secret_file") if t.has(k)]
+    algorithms = t.require("algorithms", _algorithms)
+    keys = _jwt_keys(t, algorithms) if algorithms is not None else None
+    if algorithms is None:
+        t.skip(*_KEY_SOURCES)  # which source they need is not known
+    audiences = t.require("audiences", string_list)
+    if audiences == ():
+        t.report("audiences", "must list at least one audience: a token for another service must not pass")
+    claim_table = t.table("claim_headers")
+    issuer = t.require("issuer", nonempty_string)
+    settings = {
+        "jwks_refresh_interval": t.get("jwks_refresh_interval", positive_seconds, 60.0),
+        "jwks_max_age": t.get("jwks_max_age", positive_seconds, 3600.0),
+        "jwks_fetch_timeout": t.get("jwks_fetch_timeout", positive_seconds, 5.0),
+        "leeway": t.get("leeway", _seconds_or_zero, 30.0),
+        "require_exp": t.get("require_exp", boolean, True),
+        "consumer_claim": t.get("consumer_claim", _claim, "sub"),
+        "scope_claims": t.get("scope_claims", _claims, ("scope", "scp")),
+        "claim_headers": _claim_headers(claim_table) if claim_table is not None else (),
+        "cache_size": t.get("cache_size", positive_int, 10000),
+    }
+    if algorithms is None or keys is None or audiences is None or issuer is None:
+        raise Invalid()
+    return JwtMethod(name=name, issuer=issuer, audiences=audiences, algorithms=algorithms, **keys, **settings)
+
+
+def _jwt_keys(t: Table, algorithms: tuple[str, ...]) -> dict[str, Any] | None:
+    """Where a JWT method's keys come from: exactly one source, the one its algorithms need; None when that
+    cannot be read (reported)."""
+    sources = [k for k in _KEY_SOURCES if t.has(k)]
     hmac = algorithms[0] in HMAC_ALGORITHMS
     if hmac and sources != ["secret_file"]:
-        raise t.error("secret_file", "HMAC algorithms need secret_file (and no public key source)")
+        t.report("secret_file", "HMAC algorithms need secret_file (and no public key source)")
+        t.skip(*sources)
+        return None
     if not hmac and (len(sources) != 1 or sources == ["secret_file"]):
-        raise t.error(
+        t.report(
             "public_key_file",
             f"give exactly one of public_key_file, jwks_file and jwks_url (got: {', '.join(sources) or 'none'})",
         )
-    secret = None
-    if hmac:
-        path, secret = _file(t, "secret_file")
-        secret = secret.strip()
-        # RFC 7518 section 3.2: a key at least as long as the hash (PyJWT warns on every token otherwise).
-        needed = max(_HMAC_KEY_BYTES[a] for a in algorithms)
-        if len(secret) < needed:
-            raise t.error(
-                "secret_file", f"{path} must hold at least {needed} bytes of secret for {'/'.join(algorithms)}"
-            )
-        if b"-----BEGIN" in secret:
-            raise t.error("secret_file", f"{path} holds a PEM key, not an HMAC secret")
-    audiences = t.get("audiences", string_list)
-    if not audiences:
-        raise t.error("audiences", "must list at least one audience: a token for another service must not pass")
-    claim_table = t.table("claim_headers")
-    method = JwtMethod(
-        name=name,
-        issuer=t.get("issuer", nonempty_string),
-        audiences=audiences,
-        algorithms=algorithms,
-        public_key_pem=_public_key_pem(t, "public_key_file", algorithms) if t.has("public_key_file") else None,
-        secret=secret,
-        jwks=_jwks_file(t, "jwks_file") if t.has("jwks_file") else None,
-        jwks_url=t.get("jwks_url", _http_url) if t.has("jwks_url") else None,
-        jwks_refresh_interval=t.get("jwks_refresh_interval", positive_seconds, 60.0),
-        jwks_max_age=t.get("jwks_max_age", positive_seconds, 3600.0),
-        jwks_fetch_timeout=t.get("jwks_fetch_timeout", positive_seconds, 5.0),
-        leeway=t.get("leeway", _seconds_or_zero, 30.0),
-        require_exp=t.get("require_exp", boolean, True),
-        consumer_claim=t.get("consumer_claim", _claim, "sub"),
-        scope_claims=t.get("scope_claims", _claims, ("scope", "scp")),
-        claim_headers=_claim_headers(claim_table) if claim_table is not None else (),
-        cache_size=t.get("cache_size", positive_int, 10000),
-    )
-    return method
+        t.skip(*sources)
+        return None
+    try:
+        if hmac:
+            return {"secret": _secret(t, algorithms)}
+        if sources == ["public_key_file"]:
+            return {"public_key_pem": _public_key_pem(t, "public_key_file", algorithms)}
+        if sources == ["jwks_file"]:
+            return {"jwks": _jwks_file(t, "jwks_file")}
+        return {"jwks_url": t.get("jwks_url", _http_url)}
+    except Invalid:
+        return None
+
+
+def _secret(t: Table, algorithms: tuple[str, ...]) -> bytes:
+    path, secret = _file(t, "secret_file")
+    secret = secret.strip()
+    # RFC 7518 section 3.2: a key at least as long as the hash (PyJWT warns on every token otherwise).
+    needed = max(_HMAC_KEY_BYTES[a] for a in algorithms)
+    if len(secret) < needed:
+        raise t.error("secret_file", f"{path} must hold at least {needed} bytes of secret for {'/'.join(algorithms)}")
+    if b"-----BEGIN" in secret:
+        raise t.error("secret_file", f"{path} holds a PEM key, not an HMAC secret")
+    return secret
 
 
 def _seconds_or_zero(value: object) -> float:
@@ -604,8 +630,8 @@ def _claims(value: object) -> tuple[str, ...]:
 def _basic_method(name: str, t: Table) -> BasicMethod:
     return BasicMethod(
         name=name,
-        realm=t.get("realm", _realm) if t.has("realm") else None,
-        threads=t.get("threads", positive_int) if t.has("threads") else None,
+        realm=t.require("realm", _realm) if t.has("realm") else None,
+        threads=t.require("threads", positive_int) if t.has("threads") else None,
         max_pending=t.get("max_pending", positive_int, 256),
         cache_ttl=t.get("cache_ttl", _seconds_or_zero, 30.0),
     )
@@ -614,9 +640,10 @@ def _basic_method(name: str, t: Table) -> BasicMethod:
 def _forward_method(name: str, t: Table) -> ForwardMethod:
     consumer = t.get("consumer_header", _optional_header_name, b"")
     scopes = t.get("scopes_header", _optional_header_name, b"")
+    url = t.require("url", _plain_http_url)
     method = ForwardMethod(
         name=name,
-        url=t.get("url", _plain_http_url),
+        url=url or "",
         timeout=t.get("timeout", positive_seconds, 5.0),
         request_headers=t.get("request_headers", _header_names, (b"authorization", b"cookie")),
         copy_headers=t.get("copy_headers", _header_names, ()),
@@ -627,14 +654,16 @@ def _forward_method(name: str, t: Table) -> ForwardMethod:
         max_body=t.get("max_body", positive_size, 64 * KiB),
     )
     if not method.request_headers:
-        raise t.error("request_headers", "must name at least one header (the method applies when one is present)")
+        t.report("request_headers", "must name at least one header (the method applies when one is present)")
     owned = [h for h in method.request_headers if h in GATEWAY_OWNED]
     if owned:
-        raise t.error(
+        t.report(
             "request_headers",
             f"{owned[0].decode()} is never sent to the auth service (the gateway frames its own request and sets "
             "the X-Forwarded-* headers itself)",
         )
+    if url is None:
+        raise Invalid()
     return method
 
 
@@ -651,7 +680,43 @@ _METHOD_READERS = {
 }
 
 
+_METHOD_KEYS = {
+    "api_key": ("headers",),
+    "mtls": ("identity_header",),
+    "jwt": (
+        "algorithms",
+        *_KEY_SOURCES,
+        "audiences",
+        "claim_headers",
+        "issuer",
+        "jwks_refresh_interval",
+        "jwks_max_age",
+        "jwks_fetch_timeout",
+        "leeway",
+        "require_exp",
+        "consumer_claim",
+        "scope_claims",
+        "cache_size",
+    ),
+    "basic": ("realm", "threads", "max_pending", "cache_ttl"),
+    "forward": (
+        "url",
+        "timeout",
+        "request_headers",
+        "copy_headers",
+        "consumer_header",
+        "scopes_header",
+        "credential_headers",
+        "max_connections",
+        "max_body",
+    ),
+}
+"""The keys of each method type's table, besides `type`."""
+
+
 def _method(name: str, t: Table) -> Method:
+    # Until its type is known, a key of any type may be one of its own.
+    t.known(("type", *(key for keys in _METHOD_KEYS.values() for key in keys)))
     if name == "anonymous":
         raise t.error("", '"anonymous" is what a public route says (auth = "anonymous"); give the method another name')
     kind = t.get("type", nonempty_string)
@@ -670,7 +735,11 @@ def _realm(value: object) -> str:
     return text
 
 
+_CONSUMER_KEYS = ("scopes", "api_keys", "password", "rate_limit", "max_concurrent", "client_certificates")
+
+
 def _consumer(name: str, t: Table) -> Consumer:
+    t.known(_CONSUMER_KEYS)
     if not CONSUMER_NAME.fullmatch(name):
         raise t.error("", "a consumer name may contain only letters, digits and -_. (at most 128)")
     rate = t.table("rate_limit")
@@ -678,9 +747,9 @@ def _consumer(name: str, t: Table) -> Consumer:
         name=name,
         scopes=t.get("scopes", _scopes, frozenset()),
         api_key_hashes=t.get("api_keys", _api_key_hashes, frozenset()),
-        password_hash=t.get("password", _password_hash) if t.has("password") else None,
-        rate_limit=_rate_limit(rate) if rate is not None else None,
-        max_concurrent=t.get("max_concurrent", positive_int) if t.has("max_concurrent") else None,
+        password_hash=t.require("password", _password_hash) if t.has("password") else None,
+        rate_limit=rate.attempt(_rate_limit) if rate is not None else None,
+        max_concurrent=t.require("max_concurrent", positive_int) if t.has("max_concurrent") else None,
         client_certificates=t.get("client_certificates", _certificate_identities, frozenset()),
     )
     t.finish()
@@ -798,52 +867,77 @@ def _consumers(top: Table, into: dict[str, Consumer]) -> None:
     claimed = {identity: c.name for c in into.values() for identity in c.client_certificates}
     for name, table in top.named_tables("consumers"):
         if name in into:
-            raise table.error("", f"consumer {name!r} is declared twice (in the config and the credentials file)")
-        consumer = into[name] = _consumer(name, table)
+            table.report("", f"consumer {name!r} is declared twice (in the config and the credentials file)")
+            continue
+        consumer = table.attempt(partial(_consumer, name))
+        if consumer is None:
+            continue
+        into[name] = consumer
         for identity in sorted(consumer.client_certificates):
             other = claimed.setdefault(identity, name)
             if other != name:
-                raise table.error(
+                table.report(
                     "client_certificates",
                     f"{':'.join(identity)} is claimed by consumer {other!r} too: a certificate proves one consumer",
                 )
 
 
 def _credentials_file(t: Table, into: dict[str, Consumer]) -> None:
-    path, data = _file(t, "credentials_file")
+    try:
+        path, data = _file(t, "credentials_file")
+    except Invalid:
+        return
     try:
         decoded = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(path, "", f"not valid TOML: {e}") from None
-    top = Table(decoded, "", path)
+        t.errors.add(path, "", f"not valid TOML: {e}")
+        return
+    top = Table(decoded, "", path, t.errors)
+    top.known(("consumers",))
     _consumers(top, into)
     top.finish()
 
 
+ADMISSION_KEYS = ("consumers", "auth", "admission")
+"""The top-level keys of the config file that `parse_admission` reads."""
+_ADMISSION_TABLE_KEYS = ("credentials_file", "identity_headers", "rate_limits", "realm", "max_concurrent")
+_RATE_LIMIT_KEYS = ("consumer", "anonymous", "failed_auth", "failed_auth_per_address")
+_IDENTITY_FIELDS = ("consumer", "scopes", "method")
+
+
 def parse_admission(top: Table) -> Admission:
-    """The `[admission]`, `[consumers.*]` and `[auth.*]` sections of the config file's top table."""
+    """The `[admission]`, `[consumers.*]` and `[auth.*]` sections of the config file's top table; what cannot be
+    read is reported and left out."""
     consumers: dict[str, Consumer] = {}
     _consumers(top, consumers)
-    methods = {name: _method(name, table) for name, table in top.named_tables("auth")}
+    methods: dict[str, Method] = {}
+    for name, table in top.named_tables("auth"):
+        method = table.attempt(partial(_method, name))
+        if method is not None:
+            methods[name] = method
     t = top.table("admission")
     if t is None:
         _check_upstream_headers(top, IdentityHeaders(), methods, "admission.identity_headers")
         return Admission(consumers=MappingProxyType(consumers), methods=MappingProxyType(methods))
+    t.known(_ADMISSION_TABLE_KEYS)
     if t.has("credentials_file"):
         _credentials_file(t, consumers)
     identity = IdentityHeaders()
     headers = t.table("identity_headers")
     if headers is not None:
+        headers.known(_IDENTITY_FIELDS)
         identity = IdentityHeaders(
             consumer=headers.get("consumer", _optional_header_name, identity.consumer),
             scopes=headers.get("scopes", _optional_header_name, identity.scopes),
             method=headers.get("method", _optional_header_name, identity.method),
         )
         headers.finish()
-    _check_upstream_headers(top, identity, methods, t.path_of("identity_headers"))
+    refused = [field for field in _IDENTITY_FIELDS if headers is not None and not headers.valid(field)]
+    _check_upstream_headers(top, identity, methods, t.path_of("identity_headers"), refused)
     rates = RateLimits()
     limits = t.table("rate_limits")
     if limits is not None:
+        limits.known(_RATE_LIMIT_KEYS)
         failed = _optional_rate(limits, "failed_auth", rates.failed_auth)
         rates = RateLimits(
             consumer=_optional_rate(limits, "consumer", None),
@@ -858,7 +952,7 @@ def parse_admission(top: Table) -> Admission:
         methods=MappingProxyType(methods),
         identity=identity,
         rate_limits=rates,
-        max_concurrent=t.get("max_concurrent", positive_int) if t.has("max_concurrent") else None,
+        max_concurrent=t.require("max_concurrent", positive_int) if t.has("max_concurrent") else None,
     )
     t.finish()
     return admission
@@ -867,9 +961,12 @@ def parse_admission(top: Table) -> Admission:
 _CREDENTIALS = frozenset({b"authorization", b"cookie", b"via"})
 
 
-def _check_upstream_headers(top: Table, identity: IdentityHeaders, methods: Mapping[str, Method], key: str) -> None:
+def _check_upstream_headers(
+    top: Table, identity: IdentityHeaders, methods: Mapping[str, Method], key: str, refused: Sequence[str] = ()
+) -> None:
     """Headers admission sets upstream are removed from every client request, on every route: none may be one the
-    gateway sets itself, a credential, or another identity header (the one would silently overwrite the other)."""
+    gateway sets itself, a credential, or another identity header (the one would silently overwrite the other).
+    The identity headers whose value was `refused` are left out (their default stands in for them)."""
     reserved = set(GATEWAY_OWNED | _CREDENTIALS)
     for method in methods.values():
         if isinstance(method, ApiKeyMethod):
@@ -877,7 +974,7 @@ def _check_upstream_headers(top: Table, identity: IdentityHeaders, methods: Mapp
         elif isinstance(method, ForwardMethod):
             reserved.update(method.request_headers)
     seen: dict[bytes, str] = {}
-    named = [(f"{key}.{field}", getattr(identity, field).lower()) for field in ("consumer", "scopes", "method")]
+    named = [(f"{key}.{field}", getattr(identity, field).lower()) for field in _IDENTITY_FIELDS if field not in refused]
     for name, method in methods.items():
         if isinstance(method, JwtMethod):
             named += [(f"auth.{name}.claim_headers.{h.decode()}", h.lower()) for h, _ in method.claim_headers]
@@ -889,15 +986,17 @@ def _check_upstream_headers(top: Table, identity: IdentityHeaders, methods: Mapp
         if not header:
             continue
         if header in reserved:
-            raise ConfigError(
+            top.errors.add(
                 top.source,
                 where,
                 f"{header.decode()} cannot carry identity: a header admission sets is removed from every request, "
                 "and this one is the gateway's own or a credential; choose another name",
             )
+            continue
         other = seen.get(header)
         if other is not None and not (other.startswith("auth.") and where.startswith("auth.")):
-            raise ConfigError(top.source, where, f"{header.decode()} is already set by {other}")
+            top.errors.add(top.source, where, f"{header.decode()} is already set by {other}")
+            continue
         seen[header] = where
 
 
@@ -916,14 +1015,22 @@ def _optional_rate(t: Table, key: str, default: RateLimit | None) -> RateLimit |
         return default
     if t.get(key, lambda v: v) is False:
         return None
-    inner = t.table(key)
-    assert inner is not None
-    return _rate_limit(inner)
+    inner = t.table(key)  # None when it is not a table (reported)
+    return inner.attempt(_rate_limit) if inner is not None else None
+
+
+ROUTE_ADMISSION_KEYS = ("auth", "scopes_any", "scopes_all", "forward_credentials", "rate_limit_headers")
+"""The keys of a route that `parse_route_admission` reads."""
 
 
 def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
     """A route's `auth` (required: "anonymous", or method names), `scopes_any`, `scopes_all`,
-    `forward_credentials` and `rate_limit_headers`."""
+    `forward_credentials` and `rate_limit_headers`. A method that is defined but could not be read is not
+    reported again here (the route is left out all the same)."""
+    rate_headers = t.get("rate_limit_headers", boolean, True)
+    scopes_any = t.get("scopes_any", _scopes, frozenset())
+    scopes_all = t.get("scopes_all", _scopes, frozenset())
+    forward = t.get("forward_credentials", boolean, False)
     if not t.has("auth"):
         raise t.error(
             "auth",
@@ -931,35 +1038,34 @@ def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
             'auth = ["keys"] (no route is public by accident)',
         )
     value = t.get("auth", lambda v: v)
-    rate_headers = t.get("rate_limit_headers", boolean, True)
-    scopes_any = t.get("scopes_any", _scopes, frozenset())
-    scopes_all = t.get("scopes_all", _scopes, frozenset())
-    forward = t.get("forward_credentials", boolean, False)
     if value == "anonymous":
         if scopes_any or scopes_all:
-            raise t.error("scopes_any" if scopes_any else "scopes_all", "an anonymous route has no scopes to check")
-        if t.has("forward_credentials"):
-            raise t.error("forward_credentials", "an anonymous route has no credentials to remove or forward")
+            t.report("scopes_any" if scopes_any else "scopes_all", "an anonymous route has no scopes to check")
+        if t.has("forward_credentials") and t.valid("forward_credentials"):
+            t.report("forward_credentials", "an anonymous route has no credentials to remove or forward")
         return ANONYMOUS if rate_headers else RouteAdmission(anonymous=True, rate_limit_headers=False)
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise t.error("auth", f'must be "anonymous" or a non-empty array of method names, got {value!r}')
-    for name in value:
-        if name not in admission.methods:
+    missing = [name for name in value if name not in admission.methods]
+    for name in missing:
+        if not t.errors.about(t.source, f"auth.{name}"):
             known = ", ".join(sorted(admission.methods)) or "none are defined"
-            raise t.error("auth", f"no method named {name!r} (define it as [auth.{name}]; known: {known})")
+            t.report("auth", f"no method named {name!r} (define it as [auth.{name}]; known: {known})")
     if len(set(value)) != len(value):
-        raise t.error("auth", "names a method twice")
+        t.report("auth", "names a method twice")
     issuers: dict[str, str] = {}
     for name in value:
-        method = admission.methods[name]
+        method = admission.methods.get(name)
         if isinstance(method, JwtMethod):
-            if method.issuer in issuers:
-                raise t.error(
+            if method.issuer in issuers and issuers[method.issuer] != name:
+                t.report(
                     "auth",
                     f"{issuers[method.issuer]!r} and {name!r} are JWT methods of the same issuer: the first decides "
                     "every token of that issuer, so the second would never be used",
                 )
             issuers[method.issuer] = name
+    if missing:
+        raise Invalid()
     return RouteAdmission(
         methods=tuple(value),
         scopes_any=scopes_any,

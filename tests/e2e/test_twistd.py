@@ -73,9 +73,33 @@ def test_invalid_config_exits_1_with_one_line_and_no_traceback(tmp_path: Path) -
     )
     done = run([str(TWISTD), "--nodaemon", "--pidfile=", "gateway", "--config", str(path)], cwd=tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert done.stderr == f"gateway: {path}: routes[0].timeouts.connect: must be a positive number of seconds, got -1\n"
+    assert (
+        done.stderr
+        == f'gateway: {path}: routes["all"].timeouts.connect: must be a positive number of seconds, got -1\n'
+    )
     assert "Traceback" not in done.stdout + done.stderr
     assert not (tmp_path / "twistd.log").exists()
+
+
+def test_check_prints_every_error_of_the_file_and_exits_1(tmp_path: Path) -> None:
+    """`twistd gateway --check` on a file with three errors in three sections prints the three, one line each,
+    and exits 1 without a traceback."""
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[server]\nidle_timeout = "soon"\n\n'
+        '[[listeners]]\nhost = "127.0.0.1"\nport = 70000\n\n'
+        '[[routes]]\nname = "all"\nauth = "anonymous"\nupstream = "http://127.0.0.1:1"\n'
+        "[routes.timeouts]\nconect = 1\n"
+    )
+    done = run([str(TWISTD), "gateway", "--config", str(path), "--check"], cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f'gateway: {path}: server.idle_timeout: must be seconds as a number or a string such as "250ms", '
+        '"30s", "2m", got \'soon\'',
+        f'gateway: {path}: listeners["127.0.0.1:70000"].port: must be a port number from 0 to 65535, got 70000',
+        f'gateway: {path}: routes["all"].timeouts.conect: unknown key; did you mean "connect"?',
+    ]
 
 
 def test_missing_config_exits_1_with_one_line_and_no_traceback(tmp_path: Path) -> None:

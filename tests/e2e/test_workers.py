@@ -337,12 +337,26 @@ def test_worker_with_an_invalid_config_exits_1_with_one_line(tmp_path: Path) -> 
     the file named by --config, the reason from the bytes that came down its stdin (the file itself is not read:
     here it holds a valid config)."""
     config = tmp_path / "bad.toml"
-    config.write_text('[[listeners]]\nhost = "127.0.0.1"\nport = 1\n')
-    invalid = b'[server]\nworkers = 0\n\n[[listeners]]\nhost = "127.0.0.1"\nport = 1\n'
+    route = '[[routes]]\nname = "all"\nauth = "anonymous"\nupstream = "http://127.0.0.1:1"\n'
+    config.write_text('[[listeners]]\nhost = "127.0.0.1"\nport = 1\n' + route)
+    invalid = b'[server]\nworkers = 0\n\n[[listeners]]\nhost = "127.0.0.1"\nport = 1\n' + route.encode()
     done = _worker(config, config_frame(invalid), tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stderr.decode() == f"gateway worker 1: {config}: server.workers: must be a positive integer, got 0\n"
     assert done.stdout == b""
+
+
+def test_worker_with_several_config_errors_prints_one_line_each(tmp_path: Path) -> None:
+    """A worker given bytes with two errors prints both, each on its own `gateway worker N: file: key: reason`
+    line, and exits 1."""
+    config = tmp_path / "bad.toml"
+    invalid = b'[server]\nworkers = 0\n\n[[listeners]]\nhost = "127.0.0.1"\nport = 1\n'
+    done = _worker(config, config_frame(invalid), tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.decode().splitlines() == [
+        f"gateway worker 1: {config}: server.workers: must be a positive integer, got 0",
+        f"gateway worker 1: {config}: routes: is required (add at least one [[routes]] table)",
+    ]
 
 
 def test_worker_whose_parent_sends_no_config_exits_1_with_one_line(tmp_path: Path) -> None:
