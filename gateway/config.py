@@ -188,8 +188,8 @@ class Admin:
 
     host: str = "127.0.0.1"
     port: int = 9901
-    """With workers above 1, worker i listens on port + i (each process has its own metrics), so port 0 is
-    refused there."""
+    """One listener for the whole gateway, whatever `server.workers`: the twistd process answers there for
+    every worker."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -350,7 +350,7 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
             names.add(route.name)
             routes.append(route)
     access_log = _access_log(top.table("access_log"), source)
-    admin = _admin(top.table("admin"), server)
+    admin = _admin(top.table("admin"))
     top.finish()
     top.errors.check()
     return Config(
@@ -685,15 +685,11 @@ def _access_log(t: Table | None, source: Path | str) -> AccessLog:
     return log
 
 
-def _admin(t: Table | None, server: Server) -> Admin | None:
+def _admin(t: Table | None) -> Admin | None:
     if t is None:
         return None
     t.known(("host", "port"))
     admin = Admin(host=t.get("host", _interface, "127.0.0.1"), port=t.get("port", _port, 9901))
-    if server.workers > 1 and admin.port == 0:
-        t.report("port", "must not be 0 when server.workers is above 1 (worker i listens on port + i)")
-    elif admin.port + server.workers - 1 > 65535 and t.valid("port"):
-        t.report("port", f"port + workers - 1 must be at most 65535, got {admin.port + server.workers - 1}")
     t.finish()
     return admin
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one gateway process, on a registry of its own (served by the admin listener).
+"""Prometheus metrics of one gateway process, on a registry of its own (served by the admin listener), and how
+each family adds up over the worker processes (`merge_kind`; `gateway.fleet` does the adding).
 
 Rules:
 * Counters and histograms move once per request, from its access-log record, when it ends (and once per failed
@@ -8,6 +9,11 @@ Rules:
 * Labels are bounded: route and upstream names and listener addresses from the config, status codes, endings,
   denial reasons and handshake-failure classes from the gateway's own short lists; never a path, a client
   address or a consumer.
+* Over workers, counters and histograms are summed; a gauge is summed only where the sum is the gateway's own
+  number (connections, requests, streams, bytes held, upstream slots: listed in `SUMMED_GAUGES`); every other
+  gauge (a flag, a version, a certificate's expiry) and the process metrics (prometheus_client's
+  `ProcessCollector`: RSS, open fds, CPU seconds, start time) are given per process, under a `worker` label.
+  A gauge added later is per process until it is listed.
 """
 
 from __future__ import annotations
@@ -15,16 +21,16 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway.about import versions
 
-__all__ = ["CertificateState", "Live", "Metrics", "PoolState"]
+__all__ = ["SUMMED_GAUGES", "CertificateState", "Live", "Metrics", "PoolState", "merge_kind"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _DURATION_BUCKETS = (*_LATENCY_BUCKETS, 300.0, 1800.0, 3600.0)
@@ -72,6 +78,31 @@ class Live(NamedTuple):
     draining: bool
     certificates: Sequence[CertificateState] = ()
     """Every certificate loaded now (a reload replaces them)."""
+
+
+SUMMED_GAUGES = frozenset(
+    {
+        "gateway_client_connections",
+        "gateway_requests_in_flight",
+        "gateway_streams_paused",
+        "gateway_buffered_bytes",
+        "gateway_upstream_requests_in_flight",
+        "gateway_upstream_queue_length",
+        "gateway_upstream_idle_connections",
+    }
+)
+"""The gauges whose sum over the workers is the gateway's own number; the others are given per worker."""
+
+
+def merge_kind(family: Metric) -> Literal["count", "sum", "each"]:
+    """How `family` adds up over the worker processes: "count" (summed, and kept once a worker has gone, so that
+    no total ever goes down), "sum" (summed over the processes that answer) or "each" (one series per process,
+    labelled with its worker)."""
+    if family.name.startswith("process_"):
+        return "each"
+    if family.type in ("counter", "histogram", "summary"):
+        return "count"
+    return "sum" if family.name in SUMMED_GAUGES else "each"
 
 
 class _LiveCollector(Collector):
@@ -265,6 +296,7 @@ class Metrics:
         build.labels(**versions()).set(1)
         registry.register(_RequestCollector(self))
         registry.register(_LiveCollector(read_live))
+        ProcessCollector(registry=registry)  # read from /proc at each scrape (none elsewhere)
 
     def request_ended(self, record: Mapping[str, Any]) -> None:
         route = record["route"] or ""

@@ -11,8 +11,9 @@ Rules:
   pools no longer used close their idle connections, and rate-limit counts carry over. Listeners are compared
   by their settings: new ones are bound before anything changes (a port that cannot be bound makes the reload
   fail whole), removed ones stop accepting.
-* With `server.workers` above 1 every process binds each listener itself with SO_REUSEPORT; worker i has the
-  admin port + i. The reactor is given, never imported.
+* With `server.workers` above 1 every process binds each listener itself with SO_REUSEPORT; the twistd process
+  alone binds the admin listener, and answers there for every worker (`gateway.fleet`). The reactor is given,
+  never imported.
 """
 
 from __future__ import annotations
@@ -38,18 +39,20 @@ from zope.interface import implementer
 
 from gateway import config as config_module
 from gateway.addresses import member_of
-from gateway.admin import admin_site
+from gateway.admin import OneProcess, admin_site
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.certificates import CertificateSet, log_certificate
 from gateway.config import Config, ConfigError, Listener
 from gateway.config_tls import ListenerTLS
 from gateway.exchange import Gateway
+from gateway.fleet import Fleet
 from gateway.logs import AccessLog
 from gateway.metrics import CertificateState, Live, Metrics
 from gateway.routing import Router
 from gateway.site import GatewayFactory
 from gateway.tls import ClientPolicy, ServerContexts, ServerTLSCreator
 from gateway.upstream import UpstreamPool
+from gateway.waits import within
 from gateway.workers import WorkerPool, worker_command
 
 __all__ = ["GatewayService", "ListenerService", "make_gateway"]
@@ -338,9 +341,10 @@ class GatewayService(MultiService):
     """The whole gateway as one `IService`, for `twistd`, for a worker process or for tests.
 
     With `spawn_workers` (the twistd process) and `server.workers` above 1, it is worker 0 and also starts and
-    stops workers 1..N-1 (`self.workers`), each running `gateway.worker` on the same config file. Without it,
-    it only serves (a worker process, or a test binding the same port twice in one process). `worker_index` is
-    this process's number (its admin port is the configured one plus it)."""
+    stops workers 1..N-1 (`self.workers`), each running `gateway.worker` on the same config file, and its admin
+    listener answers for all of them (`self.fleet`). Without it, it only serves (a worker process, or a test
+    binding the same port twice in one process). `worker_index` is this process's number: a worker (above 0)
+    has no admin listener, it answers its parent instead."""
 
     def __init__(
         self,
@@ -374,11 +378,15 @@ class GatewayService(MultiService):
         self.listeners = [self._listener_service(listener, config) for listener in config.listeners]
         for service in self.listeners:
             service.setServiceParent(self)
+        self.workers: WorkerPool | None = None
+        self.fleet: Fleet | None = None
+        """With workers: what the admin listener answers for all of them."""
+        if spawn_workers and config.server.workers > 1:
+            self.fleet = Fleet(self.metrics.registry, self.not_ready, config.server.workers - 1, reactor)
         self.admin = self._admin_service(config)
         if self.admin is not None:
             self.admin.setServiceParent(self)
-        self.workers: WorkerPool | None = None
-        if spawn_workers and config.server.workers > 1:
+        if self.fleet is not None:
             # Absolute now: twistd may change directory (--rundir) before the workers start.
             command = partial(
                 worker_command, os.path.abspath(config.source), json_log=worker_json_log, inherited=self.inherited
@@ -391,6 +399,7 @@ class GatewayService(MultiService):
                 stop_timeout=config.server.drain_timeout + 10.0,
                 environment=worker_environment,
                 inherited_fds=tuple(self.inherited.values()),
+                channel=self.fleet.channel,
             )
             # After the listeners: twistd's own sockets are bound before any worker starts.
             self.workers.setServiceParent(self)
@@ -401,11 +410,11 @@ class GatewayService(MultiService):
         )
 
     def _admin_service(self, config: Config) -> ListenerService | None:
-        if config.admin is None:
+        if config.admin is None or self.worker_index > 0:
             return None
-        port = config.admin.port + self.worker_index if config.admin.port else 0
-        address = Listener(host=config.admin.host, port=port, backlog=64)
-        return ListenerService(address, admin_site(self.metrics.registry, self.not_ready), self._reactor, what="admin")
+        address = Listener(host=config.admin.host, port=config.admin.port, backlog=64)
+        view = self.fleet if self.fleet is not None else OneProcess(self.metrics.registry, self.not_ready)
+        return ListenerService(address, admin_site(view), self._reactor, what="admin")
 
     # --- readiness and metrics --------------------------------------------------------------------------------
 
@@ -594,7 +603,7 @@ class GatewayService(MultiService):
                 count=len(self.factory.channels),
                 timeout=timeout,
             )
-            if not await _within(self._reactor, drained, timeout):
+            if not await within(self._reactor, drained, timeout):
                 cut = self.factory.cut_all("drain_timeout")
                 _log.warn(
                     "Drain timeout ({timeout:g} s): cut {count} client connections still open",
@@ -603,7 +612,7 @@ class GatewayService(MultiService):
                 )
                 # The aborted connections are lost on the reactor's next turns: wait for them (bounded), so
                 # that what they report still finds the pools and the access log open.
-                await _within(self._reactor, drained, CUT_WAIT)
+                await within(self._reactor, drained, CUT_WAIT)
         await workers
         closing = [pool.close() for pool in (*self.gateway.pools.values(), *self._retired_pools)]
         closing += [gatekeeper.close() for gatekeeper in (self.gateway.gatekeeper, *self._retired_gatekeepers)]
@@ -615,21 +624,6 @@ class GatewayService(MultiService):
         if self.admin is not None:
             await maybeDeferred(self.admin.stopService)
         self.access_log.close()
-
-
-def _within(clock: Any, waited: Deferred[Any], timeout: float) -> Deferred[bool]:
-    """True once `waited` fires, False if `timeout` seconds pass first (`waited` itself is left alone)."""
-    result: Deferred[bool] = Deferred()
-    timer = clock.callLater(timeout, result.callback, False)
-
-    def fired(value: object) -> object:
-        if timer.active():
-            timer.cancel()
-            result.callback(True)
-        return value
-
-    waited.addBoth(fired)
-    return result
 
 
 def _config_text(config: Config) -> bytes:

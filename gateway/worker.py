@@ -4,7 +4,8 @@ Rule: this is a composition root like `gateway.tap` (it names the global reactor
 twistd process that started it read and checked: its bytes come down stdin, a pipe from the parent (each one
 framed as its length and a newline, then the bytes: `gateway.workers.config_frame`), first at start, then at
 every reload; the file itself is never read here (`--config` names it, for errors and relative paths). It serves
-on the same ports (each listener bound with SO_REUSEPORT), with the admin port plus its index, starts no workers
+on the same ports (each listener bound with SO_REUSEPORT), has no admin listener (it answers the parent's
+questions for its metrics and readiness on the socket at `--channel-fd`: `gateway.fleet`), starts no workers
 of its own, and logs as `twistd --logfile=-` does, to the stdout it shares with its parent. SIGTERM drains and
 stops, SIGUSR1 reopens the access log (`gateway.signals`); a SIGHUP of its own is ignored (reloads come from the
 parent). It also stops when its stdin reaches end of file: the parent is gone, however it died, so no worker
@@ -25,7 +26,7 @@ from twisted.internet.error import CannotListenError, ConnectionDone, ReactorNot
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
-from gateway import config, logs, signals
+from gateway import config, fleet, logs, signals
 from gateway.service import GatewayService
 from gateway.workers import ConfigFrames
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--inherited", action="append", default=[], help="NAME=FD: a listening socket systemd passed to the parent"
     )
+    parser.add_argument("--channel-fd", type=int, help="the socket the parent asks for metrics and readiness on")
     args = parser.parse_args(argv)
     index = args.index
     try:
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             reactor.stop()
 
     _ParentPipe(reactor, service.reload, parent_gone)
+    if args.channel_fd is not None:
+        fleet.answer_parent(reactor, args.channel_fd, service.metrics.registry, service.not_ready)
     # Once running, Twisted's SIGTERM handler is in place (until then SIGTERM kills the process outright).
     reactor.callWhenRunning(_log.info, "gateway worker {index} (pid {pid}) serving", index=index, pid=os.getpid())
     reactor.run()

@@ -9,23 +9,30 @@ stderr: they exit on SIGTERM, or when the stdin pipe closes because the parent i
 Stopping the pool sends SIGTERM to every worker and waits for each to exit; after `stop_timeout` seconds it sends
 SIGKILL. A worker that dies on its own is restarted: at once the first time, then after a delay that doubles (to
 at most a minute) while it keeps dying within a minute of its start, so a worker that cannot start does not
-spin. `signal_all` reaches every worker (SIGUSR1 to reopen the access log). The reactor is given,
-never imported.
+spin. `signal_all` reaches every worker (SIGUSR1 to reopen the access log). With `channel`, each worker
+started also gets one end of a socketpair at `--channel-fd`, and the pool hands the other to `channel(index)`'s
+protocol: how the admin listener asks the worker for its metrics and readiness (`gateway.fleet`). The reactor
+is given, never imported.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import IProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from gateway.waits import within
 
 __all__ = ["KILL_TIMEOUT", "STOP_TIMEOUT", "ConfigFrames", "WorkerPool", "config_frame", "worker_command"]
 
@@ -158,6 +165,7 @@ class WorkerPool(Service):
         kill_timeout: float = KILL_TIMEOUT,
         environment: Callable[[], dict[str, str]] | None = None,
         inherited_fds: Sequence[int] = (),
+        channel: Callable[[int], IProtocol] | None = None,
     ) -> None:
         self.count = count
         self.command = command
@@ -169,6 +177,9 @@ class WorkerPool(Service):
         """Workers restarted after dying, since start."""
         self._environment = environment
         self._inherited_fds = tuple(inherited_fds)
+        self._channel = channel
+        self.channel_fd = max((2, *self._inherited_fds)) + 1
+        """The descriptor a worker finds its channel at: the first after stdio and systemd's sockets."""
         self._reactor = reactor
         self._workers: dict[int, _Worker] = {}
         self._delays: dict[int, float] = {}
@@ -185,7 +196,8 @@ class WorkerPool(Service):
             self.spawn(index)
 
     def spawn(self, index: int) -> None:
-        """Start worker `index`, with stdin a pipe from this process and stdout and stderr shared with it."""
+        """Start worker `index`, with stdin a pipe from this process and stdout and stderr shared with it (and
+        its channel, with `channel`)."""
         self._pending.pop(index, None)
         argv = list(self.command(index))
         worker = _Worker(index, self._ended)
@@ -194,7 +206,17 @@ class WorkerPool(Service):
         env = self._environment() if self._environment is not None else None
         child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         child_fds.update({fd: fd for fd in self._inherited_fds})  # systemd's listening sockets, same numbers
-        self._reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
+        if self._channel is None:
+            self._reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
+        else:
+            ours, theirs = socket.socketpair()
+            with ours, theirs:  # the worker has its end once started; the reactor adopts a duplicate of ours
+                child_fds[self.channel_fd] = theirs.fileno()
+                argv += ["--channel-fd", str(self.channel_fd)]
+                self._reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
+                ours.setblocking(False)
+                factory = Factory.forProtocol(partial(self._channel, index))
+                self._reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
         worker.send(config_frame(self.config_text))
         worker.started_at = self._reactor.seconds()
         self._workers[index] = worker
@@ -247,7 +269,8 @@ class WorkerPool(Service):
         running = [worker for worker in self._workers.values() if not worker.ended]
         for worker in running:
             worker.signal("TERM")
-        if await self._ended_within(running, self.stop_timeout):
+        ended = DeferredList([worker.when_ended() for worker in running])
+        if await within(self._reactor, ended, self.stop_timeout):
             return
         for worker in running:
             if worker.signal("KILL"):
@@ -257,7 +280,7 @@ class WorkerPool(Service):
                     pid=worker.pid,
                     timeout=self.stop_timeout,
                 )
-        if await self._ended_within(running, self.kill_timeout):
+        if await within(self._reactor, ended, self.kill_timeout):
             return
         for worker in running:
             if not worker.ended:
@@ -267,19 +290,6 @@ class WorkerPool(Service):
                     pid=worker.pid,
                     timeout=self.kill_timeout,
                 )
-
-    def _ended_within(self, workers: Sequence[_Worker], timeout: float) -> Deferred[bool]:
-        """True once every one of `workers` has ended, False if `timeout` seconds pass first."""
-        result: Deferred[bool] = Deferred()
-        timer = self._reactor.callLater(timeout, result.callback, False)
-
-        def ended(_: object) -> None:
-            if timer.active():
-                timer.cancel()
-                result.callback(True)
-
-        DeferredList([worker.when_ended() for worker in workers]).addCallback(ended)
-        return result
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         if self.running:

@@ -1,4 +1,4 @@
-"""Tests for admission inside the request lifecycle (gateway.request with gateway.auth.gatekeeper), in memory.
+"""Tests for admission inside the request lifecycle (gateway.exchange with gateway.auth.gatekeeper), in memory.
 
 A verdict that takes time is played by `HeldAuthenticator`, a real authenticator whose verifications wait for the
 test to settle them; everything else is the real gateway on a `MemoryReactorClock` (tests.support.memory), so

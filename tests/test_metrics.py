@@ -60,6 +60,15 @@ async def test_healthz_is_200_json(origin, gateway_for):
 
 
 @pytest_twisted.ensureDeferred
+async def test_probes_answer_head_without_a_body(origin, gateway_for):
+    """HEAD on a probe answers its status and the length its body would have, without the body."""
+    gateway = gateway_for(admin_config(origin.url))
+    response = await admin_get(admin_port(gateway), b"/readyz", method=b"HEAD")
+    assert (response.status, response.body) == (200, b"")
+    assert response.header(b"content-length") == b"%d" % len(b'{"status":"ok"}\n')
+
+
+@pytest_twisted.ensureDeferred
 async def test_readyz_is_200_while_serving_and_503_draining(origin, gateway_for):
     """/readyz answers 200 while the gateway serves, and 503 with reason "draining" once it drains."""
     gateway = gateway_for(admin_config(origin.url))
@@ -103,6 +112,20 @@ async def test_unknown_admin_path_is_404(origin, gateway_for):
     root = await admin_get(port, b"/")
     assert root.status == 200 and b"/metrics" in root.body
     assert (await admin_get(port, b"/nothing-here")).status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_process_metrics_of_the_one_process(origin, gateway_for):
+    """Without workers a scrape carries the process's own metrics (RSS, open fds, CPU seconds, start time), and
+    every series is as it always was: no `worker` label anywhere, no gateway_worker_up."""
+    gateway = gateway_for(admin_config(origin.url))
+    s = await scrape(admin_port(gateway))
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"):
+        assert (s.value(name) or 0) > 0, name
+    assert s.types["process_cpu_seconds"] == "counter"
+    assert s.value("gateway_draining") == 0
+    assert not [labels for _, labels in s.samples if "worker" in dict(labels)]
+    assert "gateway_worker_up" not in s.types
 
 
 # === counters =========================================================================================================

@@ -245,3 +245,25 @@ def test_spawn_workers_owns_a_pool_of_the_other_workers(origin: Origin) -> None:
         "--index",
         "2",
     ]
+
+
+def test_only_the_twistd_process_has_an_admin_listener(origin: Origin) -> None:
+    """With workers, twistd's admin listener answers for all of them (its `fleet` knows workers 1 and 2, and the
+    pool connects each one's channel to it); a worker process has no admin listener of its own."""
+    config = parse(
+        gateway_config(
+            origin.url,
+            server={"workers": 3},
+            listeners=[{"host": "127.0.0.1", "port": 8080}],
+            admin={"host": "127.0.0.1", "port": 0},
+        ),
+        source="gateway.toml",
+    )
+    twistd = GatewayService(config, reactor, spawn_workers=True)
+    assert twistd.admin is not None and twistd.fleet is not None
+    assert twistd.fleet.unhealthy() == "worker 1 is not running"  # not started yet
+    assert list(twistd) == [*twistd.listeners, twistd.admin, twistd.workers]
+    worker = GatewayService(config, reactor, worker_index=1)
+    assert worker.admin is None and worker.fleet is None
+    alone = GatewayService(config, reactor)
+    assert alone.admin is not None and alone.fleet is None

@@ -17,7 +17,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.protocol import connectionDone
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
 
 from gateway.workers import WorkerPool, worker_command
 from tests.support.clients import within
@@ -213,3 +216,44 @@ def test_config_frames_are_found_whatever_the_pieces() -> None:
         assert found == [b"a = 1\n", b"", b"x" * 70_000]
     with pytest.raises(ValueError):
         ConfigFrames(found.append).feed(b"not a frame\n")
+
+
+SAYS_HELLO = (
+    "import os, struct, sys\n"
+    "fd = int(sys.argv[sys.argv.index('--channel-fd') + 1])\n"
+    "os.write(fd, struct.pack('!I', 5) + b'hello')\n"
+    "open(sys.argv[1], 'w').close()\n"
+    "sys.stdin.read()\n"
+)
+"""A stand-in that says one framed word on the channel the pool gave it, then serves."""
+
+
+class Heard(Int32StringReceiver):
+    def __init__(self, index: int, heard: list[tuple[int, bytes]], lost: list[int]) -> None:
+        self.index, self._heard, self._lost = index, heard, lost
+
+    def stringReceived(self, data: bytes) -> None:
+        self._heard.append((self.index, data))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost.append(self.index)
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_worker_gets_a_channel_of_its_own_after_the_inherited_sockets(
+    make_pool: Callable[..., WorkerPool], tmp_path: Path
+) -> None:
+    """With `channel`, each worker finds one end of a socketpair at `--channel-fd` (the first descriptor after
+    stdio and the inherited ones), and `channel(index)`'s protocol has the other: it hears the worker, and
+    hears it go."""
+    heard: list[tuple[int, bytes]] = []
+    lost: list[int] = []
+    pool = make_pool(SAYS_HELLO, count=2, channel=lambda index: Heard(index, heard, lost))
+    assert pool.channel_fd == 3
+    await ready(tmp_path, 1, 2)
+    await until(lambda: len(heard) == 2, "both workers heard")
+    assert sorted(heard) == [(1, b"hello"), (2, b"hello")]
+    await within(pool.stopService(), WAIT)
+    await until(lambda: sorted(lost) == [1, 2], "both channels closed")
+    later = WorkerPool(reactor, 1, list, inherited_fds=(3, 4), channel=lambda index: Heard(index, heard, lost))
+    assert later.channel_fd == 5

@@ -16,7 +16,7 @@ Order, and why:
    by `Allow.release` when the request ends, however it ends).
 
 The verdict is an `Allow` or a `gateway.errors.Denied`, returned directly or through a Deferred; the request
-decides what to do with it (`gateway.request`). Nothing here reads a body or writes a response.
+decides what to do with it (`gateway.exchange`). Nothing here reads a body or writes a response.
 """
 
 from __future__ import annotations

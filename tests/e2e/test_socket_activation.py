@@ -102,7 +102,8 @@ def test_the_systemd_socket_is_served_by_twistd_and_its_worker(
     try:
         assert {int(m.group(1)) for m in adopted} == {port}
         assert {int(m.group(2)) for m in adopted} == {twistd.proc.pid, worker_pid}
-        assert command_line(worker_pid)[-2:] == ["--inherited", "http=3"]
+        # Its channel to twistd's admin listener comes after the sockets systemd passed.
+        assert command_line(worker_pid)[-4:] == ["--inherited", "http=3", "--channel-fd", "4"]
         for _ in range(10):
             assert get(port, "/report?size=100")[0] == 200
     finally:

@@ -1,4 +1,5 @@
-"""`twistd gateway` with `workers = 2`: two processes share the port, both serve, and no worker outlives twistd.
+"""`twistd gateway` with `workers = 2`: two processes share the port, both serve, no worker outlives twistd, and
+one admin listener (twistd's) answers for both.
 
 Subprocess tier: the demo upstream and twistd are started with `subprocess.Popen` and stopped by their PIDs (the
 `spawn` fixture); the worker twistd starts is not our child, so it is watched through /proc and, if it is still
@@ -35,15 +36,19 @@ from tests.support.processes import (
     children_of,
     command_line,
     established_on,
+    fetch,
     free_port,
     is_alive,
     kill_if_ours,
+    listening_ports,
     start,
     wait_until_gone,
 )
+from tests.support.scrape import Scrape, parse_metrics
 
 LISTENING = re.compile(r"gateway listening on 127\.0\.0\.1:(\d+)(?: for HTTPS)? \(pid (\d+)\)")
 WORKER_STARTED = re.compile(r"gateway worker 1 started \(pid (\d+)\)")
+ADMIN_LISTENING = re.compile(r"admin listening on 127\.0\.0\.1:(\d+) \(pid (\d+)\)")
 CONNECTIONS = 40
 """Connections held open at once: the kernel hashes each to one of the two sockets, so all 40 landing in one
 process has a chance of 2 in 2**40."""
@@ -55,17 +60,19 @@ class Workers:
     port: int
     config: Path
     worker_pid: int
+    admin: int
 
 
 def start_workers(tmp_path: Path, spawn: list[Child], listener: str = "") -> Workers:
     """The demo upstream and `twistd gateway` with `workers = 2` in front of it, both processes listening and
-    serving; `listener` is TOML added to the listener's table."""
+    serving, with an admin listener; `listener` is TOML added to the listener's table."""
     demo = start(spawn, [sys.executable, "-m", "gateway.demo", "--port", "0"], tmp_path, "demo")
     upstream = json.loads(demo.wait_for_line(re.compile(r"^\{.*\}$"), START_TIMEOUT).group(0))
-    port = free_port()
+    port, admin = free_port(), free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(
-        f'[server]\nworkers = 2\n\n[[listeners]]\nhost = "127.0.0.1"\nport = {port}\n{listener}\n'
+        f'[server]\nworkers = 2\n\n[admin]\nhost = "127.0.0.1"\nport = {admin}\n\n'
+        f'[[listeners]]\nhost = "127.0.0.1"\nport = {port}\n{listener}\n'
         f'[[routes]]\nname = "demo"\nauth = "anonymous"\npath_prefix = "/"\nupstream = "http://127.0.0.1:{upstream["port"]}"\n'
     )
     twistd = start(
@@ -81,9 +88,11 @@ def start_workers(tmp_path: Path, spawn: list[Child], listener: str = "") -> Wor
     assert len(started) == 1, twistd.output()
     worker_pid = int(started[0].group(1))
     assert {int(found.group(2)) for found in listening} == {twistd.proc.pid, worker_pid}, twistd.output()
+    admins = [m.groups() for line in twistd.lines if (m := ADMIN_LISTENING.search(line))]
+    assert admins == [(str(admin), str(twistd.proc.pid))], twistd.output()
     # Serving: the worker's reactor runs, so SIGTERM reaches Twisted's handler rather than killing it outright.
     twistd.wait_for_line(re.compile(rf"gateway worker 1 \(pid {worker_pid}\) serving"), START_TIMEOUT)
-    return Workers(twistd, port, config, worker_pid)
+    return Workers(twistd, port, config, worker_pid, admin)
 
 
 @pytest.fixture
@@ -142,7 +151,7 @@ def test_two_workers_are_twistd_and_one_child(workers: Workers) -> None:
     file, given as an absolute path."""
     assert children_of(workers.twistd.proc.pid) == {workers.worker_pid}
     argv = command_line(workers.worker_pid)
-    assert argv[1:] == ["-m", "gateway.worker", "--config", str(workers.config), "--index", "1"]
+    assert argv[1:] == ["-m", "gateway.worker", "--config", str(workers.config), "--index", "1", "--channel-fd", "3"]
     assert os.path.isabs(argv[4])
 
 
@@ -400,3 +409,104 @@ def test_tls_in_every_worker_and_a_renewed_certificate_everywhere_after_sighup(t
     counts, serials = tls_spread(workers.port, pids, tls_workers.trust)
     assert sum(counts.values()) == CONNECTIONS and all(counts.values()), counts
     assert serials == {renewed.serial()} != {tls_workers.served.serial()}
+
+
+# --- one admin listener for the whole gateway --------------------------------------------------------------------
+
+SERVED = 'gateway_requests_total{route="demo",status="200",ending="completed"}'
+
+
+def admin_get(workers: Workers, target: str) -> Parsed:
+    response = parse_response(fetch(workers.admin, target, timeout=30))
+    assert response.complete, response
+    return response
+
+
+def scrape(workers: Workers) -> Scrape:
+    response = admin_get(workers, "/metrics")
+    assert response.status == 200, response
+    return parse_metrics(response.body.decode())
+
+
+def sample(scraped: Scrape, written: str) -> float | None:
+    """The sample written as `name{label="value",...}` (labels in any order), or None."""
+    name, _, labels = written.partition("{")
+    pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    return scraped.value(name, **pairs)
+
+
+def scraped_until(workers: Workers, condition: Callable[[Scrape], bool], what: str) -> Scrape:
+    """Scrape every 50 ms until `condition` holds of a scrape (a request is counted once it has ended, which
+    may be a moment after its client read the last byte), for at most 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        scraped = scrape(workers)
+        if condition(scraped):
+            return scraped
+        assert time.monotonic() < deadline, f"not within 30 s: {what}; last scrape: {dict(scraped.samples)}"
+        time.sleep(0.05)
+
+
+def served(scraped: Scrape) -> float:
+    return sample(scraped, SERVED) or 0.0
+
+
+def worker_answered(scraped: Scrape) -> bool:
+    return sample(scraped, 'gateway_worker_up{worker="1"}') == 1
+
+
+def test_one_admin_listener_sums_both_processes(workers: Workers) -> None:
+    """With `workers = 2` only twistd listens on the admin port (the worker on the public port alone): one
+    scrape of it counts every request whichever process served it (40 connections, each with one request,
+    spread over both), gives per-process gauges and process metrics under a `worker` label, and the probes
+    answer for both."""
+    twistd = workers.twistd
+    assert listening_ports(twistd.proc.pid) == {workers.port, workers.admin}
+    assert listening_ports(workers.worker_pid) == {workers.port}
+    counts = spread(workers.port, [twistd.proc.pid, workers.worker_pid])
+    assert sum(counts.values()) == CONNECTIONS and all(counts.values()), counts
+
+    scraped = scraped_until(workers, lambda s: served(s) >= CONNECTIONS and worker_answered(s), "every request counted")
+    assert served(scraped) == CONNECTIONS
+    assert sample(scraped, 'gateway_request_duration_seconds_count{route="demo"}') == CONNECTIONS
+    assert sample(scraped, 'gateway_response_body_bytes_total{route="demo"}') == CONNECTIONS * 100
+    assert scraped.types["gateway_requests"] == "counter"
+    # Summed gauges carry no worker label; per-process ones carry one for each process.
+    assert sample(scraped, "gateway_client_connections") is not None
+    for worker in ("0", "1"):
+        assert sample(scraped, f'gateway_draining{{worker="{worker}"}}') == 0
+        assert sample(scraped, f'gateway_worker_up{{worker="{worker}"}}') == 1
+        for name in ("process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"):
+            assert (sample(scraped, f'{name}{{worker="{worker}"}}') or 0) > 0, (name, worker)
+        assert sample(scraped, f'process_cpu_seconds_total{{worker="{worker}"}}') is not None
+    assert {dict(labels)["worker"] for labels in scraped.labelled("gateway_build_info")} == {"0", "1"}
+
+    for probe in ("/healthz", "/readyz"):
+        response = admin_get(workers, probe)
+        assert (response.status, json.loads(response.body)) == (200, {"status": "ok"}), probe
+
+
+def test_a_restarted_worker_leaves_the_totals_as_they_were(workers: Workers) -> None:
+    """A worker killed outright and restarted is no reset of the gateway's counters: its counts as it last
+    answered stay in the totals, which go on from there; its process metrics are the new process's."""
+    twistd = workers.twistd
+    counts = spread(workers.port, [twistd.proc.pid, workers.worker_pid])
+    assert all(counts.values()), counts
+    before = scraped_until(workers, lambda s: served(s) >= CONNECTIONS and worker_answered(s), "40 counted")
+    assert served(before) == CONNECTIONS
+    started = sample(before, 'process_start_time_seconds{worker="1"}')
+
+    os.kill(workers.worker_pid, signal.SIGKILL)
+    new_pid = int(twistd.wait_for_line(WORKER_STARTED, START_TIMEOUT).group(1))
+    try:
+        twistd.wait_for_line(re.compile(rf"gateway worker 1 \(pid {new_pid}\) serving"), START_TIMEOUT)
+        after = scraped_until(workers, worker_answered, "the new worker answers")
+        assert served(after) == CONNECTIONS
+        assert sample(after, 'process_start_time_seconds{worker="1"}') != started
+        counts = spread(workers.port, [twistd.proc.pid, new_pid])
+        assert all(counts.values()), counts
+        again = scraped_until(workers, lambda s: served(s) >= 2 * CONNECTIONS, "80 counted")
+        assert served(again) == 2 * CONNECTIONS
+        assert admin_get(workers, "/readyz").status == 200
+    finally:
+        kill_if_ours(new_pid, "gateway.worker")

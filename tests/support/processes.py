@@ -188,14 +188,14 @@ def kill_if_ours(pid: int, marker: str) -> None:
         wait_until_gone(pid, STOP_TIMEOUT)
 
 
-def established_on(pid: int, port: int) -> int:
-    """How many established TCP connections to local `port` process `pid` holds: the client connections it has
-    accepted (its fds matched by inode against /proc/PID/net/tcp and tcp6)."""
+def _tcp_sockets(pid: int) -> list[tuple[int, str]]:
+    """The local port and state (hex, as the kernel writes it: "01" established, "0A" listening) of every TCP
+    socket process `pid` holds (its fds matched by inode against /proc/PID/net/tcp and tcp6)."""
     inodes = set()
     try:
         fds = list(Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
-        return 0
+        return []
     for fd in fds:
         try:
             target = os.readlink(fd)
@@ -203,7 +203,7 @@ def established_on(pid: int, port: int) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:[") : -1])
-    count = 0
+    found = []
     for table in ("tcp", "tcp6"):
         try:
             rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
@@ -211,8 +211,17 @@ def established_on(pid: int, port: int) -> int:
             continue
         for row in rows:
             fields = row.split()
-            local_port = int(fields[1].rpartition(":")[2], 16)
-            established = fields[3] == "01"
-            if local_port == port and established and fields[9] in inodes:
-                count += 1
-    return count
+            if fields[9] in inodes:
+                found.append((int(fields[1].rpartition(":")[2], 16), fields[3]))
+    return found
+
+
+def established_on(pid: int, port: int) -> int:
+    """How many established TCP connections to local `port` process `pid` holds: the client connections it has
+    accepted."""
+    return sum(1 for local_port, state in _tcp_sockets(pid) if local_port == port and state == "01")
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on."""
+    return {local_port for local_port, state in _tcp_sockets(pid) if state == "0A"}
