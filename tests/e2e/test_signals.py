@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from gateway.demo import _ReportProducer
+from gateway.demo import report_chunks
 from tests.support.clients import Parsed, parse_response
 from tests.support.notify import NotifySocket
 from tests.support.processes import LISTENING, START_TIMEOUT, STOP_TIMEOUT, TWISTD, Child, fetch, free_port, start
@@ -271,32 +271,13 @@ def get_head(target: str) -> bytes:
     return f"GET {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n".encode()
 
 
-class _Sink:
-    """What `_ReportProducer` writes to, in place of a request: a count and a hash."""
-
-    def __init__(self) -> None:
-        self.length = 0
-        self.digest = hashlib.sha256()
-        self.finished = False
-
-    def write(self, data: bytes) -> None:
-        self.length += len(data)
-        self.digest.update(data)
-
-    def unregisterProducer(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        self.finished = True
-
-
 def report_sha256(size: int) -> str:
-    """The SHA-256 of the demo's `/report?size=SIZE`, made by the demo's own producer. A shorter report is a
+    """The SHA-256 of the demo's `/report?size=SIZE`, made from the demo's own report. A shorter report is a
     prefix of a longer one, so this is also the digest of the first SIZE bytes of any report."""
-    sink = _Sink()
-    _ReportProducer(cast(Any, sink), size).resumeProducing()
-    assert sink.finished and sink.length == size
-    return sink.digest.hexdigest()
+    digest = hashlib.sha256()
+    for piece in report_chunks(size):
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 def start_download(open_stream: Callable[..., Stream], port: int, size: int, first: int = MiB) -> Stream:
