@@ -863,3 +863,14 @@ async def test_loopback_malformed_head_gets_400_and_never_reaches_the_origin(
     await within(control.closed)
     assert control.response().status == 200
     assert origin.accepted == 1
+
+
+@pytest.mark.parametrize("method", [b"FOO", b"get", b"BREW"])
+def test_a_method_llhttp_does_not_know_gets_501(gateway: Callable[..., Gateway], method: bytes) -> None:
+    """A method token outside llhttp's list (the registered methods) is answered 501 and never forwarded: the
+    wire layer cannot frame what follows it."""
+    gw = gateway()
+    client = gw.client()
+    client.send(method + b" / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    assert "method" in refusal(client, 501)["detail"]
+    assert gw.pending_connections() == 0
