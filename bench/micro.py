@@ -1,6 +1,6 @@
 """In-memory cost of one small proxied request: the gateway's Python work alone, without sockets or a kernel.
 
-A real GatewayFactory, HTTPChannel, GatewayRequest, Agent and pool run on a MemoryReactorClock; one client
+A real GatewayFactory, client connection, Exchange and upstream pool run on a MemoryReactorClock; one client
 connection and one pooled upstream connection are StringTransports; each round trip sends a GET, answers it
 with a 100-byte response and reads the client's bytes. Reports microseconds per request (the best of several
 batches, so that noise from other processes shows as little as possible). Used to measure the effect of each
