@@ -1,5 +1,5 @@
-"""The client-facing parser's limits and strictness (`gateway.http1.server.ClientConnection`): 414, 431, 400 for ambiguous
-framing, 408 for a slow head, and the connection cap, each answered with problem+json and `Connection: close`,
+"""The client-facing parser's limits and strictness (`gateway.http1.server.ClientConnection`): 414, 431, 400 for
+ambiguous framing, 408 for a slow head, and the connection cap, each answered with problem+json and `Connection: close`,
 never forwarded. Mostly in memory on a `MemoryReactorClock` (exact timing); a few over real loopback, where the
 point is that the answer survives the close (a FIN after it, not a reset that could destroy it)."""
 

@@ -509,13 +509,12 @@ def test_head_timer_answers_408_exactly_head_timeout_after_the_heads_first_byte(
 
 
 def test_complete_head_cancels_the_head_timer(wire: Callable[..., Wire]) -> None:
-    """A head completed just before head_timeout leaves no timer running while its request is served."""
+    """A head completed just before head_timeout leaves no timer that fires while its request is served."""
     w = wire(server={"head_timeout": 4})
     head = get(b"/")
     w.send(head[:10])
     w.advance(4 - EPS)
     w.send(head[10:])
-    assert w.timers() == 0
     w.advance(100)
     assert w.received() == b"" and w.connection.refused is None
     w.handler().respond()
@@ -536,10 +535,9 @@ def test_idle_timer_closes_without_an_answer_idle_timeout_after_the_last_respons
 
 
 def test_idle_timer_is_not_armed_while_a_request_is_served(wire: Callable[..., Wire]) -> None:
-    """While a request is served no connection timer runs, however long it takes; idle counts from its finish."""
+    """While a request is served no connection timer fires, however long it takes; idle counts from its finish."""
     w = wire(server={"idle_timeout": 12})
     w.send(get())
-    assert w.timers() == 0
     w.advance(100)
     assert not w.transport.disconnecting
     w.handler().respond()
@@ -742,7 +740,7 @@ def test_abort_cuts_the_connection_and_stops_its_timers(wire: Callable[..., Wire
 
 
 def test_bytes_after_a_connection_close_request_are_ignored(wire: Callable[..., Wire]) -> None:
-    """a request with Connection: close followed by more bytes (same read) is answered normally, and the
+    """A request with Connection: close followed by more bytes (same read) is answered normally, and the
     bytes after it are not processed (RFC 9112 9.6)."""
     w = wire()
     w.send(get(b"/a", b"Connection: close") + get(b"/b"))
@@ -753,7 +751,7 @@ def test_bytes_after_a_connection_close_request_are_ignored(wire: Callable[..., 
 
 
 def test_bytes_after_a_connection_close_request_in_a_later_read_are_ignored(wire: Callable[..., Wire]) -> None:
-    """the same when the next bytes come in a read of their own while the request is served."""
+    """The same when the next bytes come in a read of their own while the request is served."""
     w = wire()
     w.send(get(b"/a", b"Connection: close"))
     w.send(get(b"/b"))
@@ -763,7 +761,7 @@ def test_bytes_after_a_connection_close_request_in_a_later_read_are_ignored(wire
 
 
 def test_http_1_0_request_followed_by_more_bytes_is_answered(wire: Callable[..., Wire]) -> None:
-    """the request is answered, what follows is dropped."""
+    """The request is answered, what follows is dropped."""
     w = wire()
     w.send(get(b"/a", version=b"HTTP/1.0") + get(b"/b"))
     w.handler().respond()
@@ -771,23 +769,24 @@ def test_http_1_0_request_followed_by_more_bytes_is_answered(wire: Callable[...,
 
 
 def test_idle_timer_is_not_armed_while_a_pipelined_request_is_served(wire: Callable[..., Wire]) -> None:
-    """a request answered at its end (as the exchange answers a 404) with another pipelined behind it in
-    the same read: no timer runs while the second is served, and idle counts from its finish."""
+    """A request answered at its end (as the exchange answers a 404) with another pipelined behind it in
+    the same read: no timer fires while the second is served, and idle counts from its finish."""
     w = wire(server={"idle_timeout": 60})
     w.owner.on_end = lambda h: h.respond() if h.message.target == b"/a" else None
     w.send(get(b"/a") + get(b"/b"))
-    assert w.timers() == 0
     w.advance(50)
     w.handler().respond()
     w.advance(60 - EPS)
     assert not w.transport.disconnecting
+    w.advance(EPS)
+    assert w.transport.lost
 
 
 EPS = 0.25
 
 
 def test_a_handlers_pause_in_begin_holds_for_a_pipelined_request(wire: Callable[..., Wire]) -> None:
-    """a pipelined request whose handler pauses reading as it begins (the exchange waiting for a verdict)
+    """A pipelined request whose handler pauses reading as it begins (the exchange waiting for a verdict)
     stays paused: the connection does not resume reading behind its back."""
     w = wire()
     w.owner.on_begin = lambda h: h.connection.pause_reading() if h.message.target == b"/upload" else None
@@ -798,7 +797,7 @@ def test_a_handlers_pause_in_begin_holds_for_a_pipelined_request(wire: Callable[
 
 
 def test_new_head_refused_while_a_request_is_served_is_the_heads_refusal(wire: Callable[..., Wire]) -> None:
-    """a new head over its limit, read while an earlier request is served, is that head's refusal: the
+    """A new head over its limit, read while an earlier request is served, is that head's refusal: the
     served request is not told it was refused nor cut, and the 414 follows its response (the owner hears
     head_refused)."""
     w = wire(limits={"max_request_line_bytes": 64})
@@ -812,7 +811,7 @@ def test_new_head_refused_while_a_request_is_served_is_the_heads_refusal(wire: C
 
 
 def test_malformed_chunk_after_an_early_finish_gets_no_second_answer(wire: Callable[..., Wire]) -> None:
-    """a request finished before its body ended (on_message_complete's "answered before its end
+    """A request finished before its body ended (on_message_complete's "answered before its end
     was read" path), whose body then turns malformed: no answer follows the complete response."""
     w = wire()
     w.send(chunked_post() + chunk(b"abc"))
@@ -823,7 +822,7 @@ def test_malformed_chunk_after_an_early_finish_gets_no_second_answer(wire: Calla
 
 
 def test_trailer_section_is_held_to_the_header_limit(wire: Callable[..., Wire]) -> None:
-    """a trailer field that never ends is refused past max_header_bytes, as a head's would be (httptools
+    """A trailer field that never ends is refused past max_header_bytes, as a head's would be (httptools
     otherwise accumulates it in memory without bound)."""
     w = wire(limits={"max_header_bytes": 1024})
     w.send(chunked_post() + chunk(b"abc") + b"0\r\nX-T: ")

@@ -50,6 +50,7 @@ from gateway.framing import MAX_BODY_LENGTH, body_length
 from gateway.headers import request_id_of
 from gateway.http1.fields import Fields
 from gateway.http1.heads import CRLF, LAST_CHUNK, chunk
+from gateway.streaming import Watchdog
 from gateway.tls import ClientCertificate, client_certificate, tls_parameters
 
 __all__ = ["ClientConnection", "ConnectionOwner", "Message", "RequestHandler", "refusal_bytes"]
@@ -182,7 +183,9 @@ class ClientConnection(Protocol):
         self._begun = 0
         """Messages begun within the current read."""
         self._head_timer: IDelayedCall | None = None
-        self._idle_timer: IDelayedCall | None = None
+        self._idle = Watchdog(self._clock, self.server.idle_timeout, self._idle_expired)
+        """Idle between requests: one timer per idle period at most, left pending (disarmed) while requests are
+        served, rather than a callLater and a cancel per request."""
         self._linger_timer: IDelayedCall | None = None
         self._lingered = 0
         self._reading_paused = False
@@ -388,8 +391,7 @@ class ClientConnection(Protocol):
         idle = self._message is None and self.handler is None and not self._queued
         self._begun = 0
         self._body_progress = False
-        if self._idle_timer is not None:
-            self._cancel_idle()
+        self._idle.disarm()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -422,6 +424,11 @@ class ClientConnection(Protocol):
             else:
                 self._head_raw = self._known_head()
             self._check_partial_head()
+            if self.refused is None and self.handler is None and not self._queued:
+                # Timed from its first byte, which came within this read or before (no time passes in a call); a
+                # head complete within one read, as most are, costs no timer. A pipelined head is timed once the
+                # requests before it are answered.
+                self._start_head_timer()
         elif message is not None and message.length is None:
             # A chunked body: reads without body bytes are framing or trailers, which httptools accumulates
             # (a trailer field whole); past the header limit they are refused as a head's would be.
@@ -460,14 +467,12 @@ class ClientConnection(Protocol):
                 # to the config of now, as a new connection's is.
                 self.limits, self.server = limits, self.owner.server
         self._begun += 1
-        self._cancel_idle()  # a head under way: no longer idle
+        self._idle.disarm()  # a head under way: no longer idle
         self.head_began = self._clock.seconds()
         self._message = Message()
         self._head_bytes = self._header_count = self._head_raw = 0
         self._line_done = False
         self._in_head = True
-        if self.handler is None and not self._queued:
-            self._start_head_timer()  # a pipelined head is timed once the requests before it are answered
 
     def on_url(self, url: bytes) -> None:
         message = self._message
@@ -723,23 +728,18 @@ class ClientConnection(Protocol):
             timer.cancel()
 
     def _arm_idle(self) -> None:
-        if self._idle_timer is None and self.server.idle_timeout:
-            self._idle_timer = self._clock.callLater(self.server.idle_timeout, self._idle_expired)
-
-    def _cancel_idle(self) -> None:
-        timer, self._idle_timer = self._idle_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self.server.idle_timeout:
+            self._idle.timeout = self.server.idle_timeout  # as a reload may have changed it
+            self._idle.arm()
 
     def _idle_expired(self) -> None:
         """No request for server.idle_timeout: the connection closes, as a kept-alive one does (no answer)."""
-        self._idle_timer = None
         if self.handler is None and self._message is None:
             self.transport.loseConnection()
 
     def _cancel_timers(self) -> None:
         self._cancel_head_timer()
-        self._cancel_idle()
+        self._idle.cancel()
         timer, self._linger_timer = self._linger_timer, None
         if timer is not None and timer.active():
             timer.cancel()
