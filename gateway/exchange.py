@@ -793,8 +793,6 @@ class Exchange:
         elif self._has_body and not self._lingering:
             self._lingering = True
             self._discarding = True
-            if self._pipe is not None:
-                self._pipe.abandon()  # the upstream has answered; it gets nothing more
             # The response is complete: say so now (its last chunk), as finish() will only run once the body is
             # in. Lingering close, as nginx does it: send FIN once the answer is out (a client that will not send
             # its body can see the answer is all there and hang up), keep reading and dropping the body, and
@@ -802,6 +800,9 @@ class Exchange:
             self._connection.end_body()
             self._connection.linger()
             self._arm_timer(self.gateway.server.lingering_timeout, "lingering")
+            if self._pipe is not None:
+                # Last: it may resume the client, and a connection may then hand over the body's end at once.
+                self._pipe.abandon()  # the upstream has answered; it gets nothing more
 
     def _abort_client(self, ending: str) -> None:
         """Cut the client connection: the response cannot be completed, and must not look complete."""
