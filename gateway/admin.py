@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.pages import notFound
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 __all__ = ["AdminView", "OneProcess", "admin_site"]
@@ -87,7 +87,7 @@ class _Metrics(Resource):
 
     def render_GET(self, request: Request) -> int:
         accept = request.getHeader(b"accept")
-        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else None)
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
         return _answer(request, self._view.metrics().addCallback(encoder))
 
@@ -117,8 +117,8 @@ class _Probe(Resource):
 
 
 class _Root(Resource):
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        return self if path == b"" else notFound()  # type: ignore[no-any-return]
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return self if path == b"" else notFound()
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")

@@ -17,10 +17,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from twisted.web.http_headers import Headers
-
 from gateway.config import REFUSED_METHODS, Route
 from gateway.errors import BadRequest, BodyTooLarge, GatewayError, MethodNotAllowed, NoRoute, NotSupported
+from gateway.http1.fields import HeaderLookup
 from gateway.routing import PathRefused, Router, host_without_port, routing_path, upstream_target
 
 __all__ = ["FORWARDED_METHODS", "Admit", "Reject", "RequestHead", "decide"]
@@ -48,7 +47,7 @@ class RequestHead:
     method: bytes
     target: bytes
     version: bytes
-    headers: Headers
+    headers: HeaderLookup
     declared_length: int | None
     """The Content-Length, 0 when there is no body, None for a chunked body of unknown length."""
 

@@ -28,9 +28,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PublicKeyTypes
 from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
 _log = Logger()
@@ -161,6 +161,7 @@ def _private_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
         ) from None
     except ValueError as e:
         raise CertificateError(path, f"is not a valid PEM private key ({e})") from None
+    # The loader's type also covers DH and X25519/X448 keys, which sign no certificate.
     return key  # type: ignore[return-value]
 
 
@@ -168,10 +169,8 @@ def _subject(certificate: x509.Certificate) -> str:
     return describe_name(certificate.subject) or "an empty subject"
 
 
-def _public_der(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined,no-any-return]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def _public_der(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _issued_by(subject: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -277,7 +276,7 @@ def _chain_problems(
 
 def _dns_names(certificate: x509.Certificate) -> tuple[str, ...]:
     try:
-        san = certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = san.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         names = [str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
@@ -336,7 +335,7 @@ def load_ca_bundle(path: Path | str, *, now: datetime | None = None) -> tuple[x5
     certificates = _certificates(bundle, what="one or more CA certificates")
     for position, certificate in enumerate(certificates, start=1):
         try:
-            constraints = certificate.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value
+            constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
             is_ca = constraints.ca
         except x509.ExtensionNotFound:
             is_ca = certificate.issuer == certificate.subject

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from gateway.addresses import Networks
@@ -53,6 +53,9 @@ from gateway.config_values import (
 )
 from gateway.paths import PathRefused, routing_path
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = [
     "AccessLog",
     "Admin",
@@ -79,7 +82,8 @@ REFUSED_METHODS = ("TRACE", "TRACK")
 """Methods answered 405 unless a route's `allow_methods` names them: TRACE (and TRACK, IIS's name for it) echoes
 the request back, credentials and cookies included (cross-site tracing), so nginx and most hardening guides
 refuse it. CONNECT is not here: it is refused on every route, because the gateway does not tunnel."""
-_T = TypeVar("_T")
+_D = TypeVar("_D", bound="DataclassInstance")
+"""A section's dataclass."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -574,7 +578,7 @@ _UPSTREAM_FIELDS: Fields = {
 }
 
 
-def _section(top: Table, key: str, kind: type[_T], readers: Fields) -> _T:
+def _section(top: Table, key: str, kind: type[_D], readers: Fields) -> _D:
     return read_fields(top.table(key), kind(), readers)
 
 
@@ -610,7 +614,7 @@ _LISTENER_KEYS = (
 def _listener(t: Table) -> Listener:
     t.known(_LISTENER_KEYS)
     proxy_protocol = t.get("proxy_protocol", boolean, False)
-    proxy_protocol_from = t.get("proxy_protocol_from", _networks, ())
+    proxy_protocol_from: Networks = t.get("proxy_protocol_from", _networks, ())
     if proxy_protocol_from and not proxy_protocol and t.valid("proxy_protocol"):
         t.report("proxy_protocol_from", "lists who may send a PROXY header; it needs proxy_protocol = true")
     tls_table = t.table("tls")
@@ -769,8 +773,8 @@ def _route(
     host = t.get("host", _host_pattern) if t.has("host") else None
     path_prefix = t.get("path_prefix", _path_prefix, b"/")
     strip_prefix = t.get("strip_prefix", boolean, False)
-    host_header = t.get("host_header", _host_header_policy, "upstream")
-    allow_methods = t.get("allow_methods", _allowed_methods, frozenset())
+    host_header: HostHeaderPolicy = t.get("host_header", _host_header_policy, "upstream")
+    allow_methods: frozenset[str] = t.get("allow_methods", _allowed_methods, frozenset())
     route_timeouts = read_fields(t.table("timeouts"), timeouts, _TIMEOUT_FIELDS)
     route_limits = read_fields(t.table("limits"), limits, _ROUTE_LIMIT_FIELDS)
     hsts = t.get("strict_transport_security", hsts_value, b"")

@@ -176,7 +176,8 @@ def upstream_tls(t: Table | None) -> UpstreamTLS:
     t.known(_UPSTREAM_TLS_KEYS)
     digest = hashlib.sha256()
     verify = t.get("verify", boolean, True)
-    ca_path, ca = "", ()
+    ca_path = ""
+    ca: tuple[x509.Certificate, ...] = ()
     if t.has("ca"):
         if not verify:
             t.report("ca", "is used only to verify the upstream, and verify = false turns that off")

@@ -23,7 +23,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = [
     "ConfigError",
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_D = TypeVar("_D", bound="DataclassInstance")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -374,7 +378,7 @@ def _subscript(label: str | int) -> str:
     return f"[{label}]" if isinstance(label, int) else f"[{json.dumps(label, ensure_ascii=False)}]"
 
 
-def read_fields(table: Table | None, base: _T, readers: Fields) -> _T:
+def read_fields(table: Table | None, base: _D, readers: Fields) -> _D:
     """`base` with the keys present in `table` replaced (a wrong value keeps `base`'s, recorded); every key
     must be one of `readers`."""
     if table is None:
@@ -382,7 +386,7 @@ def read_fields(table: Table | None, base: _T, readers: Fields) -> _T:
     table.known(readers)
     values = {key: table.require(key, read) for key, read in readers.items() if table.has(key)}
     table.finish()
-    return replace(base, **{k: v for k, v in values.items() if v is not None})  # type: ignore[type-var]
+    return replace(base, **{k: v for k, v in values.items() if v is not None})
 
 
 def string_list(value: object) -> tuple[str, ...]:

@@ -153,7 +153,9 @@ class _Answers(Int32StringReceiver):
 def answer_parent(reactor: IReactorSocket, fd: int, registry: Collector, not_ready: Callable[[], str | None]) -> None:
     """Answer the parent's questions on the channel it passed at descriptor `fd` (taken over and closed)."""
     fdesc.setNonBlocking(fd)
-    reactor.adoptStreamConnection(fd, socket.AF_UNIX, Factory.forProtocol(lambda: _Answers(registry, not_ready)))
+    factory = Factory.forProtocol(lambda: _Answers(registry, not_ready))
+    # Twisted annotates the factory as a ServerFactory[...] of its default protocol type; any IProtocolFactory does.
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)  # type: ignore[arg-type]
     os.close(fd)  # the reactor holds a duplicate
 
 
@@ -285,8 +287,8 @@ class Fleet:
             labels=["worker"],
         )
         up.add_metric(["0"], 1)
-        for index, channel in self._current.items():
-            up.add_metric([str(index)], int(channel in answered))
+        for index, current in self._current.items():
+            up.add_metric([str(index)], int(current in answered))
         return _Families([*merge(parts), up])
 
     async def _workers_not_ready(self) -> str | None:

@@ -16,7 +16,7 @@ import os
 import select
 import sys
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
@@ -79,7 +79,9 @@ class JsonLinesObserver:
 
 def observer() -> ILogObserver:
     """The service log as JSON lines on stdout: `twistd --logger=gateway.logs.observer gateway ...`."""
-    return JsonLinesObserver(sys.__stdout__)  # not sys.stdout, which twistd redirects into the log itself
+    # Not sys.stdout, which twistd redirects into the log itself. (__stdout__ is None only in a process started
+    # without one.)
+    return JsonLinesObserver(cast(IO[str], sys.__stdout__))
 
 
 class AccessLog:
@@ -112,7 +114,9 @@ class AccessLog:
         self._fd: int | None = None
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._logger = Logger(namespace=ACCESS_NAMESPACE, observer=LogPublisher(self._write))
+        self._logger = Logger(
+            namespace=ACCESS_NAMESPACE, observer=LogPublisher(cast(ILogObserver, self._write))
+        )  # an observer is any callable of an event
         self.configure(path, include_query=include_query)
 
     def configure(self, path: str, *, include_query: bool) -> None:

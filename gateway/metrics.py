@@ -184,7 +184,8 @@ class _Histogram:
         self.sum += value
 
     def buckets(self) -> list[tuple[str, float]]:
-        out, total = [], 0
+        out: list[tuple[str, float]] = []
+        total = 0
         for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
             total += count
             out.append((floatToGoString(bound), total))

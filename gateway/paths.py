@@ -89,7 +89,7 @@ def _normalise(path: bytes) -> bytes:
     pieces[1::2] = decoded
     pieces[2::2] = map(_AFTER_TWO, escaped)
     # Parameters run to the next separator, an encoded one too; then a run of separators is one.
-    out = _SLASH_RUN.sub(b"/", _PARAMETERS.sub(b"", b"".join(pieces)))  # type: ignore[arg-type]
+    out = _SLASH_RUN.sub(b"/", _PARAMETERS.sub(b"", b"".join(pieces)))
     _check_segments(out)
     return out
 

@@ -23,14 +23,15 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
 from twisted.internet import fdesc, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocol, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
@@ -141,11 +142,11 @@ class _ProxySourceGate:
         self._wrapped = wrapped
         self._service = service
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         allowed = self._service.listener.proxy_protocol_from
         host = getattr(addr, "host", "")
         if not allowed or member_of(allowed)(host):
-            return self._wrapped.buildProtocol(addr)  # type: ignore[no-any-return]
+            return self._wrapped.buildProtocol(addr)
         self._service.refused_proxy_peer(host)
         return None
 
@@ -164,7 +165,7 @@ class _ListenerFactory(Factory):
         self._factory = factory
         self._service = service
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         return self._factory.buildProtocol(addr, self._service.listener)
 
     def doStart(self) -> None:
@@ -255,7 +256,7 @@ class ListenerService(Service):
             self.port = self._listen(factory)
         if isinstance(self._factory, GatewayFactory):
             self._factory.add_port(self.port)  # paused at the connection cap (server.max_connections)
-        address = self.port.getHost()
+        address = cast(IPv4Address | IPv6Address, self.port.getHost())  # a TCP port's
         _log.info(
             "{what} listening on {host}:{port}{how} (pid {pid})",
             what=self._what,
@@ -312,12 +313,12 @@ class ListenerService(Service):
         if self.reuse_port:
             # interface= must repeat the binding's address: Port picks IPv6 from it (tcp._constructTCPPort).
             binding = tcp.makeBinding(listener.host, listener.port, reuseAddress=True, reusePort=True)
-            return self._reactor.listenTCP(  # type: ignore[no-any-return]
+            port: IListeningPort = self._reactor.listenTCP(
                 binding, factory, backlog=listener.backlog, interface=listener.host
             )
-        return self._reactor.listenTCP(  # type: ignore[no-any-return]
-            listener.port, factory, backlog=listener.backlog, interface=listener.host
-        )
+        else:
+            port = self._reactor.listenTCP(listener.port, factory, backlog=listener.backlog, interface=listener.host)
+        return port
 
     def _adopt(self, listener: Listener, factory: IProtocolFactory) -> IListeningPort:
         """The listening socket systemd passed under `listener.systemd` (socket activation). The reactor adopts
@@ -334,7 +335,8 @@ class ListenerService(Service):
         # systemd passes blocking sockets (unless NonBlocking=yes); the reactor's accept loop needs one that
         # is not, or its last accept() of a batch would block the process.
         fdesc.setNonBlocking(fd)
-        return self._reactor.adoptStreamPort(fd, family, factory)  # type: ignore[no-any-return]
+        port: IListeningPort = self._reactor.adoptStreamPort(fd, family, factory)
+        return port
 
 
 class GatewayService(MultiService):

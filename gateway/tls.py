@@ -16,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ISSLTransport
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ISSLTransport, ISystemHandle
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from zope.interface import implementer
 
@@ -92,7 +92,8 @@ class ServerContexts:
                 "requireCertificate": clients.mode == "require",
             }
         return CertificateOptions(
-            # cryptography's objects: pyOpenSSL deprecates being handed its own X509 and PKey.
+            # cryptography's objects: pyOpenSSL deprecates being handed its own X509 and PKey (Twisted takes
+            # either, but annotates only pyOpenSSL's).
             privateKey=certificate_set.key,  # type: ignore[arg-type]
             certificate=certificate_set.certificate,  # type: ignore[arg-type]
             extraCertChain=list(certificate_set.chain),  # type: ignore[arg-type]
@@ -169,13 +170,15 @@ class ClientCertificate:
 
 def _alt_names(certificate: x509.Certificate) -> frozenset[str]:
     try:
-        san = certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return frozenset()
     names = {f"DNS:{n.lower()}" for n in san.get_values_for_type(x509.DNSName)}
     names |= {f"URI:{n}" for n in san.get_values_for_type(x509.UniformResourceIdentifier)}
     names |= {f"email:{n.lower()}" for n in san.get_values_for_type(x509.RFC822Name)}
-    names |= {f"IP:{ip_address(n)}" for n in san.get_values_for_type(x509.IPAddress)}
+    # cryptography types the values as addresses or networks; a SAN holds addresses (networks are a name
+    # constraint's), and ip_address() turns one down all the same.
+    names |= {f"IP:{ip_address(n)}" for n in san.get_values_for_type(x509.IPAddress)}  # type: ignore[arg-type]
     return frozenset(names)
 
 
@@ -184,7 +187,8 @@ def tls_parameters(transport: Any) -> tuple[str | None, str | None]:
     handshake not done."""
     if not ISSLTransport.providedBy(transport):
         return (None, None)
-    connection = transport.getHandle()
+    handle = cast(ISystemHandle, transport)  # a TLS transport provides it too: its handle is the pyOpenSSL connection
+    connection = cast(SSL.Connection, handle.getHandle())
     version = connection.get_protocol_version_name()
     return (version if version and version != "Unknown" else None, connection.get_cipher_name())
 
@@ -196,7 +200,7 @@ def client_certificate(transport: Any) -> ClientCertificate | None:
     one that does not fails the handshake."""
     if not ISSLTransport.providedBy(transport):
         return None
-    peer = transport.getPeerCertificate()
+    peer = cast(crypto.X509 | None, transport.getPeerCertificate())  # pyOpenSSL's, as a TLS transport gives it
     if peer is None:
         return None
     return ClientCertificate.of(peer.to_cryptography())

@@ -15,7 +15,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, fail
@@ -33,6 +33,7 @@ from zope.interface import implementer
 from gateway.certificates import log_certificate
 from gateway.config import Upstream
 from gateway.errors import UpstreamSaturated
+from gateway.http1.fields import Fields
 from gateway.http1.upstream import MAX_RESPONSE_HEAD, UPSTREAM_BUFFER_SIZE, UpstreamConnection, UpstreamResponse
 from gateway.upstream_tls import client_creator
 
@@ -181,7 +182,7 @@ class UpstreamPool:
         self,
         method: bytes,
         target: bytes,
-        headers: Headers,
+        headers: Fields | Headers,
         body: IBodyProducer | None,
         *,
         connect_timeout: float,
@@ -195,16 +196,20 @@ class UpstreamPool:
         if connection is not None:
             sent = self._send(connection, method, target, headers, body, on_connected)
             if body is None and method in _RETRYABLE:
-                return sent.addErrback(self._retry_if_stale, method, target, headers, connect_timeout, on_connected)
+                # An errback that returns a Deferred or a Failure: Twisted's overloads take one or the other.
+                return cast(
+                    Deferred[UpstreamResponse],
+                    sent.addErrback(self._retry_if_stale, method, target, headers, connect_timeout, on_connected),
+                )
             return sent
-        return self._connect(connect_timeout).addCallback(self._send, method, target, headers, body, on_connected)  # type: ignore[no-any-return]
+        return self._connect(connect_timeout).addCallback(self._send, method, target, headers, body, on_connected)
 
     def _send(
         self,
         connection: UpstreamConnection,
         method: bytes,
         target: bytes,
-        headers: Headers,
+        headers: Fields | Headers,
         body: IBodyProducer | None,
         on_connected: Callable[[str], None] | None,
     ) -> Deferred[UpstreamResponse]:
@@ -217,7 +222,7 @@ class UpstreamPool:
         failure: Failure,
         method: bytes,
         target: bytes,
-        headers: Headers,
+        headers: Fields | Headers,
         connect_timeout: float,
         on_connected: Callable[[str], None] | None,
     ) -> Deferred[UpstreamResponse] | Failure:
@@ -225,9 +230,10 @@ class UpstreamPool:
         as it was reused. Once, on a new connection."""
         if not failure.check(ResponseNeverReceived):
             return failure
-        return self._connect(connect_timeout).addCallback(self._send, method, target, headers, None, on_connected)  # type: ignore[no-any-return]
+        return self._connect(connect_timeout).addCallback(self._send, method, target, headers, None, on_connected)
 
     def _connect(self, connect_timeout: float) -> Deferred[UpstreamConnection]:
+        # Typed as any IProtocol: it is what `self._factory` builds.
         return self._endpoint(connect_timeout).connect(self._factory)  # type: ignore[return-value]
 
     def _endpoint(self, timeout: float) -> IStreamClientEndpoint:

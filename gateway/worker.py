@@ -23,6 +23,7 @@ from collections.abc import Callable
 from twisted.internet import fdesc
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import CannotListenError, ConnectionDone, ReactorNotRunning
+from twisted.internet.interfaces import IReactorFDSet, IReactorSocket
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
@@ -52,8 +53,10 @@ class _ParentPipe(FileDescriptor):
 
     Not `twisted.internet.stdio`: it would make stdout non-blocking, and stdout is shared with the parent."""
 
-    def __init__(self, reactor: object, on_config: Callable[[bytes], object], on_closed: Callable[[], None]) -> None:
-        super().__init__(reactor)  # type: ignore[arg-type]
+    def __init__(
+        self, reactor: IReactorFDSet, on_config: Callable[[bytes], object], on_closed: Callable[[], None]
+    ) -> None:
+        super().__init__(reactor)
         self._frames = ConfigFrames(on_config)
         self._on_closed = on_closed
         fdesc.setNonBlocking(0)
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _ParentPipe(reactor, service.reload, parent_gone)
     if args.channel_fd is not None:
-        fleet.answer_parent(reactor, args.channel_fd, service.metrics.registry, service.not_ready)
+        fleet.answer_parent(IReactorSocket(reactor), args.channel_fd, service.metrics.registry, service.not_ready)
     # Once running, Twisted's SIGTERM handler is in place (until then SIGTERM kills the process outright).
     reactor.callWhenRunning(_log.info, "gateway worker {index} (pid {pid}) serving", index=index, pid=os.getpid())
     reactor.run()

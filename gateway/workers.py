@@ -27,8 +27,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IProtocol
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -116,7 +115,7 @@ class _Worker(ProcessProtocol):
         self._waiting: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
+        self.pid = self.transport.pid  # type: ignore[union-attr]  # makeConnection set it before calling this
 
     def processEnded(self, reason: Failure) -> None:
         """The process has exited, been reaped, and its stdin pipe is closed."""
@@ -165,7 +164,7 @@ class WorkerPool(Service):
         kill_timeout: float = KILL_TIMEOUT,
         environment: Callable[[], dict[str, str]] | None = None,
         inherited_fds: Sequence[int] = (),
-        channel: Callable[[int], IProtocol] | None = None,
+        channel: Callable[[int], Protocol] | None = None,
     ) -> None:
         self.count = count
         self.command = command

@@ -12,10 +12,11 @@ import hashlib
 import re
 import secrets
 from collections.abc import Mapping
+from typing import cast
 
 from twisted.internet.defer import Deferred
 
-from gateway.auth.credentials import MALFORMED, challenge, looks_like_jwt, split_authorization
+from gateway.auth.credentials import MALFORMED, Malformed, challenge, looks_like_jwt, split_authorization
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.settings import ApiKeyMethod, Consumer, KeyHeader
 from gateway.http1.fields import HeaderLookup
@@ -28,6 +29,8 @@ _KEY = re.compile(rb"[\x21-\x7e]{1,512}")
 CLAIMANT_CHARACTERS = 8
 """How much of a key tells its holder's failures apart from others' behind the same address: its first 8
 characters ("gwk_" and 24 random bits of a minted key), and never more than half of a short key."""
+_Key = tuple[KeyHeader, bytes | Malformed]
+"""A credential: the header it came in and the key, or `MALFORMED` when that header was sent more than once."""
 
 
 def mint_key() -> str:
@@ -45,6 +48,8 @@ class ApiKeyAuthenticator:
     """Admits a request whose key (in the first of the method's headers that is present) hashes to a key of a
     declared consumer."""
 
+    guessable = False  # keys are not passwords (see Authenticator.guessable)
+
     def __init__(self, method: ApiKeyMethod, consumers: Mapping[str, Consumer], *, realm: str) -> None:
         self.name = method.name
         self._headers = method.headers
@@ -60,7 +65,7 @@ class ApiKeyAuthenticator:
         """(consumer, header) -> its identity, made once: the same object every time, so what depends on it
         (the headers set upstream) is made once too."""
 
-    def credential(self, headers: HeaderLookup) -> tuple[KeyHeader, bytes] | object | None:
+    def credential(self, headers: HeaderLookup) -> _Key | None:
         for name, where in self._where:
             values = headers.getRawHeaders(name)
             if not values:
@@ -81,14 +86,14 @@ class ApiKeyAuthenticator:
     def claimant(self, credential: object) -> bytes | None:
         """The key's first characters (`CLAIMANT_CHARACTERS`): a client with a revoked key is refused on its own,
         while one trying many keys runs into its address's ceiling."""
-        _, key = credential  # type: ignore[misc]
-        if key is MALFORMED:
+        _, key = cast(_Key, credential)  # what `credential` returned: the gatekeeper hands it back as it was
+        if isinstance(key, Malformed):
             return None
         return b"api_key\0" + key[: min(CLAIMANT_CHARACTERS, len(key) // 2)]
 
     def verify(self, credential: object, request: AuthRequest) -> Identity:
-        where, key = credential  # type: ignore[misc]
-        if key is MALFORMED or not _KEY.fullmatch(key):
+        where, key = cast(_Key, credential)  # what `credential` returned: the gatekeeper hands it back as it was
+        if isinstance(key, Malformed) or not _KEY.fullmatch(key):
             raise AuthFailure(
                 "malformed_key", "the API key header is malformed or sent more than once", bearer_error=_bearer(where)
             )

@@ -15,7 +15,7 @@ import hmac
 import os
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import bcrypt
 from twisted.internet.defer import Deferred
@@ -24,7 +24,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from gateway.auth.credentials import MALFORMED, authorization, basic_credentials, challenge, split_authorization
+from gateway.auth.credentials import (
+    MALFORMED,
+    Malformed,
+    authorization,
+    basic_credentials,
+    challenge,
+    split_authorization,
+)
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.settings import BasicMethod, Consumer
 from gateway.errors import AuthUnavailable
@@ -37,6 +44,8 @@ _DUMMY_HASH = b"$2b$12$Q99GCpW0/5SsB4Ax8Uwv/efDBSadSoUd5s8ScKpExhhjZlnwbdM0O"
 _MAX_CACHED = 10000
 MAX_PASSWORD_BYTES = 72
 """The longest password bcrypt hashes (bcrypt 5 refuses more rather than cutting it): a longer one never matches."""
+_Login = tuple[str, bytes]
+"""A Basic credential: (user name, password)."""
 
 
 def _dummy_hash(hashes: list[bytes]) -> bytes:
@@ -72,13 +81,13 @@ class BasicAuthenticator:
         self._identities: dict[str, Identity] = {}
         self._closed = False
 
-    def credential(self, headers: HeaderLookup) -> object | None:
+    def credential(self, headers: HeaderLookup) -> _Login | Malformed | None:
         value = authorization(headers.getRawHeaders(b"authorization"))
         if value is None:
             return None
-        if value is MALFORMED:
+        if isinstance(value, Malformed):
             return MALFORMED
-        parts = split_authorization(value)  # type: ignore[arg-type]
+        parts = split_authorization(value)
         if parts is None or parts[0] != b"basic":
             return None
         return basic_credentials(parts[1])
@@ -86,15 +95,17 @@ class BasicAuthenticator:
     def claimant(self, credential: object) -> bytes | None:
         """The user name: one user mistyping a password is refused on their own, not everyone behind their
         address."""
-        if credential is MALFORMED:
+        login = cast(_Login | Malformed, credential)  # what `credential` returned: the gatekeeper hands it back
+        if isinstance(login, Malformed):
             return None
-        user, _ = credential  # type: ignore[misc]
+        user, _ = login
         return b"basic\0" + user.encode("utf-8")
 
     def verify(self, credential: object, request: AuthRequest) -> Identity | Deferred[Identity]:
-        if credential is MALFORMED:
+        login = cast(_Login | Malformed, credential)  # what `credential` returned: the gatekeeper hands it back
+        if isinstance(login, Malformed):
             raise AuthFailure("malformed_credentials", "the Basic credentials are malformed")
-        user, password = credential  # type: ignore[misc]
+        user, password = login
         consumer = self._consumers.get(user)
         if len(password) > MAX_PASSWORD_BYTES:
             known = user if consumer is not None else None
@@ -135,7 +146,7 @@ class BasicAuthenticator:
         waiters = self._checking.pop(key, [])
         if result is True and consumer is not None:
             self._remember(key)
-            outcome: object = self._identity(consumer)
+            outcome: Identity | Failure = self._identity(consumer)
         elif isinstance(result, Failure) and not result.check(ValueError):
             outcome = result
         else:

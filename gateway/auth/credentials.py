@@ -17,6 +17,7 @@ from typing import Final
 
 __all__ = [
     "MALFORMED",
+    "Malformed",
     "authorization",
     "basic_credentials",
     "challenge",
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 
-class _Malformed:
+class Malformed:
     """A credential of the expected kind that cannot be read."""
 
     __slots__ = ()
@@ -36,7 +37,7 @@ class _Malformed:
         return "MALFORMED"
 
 
-MALFORMED: Final = _Malformed()
+MALFORMED: Final = Malformed()
 
 _SCHEME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TOKEN68 = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
@@ -45,7 +46,7 @@ _MAX_CLAIMS = 16 * 1024
 """The longest JWT payload whose claims are peeked at before verification (a header is at most 16 KiB anyway)."""
 
 
-def authorization(values: Sequence[bytes] | None) -> bytes | _Malformed | None:
+def authorization(values: Sequence[bytes] | None) -> bytes | Malformed | None:
     """The single Authorization value, None without one, `MALFORMED` when there are several (which one would
     the upstream believe?)."""
     if not values:
@@ -63,12 +64,12 @@ def split_authorization(value: bytes) -> tuple[bytes, bytes] | None:
     return scheme.lower(), rest.strip(b" \t")
 
 
-def token68(rest: bytes) -> bytes | _Malformed:
+def token68(rest: bytes) -> bytes | Malformed:
     """The token68 of a credential (a Bearer token, Basic's base64), or `MALFORMED`."""
     return rest if _TOKEN68.fullmatch(rest) else MALFORMED
 
 
-def basic_credentials(rest: bytes) -> tuple[str, bytes] | _Malformed:
+def basic_credentials(rest: bytes) -> tuple[str, bytes] | Malformed:
     """(user name, password) of a Basic credential (RFC 7617: base64 of "user:password", UTF-8), or `MALFORMED`."""
     if not _TOKEN68.fullmatch(rest):
         return MALFORMED

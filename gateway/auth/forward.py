@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,7 +55,7 @@ __all__ = ["ForwardAuthenticator", "Selected"]
 
 _log = Logger()
 
-IDLE_TIMEOUT = 4.0
+IDLE_TIMEOUT = 4
 """Seconds an idle connection to the auth service stays pooled: below the keep-alive timeout of most servers
 (Node 5 s, nginx 75 s), so a check rarely races the auth service closing the connection it was given."""
 
@@ -123,7 +123,8 @@ class _Body(Protocol):
     def stop(self) -> None:
         """Stop reading and close the connection (never reused: the rest of the body is still on it)."""
         if self.transport is not None:
-            self.transport.stopProducing()
+            # Agent hands a body protocol a producer as its transport (IResponse.deliverBody).
+            cast(IPushProducer, self.transport).stopProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._ended(self, reason)
@@ -278,6 +279,12 @@ class ForwardAuthenticator:
     `reactor` provides IReactorTCP and IReactorTime; it is also the clock that bounds each check.
     """
 
+    guessable = False  # what it sends the auth service is not known to be a password
+
+    def claimant(self, credential: object) -> None:
+        """None: failures are counted under the method."""
+        return None
+
     def __init__(self, method: ForwardMethod, *, reactor: Any, realm: str) -> None:
         self.name = method.name
         self.method = method
@@ -313,7 +320,8 @@ class ForwardAuthenticator:
         if self.in_flight >= self.method.max_connections:
             raise AuthUnavailable("the auth service is saturated; try again shortly", reason="auth_service_saturated")
         self.in_flight += 1
-        return _Check(self, self._question(credential, request), request).verdict  # type: ignore[arg-type]
+        selected = cast(Selected, credential)  # what `credential` returned: the gatekeeper hands it back as it was
+        return _Check(self, self._question(selected, request), request).verdict
 
     def challenge(self, failure: AuthFailure | None) -> bytes | None:
         """None: the auth service's own WWW-Authenticate reaches the client through `AuthServiceDenied`."""
@@ -327,7 +335,8 @@ class ForwardAuthenticator:
         """Close the idle connections; a check still running ends by itself (within `timeout`), and its
         connection is closed then rather than pooled."""
         self._closed = True
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()  # unannotated in Twisted
+        return closed
 
     # --- for `_Check` -----------------------------------------------------------------------------------------
 

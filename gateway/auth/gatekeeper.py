@@ -40,7 +40,17 @@ from gateway.auth.credentials import challenge
 from gateway.auth.identity import ANONYMOUS_IDENTITY, Authenticator, AuthFailure, AuthRequest, Identity
 from gateway.auth.limits import LimitStore, MemoryLimitStore, RateDecision
 from gateway.auth.scopes import missing_scopes, scopes_allow
-from gateway.auth.settings import Admission, Method, RateLimit, RouteAdmission
+from gateway.auth.settings import (
+    Admission,
+    ApiKeyMethod,
+    BasicMethod,
+    ForwardMethod,
+    JwtMethod,
+    Method,
+    MtlsMethod,
+    RateLimit,
+    RouteAdmission,
+)
 from gateway.errors import AuthServiceDenied, AuthUnavailable, Denied, Forbidden, TooManyRequests, Unauthorized
 from gateway.headers import canonical_name
 
@@ -96,22 +106,23 @@ def _basis(method: Method, admission: Admission) -> tuple[object, ...]:
 def build_authenticator(method: Method, admission: Admission, reactor: Any) -> Authenticator:
     """The running form of one configured method."""
     realm = admission.realm
-    if method.type == "api_key":
-        return ApiKeyAuthenticator(method, admission.consumers, realm=realm)  # type: ignore[arg-type]
-    if method.type == "basic":
-        return BasicAuthenticator(method, admission.consumers, reactor=reactor, realm=realm)  # type: ignore[arg-type]
-    if method.type == "jwt":
+    # By class, not by `method.type`: each type has its class, and only the class narrows `method` for mypy.
+    if isinstance(method, ApiKeyMethod):
+        return ApiKeyAuthenticator(method, admission.consumers, realm=realm)
+    if isinstance(method, BasicMethod):
+        return BasicAuthenticator(method, admission.consumers, reactor=reactor, realm=realm)
+    if isinstance(method, JwtMethod):
         from gateway.auth.jwt import JwtAuthenticator
 
-        return JwtAuthenticator(method, clock=reactor, reactor=reactor, realm=realm)  # type: ignore[arg-type]
-    if method.type == "mtls":
+        return JwtAuthenticator(method, clock=reactor, reactor=reactor, realm=realm)
+    if isinstance(method, MtlsMethod):
         from gateway.auth.mtls import MtlsAuthenticator
 
-        return MtlsAuthenticator(method, admission.consumers)  # type: ignore[arg-type]
-    if method.type == "forward":
+        return MtlsAuthenticator(method, admission.consumers)
+    if isinstance(method, ForwardMethod):
         from gateway.auth.forward import ForwardAuthenticator
 
-        return ForwardAuthenticator(method, reactor=reactor, realm=realm)  # type: ignore[arg-type]
+        return ForwardAuthenticator(method, reactor=reactor, realm=realm)
     raise ValueError(f"unknown method type {method.type!r}")
 
 

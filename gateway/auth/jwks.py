@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -72,7 +72,8 @@ class TreqFetcher:
         return ensureDeferred(self._fetch(url)).addTimeout(timeout, self._reactor)
 
     def close(self) -> Deferred[None]:
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()  # unannotated in Twisted
+        return closed
 
     async def _fetch(self, url: str) -> bytes:
         # A client per fetch: treq's cookie jar would otherwise keep whatever the endpoint set.
@@ -124,7 +125,8 @@ class _CappedBody(Protocol):
 
     def _stop(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()  # Agent's proxy of the socket: closes it (it has no abort)
+            # Agent's proxy of the socket (IResponse.deliverBody): closes it (it has no abort)
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 def _read_capped(response: IResponse, limit: int) -> Deferred[bytes]:
@@ -157,7 +159,7 @@ class KeySource:
         self.fetched_at: float | None = None
         """When the JWKS URL was last read successfully (by the clock)."""
         self._attempted_at: float | None = None
-        self._inflight: Deferred[None] | None = None
+        self._inflight: Deferred[bytes] | None = None
         self._waiters: list[Deferred[None]] = []
         self._closed = False
         if method.public_key_pem is not None:
@@ -250,7 +252,7 @@ class KeySource:
         assert self._fetch is not None and self._method.jwks_url is not None
         self._attempted_at = self._clock.seconds()
         url = self._method.jwks_url
-        fetching: Deferred[Any]
+        fetching: Deferred[bytes]
         try:
             fetching = self._fetch(url, self._method.jwks_fetch_timeout)
         except Exception:

@@ -91,6 +91,8 @@ class JwtAuthenticator:
     `fetch(url, timeout)` reads a JWKS document; without one, a method with a `jwks_url` uses a `TreqFetcher` on
     `reactor` (or `clock`), which `close` closes."""
 
+    guessable = False  # signed tokens
+
     def __init__(
         self,
         method: JwtMethod,
@@ -291,9 +293,10 @@ def _header_text(value: object) -> str | None:
     anything else, or anything a header cannot carry (control characters, non-ASCII, over 1 KiB)."""
     if isinstance(value, list):
         texts = [_scalar_text(v) for v in value]
-        if any(t is None for t in texts):
+        strings = [t for t in texts if t is not None]
+        if len(strings) != len(texts):
             return None
-        text: str | None = ",".join(texts)  # type: ignore[arg-type]
+        text: str | None = ",".join(strings)
     else:
         text = _scalar_text(value)
     if text is None or len(text) > MAX_HEADER_VALUE or not _HEADER_VALUE.fullmatch(text):

@@ -33,6 +33,11 @@ class MtlsAuthenticator:
 
     from_connection = True
     """Its credential is the connection's certificate, not a header (`Gatekeeper` hands it over)."""
+    guessable = False
+
+    def claimant(self, credential: object) -> None:
+        """None: failures are counted under the method."""
+        return None
 
     def __init__(self, method: MtlsMethod, consumers: Mapping[str, Consumer]) -> None:
         self.name = method.name

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from gateway.config_values import (
@@ -496,6 +497,7 @@ def _file(t: Table, key: str) -> tuple[Path, bytes]:
 
 def _public_key_pem(t: Table, key: str, algorithms: tuple[str, ...]) -> bytes:
     path, data = _file(t, key)
+    public_key: PublicKeyTypes
     try:
         if b"-----BEGIN CERTIFICATE-----" in data:
             public_key = x509.load_pem_x509_certificate(data).public_key()
@@ -546,6 +548,20 @@ def _api_key_method(name: str, t: Table) -> ApiKeyMethod:
 _KEY_SOURCES = ("public_key_file", "jwks_file", "jwks_url", "secret_file")
 
 
+class _JwtSettings(TypedDict):
+    """The `JwtMethod` fields `_jwt_method` reads besides its name, issuer, audiences, algorithms and keys."""
+
+    jwks_refresh_interval: float
+    jwks_max_age: float
+    jwks_fetch_timeout: float
+    leeway: float
+    require_exp: bool
+    consumer_claim: str
+    scope_claims: tuple[str, ...]
+    claim_headers: tuple[tuple[bytes, str], ...]
+    cache_size: int
+
+
 def _jwt_method(name: str, t: Table) -> JwtMethod:
     algorithms = t.require("algorithms", _algorithms)
     keys = _jwt_keys(t, algorithms) if algorithms is not None else None
@@ -556,7 +572,7 @@ def _jwt_method(name: str, t: Table) -> JwtMethod:
         t.report("audiences", "must list at least one audience: a token for another service must not pass")
     claim_table = t.table("claim_headers")
     issuer = t.require("issuer", nonempty_string)
-    settings = {
+    settings: _JwtSettings = {
         "jwks_refresh_interval": t.get("jwks_refresh_interval", positive_seconds, 60.0),
         "jwks_max_age": t.get("jwks_max_age", positive_seconds, 3600.0),
         "jwks_fetch_timeout": t.get("jwks_fetch_timeout", positive_seconds, 5.0),
@@ -671,7 +687,7 @@ def _mtls_method(name: str, t: Table) -> MtlsMethod:
     return MtlsMethod(name=name, identity_header=t.get("identity_header", _optional_header_name, b""))
 
 
-_METHOD_READERS = {
+_METHOD_READERS: dict[str, Callable[[str, Table], Method]] = {
     "api_key": _api_key_method,
     "mtls": _mtls_method,
     "jwt": _jwt_method,
@@ -1028,8 +1044,8 @@ def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
     `forward_credentials` and `rate_limit_headers`. A method that is defined but could not be read is not
     reported again here (the route is left out all the same)."""
     rate_headers = t.get("rate_limit_headers", boolean, True)
-    scopes_any = t.get("scopes_any", _scopes, frozenset())
-    scopes_all = t.get("scopes_all", _scopes, frozenset())
+    scopes_any: frozenset[str] = t.get("scopes_any", _scopes, frozenset())
+    scopes_all: frozenset[str] = t.get("scopes_all", _scopes, frozenset())
     forward = t.get("forward_credentials", boolean, False)
     if not t.has("auth"):
         raise t.error(

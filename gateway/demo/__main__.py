@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import cast
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from gateway.demo import endpoints
@@ -24,8 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8081, help="port to listen on; 0 picks a free one (default 8081)")
     args = parser.parse_args(argv)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    port = reactor.listenTCP(args.port, endpoints.make_factory(reactor), interface=args.host)
-    address = port.getHost()
+    # Twisted annotates the factory as a ServerFactory[...] of its default protocol type; any IProtocolFactory does.
+    port = reactor.listenTCP(args.port, endpoints.make_factory(reactor), interface=args.host)  # type: ignore[arg-type]
+    address = cast(IPv4Address | IPv6Address, port.getHost())  # a TCP port's
     # One line on stdout with the address, for whoever started us (tests, benchmarks) to read.
     print(json.dumps({"host": address.host, "port": address.port}), flush=True)
     reactor.run()

@@ -23,7 +23,7 @@ from typing import Protocol as TypingProtocol
 from urllib.parse import parse_qs
 
 import httptools
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -179,8 +179,19 @@ class _Stop(Exception):
     """Raised in a parser callback to stop parsing what the connection received."""
 
 
+class _ITransport(ITransport, IPushProducer, IConsumer):
+    """What a connection uses of its transport (a TCP one provides all of it, but no Twisted interface names it
+    whole). For annotations only: nothing declares it."""
+
+    def abortConnection() -> None:
+        """Close the connection at once (as `ITCPTransport.abortConnection`)."""
+
+
 class Connection(Protocol):
     """One client connection: requests parsed as they come, each answered in turn."""
+
+    transport: _ITransport
+    """Set by `makeConnection`."""
 
     def __init__(self, route: Route, clock: IReactorTime) -> None:
         self._route = route

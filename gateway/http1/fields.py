@@ -11,7 +11,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, overload
 
 __all__ = ["Fields", "HeaderLookup"]
 
@@ -29,6 +29,10 @@ class Fields:
         for name, value in pairs:
             self.addRawHeader(name, value)
 
+    @overload
+    def getRawHeaders(self, name: bytes) -> list[bytes] | None: ...
+    @overload
+    def getRawHeaders(self, name: bytes, default: _T) -> list[bytes] | _T: ...
     def getRawHeaders(self, name: bytes, default: _T | None = None) -> list[bytes] | _T | None:
         """Every value of `name`, or `default` when there is none."""
         entry = self.entries.get(name.lower())
@@ -74,11 +78,12 @@ class Fields:
             return NotImplemented
         return self.entries == other.entries
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable (mutable); typeshed has object.__hash__ as a method
 
 
 class HeaderLookup(Protocol):
     """What reads a message's fields needs: a request's `Fields`, or the Twisted `Headers` of a side call's
     response (treq), alike."""
 
-    def getRawHeaders(self, name: bytes, default: None = None) -> Sequence[bytes] | None: ...
+    def getRawHeaders(self, name: bytes) -> Sequence[bytes] | None: ...
+    def hasHeader(self, name: bytes) -> bool: ...

@@ -42,6 +42,7 @@ from gateway.errors import UpstreamBroken
 from gateway.headers import connection_tokens
 from gateway.http1.fields import Fields
 from gateway.http1.heads import LAST_CHUNK, chunk, request_head
+from gateway.http1.transports import IConnectionTransport
 
 __all__ = ["MAX_RESPONSE_HEAD", "UPSTREAM_BUFFER_SIZE", "UpstreamConnection", "UpstreamResponse"]
 
@@ -131,6 +132,7 @@ class UpstreamResponse:
         """Give the body to `protocol`: what was read already, then the rest as it comes, then `connectionLost`
         with `ResponseDone`, `PotentialDataLoss` or `ResponseFailed`."""
         self._protocol = protocol
+        # A body protocol's transport is a producer (IResponse.deliverBody), which ITransport does not describe.
         protocol.makeConnection(self._transport)  # type: ignore[arg-type]
         held, self._held = self._held, []
         for data in held:
@@ -328,6 +330,9 @@ class UpstreamConnection(Protocol):
     Deferred of the response, which fires as soon as the response head is read. `on_idle` is called when the
     exchange ended whole and the connection may be reused; `on_lost` when the connection is gone."""
 
+    transport: IConnectionTransport
+    """Set by `makeConnection` (None before it, which the methods that may run first check)."""
+
     def __init__(
         self, on_idle: Callable[[UpstreamConnection], object], on_lost: Callable[[UpstreamConnection], object]
     ):
@@ -360,7 +365,7 @@ class UpstreamConnection(Protocol):
     @property
     def usable(self) -> bool:
         """Whether a new request may go out on this connection now."""
-        return self._exchange is None and self.lost_reason is None and not self._closing and self.connected
+        return self._exchange is None and self.lost_reason is None and not self._closing and bool(self.connected)
 
     def set_read_size(self, size: int) -> None:
         transport = self.transport
@@ -394,7 +399,7 @@ class UpstreamConnection(Protocol):
         exceptions of `twisted.web.client`: `ResponseNeverReceived`, `ResponseFailed`, `RequestTransmissionFailed`,
         with the cause among their reasons). Cancelling it closes the connection."""
         assert self.usable, "one exchange at a time, on an open connection"
-        length = None if body is None or body.length is UNKNOWN_LENGTH else int(body.length)  # type: ignore[call-overload]
+        length = None if body is None or body.length is UNKNOWN_LENGTH else int(body.length)
         exchange = self._exchange = _Exchange(self, method, body, length)
         done = exchange.done = Deferred(self._cancelled)
         if self.reused:
@@ -405,7 +410,7 @@ class UpstreamConnection(Protocol):
         if body is not None:
             self.transport.registerProducer(body, True)
             self._body_registered = True
-            producing = body.startProducing(exchange)  # type: ignore[arg-type]
+            producing = body.startProducing(exchange)
             producing.addCallbacks(
                 self._body_sent, self._body_failed, callbackArgs=(exchange,), errbackArgs=(exchange,)
             )
@@ -576,8 +581,8 @@ class UpstreamConnection(Protocol):
                 exchange.complete = None
                 response._end(Failure(ResponseDone()))  # it ended whole before the connection did
             elif exchange.done is not None:
-                error = ResponseFailed if exchange.received_any else ResponseNeverReceived
-                self._fail_head(exchange, error([reason]))
+                error = ResponseFailed([reason]) if exchange.received_any else ResponseNeverReceived([reason])
+                self._fail_head(exchange, error)
             elif response is not None and not exchange.response_done:
                 if response.close_delimited and not self._closing:
                     # A body framed by the connection's close: complete as far as anyone can tell (the owner
