@@ -16,7 +16,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,7 +157,7 @@ _TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
 _ANSWERED = frozenset({Phase.SENT, Phase.DONE})
 """Phases of a request whose whole response has been written."""
 
-_TIMEOUT_ERRORS = {
+_TIMEOUT_ERRORS: Mapping[str, Callable[[float], GatewayError]] = {
     "response_headers": lambda t: UpstreamTimeout(f"the upstream sent no response headers within {t:g} s"),
     "upstream_send_stall": lambda t: UpstreamTimeout(f"the upstream stopped reading the request body for {t:g} s"),
     "client_body_idle": lambda t: ClientBodyTimeout(f"no request body bytes arrived for {t:g} s"),
@@ -187,7 +187,7 @@ class _Drop(Protocol):
     """Takes a response nobody wants any more and closes its connection (it cannot go back to the pool)."""
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        IPushProducer(self.transport).stopProducing()
 
 
 class Exchange:
@@ -363,6 +363,9 @@ class Exchange:
     def unregisterProducer(self) -> None:
         self._connection.unregisterProducer()
 
+    def _waiting_for_upstream(self) -> bool:
+        return self.phase is Phase.WAITING
+
     def _set_status(self, code: int, phrase: bytes) -> None:
         self.code, self._phrase = code, phrase
 
@@ -458,7 +461,7 @@ class Exchange:
             self._paused_for_verdict = False
             if self._pipe is None or not self._pipe.client_paused:
                 self._connection.resume_reading()
-        if self._continue_owed and not held and not self._received and self.phase is Phase.WAITING:
+        if self._continue_owed and not held and not self._received and self._waiting_for_upstream():
             self._connection.send_continue()
 
     def _verdict_failed(self, failure: Failure) -> None:
@@ -626,7 +629,7 @@ class Exchange:
         elif response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY_STATUSES:
             # Keep the upstream's framing when it had one (its Content-Length header is dropped with the rest of the
             # framing: the connection writes its own).
-            self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
+            self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])  # type: ignore[str-format]  # an int: not UNKNOWN_LENGTH
         if self._has_body and not self._received:
             self._close_after_response()  # an early answer: the rest of the body must not be read as a request
         self._enter(Phase.STREAMING)
@@ -643,7 +646,7 @@ class Exchange:
         self._response = response
         relay = self._relay
         response.deliverBody(relay)
-        if relay.paused and not relay.stopped:
+        if relay.paused and not relay.stopped and relay.transport is not None:
             # deliverBody resumes the upstream socket after handing over what was read before it, even when that
             # filled the client's buffer and the relay paused it: pause it again.
             relay.transport.pauseProducing()
@@ -695,7 +698,8 @@ class Exchange:
         for reason in getattr(failure.value, "reasons", ()):
             # A broken response (its head over the limit, a malformed status line...) is wrapped in ResponseFailed.
             if reason.check(GatewayError):
-                return reason.value  # type: ignore[return-value]
+                error: GatewayError = reason.value
+                return error
         tls = tls_failure(failure) if self.route.upstream.scheme == "https" else None
         if tls is not None:
             _log.warn(

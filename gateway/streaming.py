@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IProtocol, IPushProducer, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
@@ -37,7 +37,7 @@ class Watchdog:
         self._clock = clock
         self.timeout = timeout
         self._expired = expired
-        self._call = None
+        self._call: IDelayedCall | None = None
         self._armed = False
         self._last = 0.0
 
@@ -319,8 +319,8 @@ class ResponseConsumer(TypingProtocol):
     def write(self, data: bytes) -> None: ...
 
 
-@implementer(IPushProducer)
-class ResponseRelay(Protocol):
+@implementer(IProtocol, IPushProducer)
+class ResponseRelay:
     """The upstream response body on its way to the client: the response's body protocol and the client's
     producer.
 
@@ -350,6 +350,15 @@ class ResponseRelay(Protocol):
         self.stopped = False
         self.received = 0
         """Bytes of response body relayed so far."""
+        self.transport: IPushProducer | None = None
+        """The upstream response's producer (pauses, resumes and stops reading its socket), once delivered."""
+
+    # IResponse.deliverBody gives its body protocol a producer for transport, which IProtocol's ITransport does
+    # not describe.
+    def makeConnection(self, transport: IPushProducer) -> None:  # type: ignore[override]
+        """The response hands over its body (`deliverBody`): `transport` reads it."""
+        self.transport = transport
+        self.connectionMade()
 
     def connectionMade(self) -> None:
         self._consumer.registerProducer(self, True)
@@ -382,7 +391,8 @@ class ResponseRelay(Protocol):
             self._stall.arm()
             if self._sizer is not None:
                 self._sizer.paused()
-        self.transport.pauseProducing()
+        if self.transport is not None:
+            self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         if not self.paused or self.stopped:
@@ -392,7 +402,8 @@ class ResponseRelay(Protocol):
         self._idle.arm()
         if self._sizer is not None:
             self._sizer.resumed()
-        self.transport.resumeProducing()
+        if self.transport is not None:
+            self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
         """The client is gone, or the relay was cut: close the upstream connection now."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IAddress,
@@ -35,10 +34,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from gateway.addresses import canonical_ip
 from gateway.exchange import Exchange, Gateway
 from gateway.http1.fields import Fields
-from gateway.http1.server import Message
+from gateway.http1.server import Message, canonical_peer
 from gateway.tls import ClientCertificate, client_certificate, tls_parameters
 
 __all__ = ["GatewayResource"]
@@ -270,15 +268,7 @@ class _RequestEnd:
     def getPeer(self) -> IAddress:
         """The client's address, its IP in canonical form (an IPv4 client of an IPv6 socket as IPv4)."""
         if self._peer is None:
-            peer = self._request.getClientAddress()
-            host = getattr(peer, "host", None)
-            if isinstance(host, str) and isinstance(peer, IPv4Address | IPv6Address):
-                canonical = canonical_ip(host)
-                if canonical is not None and "." in canonical and ":" in host:
-                    peer = IPv4Address(peer.type, canonical, peer.port)  # type: ignore[arg-type]
-                elif canonical is not None and canonical != host:
-                    peer = type(peer)(peer.type, canonical, peer.port)  # type: ignore[arg-type]
-            self._peer = peer
+            self._peer = canonical_peer(self._request.getClientAddress())
         return self._peer
 
     def client_gone(self, reason: Failure, exchange: Exchange) -> None:
@@ -325,7 +315,11 @@ class _RequestEnd:
         """Cut the connection: a response that cannot be completed must not look complete."""
         self.persistent = False
         self._body.stop()
-        self._request.transport.abortConnection()
+        transport = self._request.transport
+        if ITCPTransport.providedBy(transport):
+            transport.abortConnection()
+        elif transport is not None:
+            transport.loseConnection()
 
     def linger(self) -> None:
         """The answer is complete before the exchange took the whole body: the rest is dropped unread (it is

@@ -21,7 +21,7 @@ Rules:
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, NoReturn
 from typing import Protocol as TypingProtocol
 
 import httptools
@@ -50,10 +50,11 @@ from gateway.framing import MAX_BODY_LENGTH, body_length
 from gateway.headers import request_id_of
 from gateway.http1.fields import Fields
 from gateway.http1.heads import CRLF, LAST_CHUNK, chunk
+from gateway.http1.transports import IConnectionTransport
 from gateway.streaming import Watchdog
 from gateway.tls import ClientCertificate, client_certificate, tls_parameters
 
-__all__ = ["ClientConnection", "ConnectionOwner", "Message", "RequestHandler", "refusal_bytes"]
+__all__ = ["ClientConnection", "ConnectionOwner", "Message", "RequestHandler", "canonical_peer", "refusal_bytes"]
 
 _log = Logger()
 
@@ -80,6 +81,22 @@ def refusal_bytes(error: GatewayError, request_id: str, *, head_request: bool = 
         head += b"Server: %s\r\n" % server.encode("ascii")
     head += b"\r\n"
     return head if head_request else head + body
+
+
+def canonical_peer(peer: IAddress) -> IAddress:
+    """A connection's peer address with its IP in canonical form: an IPv4 client of an IPv6 ("::") socket as IPv4
+    ("::ffff:192.0.2.1" is 192.0.2.1, for X-Forwarded-For, the logs and per-address limits alike), an IPv6 address
+    compressed. Behind a PROXY protocol listener the address is the header's text as sent, which may be no
+    address at all: then it is returned as it is."""
+    if not isinstance(peer, IPv4Address | IPv6Address):
+        return peer
+    host = peer.host
+    canonical = canonical_ip(host)
+    if canonical is None or canonical == host:
+        return peer
+    if "." in canonical and ":" in host:
+        return IPv4Address(peer.type, canonical, peer.port)
+    return type(peer)(peer.type, canonical, peer.port)
 
 
 class Message:
@@ -152,6 +169,9 @@ class ConnectionOwner(TypingProtocol):
 @implementer(IHandshakeListener)
 class ClientConnection(Protocol):
     """One client connection, from accept to close."""
+
+    transport: IConnectionTransport
+    """Set by `makeConnection`, before any other method runs."""
 
     def __init__(self, owner: ConnectionOwner, listener: Listener | None = None) -> None:
         self.owner = owner
@@ -233,17 +253,7 @@ class ClientConnection(Protocol):
         protocol listener it is the address the header carried (Twisted's parser keeps its text as sent, an
         IPv6 address uncompressed or not an address at all)."""
         if self._peer is None:
-            peer = self.transport.getPeer()
-            host = getattr(peer, "host", None)
-            if isinstance(host, str) and isinstance(peer, IPv4Address | IPv6Address):
-                canonical = canonical_ip(host)
-                if canonical is not None and "." in canonical and ":" in host:
-                    # An IPv4 client of an IPv6 ("::") listener: "::ffff:192.0.2.1" is 192.0.2.1, for
-                    # X-Forwarded-For, the logs and per-address limits alike.
-                    peer = IPv4Address(peer.type, canonical, peer.port)  # type: ignore[arg-type]
-                elif canonical is not None and canonical != host:
-                    peer = type(peer)(peer.type, canonical, peer.port)  # type: ignore[arg-type]
-            self._peer = peer
+            self._peer = canonical_peer(self.transport.getPeer())
         return self._peer
 
     def getHost(self) -> IAddress:
@@ -360,7 +370,7 @@ class ClientConnection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Only the TLS layer ends a connection with an SSL.Error; a client that merely left is not a failure.
-        if not self._handshaken and self.listener is not None and reason.check(SSL.Error):
+        if not self._handshaken and self.listener is not None and isinstance(reason.value, SSL.Error):
             self.owner.handshake_failed(self.listener, reason.value)
         self._cancel_timers()
         handler, self.handler = self.handler, None
@@ -614,7 +624,7 @@ class ClientConnection(Protocol):
 
     # --- refusing --------------------------------------------------------------------------------------------
 
-    def _refuse_in_parse(self, error: GatewayError) -> None:
+    def _refuse_in_parse(self, error: GatewayError) -> NoReturn:
         """Refuse from within a parser callback, and stop the parse."""
         self.refuse(error)
         raise _Refused(error.detail)
@@ -667,10 +677,11 @@ class ClientConnection(Protocol):
         if not started:
             server = self.server.server_header
             self.transport.write(refusal_bytes(error, request_id, head_request=method == b"HEAD", server=server))
-        if ITCPTransport.providedBy(self.transport):
+        tcp = self.transport
+        if ITCPTransport.providedBy(tcp):
             # Lingering close: FIN after the answer, read and drop what still comes, cut at the deadline.
             self.transport.resumeProducing()
-            self.transport.loseWriteConnection()
+            tcp.loseWriteConnection()
             self._linger_timer = self._clock.callLater(self.server.lingering_timeout, self._linger_expired)
         else:
             self.transport.loseConnection()
