@@ -18,12 +18,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionLost, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -227,7 +228,8 @@ class Exchange:
         """The rest of the request body is read and dropped (the upstream takes no more of it)."""
         self._lingering = False
         """The answer is complete and waits, under the lingering deadline, for the request body to end."""
-        self._timer: IDelayedCall | None = None
+        self._timing = False
+        """Whether the connection's timer measures a wait of this exchange (see `_arm_timer`)."""
         self._pool: UpstreamPool | None = None
         self._slot_held = False
         self._waiting: Deferred[Any] | None = None
@@ -642,6 +644,7 @@ class Exchange:
             on_end=self._response_ended,
             on_timeout=self._timed_out,
             read_size=response.set_read_size,
+            timer=self._connection.timer,
         )
         self._response = response
         relay = self._relay
@@ -839,20 +842,26 @@ class Exchange:
             self._pool.release()
 
     def _arm_timer(self, seconds: float, which: str) -> None:
-        self._cancel_timer()
-        handler = self._lingering_expired if which == "lingering" else lambda: self._timed_out(which)
-        self._timer = self._clock.callLater(seconds, handler)
+        """Measure a wait on the connection's one timer (the connection's idle time meanwhile is not counted:
+        a request is under way)."""
+        self._timing = True
+        self._connection.timer.restart(seconds, partial(self._timer_expired, which))
+
+    def _timer_expired(self, which: str) -> None:
+        self._timing = False
+        if which == "lingering":
+            self._lingering_expired()
+        else:
+            self._timed_out(which)
 
     def _lingering_expired(self) -> None:
-        self._timer = None
         if self.phase is Phase.SENT:
             self._abort_client("lingering_timeout")
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        if self._timing:
+            self._timing = False
+            self._connection.timer.disarm()
 
     def _enter(self, phase: Phase, ending: str = "") -> None:
         if phase not in _TRANSITIONS[self.phase]:

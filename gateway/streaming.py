@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, fail
@@ -57,6 +58,21 @@ class Watchdog:
     def kick(self) -> None:
         """Note progress: the countdown starts again from now."""
         self._last = self._clock.seconds()
+
+    def restart(self, timeout: float, expired: Callable[[], object]) -> None:
+        """Measure again from now, for `timeout` seconds, calling `expired` at the end: one watchdog serves
+        whatever its owner waits for next (a connection's idle time, then a request's response head, then its
+        body's gaps) with at most one pending timer, moved earlier only when the new deadline is sooner."""
+        self.timeout = timeout
+        self._expired = expired
+        self._armed = True
+        now = self._last = self._clock.seconds()
+        call = self._call
+        if call is not None and call.getTime() > now + timeout:
+            call.cancel()
+            call = self._call = None
+        if call is None:
+            self._call = self._clock.callLater(timeout, self._check)
 
     def disarm(self) -> None:
         """Stop measuring; a pending timer finds nothing to do (or is cancelled by `cancel`)."""
@@ -340,12 +356,19 @@ class ResponseRelay:
         on_end: Callable[[Failure], object],
         on_timeout: Callable[[str], object],
         read_size: Callable[[int], object] | None = None,
+        timer: Watchdog | None = None,
     ) -> None:
         self._consumer = consumer
         self._on_end = on_end
         self._sizer = None if read_size is None else ReadSizer(read_size, clock)
-        self._idle = Watchdog(clock, upstream_idle_timeout, lambda: on_timeout("upstream_idle"))
-        self._stall = Watchdog(clock, client_stall_timeout, lambda: on_timeout("client_send_stall"))
+        # One watchdog for both waits, which never overlap: the upstream's silence while the client reads, the
+        # client's stall while it does not. Given `timer` (the client connection's), the relay borrows it.
+        self._idle_timeout = upstream_idle_timeout
+        self._stall_timeout = client_stall_timeout
+        self._idle_expired = partial(on_timeout, "upstream_idle")
+        self._stall_expired = partial(on_timeout, "client_send_stall")
+        self._owns_timer = timer is None
+        self._timer = timer if timer is not None else Watchdog(clock, upstream_idle_timeout, self._idle_expired)
         self.paused = False
         self.stopped = False
         self.received = 0
@@ -363,21 +386,27 @@ class ResponseRelay:
     def connectionMade(self) -> None:
         self._consumer.registerProducer(self, True)
         if not self.paused:
-            self._idle.arm()
+            self._timer.restart(self._idle_timeout, self._idle_expired)
 
     def dataReceived(self, data: bytes) -> None:
         if self.stopped:  # the rest of a read that was under way when the relay was cut
             return
         self.received += len(data)
-        self._idle.kick()
+        if not self.paused:
+            self._timer.kick()
         if self._sizer is not None:
             self._sizer.relayed(len(data))
         self._consumer.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._idle.cancel()
-        self._stall.cancel()
+        self._stop_timer()
         self._on_end(reason)
+
+    def _stop_timer(self) -> None:
+        if self._owns_timer:
+            self._timer.cancel()
+        else:
+            self._timer.disarm()  # the connection's: its pending call serves its next wait
 
     def pauseProducing(self) -> None:
         # Called on every write while the client's buffer is full. The timers change once; the upstream socket
@@ -387,8 +416,7 @@ class ResponseRelay:
             return
         if not self.paused:
             self.paused = True
-            self._idle.disarm()
-            self._stall.arm()
+            self._timer.restart(self._stall_timeout, self._stall_expired)
             if self._sizer is not None:
                 self._sizer.paused()
         if self.transport is not None:
@@ -398,8 +426,7 @@ class ResponseRelay:
         if not self.paused or self.stopped:
             return
         self.paused = False
-        self._stall.disarm()
-        self._idle.arm()
+        self._timer.restart(self._idle_timeout, self._idle_expired)
         if self._sizer is not None:
             self._sizer.resumed()
         if self.transport is not None:
@@ -410,7 +437,6 @@ class ResponseRelay:
         if self.stopped:
             return
         self.stopped = True
-        self._idle.cancel()
-        self._stall.cancel()
+        self._stop_timer()
         if self.transport is not None:
             self.transport.stopProducing()

@@ -37,6 +37,7 @@ from zope.interface import implementer
 from gateway.exchange import Exchange, Gateway
 from gateway.http1.fields import Fields
 from gateway.http1.server import Message, canonical_peer
+from gateway.streaming import Watchdog
 from gateway.tls import ClientCertificate, client_certificate, tls_parameters
 
 __all__ = ["GatewayResource"]
@@ -89,7 +90,7 @@ class GatewayResource(Resource):
             content.seek(0)
         message = _message(request, size)
         body = _SpooledBody(content, gateway.clock)
-        end = _RequestEnd(request, body)
+        end = _RequestEnd(request, body, gateway.clock)
         exchange = Exchange(gateway, end, message, False)  # type: ignore[arg-type]
         body.exchange = exchange
         request.notifyFinish().addErrback(end.client_gone, exchange)
@@ -238,6 +239,10 @@ class _SecureTransport(_BodyProducing, proxyForInterface(ISSLTransport, "origina
         self.body = body
 
 
+def _nothing() -> None:
+    """What the timer does before the exchange first gives it a wait."""
+
+
 class _RequestEnd:
     """The client end the exchange answers through, over a twisted.web request: the members of
     `gateway.http1.server.ClientConnection` the exchange uses, mapped to the request's public API."""
@@ -245,9 +250,11 @@ class _RequestEnd:
     listener = None
     """No gateway listener (and so no redirect to HTTPS: the site decides that)."""
 
-    def __init__(self, request: Request, body: _SpooledBody) -> None:
+    def __init__(self, request: Request, body: _SpooledBody, clock: IReactorTime) -> None:
         self._request = request
         self._body = body
+        self.timer = Watchdog(clock, 0.0, _nothing)
+        """The one timer the exchange and its response relay measure their waits with (see ClientConnection)."""
         secure = ISSLTransport.providedBy(request.transport)
         self.transport = (_SecureTransport if secure else _PlainTransport)(request.transport, body)
         self.persistent = request.clientproto == b"HTTP/1.1"
@@ -276,6 +283,7 @@ class _RequestEnd:
         self.gone = True
         self._body.stop()
         exchange.connection_lost(reason)
+        self.timer.cancel()
 
     # --- the response ----------------------------------------------------------------------------------------
 
@@ -310,11 +318,13 @@ class _RequestEnd:
 
     def finish(self) -> None:
         self.end_body()
+        self.timer.cancel()
 
     def abort(self) -> None:
         """Cut the connection: a response that cannot be completed must not look complete."""
         self.persistent = False
         self._body.stop()
+        self.timer.cancel()
         transport = self._request.transport
         if ITCPTransport.providedBy(transport):
             transport.abortConnection()

@@ -1265,8 +1265,8 @@ def test_body_pipe_is_let_go_when_the_answer_completes_before_the_body_was_forwa
     up.respond(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
     assert response(client).status == 403
     assert req.phase is Phase.DONE and not client.transport.disconnecting
-    # The body's timers are gone (the connection's idle watchdog, now armed, is the only one left).
-    assert [c.func for c in gw.reactor.getDelayedCalls()] == [client.channel._idle._check]
+    # The body's timers are gone (the connection's one timer, now measuring idle time, is the only one left).
+    assert [c.func for c in gw.reactor.getDelayedCalls()] == [client.channel.timer._check]
     assert up.transport.aborted
 
 

@@ -203,9 +203,13 @@ class ClientConnection(Protocol):
         self._begun = 0
         """Messages begun within the current read."""
         self._head_timer: IDelayedCall | None = None
-        self._idle = Watchdog(self._clock, self.server.idle_timeout, self._idle_expired)
-        """Idle between requests: one timer per idle period at most, left pending (disarmed) while requests are
-        served, rather than a callLater and a cancel per request."""
+        self.timer = Watchdog(self._clock, self.server.idle_timeout, self._idle_expired)
+        """The connection's one timer: its idle time between requests, and while a request is served whatever
+        that request's exchange waits for (the response head, the gaps in the response body, the lingering
+        deadline). Re-targeted with `restart`, so a request costs no timer of its own (one pending call at most,
+        moved only when a deadline comes sooner)."""
+        self._idle = False
+        """Whether the timer measures the connection's idle time."""
         self._linger_timer: IDelayedCall | None = None
         self._lingered = 0
         self._reading_paused = False
@@ -401,7 +405,9 @@ class ClientConnection(Protocol):
         idle = self._message is None and self.handler is None and not self._queued
         self._begun = 0
         self._body_progress = False
-        self._idle.disarm()
+        if self._idle:
+            self._idle = False
+            self.timer.disarm()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -477,7 +483,9 @@ class ClientConnection(Protocol):
                 # to the config of now, as a new connection's is.
                 self.limits, self.server = limits, self.owner.server
         self._begun += 1
-        self._idle.disarm()  # a head under way: no longer idle
+        if self._idle:  # a head under way: no longer idle
+            self._idle = False
+            self.timer.disarm()
         self.head_began = self._clock.seconds()
         self._message = Message()
         self._head_bytes = self._header_count = self._head_raw = 0
@@ -740,17 +748,18 @@ class ClientConnection(Protocol):
 
     def _arm_idle(self) -> None:
         if self.server.idle_timeout:
-            self._idle.timeout = self.server.idle_timeout  # as a reload may have changed it
-            self._idle.arm()
+            self._idle = True
+            self.timer.restart(self.server.idle_timeout, self._idle_expired)  # a reload may have changed it
 
     def _idle_expired(self) -> None:
         """No request for server.idle_timeout: the connection closes, as a kept-alive one does (no answer)."""
+        self._idle = False
         if self.handler is None and self._message is None:
             self.transport.loseConnection()
 
     def _cancel_timers(self) -> None:
         self._cancel_head_timer()
-        self._idle.cancel()
+        self.timer.cancel()
         timer, self._linger_timer = self._linger_timer, None
         if timer is not None and timer.active():
             timer.cancel()
