@@ -15,13 +15,14 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +36,7 @@ from gateway.config import Upstream
 from gateway.errors import UpstreamSaturated
 from gateway.http1.fields import Fields
 from gateway.http1.upstream import MAX_RESPONSE_HEAD, UPSTREAM_BUFFER_SIZE, UpstreamConnection, UpstreamResponse
+from gateway.streaming import Watchdog
 from gateway.upstream_tls import client_creator
 
 __all__ = ["MAX_RESPONSE_HEAD", "UPSTREAM_BUFFER_SIZE", "ConnectTimeout", "UpstreamPool", "UpstreamResponse"]
@@ -96,7 +98,9 @@ class UpstreamPool:
         self._slots = DeferredSemaphore(upstream.max_connections)
         self._idle: list[UpstreamConnection] = []
         """Connections waiting for a request, the most recently used last."""
-        self._idle_timers: dict[UpstreamConnection, IDelayedCall] = {}
+        self._idle_timers: dict[UpstreamConnection, Watchdog] = {}
+        """Each kept connection's idle timer: armed while it is idle, disarmed (its pending call kept) while it
+        serves, so a reused connection costs no timer per request."""
         self._closed = False
         self._closing: list[tuple[UpstreamConnection, Deferred[None]]] = []
         self._factory = _ConnectionFactory(self)
@@ -261,9 +265,9 @@ class UpstreamPool:
         idle = self._idle
         while idle:
             connection = idle.pop()
-            timer = self._idle_timers.pop(connection, None)
-            if timer is not None and timer.active():
-                timer.cancel()
+            timer = self._idle_timers.get(connection)
+            if timer is not None:
+                timer.disarm()
             if connection.usable:
                 return connection
         return None
@@ -274,7 +278,12 @@ class UpstreamPool:
             connection.transport.loseConnection()
             return
         self._idle.append(connection)
-        self._idle_timers[connection] = self._reactor.callLater(self.upstream.idle_timeout, self._expired, connection)
+        timer = self._idle_timers.get(connection)
+        if timer is None:
+            timer = self._idle_timers[connection] = Watchdog(
+                self._reactor, self.upstream.idle_timeout, partial(self._expired, connection)
+            )
+        timer.arm()
 
     def _expired(self, connection: UpstreamConnection) -> None:
         self._idle_timers.pop(connection, None)
@@ -284,7 +293,7 @@ class UpstreamPool:
 
     def _lost(self, connection: UpstreamConnection) -> None:
         timer = self._idle_timers.pop(connection, None)
-        if timer is not None and timer.active():
+        if timer is not None:
             timer.cancel()
         if connection in self._idle:
             self._idle.remove(connection)
@@ -299,7 +308,7 @@ class UpstreamPool:
         while self._idle:
             connection = self._idle.pop()
             timer = self._idle_timers.pop(connection, None)
-            if timer is not None and timer.active():
+            if timer is not None:
                 timer.cancel()
             gone: Deferred[None] = Deferred()
             self._closing.append((connection, gone))
