@@ -18,11 +18,19 @@ import re
 from dataclasses import dataclass
 
 from gateway.config import REFUSED_METHODS, Route
-from gateway.errors import BadRequest, BodyTooLarge, GatewayError, MethodNotAllowed, NoRoute, NotSupported
+from gateway.errors import (
+    BadRequest,
+    BodyTooLarge,
+    GatewayError,
+    HttpsRedirect,
+    MethodNotAllowed,
+    NoRoute,
+    NotSupported,
+)
 from gateway.http1.fields import HeaderLookup
 from gateway.routing import PathRefused, Router, host_without_port, routing_path, upstream_target
 
-__all__ = ["FORWARDED_METHODS", "Admit", "Reject", "RequestHead", "decide"]
+__all__ = ["FORWARDED_METHODS", "Admit", "Reject", "RequestHead", "decide", "https_redirect"]
 
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 """What a request target may contain (RFC 9112 section 3.2): anything else is percent-encoded by a client."""
@@ -163,3 +171,16 @@ def _authority(value: bytes, default_port: int) -> tuple[bytes, int] | None:
     if not name or (port and (not _PORT.fullmatch(port) or int(port) > 65535)):
         return None
     return name.lower(), int(port) if port else default_port
+
+
+def https_redirect(method: bytes, target: bytes, headers: HeaderLookup, port: int) -> GatewayError:
+    """The redirect of a plain listener: the Host's name (its port replaced), then the target as sent."""
+    hosts = headers.getRawHeaders(b"host")
+    if not hosts:
+        return BadRequest("a request to an HTTPS-only address needs a Host header to be redirected")
+    host = host_without_port(hosts[0]).encode("ascii")  # checked by `decide`; an IPv6 literal keeps its brackets
+    if not host:
+        return BadRequest("a request to an HTTPS-only address needs a Host header to be redirected")
+    authority = host if port == 443 else b"%s:%d" % (host, port)
+    path = target if target.startswith(b"/") else b"/"
+    return HttpsRedirect(b"https://" + authority + path, method)

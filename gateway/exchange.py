@@ -1,4 +1,5 @@
-"""`Exchange`: the lifecycle of one proxied request, as named phases with one transition table.
+"""`Exchange`: the lifecycle of one proxied request, in named states per direction (`gateway.phases`: `Phase` for
+the response side, with one transition table, `Body` for the request body).
 
 Rules this module keeps:
 * Decisions are made on the head. `begin` runs once the head is complete and before a body byte is read or
@@ -15,52 +16,39 @@ Rules this module keeps:
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionLost, DNSLookupError
-from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     PotentialDataLoss,
-    RequestNotSent,
-    RequestTransmissionFailed,
     ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
 )
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gateway.addresses import member_of
-from gateway.admission import Admit, Reject, RequestHead, decide
-from gateway.auth.gatekeeper import Allow, Gatekeeper, Verdict
+from gateway.admission import Admit, Reject, RequestHead, decide, https_redirect
+from gateway.auth.gatekeeper import Allow, Verdict
 from gateway.auth.identity import AuthRequest
-from gateway.config import Limits, Route, Server
+from gateway.config import Route
+from gateway.context import Gateway
 from gateway.errors import (
     AuthUnavailable,
     BadRequest,
     BodyTooLarge,
-    ClientBodyTimeout,
     Denied,
     GatewayError,
-    HttpsRedirect,
     MethodNotAllowed,
     NoRoute,
     UpstreamBroken,
-    UpstreamSaturated,
-    UpstreamTimeout,
-    UpstreamTLSFailed,
-    UpstreamUnreachable,
     reason_phrase,
 )
-from gateway.framing import MAX_BODY_LENGTH, body_length
+from gateway.failures import TIMEOUT_ERRORS, length_too_large, upstream_error
 from gateway.headers import (
     client_response_headers,
     connection_tokens,
@@ -69,113 +57,16 @@ from gateway.headers import (
 )
 from gateway.http1.fields import Fields
 from gateway.http1.server import ClientConnection, Message
-from gateway.logs import AccessLog
-from gateway.metrics import Metrics
-from gateway.routing import Router, host_without_port
+from gateway.phases import ANSWERED, FORWARDED, TRANSITIONS, Body, Phase
+from gateway.records import bounded_field, ms_between
 from gateway.streaming import RequestBodyPipe, ResponseRelay
-from gateway.upstream import ConnectTimeout, UpstreamPool, UpstreamResponse
-from gateway.upstream_tls import tls_failure
+from gateway.upstream import UpstreamPool, UpstreamResponse
 
-__all__ = ["Exchange", "Gateway", "Phase", "refusal_record"]
+__all__ = ["Exchange"]
 
 _log = Logger()
 
 _NO_BODY_STATUSES = frozenset({204, 304})
-# How an upstream connection fails before a response head arrives (`gateway.http1.upstream` reports it in
-# twisted.web.client's words).
-_UPSTREAM_BROKE = (
-    ResponseNeverReceived,
-    ResponseFailed,
-    RequestTransmissionFailed,
-    RequestNotSent,
-    ConnectionLost,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Gateway:
-    """What a request needs of the running gateway. A reload replaces it whole; requests keep the one they began
-    with, so in-flight streams finish on the routes and pools they started on."""
-
-    server: Server
-    limits: Limits
-    router: Router
-    pools: Mapping[str, UpstreamPool]
-    clock: IReactorTime
-    gatekeeper: Gatekeeper
-    access_log: AccessLog | None = None
-    metrics: Metrics | None = None
-
-    @property
-    def observed(self) -> bool:
-        """Whether anything takes the records of finished requests (else none is built)."""
-        return self.access_log is not None or self.metrics is not None
-
-    def request_ended(self, record: dict[str, Any]) -> None:
-        """A request has ended: its one record goes to the access log and the metrics."""
-        if self.access_log is not None:
-            self.access_log.record(record)
-        if self.metrics is not None:
-            self.metrics.request_ended(record)
-
-
-class Phase(enum.Enum):
-    """Where a request is in its life; the response side is what decides what can still be said."""
-
-    HEAD = "head"
-    """Its head is read; not decided yet."""
-    ADMITTING = "admitting"
-    """Routed; waiting for an admission verdict (a JWKS fetch, a bcrypt check, forward auth). The body is not
-    read meanwhile, beyond what came with the head: the client's socket is paused at the first body byte."""
-    WAITING = "waiting"
-    """Admitted: waiting for an upstream slot, a connection or the response head (the body may be flowing)."""
-    STREAMING = "streaming"
-    """The upstream's response head has been written to the client; its body is being relayed."""
-    SENT = "sent"
-    """The whole response has been written; `finish` waits for the end of the request body."""
-    DONE = "done"
-    """Finished cleanly."""
-    ABORTED = "aborted"
-    """The client connection was cut, because a complete response could no longer be given."""
-    CLIENT_GONE = "client_gone"
-    """The client went away first."""
-
-    # Members are singletons: hash them by identity (C speed) rather than Enum's hash of the name (Python).
-    __hash__ = object.__hash__
-
-
-_TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
-    Phase.HEAD: frozenset({Phase.ADMITTING, Phase.WAITING, Phase.SENT, Phase.CLIENT_GONE}),
-    Phase.ADMITTING: frozenset({Phase.WAITING, Phase.SENT, Phase.CLIENT_GONE}),
-    Phase.WAITING: frozenset({Phase.STREAMING, Phase.SENT, Phase.CLIENT_GONE}),
-    Phase.STREAMING: frozenset({Phase.SENT, Phase.ABORTED, Phase.CLIENT_GONE}),
-    Phase.SENT: frozenset({Phase.DONE, Phase.ABORTED, Phase.CLIENT_GONE}),
-    Phase.DONE: frozenset(),
-    Phase.ABORTED: frozenset(),
-    Phase.CLIENT_GONE: frozenset(),
-}
-
-_ANSWERED = frozenset({Phase.SENT, Phase.DONE})
-"""Phases of a request whose whole response has been written."""
-
-_TIMEOUT_ERRORS: Mapping[str, Callable[[float], GatewayError]] = {
-    "response_headers": lambda t: UpstreamTimeout(f"the upstream sent no response headers within {t:g} s"),
-    "upstream_send_stall": lambda t: UpstreamTimeout(f"the upstream stopped reading the request body for {t:g} s"),
-    "client_body_idle": lambda t: ClientBodyTimeout(f"no request body bytes arrived for {t:g} s"),
-}
-
-
-def _https_redirect(method: bytes, target: bytes, headers: Any, port: int) -> GatewayError:
-    """The redirect of a plain listener: the Host's name (its port replaced), then the target as sent."""
-    hosts = headers.getRawHeaders(b"host")
-    if not hosts:
-        return BadRequest("a request to an HTTPS-only address needs a Host header to be redirected")
-    host = host_without_port(hosts[0]).encode("ascii")  # checked by `decide`; an IPv6 literal keeps its brackets
-    if not host:
-        return BadRequest("a request to an HTTPS-only address needs a Host header to be redirected")
-    authority = host if port == 443 else b"%s:%d" % (host, port)
-    path = target if target.startswith(b"/") else b"/"
-    return HttpsRedirect(b"https://" + authority + path, method)
 
 
 def _expects_continue(exchange: Exchange) -> bool:
@@ -223,11 +114,8 @@ class Exchange:
         self.request_id = ""
         self.route: Route | None = None
         self._has_body = False
-        self._received = False
-        self._discarding = False
-        """The rest of the request body is read and dropped (the upstream takes no more of it)."""
-        self._lingering = False
-        """The answer is complete and waits, under the lingering deadline, for the request body to end."""
+        self.body = Body.EXPECTED
+        """The request side's state (a request without a body has one of no bytes, read when its head ends)."""
         self._timing = False
         """Whether the connection's timer measures a wait of this exchange (see `_arm_timer`)."""
         self._pool: UpstreamPool | None = None
@@ -285,7 +173,7 @@ class Exchange:
     @property
     def answered(self) -> bool:
         """Whether the whole response has been written."""
-        return self.phase in _ANSWERED
+        return self.phase in ANSWERED
 
     def begin(self) -> None:
         """The head is complete: decide, and start the upstream request before any body byte is read."""
@@ -302,7 +190,7 @@ class Exchange:
         )
         redirect_port = connection.listener.redirect_to_https if connection.listener is not None else 0
         if redirect_port and (isinstance(decision, Admit) or isinstance(decision.error, NoRoute)):
-            decision = Reject(_https_redirect(self.method, self.uri, self.requestHeaders, redirect_port))
+            decision = Reject(https_redirect(self.method, self.uri, self.requestHeaders, redirect_port))
         if isinstance(decision, Reject):
             self.route = decision.route
             self._answer(decision.error)
@@ -333,7 +221,7 @@ class Exchange:
     def body_received(self, data: bytes) -> None:
         self._body_bytes += len(data)
         pipe = self._pipe
-        if pipe is not None and not self._discarding:
+        if pipe is not None and self.body in FORWARDED:
             limit = self.route.limits.max_request_body_bytes if self.route is not None else 0
             if pipe.received + len(data) > limit:
                 self._body_too_large(limit)  # checked first: not one byte past the limit goes upstream
@@ -381,9 +269,9 @@ class Exchange:
     def cut(self, ending: str) -> None:
         """The gateway cuts this request's connection now (the drain timeout passed): the request ends here, as
         `ending`, and what was under way is never finished as if complete."""
-        if not _TRANSITIONS[self.phase]:
+        if not TRANSITIONS[self.phase]:
             return
-        if Phase.ABORTED in _TRANSITIONS[self.phase]:
+        if Phase.ABORTED in TRANSITIONS[self.phase]:
             self._abort_client(ending)
         else:
             self.cut_by = ending
@@ -392,7 +280,7 @@ class Exchange:
     def lingered(self, size: int) -> bool:
         """`size` bytes arrived on the connection (framing included) while the answer waits for the body's end:
         past server.lingering_max_bytes the connection is cut. Returns whether it was."""
-        if not self._lingering or self.phase is not Phase.SENT:
+        if self.body is not Body.LINGERING or self.phase is not Phase.SENT:
             return False
         self._lingered += size
         if self._lingered > self.gateway.server.lingering_max_bytes:
@@ -402,17 +290,17 @@ class Exchange:
 
     def body_ended(self) -> None:
         """The request body is complete (or there was none)."""
-        self._received = True
-        if self._lingering:
+        previous, self.body = self.body, Body.READ
+        if previous is Body.LINGERING:
             self._cancel_timer()
-        elif self._pipe is not None and not self._discarding:
+        elif previous is Body.EXPECTED and self._pipe is not None:
             self._pipe.end()
         self._maybe_finish()
 
     def connection_lost(self, reason: Failure) -> None:
         """The client connection is gone (or refused this request): whatever is under way stops."""
         self._disconnected = True
-        if not _TRANSITIONS[self.phase]:
+        if not TRANSITIONS[self.phase]:
             return
         # A client that hangs up after the whole response was written (while we lingered) was answered.
         if self.cut_by is not None:
@@ -457,13 +345,13 @@ class Exchange:
         self._start(decision, length, verdict)
         for data in held:
             self.body_received(data)
-        if self._received and self._pipe is not None and not self._discarding:
-            self._pipe.end()
+        if self.body is Body.READ and self._pipe is not None:
+            self._pipe.end()  # the whole body came while admission decided
         if self._paused_for_verdict:
             self._paused_for_verdict = False
             if self._pipe is None or not self._pipe.client_paused:
                 self._connection.resume_reading()
-        if self._continue_owed and not held and not self._received and self._waiting_for_upstream():
+        if self._continue_owed and not held and self.body is not Body.READ and self._waiting_for_upstream():
             self._connection.send_continue()
 
     def _verdict_failed(self, failure: Failure) -> None:
@@ -582,8 +470,8 @@ class Exchange:
 
     def _body_refused(self) -> None:
         """The upstream will take no more of the body (it closed, or answered early and closed)."""
-        if not self._received:
-            self._discarding = True  # the rest is read and dropped; the upstream end reports the failure, if any
+        if self.body is Body.EXPECTED:
+            self.body = Body.DROPPED  # the rest is read and dropped; the upstream end reports the failure, if any
 
     def _got_response(self, response: UpstreamResponse) -> None:
         self._upstream_request = None
@@ -595,7 +483,7 @@ class Exchange:
             return
         route = self.route
         assert route is not None
-        broken = _length_too_large(response)
+        broken = length_too_large(response)
         if broken:
             # A length a client's parser would read its own way (gateway.framing): a broken upstream, whose
             # connection is closed unread (the response never began).
@@ -632,7 +520,7 @@ class Exchange:
             # Keep the upstream's framing when it had one (its Content-Length header is dropped with the rest of the
             # framing: the connection writes its own).
             self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])  # type: ignore[str-format]  # an int: not UNKNOWN_LENGTH
-        if self._has_body and not self._received:
+        if self._has_body and self.body is not Body.READ:
             self._close_after_response()  # an early answer: the rest of the body must not be read as a request
         self._enter(Phase.STREAMING)
         self.write(b"")  # the head goes out now, even if the body is slow to come (server-sent events)
@@ -687,46 +575,8 @@ class Exchange:
         self._release_slot()
         if self.phase is not Phase.WAITING:
             return
-        self._fail_before_response(self._error_for(failure))
-
-    def _error_for(self, failure: Failure) -> GatewayError:
         assert self.route is not None
-        name = self.route.upstream.name  # for the log: a URL, when the route gave one
-        named = _upstream_in_answers(self.route)
-        value = failure.value
-        if isinstance(value, UpstreamSaturated):
-            return value.naming(named)
-        if isinstance(value, GatewayError):
-            return value
-        for reason in getattr(failure.value, "reasons", ()):
-            # A broken response (its head over the limit, a malformed status line...) is wrapped in ResponseFailed.
-            if reason.check(GatewayError):
-                error: GatewayError = reason.value
-                return error
-        tls = tls_failure(failure) if self.route.upstream.scheme == "https" else None
-        if tls is not None:
-            _log.warn(
-                "TLS with upstream {upstream} failed: {reason} ({detail}) (request {request_id})",
-                upstream=name,
-                reason=tls,
-                detail=failure.getErrorMessage(),
-                request_id=self.request_id,
-            )
-            return UpstreamTLSFailed(f"the TLS handshake with {named} failed: {tls}")
-        if failure.check(ConnectTimeout, ConnectTimeoutError):
-            return UpstreamTimeout(f"could not connect to {named} within {self.route.timeouts.connect:g} s")
-        if failure.check(ConnectError, DNSLookupError):
-            return UpstreamUnreachable(f"could not connect to {named}")
-        if failure.check(*_UPSTREAM_BROKE):
-            _log.warn(
-                "Upstream {upstream} failed before answering: {reason} (request {request_id})",
-                upstream=name,
-                reason=failure.getErrorMessage(),
-                request_id=self.request_id,
-            )
-        else:
-            _log.failure("Unexpected upstream failure (request {request_id})", failure, request_id=self.request_id)
-        return UpstreamBroken(f"{named} closed the connection without a complete response")
+        self._fail_before_response(upstream_error(failure, self.route, self.request_id))
 
     # --- timers, limits and endings ----------------------------------------------------------------------
 
@@ -734,7 +584,7 @@ class Exchange:
         if self.phase is Phase.WAITING:
             assert self.route is not None
             seconds = getattr(self.route.timeouts, which)
-            self._fail_before_response(_TIMEOUT_ERRORS[which](seconds))
+            self._fail_before_response(TIMEOUT_ERRORS[which](seconds))
         elif self.phase is Phase.STREAMING:
             _log.info(
                 "Stream cut by the {which} timeout (request {request_id})",
@@ -768,7 +618,7 @@ class Exchange:
         if self._decided_at is None:
             self._decided_at = self._clock.seconds()
         status, content_type, body = error.render(self.request_id)
-        if (self._has_body and not self._received) or isinstance(error, BadRequest | MethodNotAllowed):
+        if (self._has_body and self.body is not Body.READ) or isinstance(error, BadRequest | MethodNotAllowed):
             self._close_after_response()  # what follows on this connection cannot be trusted to be a request
         self._set_status(status, reason_phrase(status))
         headers = self.responseHeaders
@@ -790,16 +640,15 @@ class Exchange:
         """Finish once the response is written and the body read; until the body is in, drop it (lingering)."""
         if self.phase is not Phase.SENT:
             return
-        if self._received:
+        if self.body is Body.READ:
             if self._pipe is not None:
                 self._pipe.abandon()  # the answer is complete: what the upstream did not take, it never will
             if not self._disconnected:
                 self._cancel_timer()
                 self._enter(Phase.DONE)
                 self._connection.finish()
-        elif self._has_body and not self._lingering:
-            self._lingering = True
-            self._discarding = True
+        elif self._has_body and self.body is not Body.LINGERING:
+            self.body = Body.LINGERING
             # The response is complete: say so now (its last chunk), as finish() will only run once the body is
             # in. Lingering close, as nginx does it: send FIN once the answer is out (a client that will not send
             # its body can see the answer is all there and hang up), keep reading and dropping the body, and
@@ -864,12 +713,12 @@ class Exchange:
             self._connection.timer.disarm()
 
     def _enter(self, phase: Phase, ending: str = "") -> None:
-        if phase not in _TRANSITIONS[self.phase]:
+        if phase not in TRANSITIONS[self.phase]:
             raise RuntimeError(f"request {self.request_id}: no transition from {self.phase.name} to {phase.name}")
         self.phase = phase
         if ending:
             self.ending = ending
-        if not _TRANSITIONS[phase]:
+        if not TRANSITIONS[phase]:
             if self._release is not None:
                 release, self._release = self._release, None
                 release()
@@ -904,7 +753,7 @@ class Exchange:
             "request_id": self.request_id,
             "client": getattr(self.client, "host", ""),
             "method": self.method.decode("ascii", "backslashreplace"),
-            "host": _host_field(self.requestHeaders.getRawHeaders(b"host")),
+            "host": bounded_field(self.requestHeaders.getRawHeaders(b"host")),
             "path": path.decode("ascii", "backslashreplace") if path else None,
             "route": route.name if route is not None else None,
             "upstream": route.upstream.name if route is not None and self._pool is not None else None,
@@ -913,102 +762,19 @@ class Exchange:
             "status": status,
             "bytes_in": self._body_bytes,
             "bytes_out": self.sentLength,
-            "decision_ms": _ms(self._decided_at, began),
-            "queue_ms": _ms(self._slot_at, self._queued_at),
-            "connect_ms": _ms(self._sent_at, self._slot_at),
-            "ttfb_ms": _ms(self._response_at, began),
+            "decision_ms": ms_between(self._decided_at, began),
+            "queue_ms": ms_between(self._slot_at, self._queued_at),
+            "connect_ms": ms_between(self._sent_at, self._slot_at),
+            "ttfb_ms": ms_between(self._response_at, began),
             "total_ms": round((now - began) * 1000.0, 3),
             "ending": self.ending or "client_gone",
             "tls_version": tls_version,
             "tls_cipher": tls_cipher,
-            "user_agent": _user_agent(self.requestHeaders.getRawHeaders(b"user-agent")),
+            "user_agent": bounded_field(self.requestHeaders.getRawHeaders(b"user-agent")),
         }
-
-
-def _length_too_large(response: UpstreamResponse) -> str:
-    """What is wrong, in words ("" when nothing), with a length an upstream response declares that llhttp took
-    (it takes anything within 64 bits): a body length over `MAX_BODY_LENGTH` as its framing, or, for a response
-    without a body (HEAD, 304), a relayed Content-Length over it."""
-    length = response.length
-    if length is not UNKNOWN_LENGTH:
-        if length > MAX_BODY_LENGTH:  # type: ignore[operator]
-            return f"a Content-Length over {MAX_BODY_LENGTH}"
-        if length:
-            return ""
-    for value in response.headers.getRawHeaders(b"content-length", ()):
-        if body_length(value) is None:
-            return f"a Content-Length over {MAX_BODY_LENGTH}"
-    return ""
-
-
-def _upstream_in_answers(route: Route) -> str:
-    """How an answer names a route's upstream: by its config name, or by the route when the route gave a URL
-    (the address goes to the log only)."""
-    upstream = route.upstream
-    return f"the upstream of route {route.name}" if upstream.inline else f"upstream {upstream.name}"
 
 
 def _host_value(route: Route) -> bytes:
     up = route.upstream
     host = f"[{up.host}]" if ":" in up.host else up.host
     return (host if up.port == 80 else f"{host}:{up.port}").encode("ascii")
-
-
-def refusal_record(
-    request_id: str,
-    client: str,
-    method: bytes | None,
-    status: int,
-    *,
-    tls: tuple[str | None, str | None] = (None, None),
-    path: bytes | None = None,
-) -> dict[str, Any]:
-    """The access-log record of a request head the connection refused before it became a request (a request line
-    too long, slow or malformed, a connection over the cap): the same fields, most of them null."""
-    return {
-        "request_id": request_id,
-        "client": client,
-        "method": method.decode("ascii", "backslashreplace") if method else None,
-        "host": None,
-        "path": path.decode("ascii", "backslashreplace") if path else None,
-        "route": None,
-        "upstream": None,
-        "upstream_addr": None,
-        "consumer": None,
-        "status": status,
-        "bytes_in": 0,
-        "bytes_out": 0,
-        "decision_ms": None,
-        "queue_ms": None,
-        "connect_ms": None,
-        "ttfb_ms": None,
-        "total_ms": None,
-        "ending": "refused",
-        "tls_version": tls[0],
-        "tls_cipher": tls[1],
-        "user_agent": None,
-    }
-
-
-def _ms(end: float | None, start: float | None) -> float | None:
-    if end is None or start is None:
-        return None
-    return round((end - start) * 1000.0, 3)
-
-
-_MAX_USER_AGENT = 256
-_MAX_HOST = 256
-
-
-def _host_field(values: list[bytes] | None) -> str | None:
-    """The Host the client sent (checked by admission when it was routed; a refused one may be anything, so it is
-    bounded and escaped)."""
-    if not values:
-        return None
-    return values[0][:_MAX_HOST].decode("ascii", "backslashreplace")
-
-
-def _user_agent(values: list[bytes] | None) -> str | None:
-    if not values:
-        return None
-    return values[0][:_MAX_USER_AGENT].decode("ascii", "backslashreplace")

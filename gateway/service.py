@@ -45,7 +45,7 @@ from gateway.auth.gatekeeper import Gatekeeper
 from gateway.certificates import CertificateSet, log_certificate
 from gateway.config import Config, ConfigError, Listener
 from gateway.config_tls import ListenerTLS
-from gateway.exchange import Gateway
+from gateway.context import Gateway
 from gateway.fleet import Fleet
 from gateway.logs import AccessLog
 from gateway.metrics import CertificateState, Live, Metrics

@@ -20,10 +20,12 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from gateway.config import Limits, Listener, Server
+from gateway.context import Gateway
 from gateway.errors import GatewayError, TooManyConnections
-from gateway.exchange import Exchange, Gateway, refusal_record
+from gateway.exchange import Exchange
 from gateway.http1.server import ClientConnection, Message
 from gateway.metrics import Live, PoolState
+from gateway.records import refusal_record
 from gateway.tls import handshake_failure
 
 __all__ = ["GatewayFactory"]

@@ -34,7 +34,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from gateway.exchange import Exchange, Gateway
+from gateway.context import Gateway
+from gateway.exchange import Exchange
 from gateway.http1.fields import Fields
 from gateway.http1.server import Message, canonical_peer
 from gateway.streaming import Watchdog

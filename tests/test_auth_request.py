@@ -23,7 +23,7 @@ from gateway.auth.credentials import challenge
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.limits import MemoryLimitStore
-from gateway.exchange import Phase
+from gateway.phases import Phase
 from tests.support.clients import Parsed, parse_response
 from tests.support.memory import Client, RecordingFactory, Upstream, disconnect
 from tests.support.running import gateway_config
