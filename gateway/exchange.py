@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionAborted
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,7 +36,7 @@ from gateway.addresses import member_of
 from gateway.admission import Admit, Reject, RequestHead, decide, https_redirect
 from gateway.auth.gatekeeper import Allow, Verdict
 from gateway.auth.identity import AuthRequest
-from gateway.config import Route
+from gateway.config import Listener, Route
 from gateway.context import Gateway
 from gateway.errors import (
     AuthUnavailable,
@@ -56,10 +57,11 @@ from gateway.headers import (
     upstream_request_headers,
 )
 from gateway.http1.fields import Fields
-from gateway.http1.server import ClientConnection, Message
+from gateway.http1.server import Message
 from gateway.phases import ANSWERED, FORWARDED, TRANSITIONS, Body, Phase
 from gateway.records import bounded_field, ms_between
-from gateway.streaming import RequestBodyPipe, ResponseRelay
+from gateway.streaming import RequestBodyPipe, ResponseRelay, Watchdog
+from gateway.tls import ClientCertificate
 from gateway.upstream import UpstreamPool, UpstreamResponse
 
 __all__ = ["Exchange"]
@@ -82,15 +84,64 @@ class _Drop(Protocol):
         IPushProducer(self.transport).stopProducing()
 
 
+class ClientEnd(TypingProtocol):
+    """What an exchange asks of the client end it answers through: the gateway's own connection
+    (`gateway.http1.server.ClientConnection`), or a twisted.web request (`gateway.web`)."""
+
+    listener: Listener | None
+    persistent: bool
+    """Whether another request may follow on the connection; the exchange may only clear it."""
+    timer: Watchdog
+    """The one timer the exchange (and its response relay) measures its waits with."""
+
+    @property
+    def transport(self) -> IPushProducer:
+        """What reads the request body: paused when the upstream cannot take more (`RequestBodyPipe`)."""
+
+    @property
+    def secure(self) -> bool:
+        """Whether the client came over TLS."""
+
+    @property
+    def tls_info(self) -> tuple[str | None, str | None]: ...
+
+    @property
+    def client_certificate(self) -> ClientCertificate | None: ...
+
+    def getPeer(self) -> IAddress: ...
+
+    def send_continue(self) -> None: ...
+
+    def write_head(self, code: int, phrase: bytes, headers: Fields, *, head_request: bool) -> None: ...
+
+    def write_body(self, data: bytes) -> None: ...
+
+    def end_body(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def linger(self) -> None: ...
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
 class Exchange:
     """One client request, proxied: made by the client connection (`gateway.http1.server`) once the request's head
     is read, told of its body as it comes, answering through the connection."""
 
-    def __init__(self, gateway: Gateway, connection: ClientConnection, message: Message, draining: bool) -> None:
+    def __init__(self, gateway: Gateway, connection: ClientEnd, message: Message, draining: bool) -> None:
         self.gateway = gateway
         self._clock = gateway.clock
         self._connection = connection
-        self._tls = ISSLTransport.providedBy(connection.transport)
+        self._tls = connection.secure
         self.method = message.method
         self.uri = message.target
         self.clientproto = message.version

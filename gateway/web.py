@@ -34,6 +34,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from gateway.config import Listener
 from gateway.context import Gateway
 from gateway.exchange import Exchange
 from gateway.http1.fields import Fields
@@ -92,7 +93,7 @@ class GatewayResource(Resource):
         message = _message(request, size)
         body = _SpooledBody(content, gateway.clock)
         end = _RequestEnd(request, body, gateway.clock)
-        exchange = Exchange(gateway, end, message, False)  # type: ignore[arg-type]
+        exchange = Exchange(gateway, end, message, False)
         body.exchange = exchange
         request.notifyFinish().addErrback(end.client_gone, exchange)
         exchange.begin()
@@ -248,7 +249,7 @@ class _RequestEnd:
     """The client end the exchange answers through, over a twisted.web request: the members of
     `gateway.http1.server.ClientConnection` the exchange uses, mapped to the request's public API."""
 
-    listener = None
+    listener: Listener | None = None
     """No gateway listener (and so no redirect to HTTPS: the site decides that)."""
 
     def __init__(self, request: Request, body: _SpooledBody, clock: IReactorTime) -> None:
@@ -256,8 +257,9 @@ class _RequestEnd:
         self._body = body
         self.timer = Watchdog(clock, 0.0, _nothing)
         """The one timer the exchange and its response relay measure their waits with (see ClientConnection)."""
-        secure = ISSLTransport.providedBy(request.transport)
-        self.transport = (_SecureTransport if secure else _PlainTransport)(request.transport, body)
+        self.secure = ISSLTransport.providedBy(request.transport)
+        """Whether the client came over TLS."""
+        self.transport = (_SecureTransport if self.secure else _PlainTransport)(request.transport, body)
         self.persistent = request.clientproto == b"HTTP/1.1"
         """Whether another request may follow on the connection (twisted.web's own decision stands; this can
         only close the connection after the response)."""

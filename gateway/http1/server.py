@@ -28,7 +28,14 @@ import httptools
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionAborted
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    ISSLTransport,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -244,6 +251,11 @@ class ClientConnection(Protocol):
         if self._tls_info is None:
             self._tls_info = tls_parameters(self.transport)
         return self._tls_info
+
+    @property
+    def secure(self) -> bool:
+        """Whether the client came over TLS."""
+        return ISSLTransport.providedBy(self.transport)
 
     @property
     def client_certificate(self) -> ClientCertificate | None:
