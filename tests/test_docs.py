@@ -69,6 +69,18 @@ max_request_line_bytes = "8KiB"
 max_header_bytes = "16KiB"
 max_header_count = 100
 
+[limits.store]
+type = "redis"
+url = "rediss://127.0.0.1:6379/0"
+username = "gateway"
+password_file = "redis.pass"
+ca_file = "redis-ca.pem"
+timeout = "10ms"
+connect_timeout = "1s"
+pool_size = 2
+prefix = "gateway:"
+lease_ttl = "30s"
+
 [flow_control]
 high_water = "256KiB"
 low_water = "64KiB"
