@@ -147,6 +147,7 @@ scopes_any = ["a"]
 scopes_all = ["b"]
 forward_credentials = false
 rate_limit_headers = true
+limit_store_failure = "open"
 host = "api.example.com"
 path_prefix = "/api"
 strip_prefix = true
