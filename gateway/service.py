@@ -103,7 +103,8 @@ def make_gateway(
     if config.limit_store.shared:
         shared = old_gatekeeper.hand_on_shared(config.limit_store) if old_gatekeeper is not None else None
         if shared is None:
-            shared = connect_shared_limits(config.limit_store, reactor)
+            kept = old_gatekeeper.shared if old_gatekeeper is not None else None
+            shared = connect_shared_limits(config.limit_store, reactor, stats=kept.stats if kept else None)
             shared.start()
     return Gateway(
         server=config.server,

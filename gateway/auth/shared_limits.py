@@ -36,7 +36,7 @@ from gateway.errors import LimitsUnavailable
 from gateway.redis.client import RedisClient, RedisUnavailable
 from gateway.redis.protocol import Arg, RedisError
 
-__all__ = ["Admitted", "Circuit", "SharedLimits", "StoreStats", "connect_shared_limits"]
+__all__ = ["LATENCY_BOUNDS", "Admitted", "Circuit", "SharedLimits", "StoreStats", "connect_shared_limits"]
 
 _log = Logger()
 
@@ -139,6 +139,7 @@ class SharedLimits:
         *,
         circuit: Circuit | None = None,
         settings: LimitStoreSettings | None = None,
+        stats: StoreStats | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -147,7 +148,8 @@ class SharedLimits:
         """The fallback of routes that fail open, and what their counts are while Redis does not answer."""
         self._clock = clock
         self.circuit = circuit or Circuit(clock)
-        self.stats = StoreStats()
+        self.stats = stats if stats is not None else StoreStats()
+        """Kept over a reload that replaces the store, so the metrics' counters never go down."""
 
     def start(self) -> None:
         self.redis.start()
@@ -256,7 +258,9 @@ class SharedLimits:
         return succeed(None)
 
 
-def connect_shared_limits(settings: LimitStoreSettings, reactor: Any) -> SharedLimits:
+def connect_shared_limits(
+    settings: LimitStoreSettings, reactor: Any, *, stats: StoreStats | None = None
+) -> SharedLimits:
     """The shared store `settings` describe, connecting in the background (checks fail over until it is ready)."""
     endpoint: IStreamClientEndpoint = HostnameEndpoint(
         reactor, settings.host, settings.port, timeout=max(1, math.ceil(settings.connect_timeout))
@@ -285,7 +289,7 @@ def connect_shared_limits(settings: LimitStoreSettings, reactor: Any) -> SharedL
         setup=setup,
     )
     store = RedisLimitStore(client, reactor, prefix=settings.prefix, lease_ttl=settings.lease_ttl)
-    return SharedLimits(store, reactor, settings=settings)
+    return SharedLimits(store, reactor, settings=settings, stats=stats)
 
 
 def _first(decisions: list[RateDecision | None]) -> RateDecision:
