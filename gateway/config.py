@@ -32,6 +32,7 @@ from gateway.auth.settings import (
     parse_admission,
     parse_route_admission,
 )
+from gateway.config_store import LOCAL_STORE, LimitStoreSettings, limit_store
 from gateway.config_tls import ListenerTLS, UpstreamTLS, hsts_value, listener_tls, upstream_tls
 from gateway.config_values import (
     ConfigError,
@@ -293,6 +294,8 @@ class Config:
     access_log: AccessLog = AccessLog()
     admin: Admin | None = None
     """None: no admin listener (no [admin] table in the file)."""
+    limit_store: LimitStoreSettings = LOCAL_STORE
+    """Where rate and concurrency counts live (`[limits.store]`)."""
     text: bytes = field(default=b"", repr=False, compare=False)
     """The file's bytes this config was read from (b"" for one built from a mapping): what the worker processes
     are given, so that every process serves exactly what the twistd process read and checked."""
@@ -327,7 +330,12 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
     top.known(_TOP_KEYS)
     server = _section(top, "server", Server, _SERVER_FIELDS)
     timeouts = _section(top, "timeouts", Timeouts, _TIMEOUT_FIELDS)
-    limits = _section(top, "limits", Limits, _LIMIT_FIELDS)
+    limits_table = top.table("limits")
+    store = LOCAL_STORE
+    if limits_table is not None:
+        limits_table.known(("store",))
+        store = limit_store(limits_table.table("store"), source)
+    limits = read_fields(limits_table, Limits(), _LIMIT_FIELDS)
     flow = _section(top, "flow_control", FlowControl, _FLOW_FIELDS)
     _check_flow(flow, top, "flow_control")
     listeners = _listeners(top, server)
@@ -361,6 +369,7 @@ def parse(data: Mapping[str, Any], *, source: Path | str) -> Config:
         source=str(source),
         server=server,
         limits=limits,
+        limit_store=store,
         listeners=listeners,
         upstreams=MappingProxyType(upstreams),
         routes=tuple(routes),

@@ -24,6 +24,7 @@ __all__ = [
     "HeadTimeout",
     "HeadersTooLarge",
     "HttpsRedirect",
+    "LimitsUnavailable",
     "MethodNotAllowed",
     "NoRoute",
     "NotSupported",
@@ -122,6 +123,15 @@ class AuthUnavailable(Denied):
     status = 503
     title = "Authentication unavailable"
     slug = "auth-unavailable"
+
+
+class LimitsUnavailable(Denied):
+    """The shared limit store (Redis) could not answer in time, on a route that fails closed: the request is
+    refused rather than let through uncounted."""
+
+    status = 503
+    title = "Limits unavailable"
+    slug = "limits-unavailable"
 
 
 class AuthTimeout(Denied):

@@ -30,7 +30,7 @@ from prometheus_client.utils import floatToGoString
 
 from gateway.about import versions
 
-__all__ = ["SUMMED_GAUGES", "CertificateState", "Live", "Metrics", "PoolState", "merge_kind"]
+__all__ = ["SUMMED_GAUGES", "CertificateState", "LimitStoreState", "Live", "Metrics", "PoolState", "merge_kind"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _DURATION_BUCKETS = (*_LATENCY_BUCKETS, 300.0, 1800.0, 3600.0)
@@ -60,6 +60,20 @@ class CertificateState(NamedTuple):
     roots or a configured CA file."""
 
 
+class LimitStoreState(NamedTuple):
+    """The shared limit store (Redis) of this process: its checks' latency, errors and fallbacks so far."""
+
+    bounds: Sequence[float]
+    latency_counts: Sequence[int]
+    """Checks answered, by latency bucket (`bounds`, then +Inf); not cumulative."""
+    latency_sum: float
+    errors: Mapping[str, int]
+    """Checks Redis did not answer, by kind: timeout, unavailable (no connection), error, connection."""
+    fallbacks: Mapping[str, int]
+    """Checks decided without Redis, by the route's choice: open (counted in this process), closed (503)."""
+    circuit_open: bool
+
+
 class Live(NamedTuple):
     """What is going on in the process at the moment of a scrape."""
 
@@ -78,6 +92,8 @@ class Live(NamedTuple):
     draining: bool
     certificates: Sequence[CertificateState] = ()
     """Every certificate loaded now (a reload replaces them)."""
+    limit_store: LimitStoreState | None = None
+    """None: limits are counted in this process (`[limits.store]` is local)."""
 
 
 SUMMED_GAUGES = frozenset(
@@ -167,6 +183,43 @@ class _LiveCollector(Collector):
             verified.add_metric([state.owner, state.certificate, state.names], int(state.chain_verified))
         yield expiry
         yield verified
+        if live.limit_store is not None:
+            yield from _limit_store_families(live.limit_store)
+
+
+def _limit_store_families(state: LimitStoreState) -> Iterator[Metric]:
+    latency = HistogramMetricFamily(
+        "gateway_limit_store_seconds", "Round trips of limit checks to the shared store (Redis) that it answered."
+    )
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip((*state.bounds, math.inf), state.latency_counts, strict=True):
+        total += count
+        buckets.append((floatToGoString(bound), total))
+    latency.add_metric([], buckets, sum_value=state.latency_sum)
+    yield latency
+    errors = CounterMetricFamily(
+        "gateway_limit_store_errors",
+        "Limit checks the shared store (Redis) did not answer, by kind (timeout, unavailable, error, connection).",
+        labels=["kind"],
+    )
+    for kind, count in sorted(state.errors.items()):
+        errors.add_metric([kind], count)
+    yield errors
+    fallbacks = CounterMetricFamily(
+        "gateway_limit_store_fallbacks",
+        "Limit checks decided without the shared store, by the route's choice: open (counted in this process), "
+        "closed (503).",
+        labels=["mode"],
+    )
+    for mode, count in sorted(state.fallbacks.items()):
+        fallbacks.add_metric([mode], count)
+    yield fallbacks
+    yield GaugeMetricFamily(
+        "gateway_limit_store_circuit_open",
+        "1 while the circuit to the shared store is open (Redis is not asked).",
+        int(state.circuit_open),
+    )
 
 
 class _Histogram:

@@ -42,6 +42,7 @@ from gateway import config as config_module
 from gateway.addresses import member_of
 from gateway.admin import OneProcess, admin_site
 from gateway.auth.gatekeeper import Gatekeeper
+from gateway.auth.shared_limits import connect_shared_limits
 from gateway.certificates import CertificateSet, log_certificate
 from gateway.config import Config, ConfigError, Listener
 from gateway.config_tls import ListenerTLS
@@ -98,13 +99,20 @@ def make_gateway(
             pools[name] = UpstreamPool(route.upstream, reactor)
     store = previous.gatekeeper.store if previous is not None else None
     old_gatekeeper = previous.gatekeeper if previous is not None else None
+    shared = None
+    if config.limit_store.shared:
+        shared = old_gatekeeper.hand_on_shared(config.limit_store) if old_gatekeeper is not None else None
+        if shared is None:
+            kept = old_gatekeeper.shared if old_gatekeeper is not None else None
+            shared = connect_shared_limits(config.limit_store, reactor, stats=kept.stats if kept else None)
+            shared.start()
     return Gateway(
         server=config.server,
         limits=config.limits,
         router=Router(config.routes),
         pools=pools,
         clock=reactor,
-        gatekeeper=Gatekeeper(config.admission, reactor=reactor, store=store, previous=old_gatekeeper),
+        gatekeeper=Gatekeeper(config.admission, reactor=reactor, store=store, shared=shared, previous=old_gatekeeper),
         access_log=access_log if access_log is not None and access_log.enabled else None,
         metrics=metrics,
     )

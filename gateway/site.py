@@ -19,12 +19,13 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from gateway.auth.shared_limits import LATENCY_BOUNDS
 from gateway.config import Limits, Listener, Server
 from gateway.context import Gateway
 from gateway.errors import GatewayError, TooManyConnections
 from gateway.exchange import Exchange
 from gateway.http1.server import ClientConnection, Message
-from gateway.metrics import Live, PoolState
+from gateway.metrics import LimitStoreState, Live, PoolState
 from gateway.records import refusal_record
 from gateway.tls import handshake_failure
 
@@ -205,6 +206,18 @@ class GatewayFactory(Factory):
                     if pipe.client_paused:
                         paused_uploads += 1
         pools = [PoolState(name, pool.in_flight, pool.queued, pool.idle) for name, pool in self.gateway.pools.items()]
+        shared = self.gateway.gatekeeper.shared
+        store = None
+        if shared is not None:
+            stats = shared.stats
+            store = LimitStoreState(
+                LATENCY_BOUNDS,
+                tuple(stats.latency_buckets),
+                stats.latency_sum,
+                dict(stats.errors),
+                dict(stats.fallbacks),
+                shared.circuit.is_open,
+            )
         return Live(
             connections=self.connections,
             requests=phases,
@@ -214,6 +227,7 @@ class GatewayFactory(Factory):
             buffered_response_bytes=buffered_responses,
             pools=pools,
             draining=draining,
+            limit_store=store,
         )
 
 

@@ -21,6 +21,7 @@ from gateway.service import GatewayService
 from tests.support import clients
 from tests.support.logs import captured
 from tests.support.origin import Origin
+from tests.support.redis import RedisServer
 from tests.support.running import RunningGateway, start_gateway
 
 
@@ -56,6 +57,16 @@ def no_leaks() -> Iterator[None]:
     assert not leaked_calls, f"pending DelayedCalls left behind: {leaked_calls}"
     leaked_sockets = _sockets() - before
     assert not leaked_sockets, f"sockets left open: {leaked_sockets}"
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, no persistence; stopped by PID after the test."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

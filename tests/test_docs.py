@@ -69,6 +69,18 @@ max_request_line_bytes = "8KiB"
 max_header_bytes = "16KiB"
 max_header_count = 100
 
+[limits.store]
+type = "redis"
+url = "rediss://127.0.0.1:6379/0"
+username = "gateway"
+password_file = "redis.pass"
+ca_file = "redis-ca.pem"
+timeout = "10ms"
+connect_timeout = "1s"
+pool_size = 2
+prefix = "gateway:"
+lease_ttl = "30s"
+
 [flow_control]
 high_water = "256KiB"
 low_water = "64KiB"
@@ -135,6 +147,7 @@ scopes_any = ["a"]
 scopes_all = ["b"]
 forward_credentials = false
 rate_limit_headers = true
+limit_store_failure = "open"
 host = "api.example.com"
 path_prefix = "/api"
 strip_prefix = true

@@ -51,6 +51,8 @@ from gateway.auth.settings import (
     RateLimit,
     RouteAdmission,
 )
+from gateway.auth.shared_limits import Admitted, SharedLimits
+from gateway.config_store import LimitStoreSettings
 from gateway.errors import AuthServiceDenied, AuthUnavailable, Denied, Forbidden, TooManyRequests, Unauthorized
 from gateway.headers import canonical_name
 
@@ -135,12 +137,15 @@ class Gatekeeper:
         *,
         reactor: Any,
         store: LimitStore | None = None,
+        shared: SharedLimits | None = None,
         authenticators: Mapping[str, Authenticator] | None = None,
         previous: Gatekeeper | None = None,
     ) -> None:
         self._admission = admission
         self._rates = admission.rate_limits
         self._store: LimitStore = store if store is not None else MemoryLimitStore(reactor)
+        self._shared = shared
+        """The Redis store when `[limits.store]` says so: then every limit is checked there (and `_store` is unused)."""
         self._handed_on: set[int] = set()
         """Ids of this gatekeeper's methods a reload's gatekeeper took over: they are its to close now."""
         if authenticators is None:
@@ -190,11 +195,11 @@ class Gatekeeper:
         if admission.anonymous:
             rate = self._rates.anonymous
             if rate is not None:
-                decision = self._store.take("anonymous:" + peer, rate)
-                if not decision.allowed:
-                    return _too_many("anonymous", rate, decision, "rate_limited_address", None)
-                if admission.rate_limit_headers:
-                    return self._anonymous._replace(response_headers=_rate_headers("anonymous", rate, decision))
+                key = "anonymous:" + peer
+                if self._shared is not None:
+                    taken = self._shared.take(key, rate, fail_closed=admission.limits_fail_closed)
+                    return taken.addCallbacks(self._anonymous_decided, _denied, callbackArgs=(admission, rate))
+                return self._anonymous_decided(self._store.take(key, rate), admission, rate)
             return self._anonymous
         chain = self._chain(admission)
         headers = request.headers
@@ -214,9 +219,55 @@ class Gatekeeper:
         keys = self._failure_keys(peer, auth, credential)
         guessable = bool(keys) and getattr(auth, "guessable", False)
         if keys:
-            refused = self._over_budget(keys, credential, guessable)
+            if self._shared is not None:
+                checks = [(key, failure.limit) for key, failure in zip(keys, self._failure_limits, strict=True)]
+                peeked = self._shared.peek(checks, fail_closed=admission.limits_fail_closed)
+                return peeked.addCallbacks(
+                    self._budget_checked,
+                    _denied,
+                    callbackArgs=(keys, credential, guessable, auth, chain, admission, request),
+                )
+            peeks = [
+                self._store.peek(key, failure.limit) for key, failure in zip(keys, self._failure_limits, strict=True)
+            ]
+            refused = self._over_budget(keys, credential, guessable, peeks)
             if refused is not None:
                 return refused
+        return self._verify(auth, credential, guessable, keys, chain, admission, request)
+
+    def _anonymous_decided(self, decision: RateDecision, admission: RouteAdmission, rate: RateLimit) -> Verdict:
+        if not decision.allowed:
+            return _too_many("anonymous", rate, decision, "rate_limited_address", None)
+        if admission.rate_limit_headers:
+            return self._anonymous._replace(response_headers=_rate_headers("anonymous", rate, decision))
+        return self._anonymous
+
+    def _budget_checked(
+        self,
+        decisions: list[RateDecision],
+        keys: tuple[str, ...],
+        credential: Any,
+        guessable: bool,
+        auth: Authenticator,
+        chain: tuple[Authenticator, ...],
+        admission: RouteAdmission,
+        request: AuthRequest,
+    ) -> Verdict | Deferred[Verdict]:
+        refused = self._over_budget(keys, credential, guessable, decisions)
+        if refused is not None:
+            return refused
+        return self._verify(auth, credential, guessable, keys, chain, admission, request)
+
+    def _verify(
+        self,
+        auth: Authenticator,
+        credential: Any,
+        guessable: bool,
+        keys: tuple[str, ...],
+        chain: tuple[Authenticator, ...],
+        admission: RouteAdmission,
+        request: AuthRequest,
+    ) -> Verdict | Deferred[Verdict]:
         try:
             result = auth.verify(credential, request)
         except AuthFailure as failure:
@@ -251,11 +302,13 @@ class Gatekeeper:
         claimed = address + "/" + hashlib.blake2b(tag, digest_size=12, key=_CLAIMANT_KEY).hexdigest()
         return (claimed, address) if self._rates.failed_auth_per_address is not None else (claimed,)
 
-    def _over_budget(self, keys: Sequence[str], credential: Any, guessable: bool) -> Denied | None:
-        """429 when a budget is spent (the one the client must wait longest for, if several), else None."""
+    def _over_budget(
+        self, keys: Sequence[str], credential: Any, guessable: bool, decisions: Sequence[RateDecision]
+    ) -> Denied | None:
+        """429 when a budget is spent (the one the client must wait longest for, if several), else None.
+        `decisions`: the store's peek of each of `keys`."""
         refused: tuple[_FailureLimit, RateDecision] | None = None
-        for key, failure in zip(keys, self._failure_limits, strict=True):
-            decision = self._store.peek(key, failure.limit)
+        for key, failure, decision in zip(keys, self._failure_limits, decisions, strict=True):
             # A password being checked counts against the budget until its verdict: otherwise a burst of
             # concurrent guesses would all pass this check before the first failure is counted.
             spent = not decision.allowed or (guessable and self._guessing_over(key, credential, decision.remaining))
@@ -304,6 +357,9 @@ class Gatekeeper:
         )
 
     def _count_failure(self, keys: Sequence[str]) -> None:
+        if self._shared is not None:
+            self._shared.count([(key, failure.limit) for key, failure in zip(keys, self._failure_limits, strict=True)])
+            return
         for key, failure in zip(keys, self._failure_limits, strict=True):
             self._store.take(key, failure.limit)
 
@@ -327,7 +383,9 @@ class Gatekeeper:
         _log.failure("Admission check failed unexpectedly (request {request_id})", reason, request_id=request_id)
         return AuthUnavailable("the credentials could not be checked", reason="internal_error")
 
-    def _authorise(self, identity: Identity, admission: RouteAdmission, chain: Sequence[Authenticator]) -> Verdict:
+    def _authorise(
+        self, identity: Identity, admission: RouteAdmission, chain: Sequence[Authenticator]
+    ) -> Verdict | Deferred[Verdict]:
         if (admission.scopes_any or admission.scopes_all) and not scopes_allow(
             identity.scopes, any_of=admission.scopes_any, all_of=admission.scopes_all
         ):
@@ -341,17 +399,21 @@ class Gatekeeper:
             consumer = self._admission.consumers.get(name) if identity.declared else None
             counted = name if identity.declared else f"{identity.method}/{name}"
             cap = (consumer.max_concurrent if consumer is not None else None) or self._admission.max_concurrent
+            rate = (consumer.rate_limit if consumer is not None else None) or self._rates.consumer
+            if self._shared is not None and (cap is not None or rate is not None):
+                admitted = self._shared.admit(
+                    ("in-flight:" + counted, cap) if cap is not None else None,
+                    ("consumer:" + counted, rate) if rate is not None else None,
+                    fail_closed=admission.limits_fail_closed,
+                )
+                return admitted.addCallbacks(
+                    self._admitted, _denied, callbackArgs=(identity, admission, name, cap, rate)
+                )
             if cap is not None:
                 key = "in-flight:" + counted
                 if not self._store.acquire(key, cap):
-                    return TooManyRequests(
-                        f"this consumer already has {cap} requests in flight",
-                        reason="too_many_concurrent",
-                        consumer=name,
-                        headers=[(b"Retry-After", b"1")],
-                    )
+                    return _too_many_concurrent(cap, name)
                 release = _once(partial(self._store.release, key))
-            rate = (consumer.rate_limit if consumer is not None else None) or self._rates.consumer
             if rate is not None:
                 decision = self._store.take("consumer:" + counted, rate)
                 if not decision.allowed:
@@ -360,6 +422,36 @@ class Gatekeeper:
                     return _too_many("consumer", rate, decision, "rate_limited_consumer", name)
                 if admission.rate_limit_headers:
                     response_headers = _rate_headers("consumer", rate, decision)
+        return self._allow(identity, admission, release, response_headers)
+
+    def _admitted(
+        self,
+        admitted: Admitted,
+        identity: Identity,
+        admission: RouteAdmission,
+        name: str,
+        cap: int | None,
+        rate: RateLimit | None,
+    ) -> Verdict:
+        """The verdict once the shared store checked a consumer's slot and rate together."""
+        if admitted.slot is False:
+            return _too_many_concurrent(cap or 0, name)
+        response_headers: Sequence[tuple[bytes, bytes]] = ()
+        decision = admitted.rate
+        if rate is not None and decision is not None:
+            if not decision.allowed:
+                return _too_many("consumer", rate, decision, "rate_limited_consumer", name)
+            if admission.rate_limit_headers:
+                response_headers = _rate_headers("consumer", rate, decision)
+        return self._allow(identity, admission, admitted.release, response_headers)
+
+    def _allow(
+        self,
+        identity: Identity,
+        admission: RouteAdmission,
+        release: Callable[[], None] | None,
+        response_headers: Sequence[tuple[bytes, bytes]],
+    ) -> Allow:
         forwarded = self._forwarded.get((id(identity), admission.forward_credentials))
         if forwarded is None or forwarded[0] is not identity:
             if len(self._forwarded) >= _MAX_FORWARDED:
@@ -405,6 +497,11 @@ class Gatekeeper:
         """The rate and concurrency counts: a reload hands them to the next gatekeeper, so limits go on."""
         return self._store
 
+    @property
+    def shared(self) -> SharedLimits | None:
+        """The shared (Redis) store, if the config names one: a reload with the same settings hands it on."""
+        return self._shared
+
     def hand_on(self, name: str, method: Method, admission: Admission) -> Authenticator | None:
         """This gatekeeper's method `name` for a reload's gatekeeper, if what it was built from is unchanged
         (its settings, the realm, and the consumers for a method that looks them up), with its caches and
@@ -417,13 +514,25 @@ class Gatekeeper:
         self._handed_on.add(id(auth))
         return auth
 
+    def hand_on_shared(self, settings: LimitStoreSettings) -> SharedLimits | None:
+        """This gatekeeper's shared store for a reload's gatekeeper, if it was made from equal settings (its
+        connections and the leases of requests still in flight go on); None otherwise. It is then the new
+        gatekeeper's to close."""
+        if self._shared is None or self._shared.settings != settings:
+            return None
+        self._handed_on.add(id(self._shared))
+        return self._shared
+
     def close(self) -> Deferred[Any]:
-        """Release the threads and connections of every method not handed on to a reload's gatekeeper."""
-        closing = [
+        """Release the threads and connections of every method, and the shared store, not handed on to a reload's
+        gatekeeper."""
+        closing: list[Deferred[Any]] = [
             d
             for d in (auth.close() for auth in self._authenticators.values() if id(auth) not in self._handed_on)
             if d is not None
         ]
+        if self._shared is not None and id(self._shared) not in self._handed_on:
+            closing.append(self._shared.close())
         return DeferredList(closing)
 
 
@@ -470,6 +579,20 @@ def _too_many(
             (b"RateLimit", b'"%s";r=0;t=%d' % (name.encode("ascii"), retry)),
         ],
     )
+
+
+def _too_many_concurrent(cap: int, consumer: str) -> TooManyRequests:
+    return TooManyRequests(
+        f"this consumer already has {cap} requests in flight",
+        reason="too_many_concurrent",
+        consumer=consumer,
+        headers=[(b"Retry-After", b"1")],
+    )
+
+
+def _denied(reason: Failure) -> Denied | Failure:
+    """A shared store's refusal to decide (`LimitsUnavailable`, on a route that fails closed) as a verdict."""
+    return reason.value if isinstance(reason.value, Denied) else reason
 
 
 def _policy(name: str, limit: RateLimit) -> bytes:

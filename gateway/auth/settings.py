@@ -318,6 +318,9 @@ class RouteAdmission:
     rate_limit_headers: bool = True
     """Tell clients their rate limit on every response of the route (RateLimit-Policy and RateLimit), not only on
     a 429."""
+    limits_fail_closed: bool = False
+    """When the shared limit store (Redis) does not answer in time: refuse (503) rather than count in this
+    process (`limit_store_failure = "closed"`)."""
 
 
 ANONYMOUS = RouteAdmission(anonymous=True)
@@ -1035,8 +1038,22 @@ def _optional_rate(t: Table, key: str, default: RateLimit | None) -> RateLimit |
     return inner.attempt(_rate_limit) if inner is not None else None
 
 
-ROUTE_ADMISSION_KEYS = ("auth", "scopes_any", "scopes_all", "forward_credentials", "rate_limit_headers")
+ROUTE_ADMISSION_KEYS = (
+    "auth",
+    "scopes_any",
+    "scopes_all",
+    "forward_credentials",
+    "rate_limit_headers",
+    "limit_store_failure",
+)
 """The keys of a route that `parse_route_admission` reads."""
+
+
+def _store_failure(value: object) -> str:
+    if value not in ("open", "closed"):
+        raise ValueError(f'must be "open" (count in this process) or "closed" (503), got {value!r}')
+    assert isinstance(value, str)
+    return value
 
 
 def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
@@ -1044,6 +1061,7 @@ def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
     `forward_credentials` and `rate_limit_headers`. A method that is defined but could not be read is not
     reported again here (the route is left out all the same)."""
     rate_headers = t.get("rate_limit_headers", boolean, True)
+    fail_closed = t.get("limit_store_failure", _store_failure, "open") == "closed"
     scopes_any: frozenset[str] = t.get("scopes_any", _scopes, frozenset())
     scopes_all: frozenset[str] = t.get("scopes_all", _scopes, frozenset())
     forward = t.get("forward_credentials", boolean, False)
@@ -1059,7 +1077,9 @@ def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
             t.report("scopes_any" if scopes_any else "scopes_all", "an anonymous route has no scopes to check")
         if t.has("forward_credentials") and t.valid("forward_credentials"):
             t.report("forward_credentials", "an anonymous route has no credentials to remove or forward")
-        return ANONYMOUS if rate_headers else RouteAdmission(anonymous=True, rate_limit_headers=False)
+        if rate_headers and not fail_closed:
+            return ANONYMOUS
+        return RouteAdmission(anonymous=True, rate_limit_headers=rate_headers, limits_fail_closed=fail_closed)
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise t.error("auth", f'must be "anonymous" or a non-empty array of method names, got {value!r}')
     missing = [name for name in value if name not in admission.methods]
@@ -1088,4 +1108,5 @@ def parse_route_admission(t: Table, admission: Admission) -> RouteAdmission:
         scopes_all=scopes_all,
         forward_credentials=forward,
         rate_limit_headers=rate_headers,
+        limits_fail_closed=fail_closed,
     )

@@ -63,9 +63,10 @@ class Workers:
     admin: int
 
 
-def start_workers(tmp_path: Path, spawn: list[Child], listener: str = "") -> Workers:
+def start_workers(tmp_path: Path, spawn: list[Child], listener: str = "", extra: str = "") -> Workers:
     """The demo upstream and `twistd gateway` with `workers = 2` in front of it, both processes listening and
-    serving, with an admin listener; `listener` is TOML added to the listener's table."""
+    serving, with an admin listener; `listener` is TOML added to the listener's table, `extra` at the end of the
+    file."""
     demo = start(spawn, [sys.executable, "-m", "gateway.demo", "--port", "0"], tmp_path, "demo")
     upstream = json.loads(demo.wait_for_line(re.compile(r"^\{.*\}$"), START_TIMEOUT).group(0))
     port, admin = free_port(), free_port()
@@ -74,6 +75,7 @@ def start_workers(tmp_path: Path, spawn: list[Child], listener: str = "") -> Wor
         f'[server]\nworkers = 2\n\n[admin]\nhost = "127.0.0.1"\nport = {admin}\n\n'
         f'[[listeners]]\nhost = "127.0.0.1"\nport = {port}\n{listener}\n'
         f'[[routes]]\nname = "demo"\nauth = "anonymous"\npath_prefix = "/"\nupstream = "http://127.0.0.1:{upstream["port"]}"\n'
+        f"{extra}"
     )
     twistd = start(
         spawn,
