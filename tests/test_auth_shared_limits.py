@@ -185,6 +185,30 @@ async def test_silent_redis(redis_server: RedisServer, fail_closed: bool) -> Non
         await shared.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_check_its_request_gave_up_on_is_no_failure_of_redis(redis_server: RedisServer) -> None:
+    """A check cancelled because its client left (the exchange cancels the verdict) is neither an error of the
+    store nor a step towards opening the circuit: clients hanging up must not cut a gateway off from Redis."""
+    shared = connect_shared_limits(settings(redis_server, timeout=5.0), reactor)
+    shared.start()
+    cfg = config(route={"auth": "anonymous", "limit_store_failure": "closed"}, admission=ANONYMOUS_3)
+    keeper = Gatekeeper(cfg.admission, reactor=reactor, shared=shared)
+    route = cfg.routes[0].admission
+    try:
+        await until(lambda: shared.redis.client.ready == 2)
+        redis_server.pause()  # the checks wait for Redis's answer...
+        for _ in range(6):  # ...and their clients leave first: more than the circuit's threshold
+            waiting = keeper.check(route, request())
+            assert isinstance(waiting, Deferred) and not waiting.called
+            waiting.cancel()
+            waiting.addErrback(lambda _: None)
+        assert sum(shared.stats.errors.values()) == 0
+        assert not shared.circuit.is_open and shared.stats.fallbacks["closed"] == 0
+    finally:
+        redis_server.resume()
+        await shared.close()
+
+
 @pytest.mark.parametrize("fail_closed", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_redis_stopped_mid_run(redis_server: RedisServer, fail_closed: bool) -> None:

@@ -8,12 +8,16 @@ from pathlib import Path
 
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.redis.client import RedisClient, RedisUnavailable
+from gateway.redis.client import RedisClient, RedisUnavailable, answered_within
 from gateway.redis.protocol import Arg, RedisError
 from tests.support.redis import RedisServer
+
+_sync = SynchronousTestCase()
 
 
 async def until(condition: Callable[[], bool], limit: float = 10.0) -> None:
@@ -136,3 +140,39 @@ async def test_connections_made_again(redis_server: RedisServer) -> None:
         assert await client.execute("PING") == "PONG"
     finally:
         await client.close()
+
+
+class TurnClock(Clock):
+    """A Clock that runs, as a reactor's turn does, only the calls due when the turn began: a call made during a
+    turn waits for the next (`task.Clock.advance` would run it at once)."""
+
+    def advance(self, amount: float) -> None:
+        self.rightNow += amount
+        due = [call for call in self.calls if call.getTime() <= self.seconds()]
+        for call in due:
+            if call in self.calls:
+                self.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+
+def test_a_reply_read_in_the_turn_its_deadline_came_wins() -> None:
+    """The timeout is judged one reactor turn after its deadline: a reply the reactor reads in the turn whose
+    timers ran the deadline (it was busy: timers run before sockets are read) is the answer; with none by the next
+    turn, TimeoutError."""
+    clock = TurnClock()
+    waiting: Deferred[object] = Deferred()
+    answered = answered_within(waiting, 0.01, clock)
+    clock.advance(0.01)  # the deadline's turn: its timers run first...
+    waiting.callback(b"PONG")  # ...then the socket is read
+    clock.advance(0)
+    assert _sync.successResultOf(answered) == b"PONG"
+    assert clock.getDelayedCalls() == []
+
+    late: Deferred[object] = Deferred()
+    failed = answered_within(late, 0.01, clock)
+    clock.advance(0.01)
+    clock.advance(0)
+    _sync.failureResultOf(failed, TimeoutError)
+    late.callback(b"PONG")  # a reply after the caller gave up goes nowhere
+    assert clock.getDelayedCalls() == []

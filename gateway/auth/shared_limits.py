@@ -18,10 +18,10 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from OpenSSL import crypto
-from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
@@ -242,13 +242,19 @@ class SharedLimits:
             self.circuit.succeeded()
             return decisions
 
-        def failed(reason: Failure) -> Deferred[_Shared]:
+        def failed(reason: Failure) -> Deferred[_Shared] | Failure:
+            if reason.check(CancelledError):
+                # The request stopped waiting (its client left): not Redis's failure, and nothing to decide.
+                return reason
             kind = _kind(reason)
             self.stats.errors[kind] += 1
             self.circuit.failed(kind)
             return self._fallback(fail_closed)
 
-        return self.redis.run(ops, all_or_nothing=all_or_nothing).addCallbacks(answered, failed)
+        # An errback that returns a Deferred or a Failure: Twisted's overloads take one or the other.
+        return cast(
+            Deferred[_Shared], self.redis.run(ops, all_or_nothing=all_or_nothing).addCallbacks(answered, failed)
+        )
 
     def _fallback(self, fail_closed: bool) -> Deferred[_Shared]:
         if fail_closed:
