@@ -96,7 +96,9 @@ class Client:
     @property
     def exchanges(self) -> list[Exchange]:
         """Every exchange made on this connection, in order."""
-        return _EXCHANGES.setdefault(id(self.channel), [])
+        owner = self.channel.owner
+        assert isinstance(owner, RecordingFactory)
+        return owner.exchanges.setdefault(self.channel, [])
 
     @property
     def request(self) -> Exchange:
@@ -107,15 +109,16 @@ class Client:
         disconnect(self.transport, self.channel, ConnectionLost("client went away"))
 
 
-_EXCHANGES: dict[int, list[Exchange]] = {}
-
-
 class RecordingFactory(GatewayFactory):
     """The gateway's factory, keeping every exchange it makes (by connection) for the test to look at."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exchanges: dict[ClientConnection, list[Exchange]] = {}
+
     def handle(self, connection: ClientConnection, message: Message) -> Exchange:
         exchange = super().handle(connection, message)
-        _EXCHANGES.setdefault(id(connection), []).append(exchange)
+        self.exchanges.setdefault(connection, []).append(exchange)
         return exchange
 
 
