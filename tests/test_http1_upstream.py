@@ -620,3 +620,70 @@ def test_an_http_1_0_answer_to_head_with_keep_alive_keeps_the_connection() -> No
         c.receive(answer)
         _sync.successResultOf(response).deliverBody(Body())
         assert (c.idle == [c.protocol]) is kept
+
+
+# --- a Content-Length body past its first read -----------------------------------------------------------------
+
+
+def test_a_content_length_body_after_its_first_read_is_relayed_read_by_read_and_the_connection_reused() -> None:
+    """Past the read that completed its head, a Content-Length body's reads go to the body protocol as they came
+    (not re-sliced by the parser), the response ends whole at its last byte, and the connection is reused."""
+    c = Connection()
+    response = get(c)
+    body = Body()
+    response.addCallback(lambda r: r.deliverBody(body))
+    pieces: list[bytes] = []
+    original = body.dataReceived
+
+    def keep(data: bytes) -> None:
+        pieces.append(data)
+        original(data)
+
+    body.dataReceived = keep  # type: ignore[method-assign]
+    c.receive(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+    c.receive(b"cdef")
+    assert body.ended is None and c.idle == []
+    c.receive(b"ghij")
+    assert pieces == [b"ab", b"cdef", b"ghij"] and body.data == b"abcdefghij"
+    assert body.ended is not None and body.ended.check(ResponseDone)
+    assert c.idle == [c.protocol]
+    second = get(c)  # the connection serves the next request as a fresh one
+    c.receive(OK)
+    assert _sync.successResultOf(second).code == 200
+
+
+def test_bytes_past_a_content_length_body_read_after_its_head_close_the_connection() -> None:
+    """A read that ends the body and carries more bytes: the response stands, whole, but the connection is out of
+    step and closed, never reused."""
+    c = Connection()
+    response = get(c)
+    body = Body()
+    response.addCallback(lambda r: r.deliverBody(body))
+    c.receive(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nab")
+    c.receive(b"cdefHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+    assert body.data == b"abcdef" and body.ended is not None and body.ended.check(ResponseDone)
+    assert c.idle == [] and "abort" in c.transport.calls
+
+
+def test_a_content_length_body_cut_after_its_first_read_ends_failed() -> None:
+    """The connection lost before a Content-Length body's last byte, reads after its head: ResponseFailed."""
+    c = Connection()
+    response = get(c)
+    body = Body()
+    response.addCallback(lambda r: r.deliverBody(body))
+    c.receive(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+    c.receive(b"cd")
+    c.lose(ConnectionDone())
+    assert body.data == b"abcd" and body.ended is not None and body.ended.check(ResponseFailed)
+
+
+def test_an_answer_with_connection_close_ends_its_connection_after_a_body_read_past_its_head() -> None:
+    """`Connection: close` still holds when the body's end came in a read past its head: not reused."""
+    c = Connection()
+    response = get(c)
+    body = Body()
+    response.addCallback(lambda r: r.deliverBody(body))
+    c.receive(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nab")
+    c.receive(b"cd")
+    assert body.ended is not None and body.ended.check(ResponseDone)
+    assert c.idle == []

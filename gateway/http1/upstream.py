@@ -171,6 +171,8 @@ class _Exchange:
     __slots__ = (
         "between_body",
         "body",
+        "body_left",
+        "body_seen",
         "chunked",
         "complete",
         "connection",
@@ -214,6 +216,11 @@ class _Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self.status = b""
         self.received_any = False
+        self.body_seen = 0
+        """Body bytes the parser has handed over."""
+        self.body_left: int | None = None
+        """Once a Content-Length body is under way: its bytes still to come, read past the parser (a body's bytes
+        need no parsing, and each read is relayed as it came, not sliced by the parser into a copy)."""
         self.parser = httptools.HttpResponseParser(self)
 
     # --- httptools callbacks ------------------------------------------------------------------------------------
@@ -295,6 +302,7 @@ class _Exchange:
         if self.response_done:
             raise _Broken(UpstreamBroken("the upstream sent a body with its answer to HEAD"))
         self.between_body = 0
+        self.body_seen += len(data)
         response._body(data)
 
     def on_message_complete(self) -> None:
@@ -486,6 +494,9 @@ class UpstreamConnection(Protocol):
                 self.abandon()
             return
         exchange.received_any = True
+        if exchange.body_left is not None:
+            self._body_read(exchange, data)
+            return
         try:
             exchange.parser.feed_data(data)
         except httptools.HttpParserError as error:
@@ -509,10 +520,7 @@ class UpstreamConnection(Protocol):
                 self._broken(exchange, UpstreamBroken(f"the upstream sent a malformed response ({error})"))
             return
         if exchange.complete is not None:
-            keep_alive, exchange.complete = exchange.complete, None
-            if not keep_alive:
-                self._closing = True
-            self._end_response(exchange)
+            self._read_complete(exchange)
         elif exchange.response is None:
             # A read that ends before the head is complete is all head: counted on its own (the callbacks count
             # whole lines apart: each count is at most the head's size).
@@ -520,10 +528,48 @@ class UpstreamConnection(Protocol):
             if exchange.head_read > MAX_RESPONSE_HEAD:
                 self._broken(exchange, _head_too_large())
         else:
+            response = exchange.response
+            length = response.length
+            if isinstance(length, int) and length and exchange.method != b"HEAD":
+                # A Content-Length body under way: the rest is counted here and relayed read by read.
+                exchange.body_left = length - exchange.body_seen
+                return
             # Bytes with no body byte in them (chunk framing, a trailer that never ends) are bounded too.
             exchange.between_body += len(data)
             if exchange.between_body > MAX_RESPONSE_HEAD + UPSTREAM_BUFFER_SIZE:
                 self._broken(exchange, UpstreamBroken("the upstream sent too many bytes without a body byte"))
+
+    def _body_read(self, exchange: _Exchange, data: bytes) -> None:
+        """A read of a Content-Length body past its head: relayed whole; at the body's end the response is
+        complete, and a byte past it puts the connection out of step (closed, the response standing)."""
+        response = exchange.response
+        assert response is not None and exchange.body_left is not None
+        left = exchange.body_left
+        extra = len(data) - left
+        if extra > 0:
+            data = data[:left]
+        exchange.body_left = left - len(data)
+        if data:
+            response._body(data)
+        if exchange.body_left or self._exchange is not exchange or exchange.response_done:
+            return  # more to come, or the relay ended the exchange meanwhile (its client went away)
+        exchange.body_left = None
+        self._response_complete(exchange, keep_alive=exchange.parser.should_keep_alive())
+        if extra > 0:
+            _log.warn("Upstream sent bytes after a complete response; closing its connection")
+            exchange.complete = None
+            self._closing = True
+            self._end_response(exchange)
+            self.abandon()
+            return
+        self._read_complete(exchange)
+
+    def _read_complete(self, exchange: _Exchange) -> None:
+        """The response ended within the read just handled: its end is acted on now."""
+        keep_alive, exchange.complete = exchange.complete, None
+        if not keep_alive:
+            self._closing = True
+        self._end_response(exchange)
 
     def _response_complete(self, exchange: _Exchange, *, keep_alive: bool) -> None:
         """The response ended (within a parse): acted on once the whole read is parsed, so that a byte past it is
