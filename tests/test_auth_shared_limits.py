@@ -122,8 +122,7 @@ async def test_consumer_slot_and_rate_in_one_round_trip(
     shared_pair: tuple[SharedLimits, SharedLimits], redis_server: RedisServer
 ) -> None:
     """A consumer's cap and rate are checked together: the cap is shared across gatekeepers and comes back on
-    release; the two are one EVALSHA (failed-auth budgets off here: they are a round trip of their own, before
-    the credential is verified)."""
+    release; the two are one EVALSHA."""
     rates = {"consumer": {"rate": "100/m"}, "failed_auth": False}
     cfg = config(admission={"max_concurrent": 1, "rate_limits": rates})
     a, b = (Gatekeeper(cfg.admission, reactor=reactor, shared=s) for s in shared_pair)
@@ -140,6 +139,33 @@ async def test_consumer_slot_and_rate_in_one_round_trip(
     third = await verdict_of(b.check(route, request(key())))
     assert isinstance(third, Allow) and third.release is not None
     third.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_api_key_request_with_failed_auth_budgets_on_is_one_round_trip(
+    shared_pair: tuple[SharedLimits, SharedLimits], redis_server: RedisServer
+) -> None:
+    """With the failed-auth budgets on (the default), an API key (checked cheaply) is checked first, then its
+    budgets, its consumer's slot and its rate are one EVALSHA; a wrong key is 401 and counted, and once its budget
+    is spent through either gatekeeper it is 429."""
+    rates = {"consumer": {"rate": "100/m"}, "failed_auth": {"rate": "2/m"}, "failed_auth_per_address": False}
+    cfg = config(admission={"max_concurrent": 5, "rate_limits": rates})
+    a, b = (Gatekeeper(cfg.admission, reactor=reactor, shared=s) for s in shared_pair)
+    route = cfg.routes[0].admission
+    before = _evalsha_calls(redis_server)
+    first = await verdict_of(a.check(route, request(key())))
+    assert isinstance(first, Allow) and first.release is not None
+    assert _evalsha_calls(redis_server) == before + 1
+    first.release()
+    wrong = key("gw_" + "x" * 40)
+    for keeper in (a, b):
+        assert (await verdict_of(keeper.check(route, request(wrong)))).status == 401  # type: ignore[union-attr]
+    for _ in range(50):  # the failures' counts are answered to nobody: wait for them (bounded)
+        refused = await verdict_of(b.check(route, request(wrong)))
+        if isinstance(refused, TooManyRequests):
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert isinstance(refused, TooManyRequests) and refused.reason == "too_many_failed_authentications"
 
 
 def _evalsha_calls(server: RedisServer) -> int:

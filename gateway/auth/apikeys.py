@@ -49,6 +49,7 @@ class ApiKeyAuthenticator:
     declared consumer."""
 
     guessable = False  # keys are not passwords (see Authenticator.guessable)
+    verified_cheaply = True  # a SHA-256 digest looked up
 
     def __init__(self, method: ApiKeyMethod, consumers: Mapping[str, Consumer], *, realm: str) -> None:
         self.name = method.name

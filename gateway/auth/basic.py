@@ -59,6 +59,7 @@ class BasicAuthenticator:
     """Admits a request whose Basic user name is a consumer with a password hash and whose password matches it."""
 
     guessable = True
+    verified_cheaply = False  # a bcrypt check, on a thread
     """Passwords can be guessed: checks under way count against the failed-auth budgets of the client address
     and of the user name it tries."""
 

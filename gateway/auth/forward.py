@@ -280,6 +280,7 @@ class ForwardAuthenticator:
     """
 
     guessable = False  # what it sends the auth service is not known to be a password
+    verified_cheaply = False  # a call to the auth service
 
     def claimant(self, credential: object) -> None:
         """None: failures are counted under the method."""

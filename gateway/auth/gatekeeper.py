@@ -128,6 +128,11 @@ def build_authenticator(method: Method, admission: Admission, reactor: Any) -> A
     raise ValueError(f"unknown method type {method.type!r}")
 
 
+_Budgets = tuple[tuple[str, ...], Any, list[tuple[str, RateLimit]]]
+"""A cheaply checked credential's failed-auth budgets, asked with its consumer's limits: their keys, the
+credential, and (key, limit) for the shared store."""
+
+
 class Gatekeeper:
     """Runs the admission checks for every route of one configuration."""
 
@@ -219,6 +224,10 @@ class Gatekeeper:
         keys = self._failure_keys(peer, auth, credential)
         guessable = bool(keys) and getattr(auth, "guessable", False)
         if keys:
+            if self._shared is not None and not guessable and getattr(auth, "verified_cheaply", False):
+                # Checked first (it costs next to nothing), its budgets then asked with its consumer's slot and
+                # rate: one round trip to the shared store.
+                return self._verify_then_budgets(auth, credential, keys, chain, admission, request)
             if self._shared is not None:
                 checks = [(key, failure.limit) for key, failure in zip(keys, self._failure_limits, strict=True)]
                 peeked = self._shared.peek(checks, fail_closed=admission.limits_fail_closed)
@@ -234,6 +243,53 @@ class Gatekeeper:
             if refused is not None:
                 return refused
         return self._verify(auth, credential, guessable, keys, chain, admission, request)
+
+    def _verify_then_budgets(
+        self,
+        auth: Authenticator,
+        credential: Any,
+        keys: tuple[str, ...],
+        chain: tuple[Authenticator, ...],
+        admission: RouteAdmission,
+        request: AuthRequest,
+    ) -> Verdict | Deferred[Verdict]:
+        """A credential of a method that checks it cheaply, with a shared store: checked, then its failed-auth
+        budgets asked in one round trip, with the consumer's slot and rate when it passed (a spent budget is still
+        429, whatever the check said), on their own when it failed (429 or 401, and counted)."""
+        checks = [(key, failure.limit) for key, failure in zip(keys, self._failure_limits, strict=True)]
+        assert self._shared is not None
+        try:
+            result = auth.verify(credential, request)
+        except AuthFailure as failure:
+            peeked = self._shared.peek(checks, fail_closed=admission.limits_fail_closed)
+            return peeked.addCallbacks(
+                self._failed_after_budgets, _denied, callbackArgs=(keys, credential, chain, auth, failure)
+            )
+        except Denied as denied:
+            return denied
+        budgets = (keys, credential, checks)
+        if isinstance(result, Deferred):
+            return result.addCallbacks(
+                self._authorise,
+                self._verify_failed,
+                callbackArgs=(admission, chain, budgets),
+                errbackArgs=(chain, auth, keys, request.request_id),
+            )
+        return self._authorise(result, admission, chain, budgets)
+
+    def _failed_after_budgets(
+        self,
+        decisions: list[RateDecision],
+        keys: tuple[str, ...],
+        credential: Any,
+        chain: tuple[Authenticator, ...],
+        auth: Authenticator,
+        failure: AuthFailure,
+    ) -> Verdict:
+        refused = self._over_budget(keys, credential, False, decisions)
+        if refused is not None:
+            return refused
+        return self._failed(chain, auth, failure, keys)
 
     def _anonymous_decided(self, decision: RateDecision, admission: RouteAdmission, rate: RateLimit) -> Verdict:
         if not decision.allowed:
@@ -384,8 +440,14 @@ class Gatekeeper:
         return AuthUnavailable("the credentials could not be checked", reason="internal_error")
 
     def _authorise(
-        self, identity: Identity, admission: RouteAdmission, chain: Sequence[Authenticator]
+        self,
+        identity: Identity,
+        admission: RouteAdmission,
+        chain: Sequence[Authenticator],
+        budgets: _Budgets | None = None,
     ) -> Verdict | Deferred[Verdict]:
+        """Scopes, then the consumer's slot and rate; with `budgets` (a cheaply checked credential's, shared
+        store) those are asked in the same round trip, first."""
         if (admission.scopes_any or admission.scopes_all) and not scopes_allow(
             identity.scopes, any_of=admission.scopes_any, all_of=admission.scopes_all
         ):
@@ -393,6 +455,11 @@ class Gatekeeper:
         name = identity.consumer
         release = None
         response_headers: Sequence[tuple[bytes, bytes]] = ()
+        if budgets is not None and name is None and self._shared is not None:
+            admitted = self._shared.admit(None, None, fail_closed=admission.limits_fail_closed, budgets=budgets[2])
+            return admitted.addCallbacks(
+                self._admitted, _denied, callbackArgs=(identity, admission, "", None, None, budgets)
+            )
         if name is not None:
             # A declared consumer's own limits apply to it alone; a token's subject or an auth service's name is
             # counted under its method, never as the declared consumer of the same name.
@@ -400,14 +467,15 @@ class Gatekeeper:
             counted = name if identity.declared else f"{identity.method}/{name}"
             cap = (consumer.max_concurrent if consumer is not None else None) or self._admission.max_concurrent
             rate = (consumer.rate_limit if consumer is not None else None) or self._rates.consumer
-            if self._shared is not None and (cap is not None or rate is not None):
+            if self._shared is not None and (cap is not None or rate is not None or budgets is not None):
                 admitted = self._shared.admit(
                     ("in-flight:" + counted, cap) if cap is not None else None,
                     ("consumer:" + counted, rate) if rate is not None else None,
                     fail_closed=admission.limits_fail_closed,
+                    budgets=budgets[2] if budgets is not None else (),
                 )
                 return admitted.addCallbacks(
-                    self._admitted, _denied, callbackArgs=(identity, admission, name, cap, rate)
+                    self._admitted, _denied, callbackArgs=(identity, admission, name, cap, rate, budgets)
                 )
             if cap is not None:
                 key = "in-flight:" + counted
@@ -432,8 +500,16 @@ class Gatekeeper:
         name: str,
         cap: int | None,
         rate: RateLimit | None,
+        budgets: _Budgets | None = None,
     ) -> Verdict:
-        """The verdict once the shared store checked a consumer's slot and rate together."""
+        """The verdict once the shared store checked a consumer's slot and rate together (and the budgets of its
+        credential, when they were asked in the same call)."""
+        if budgets is not None and admitted.budgets is not None:
+            refused = self._over_budget(budgets[0], budgets[1], False, admitted.budgets)
+            if refused is not None:
+                if admitted.release is not None:
+                    admitted.release()
+                return refused
         if admitted.slot is False:
             return _too_many_concurrent(cap or 0, name)
         response_headers: Sequence[tuple[bytes, bytes]] = ()

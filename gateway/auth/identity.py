@@ -86,6 +86,11 @@ class Authenticator(Protocol):
     """Whether its credentials can be guessed (passwords, not 256-bit keys or signatures): while one is being
     checked, it counts against the failed-auth budgets it would count against if it failed (optional; False
     when absent)."""
+    verified_cheaply: bool
+    """Whether checking a credential costs next to nothing (a digest looked up, a certificate the handshake
+    checked): with a shared limit store its failed-auth budgets are then asked in the same round trip as the
+    consumer's slot and rate, after the check, instead of one round trip before it (optional; False when
+    absent)."""
 
     def claimant(self, credential: object) -> bytes | None:
         """Who `credential` claims to be, for counting its failures apart from other clients' behind the same

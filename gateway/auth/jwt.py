@@ -92,6 +92,7 @@ class JwtAuthenticator:
     `reactor` (or `clock`), which `close` closes."""
 
     guessable = False  # signed tokens
+    verified_cheaply = False  # a signature checked (or keys fetched)
 
     def __init__(
         self,

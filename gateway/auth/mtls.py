@@ -34,6 +34,7 @@ class MtlsAuthenticator:
     from_connection = True
     """Its credential is the connection's certificate, not a header (`Gatekeeper` hands it over)."""
     guessable = False
+    verified_cheaply = True  # the handshake checked the certificate
 
     def claimant(self, credential: object) -> None:
         """None: failures are counted under the method."""

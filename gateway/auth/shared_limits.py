@@ -117,6 +117,8 @@ class Admitted(NamedTuple):
     slot: bool | None
     rate: RateDecision | None
     release: Callable[[], None] | None
+    budgets: list[RateDecision] | None = None
+    """The failed-auth budgets asked in the same call, when any were: one refused means nothing else was taken."""
 
 
 def _kind(reason: Failure) -> str:
@@ -191,11 +193,18 @@ class SharedLimits:
         self._run(ops, False, False).addCallback(decided)
 
     def admit(
-        self, slot: tuple[str, int] | None, rate: tuple[str, RateLimit] | None, *, fail_closed: bool
+        self,
+        slot: tuple[str, int] | None,
+        rate: tuple[str, RateLimit] | None,
+        *,
+        fail_closed: bool,
+        budgets: Sequence[tuple[str, RateLimit]] = (),
     ) -> Deferred[Admitted]:
         """A consumer's concurrency slot and rate checked together, in one round trip: a refused rate gives the
-        slot back in the same call."""
-        ops: list[LimitOp] = []
+        slot back in the same call. With `budgets` (failed-auth budgets of a credential already checked), they are
+        peeked first in the same call, and one that is spent stops it before anything is taken."""
+        ops: list[LimitOp] = [self.redis.peek_op(key, limit) for key, limit in budgets]
+        peeked = len(ops)
         acquire = None
         if slot is not None:
             acquire = self.redis.acquire_op(*slot)
@@ -204,6 +213,11 @@ class SharedLimits:
             ops.append(self.redis.take_op(*rate))
 
         def locally() -> Admitted:
+            peeks: list[RateDecision] | None = None
+            if budgets:
+                peeks = [self.local.peek(key, limit) for key, limit in budgets]
+                if not all(p.allowed for p in peeks):
+                    return Admitted(None, None, None, peeks)
             release = None
             if slot is not None:
                 if not self.local.acquire(*slot):
@@ -213,18 +227,25 @@ class SharedLimits:
             if decision is not None and not decision.allowed and release is not None:
                 release()
                 release = None
-            return Admitted(True if slot is not None else None, decision, release)
+            return Admitted(True if slot is not None else None, decision, release, peeks)
 
         def decided(decisions: _Shared) -> Admitted:
             if decisions is None:
                 return locally()
+            spent = None
+            if peeked:
+                budget_decisions = [d for d in decisions[:peeked] if d is not None]
+                if len(budget_decisions) < peeked or not all(d.allowed for d in budget_decisions):
+                    return Admitted(None, None, None, budget_decisions)  # stopped there: nothing was taken
+                spent = budget_decisions
+                decisions = decisions[peeked:]
             got = decisions[0] if acquire is not None else None
             decision = decisions[-1] if rate is not None else None
             release = None
             if acquire is not None and got is not None and got.allowed and (decision is None or decision.allowed):
                 self.redis.held(acquire)
                 release = _once(partial(self.redis.release, acquire.key))
-            return Admitted(None if acquire is None else bool(got and got.allowed), decision, release)
+            return Admitted(None if acquire is None else bool(got and got.allowed), decision, release, spent)
 
         return self._run(ops, True, fail_closed).addCallback(decided)
 
