@@ -4,7 +4,7 @@ loaded again after a SCRIPT FLUSH."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_twisted
@@ -17,16 +17,9 @@ from gateway.auth.redis_store import SCRIPT, RedisLimitStore
 from gateway.auth.settings import RateLimit
 from gateway.redis.client import RedisClient
 from tests.support.redis import RedisServer
+from tests.support.scrape import until
 
 MINUTE = RateLimit(requests=10, period=60.0, burst=10)
-
-
-async def until(condition: Callable[[], bool], limit: float = 10.0) -> None:
-    for _ in range(int(limit / 0.01)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not met in time")
 
 
 async def started(server: RedisServer, *, clock: object = reactor, lease_ttl: float = 30.0) -> RedisLimitStore:
@@ -34,7 +27,7 @@ async def started(server: RedisServer, *, clock: object = reactor, lease_ttl: fl
     client = RedisClient(reactor, endpoint, timeout=5.0, setup=[("SCRIPT", "LOAD", SCRIPT)])
     store = RedisLimitStore(client, clock, prefix="gwtest:", lease_ttl=lease_ttl)  # type: ignore[arg-type]
     store.start()
-    await until(lambda: client.ready == 2)
+    await until(lambda: client.ready == 2, "2 connections ready")
     return store
 
 
@@ -167,7 +160,7 @@ async def test_held_leases_are_renewed(redis_server: RedisServer) -> None:
         await store.release("in-flight:n")
         (member, score) = _members(redis_server, "gwtest:in-flight:n")
         clock.advance(10.0)
-        await until(lambda: _members(redis_server, "gwtest:in-flight:n")[1] > score)
+        await until(lambda: _members(redis_server, "gwtest:in-flight:n")[1] > score, "the lease renewed")
         assert _members(redis_server, "gwtest:in-flight:n")[0] == member
     finally:
         await store.close()

@@ -4,7 +4,7 @@ failure modes with Redis silent (SIGSTOP) or stopped mid-run."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from gateway.config_store import LimitStoreSettings
 from gateway.errors import LimitsUnavailable, TooManyRequests
 from tests.support.logs import captured
 from tests.support.redis import RedisServer
+from tests.support.scrape import until
 from tests.test_auth_gatekeeper import config, key, request
 
 _sync = SynchronousTestCase()
@@ -69,14 +70,6 @@ def test_circuit_half_open_lets_one_through() -> None:
 # --- against Redis --------------------------------------------------------------------------------------------
 
 
-async def until(condition: Callable[[], bool], limit: float = 10.0) -> None:
-    for _ in range(int(limit / 0.01)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not met in time")
-
-
 async def verdict_of(result: Verdict | Deferred[Verdict]) -> Verdict:
     if isinstance(result, Deferred):
         return await result.addTimeout(10.0, reactor)
@@ -93,7 +86,7 @@ async def shared_pair(redis_server: RedisServer) -> AsyncIterator[tuple[SharedLi
     made = [connect_shared_limits(settings(redis_server, timeout=5.0), reactor) for _ in range(2)]
     for shared in made:
         shared.start()
-    await until(lambda: all(s.redis.client.ready == 2 for s in made))
+    await until(lambda: all(s.redis.client.ready == 2 for s in made), "every store connected")
     yield made[0], made[1]
     for shared in made:
         await shared.close()
@@ -134,8 +127,8 @@ async def test_consumer_slot_and_rate_in_one_round_trip(
     second = await verdict_of(b.check(route, request(key())))
     assert isinstance(second, TooManyRequests) and second.reason == "too_many_concurrent"
     first.release()
-    await until(lambda: shared_pair[0].redis.leases() == 0)
-    await until(lambda: redis_server.command("EXISTS", "gwtest:in-flight:alice") == 0)
+    await until(lambda: shared_pair[0].redis.leases() == 0, "the lease given back")
+    await until(lambda: redis_server.command("EXISTS", "gwtest:in-flight:alice") == 0, "the lease gone from Redis")
     third = await verdict_of(b.check(route, request(key())))
     assert isinstance(third, Allow) and third.release is not None
     third.release()
@@ -190,7 +183,7 @@ async def test_silent_redis(redis_server: RedisServer, fail_closed: bool) -> Non
     keeper = Gatekeeper(cfg.admission, reactor=reactor, shared=shared)
     route = cfg.routes[0].admission
     try:
-        await until(lambda: shared.redis.client.ready == 2)
+        await until(lambda: shared.redis.client.ready == 2, "2 connections ready")
         redis_server.pause()
         verdicts = []
         for _ in range(5):  # the circuit's default threshold
@@ -221,7 +214,7 @@ async def test_a_check_its_request_gave_up_on_is_no_failure_of_redis(redis_serve
     keeper = Gatekeeper(cfg.admission, reactor=reactor, shared=shared)
     route = cfg.routes[0].admission
     try:
-        await until(lambda: shared.redis.client.ready == 2)
+        await until(lambda: shared.redis.client.ready == 2, "2 connections ready")
         redis_server.pause()  # the checks wait for Redis's answer...
         for _ in range(6):  # ...and their clients leave first: more than the circuit's threshold
             waiting = keeper.check(route, request())
@@ -249,15 +242,15 @@ async def test_redis_stopped_mid_run(redis_server: RedisServer, fail_closed: boo
     keeper = Gatekeeper(cfg.admission, reactor=reactor, shared=shared)
     route = cfg.routes[0].admission
     try:
-        await until(lambda: shared.redis.client.ready == 2)
+        await until(lambda: shared.redis.client.ready == 2, "2 connections ready")
         assert isinstance(await verdict_of(keeper.check(route, request())), Allow)
         redis_server.stop()
-        await until(lambda: shared.redis.client.ready == 0)
+        await until(lambda: shared.redis.client.ready == 0, "0 connections ready")
         during = await verdict_of(keeper.check(route, request()))
         assert isinstance(during, LimitsUnavailable if fail_closed else Allow)
         assert shared.circuit.is_open
         redis_server.start()
-        await until(lambda: shared.redis.client.ready == 2)
+        await until(lambda: shared.redis.client.ready == 2, "2 connections ready")
         for _ in range(500):  # bounded: the circuit lets a trial through 0.2 s after it opened
             if not shared.circuit.is_open:
                 break

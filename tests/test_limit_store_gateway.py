@@ -16,8 +16,7 @@ from tests.support.clients import connect, within
 from tests.support.origin import Origin
 from tests.support.redis import RedisServer
 from tests.support.running import RunningGateway, gateway_config
-from tests.support.scrape import admin_port, scrape
-from tests.test_auth_shared_limits import until
+from tests.support.scrape import admin_port, scrape, until
 
 
 def redis_config(origin: Origin, server: RedisServer, **route: Any) -> dict[str, Any]:
@@ -47,7 +46,7 @@ async def test_counted_in_redis_with_metrics(
     gateway = gateway_for(redis_config(origin, redis_server))
     shared = gateway.service.gateway.gatekeeper.shared
     assert shared is not None
-    await until(lambda: shared.redis.client.ready == 2)
+    await until(lambda: shared.redis.client.ready == 2, "2 connections ready")
     assert [await status_of(gateway) for _ in range(4)] == [200, 200, 200, 429]
     assert redis_server.command("EXISTS", "gwtest:anonymous:127.0.0.1") == 1
     metrics = await scrape(admin_port(gateway))
@@ -63,10 +62,10 @@ async def test_fail_closed_route_answers_503_when_redis_is_gone(
     gateway = gateway_for(redis_config(origin, redis_server, limit_store_failure="closed"))
     shared = gateway.service.gateway.gatekeeper.shared
     assert shared is not None
-    await until(lambda: shared.redis.client.ready == 2)
+    await until(lambda: shared.redis.client.ready == 2, "2 connections ready")
     assert await status_of(gateway) == 200
     redis_server.stop()
-    await until(lambda: shared.redis.client.ready == 0)
+    await until(lambda: shared.redis.client.ready == 0, "0 connections ready")
     assert await status_of(gateway) == 503
     metrics = await scrape(admin_port(gateway))
     assert metrics.count("gateway_limit_store_fallbacks_total", mode="closed") == 1

@@ -3,11 +3,10 @@ is silent, and connections made again after Redis comes back."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
@@ -16,17 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from gateway.redis.client import RedisClient, RedisUnavailable, answered_within
 from gateway.redis.protocol import Arg, RedisError
 from tests.support.redis import RedisServer
+from tests.support.scrape import until
 
 _sync = SynchronousTestCase()
-
-
-async def until(condition: Callable[[], bool], limit: float = 10.0) -> None:
-    """Wait (bounded in time and count) for `condition`."""
-    for _ in range(int(limit / 0.01)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not met in time")
 
 
 def client_for(server: RedisServer, *, setup: list[tuple[Arg, ...]] | None = None, **kwargs: float) -> RedisClient:
@@ -41,7 +32,7 @@ async def test_pool_sends_and_answers(redis_server: RedisServer) -> None:
     """Every connection of the pool is made; commands are answered; close closes them all."""
     client = client_for(redis_server, pool_size=3, timeout=5.0)
     try:
-        await until(lambda: client.ready == 3)
+        await until(lambda: client.ready == 3, "3 connections ready")
         assert await client.execute("SET", "k", "v") == "OK"
         answers = [client.execute("INCR", "n") for _ in range(10)]
         assert sorted([await d for d in answers]) == list(range(1, 11))
@@ -73,7 +64,7 @@ async def test_password(tmp_path: Path) -> None:
     good = client_for(server, setup=[("AUTH", "s3cret")], timeout=5.0)
     bad = client_for(server, setup=[("AUTH", "wrong")], timeout=5.0)
     try:
-        await until(lambda: good.ready == 2 and bad.failed_attempts >= 2)
+        await until(lambda: good.ready == 2 and bad.failed_attempts >= 2, "the good pool ready, the bad one retrying")
         assert await good.execute("PING") == "PONG"
         assert bad.ready == 0 and not bad.ever_ready
     finally:
@@ -87,7 +78,7 @@ async def test_error_reply(redis_server: RedisServer) -> None:
     """An error reply fails the command with RedisError and leaves the connection usable."""
     client = client_for(redis_server, timeout=5.0)
     try:
-        await until(lambda: client.ready == 2)
+        await until(lambda: client.ready == 2, "2 connections ready")
         try:
             await client.execute("EVALSHA", "0" * 40, 0)
             raise AssertionError("EVALSHA of an unknown script succeeded")
@@ -104,7 +95,7 @@ async def test_silent_redis_times_out(redis_server: RedisServer) -> None:
     same connections answer again."""
     client = client_for(redis_server, timeout=0.05)
     try:
-        await until(lambda: client.ready == 2)
+        await until(lambda: client.ready == 2, "2 connections ready")
         redis_server.pause()
         try:
             timed_out = False
@@ -115,7 +106,7 @@ async def test_silent_redis_times_out(redis_server: RedisServer) -> None:
             assert timed_out
         finally:
             redis_server.resume()
-        await until(lambda: client.ready == 2)
+        await until(lambda: client.ready == 2, "2 connections ready")
         assert await client.execute("PING", timeout=5.0) == "PONG"
     finally:
         await client.close()
@@ -126,9 +117,9 @@ async def test_connections_made_again(redis_server: RedisServer) -> None:
     """When Redis goes away commands fail at once; when it comes back on its port the pool is made again."""
     client = client_for(redis_server, timeout=5.0)
     try:
-        await until(lambda: client.ready == 2)
+        await until(lambda: client.ready == 2, "2 connections ready")
         redis_server.stop()
-        await until(lambda: client.ready == 0)
+        await until(lambda: client.ready == 0, "0 connections ready")
         failed = False
         try:
             await client.execute("PING")
@@ -136,7 +127,7 @@ async def test_connections_made_again(redis_server: RedisServer) -> None:
             failed = True
         assert failed
         redis_server.start()
-        await until(lambda: client.ready == 2)
+        await until(lambda: client.ready == 2, "2 connections ready")
         assert await client.execute("PING") == "PONG"
     finally:
         await client.close()

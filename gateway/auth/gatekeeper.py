@@ -38,7 +38,7 @@ from gateway.auth.apikeys import ApiKeyAuthenticator
 from gateway.auth.basic import BasicAuthenticator
 from gateway.auth.credentials import challenge
 from gateway.auth.identity import ANONYMOUS_IDENTITY, Authenticator, AuthFailure, AuthRequest, Identity
-from gateway.auth.limits import LimitStore, MemoryLimitStore, RateDecision
+from gateway.auth.limits import LimitStore, MemoryLimitStore, RateDecision, once
 from gateway.auth.scopes import missing_scopes, scopes_allow
 from gateway.auth.settings import (
     Admission,
@@ -481,7 +481,7 @@ class Gatekeeper:
                 key = "in-flight:" + counted
                 if not self._store.acquire(key, cap):
                     return _too_many_concurrent(cap, name)
-                release = _once(partial(self._store.release, key))
+                release = once(partial(self._store.release, key))
             if rate is not None:
                 decision = self._store.take("consumer:" + counted, rate)
                 if not decision.allowed:
@@ -682,16 +682,3 @@ def _rate_headers(name: str, limit: RateLimit, decision: RateDecision) -> list[t
         (b"RateLimit-Policy", _policy(name, limit)),
         (b"RateLimit", b'"%s";r=%d;t=%d' % (name.encode("ascii"), decision.remaining, math.ceil(decision.reset))),
     ]
-
-
-def _once(release: Callable[[], None]) -> Callable[[], None]:
-    """`release`, callable any number of times but acting once: a slot is given back exactly once."""
-    done = False
-
-    def release_once() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            release()
-
-    return release_once

@@ -15,13 +15,14 @@ a reactor with an injected clock; GCRA is a dozen lines.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
 from gateway.auth.settings import RateLimit
 
-__all__ = ["LimitStore", "MemoryLimitStore", "RateDecision"]
+__all__ = ["LimitStore", "MemoryLimitStore", "RateDecision", "once"]
 
 _SWEEP_EVERY = 4096
 """Rate checks between two sweeps of keys that have fully recovered (and so need no entry)."""
@@ -123,3 +124,16 @@ class MemoryLimitStore:
 def _remaining(early: float, tolerance: float, interval: float) -> int:
     """Requests that would still conform now, when the next one is due `early` seconds from now."""
     return max(math.floor((tolerance - early + _SLACK) / interval), -1) + 1
+
+
+def once(release: Callable[[], object]) -> Callable[[], None]:
+    """`release`, callable any number of times but acting once: a slot is given back exactly once."""
+    done = False
+
+    def release_once() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            release()
+
+    return release_once

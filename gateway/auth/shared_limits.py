@@ -28,7 +28,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.auth.limits import MemoryLimitStore, RateDecision
+from gateway.auth.limits import MemoryLimitStore, RateDecision, once
 from gateway.auth.redis_store import SCRIPT, LimitOp, RedisLimitStore
 from gateway.auth.settings import RateLimit
 from gateway.config_store import LimitStoreSettings
@@ -222,7 +222,7 @@ class SharedLimits:
             if slot is not None:
                 if not self.local.acquire(*slot):
                     return Admitted(False, None, None)
-                release = _once(partial(self.local.release, slot[0]))
+                release = once(partial(self.local.release, slot[0]))
             decision = self.local.take(*rate) if rate is not None else None
             if decision is not None and not decision.allowed and release is not None:
                 release()
@@ -244,7 +244,7 @@ class SharedLimits:
             release = None
             if acquire is not None and got is not None and got.allowed and (decision is None or decision.allowed):
                 self.redis.held(acquire)
-                release = _once(partial(self.redis.release, acquire.key))
+                release = once(partial(self.redis.release, acquire.key))
             return Admitted(None if acquire is None else bool(got and got.allowed), decision, release, spent)
 
         return self._run(ops, True, fail_closed).addCallback(decided)
@@ -323,15 +323,3 @@ def _first(decisions: list[RateDecision | None]) -> RateDecision:
     decision = decisions[0]
     assert decision is not None
     return decision
-
-
-def _once(release: Callable[[], object]) -> Callable[[], None]:
-    done = False
-
-    def release_once() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            release()
-
-    return release_once

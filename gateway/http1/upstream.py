@@ -501,13 +501,7 @@ class UpstreamConnection(Protocol):
             exchange.parser.feed_data(data)
         except httptools.HttpParserError as error:
             if exchange.complete is not None:
-                # The response ended within this read and more came after it: the response stands, and the
-                # connection, out of step with us, is closed rather than reused.
-                _log.warn("Upstream sent bytes after a complete response; closing its connection")
-                exchange.complete = None
-                self._closing = True
-                self._end_response(exchange)
-                self.abandon()
+                self._out_of_step(exchange)
                 return
             cause = error.__context__
             if isinstance(error, httptools.HttpParserUpgrade):
@@ -556,13 +550,18 @@ class UpstreamConnection(Protocol):
         exchange.body_left = None
         self._response_complete(exchange, keep_alive=exchange.parser.should_keep_alive())
         if extra > 0:
-            _log.warn("Upstream sent bytes after a complete response; closing its connection")
-            exchange.complete = None
-            self._closing = True
-            self._end_response(exchange)
-            self.abandon()
+            self._out_of_step(exchange)
             return
         self._read_complete(exchange)
+
+    def _out_of_step(self, exchange: _Exchange) -> None:
+        """The response ended within a read and more came after it: the response stands, and the connection, out
+        of step with us, is closed rather than reused."""
+        _log.warn("Upstream sent bytes after a complete response; closing its connection")
+        exchange.complete = None
+        self._closing = True
+        self._end_response(exchange)
+        self.abandon()
 
     def _read_complete(self, exchange: _Exchange) -> None:
         """The response ended within the read just handled: its end is acted on now."""
