@@ -26,6 +26,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from gateway.auth.apikeys import hash_key, mint_key
 from gateway.config import parse
+from gateway.metrics import Live, Metrics
 from gateway.service import make_gateway
 from gateway.site import GatewayFactory
 
@@ -85,7 +86,8 @@ def run(requests: int, auth: str = "anonymous") -> float:
         config = parse(_config(auth, Path(directory)), source="micro")
     credential = CREDENTIALS[auth]
     request = REQUEST if not credential else REQUEST[:-2] + credential + b"\r\n\r\n"
-    factory = GatewayFactory(make_gateway(config, reactor), clock=reactor)
+    metrics = Metrics(lambda: Live(0, {}, 0, 0, 0, 0))  # on, as in a running gateway (the access log is off)
+    factory = GatewayFactory(make_gateway(config, reactor, metrics=metrics), clock=reactor)
     channel = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 50000))
     client = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 50000))
     channel.makeConnection(client)

@@ -70,7 +70,26 @@ def summarize(raw: Path, top: int = 15) -> str:
     out += [f"{100 * n / total:5.1f}%  {kind}" for kind, n in kinds.most_common()]
     out += ["", "hottest lines:"]
     out += [f"{100 * n / total:5.1f}%  {line}" for line, n in lines.most_common(top)]
+    out += ["", "gateway functions, inclusive (the samples under each, counted once per stack):"]
+    out += [f"{100 * n / total:5.1f}%  {name}" for name, n in inclusive(raw).most_common(2 * top)]
     return "\n".join(out)
+
+
+def inclusive(raw: Path) -> collections.Counter[str]:
+    """Samples under each of the gateway's functions (a frame's own time and its callees'), counted once per stack
+    however deep the recursion: what each step of the request path costs with everything it calls."""
+    under: collections.Counter[str] = collections.Counter()
+    for text in raw.read_text().splitlines():
+        stack, _, count = text.rpartition(" ")
+        if "_doReadOrWrite" not in stack:
+            continue
+        seen = set()
+        for frame in stack.split(";"):
+            name, _, where = frame.partition(" (")
+            if "gateway/" in where and name not in seen:
+                seen.add(name)
+                under[f"{name} ({where.rstrip(')').split('gateway/')[-1].rsplit(':', 1)[0]})"] += int(count)
+    return under
 
 
 def find_gateway(scenario: str, timeout: float = 30.0) -> int:
@@ -91,6 +110,7 @@ def main() -> None:
     parser.add_argument("scenario", help="S1 to S9")
     parser.add_argument("--seconds", type=float, default=8.0, help="how long to sample (the run may end first)")
     parser.add_argument("--tls", action="store_true", help="the scenario over TLS (bench/run.py --tls)")
+    parser.add_argument("--save", type=Path, help="keep py-spy's raw (collapsed stacks) file here")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,6 +154,8 @@ def main() -> None:
                 harness.wait()
         print("\n".join(line for line in errors.splitlines() if "] repeat" in line))
         print(summarize(raw) if raw.exists() else "py-spy wrote nothing (is it installed? may it ptrace?)")
+        if args.save is not None and raw.exists():
+            shutil.copyfile(raw, args.save)
 
 
 if __name__ == "__main__":

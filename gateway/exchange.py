@@ -58,6 +58,7 @@ from gateway.headers import (
 )
 from gateway.http1.fields import Fields
 from gateway.http1.server import Message
+from gateway.http1.upstream import Cancellable
 from gateway.phases import ANSWERED, FORWARDED, TRANSITIONS, Body, Phase
 from gateway.records import bounded_field, ms_between
 from gateway.streaming import RequestBodyPipe, ResponseRelay, Watchdog
@@ -230,7 +231,8 @@ class Exchange:
         self._pool: UpstreamPool | None = None
         self._slot_held = False
         self._waiting: Deferred[Any] | None = None
-        self._upstream_request: Deferred[UpstreamResponse] | None = None
+        self._upstream_request: Cancellable | None = None
+        """The upstream request under way until its response head (or its failure) came."""
         self._pipe: RequestBodyPipe | None = None
         self._relay: ResponseRelay | None = None
         self._response: UpstreamResponse | None = None
@@ -426,6 +428,7 @@ class Exchange:
         if self._relay is not None:
             self._relay.stopProducing()
         self._cancel_upstream(ConnectionAborted("the client went away"))
+        self._let_go()
 
     # --- admission ----------------------------------------------------------------------------------------
 
@@ -539,7 +542,7 @@ class Exchange:
             self._got_slot(None)
             return
         self._waiting = self._pool.acquire()
-        self._waiting.addCallbacks(self._got_slot, self._upstream_failed)
+        self._waiting.addCallbacks(self._got_slot, self.response_failed)
 
     def _got_slot(self, _: object) -> None:
         self._waiting = None
@@ -550,22 +553,21 @@ class Exchange:
             return
         route = self.route
         assert route is not None and self._pool is not None
+        if self._pipe is None:
+            # Armed first: the pool may answer at once (a connect that fails straight away).
+            self._arm_timer(route.timeouts.response_headers, "response_headers")
         try:
-            sent = self._pool.request(
+            self._upstream_request = self._pool.send(
                 self.method,
                 self._target,
                 self._upstream_headers,
                 self._pipe,
+                self,
                 connect_timeout=route.timeouts.connect,
                 on_connected=self._connected,
             )
         except Exception:
-            self._upstream_failed(Failure())
-            return
-        self._upstream_request = sent
-        if self._pipe is None:
-            self._arm_timer(route.timeouts.response_headers, "response_headers")
-        sent.addCallbacks(self._got_response, self._upstream_failed)
+            self.response_failed(Failure())
 
     def _connected(self, address: str) -> None:
         """The request is going out on an upstream connection (new or reused) to the server at `address`."""
@@ -582,7 +584,10 @@ class Exchange:
         if self.body is Body.EXPECTED:
             self.body = Body.DROPPED  # the rest is read and dropped; the upstream end reports the failure, if any
 
-    def _got_response(self, response: UpstreamResponse) -> None:
+    # --- the upstream's answer (gateway.upstream.ResponseReceiver) --------------------------------------------
+
+    def response_received(self, response: UpstreamResponse) -> None:
+        """The upstream response head is read: relayed, its body streaming after it."""
         self._upstream_request = None
         self._response_at = self._clock.seconds()
         self._cancel_timer()
@@ -603,7 +608,7 @@ class Exchange:
                 request_id=self.request_id,
             )
             response.deliverBody(_Drop())
-            self._upstream_failed(Failure(UpstreamBroken(f"the upstream sent {broken}")))
+            self.response_failed(Failure(UpstreamBroken(f"the upstream sent {broken}")))
             return
         self._set_status(response.code, response.phrase)
         server = self.gateway.server
@@ -678,7 +683,8 @@ class Exchange:
     def _response_reset(self) -> bool:
         return self._response is not None and self._response.reset
 
-    def _upstream_failed(self, failure: Failure) -> None:
+    def response_failed(self, failure: Failure) -> None:
+        """No response came (or no slot, or no connection): answered with the error it maps to."""
         self._waiting = None
         self._upstream_request = None
         self._release_slot()
@@ -756,6 +762,7 @@ class Exchange:
                 self._cancel_timer()
                 self._enter(Phase.DONE)
                 self._connection.finish()
+                self._let_go()
         elif self._has_body and self.body is not Body.LINGERING:
             self.body = Body.LINGERING
             # The response is complete: say so now (its last chunk), as finish() will only run once the body is
@@ -777,17 +784,24 @@ class Exchange:
             self._relay.stopProducing()
         self._cancel_upstream(ConnectionAborted(ending))
         self._connection.abort()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The request has ended and everything under way was stopped: its parts are let go (each holds callbacks
+        of this exchange, a reference cycle that would leave the request's objects to the cyclic collector)."""
+        self._response = self._pipe = self._relay = None
 
     def _cancel_upstream(self, reason: Exception) -> None:
         """Abandon the upstream request, wherever it is: an unfinished body must reach it as unfinished."""
         if self._pipe is not None:
             self._pipe.fail(reason)
-        for pending in (self._waiting, self._upstream_request):
-            if pending is not None:
-                # A Deferred waiting on another (connecting, then the response head) passes cancel() on to it, and
-                # cancel() is a no-op on one that has fired.
-                pending.cancel()
-        self._waiting = self._upstream_request = None
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.cancel()  # the wait for a slot (a no-op once it has fired)
+        sending, self._upstream_request = self._upstream_request, None
+        if sending is not None:
+            sending.cancel()  # the request gives up wherever it is; its receiver (this) is told nothing more
+            self._release_slot()
 
     def _close_after_response(self) -> None:
         self._connection.persistent = False
@@ -834,10 +848,36 @@ class Exchange:
             self._ended()
 
     def _ended(self) -> None:
-        """The request has ended: its one access-log record goes to the log and the metrics."""
+        """The request has ended: its one access-log record goes to the log and the metrics (which, without an
+        access log, are told the few figures they count and no record is built)."""
         gateway = self.gateway
-        if gateway.observed:
+        if gateway.access_log is not None:
             gateway.request_ended(self.access_record())
+        elif gateway.metrics is not None:
+            began = self._began
+            route = self.route
+            response_at, slot_at, queued_at = self._response_at, self._slot_at, self._queued_at
+            gateway.metrics.observe_request(
+                route.name if route is not None else "",
+                route.upstream.name if route is not None and self._pool is not None else "",
+                self._status(),
+                self.ending or "client_gone",
+                total=self._clock.seconds() - began,
+                ttfb=None if response_at is None else response_at - began,
+                queue=None if slot_at is None or queued_at is None else slot_at - queued_at,
+                bytes_in=self._body_bytes,
+                bytes_out=self.sentLength,
+            )
+
+    def _status(self) -> int | None:
+        """The status the request ended with, as its record says it."""
+        if self.startedWriting:
+            return self.code
+        if self.refusal is not None:
+            return self.refusal.status
+        if self.ending == "client_gone":
+            return 499  # nginx's "client closed request"
+        return None  # nothing was sent (cut by the gateway before a response began)
 
     def access_record(self) -> dict[str, Any]:
         """The request's access-log fields, in the order of the line. Durations are milliseconds from the start
@@ -849,14 +889,7 @@ class Exchange:
         route = self.route
         log = self.gateway.access_log
         path = self.uri if log is not None and log.include_query else self.path
-        if self.startedWriting:
-            status = self.code
-        elif self.refusal is not None:
-            status = self.refusal.status
-        elif self.ending == "client_gone":
-            status = 499  # nginx's "client closed request"
-        else:
-            status = None  # nothing was sent (cut by the gateway before a response began)
+        status = self._status()
         tls_version, tls_cipher = self._tls_info
         return {
             "request_id": self.request_id,

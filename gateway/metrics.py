@@ -353,24 +353,48 @@ class Metrics:
         ProcessCollector(registry=registry)  # read from /proc at each scrape (none elsewhere)
 
     def request_ended(self, record: Mapping[str, Any]) -> None:
-        route = record["route"] or ""
-        status = record["status"]
-        key = (route, "" if status is None else str(status), record["ending"])
+        """A request ended, told by its access-log record (durations in milliseconds)."""
+        total, ttfb, queue = record["total_ms"], record["ttfb_ms"], record["queue_ms"]
+        self.observe_request(
+            record["route"] or "",
+            record["upstream"] or "",
+            record["status"],
+            record["ending"],
+            total=None if total is None else total / 1000.0,
+            ttfb=None if ttfb is None else ttfb / 1000.0,
+            queue=None if queue is None else queue / 1000.0,
+            bytes_in=record["bytes_in"],
+            bytes_out=record["bytes_out"],
+        )
+
+    def observe_request(
+        self,
+        route: str,
+        upstream: str,
+        status: int | None,
+        ending: str,
+        *,
+        total: float | None,
+        ttfb: float | None,
+        queue: float | None,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        """A request ended (durations in seconds): what `request_ended` takes from a record, for a request whose
+        record is not built (no access log)."""
+        key = (route, "" if status is None else str(status), ending)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        total = record["total_ms"]
         if total is not None:
-            self.duration.get(route).observe(total / 1000.0)
-        ttfb = record["ttfb_ms"]
+            self.duration.get(route).observe(total)
         if ttfb is not None:
-            self.ttfb.get(route).observe(ttfb / 1000.0)
-        queue = record["queue_ms"]
+            self.ttfb.get(route).observe(ttfb)
         if queue is not None:
-            self.queue_wait.get(record["upstream"] or "").observe(queue / 1000.0)
-        if record["bytes_in"]:
-            self.bytes_in[route] = self.bytes_in.get(route, 0) + record["bytes_in"]
-        if record["bytes_out"]:
-            self.bytes_out[route] = self.bytes_out.get(route, 0) + record["bytes_out"]
+            self.queue_wait.get(upstream).observe(queue)
+        if bytes_in:
+            self.bytes_in[route] = self.bytes_in.get(route, 0) + bytes_in
+        if bytes_out:
+            self.bytes_out[route] = self.bytes_out.get(route, 0) + bytes_out
 
     def denied(self, route: str, reason: str) -> None:
         self._denials.labels(route, reason).inc()

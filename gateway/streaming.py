@@ -298,6 +298,7 @@ class RequestBodyPipe:
             self._complete()
 
     def _complete(self) -> None:
+        self._consumer = None  # all written: the connection's exchange is let go (it holds this pipe)
         done, self._done = self._done, None
         self._upstream_stall.cancel()
         if done is not None and not done.called:
@@ -318,6 +319,7 @@ class RequestBodyPipe:
 
     def _shut(self) -> None:
         self._stopped = True
+        self._consumer = None
         self._buffer.clear()
         self.buffered = 0
         self._client_idle.cancel()

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, fail
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
@@ -35,11 +35,26 @@ from gateway.certificates import log_certificate
 from gateway.config import Upstream
 from gateway.errors import UpstreamSaturated
 from gateway.http1.fields import Fields
-from gateway.http1.upstream import MAX_RESPONSE_HEAD, UPSTREAM_BUFFER_SIZE, UpstreamConnection, UpstreamResponse
+from gateway.http1.upstream import (
+    MAX_RESPONSE_HEAD,
+    UPSTREAM_BUFFER_SIZE,
+    Cancellable,
+    DeferredReceiver,
+    ResponseReceiver,
+    UpstreamConnection,
+    UpstreamResponse,
+)
 from gateway.streaming import Watchdog
 from gateway.upstream_tls import client_creator
 
-__all__ = ["MAX_RESPONSE_HEAD", "UPSTREAM_BUFFER_SIZE", "ConnectTimeout", "UpstreamPool", "UpstreamResponse"]
+__all__ = [
+    "MAX_RESPONSE_HEAD",
+    "UPSTREAM_BUFFER_SIZE",
+    "ConnectTimeout",
+    "ResponseReceiver",
+    "UpstreamPool",
+    "UpstreamResponse",
+]
 
 _log = Logger()
 
@@ -77,6 +92,92 @@ class _TimedEndpoint:
             return result
 
         return connecting.addBoth(settled)
+
+
+class _Attempt:
+    """One request through the pool, from its connection (idle, or opened for it) to its response head: the
+    receiver the connection answers, which passes the answer on, or sends the request once more on a new
+    connection when a reused one turns out to have been closed before any byte of a response came."""
+
+    __slots__ = (
+        "body",
+        "connect_timeout",
+        "headers",
+        "method",
+        "on_connected",
+        "pool",
+        "receiver",
+        "retry",
+        "sending",
+        "target",
+    )
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        method: bytes,
+        target: bytes,
+        headers: Fields | Headers,
+        body: IBodyProducer | None,
+        receiver: ResponseReceiver,
+        connect_timeout: float,
+        on_connected: Callable[[str], None] | None,
+    ) -> None:
+        self.pool = pool
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self.receiver: ResponseReceiver | None = receiver
+        """None once it was told, or once the owner gave up."""
+        self.connect_timeout = connect_timeout
+        self.on_connected = on_connected
+        self.retry = False
+        self.sending: Cancellable | None = None
+        """What is under way: the connect, then the request on its connection."""
+
+    def connect(self) -> None:
+        connecting = self.pool._connect(self.connect_timeout)
+        self.sending = connecting
+        connecting.addCallbacks(self.go, self._connect_failed)
+
+    def go(self, connection: UpstreamConnection) -> None:
+        self.sending = None
+        if self.receiver is None:
+            return  # given up while connecting (the connect could not be stopped in time)
+        if self.on_connected is not None:
+            self.on_connected(connection.address)
+        self.sending = connection.send(self.method, self.target, self.headers, self.body, self)
+
+    def cancel(self) -> None:
+        self.receiver = None
+        sending, self.sending = self.sending, None
+        if sending is not None:
+            sending.cancel()
+
+    def _connect_failed(self, reason: Failure) -> None:
+        self.sending = None
+        if reason.check(CancelledError) and self.receiver is None:
+            return
+        self.response_failed(reason)
+
+    # --- the connection's answer (ResponseReceiver) -------------------------------------------------------------
+
+    def response_received(self, response: UpstreamResponse) -> None:
+        self.sending = None
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.response_received(response)
+
+    def response_failed(self, reason: Failure) -> None:
+        self.sending = None
+        if self.retry and self.receiver is not None and reason.check(ResponseNeverReceived):
+            self.retry = False
+            self.connect()
+            return
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.response_failed(reason)
 
 
 class _ConnectionFactory(Factory):
@@ -192,49 +293,40 @@ class UpstreamPool:
         connect_timeout: float,
         on_connected: Callable[[str], None] | None = None,
     ) -> Deferred[UpstreamResponse]:
-        """Send one request over an idle connection, or a new one opened within `connect_timeout`; the Deferred
-        fires with the response once its head is read. `target` goes on the request line byte for byte;
-        `on_connected` is told the address of the server the request goes to, once it has a connection.
-        Cancelling it gives up wherever the request is (connecting, sending, waiting for the head)."""
-        connection = self._take_idle()
-        if connection is not None:
-            sent = self._send(connection, method, target, headers, body, on_connected)
-            if body is None and method in _RETRYABLE:
-                # An errback that returns a Deferred or a Failure: Twisted's overloads take one or the other.
-                return cast(
-                    Deferred[UpstreamResponse],
-                    sent.addErrback(self._retry_if_stale, method, target, headers, connect_timeout, on_connected),
-                )
-            return sent
-        return self._connect(connect_timeout).addCallback(self._send, method, target, headers, body, on_connected)
+        """`send`, with a Deferred that fires with the response once its head is read (cancelling it gives the
+        request up)."""
+        receiver = DeferredReceiver()
+        receiver.cancel = self.send(
+            method, target, headers, body, receiver, connect_timeout=connect_timeout, on_connected=on_connected
+        ).cancel
+        return receiver.done
 
-    def _send(
+    def send(
         self,
-        connection: UpstreamConnection,
         method: bytes,
         target: bytes,
         headers: Fields | Headers,
         body: IBodyProducer | None,
-        on_connected: Callable[[str], None] | None,
-    ) -> Deferred[UpstreamResponse]:
-        if on_connected is not None:
-            on_connected(connection.address)
-        return connection.request(method, target, headers, body)
-
-    def _retry_if_stale(
-        self,
-        failure: Failure,
-        method: bytes,
-        target: bytes,
-        headers: Fields | Headers,
+        receiver: ResponseReceiver,
+        *,
         connect_timeout: float,
-        on_connected: Callable[[str], None] | None,
-    ) -> Deferred[UpstreamResponse] | Failure:
-        """A reused connection was lost before any byte of the response: the upstream had closed it (idle) just
-        as it was reused. Once, on a new connection."""
-        if not failure.check(ResponseNeverReceived):
-            return failure
-        return self._connect(connect_timeout).addCallback(self._send, method, target, headers, None, on_connected)
+        on_connected: Callable[[str], None] | None = None,
+    ) -> Cancellable:
+        """Send one request over an idle connection, or a new one opened within `connect_timeout`; `receiver` is
+        told of the response once its head is read, or of why there is none. `target` goes on the request line
+        byte for byte; `on_connected` is told the address of the server the request goes to, once it has a
+        connection. What it returns gives the request up wherever it is (connecting, sending, waiting for the
+        head)."""
+        attempt = _Attempt(self, method, target, headers, body, receiver, connect_timeout, on_connected)
+        connection = self._take_idle()
+        if connection is not None:
+            # A reused connection the upstream closed just as it was taken: a request without a body whose method
+            # is idempotent is sent once more, on a new connection.
+            attempt.retry = body is None and method in _RETRYABLE
+            attempt.go(connection)
+        else:
+            attempt.connect()
+        return attempt
 
     def _connect(self, connect_timeout: float) -> Deferred[UpstreamConnection]:
         # Typed as any IProtocol: it is what `self._factory` builds.

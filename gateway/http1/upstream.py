@@ -19,6 +19,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol as TypingProtocol
 
 import httptools
 from twisted.internet.defer import Deferred
@@ -44,7 +45,15 @@ from gateway.http1.fields import Fields
 from gateway.http1.heads import LAST_CHUNK, chunk, request_head
 from gateway.http1.transports import IConnectionTransport
 
-__all__ = ["MAX_RESPONSE_HEAD", "UPSTREAM_BUFFER_SIZE", "UpstreamConnection", "UpstreamResponse"]
+__all__ = [
+    "MAX_RESPONSE_HEAD",
+    "UPSTREAM_BUFFER_SIZE",
+    "Cancellable",
+    "DeferredReceiver",
+    "ResponseReceiver",
+    "UpstreamConnection",
+    "UpstreamResponse",
+]
 
 _log = Logger()
 
@@ -98,6 +107,44 @@ class _BodyTransport:
             connection.abandon()
 
 
+class ResponseReceiver(TypingProtocol):
+    """Who a request sent with `UpstreamConnection.send` answers to."""
+
+    def response_received(self, response: UpstreamResponse) -> None:
+        """The response head is read; its body follows (`UpstreamResponse.deliverBody`)."""
+
+    def response_failed(self, reason: Failure) -> None:
+        """There is no response: `reason` is one of `twisted.web.client`'s `ResponseNeverReceived`,
+        `ResponseFailed`, `RequestTransmissionFailed` (with the cause among its reasons), or a connect error."""
+
+
+class Cancellable(TypingProtocol):
+    """A request under way, which its owner may give up."""
+
+    def cancel(self) -> None: ...
+
+
+class DeferredReceiver:
+    """A receiver that fires a Deferred with the response: the Deferred API over `send` (cancelling the Deferred
+    gives the request up, through `cancel` once it is set)."""
+
+    __slots__ = ("cancel", "done")
+
+    def __init__(self) -> None:
+        self.cancel: Callable[[], object] | None = None
+        self.done: Deferred[UpstreamResponse] = Deferred(self._cancelled)
+
+    def _cancelled(self, _: Deferred[UpstreamResponse]) -> None:
+        if self.cancel is not None:
+            self.cancel()
+
+    def response_received(self, response: UpstreamResponse) -> None:
+        self.done.callback(response)
+
+    def response_failed(self, reason: Failure) -> None:
+        self.done.errback(reason)
+
+
 class UpstreamResponse:
     """A response as read from an upstream: its status line and headers (all of them, framing ones included, as
     sent), its body length (`UNKNOWN_LENGTH` unless a Content-Length framed it; 0 for HEAD, 204 and 304), and its
@@ -138,6 +185,7 @@ class UpstreamResponse:
         for data in held:
             protocol.dataReceived(data)
         if self._ended is not None:
+            self._protocol = None
             protocol.connectionLost(self._ended)
         elif held:
             self._connection.resume_reading()  # held back until the body had a protocol
@@ -157,16 +205,17 @@ class UpstreamResponse:
             return
         self._ended = reason
         self._transport.detach()  # from now on the connection may serve another exchange
-        protocol = self._protocol
+        protocol, self._protocol = self._protocol, None  # (the protocol may hold this response: no cycle left)
         if protocol is not None:
             protocol.connectionLost(reason)
 
 
 class _Exchange:
-    """One request on a connection: what was sent of it, what came back, and the parser reading its response.
+    """One request on a connection: what was sent of it and what came back of its response.
 
-    The parser's callbacks come here, not to the connection: a read may go on being parsed after its exchange
-    ended and the connection went to the next request, and nothing of it may reach that one."""
+    The connection's parser reads every response on it; its callbacks act on the exchange under way, which only
+    changes between reads (a response's end is acted on once its whole read is parsed), so nothing of one
+    response can reach the next exchange."""
 
     __slots__ = (
         "between_body",
@@ -176,14 +225,13 @@ class _Exchange:
         "chunked",
         "complete",
         "connection",
-        "done",
         "head_bytes",
         "head_read",
         "headers",
         "length",
         "method",
-        "parser",
         "received_any",
+        "receiver",
         "request_done",
         "response",
         "response_done",
@@ -192,14 +240,22 @@ class _Exchange:
         "trailer_bytes",
     )
 
-    def __init__(self, connection: UpstreamConnection, method: bytes, body: IBodyProducer | None, length: int | None):
+    def __init__(
+        self,
+        connection: UpstreamConnection,
+        method: bytes,
+        body: IBodyProducer | None,
+        length: int | None,
+        receiver: ResponseReceiver,
+    ):
         self.connection = connection
+        self.receiver: ResponseReceiver | None = receiver
+        """Told of the response head, or of why there is none; None once told (or once the owner gave up)."""
         self.method = method
         self.body = body
         self.length = length
         self.chunked = body is not None and length is None
         self.sent = 0
-        self.done: Deferred[UpstreamResponse] | None = None
         self.response: UpstreamResponse | None = None
         self.request_done = body is None
         self.response_done = False
@@ -221,7 +277,6 @@ class _Exchange:
         self.body_left: int | None = None
         """Once a Content-Length body is under way: its bytes still to come, read past the parser (a body's bytes
         need no parsing, and each read is relayed as it came, not sliced by the parser into a copy)."""
-        self.parser = httptools.HttpResponseParser(self)
 
     # --- httptools callbacks ------------------------------------------------------------------------------------
 
@@ -253,7 +308,7 @@ class _Exchange:
 
     def on_headers_complete(self) -> None:
         self._count_head(_STATUS_LINE_AND_END)
-        parser = self.parser
+        parser = self.connection.parser
         code = parser.get_status_code()
         if code == 101:
             raise _Broken(UpstreamBroken("the upstream switched protocols unasked"))
@@ -289,11 +344,13 @@ class _Exchange:
         self.response = response
         if self.method == b"HEAD":
             # llhttp cannot be told that a response to HEAD has no body: it is complete here, and any byte the
-            # parser still takes for this exchange is one too many.
+            # parser still takes for this exchange is one too many. The parser, left expecting a body, is not
+            # used again (`UpstreamConnection.request` makes a new one).
+            self.connection.parser_spent = True
             self.connection._response_complete(self, keep_alive=_keeps_alive(version, headers))
-        done, self.done = self.done, None
-        if done is not None:
-            done.callback(response)
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.response_received(response)
 
     def on_body(self, data: bytes) -> None:
         response = self.response
@@ -308,7 +365,15 @@ class _Exchange:
     def on_message_complete(self) -> None:
         if self.response is None or self.response_done:
             return  # the end of an interim (1xx) answer, or of an answer to HEAD (complete at its head)
-        self.connection._response_complete(self, keep_alive=self.parser.should_keep_alive())
+        self.connection._response_complete(self, keep_alive=self.connection.parser.should_keep_alive())
+
+    def cancel(self) -> None:
+        """The owner gives up on this request before its response head: the body (if still going) is stopped and
+        the connection closes. Nothing once the head was handed over or the request failed (as cancelling a
+        Deferred that has fired does nothing)."""
+        if self.receiver is not None and self.connection._exchange is self:
+            self.receiver = None
+            self.connection._cancelled(self)
 
     # --- the request body's consumer (IConsumer, for its producer) ----------------------------------------------
 
@@ -355,6 +420,32 @@ class UpstreamConnection(Protocol):
         self._closing = False
         self._body_registered = False
         self._address: str | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        """Reads every response on the connection (one per connection: making one costs more than the rest of
+        reading a small response); its callbacks go to the exchange whose response it reads (`_parsing`)."""
+        self.parser_spent = False
+        """The parser read a response to HEAD, after which it expects a body that is not coming: not reused."""
+        self._parsing: _Exchange | None = None
+
+    # --- the parser's callbacks, for the exchange whose response is being read ----------------------------------
+
+    def on_message_begin(self) -> None:
+        self._parsing.on_message_begin()  # type: ignore[union-attr]  # set before every parse
+
+    def on_status(self, status: bytes) -> None:
+        self._parsing.on_status(status)  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._parsing.on_header(name, value)  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        self._parsing.on_headers_complete()  # type: ignore[union-attr]
+
+    def on_body(self, data: bytes) -> None:
+        self._parsing.on_body(data)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        self._parsing.on_message_complete()  # type: ignore[union-attr]
 
     # --- the socket ---------------------------------------------------------------------------------------------
 
@@ -406,12 +497,28 @@ class UpstreamConnection(Protocol):
         """Send one request; the Deferred fires with the response once its head is read, or fails (the
         exceptions of `twisted.web.client`: `ResponseNeverReceived`, `ResponseFailed`, `RequestTransmissionFailed`,
         with the cause among their reasons). Cancelling it closes the connection."""
+        receiver = DeferredReceiver()
+        receiver.cancel = self.send(method, target, headers, body, receiver).cancel
+        return receiver.done
+
+    def send(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Fields | Headers,
+        body: IBodyProducer | None,
+        receiver: ResponseReceiver,
+    ) -> Cancellable:
+        """Send one request; `receiver` is told of the response once its head is read, or of why there is none
+        (as `request`'s Deferred would be). What it returns gives the request up (`cancel`)."""
         assert self.usable, "one exchange at a time, on an open connection"
         length = None if body is None or body.length is UNKNOWN_LENGTH else int(body.length)
-        exchange = self._exchange = _Exchange(self, method, body, length)
-        done = exchange.done = Deferred(self._cancelled)
+        exchange = self._exchange = _Exchange(self, method, body, length, receiver)
         if self.reused:
             self.set_read_size(UPSTREAM_BUFFER_SIZE)  # undo the read size the last response's relay set
+        if self.parser_spent:
+            self.parser_spent = False
+            self.parser = httptools.HttpResponseParser(self)
         self.resume_reading()  # an idle connection reads (to see a close); nothing may have left it paused
         self.reused = True
         self.transport.write(request_head(method, target, _pairs(headers), length=length, has_body=body is not None))
@@ -422,7 +529,7 @@ class UpstreamConnection(Protocol):
             producing.addCallbacks(
                 self._body_sent, self._body_failed, callbackArgs=(exchange,), errbackArgs=(exchange,)
             )
-        return done
+        return exchange
 
     def _body_sent(self, _: object, exchange: _Exchange) -> None:
         if exchange is not self._exchange or exchange.request_done:
@@ -458,13 +565,10 @@ class UpstreamConnection(Protocol):
             if self.transport is not None:
                 self.transport.unregisterProducer()
 
-    def _cancelled(self, _: Deferred[UpstreamResponse]) -> None:
+    def _cancelled(self, exchange: _Exchange) -> None:
         """The owner gave up on the request before its response head: the body (if still going) is stopped, once,
         and the connection closes."""
-        exchange = self._exchange
-        if exchange is not None:
-            exchange.done = None
-            self._stop_body(exchange)
+        self._stop_body(exchange)
         self.abandon()
 
     def _stop_body(self, exchange: _Exchange) -> None:
@@ -476,9 +580,9 @@ class UpstreamConnection(Protocol):
                 exchange.body.stopProducing()
 
     def _fail_head(self, exchange: _Exchange, error: Exception) -> None:
-        done, exchange.done = exchange.done, None
-        if done is not None:
-            done.errback(Failure(error))
+        receiver, exchange.receiver = exchange.receiver, None
+        if receiver is not None:
+            receiver.response_failed(Failure(error))
 
     # --- the response -------------------------------------------------------------------------------------------
 
@@ -498,7 +602,8 @@ class UpstreamConnection(Protocol):
             self._body_read(exchange, data)
             return
         try:
-            exchange.parser.feed_data(data)
+            self._parsing = exchange
+            self.parser.feed_data(data)
         except httptools.HttpParserError as error:
             if exchange.complete is not None:
                 self._out_of_step(exchange)
@@ -525,8 +630,10 @@ class UpstreamConnection(Protocol):
             response = exchange.response
             length = response.length
             if isinstance(length, int) and length and exchange.method != b"HEAD":
-                # A Content-Length body under way: the rest is counted here and relayed read by read.
+                # A Content-Length body under way: the rest is counted here and relayed read by read (the
+                # parser, left expecting it, is not used again).
                 exchange.body_left = length - exchange.body_seen
+                self.parser_spent = True
                 return
             # Bytes with no body byte in them (chunk framing, a trailer that never ends) are bounded too.
             exchange.between_body += len(data)
@@ -548,7 +655,7 @@ class UpstreamConnection(Protocol):
         if exchange.body_left or self._exchange is not exchange or exchange.response_done:
             return  # more to come, or the relay ended the exchange meanwhile (its client went away)
         exchange.body_left = None
-        self._response_complete(exchange, keep_alive=exchange.parser.should_keep_alive())
+        self._response_complete(exchange, keep_alive=self.parser.should_keep_alive())
         if extra > 0:
             self._out_of_step(exchange)
             return
@@ -606,7 +713,7 @@ class UpstreamConnection(Protocol):
         it, the body ends in failure (the owner cuts the client). The connection closes either way."""
         _log.warn("Upstream response broken: {reason}; closing its connection", reason=error.detail)
         response = exchange.response
-        if exchange.done is not None:
+        if exchange.receiver is not None:
             self._fail_head(exchange, ResponseFailed([Failure(error)]))
         elif response is not None:
             response._end(Failure(ResponseFailed([Failure(error)], response)))
@@ -625,7 +732,7 @@ class UpstreamConnection(Protocol):
             if exchange.complete is not None and response is not None:
                 exchange.complete = None
                 response._end(Failure(ResponseDone()))  # it ended whole before the connection did
-            elif exchange.done is not None:
+            elif exchange.receiver is not None:
                 error = ResponseFailed([reason]) if exchange.received_any else ResponseNeverReceived([reason])
                 self._fail_head(exchange, error)
             elif response is not None and not exchange.response_done:
