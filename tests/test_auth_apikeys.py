@@ -336,6 +336,14 @@ def test_custom_scheme_challenge() -> None:
     assert auth.challenge(None) == b'Apikey realm="gateway"'
 
 
+def test_every_key_is_cheap_to_verify() -> None:
+    """A key is one digest looked up, known or not, well-formed or not: always cheap to verify (the gatekeeper asks
+    its budgets after the check, with its consumer's limits)."""
+    auth = authenticator()
+    for credential in ((X_API_KEY, KEY.encode()), (X_API_KEY, b"gwk_unknown"), (X_API_KEY, MALFORMED)):
+        assert auth.verifies_cheaply(credential)
+
+
 def test_sets_no_upstream_headers_and_holds_nothing() -> None:
     """The method sets no upstream header of its own and has nothing to release."""
     auth = authenticator()

@@ -145,6 +145,37 @@ def test_a_cached_success_expires_after_cache_ttl() -> None:
         auth.verify(key_entry, request(basic("alice", PASSWORD)))
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_login_is_cheap_to_verify_only_once_remembered(authenticator: BasicAuthenticator) -> None:
+    """Only a login verified right and remembered is cheap to verify (the gatekeeper then asks its budgets after
+    the check, with its consumer's limits); a new one, a wrong password, a user without a password and malformed
+    credentials are not."""
+    login = ("alice", PASSWORD)
+    assert not authenticator.verifies_cheaply(login)
+    checked = authenticator.verify(login, request(basic("alice", PASSWORD)))
+    assert isinstance(checked, Deferred)  # bcrypt, on a thread
+    await checked.addTimeout(10, reactor)
+    assert authenticator.verifies_cheaply(login)
+    assert isinstance(authenticator.verify(login, request(basic("alice", PASSWORD))), Identity)  # at once, as said
+    assert not authenticator.verifies_cheaply(("alice", b"wrong"))
+    assert not authenticator.verifies_cheaply(("bob", PASSWORD))
+    assert not authenticator.verifies_cheaply(("mallory", PASSWORD))
+    assert not authenticator.verifies_cheaply(MALFORMED)
+
+
+def test_a_login_is_no_longer_cheap_to_verify_after_cache_ttl() -> None:
+    """A remembered login is cheap to verify until cache_ttl has passed, then no longer (it is checked again)."""
+    clock = Clock()
+    auth = BasicAuthenticator(BasicMethod(name="login", cache_ttl=30), CONSUMERS, reactor=clock, realm="gw")
+    stored = CONSUMERS["alice"].password_hash
+    assert stored is not None
+    auth._remember(auth._key("alice", PASSWORD, stored))
+    clock.advance(29)
+    assert auth.verifies_cheaply(("alice", PASSWORD))
+    clock.advance(1)
+    assert not auth.verifies_cheaply(("alice", PASSWORD))
+
+
 class _Gate:
     """bcrypt.checkpw held in its thread until the test opens the gate, counting the checks that ran."""
 

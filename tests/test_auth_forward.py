@@ -131,9 +131,11 @@ def test_framing_and_forwarding_headers_are_never_chosen(make: Make) -> None:
 
 
 def test_challenge_upstream_headers_and_close(make: Make) -> None:
-    """No challenge of its own; only the copied headers are set upstream; close() gives a Deferred."""
+    """No challenge of its own; only the copied headers are set upstream; nothing is cheap to verify (every check
+    is a call: its budgets are asked before it); close() gives a Deferred."""
     auth = make(copy_headers=(b"X-Auth-Tenant", b"x-auth-role"))
     assert auth.challenge(None) is None
+    assert not auth.verifies_cheaply([(b"authorization", [b"Bearer t"])])
     assert auth.upstream_headers() == frozenset({b"x-auth-tenant", b"x-auth-role"})
     _sync.successResultOf(auth.close())
 

@@ -627,6 +627,25 @@ def test_the_cache_holds_at_most_cache_size_tokens_dropping_the_oldest() -> None
     assert verified(auth, a) is not first_a
 
 
+def test_a_token_is_cheap_to_verify_only_while_remembered() -> None:
+    """Only a token verified and still remembered is cheap to verify (the gatekeeper then asks its budgets after
+    the check, with its subject's limits): not before, not past its exp, not a token too big to hold, not a
+    malformed credential."""
+    clock = Clock()
+    auth = authenticator(clock=clock)
+    t = token(exp=int(time.time()) + 100)
+    assert not auth.verifies_cheaply(t)
+    first = verified(auth, t)
+    assert auth.verifies_cheaply(t)
+    assert verified(auth, t) is first  # at once, from memory, as said
+    big = token(padding="x" * 5000)
+    verified(auth, big)
+    assert not auth.verifies_cheaply(big)
+    assert not auth.verifies_cheaply(MALFORMED)
+    clock.advance(101)
+    assert not auth.verifies_cheaply(t)
+
+
 def test_a_refused_token_is_not_cached() -> None:
     """A token refused for an unknown key is verified once the key set has its key (only successes are kept)."""
     clock, fetch = Clock(), FakeFetch()

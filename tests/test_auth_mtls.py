@@ -181,6 +181,13 @@ def test_precedence_dn_then_cn_then_alt_names_in_order() -> None:
     assert order == ["dn", "cn_alpha", "cn_zeta", "dns_a", "dns_z", "ip", "uri", "email"]
 
 
+def test_a_certificate_is_cheap_to_verify() -> None:
+    """The handshake verified it; the method only maps it, whether a consumer claims it or not."""
+    auth = authenticator(billing=["cn:billing"])
+    assert auth.verifies_cheaply(certificate((CN, "billing")))
+    assert auth.verifies_cheaply(certificate((CN, "nobody")))
+
+
 def test_the_subject_goes_upstream_in_the_identity_header() -> None:
     """The identity carries the certificate's subject in the configured header, whichever field mapped it."""
     auth = authenticator(billing=["cn:billing"])

@@ -1,12 +1,14 @@
 """Tests for gateway.auth.shared_limits: the circuit on a Clock, and admission's checks against a real
-redis-server: limits shared exactly by two gatekeepers (two processes), one round trip per check, and both
-failure modes with Redis silent (SIGSTOP) or stopped mid-run."""
+redis-server: limits shared exactly by two gatekeepers (two processes), one round trip per check (a password or
+a token the method remembers included), and both failure modes with Redis silent (SIGSTOP) or stopped mid-run."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
@@ -14,14 +16,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.auth.gatekeeper import Allow, Gatekeeper, Verdict
+from gateway.auth.gatekeeper import Allow, Gatekeeper, Verdict, build_authenticator
+from gateway.auth.identity import Authenticator
 from gateway.auth.shared_limits import Circuit, SharedLimits, connect_shared_limits
 from gateway.config_store import LimitStoreSettings
-from gateway.errors import LimitsUnavailable, TooManyRequests
+from gateway.errors import Forbidden, LimitsUnavailable, TooManyRequests
 from tests.support.logs import captured
 from tests.support.redis import RedisServer
 from tests.support.scrape import until
-from tests.test_auth_gatekeeper import config, key, request
+from tests.test_auth_gatekeeper import PASSWORD_HASH, TOO_LONG, basic, config, key, request
+from tests.test_auth_jwt import AUDIENCE, ISSUER, SECRET, claims
 
 _sync = SynchronousTestCase()
 
@@ -159,6 +163,141 @@ async def test_an_api_key_request_with_failed_auth_budgets_on_is_one_round_trip(
             break
         await task.deferLater(reactor, 0.01, lambda: None)
     assert isinstance(refused, TooManyRequests) and refused.reason == "too_many_failed_authentications"
+
+
+# --- a password or a token the method remembers: one round trip ---------------------------------------------
+
+LOGIN_RATES = {
+    "consumer": {"rate": "100/m"},
+    "failed_auth": {"rate": "5/m"},
+    "failed_auth_per_address": {"rate": "2/m"},
+}
+
+
+def login_config(**route: Any) -> Any:
+    """A Basic route (alice's and bob's password is "secret") with a consumer rate and both failed-auth budgets."""
+    return config(
+        route={"auth": ["login"], **route},
+        auth={"login": {"type": "basic"}},
+        consumers={name: {"password": PASSWORD_HASH} for name in ("alice", "bob")},
+        admission={"rate_limits": LOGIN_RATES},
+    )
+
+
+def method_of(cfg: Any, name: str) -> Authenticator:
+    """The running form of `cfg`'s method `name`, for a gatekeeper on a shared store (the test closes it)."""
+    return build_authenticator(cfg.admission.methods[name], cfg.admission, reactor)
+
+
+async def spend_the_address_budget(keeper: Gatekeeper, route: Any) -> None:
+    """carol (no such consumer) fails at 10.0.0.1 until its per-address budget is spent: each failure is counted
+    answered to nobody, so this asks again until one is refused (bounded)."""
+    for _ in range(50):
+        refused = await verdict_of(keeper.check(route, request(basic("carol", TOO_LONG))))
+        if isinstance(refused, TooManyRequests):
+            assert refused.reason == "too_many_failed_authentications_address"
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("the per-address budget was never spent")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_the_method_remembers_is_one_round_trip(
+    shared_pair: tuple[SharedLimits, SharedLimits], redis_server: RedisServer
+) -> None:
+    """A password's first request has its budgets peeked before bcrypt (one EVALSHA), then its consumer's rate
+    (another); the same password again is remembered (no bcrypt), so its budgets, slot and rate are one EVALSHA."""
+    cfg = login_config()
+    login = method_of(cfg, "login")
+    keeper = Gatekeeper(cfg.admission, reactor=reactor, shared=shared_pair[0], authenticators={"login": login})
+    route = cfg.routes[0].admission
+    try:
+        before = _evalsha_calls(redis_server)
+        first = await verdict_of(keeper.check(route, request(basic("alice", "secret"))))
+        assert isinstance(first, Allow) and first.identity.consumer == "alice"
+        assert _evalsha_calls(redis_server) == before + 2
+        second = await verdict_of(keeper.check(route, request(basic("alice", "secret"))))
+        assert isinstance(second, Allow) and second.identity.consumer == "alice"
+        assert _evalsha_calls(redis_server) == before + 3
+    finally:
+        login.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_the_method_remembers_is_one_round_trip(
+    shared_pair: tuple[SharedLimits, SharedLimits], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A JWT's first request has its budgets peeked before its signature is checked, then its subject's rate: two
+    EVALSHAs; the same token again is remembered, so its budgets and its subject's rate are one EVALSHA."""
+    secret = tmp_path / "jwt.secret"
+    secret.write_bytes(SECRET)
+    corp = {"type": "jwt", "issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"]}
+    cfg = config(
+        route={"auth": ["corp"]},
+        auth={"corp": {**corp, "secret_file": str(secret)}},
+        admission={"rate_limits": LOGIN_RATES},
+    )
+    keeper = Gatekeeper(
+        cfg.admission, reactor=reactor, shared=shared_pair[0], authenticators={"corp": method_of(cfg, "corp")}
+    )
+    route = cfg.routes[0].admission
+    bearer = (b"Authorization", b"Bearer " + jwt.encode(claims(), SECRET, algorithm="HS256").encode())
+    before = _evalsha_calls(redis_server)
+    first = await verdict_of(keeper.check(route, request(bearer)))
+    assert isinstance(first, Allow) and first.identity.consumer == "svc-reports"
+    assert _evalsha_calls(redis_server) == before + 2
+    second = await verdict_of(keeper.check(route, request(bearer)))
+    assert isinstance(second, Allow) and second.identity.consumer == "svc-reports"
+    assert _evalsha_calls(redis_server) == before + 3
+
+
+@pytest.mark.parametrize("scopes_any", [None, ["admin"]], ids=["no-scopes", "a-scope-alice-lacks"])
+@pytest_twisted.ensureDeferred
+async def test_a_remembered_password_on_a_spent_budget_is_429(
+    shared_pair: tuple[SharedLimits, SharedLimits], redis_server: RedisServer, scopes_any: list[str] | None
+) -> None:
+    """alice's password, remembered, from an address whose budget others spent: 429 in one EVALSHA, as it would
+    be before it is checked, and nothing taken of her rate. On a route needing a scope she lacks it is 429 too,
+    not 403: a 403 would tell whoever guessed the password right despite the spent budget."""
+    cfg = login_config(**({"scopes_any": scopes_any} if scopes_any else {}))
+    login = method_of(cfg, "login")
+    keeper = Gatekeeper(cfg.admission, reactor=reactor, shared=shared_pair[0], authenticators={"login": login})
+    route = cfg.routes[0].admission
+    try:
+        remembered = await verdict_of(keeper.check(route, request(basic("alice", "secret"), peer="10.0.0.2")))
+        assert isinstance(remembered, Forbidden if scopes_any else Allow)
+        await spend_the_address_budget(keeper, route)
+        rate = redis_server.command("GET", "gwtest:consumer:alice")
+        before = _evalsha_calls(redis_server)
+        refused = await verdict_of(keeper.check(route, request(basic("alice", "secret"))))
+        assert isinstance(refused, TooManyRequests) and refused.reason == "too_many_failed_authentications_address"
+        assert _evalsha_calls(redis_server) == before + 1
+        assert redis_server.command("GET", "gwtest:consumer:alice") == rate
+    finally:
+        login.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_password_on_a_spent_budget_is_429_before_bcrypt(
+    shared_pair: tuple[SharedLimits, SharedLimits], redis_server: RedisServer
+) -> None:
+    """bob's right password, never sent before, from an address whose budget is spent: its budgets are peeked
+    first (one EVALSHA) and it is refused 429 without being checked (so it is not remembered afterwards)."""
+    cfg = login_config()
+    login = method_of(cfg, "login")
+    keeper = Gatekeeper(cfg.admission, reactor=reactor, shared=shared_pair[0], authenticators={"login": login})
+    route = cfg.routes[0].admission
+    try:
+        await spend_the_address_budget(keeper, route)
+        before = _evalsha_calls(redis_server)
+        refused = await verdict_of(keeper.check(route, request(basic("bob", "secret"))))
+        assert isinstance(refused, TooManyRequests) and refused.reason == "too_many_failed_authentications_address"
+        assert _evalsha_calls(redis_server) == before + 1
+        elsewhere = await verdict_of(keeper.check(route, request(basic("bob", "secret"), peer="10.0.0.2")))
+        assert isinstance(elsewhere, Allow)
+        assert _evalsha_calls(redis_server) == before + 3  # checked (bcrypt) only now: peeked, then its rate
+    finally:
+        login.close()
 
 
 def _evalsha_calls(server: RedisServer) -> int:

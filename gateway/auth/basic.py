@@ -59,7 +59,6 @@ class BasicAuthenticator:
     """Admits a request whose Basic user name is a consumer with a password hash and whose password matches it."""
 
     guessable = True
-    verified_cheaply = False  # a bcrypt check, on a thread
     """Passwords can be guessed: checks under way count against the failed-auth budgets of the client address
     and of the user name it tries."""
 
@@ -102,6 +101,18 @@ class BasicAuthenticator:
         user, _ = login
         return b"basic\0" + user.encode("utf-8")
 
+    def verifies_cheaply(self, credential: object) -> bool:
+        """True for a login this method verified right within `cache_ttl` (`verify` answers it from memory, no
+        bcrypt); any other costs a bcrypt check, or is refused without one (never verified right)."""
+        login = cast(_Login | Malformed, credential)  # what `credential` returned: the gatekeeper hands it back
+        if isinstance(login, Malformed):
+            return False
+        user, password = login
+        consumer = self._consumers.get(user)
+        if consumer is None or consumer.password_hash is None:
+            return False
+        return self._remembered(self._key(user, password, consumer.password_hash))
+
     def verify(self, credential: object, request: AuthRequest) -> Identity | Deferred[Identity]:
         login = cast(_Login | Malformed, credential)  # what `credential` returned: the gatekeeper hands it back
         if isinstance(login, Malformed):
@@ -114,12 +125,8 @@ class BasicAuthenticator:
         stored = consumer.password_hash if consumer is not None else self._dummy
         assert stored is not None
         key = self._key(user, password, stored)
-        now = self._clock.seconds()
-        until = self._verified.get(key)
-        if consumer is not None and until is not None:
-            if until > now:
-                return self._identity(consumer)
-            del self._verified[key]
+        if consumer is not None and self._remembered(key):
+            return self._identity(consumer)
         waiters = self._checking.get(key)
         if waiters is None:
             if self._pending >= self._method.max_pending:
@@ -184,6 +191,16 @@ class BasicAuthenticator:
         """What a verified success is remembered by: a keyed hash (the key is this process's secret), never the
         password itself."""
         return hmac.digest(self._cache_key, b"\0".join([user.encode("utf-8"), password, stored]), hashlib.sha256)
+
+    def _remembered(self, key: bytes) -> bool:
+        """Whether the login of `key` was verified right within `cache_ttl` (an entry past it is dropped)."""
+        until = self._verified.get(key)
+        if until is None:
+            return False
+        if until > self._clock.seconds():
+            return True
+        del self._verified[key]
+        return False
 
     def _identity(self, consumer: Consumer) -> Identity:
         identity = self._identities.get(consumer.name)

@@ -280,11 +280,14 @@ class ForwardAuthenticator:
     """
 
     guessable = False  # what it sends the auth service is not known to be a password
-    verified_cheaply = False  # a call to the auth service
 
     def claimant(self, credential: object) -> None:
         """None: failures are counted under the method."""
         return None
+
+    def verifies_cheaply(self, credential: object) -> bool:
+        """False: every check is a call to the auth service (its answers are not remembered)."""
+        return False
 
     def __init__(self, method: ForwardMethod, *, reactor: Any, realm: str) -> None:
         self.name = method.name

@@ -9,7 +9,10 @@ Order, and why:
    credential claims to be: a Basic user name, an API key's first characters, a JWT; for forward auth and
    malformed credentials, the method), so one user mistyping a password behind an office's NAT address locks
    out only themselves; and per client address alone, against a higher ceiling, so a client trying many names
-   or keys is stopped all the same. Either spent is 429.
+   or keys is stopped all the same. Either spent is 429. With a shared store, a credential its method checks at
+   once (`Authenticator.verifies_cheaply`: an API key, a certificate, a password or token the method remembers)
+   is checked first and its budgets asked with its consumer's slot and rate, one round trip: a spent budget is
+   429 all the same, before the scopes' 403 (which would tell a right guess).
 4. The credential is verified: at once, or later through a Deferred (JWKS fetch, bcrypt, forward auth). A
    failure is 401 and counts against both budgets.
 5. Scopes (403), then the consumer's request rate (429), then its concurrency cap (429; the slot is given back
@@ -129,8 +132,8 @@ def build_authenticator(method: Method, admission: Admission, reactor: Any) -> A
 
 
 _Budgets = tuple[tuple[str, ...], Any, list[tuple[str, RateLimit]]]
-"""A cheaply checked credential's failed-auth budgets, asked with its consumer's limits: their keys, the
-credential, and (key, limit) for the shared store."""
+"""The failed-auth budgets of a credential its method checks at once, asked with its consumer's limits: their
+keys, the credential, and (key, limit) for the shared store."""
 
 
 class Gatekeeper:
@@ -224,9 +227,10 @@ class Gatekeeper:
         keys = self._failure_keys(peer, auth, credential)
         guessable = bool(keys) and getattr(auth, "guessable", False)
         if keys:
-            if self._shared is not None and not guessable and getattr(auth, "verified_cheaply", False):
+            if self._shared is not None and _verifies_cheaply(auth, credential):
                 # Checked first (it costs next to nothing), its budgets then asked with its consumer's slot and
-                # rate: one round trip to the shared store.
+                # rate: one round trip to the shared store. A new password or token is not: its budgets are
+                # peeked first, sparing the check (bcrypt, a signature, a call) when one is spent.
                 return self._verify_then_budgets(auth, credential, keys, chain, admission, request)
             if self._shared is not None:
                 checks = [(key, failure.limit) for key, failure in zip(keys, self._failure_limits, strict=True)]
@@ -253,9 +257,11 @@ class Gatekeeper:
         admission: RouteAdmission,
         request: AuthRequest,
     ) -> Verdict | Deferred[Verdict]:
-        """A credential of a method that checks it cheaply, with a shared store: checked, then its failed-auth
-        budgets asked in one round trip, with the consumer's slot and rate when it passed (a spent budget is still
-        429, whatever the check said), on their own when it failed (429 or 401, and counted)."""
+        """A credential its method checks at once (an API key, a certificate, a password or token the method
+        remembers), with a shared store: checked, then its failed-auth budgets asked in one round trip, with the
+        consumer's slot and rate when it passed (a spent budget is still 429, whatever the check said), on their own
+        when it failed (429 or 401, and counted). A remembered password is no guess: the count of guesses being
+        checked (`_guessing`) is not asked."""
         checks = [(key, failure.limit) for key, failure in zip(keys, self._failure_limits, strict=True)]
         assert self._shared is not None
         try:
@@ -446,11 +452,16 @@ class Gatekeeper:
         chain: Sequence[Authenticator],
         budgets: _Budgets | None = None,
     ) -> Verdict | Deferred[Verdict]:
-        """Scopes, then the consumer's slot and rate; with `budgets` (a cheaply checked credential's, shared
-        store) those are asked in the same round trip, first."""
+        """Scopes, then the consumer's slot and rate; with `budgets` (of a credential checked at once, shared store)
+        those are asked in the same round trip, first, and before a 403 too."""
         if (admission.scopes_any or admission.scopes_all) and not scopes_allow(
             identity.scopes, any_of=admission.scopes_any, all_of=admission.scopes_all
         ):
+            if budgets is not None and self._shared is not None:
+                peeked = self._shared.peek(budgets[2], fail_closed=admission.limits_fail_closed)
+                return peeked.addCallbacks(
+                    self._forbidden_after_budgets, _denied, callbackArgs=(budgets, identity, admission, chain)
+                )
             return self._forbidden(identity, admission, chain)
         name = identity.consumer
         release = None
@@ -539,6 +550,19 @@ class Gatekeeper:
             self._forwarded[id(identity), admission.forward_credentials] = forwarded
         return Allow(identity, release, forwarded[1], forwarded[2], response_headers)
 
+    def _forbidden_after_budgets(
+        self,
+        decisions: list[RateDecision],
+        budgets: _Budgets,
+        identity: Identity,
+        admission: RouteAdmission,
+        chain: Sequence[Authenticator],
+    ) -> Denied:
+        """403 once the budgets of a credential checked at once are known not spent, 429 if one is: a credential
+        refused before its check when a budget is spent must not be told right (by a 403) after it."""
+        refused = self._over_budget(budgets[0], budgets[1], False, decisions)
+        return refused if refused is not None else self._forbidden(identity, admission, chain)
+
     def _forbidden(self, identity: Identity, admission: RouteAdmission, chain: Sequence[Authenticator]) -> Denied:
         needed = missing_scopes(identity.scopes, any_of=admission.scopes_any, all_of=admission.scopes_all)
         headers = []
@@ -622,6 +646,12 @@ def _address_key(address: str) -> str:
         return str(ipaddress.IPv6Network((address, 64), strict=False).network_address) + "/64"
     except ValueError:
         return address
+
+
+def _verifies_cheaply(auth: Authenticator, credential: object) -> bool:
+    """Whether `auth` would check `credential` at once (`Authenticator.verifies_cheaply`; False when absent)."""
+    cheaply = getattr(auth, "verifies_cheaply", None)
+    return cheaply is not None and bool(cheaply(credential))
 
 
 def _challenges(

@@ -86,11 +86,14 @@ class Authenticator(Protocol):
     """Whether its credentials can be guessed (passwords, not 256-bit keys or signatures): while one is being
     checked, it counts against the failed-auth budgets it would count against if it failed (optional; False
     when absent)."""
-    verified_cheaply: bool
-    """Whether checking a credential costs next to nothing (a digest looked up, a certificate the handshake
-    checked): with a shared limit store its failed-auth budgets are then asked in the same round trip as the
-    consumer's slot and rate, after the check, instead of one round trip before it (optional; False when
-    absent)."""
+
+    def verifies_cheaply(self, credential: object) -> bool:
+        """Whether `verify(credential)` would answer at once, at next to no cost (no thread, no signature, no
+        call): a digest looked up, a certificate the handshake checked, a password or token this method verified
+        and still remembers. With a shared limit store, such a credential's failed-auth budgets are asked in the
+        same round trip as its consumer's slot and rate, after the check, instead of one round trip before it
+        (that check is what a budget spares). A guessable method says so only of a credential it verified right:
+        no guess (optional; False when absent)."""
 
     def claimant(self, credential: object) -> bytes | None:
         """Who `credential` claims to be, for counting its failures apart from other clients' behind the same

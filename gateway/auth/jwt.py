@@ -92,7 +92,6 @@ class JwtAuthenticator:
     `reactor` (or `clock`), which `close` closes."""
 
     guessable = False  # signed tokens
-    verified_cheaply = False  # a signature checked (or keys fetched)
 
     def __init__(
         self,
@@ -150,6 +149,14 @@ class JwtAuthenticator:
         if not isinstance(credential, bytes):
             return None
         return b"jwt\0" + credential.rpartition(b".")[2]
+
+    def verifies_cheaply(self, credential: object) -> bool:
+        """True for a token this method verified and still remembers (`verify` answers it from memory); any other
+        costs a signature check, or a fetch of the keys."""
+        if not isinstance(credential, bytes):
+            return False
+        cached = self._verified.get(credential)
+        return cached is not None and cached[1] > self._clock.seconds()
 
     def verify(self, credential: object, request: AuthRequest) -> Identity | Deferred[Identity]:
         if credential is MALFORMED:

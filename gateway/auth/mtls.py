@@ -34,11 +34,14 @@ class MtlsAuthenticator:
     from_connection = True
     """Its credential is the connection's certificate, not a header (`Gatekeeper` hands it over)."""
     guessable = False
-    verified_cheaply = True  # the handshake checked the certificate
 
     def claimant(self, credential: object) -> None:
         """None: failures are counted under the method."""
         return None
+
+    def verifies_cheaply(self, credential: object) -> bool:
+        """True: the handshake checked the certificate; this method only maps it to a consumer."""
+        return True
 
     def __init__(self, method: MtlsMethod, consumers: Mapping[str, Consumer]) -> None:
         self.name = method.name
