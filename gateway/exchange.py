@@ -308,18 +308,22 @@ class Exchange:
             self._maybe_finish()
             return
         self.route = decision.route
-        verdict = self.gateway.gatekeeper.check(
-            decision.route.admission,
-            AuthRequest(
-                self.method,
-                self.uri,
-                self.requestHeaders,
-                getattr(self.client, "host", ""),
-                self.request_id,
-                connection.client_certificate if self._tls else None,
-                self._tls,
-            ),
-        )
+        gatekeeper = self.gateway.gatekeeper
+        admission = decision.route.admission
+        verdict: Verdict | Deferred[Verdict] | None = gatekeeper.public(admission)
+        if verdict is None:
+            verdict = gatekeeper.check(
+                admission,
+                AuthRequest(
+                    self.method,
+                    self.uri,
+                    self.requestHeaders,
+                    getattr(self.client, "host", ""),
+                    self.request_id,
+                    connection.client_certificate if self._tls else None,
+                    self._tls,
+                ),
+            )
         if isinstance(verdict, Allow):
             self._start(decision, length, verdict)
             if self.phase is Phase.WAITING and self._has_body and _expects_continue(self):

@@ -130,16 +130,29 @@ def _lowered(names: frozenset[bytes]) -> frozenset[bytes]:
     return frozenset(name.lower() for name in names)
 
 
+_TOKENS_OF: dict[bytes, frozenset[bytes]] = {}
+"""The tokens of Connection values seen (a few, as a rule: "keep-alive", "close"), parsed once per process."""
+_TOKENS_KEPT = 64
+"""How many values `_TOKENS_OF` keeps: values a client makes up are parsed each time, never kept."""
+
+
 def _tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
     if not values:
         return frozenset()
+    if len(values) == 1:
+        found = _TOKENS_OF.get(values[0])
+        if found is not None:
+            return found
     tokens: set[bytes] = set()
     for value in values:
         for item in value.split(b","):
             item = item.strip(b" \t").lower()
             if _TOKEN.fullmatch(item):
                 tokens.add(item)
-    return frozenset(tokens)
+    parsed = frozenset(tokens)
+    if len(values) == 1 and len(_TOKENS_OF) < _TOKENS_KEPT:
+        _TOKENS_OF[values[0]] = parsed
+    return parsed
 
 
 def connection_tokens(headers: Fields | Headers) -> frozenset[bytes]:

@@ -197,6 +197,13 @@ class Gatekeeper:
 
     # --- the checks -------------------------------------------------------------------------------------------
 
+    def public(self, admission: RouteAdmission) -> Allow | None:
+        """The verdict on any request to a route with `admission` when it checks nothing (anonymous, and no rate
+        limit for anonymous clients), without looking at the request; None when `check` must look."""
+        if admission.anonymous and self._rates.anonymous is None:
+            return self._anonymous
+        return None
+
     def check(self, admission: RouteAdmission, request: AuthRequest) -> Verdict | Deferred[Verdict]:
         """The verdict on one request to a route with `admission`."""
         peer = _address_key(request.client_address)

@@ -7,7 +7,7 @@ a body of unknown length) is the writer's, never the caller's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 __all__ = ["CRLF", "LAST_CHUNK", "chunk", "request_head"]
 
@@ -21,14 +21,21 @@ it for a method that defines a meaning for a body; servers wait for a body other
 
 
 def request_head(
-    method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]], *, length: int | None, has_body: bool
+    method: bytes,
+    target: bytes,
+    headers: Iterable[tuple[bytes, Sequence[bytes]]],
+    *,
+    length: int | None,
+    has_body: bool,
 ) -> bytes:
-    """The head of an HTTP/1.1 request: the request line, `headers` in order, then the framing of its body:
-    `Content-Length: length` when the length is known, chunked when it is not (`length` None with a body), and
-    nothing for a request without a body (but `Content-Length: 0` for POST, PUT and PATCH)."""
+    """The head of an HTTP/1.1 request: the request line, `headers` (each name with its values, as
+    `getAllRawHeaders` gives them) in order, then the framing of its body: `Content-Length: length` when the
+    length is known, chunked when it is not (`length` None with a body), and nothing for a request without a body
+    (but `Content-Length: 0` for POST, PUT and PATCH)."""
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, CRLF)
+    for name, values in headers:
+        for value in values:
+            parts += (name, b": ", value, CRLF)
     if has_body:
         parts.append(b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length)
     elif method in _CONTENT_LENGTH_0:

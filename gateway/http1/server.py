@@ -234,6 +234,7 @@ class ClientConnection(Protocol):
         self._host: IAddress | None = None
         self._tls_info: tuple[str | None, str | None] | None = None
         self._client_certificate: ClientCertificate | bool | None = False
+        self._secure: bool | None = None
         # The response being written.
         self._chunked = False
         self._body_allowed = True
@@ -254,8 +255,10 @@ class ClientConnection(Protocol):
 
     @property
     def secure(self) -> bool:
-        """Whether the client came over TLS."""
-        return ISSLTransport.providedBy(self.transport)
+        """Whether the client came over TLS (asked once per connection)."""
+        if self._secure is None:
+            self._secure = bool(ISSLTransport.providedBy(self.transport))
+        return self._secure
 
     @property
     def client_certificate(self) -> ClientCertificate | None:

@@ -69,6 +69,9 @@ _NO_BODY = frozenset({204, 304})
 _STATUS_LINE_AND_END = len(b"HTTP/1.1 200 \r\n\r\n")
 """The bytes of a head besides its reason phrase and header lines (each counted as it comes)."""
 _HTTP_1 = frozenset({"1.0", "1.1"})
+_RESPONSE_DONE = Failure(ResponseDone())
+"""How every complete body ends, one object for all (as `twisted.internet.protocol.connectionDone` is for every
+clean close): a Failure per response costs more than the rest of ending it."""
 
 
 class _Broken(Exception):
@@ -521,7 +524,9 @@ class UpstreamConnection(Protocol):
             self.parser = httptools.HttpResponseParser(self)
         self.resume_reading()  # an idle connection reads (to see a close); nothing may have left it paused
         self.reused = True
-        self.transport.write(request_head(method, target, _pairs(headers), length=length, has_body=body is not None))
+        self.transport.write(
+            request_head(method, target, headers.getAllRawHeaders(), length=length, has_body=body is not None)
+        )
         if body is not None:
             self.transport.registerProducer(body, True)
             self._body_registered = True
@@ -694,7 +699,7 @@ class UpstreamConnection(Protocol):
         # Back to the pool first: the owner, told the response ended, may start its next request at once (a
         # pipelined one, or one queued for this upstream), which should find this connection.
         self._maybe_idle(exchange)
-        response._end(Failure(ResponseDone()))
+        response._end(_RESPONSE_DONE)
 
     def _maybe_idle(self, exchange: _Exchange) -> None:
         """The exchange is over on both sides: the connection goes back to the pool, or closes."""
@@ -731,7 +736,7 @@ class UpstreamConnection(Protocol):
             response = exchange.response
             if exchange.complete is not None and response is not None:
                 exchange.complete = None
-                response._end(Failure(ResponseDone()))  # it ended whole before the connection did
+                response._end(_RESPONSE_DONE)  # it ended whole before the connection did
             elif exchange.receiver is not None:
                 error = ResponseFailed([reason]) if exchange.received_any else ResponseNeverReceived([reason])
                 self._fail_head(exchange, error)
@@ -743,10 +748,6 @@ class UpstreamConnection(Protocol):
                 else:
                     response._end(Failure(ResponseFailed([reason], response)))
         self._on_lost(self)
-
-
-def _pairs(headers: Fields | Headers) -> list[tuple[bytes, bytes]]:
-    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
 def _keeps_alive(version: str, headers: Fields) -> bool:
