@@ -642,6 +642,7 @@ class Exchange:
             self._close_after_response()  # an early answer: the rest of the body must not be read as a request
         self._enter(Phase.STREAMING)
         self.write(b"")  # the head goes out now, even if the body is slow to come (server-sent events)
+        self._response = response
         self._relay = ResponseRelay(
             self,
             self._clock,
@@ -652,7 +653,6 @@ class Exchange:
             read_size=response.set_read_size,
             timer=self._connection.timer,
         )
-        self._response = response
         relay = self._relay
         response.deliverBody(relay)
         if relay.paused and not relay.stopped and relay.transport is not None:

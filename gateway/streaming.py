@@ -113,7 +113,7 @@ class ReadSizer:
     """
 
     MIN = 16 * KiB
-    MAX = 256 * KiB
+    MAX = 1 * MiB
     GROW_AFTER = 256 * KiB
     KEPT_UP = 16 * MiB
     SLOW_RATE = 4_000_000

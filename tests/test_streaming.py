@@ -789,7 +789,7 @@ def test_sizer_doubles_up_to_the_maximum_for_a_client_that_keeps_up() -> None:
     feed(s, ReadSizer.KEPT_UP, ReadSizer.MIN)
     assert s.size == 2 * ReadSizer.MIN
     feed(s, 8 * ReadSizer.GROW_AFTER, ReadSizer.MIN)
-    assert applied == [16 * 1024, 32 * 1024, 64 * 1024, 128 * 1024, 256 * 1024]
+    assert applied == [16 * 1024, 32 * 1024, 64 * 1024, 128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024]
     assert s.size == ReadSizer.MAX
 
 
@@ -863,8 +863,8 @@ def test_relay_sets_a_small_read_size_at_once_and_drops_back_for_a_slow_client()
     it back when the client's pace, measured between its resumes on the relay's clock, is slow."""
     h = RelayHarness(sized=True)
     assert h.read_sizes == [ReadSizer.MIN]
-    for _ in range((ReadSizer.KEPT_UP + 8 * ReadSizer.GROW_AFTER) // ReadSizer.MAX):
-        h.relay.dataReceived(b"x" * ReadSizer.MAX)
+    for _ in range((ReadSizer.KEPT_UP + 8 * ReadSizer.GROW_AFTER) // ReadSizer.MIN):
+        h.relay.dataReceived(b"x" * ReadSizer.MIN)
     assert h.read_sizes[-1] == ReadSizer.MAX
     h.clock.advance(ReadSizer.WINDOW)
     h.relay.pauseProducing()

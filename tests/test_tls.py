@@ -128,6 +128,24 @@ async def test_backpressure_and_abort_pass_through_tls(tmp_path: Path, origin: O
     assert not gone.finished and gone.sent < 64 * MiB
 
 
+@pytest.mark.parametrize("over_tls", [False, True], ids=["plain", "tls"])
+@pytest_twisted.ensureDeferred
+async def test_a_client_socket_is_given_up_to_one_mib_per_send(
+    tmp_path: Path, origin: Origin, gateway_for: Any, over_tls: bool
+) -> None:
+    """The TCP socket under a client connection (under its TLS layer too) is given up to 1 MiB per `send`, one
+    of the largest upstream reads, rather than Twisted's 128 KiB."""
+    ca = trustme.CA()
+    data = tls_config(origin.url, issue(ca, tmp_path, HOST)) if over_tls else gateway_config(origin.url)
+    gateway = gateway_for(data)
+    client = await connect(gateway.port, tls=client_options(ca, HOST) if over_tls else None)
+    client.send(f"GET /bytes/10 HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    await within(client.received_at_least(10))
+    (channel,) = gateway.service.factory.channels
+    tcp = channel.transport.transport if over_tls else channel.transport
+    assert tcp.SEND_LIMIT == 1024 * 1024
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_proxy_protocol_header_comes_before_the_handshake(
     tmp_path: Path, origin: Origin, gateway_for: Any

@@ -26,6 +26,7 @@ from typing import Protocol as TypingProtocol
 
 import httptools
 from OpenSSL import SSL
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import (
@@ -72,6 +73,11 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 _VERSION_BYTES = len(b" HTTP/1.1")
 """What a request line has after its target (llhttp takes exactly one space and an 'HTTP/x.y' version)."""
 _LWS = b" \t"
+_SEND_LIMIT = 1024 * 1024
+"""The most a client socket's `send` is given at once (the public `SEND_LIMIT` of Twisted's `FileDescriptor`,
+128 KiB by default): one of the largest upstream reads (`gateway.streaming.ReadSizer.MAX`) goes out in one call,
+where 128 KiB at a time took eight, each a turn of the reactor, and copied what was left after each (bench S1:
++15% throughput at 256 KiB, +30% with 1 MiB reads)."""
 _FRAMING = (
     "Content-Length must be a single decimal number, and cannot be combined with Transfer-Encoding (which may be "
     "sent only once)"
@@ -174,6 +180,17 @@ class ConnectionOwner(TypingProtocol):
 
 
 @implementer(IHandshakeListener)
+def _raise_send_limit(transport: object) -> None:
+    """Set `_SEND_LIMIT` on the socket's transport under a connection: its own, or the one under its TLS layer
+    (each wrapping layer's `transport`, a few at most: TLS, a PROXY protocol header). A wrapper answers for the
+    attributes of what it wraps (`ProtocolWrapper.__getattr__`), so the socket's is told by its class."""
+    for _ in range(3):
+        if isinstance(transport, FileDescriptor):
+            transport.SEND_LIMIT = _SEND_LIMIT
+            return
+        transport = getattr(transport, "transport", None)
+
+
 class ClientConnection(Protocol):
     """One client connection, from accept to close."""
 
@@ -376,6 +393,7 @@ class ClientConnection(Protocol):
     # --- connection -----------------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        _raise_send_limit(self.transport)
         self._counted = True
         refusal = self.owner.connection_opened(self)
         if refusal is not None:
