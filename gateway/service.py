@@ -45,7 +45,7 @@ from gateway.auth.gatekeeper import Gatekeeper
 from gateway.auth.shared_limits import connect_shared_limits
 from gateway.certificates import CertificateSet, log_certificate
 from gateway.config import Config, ConfigError, Listener
-from gateway.config_tls import ListenerTLS
+from gateway.config.tls import ListenerTLS
 from gateway.context import Gateway
 from gateway.fleet import Fleet
 from gateway.logs import AccessLog

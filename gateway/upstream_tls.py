@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from gateway.certificates import system_roots
 from gateway.config import Upstream
-from gateway.config_tls import UpstreamTLS
+from gateway.config.tls import UpstreamTLS
 
 __all__ = ["client_creator", "tls_failure"]
 

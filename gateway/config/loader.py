@@ -32,9 +32,9 @@ from gateway.auth.settings import (
     parse_admission,
     parse_route_admission,
 )
-from gateway.config_store import LOCAL_STORE, LimitStoreSettings, limit_store
-from gateway.config_tls import ListenerTLS, UpstreamTLS, hsts_value, listener_tls, upstream_tls
-from gateway.config_values import (
+from gateway.config.store import LOCAL_STORE, LimitStoreSettings, limit_store
+from gateway.config.tls import ListenerTLS, UpstreamTLS, hsts_value, listener_tls, upstream_tls
+from gateway.config.values import (
     ConfigError,
     Errors,
     Fields,

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.certificates import CertificateError, CertificateSet, load_ca_bundle, load_certificate_set
-from gateway.config_values import Invalid, Table, boolean, nonempty_string
+from gateway.config.values import Invalid, Table, boolean, nonempty_string
 
 __all__ = ["ListenerTLS", "UpstreamTLS", "hsts_value", "listener_tls", "upstream_tls"]
 
