@@ -4,11 +4,14 @@
 `Config` or raise one `ConfigError` listing every error in it. Pure: nothing here touches the network or the
 reactor, so `--check` and a reload validate a file before anything changes.
 
-`loader` reads the file and its tables; `values` is how any table is read (also by the admission settings,
-`gateway.auth.settings`); `tls` the TLS tables; `store` the `[limits.store]` table.
+`model` is the `Config` and its parts; `loader` reads the file, table by table: `server` where the gateway listens
+(`[server]`, `[[listeners]]`, `[admin]`), `routes` where requests go (`[upstreams.NAME]`, `[[routes]]` and their
+defaults), `tls` the TLS tables, `store` the `[limits.store]` table, and `gateway.auth.settings` the admission
+tables; `values` is how any table is read.
 """
 
-from gateway.config.loader import (
+from gateway.config.loader import load, load_text, parse
+from gateway.config.model import (
     REFUSED_METHODS,
     AccessLog,
     Admin,
@@ -20,9 +23,6 @@ from gateway.config.loader import (
     Server,
     Timeouts,
     Upstream,
-    load,
-    load_text,
-    parse,
 )
 from gateway.config.values import ConfigError, GiB, KiB, MiB
 
