@@ -400,7 +400,7 @@ class Metrics:
         self._denials.labels(route, reason).inc()
 
     def handshake_failed(self, listener: str, reason: str) -> None:
-        """A client's TLS handshake failed; `reason` is one of `gateway.tls.handshake_failure`'s classes."""
+        """A client's TLS handshake failed; `reason` is one of `gateway.tls.server.handshake_failure`'s classes."""
         self._handshake_failures.labels(listener, reason).inc()
 
     def proxy_refused(self, listener: str, reason: str) -> None:

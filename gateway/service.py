@@ -43,7 +43,6 @@ from gateway.addresses import member_of
 from gateway.admin import OneProcess, admin_site
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.auth.shared_limits import connect_shared_limits
-from gateway.certificates import CertificateSet, log_certificate
 from gateway.config import Config, ConfigError, Listener
 from gateway.config.tls import ListenerTLS
 from gateway.context import Gateway
@@ -52,7 +51,8 @@ from gateway.logs import AccessLog
 from gateway.metrics import CertificateState, Live, Metrics
 from gateway.routing import Router
 from gateway.site import GatewayFactory
-from gateway.tls import ClientPolicy, ServerContexts, ServerTLSCreator
+from gateway.tls.certificates import CertificateSet, log_certificate
+from gateway.tls.server import ClientPolicy, ServerContexts, ServerTLSCreator
 from gateway.upstream import UpstreamPool
 from gateway.waits import within
 from gateway.workers import WorkerPool, worker_command
