@@ -25,7 +25,7 @@ from gateway.context import Gateway
 from gateway.errors import GatewayError, TooManyConnections
 from gateway.exchange import Exchange
 from gateway.http1.server import ClientConnection, Message
-from gateway.metrics import LimitStoreState, Live, PoolState
+from gateway.operations.metrics import LimitStoreState, Live, PoolState
 from gateway.records import refusal_record
 from gateway.tls.server import handshake_failure
 

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 
 from gateway.auth.apikeys import hash_key
 from gateway.config import ConfigError, load, parse
-from gateway.service import GatewayService
+from gateway.operations.service import GatewayService
 from gateway.tls.certificates import CertificateSet, describe_name, load_certificate_set
 from tests.support.backpressure import held_back_then_whole
 from tests.support.certs import client_options, expired, issue, write_ca

@@ -12,7 +12,7 @@ Rules:
   by their settings: new ones are bound before anything changes (a port that cannot be bound makes the reload
   fail whole), removed ones stop accepting.
 * With `server.workers` above 1 every process binds each listener itself with SO_REUSEPORT; the twistd process
-  alone binds the admin listener, and answers there for every worker (`gateway.fleet`). The reactor is given,
+  alone binds the admin listener, and answers there for every worker (`gateway.operations.fleet`). The reactor is given,
   never imported.
 """
 
@@ -40,26 +40,26 @@ from zope.interface import implementer
 
 from gateway import config as config_module
 from gateway.addresses import member_of
-from gateway.admin import OneProcess, admin_site
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.auth.shared_limits import connect_shared_limits
 from gateway.config import Config, ConfigError, Listener
 from gateway.config.tls import ListenerTLS
 from gateway.context import Gateway
-from gateway.fleet import Fleet
 from gateway.logs import AccessLog
-from gateway.metrics import CertificateState, Live, Metrics
+from gateway.operations.admin import OneProcess, admin_site
+from gateway.operations.fleet import Fleet
+from gateway.operations.metrics import CertificateState, Live, Metrics
+from gateway.operations.waits import within
+from gateway.operations.workers import WorkerPool, worker_command
 from gateway.routing import Router
 from gateway.site import GatewayFactory
 from gateway.tls.certificates import CertificateSet, log_certificate
 from gateway.tls.server import ClientPolicy, ServerContexts, ServerTLSCreator
 from gateway.upstream import UpstreamPool
-from gateway.waits import within
-from gateway.workers import WorkerPool, worker_command
 
 __all__ = ["GatewayService", "ListenerService", "make_gateway"]
 
-_log = Logger()
+_log = Logger(namespace="gateway.service")  # not the module's name: log lines keep the namespace they had
 
 CUT_WAIT = 2.0
 """Seconds the stop waits for connections cut at the drain timeout to be gone."""
@@ -350,11 +350,11 @@ class ListenerService(Service):
 class GatewayService(MultiService):
     """The whole gateway as one `IService`, for `twistd`, for a worker process or for tests.
 
-    With `spawn_workers` (the twistd process) and `server.workers` above 1, it is worker 0 and also starts and
-    stops workers 1..N-1 (`self.workers`), each running `gateway.worker` on the same config file, and its admin
-    listener answers for all of them (`self.fleet`). Without it, it only serves (a worker process, or a test
-    binding the same port twice in one process). `worker_index` is this process's number: a worker (above 0)
-    has no admin listener, it answers its parent instead."""
+    With `spawn_workers` (the twistd process) and `server.workers` above 1, it is worker 0 and also starts and stops
+    workers 1..N-1 (`self.workers`), each running `gateway.operations.worker` on the same config file, and its admin
+    listener answers for all of them (`self.fleet`). Without it, it only serves (a worker process, or a test binding
+    the same port twice in one process). `worker_index` is this process's number: a worker (above 0) has no admin
+    listener, it answers its parent instead."""
 
     def __init__(
         self,
