@@ -51,7 +51,7 @@ CHUNKS_PER_TURN = 16
 
 
 class GatewayResource(Resource):
-    """Proxies the requests it is given through a `Gateway` (`gateway.operations.service.make_gateway`), as the
+    """Proxies the requests it is given through a `Gateway` (`gateway.operations.runtime.make_gateway`), as the
     gateway's own listener does.
 
     Mount it in any twisted.web site::

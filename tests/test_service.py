@@ -15,7 +15,9 @@ from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 
 from gateway.config import parse
-from gateway.operations.service import GatewayService, ListenerService, make_gateway
+from gateway.operations.listeners import ListenerService
+from gateway.operations.runtime import make_gateway
+from gateway.operations.service import GatewayService
 from gateway.operations.workers import WorkerPool
 from tests.support.clients import connect, within
 from tests.support.origin import Origin
