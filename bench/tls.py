@@ -1,6 +1,6 @@
 """TLS for `bench/run.py --tls`: one certificate made for the run, served by every peer with the same ciphers.
 
-The gateway's own choices (gateway/tls.py) are the reference: TLS 1.2 and 1.3, its TLS 1.2 cipher list,
+The gateway's own choices (gateway/tls/server.py) are the reference: TLS 1.2 and 1.3, its TLS 1.2 cipher list,
 OpenSSL's default TLS 1.3 suites, the server's cipher preference, ALPN `http/1.1`, session resumption on. nginx
 and HAProxy are configured to the same, with the same ECDSA P-256 certificate, so what differs is the proxy.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import trustme
 
 from bench.clients import TLS_NAME
-from gateway.tls import MODERN_CIPHERS
+from gateway.tls.server import MODERN_CIPHERS
 
 
 @dataclass(frozen=True)

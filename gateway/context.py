@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.config import Limits, Server
 from gateway.logs import AccessLog
-from gateway.metrics import Metrics
+from gateway.operations.metrics import Metrics
 from gateway.routing import Router
 from gateway.upstream import UpstreamPool
 

@@ -62,7 +62,7 @@ from gateway.http1.upstream import Cancellable
 from gateway.phases import ANSWERED, FORWARDED, TRANSITIONS, Body, Phase
 from gateway.records import bounded_field, ms_between
 from gateway.streaming import RequestBodyPipe, ResponseRelay, Watchdog
-from gateway.tls import ClientCertificate
+from gateway.tls.server import ClientCertificate
 from gateway.upstream import UpstreamPool, UpstreamResponse
 
 __all__ = ["Exchange"]

@@ -28,8 +28,8 @@ from gateway.errors import (
     UpstreamUnreachable,
 )
 from gateway.framing import MAX_BODY_LENGTH, body_length
+from gateway.tls.upstream import tls_failure
 from gateway.upstream import ConnectTimeout, UpstreamResponse
-from gateway.upstream_tls import tls_failure
 
 __all__ = ["TIMEOUT_ERRORS", "length_too_large", "upstream_error", "upstream_in_answers"]
 

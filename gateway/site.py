@@ -25,9 +25,9 @@ from gateway.context import Gateway
 from gateway.errors import GatewayError, TooManyConnections
 from gateway.exchange import Exchange
 from gateway.http1.server import ClientConnection, Message
-from gateway.metrics import LimitStoreState, Live, PoolState
+from gateway.operations.metrics import LimitStoreState, Live, PoolState
 from gateway.records import refusal_record
-from gateway.tls import handshake_failure
+from gateway.tls.server import handshake_failure
 
 __all__ = ["GatewayFactory"]
 

@@ -1,6 +1,6 @@
 """`twistd gateway`: the command line (`--config`, `--check`) and `makeService`; nothing else.
 
-Rule: this is the composition root, the one module that names the global reactor (with `gateway.worker`, the
+Rule: this is the composition root, the one module that names the global reactor (with `gateway.operations.worker`, the
 same root for the extra worker processes); everything below takes a reactor as a parameter. An invalid config
 prints every error in it, one per line as `gateway: file: key: reason`, and exits non-zero before anything starts,
 so `twistd gateway --config F --check` works like `nginx -t`.
@@ -17,10 +17,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from gateway import config, signals
-from gateway.about import versions
-from gateway.sdnotify import Notifier, child_environment
-from gateway.service import GatewayService
+from gateway import config
+from gateway.operations import signals
+from gateway.operations.about import versions
+from gateway.operations.sdnotify import Notifier, child_environment
+from gateway.operations.service import GatewayService
 
 __all__ = ["Options", "makeService"]
 
@@ -87,7 +88,7 @@ def systemd_sockets(reactor: Any, cfg: config.Config) -> dict[str, int]:
 
 def makeService(options: Options) -> IService:
     """The gateway; with `server.workers` above 1 the twistd process is worker 0 and starts the others. Once
-    the reactor runs, the signals are wired (`gateway.signals`) and systemd, if it asked, is told READY=1."""
+    the reactor runs, the signals are wired (`gateway.operations.signals`) and systemd, if it asked, is told READY=1."""
     from twisted.internet import reactor
 
     twistd = getattr(options, "parent", None)  # twistd's own options, when run by twistd

@@ -31,7 +31,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from gateway.certificates import log_certificate
 from gateway.config import Upstream
 from gateway.errors import UpstreamSaturated
 from gateway.http1.fields import Fields
@@ -45,7 +44,8 @@ from gateway.http1.upstream import (
     UpstreamResponse,
 )
 from gateway.streaming import Watchdog
-from gateway.upstream_tls import client_creator
+from gateway.tls.certificates import log_certificate
+from gateway.tls.upstream import client_creator
 
 __all__ = [
     "MAX_RESPONSE_HEAD",

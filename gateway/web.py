@@ -40,7 +40,7 @@ from gateway.exchange import Exchange
 from gateway.http1.fields import Fields
 from gateway.http1.server import Message, canonical_peer
 from gateway.streaming import Watchdog
-from gateway.tls import ClientCertificate, client_certificate, tls_parameters
+from gateway.tls.server import ClientCertificate, client_certificate, tls_parameters
 
 __all__ = ["GatewayResource"]
 
@@ -51,8 +51,8 @@ CHUNKS_PER_TURN = 16
 
 
 class GatewayResource(Resource):
-    """Proxies the requests it is given through a `Gateway` (`gateway.service.make_gateway`), as the gateway's
-    own listener does.
+    """Proxies the requests it is given through a `Gateway` (`gateway.operations.runtime.make_gateway`), as the
+    gateway's own listener does.
 
     Mount it in any twisted.web site::
 

@@ -17,7 +17,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import LogEvent
 
-from gateway.service import GatewayService
+from gateway.operations.service import GatewayService
 from tests.support import clients
 from tests.support.logs import captured
 from tests.support.origin import Origin

@@ -18,7 +18,7 @@ from gateway.auth.identity import AuthRequest, Identity
 from gateway.auth.mtls import MtlsAuthenticator
 from gateway.config import parse
 from gateway.errors import Forbidden
-from gateway.tls import ClientCertificate
+from gateway.tls.server import ClientCertificate
 from tests.support.running import gateway_config
 
 _KEY = ec.generate_private_key(ec.SECP256R1())

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from gateway.auth.gatekeeper import Allow, Gatekeeper, Verdict, build_authenticator
 from gateway.auth.identity import Authenticator
 from gateway.auth.shared_limits import Circuit, SharedLimits, connect_shared_limits
-from gateway.config_store import LimitStoreSettings
+from gateway.config.store import LimitStoreSettings
 from gateway.errors import Forbidden, LimitsUnavailable, TooManyRequests
 from tests.support.logs import captured
 from tests.support.redis import RedisServer

@@ -1,4 +1,4 @@
-"""Tests for gateway.config_store: the `[limits.store]` table, checked at load (so by `--check` and a reload)."""
+"""Tests for gateway.config.store: the `[limits.store]` table, checked at load (so by `--check` and a reload)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import trustme
 
 from gateway.config import ConfigError, parse
-from gateway.config_store import LOCAL_STORE
+from gateway.config.store import LOCAL_STORE
 from tests.test_config import minimal
 
 

@@ -3,13 +3,13 @@ docs/configuration.md, every TOML example in README.md and docs/ still loads (`-
 resolves, and README's command 2 is the one CI runs.
 
 How the keys are found: by running the loader, not by reading its source. Every table of the config declares the
-keys it accepts with `Table.known(...)` as soon as it is opened (gateway/config.py, gateway/config_tls.py,
-gateway/auth/settings.py), so `parse` of a config that opens every table, with `known` wrapped to record what each
-table declared, gives the whole set: keys assembled from constants, comprehensions and other modules
-(`*ROUTE_ADMISSION_KEYS`, `_METHOD_KEYS`) come out as the loader sees them, and a key is tied to the table it is in
-(`timeouts.connect`, not just `connect`). The parse does not have to succeed (a key is declared before its value is
-read). Two checks keep that config maximal as the loader grows: every `.known(` call in gateway/ must have run, and
-every key a table declared must be written in at least one table of that kind in the config.
+keys it accepts with `Table.known(...)` as soon as it is opened (gateway/config/, gateway/auth/settings.py), so
+`parse` of a config that opens every table, with `known` wrapped to record what each table declared, gives the whole
+set: keys assembled from constants, comprehensions and other modules (`*ROUTE_ADMISSION_KEYS`, `_METHOD_KEYS`) come
+out as the loader sees them, and a key is tied to the table it is in (`timeouts.connect`, not just `connect`). The
+parse does not have to succeed (a key is declared before its value is read). Two checks keep that config maximal as
+the loader grows: every `.known(` call in gateway/ must have run, and every key a table declared must be written in
+at least one table of that kind in the config.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 import trustme
 
 from gateway import config, tap
-from gateway.config_values import Table
+from gateway.config.values import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -1,4 +1,4 @@
-"""`gateway.fleet`: the merge of several processes' families (pure), and `Fleet` asking workers over real
+"""`gateway.operations.fleet`: the merge of several processes' families (pure), and `Fleet` asking workers over real
 socketpairs on the global reactor, each worker end either the gateway's own (`answer_parent` on a real
 `Metrics`) or a stand-in that answers only when the test says so (a stopped or stuck worker). The answer
 timeouts run on a `Clock` the test advances once the questions are in, so no test waits for time to pass. The
@@ -23,8 +23,8 @@ from twisted.internet.task import Clock
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.admin import OneProcess
-from gateway.fleet import (
+from gateway.operations.admin import OneProcess
+from gateway.operations.fleet import (
     ANSWER_TIMEOUT,
     MAX_UNANSWERED,
     METRICS,
@@ -36,7 +36,7 @@ from gateway.fleet import (
     encode,
     merge,
 )
-from gateway.metrics import Live, Metrics, merge_kind
+from gateway.operations.metrics import Live, Metrics, merge_kind
 from tests.support.clients import within
 from tests.support.scrape import Scrape, until
 

@@ -11,7 +11,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from gateway.config import parse
-from gateway.service import make_gateway
+from gateway.operations.runtime import make_gateway
 from tests.support.clients import connect, within
 from tests.support.origin import Origin
 from tests.support.redis import RedisServer

@@ -13,8 +13,8 @@ from twisted.internet import reactor
 
 from gateway.auth.apikeys import hash_key
 from gateway.config import parse
-from gateway.metrics import Live, Metrics, PoolState
-from gateway.service import GatewayService
+from gateway.operations.metrics import Live, Metrics, PoolState
+from gateway.operations.service import GatewayService
 from tests.support.clients import RawClient, connect, within
 from tests.support.faults import get
 from tests.support.origin import pattern_bytes
@@ -530,7 +530,7 @@ def test_live_gauges_are_read_at_each_collection():
 def test_build_info_carries_the_versions():
     """gateway_build_info is 1 with the gateway's, Twisted's, Python's and OpenSSL's versions as labels: the
     same four `twistd gateway --version` prints."""
-    from gateway.about import versions
+    from gateway.operations.about import versions
 
     metrics = Metrics(_live)
     about = versions()

@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent
 
 from gateway.config import load
-from gateway.service import GatewayService
+from gateway.operations.service import GatewayService
 from tests.support.clients import connect, within
 from tests.support.logs import captured, in_namespace
 from tests.support.origin import Origin

@@ -20,8 +20,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from gateway.config import parse
 from gateway.logs import AccessLog
-from gateway.metrics import Live, Metrics
-from gateway.service import make_gateway
+from gateway.operations.metrics import Live, Metrics
+from gateway.operations.runtime import make_gateway
 from gateway.site import GatewayFactory
 
 GET = b"GET /small?x=1 HTTP/1.1\r\nHost: example.test\r\nUser-Agent: t\r\n\r\n"

@@ -1,4 +1,5 @@
-"""gateway.sdnotify against real AF_UNIX datagram sockets standing in for systemd's: the kernel is the point."""
+"""gateway.operations.sdnotify against real AF_UNIX datagram sockets standing in for systemd's: the kernel is the
+point."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from twisted.logger import LogLevel, formatEvent
 
-from gateway.sdnotify import Notifier, child_environment
+from gateway.operations.sdnotify import Notifier, child_environment
 from tests.support.logs import captured, in_namespace
 
 _ours = in_namespace("gateway.sdnotify")

@@ -1,4 +1,4 @@
-"""`gateway.service` on the global reactor: listeners bind on start (with SO_REUSEPORT when there are worker
+"""`gateway.operations.service` on the global reactor: listeners bind on start (with SO_REUSEPORT when there are worker
 processes), and stop closes ports and pooled connections."""
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 
 from gateway.config import parse
-from gateway.service import GatewayService, ListenerService, make_gateway
-from gateway.workers import WorkerPool
+from gateway.operations.listeners import ListenerService
+from gateway.operations.runtime import make_gateway
+from gateway.operations.service import GatewayService
+from gateway.operations.workers import WorkerPool
 from tests.support.clients import connect, within
 from tests.support.origin import Origin
 from tests.support.processes import free_port
@@ -228,7 +230,7 @@ def test_spawn_workers_with_one_worker_starts_no_pool(origin: Origin) -> None:
 
 def test_spawn_workers_owns_a_pool_of_the_other_workers(origin: Origin) -> None:
     """With `spawn_workers` and `workers = 3`, the service owns a stopped pool of workers 1 and 2, added after the
-    listeners, each running `gateway.worker` on the config file's absolute path."""
+    listeners, each running `gateway.operations.worker` on the config file's absolute path."""
     config = gateway_config(origin.url, server={"workers": 3}, listeners=[{"host": "127.0.0.1", "port": 8080}])
     service = GatewayService(parse(config, source="gateway.toml"), reactor, spawn_workers=True)
     pool = service.workers
@@ -239,7 +241,7 @@ def test_spawn_workers_owns_a_pool_of_the_other_workers(origin: Origin) -> None:
     assert list(pool.command(2)) == [
         sys.executable,
         "-m",
-        "gateway.worker",
+        "gateway.operations.worker",
         "--config",
         os.path.abspath("gateway.toml"),
         "--index",

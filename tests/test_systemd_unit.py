@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config, workers
+from gateway import config
+from gateway.operations import workers
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 SERVICE = ETC / "gateway.service"

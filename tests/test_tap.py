@@ -14,8 +14,9 @@ from twisted.plugin import getPlugins
 
 from gateway import tap
 from gateway.config import Config
-from gateway.service import GatewayService, ListenerService
-from gateway.workers import WorkerPool
+from gateway.operations.listeners import ListenerService
+from gateway.operations.service import GatewayService
+from gateway.operations.workers import WorkerPool
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,9 +21,9 @@ from twisted.internet.ssl import Certificate, CertificateOptions
 from twisted.internet.threads import deferToThread
 
 from gateway.auth.apikeys import hash_key
-from gateway.certificates import CertificateSet, describe_name, load_certificate_set
 from gateway.config import ConfigError, load, parse
-from gateway.service import GatewayService
+from gateway.operations.service import GatewayService
+from gateway.tls.certificates import CertificateSet, describe_name, load_certificate_set
 from tests.support.backpressure import held_back_then_whole
 from tests.support.certs import client_options, expired, issue, write_ca
 from tests.support.clients import connect, within
@@ -782,6 +782,6 @@ async def test_redirect_and_hsts(tmp_path: Path, origin: Origin, gateway_for: An
     ],
 )
 def test_handshake_failure_classes_are_bounded(reason: str, expected: str) -> None:
-    from gateway.tls import handshake_failure
+    from gateway.tls.server import handshake_failure
 
     assert handshake_failure(SSL.Error([("SSL routines", "", reason)])) == expected

@@ -23,7 +23,7 @@ from twisted.web.server import Request, Site
 
 from gateway.auth.apikeys import hash_key
 from gateway.config import parse
-from gateway.service import make_gateway
+from gateway.operations.runtime import make_gateway
 from gateway.web import GatewayResource
 from tests.support.certs import client_options
 from tests.support.clients import RawClient, connect, parse_response, parse_responses, within

@@ -1,4 +1,4 @@
-"""`gateway.workers.WorkerPool` on the global reactor, with small Python programs standing in for workers.
+"""`gateway.operations.workers.WorkerPool` on the global reactor, with small Python programs standing in for workers.
 
 Each stand-in writes a "ready" file once it runs (so a test knows its signal disposition is in place) and then
 blocks reading stdin, as a real worker watches its pipe from the parent. Every pool is stopped after its test and
@@ -22,7 +22,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
-from gateway.workers import WorkerPool, worker_command
+from gateway.operations.workers import WorkerPool, worker_command
 from tests.support.clients import within
 from tests.support.processes import children_of, is_alive, kill_if_ours
 from tests.support.scrape import until
@@ -40,7 +40,7 @@ EXITS_3 = "import sys; sys.exit(3)"
 
 @pytest.fixture
 def worker_log() -> Iterator[list[str]]:
-    """The text of every event logged by `gateway.workers` during the test."""
+    """The text of every event logged by `gateway.operations.workers` during the test."""
     lines: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
@@ -83,11 +83,11 @@ async def ready(tmp_path: Path, *indexes: int) -> None:
 
 
 def test_worker_command_runs_gateway_worker_with_config_and_index() -> None:
-    """A worker's command line is this Python running `gateway.worker` with the config path and its index."""
+    """A worker's command line is this Python running `gateway.operations.worker` with the config path and its index."""
     assert worker_command("/etc/gateway/gateway.toml", 3) == [
         sys.executable,
         "-m",
-        "gateway.worker",
+        "gateway.operations.worker",
         "--config",
         "/etc/gateway/gateway.toml",
         "--index",
@@ -174,7 +174,7 @@ async def test_a_killed_worker_is_restarted_with_a_new_pid(
 
 RECORDS = (
     "import sys\n"
-    "from gateway.workers import ConfigFrames\n"
+    "from gateway.operations.workers import ConfigFrames\n"
     "out = open(sys.argv[1] + '.configs', 'ab', buffering=0)\n"
     "frames = ConfigFrames(lambda text: out.write(text + b'\\n--\\n'))\n"
     "open(sys.argv[1], 'w').close()\n"
@@ -205,7 +205,7 @@ async def test_every_worker_is_given_the_config_bytes_at_start_and_at_each_reloa
 
 def test_config_frames_are_found_whatever_the_pieces() -> None:
     """What comes down the pipe is split into configs by their length, fed a byte at a time or all at once."""
-    from gateway.workers import ConfigFrames, config_frame
+    from gateway.operations.workers import ConfigFrames, config_frame
 
     stream = config_frame(b"a = 1\n") + config_frame(b"") + config_frame(b"x" * 70_000)
     for step in (1, 7, len(stream)):

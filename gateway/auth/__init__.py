@@ -4,3 +4,8 @@
 `settings` reads the config; `credentials` parses credential headers; one module per method (`apikeys`, `jwt`,
 `basic`, `forward`); `scopes` and `limits` decide; `gatekeeper` puts them in order for one request.
 """
+
+# The config package is imported before any module of this one: gateway.config reads the admission tables with
+# `settings`, and `settings` reads them with gateway.config.values, so `settings` imported first would find
+# gateway.config half made.
+import gateway.config  # noqa: F401

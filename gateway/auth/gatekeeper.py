@@ -55,7 +55,7 @@ from gateway.auth.settings import (
     RouteAdmission,
 )
 from gateway.auth.shared_limits import Admitted, SharedLimits
-from gateway.config_store import LimitStoreSettings
+from gateway.config.store import LimitStoreSettings
 from gateway.errors import AuthServiceDenied, AuthUnavailable, Denied, Forbidden, TooManyRequests, Unauthorized
 from gateway.headers import canonical_name
 

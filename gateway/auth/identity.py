@@ -73,7 +73,7 @@ class AuthRequest(NamedTuple):
     client_address: str
     request_id: str
     client_certificate: Any = None
-    """The `gateway.tls.ClientCertificate` the connection's TLS handshake verified, if any."""
+    """The `gateway.tls.server.ClientCertificate` the connection's TLS handshake verified, if any."""
     secure: bool = False
     """Whether the request came over TLS (an auth service is told so, as an upstream is)."""
 

@@ -23,7 +23,7 @@ from gateway.auth.identity import AuthRequest, Identity
 from gateway.auth.settings import CertificateIdentity, Consumer, MtlsMethod
 from gateway.errors import Forbidden
 from gateway.http1.fields import HeaderLookup
-from gateway.tls import ClientCertificate
+from gateway.tls.server import ClientCertificate
 
 __all__ = ["MtlsAuthenticator"]
 
@@ -93,6 +93,6 @@ def _identities(certificate: ClientCertificate) -> Iterator[CertificateIdentity]
     yield "dn", certificate.subject
     for name in sorted(certificate.common_names):
         yield "cn", name
-    for name in sorted(certificate.names):  # "DNS:", "IP:", "URI:", "email:" (as `gateway.tls` writes them)
+    for name in sorted(certificate.names):  # "DNS:", "IP:", "URI:", "email:" (as `gateway.tls.server` writes them)
         kind, _, value = name.partition(":")
         yield kind.lower(), value

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from gateway.config_values import (
+from gateway.config.values import (
     Invalid,
     KiB,
     Table,

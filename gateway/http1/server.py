@@ -60,7 +60,7 @@ from gateway.http1.fields import Fields
 from gateway.http1.heads import CRLF, LAST_CHUNK, chunk
 from gateway.http1.transports import IConnectionTransport
 from gateway.streaming import Watchdog
-from gateway.tls import ClientCertificate, client_certificate, tls_parameters
+from gateway.tls.server import ClientCertificate, client_certificate, tls_parameters
 
 __all__ = ["ClientConnection", "ConnectionOwner", "Message", "RequestHandler", "canonical_peer", "refusal_bytes"]
 

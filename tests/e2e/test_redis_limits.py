@@ -60,7 +60,7 @@ def test_two_workers_share_one_limit_exactly(tmp_path: Path, spawn: list[Child],
         statuses = [status(workers.port) for _ in range(40)]
         assert statuses.count(200) == 20 and statuses.count(429) == 20, statuses
     finally:
-        kill_if_ours(workers.worker_pid, "gateway.worker")
+        kill_if_ours(workers.worker_pid, "gateway.operations.worker")
 
 
 def wait_for_clients(server: RedisServer, count: int) -> None:

@@ -109,7 +109,7 @@ def test_the_systemd_socket_is_served_by_twistd_and_its_worker(
     finally:
         os.kill(twistd.proc.pid, signal.SIGTERM)
         twistd.proc.wait(timeout=STOP_TIMEOUT)
-        kill_if_ours(worker_pid, "gateway.worker")
+        kill_if_ours(worker_pid, "gateway.operations.worker")
     assert twistd.proc.returncode == 0, twistd.output()
 
 

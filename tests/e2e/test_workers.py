@@ -25,7 +25,7 @@ import pytest
 import trustme
 from cryptography import x509
 
-from gateway.workers import config_frame
+from gateway.operations.workers import config_frame
 from tests.support.certs import Issued, issue, write_ca
 from tests.support.clients import Parsed, parse_response
 from tests.support.processes import (
@@ -101,7 +101,7 @@ def start_workers(tmp_path: Path, spawn: list[Child], listener: str = "", extra:
 def workers(tmp_path: Path, spawn: list[Child]) -> Iterator[Workers]:
     started = start_workers(tmp_path, spawn)
     yield started
-    kill_if_ours(started.worker_pid, "gateway.worker")
+    kill_if_ours(started.worker_pid, "gateway.operations.worker")
 
 
 @dataclass
@@ -123,7 +123,7 @@ def tls_workers(tmp_path: Path, spawn: list[Child]) -> Iterator[TLSWorkers]:
     )
     started = start_workers(tmp_path, spawn, listener)
     yield TLSWorkers(started, ca, served, write_ca(ca, tmp_path / "trust.pem"))
-    kill_if_ours(started.worker_pid, "gateway.worker")
+    kill_if_ours(started.worker_pid, "gateway.operations.worker")
 
 
 def get_on(sock: socket.socket, target: str, timeout: float = 30.0) -> Parsed:
@@ -149,11 +149,20 @@ def get_on(sock: socket.socket, target: str, timeout: float = 30.0) -> Parsed:
 
 
 def test_two_workers_are_twistd_and_one_child(workers: Workers) -> None:
-    """With `workers = 2`, twistd has exactly one child process: `gateway.worker` with index 1 on the same config
-    file, given as an absolute path."""
+    """With `workers = 2`, twistd has exactly one child process: `gateway.operations.worker` with index 1 on the same
+    config file, given as an absolute path."""
     assert children_of(workers.twistd.proc.pid) == {workers.worker_pid}
     argv = command_line(workers.worker_pid)
-    assert argv[1:] == ["-m", "gateway.worker", "--config", str(workers.config), "--index", "1", "--channel-fd", "3"]
+    assert argv[1:] == [
+        "-m",
+        "gateway.operations.worker",
+        "--config",
+        str(workers.config),
+        "--index",
+        "1",
+        "--channel-fd",
+        "3",
+    ]
     assert os.path.isabs(argv[4])
 
 
@@ -186,7 +195,7 @@ def test_sigterm_stops_twistd_and_its_worker(workers: Workers) -> None:
         pytest.fail(f"twistd still running {STOP_TIMEOUT} s after SIGTERM; {twistd.output()}")
     assert not is_alive(workers.worker_pid)
     log = twistd.rest_of_output()
-    assert returncode == 0, twistd.output()  # a graceful stop is a clean exit (gateway.signals)
+    assert returncode == 0, twistd.output()  # a graceful stop is a clean exit (gateway.operations.signals)
     assert f"gateway worker 1 (pid {workers.worker_pid}) exited with status 0" in log, twistd.output()
     assert "Server Shut Down." in log, twistd.output()
     assert "Traceback" not in log + twistd.stderr()
@@ -230,7 +239,7 @@ def test_a_killed_worker_is_restarted_and_serves_again(workers: Workers) -> None
         counts = spread(workers.port, [twistd.proc.pid, new_pid])
         assert sum(counts.values()) == CONNECTIONS and all(counts.values()), counts
     finally:
-        kill_if_ours(new_pid, "gateway.worker")
+        kill_if_ours(new_pid, "gateway.operations.worker")
 
 
 def test_a_worker_serves_the_config_twistd_read_not_the_file_as_it_is_now(workers: Workers) -> None:
@@ -255,7 +264,7 @@ def test_a_worker_serves_the_config_twistd_read_not_the_file_as_it_is_now(worker
         counts = spread(workers.port, sorted(pids), "/report?size=100")
         assert sum(counts.values()) == CONNECTIONS and all(counts.values()), counts
     finally:
-        kill_if_ours(new_pid, "gateway.worker")
+        kill_if_ours(new_pid, "gateway.operations.worker")
 
 
 def test_sighup_to_a_worker_is_ignored(workers: Workers) -> None:
@@ -339,12 +348,12 @@ def test_worker_exits_when_twistd_is_killed(workers: Workers) -> None:
 
 
 def _worker(config: Path, stdin: bytes, tmp_path: Path) -> subprocess.CompletedProcess[bytes]:
-    argv = [sys.executable, "-m", "gateway.worker", "--config", str(config), "--index", "1"]
+    argv = [sys.executable, "-m", "gateway.operations.worker", "--config", str(config), "--index", "1"]
     return subprocess.run(argv, cwd=tmp_path, input=stdin, capture_output=True, timeout=60, check=False)
 
 
 def test_worker_with_an_invalid_config_exits_1_with_one_line(tmp_path: Path) -> None:
-    """`python -m gateway.worker` given an invalid config exits 1 with `gateway worker N: file: key: reason`:
+    """`python -m gateway.operations.worker` given an invalid config exits 1 with `gateway worker N: file: key: reason`:
     the file named by --config, the reason from the bytes that came down its stdin (the file itself is not read:
     here it holds a valid config)."""
     config = tmp_path / "bad.toml"
@@ -511,4 +520,4 @@ def test_a_restarted_worker_leaves_the_totals_as_they_were(workers: Workers) -> 
         assert served(again) == 2 * CONNECTIONS
         assert admin_get(workers, "/readyz").status == 200
     finally:
-        kill_if_ours(new_pid, "gateway.worker")
+        kill_if_ours(new_pid, "gateway.operations.worker")

@@ -24,7 +24,7 @@ from zope.interface import implementer
 from gateway.config import parse
 from gateway.exchange import Exchange
 from gateway.http1.server import ClientConnection, Message
-from gateway.service import make_gateway
+from gateway.operations.runtime import make_gateway
 from gateway.site import GatewayFactory
 
 

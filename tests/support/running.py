@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet import reactor
 
 from gateway.config import Config, parse
-from gateway.service import GatewayService
+from gateway.operations.service import GatewayService
 
 
 def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:

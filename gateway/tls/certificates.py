@@ -33,7 +33,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
-_log = Logger()
+_log = Logger(namespace="gateway.certificates")  # not the module's name: log lines keep the namespace they had
 
 EXPIRY_WARNING_DAYS = 14
 """A certificate expiring within this many days is logged as a warning (at start-up and on each reload)."""

@@ -1,6 +1,6 @@
 """The admin site: `/metrics` for Prometheus, `/healthz` (the gateway serves) and `/readyz` (config loaded,
 listeners bound, not draining), on a listener of its own, never the public one. It answers for the whole
-gateway: one process (`OneProcess`), or twistd and its workers (`gateway.fleet.Fleet`), which takes asking.
+gateway: one process (`OneProcess`), or twistd and its workers (`gateway.operations.fleet.Fleet`), which takes asking.
 
 Rule: the admin site only reads; nothing here changes the gateway. The metrics are rendered on the reactor
 thread (prometheus_client's `MetricsResource` would hand each scrape to a thread of the global reactor's pool,
@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 __all__ = ["AdminView", "OneProcess", "admin_site"]
 
-_log = Logger()
+_log = Logger(namespace="gateway.admin")  # not the module's name: log lines keep the namespace they had
 
 
 class AdminView(Protocol):

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ISSLTra
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from zope.interface import implementer
 
-from gateway.certificates import CertificateSet, describe_name
+from gateway.tls.certificates import CertificateSet, describe_name
 
 __all__ = [
     "ALPN",

@@ -1,5 +1,5 @@
 """Prometheus metrics of one gateway process, on a registry of its own (served by the admin listener), and how
-each family adds up over the worker processes (`merge_kind`; `gateway.fleet` does the adding).
+each family adds up over the worker processes (`merge_kind`; `gateway.operations.fleet` does the adding).
 
 Rules:
 * Counters and histograms move once per request, from its access-log record, when it ends (and once per failed
@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from gateway.about import versions
+from gateway.operations.about import versions
 
 __all__ = ["SUMMED_GAUGES", "CertificateState", "LimitStoreState", "Live", "Metrics", "PoolState", "merge_kind"]
 
@@ -400,7 +400,7 @@ class Metrics:
         self._denials.labels(route, reason).inc()
 
     def handshake_failed(self, listener: str, reason: str) -> None:
-        """A client's TLS handshake failed; `reason` is one of `gateway.tls.handshake_failure`'s classes."""
+        """A client's TLS handshake failed; `reason` is one of `gateway.tls.server.handshake_failure`'s classes."""
         self._handshake_failures.labels(listener, reason).inc()
 
     def proxy_refused(self, listener: str, reason: str) -> None:

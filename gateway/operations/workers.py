@@ -1,18 +1,17 @@
 """Worker processes: the extra processes that serve the same listeners as the twistd process, and their stop.
 
-Rule: every worker the pool starts, it also ends, within a bound. A worker (`python -m gateway.worker`) serves
-the config the twistd process read and checked, given as its very bytes over the worker's stdin (a pipe from the
-parent; a reload sends the new bytes the same way), so a file edited between two reads can never make two
+Rule: every worker the pool starts, it also ends, within a bound. A worker (`python -m gateway.operations.worker`)
+serves the config the twistd process read and checked, given as its very bytes over the worker's stdin (a pipe from
+the parent; a reload sends the new bytes the same way), so a file edited between two reads can never make two
 processes serve different configs; it binds every listener itself with SO_REUSEPORT, so the kernel spreads new
-connections across the twistd process (worker 0) and workers 1..N-1. Workers share the parent's stdout and
-stderr: they exit on SIGTERM, or when the stdin pipe closes because the parent is gone, even killed outright.
-Stopping the pool sends SIGTERM to every worker and waits for each to exit; after `stop_timeout` seconds it sends
-SIGKILL. A worker that dies on its own is restarted: at once the first time, then after a delay that doubles (to
-at most a minute) while it keeps dying within a minute of its start, so a worker that cannot start does not
-spin. `signal_all` reaches every worker (SIGUSR1 to reopen the access log). With `channel`, each worker
-started also gets one end of a socketpair at `--channel-fd`, and the pool hands the other to `channel(index)`'s
-protocol: how the admin listener asks the worker for its metrics and readiness (`gateway.fleet`). The reactor
-is given, never imported.
+connections across the twistd process (worker 0) and workers 1..N-1. Workers share the parent's stdout and stderr:
+they exit on SIGTERM, or when the stdin pipe closes because the parent is gone, even killed outright. Stopping the
+pool sends SIGTERM to every worker and waits for each to exit; after `stop_timeout` seconds it sends SIGKILL. A
+worker that dies on its own is restarted: at once the first time, then after a delay that doubles (to at most a
+minute) while it keeps dying within a minute of its start, so a worker that cannot start does not spin. `signal_all`
+reaches every worker (SIGUSR1 to reopen the access log). With `channel`, each worker started also gets one end of a
+socketpair at `--channel-fd`, and the pool hands the other to `channel(index)`'s protocol: how the admin listener
+asks the worker for its metrics and readiness (`gateway.operations.fleet`). The reactor is given, never imported.
 """
 
 from __future__ import annotations
@@ -31,11 +30,11 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.waits import within
+from gateway.operations.waits import within
 
 __all__ = ["KILL_TIMEOUT", "STOP_TIMEOUT", "ConfigFrames", "WorkerPool", "config_frame", "worker_command"]
 
-_log = Logger()
+_log = Logger(namespace="gateway.workers")  # not the module's name: log lines keep the namespace they had
 
 STOP_TIMEOUT = 10.0
 """Seconds a worker is given to exit after SIGTERM before it is sent SIGKILL."""
@@ -50,11 +49,11 @@ STABLE_AFTER = 60.0
 def worker_command(
     config_path: str, index: int, *, json_log: bool = False, inherited: Mapping[str, int] | None = None
 ) -> list[str]:
-    """The command line of worker `index`: this Python running `gateway.worker` on the config file at
+    """The command line of worker `index`: this Python running `gateway.operations.worker` on the config file at
     `config_path`, which should be absolute (twistd may change directory before the workers start). With
     `json_log` the worker logs JSON lines, as twistd does with `--logger=gateway.logs.observer`; `inherited`
     names the systemd sockets it gets at the same descriptor numbers."""
-    command = [sys.executable, "-m", "gateway.worker", "--config", config_path, "--index", str(index)]
+    command = [sys.executable, "-m", "gateway.operations.worker", "--config", config_path, "--index", str(index)]
     if json_log:
         command.append("--json-log")
     for name, fd in (inherited or {}).items():

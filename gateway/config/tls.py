@@ -1,6 +1,6 @@
 """The TLS tables of the config file: a listener's `[listeners.tls]` and an upstream's `[upstreams.NAME.tls]`.
 
-Rule: certificate files are read and checked here (`gateway.certificates`), so `--check` and a reload refuse a
+Rule: certificate files are read and checked here (`gateway.tls.certificates`), so `--check` and a reload refuse a
 missing file, a key that does not match or a chain out of order, naming the file and the key path, before
 anything changes. A chain that does not verify (incomplete, untrusted, expired) is loaded with its problem, to be
 warned about and exported, unless a listener sets `strict_certificates`. Paths are relative to the config file's
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gateway.certificates import CertificateError, CertificateSet, load_ca_bundle, load_certificate_set
-from gateway.config_values import Invalid, Table, boolean, nonempty_string
+from gateway.config.values import Invalid, Table, boolean, nonempty_string
+from gateway.tls.certificates import CertificateError, CertificateSet, load_ca_bundle, load_certificate_set
 
 __all__ = ["ListenerTLS", "UpstreamTLS", "hsts_value", "listener_tls", "upstream_tls"]
 

@@ -1,15 +1,14 @@
-"""One extra worker process: `python -m gateway.worker --config FILE --index N`, started by `gateway.workers`.
+"""One extra worker process: `python -m gateway.operations.worker --config FILE --index N`, started by `WorkerPool`.
 
-Rule: this is a composition root like `gateway.tap` (it names the global reactor). It serves the config the
-twistd process that started it read and checked: its bytes come down stdin, a pipe from the parent (each one
-framed as its length and a newline, then the bytes: `gateway.workers.config_frame`), first at start, then at
-every reload; the file itself is never read here (`--config` names it, for errors and relative paths). It serves
-on the same ports (each listener bound with SO_REUSEPORT), has no admin listener (it answers the parent's
-questions for its metrics and readiness on the socket at `--channel-fd`: `gateway.fleet`), starts no workers
-of its own, and logs as `twistd --logfile=-` does, to the stdout it shares with its parent. SIGTERM drains and
-stops, SIGUSR1 reopens the access log (`gateway.signals`); a SIGHUP of its own is ignored (reloads come from the
-parent). It also stops when its stdin reaches end of file: the parent is gone, however it died, so no worker
-outlives it.
+Rule: this is a composition root like `gateway.tap` (it names the global reactor). It serves the config the twistd
+process that started it read and checked: its bytes come down stdin, a pipe from the parent (each one framed as its
+length and a newline, then the bytes: `gateway.operations.workers.config_frame`), first at start, then at every
+reload; the file itself is never read here (`--config` names it, for errors and relative paths). It serves on the
+same ports (each listener bound with SO_REUSEPORT), has no admin listener (it answers the parent's questions for its
+metrics and readiness on the socket at `--channel-fd`: `gateway.operations.fleet`), starts no workers of its own, and
+logs as `twistd --logfile=-` does, to the stdout it shares with its parent. SIGTERM drains and stops, SIGUSR1 reopens
+the access log (`gateway.operations.signals`); a SIGHUP of its own is ignored (reloads come from the parent). It also
+stops when its stdin reaches end of file: the parent is gone, however it died, so no worker outlives it.
 """
 
 from __future__ import annotations
@@ -27,9 +26,10 @@ from twisted.internet.interfaces import IReactorFDSet, IReactorSocket
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
-from gateway import config, fleet, logs, signals
-from gateway.service import GatewayService
-from gateway.workers import ConfigFrames
+from gateway import config, logs
+from gateway.operations import fleet, signals
+from gateway.operations.service import GatewayService
+from gateway.operations.workers import ConfigFrames
 
 __all__ = ["first_config", "main"]
 
@@ -75,7 +75,7 @@ class _ParentPipe(FileDescriptor):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m gateway.operations.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the TOML config file (the one the twistd process loaded)")
     parser.add_argument("--index", type=int, required=True, help="this worker's number, from 1 (for the logs)")
     parser.add_argument("--json-log", action="store_true", help="log JSON lines (as gateway.logs.observer does)")

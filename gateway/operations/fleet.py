@@ -17,7 +17,7 @@ Rules:
 * The parent asks, the worker answers: one answer per question, in order (`Int32StringReceiver` frames). Every
   question is bounded: its answer is waited for at most `ANSWER_TIMEOUT` seconds, and a worker with
   `MAX_UNANSWERED` questions unanswered is not asked more.
-* Families merge as `gateway.metrics.merge_kind` says: counters and histograms summed over every process, the
+* Families merge as `gateway.operations.metrics.merge_kind` says: counters and histograms summed over every process, the
   additive gauges over those that answered, the others per process under a `worker` label ("0" is twistd).
   Totals never go down: a worker that does not answer counts with its last answer, and one that has ended with
   its last answer for ever after (a worker's restart is no reset of the gateway's counters).
@@ -45,12 +45,12 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
-from gateway.metrics import merge_kind
-from gateway.waits import within
+from gateway.operations.metrics import merge_kind
+from gateway.operations.waits import within
 
 __all__ = ["ANSWER_TIMEOUT", "Fleet", "WorkerChannel", "answer_parent", "decode", "encode", "merge"]
 
-_log = Logger()
+_log = Logger(namespace="gateway.fleet")  # not the module's name: log lines keep the namespace they had
 
 ANSWER_TIMEOUT = 2.0
 """Seconds a scrape or a readiness probe waits for each worker's answer."""

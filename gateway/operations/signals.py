@@ -22,12 +22,12 @@ from typing import Any
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
-from gateway.sdnotify import Notifier
-from gateway.service import GatewayService
+from gateway.operations.sdnotify import Notifier
+from gateway.operations.service import GatewayService
 
 __all__ = ["install"]
 
-_log = Logger()
+_log = Logger(namespace="gateway.signals")  # not the module's name: log lines keep the namespace they had
 
 
 def install(reactor: Any, service: GatewayService, notifier: Notifier | None, *, reload_on_hup: bool = True) -> None:

@@ -30,9 +30,9 @@ from twisted.internet.ssl import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.certificates import system_roots
 from gateway.config import Upstream
-from gateway.config_tls import UpstreamTLS
+from gateway.config.tls import UpstreamTLS
+from gateway.tls.certificates import system_roots
 
 __all__ = ["client_creator", "tls_failure"]
 

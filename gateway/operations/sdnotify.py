@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 __all__ = ["NOTIFY_SOCKET", "Notifier", "child_environment"]
 
-_log = Logger()
+_log = Logger(namespace="gateway.sdnotify")  # not the module's name: log lines keep the namespace they had
 
 NOTIFY_SOCKET = "NOTIFY_SOCKET"
 """The environment variable in which systemd passes the notification socket's address."""

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from gateway.certificates import CertificateError, load_ca_bundle
-from gateway.config_values import Table, nonempty_string, positive_int, positive_seconds
+from gateway.config.values import Table, nonempty_string, positive_int, positive_seconds
+from gateway.tls.certificates import CertificateError, load_ca_bundle
 
 __all__ = ["LOCAL_STORE", "STORE_KEYS", "STORE_TYPES", "LimitStoreSettings", "limit_store"]
 
