@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import IService
@@ -18,6 +19,7 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from gateway import config
+from gateway.logs import observer
 from gateway.operations import signals
 from gateway.operations.about import versions
 from gateway.operations.sdnotify import Notifier, child_environment
@@ -86,13 +88,19 @@ def systemd_sockets(reactor: Any, cfg: config.Config) -> dict[str, int]:
     return found
 
 
+def logs_json(twistd: Mapping[str, Any]) -> bool:
+    """Whether twistd logs JSON lines (`--logger=gateway.logs.observer`), so that its workers do too. By the time a
+    plugin's service is made, twistd has imported the option's name into the observer factory itself."""
+    return twistd.get("logger") is observer
+
+
 def makeService(options: Options) -> IService:
     """The gateway; with `server.workers` above 1 the twistd process is worker 0 and starts the others. Once
     the reactor runs, the signals are wired (`gateway.operations.signals`) and systemd, if it asked, is told READY=1."""
     from twisted.internet import reactor
 
     twistd = getattr(options, "parent", None)  # twistd's own options, when run by twistd
-    json_log = twistd is not None and twistd.get("logger") == "gateway.logs.observer"
+    json_log = twistd is not None and logs_json(twistd)
     daemon = twistd is not None and not twistd.get("nodaemon")
     workers = options.config.server.workers
     if daemon and workers > 1:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
+from twisted.scripts.twistd import ServerOptions
 
 from gateway import tap
 from gateway.config import Config
@@ -194,6 +195,15 @@ def test_missing_file_prints_file_and_reason_and_exits_1(tmp_path: Path, capsys:
     out, err = capsys.readouterr()
     assert out == ""
     assert err == f"gateway: {path}: cannot read the file: No such file or directory\n"
+
+
+@pytest.mark.parametrize(("logger", "json"), [(["--logger=gateway.logs.observer"], True), ([], False)])
+def test_workers_log_json_when_twistd_does(tmp_path: Path, logger: list[str], json: bool) -> None:
+    """twistd has imported `--logger` into the observer factory by the time the service is made: the gateway
+    tells that its own JSON observer is the one (and its workers then log JSON too) from the factory itself."""
+    twistd = ServerOptions()
+    twistd.parseOptions(["--nodaemon", *logger, "gateway", "--config", str(write(tmp_path, VALID))])
+    assert tap.logs_json(twistd) is json
 
 
 def test_make_service_builds_a_listener_service_per_listener(tmp_path: Path) -> None:
