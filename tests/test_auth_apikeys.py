@@ -14,7 +14,7 @@ from twisted.web.http_headers import Headers
 from gateway.auth.apikeys import ApiKeyAuthenticator, hash_key, mint_key
 from gateway.auth.credentials import MALFORMED, looks_like_jwt
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
-from gateway.auth.settings import API_KEY_HASH, ApiKeyMethod, Consumer, KeyHeader
+from gateway.auth.settings.model import API_KEY_HASH, ApiKeyMethod, Consumer, KeyHeader
 
 KEY = "gwk_alice-key"
 OTHER_KEY = "gwk_bob-key"

@@ -23,7 +23,7 @@ from gateway.auth import basic as basic_module
 from gateway.auth.basic import MAX_PASSWORD_BYTES, BasicAuthenticator
 from gateway.auth.credentials import MALFORMED
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
-from gateway.auth.settings import BasicMethod, Consumer
+from gateway.auth.settings.model import BasicMethod, Consumer
 from gateway.errors import AuthUnavailable
 
 PASSWORD = b"s3cret password"

@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 
 from gateway.auth.forward import ForwardAuthenticator
 from gateway.auth.identity import AuthRequest, Identity
-from gateway.auth.settings import ForwardMethod
+from gateway.auth.settings.model import ForwardMethod
 from gateway.errors import AuthServiceDenied, AuthTimeout, AuthUnavailable
 from tests.support.forward_service import CHALLENGES, DENIAL_BODY, AuthService
 from tests.support.logs import captured, in_namespace

@@ -35,7 +35,7 @@ from gateway.auth.credentials import MALFORMED
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.jwks import MAX_JWKS_BYTES
 from gateway.auth.jwt import JwtAuthenticator
-from gateway.auth.settings import JwtMethod
+from gateway.auth.settings.model import JwtMethod
 from gateway.errors import AuthUnavailable
 from tests.support.logs import captured, in_namespace
 

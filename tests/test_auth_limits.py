@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from gateway.auth.limits import MemoryLimitStore, RateDecision
-from gateway.auth.settings import RateLimit
+from gateway.auth.settings.model import RateLimit
 
 # Intervals that are exact binary fractions (0.25 s, 0.5 s, 6 s...), so that these tests pin the algorithm, not
 # floating-point rounding; rounding has tests of its own below.

@@ -16,7 +16,7 @@ from twisted.web.http_headers import Headers
 from gateway.auth.apikeys import ApiKeyAuthenticator, hash_key
 from gateway.auth.identity import AuthRequest
 from gateway.auth.mint import main
-from gateway.auth.settings import ApiKeyMethod
+from gateway.auth.settings.model import ApiKeyMethod
 from gateway.config import Config, parse
 
 

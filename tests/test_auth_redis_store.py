@@ -14,7 +14,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 
 from gateway.auth.redis_store import SCRIPT, RedisLimitStore
-from gateway.auth.settings import RateLimit
+from gateway.auth.settings.model import RateLimit
 from gateway.redis.client import RedisClient
 from tests.support.redis import RedisServer
 from tests.support.scrape import until

@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway import config
 from gateway.auth.apikeys import hash_key
-from gateway.auth.settings import (
+from gateway.auth.settings.model import (
     ANONYMOUS,
     Admission,
     ApiKeyMethod,

@@ -3,7 +3,7 @@ docs/configuration.md, every TOML example in README.md and docs/ still loads (`-
 resolves, and README's command 2 is the one CI runs.
 
 How the keys are found: by running the loader, not by reading its source. Every table of the config declares the
-keys it accepts with `Table.known(...)` as soon as it is opened (gateway/config/, gateway/auth/settings.py), so
+keys it accepts with `Table.known(...)` as soon as it is opened (gateway/config/, gateway/auth/settings/), so
 `parse` of a config that opens every table, with `known` wrapped to record what each table declared, gives the whole
 set: keys assembled from constants, comprehensions and other modules (`*ROUTE_ADMISSION_KEYS`, `_METHOD_KEYS`) come
 out as the loader sees them, and a key is tied to the table it is in (`timeouts.connect`, not just `connect`). The

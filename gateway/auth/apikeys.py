@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 
 from gateway.auth.credentials import MALFORMED, Malformed, challenge, looks_like_jwt, split_authorization
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
-from gateway.auth.settings import ApiKeyMethod, Consumer, KeyHeader
+from gateway.auth.settings.model import ApiKeyMethod, Consumer, KeyHeader
 from gateway.http1.fields import HeaderLookup
 
 __all__ = ["ApiKeyAuthenticator", "hash_key", "mint_key"]

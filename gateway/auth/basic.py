@@ -33,7 +33,7 @@ from gateway.auth.credentials import (
     split_authorization,
 )
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
-from gateway.auth.settings import BasicMethod, Consumer
+from gateway.auth.settings.model import BasicMethod, Consumer
 from gateway.errors import AuthUnavailable
 from gateway.http1.fields import HeaderLookup
 

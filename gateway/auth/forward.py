@@ -47,7 +47,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
-from gateway.auth.settings import GATEWAY_OWNED, ForwardMethod
+from gateway.auth.settings.model import GATEWAY_OWNED, ForwardMethod
 from gateway.errors import AuthServiceDenied, AuthTimeout, AuthUnavailable, Denied
 from gateway.http1.fields import HeaderLookup
 

@@ -43,7 +43,7 @@ from gateway.auth.credentials import challenge
 from gateway.auth.identity import ANONYMOUS_IDENTITY, Authenticator, AuthFailure, AuthRequest, Identity
 from gateway.auth.limits import LimitStore, MemoryLimitStore, RateDecision, once
 from gateway.auth.scopes import missing_scopes, scopes_allow
-from gateway.auth.settings import (
+from gateway.auth.settings.model import (
     Admission,
     ApiKeyMethod,
     BasicMethod,

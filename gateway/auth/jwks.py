@@ -31,7 +31,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-from gateway.auth.settings import HMAC_ALGORITHMS, JwtMethod, wrong_key_type
+from gateway.auth.settings.model import HMAC_ALGORITHMS, JwtMethod, wrong_key_type
 
 __all__ = ["MAX_JWKS_BYTES", "Fetch", "FetchFailed", "KeySource", "TreqFetcher"]
 

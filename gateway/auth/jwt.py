@@ -38,7 +38,7 @@ from gateway.auth.credentials import (
 )
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.jwks import Fetch, KeySource, TreqFetcher
-from gateway.auth.settings import JwtMethod
+from gateway.auth.settings.model import JwtMethod
 from gateway.errors import AuthUnavailable
 from gateway.http1.fields import HeaderLookup
 

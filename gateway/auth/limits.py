@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
-from gateway.auth.settings import RateLimit
+from gateway.auth.settings.model import RateLimit
 
 __all__ = ["LimitStore", "MemoryLimitStore", "RateDecision", "once"]
 

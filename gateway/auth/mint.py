@@ -19,7 +19,7 @@ import bcrypt
 
 from gateway.auth.apikeys import hash_key, mint_key
 from gateway.auth.basic import MAX_PASSWORD_BYTES
-from gateway.auth.settings import CONSUMER_NAME
+from gateway.auth.settings.model import CONSUMER_NAME
 
 __all__ = ["main"]
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from twisted.internet.defer import Deferred
 
 from gateway.auth.identity import AuthRequest, Identity
-from gateway.auth.settings import CertificateIdentity, Consumer, MtlsMethod
+from gateway.auth.settings.model import CertificateIdentity, Consumer, MtlsMethod
 from gateway.errors import Forbidden
 from gateway.http1.fields import HeaderLookup
 from gateway.tls.server import ClientCertificate

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.auth.limits import RateDecision
-from gateway.auth.settings import RateLimit
+from gateway.auth.settings.model import RateLimit
 from gateway.redis.client import RedisClient
 from gateway.redis.protocol import Arg, RedisError, Reply
 

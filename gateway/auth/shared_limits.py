@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from gateway.auth.limits import MemoryLimitStore, RateDecision, once
 from gateway.auth.redis_store import SCRIPT, LimitOp, RedisLimitStore
-from gateway.auth.settings import RateLimit
+from gateway.auth.settings.model import RateLimit
 from gateway.config.store import LimitStoreSettings
 from gateway.errors import LimitsUnavailable
 from gateway.redis.client import RedisClient, RedisUnavailable

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.addresses import Networks
-from gateway.auth.settings import DEFAULT_ADMISSION, NOBODY, Admission, RouteAdmission
+from gateway.auth.settings.model import DEFAULT_ADMISSION, NOBODY, Admission, RouteAdmission
 from gateway.config.store import LOCAL_STORE, LimitStoreSettings
 from gateway.config.tls import ListenerTLS, UpstreamTLS
 from gateway.config.values import GiB, KiB, MiB
