@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gateway.auth.settings.model import ADMISSION_KEYS, parse_admission
+from gateway.auth.settings.admission import ADMISSION_KEYS, parse_admission
 from gateway.config.model import AccessLog, Config, FlowControl, Limits, Route, Server, Timeouts, Upstream
 from gateway.config.routes import (
     FLOW_FIELDS,

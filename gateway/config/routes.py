@@ -13,7 +13,8 @@ from dataclasses import fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.auth.settings.model import ROUTE_ADMISSION_KEYS, Admission, RouteAdmission, parse_route_admission
+from gateway.auth.settings.admission import ROUTE_ADMISSION_KEYS, parse_route_admission
+from gateway.auth.settings.model import Admission, RouteAdmission
 from gateway.config.model import (
     REFUSED_METHODS,
     FlowControl,
