@@ -34,7 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gateway.addresses import member_of
 from gateway.admission import Admit, Reject, RequestHead, decide, https_redirect
-from gateway.auth.gatekeeper import Allow, Verdict
+from gateway.auth.authorisation import Allow, Verdict
 from gateway.auth.identity import AuthRequest
 from gateway.config import Listener, Route
 from gateway.context import Gateway

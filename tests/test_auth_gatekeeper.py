@@ -14,7 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from gateway.auth.apikeys import hash_key
-from gateway.auth.gatekeeper import Allow, Gatekeeper
+from gateway.auth.authorisation import Allow
+from gateway.auth.gatekeeper import Gatekeeper
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.limits import MemoryLimitStore
 from gateway.config import Config, parse
@@ -65,7 +66,7 @@ class Counting:
 
 def gatekeeper(cfg: Config, clock: Clock, *extra: Counting) -> tuple[Gatekeeper, MemoryLimitStore]:
     store = MemoryLimitStore(clock)
-    base = Gatekeeper(cfg.admission, reactor=clock)._authenticators
+    base = Gatekeeper(cfg.admission, reactor=clock)._methods.by_name
     authenticators: dict[str, Any] = {**base, **{a.name: a for a in extra}}
     return Gatekeeper(cfg.admission, reactor=clock, store=store, authenticators=authenticators), store
 
@@ -337,7 +338,7 @@ def test_concurrent_password_guesses_count_against_the_budget_while_checked() ->
     assert isinstance(other, Deferred)
     for d in guessing.pending:
         d.callback(Identity(consumer="c", scopes=frozenset(), method="test"))
-    assert keeper._guessing == {}
+    assert keeper._budgets.guessing == {}
 
 
 def test_ipv6_clients_are_limited_by_their_64_bit_prefix() -> None:
@@ -491,7 +492,7 @@ def test_what_each_method_claims() -> None:
     """Basic claims its user name, an API key its first 8 characters (never more than half the key), a JWT its
     signature; a malformed credential claims nothing (counted under the method)."""
     cfg = _three_methods()
-    methods = Gatekeeper(cfg.admission, reactor=Clock())._authenticators
+    methods = Gatekeeper(cfg.admission, reactor=Clock())._methods.by_name
     keys, login, corp = methods["keys"], methods["login"], methods["corp"]
 
     def claimant(auth: Any, *headers: tuple[bytes, bytes]) -> bytes | None:
@@ -533,7 +534,7 @@ def test_concurrent_guesses_count_against_the_user_and_the_address() -> None:
     assert isinstance(keeper.check(route, request((b"X-Test", b"bob:0"))), Deferred)  # the same guess: counted once
     for d in guessing.pending:
         d.errback(AuthFailure("bad_test", "wrong"))
-    assert keeper._guessing == {}
+    assert keeper._budgets.guessing == {}
     assert isinstance(keeper.check(route, request((b"X-Test", b"carol:1"))), TooManyRequests)  # 5 failures counted
 
 
@@ -547,15 +548,15 @@ def test_a_reload_keeps_the_methods_whose_settings_did_not_change() -> None:
     clock = Clock()
     old = Gatekeeper(_three_methods().admission, reactor=clock)
     same = Gatekeeper(_three_methods().admission, reactor=clock, previous=old)
-    assert all(same._authenticators[name] is old._authenticators[name] for name in ("keys", "login", "corp"))
+    assert all(same._methods.by_name[name] is old._methods.by_name[name] for name in ("keys", "login", "corp"))
     # A consumer's password changed: the methods that look consumers up are new; the JWT method is kept.
     other = bcrypt.hashpw(b"other", bcrypt.gensalt(rounds=4)).decode("ascii")
     changed = Gatekeeper(_three_methods(password=other).admission, reactor=clock, previous=same)
-    assert changed._authenticators["corp"] is same._authenticators["corp"]
-    assert changed._authenticators["keys"] is not same._authenticators["keys"]
-    assert changed._authenticators["login"] is not same._authenticators["login"]
+    assert changed._methods.by_name["corp"] is same._methods.by_name["corp"]
+    assert changed._methods.by_name["keys"] is not same._methods.by_name["keys"]
+    assert changed._methods.by_name["login"] is not same._methods.by_name["login"]
     old.close()  # everything it had was handed on: nothing of it is closed
-    assert not same._authenticators["login"]._closed
+    assert not same._methods.by_name["login"]._closed
     same.close()  # its login method was not handed on (the consumers changed): closed; the kept ones are not
-    assert same._authenticators["login"]._closed
-    assert not changed._authenticators["login"]._closed
+    assert same._methods.by_name["login"]._closed
+    assert not changed._methods.by_name["login"]._closed

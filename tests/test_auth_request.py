@@ -84,7 +84,7 @@ class AdmissionGateway(Gateway):
         self.store = MemoryLimitStore(self.reactor)
         admission = self.config.admission
         authenticators = {
-            name: auth for name, auth in Gatekeeper(admission, reactor=self.reactor)._authenticators.items()
+            name: auth for name, auth in Gatekeeper(admission, reactor=self.reactor)._methods.by_name.items()
         }
         authenticators["held"] = self.held  # type: ignore[assignment]
         gatekeeper = Gatekeeper(admission, reactor=self.reactor, store=self.store, authenticators=authenticators)

@@ -16,7 +16,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.auth.gatekeeper import Allow, Gatekeeper, Verdict, build_authenticator
+from gateway.auth.authenticators import build_authenticator
+from gateway.auth.authorisation import Allow, Verdict
+from gateway.auth.gatekeeper import Gatekeeper
 from gateway.auth.identity import Authenticator
 from gateway.auth.shared_limits import Circuit, SharedLimits, connect_shared_limits
 from gateway.config.store import LimitStoreSettings

@@ -311,14 +311,14 @@ async def test_a_reload_keeps_the_admission_methods_whose_settings_did_not_chang
     data["routes"][0]["auth"] = ["corp", "sso"]
     service = start(path, data, running)
     old = service.gateway.gatekeeper
-    corp, sso = old._authenticators["corp"], old._authenticators["sso"]
+    corp, sso = old._methods.by_name["corp"], old._methods.by_name["sso"]
     data["auth"]["sso"]["leeway"] = "5s"
     path.write_text(toml(data))
     assert service.reload() is True
     new = service.gateway.gatekeeper
     assert new is not old
-    assert new._authenticators["corp"] is corp
-    assert new._authenticators["sso"] is not sso
+    assert new._methods.by_name["corp"] is corp
+    assert new._methods.by_name["sso"] is not sso
     old.close()
     assert not corp.keys._closed
 

@@ -2,8 +2,9 @@
 (rate and concurrency limits), all decided on the request head.
 
 `settings` is its config (the frozen settings, and the readers of their tables); `credentials` parses credential
-headers; one module per method (`apikeys`, `jwt`, `basic`, `forward`); `scopes` and `limits` decide; `gatekeeper`
-puts them in order for one request.
+headers; one module per method (`apikeys`, `jwt`, `basic`, `forward`), run by `authenticators`; `scopes`, `limits`
+and `budgets` decide, `authorisation` admits and `denials` says why not; `gatekeeper` puts them in order for one
+request.
 """
 
 # The config package is imported before any module of this one: gateway.config reads the admission tables with

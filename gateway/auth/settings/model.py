@@ -256,7 +256,7 @@ class RateLimits:
     """Per client address, on anonymous routes."""
     failed_auth: RateLimit | None = RateLimit(requests=10, period=60.0, burst=10)
     """Failed authentications per client address and claimed identity (a Basic user name, an API key's first
-    characters, a JWT; see `gateway.auth.gatekeeper`): over it, 429 before that identity's credentials are
+    characters, a JWT; see `gateway.auth.budgets`): over it, 429 before that identity's credentials are
     checked from that address, while other users behind the same address (a NAT) go on."""
     failed_auth_per_address: RateLimit | None = RateLimit(requests=100, period=60.0, burst=100)
     """Failed authentications per client address, whatever identity they claim: the ceiling over `failed_auth`
