@@ -33,7 +33,6 @@ from twisted.web.client import (
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gateway.addresses import member_of
-from gateway.admission import Admit, Reject, RequestHead, decide, https_redirect
 from gateway.auth.authorisation import Allow, Verdict
 from gateway.auth.identity import AuthRequest
 from gateway.config import Listener, Route
@@ -61,6 +60,7 @@ from gateway.http1.server import Message
 from gateway.http1.upstream import Cancellable
 from gateway.phases import ANSWERED, FORWARDED, TRANSITIONS, Body, Phase
 from gateway.records import bounded_field, ms_between
+from gateway.routing.decision import Admit, Reject, RequestHead, decide, https_redirect
 from gateway.streaming import RequestBodyPipe, ResponseRelay, Watchdog
 from gateway.tls.server import ClientCertificate
 from gateway.upstream import UpstreamPool, UpstreamResponse

@@ -1,4 +1,5 @@
-"""Tests for gateway.admission: the decision taken on a request head, and the purity of the decision modules."""
+"""Tests for gateway.routing.decision: the decision taken on a request head, and the purity of the decision
+modules."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Any
 import pytest
 from twisted.web.http_headers import Headers
 
-from gateway.admission import Admit, Reject, RequestHead, decide
 from gateway.config import Config, parse
 from gateway.errors import BadRequest, BodyTooLarge, NoRoute
-from gateway.routing import Router
+from gateway.routing.decision import Admit, Reject, RequestHead, decide
+from gateway.routing.router import Router
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -220,10 +221,10 @@ def test_rejection_detail_names_the_limit(router: Router) -> None:
 
 
 def test_pure_modules_do_not_import_twisted_internet() -> None:
-    """Importing config, errors, routing, headers and admission loads no twisted.internet module."""
+    """Importing config, errors, routing (the router and the decision) and headers loads no twisted.internet module."""
     code = (
         "import json, sys\n"
-        "import gateway.config, gateway.errors, gateway.routing, gateway.headers, gateway.admission\n"
+        "import gateway.config, gateway.errors, gateway.routing.router, gateway.headers, gateway.routing.decision\n"
         "print(json.dumps(sorted(m for m in sys.modules"
         " if m == 'twisted.internet' or m.startswith('twisted.internet.'))))\n"
     )

@@ -23,7 +23,7 @@ from gateway.config import (
     Upstream,
     parse,
 )
-from gateway.routing import routing_path
+from gateway.routing.paths import routing_path
 from tests.support.mutations import Mutation, delete_at, set_at
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.web.http_headers import Headers
 
-from gateway.admission import _HOST, FORWARDED_METHODS, Admit, Reject, RequestHead, decide
 from gateway.config import Config, parse
 from gateway.errors import BadRequest, MethodNotAllowed, NoRoute, NotSupported
-from gateway.routing import Router, host_without_port
+from gateway.routing.decision import _HOST, FORWARDED_METHODS, Admit, Reject, RequestHead, decide
+from gateway.routing.router import Router, host_without_port
 from tests.support.clients import Parsed, connect, parse_response, parse_responses, within
 from tests.support.memory import Client, MemoryGateway, disconnect
 from tests.support.running import gateway_config

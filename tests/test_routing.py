@@ -1,4 +1,5 @@
-"""Tests for gateway.routing: which route a host and path pick, and the target the upstream receives."""
+"""Tests for gateway.routing.router and gateway.routing.paths: which route a host and path pick, and the target the
+upstream receives."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import Route, Upstream
-from gateway.routing import PathRefused, Router, host_without_port, prefix_matches, routing_path, upstream_target
+from gateway.routing.paths import PathRefused, routing_path
+from gateway.routing.router import Router, host_without_port, prefix_matches, upstream_target
 
 UPSTREAM = Upstream(name="u", scheme="http", host="127.0.0.1", port=8081, base_path=b"")
 

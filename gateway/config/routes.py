@@ -39,7 +39,7 @@ from gateway.config.values import (
     positive_size,
     read_fields,
 )
-from gateway.paths import PathRefused, routing_path
+from gateway.routing.paths import PathRefused, routing_path
 
 __all__ = ["FLOW_FIELDS", "LIMIT_FIELDS", "TIMEOUT_FIELDS", "check_flow", "read_route", "read_upstream", "route_name"]
 
@@ -69,7 +69,7 @@ def _path_prefix(value: object) -> bytes:
         raise ValueError(f'must start with "/", got {text!r}')
     if not re.fullmatch(r"[!$&'()*+,;=:@/A-Za-z0-9._~%-]+", text):
         raise ValueError(f"must contain only URL path characters (percent-encode the rest), got {text!r}")
-    # What requests are refused for (gateway/routing.py) a prefix may not have either: no request could match.
+    # What requests are refused for (gateway/routing/router.py) a prefix may not have either: no request could match.
     if re.search(r"%(?![0-9A-Fa-f]{2})|%00", text):
         raise ValueError(f'must have only "%" escapes of two hex digits, and no %00, got {text!r}')
     if ";" in text:

@@ -12,7 +12,7 @@ from gateway.config import Config
 from gateway.context import Gateway
 from gateway.logs import AccessLog
 from gateway.operations.metrics import Metrics
-from gateway.routing import Router
+from gateway.routing.router import Router
 from gateway.tls.certificates import log_certificate
 from gateway.upstream import UpstreamPool
 

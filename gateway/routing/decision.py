@@ -9,7 +9,7 @@ Second rule: the gateway is a reverse proxy and never a forward one. It contacts
 the Host header and path select: CONNECT is answered 405 (there is no tunnelling), TRACE and TRACK 405 unless
 the route allows them; an absolute-form target ("http://host/path") is taken as its path only when it names
 the Host header's host, else 400; a path that could resolve outside its route's prefix is 400 (see
-`gateway.routing`). Refusals of the request's form (400, 405) also close the connection.
+`gateway.routing.router`). Refusals of the request's form (400, 405) also close the connection.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from gateway.errors import (
     NotSupported,
 )
 from gateway.http1.fields import HeaderLookup
-from gateway.routing import PathRefused, Router, host_without_port, routing_path, upstream_target
+from gateway.routing.paths import PathRefused, routing_path
+from gateway.routing.router import Router, host_without_port, upstream_target
 
 __all__ = ["FORWARDED_METHODS", "Admit", "Reject", "RequestHead", "decide", "https_redirect"]
 

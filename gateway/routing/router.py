@@ -17,8 +17,8 @@ malformed escape ("%zz", which upstreams decode differently), an encoded NUL ("%
 the end of the string) and a "#" (no valid target has one; an upstream that sees a fragment cuts the path
 there). Nothing is rewritten: normalising "/reports/../admin" would forward a path other than the one the
 client sent, while refusing it costs a legitimate client nothing (clients resolve dot-segments before sending,
-RFC 3986 section 5.2). The path functions themselves are in gateway/paths.py (config checks prefixes with
-them), each a C-speed operation over the whole path.
+RFC 3986 section 5.2). The path functions themselves are in `gateway.routing.paths` (config checks prefixes
+with them), each a C-speed operation over the whole path.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import functools
 from collections.abc import Iterable, Sequence
 
 from gateway.config import Route
-from gateway.paths import PathRefused, prefix_end, routing_path
+from gateway.routing.paths import prefix_end, routing_path
 
-__all__ = ["PathRefused", "Router", "host_without_port", "prefix_matches", "routing_path", "upstream_target"]
+__all__ = ["Router", "host_without_port", "prefix_matches", "upstream_target"]
 
 
 def host_without_port(host: bytes) -> str:

@@ -3,8 +3,8 @@
 Rule: a path is routed by what an upstream would resolve it to, and every step is a C-speed operation over the
 whole path (regular expressions, `split`, `join`, `map` over a table), never a Python loop over its bytes: a
 client chooses the path, and 8 KiB of escapes must cost a request no more Python work than "/". The rule for
-what the routing path is and what is refused is in gateway/routing.py, which uses these functions; config
-checks route prefixes with them too (it cannot import routing, which imports config).
+what the routing path is and what is refused is in `gateway.routing.router`, which uses these functions; config
+checks route prefixes with them too (it cannot import the router, which imports config).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class PathRefused(ValueError):
 
 def routing_path(path: bytes) -> bytes:
     """The path to route `path` (a request path, without the query) by; raises `PathRefused` for a path that
-    must not be forwarded. See gateway/routing.py for the rule."""
+    must not be forwarded. See `gateway.routing.router` for the rule."""
     if b"#" in path:
         raise PathRefused('the path has a "#" (a fragment is never sent, and upstreams cut the path there)')
     if _PLAIN.fullmatch(path) and b"//" not in path:
