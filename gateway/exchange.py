@@ -57,11 +57,12 @@ from gateway.headers import (
 )
 from gateway.http1.fields import Fields
 from gateway.http1.server import Message
+from gateway.http1.timers import Watchdog
 from gateway.http1.upstream import Cancellable
 from gateway.phases import ANSWERED, FORWARDED, TRANSITIONS, Body, Phase
 from gateway.records import bounded_field, ms_between
 from gateway.routing.decision import Admit, Reject, RequestHead, decide, https_redirect
-from gateway.streaming import RequestBodyPipe, ResponseRelay, Watchdog
+from gateway.streaming import RequestBodyPipe, ResponseRelay
 from gateway.tls.server import ClientCertificate
 from gateway.upstream import UpstreamPool, UpstreamResponse
 
@@ -603,7 +604,7 @@ class Exchange:
         assert route is not None
         broken = length_too_large(response)
         if broken:
-            # A length a client's parser would read its own way (gateway.framing): a broken upstream, whose
+            # A length a client's parser would read its own way (gateway.http1.framing): a broken upstream, whose
             # connection is closed unread (the response never began).
             _log.warn(
                 "Upstream {upstream} sent {what}; closing its connection (request {request_id})",

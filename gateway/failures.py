@@ -27,7 +27,7 @@ from gateway.errors import (
     UpstreamTLSFailed,
     UpstreamUnreachable,
 )
-from gateway.framing import MAX_BODY_LENGTH, body_length
+from gateway.http1.framing import MAX_BODY_LENGTH, body_length
 from gateway.tls.upstream import tls_failure
 from gateway.upstream import ConnectTimeout, UpstreamResponse
 

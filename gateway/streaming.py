@@ -14,87 +14,16 @@ from functools import partial
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from gateway.config import FlowControl, KiB, MiB
+from gateway.http1.timers import Watchdog
 
-__all__ = ["ReadSizer", "RequestBodyPipe", "ResponseRelay", "Watchdog"]
-
-
-class Watchdog:
-    """Calls `expired` once `timeout` seconds pass without progress while armed.
-
-    `kick` (progress) only records the time, so a stream of a million chunks costs one timer per timeout
-    period rather than a cancel and a reschedule per chunk.
-    """
-
-    __slots__ = ("_armed", "_call", "_clock", "_expired", "_last", "timeout")
-
-    def __init__(self, clock: IReactorTime, timeout: float, expired: Callable[[], object]) -> None:
-        self._clock = clock
-        self.timeout = timeout
-        self._expired = expired
-        self._call: IDelayedCall | None = None
-        self._armed = False
-        self._last = 0.0
-
-    @property
-    def armed(self) -> bool:
-        return self._armed
-
-    def arm(self) -> None:
-        """Start measuring from now, unless already measuring."""
-        if self._armed:
-            return
-        self._armed = True
-        self._last = self._clock.seconds()
-        if self._call is None:
-            self._call = self._clock.callLater(self.timeout, self._check)
-
-    def kick(self) -> None:
-        """Note progress: the countdown starts again from now."""
-        self._last = self._clock.seconds()
-
-    def restart(self, timeout: float, expired: Callable[[], object]) -> None:
-        """Measure again from now, for `timeout` seconds, calling `expired` at the end: one watchdog serves
-        whatever its owner waits for next (a connection's idle time, then a request's response head, then its
-        body's gaps) with at most one pending timer, moved earlier only when the new deadline is sooner."""
-        self.timeout = timeout
-        self._expired = expired
-        self._armed = True
-        now = self._last = self._clock.seconds()
-        call = self._call
-        if call is not None and call.getTime() > now + timeout:
-            call.cancel()
-            call = self._call = None
-        if call is None:
-            self._call = self._clock.callLater(timeout, self._check)
-
-    def disarm(self) -> None:
-        """Stop measuring; a pending timer finds nothing to do (or is cancelled by `cancel`)."""
-        self._armed = False
-
-    def cancel(self) -> None:
-        """Stop for good and leave no timer behind."""
-        self._armed = False
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-
-    def _check(self) -> None:
-        self._call = None
-        if not self._armed:
-            return
-        remaining = self._last + self.timeout - self._clock.seconds()
-        if remaining > 0:
-            self._call = self._clock.callLater(remaining, self._check)
-        else:
-            self._armed = False
-            self._expired()
+__all__ = ["ReadSizer", "RequestBodyPipe", "ResponseRelay"]
 
 
 class ReadSizer:

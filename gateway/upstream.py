@@ -34,6 +34,7 @@ from zope.interface import implementer
 from gateway.config import Upstream
 from gateway.errors import UpstreamSaturated
 from gateway.http1.fields import Fields
+from gateway.http1.timers import Watchdog
 from gateway.http1.upstream import (
     MAX_RESPONSE_HEAD,
     UPSTREAM_BUFFER_SIZE,
@@ -43,7 +44,6 @@ from gateway.http1.upstream import (
     UpstreamConnection,
     UpstreamResponse,
 )
-from gateway.streaming import Watchdog
 from gateway.tls.certificates import log_certificate
 from gateway.tls.upstream import client_creator
 

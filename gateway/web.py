@@ -39,7 +39,7 @@ from gateway.context import Gateway
 from gateway.exchange import Exchange
 from gateway.http1.fields import Fields
 from gateway.http1.server import Message, canonical_peer
-from gateway.streaming import Watchdog
+from gateway.http1.timers import Watchdog
 from gateway.tls.server import ClientCertificate, client_certificate, tls_parameters
 
 __all__ = ["GatewayResource"]

@@ -20,7 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gateway.config import FlowControl
-from gateway.streaming import ReadSizer, RequestBodyPipe, ResponseRelay, Watchdog
+from gateway.http1.timers import Watchdog
+from gateway.streaming import ReadSizer, RequestBodyPipe, ResponseRelay
 
 _sync = SynchronousTestCase()
 EPS = 0.25

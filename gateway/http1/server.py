@@ -54,12 +54,12 @@ from gateway.errors import (
     problem,
     reason_phrase,
 )
-from gateway.framing import MAX_BODY_LENGTH, body_length
 from gateway.headers import request_id_of
 from gateway.http1.fields import Fields
+from gateway.http1.framing import MAX_BODY_LENGTH, body_length
 from gateway.http1.heads import CRLF, LAST_CHUNK, chunk
+from gateway.http1.timers import Watchdog
 from gateway.http1.transports import IConnectionTransport
-from gateway.streaming import Watchdog
 from gateway.tls.server import ClientCertificate, client_certificate, tls_parameters
 
 __all__ = ["ClientConnection", "ConnectionOwner", "Message", "RequestHandler", "canonical_peer", "refusal_bytes"]
