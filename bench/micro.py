@@ -28,7 +28,7 @@ from gateway.auth.apikeys import hash_key, mint_key
 from gateway.config import parse
 from gateway.operations.metrics import Live, Metrics
 from gateway.operations.runtime import make_gateway
-from gateway.site import GatewayFactory
+from gateway.proxy.site import GatewayFactory
 
 REQUEST = b"GET /small?x=1 HTTP/1.1\r\nHost: example.test\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 RESPONSE = (

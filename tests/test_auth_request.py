@@ -1,4 +1,4 @@
-"""Tests for admission inside the request lifecycle (gateway.exchange with gateway.auth.gatekeeper), in memory.
+"""Tests for admission inside the request lifecycle (gateway.proxy.exchange with gateway.auth.gatekeeper), in memory.
 
 A verdict that takes time is played by `HeldAuthenticator`, a real authenticator whose verifications wait for the
 test to settle them; everything else is the real gateway on a `MemoryReactorClock` (tests.support.memory), so
@@ -23,7 +23,7 @@ from gateway.auth.credentials import challenge
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.auth.identity import AuthFailure, AuthRequest, Identity
 from gateway.auth.limits import MemoryLimitStore
-from gateway.phases import Phase
+from gateway.proxy.phases import Phase
 from tests.support.clients import Parsed, parse_response
 from tests.support.memory import Client, RecordingFactory, Upstream, disconnect
 from tests.support.running import gateway_config

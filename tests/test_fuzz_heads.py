@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 
-from gateway.exchange import Exchange
+from gateway.proxy.exchange import Exchange
 from tests.support.clients import parse_response
 from tests.support.memory import Client, MemoryGateway, Upstream, disconnect
 

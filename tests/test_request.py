@@ -18,8 +18,8 @@ from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableName
 from twisted.logger import LogEvent
 from zope.interface import directlyProvides, implementer
 
-from gateway.exchange import Exchange
-from gateway.phases import Phase
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.phases import Phase
 from tests.support.clients import Parsed, parse_response
 from tests.support.memory import Client, MemoryGateway, Upstream, disconnect
 from tests.support.running import gateway_config

@@ -22,7 +22,7 @@ from gateway.config import parse
 from gateway.logs import AccessLog
 from gateway.operations.metrics import Live, Metrics
 from gateway.operations.runtime import make_gateway
-from gateway.site import GatewayFactory
+from gateway.proxy.site import GatewayFactory
 
 GET = b"GET /small?x=1 HTTP/1.1\r\nHost: example.test\r\nUser-Agent: t\r\n\r\n"
 LENGTH_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"

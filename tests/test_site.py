@@ -1,4 +1,4 @@
-"""`gateway.site.GatewayFactory` in memory: the connections it builds, what it schedules, and the exchanges they
+"""`gateway.proxy.site.GatewayFactory` in memory: the connections it builds, what it schedules, and the exchanges they
 make, on a `MemoryReactorClock` with clients over `StringTransport`."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 
-from gateway.exchange import Exchange
 from gateway.http1.server import ClientConnection
-from gateway.site import GatewayFactory
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.site import GatewayFactory
 from tests.support.memory import MemoryGateway
 from tests.support.running import gateway_config
 

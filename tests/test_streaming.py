@@ -1,4 +1,4 @@
-"""`gateway.streaming` in memory: the Watchdog timer and both pipes, driven directly on a `Clock`.
+"""`gateway.proxy.streaming` in memory: the Watchdog timer and both pipes, driven directly on a `Clock`.
 
 The request pipe's client is a `StringTransport` standing for the client socket (an `IPushProducer` whose
 `producerState` shows whether the pipe paused it); its upstream is another `StringTransport` standing for the
@@ -21,7 +21,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gateway.config import FlowControl
 from gateway.http1.timers import Watchdog
-from gateway.streaming import ReadSizer, RequestBodyPipe, ResponseRelay
+from gateway.proxy.streaming import ReadSizer, RequestBodyPipe, ResponseRelay
 
 _sync = SynchronousTestCase()
 EPS = 0.25

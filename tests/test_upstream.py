@@ -1,4 +1,4 @@
-"""`gateway.upstream.UpstreamPool` in memory: the concurrency cap, the bounded queue and its timeout, and the
+"""`gateway.proxy.pool.UpstreamPool` in memory: the concurrency cap, the bounded queue and its timeout, and the
 connect timeout, on a `MemoryReactorClock` (no sockets, no resolver thread)."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from zope.interface import implementer
 
 from gateway.config import Upstream
 from gateway.errors import UpstreamBroken, UpstreamSaturated
-from gateway.upstream import MAX_RESPONSE_HEAD, ConnectTimeout, UpstreamPool
+from gateway.http1.upstream import MAX_RESPONSE_HEAD
+from gateway.proxy.pool import ConnectTimeout, UpstreamPool
 
 _sync = SynchronousTestCase()
 EPS = 0.25

@@ -1,4 +1,4 @@
-"""`gateway.web.GatewayResource` mounted in a twisted.web `Site` of the test's own, over real loopback sockets:
+"""`gateway.proxy.web.GatewayResource` mounted in a twisted.web `Site` of the test's own, over real loopback sockets:
 relaying, streaming with backpressure, the spooled request body, admission, and both ways a stream breaks."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from twisted.web.server import Request, Site
 from gateway.auth.apikeys import hash_key
 from gateway.config import parse
 from gateway.operations.runtime import make_gateway
-from gateway.web import GatewayResource
+from gateway.proxy.web import GatewayResource
 from tests.support.certs import client_options
 from tests.support.clients import RawClient, connect, parse_response, parse_responses, within
 from tests.support.faults import assert_problem, get

@@ -75,7 +75,7 @@ _VERSION_BYTES = len(b" HTTP/1.1")
 _LWS = b" \t"
 _SEND_LIMIT = 1024 * 1024
 """The most a client socket's `send` is given at once (the public `SEND_LIMIT` of Twisted's `FileDescriptor`,
-128 KiB by default): one of the largest upstream reads (`gateway.streaming.ReadSizer.MAX`) goes out in one call,
+128 KiB by default): one of the largest upstream reads (`gateway.proxy.streaming.ReadSizer.MAX`) goes out in one call,
 where 128 KiB at a time took eight, each a turn of the reactor, and copied what was left after each (bench S1:
 +15% throughput at 256 KiB, +30% with 1 MiB reads)."""
 _FRAMING = (
@@ -132,7 +132,7 @@ class Message:
 
 
 class RequestHandler(TypingProtocol):
-    """What serves one request: the exchange (`gateway.exchange`). Told of the body and of the connection's end;
+    """What serves one request: the exchange (`gateway.proxy.exchange`). Told of the body and of the connection's end;
     it answers through the connection's response methods and calls `finish` when it is done."""
 
     def begin(self) -> None: ...
@@ -154,7 +154,7 @@ class RequestHandler(TypingProtocol):
 
 
 class ConnectionOwner(TypingProtocol):
-    """What a connection asks of the server it belongs to (`gateway.site.GatewayFactory`)."""
+    """What a connection asks of the server it belongs to (`gateway.proxy.site.GatewayFactory`)."""
 
     clock: IReactorTime
 

@@ -59,7 +59,7 @@ _log = Logger()
 
 UPSTREAM_BUFFER_SIZE = 256 * 1024
 """An upstream socket's read size until a response body's relay sets one that follows the client
-(`gateway.streaming.ReadSizer`); larger reads than Twisted's 64 KiB make a big body cheaper."""
+(`gateway.proxy.streaming.ReadSizer`); larger reads than Twisted's 64 KiB make a big body cheaper."""
 
 MAX_RESPONSE_HEAD = 64 * 1024
 """Bytes of response head (status line, headers, and any 1xx heads before them) taken from an upstream; more is

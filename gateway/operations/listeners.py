@@ -31,7 +31,7 @@ from zope.interface import implementer
 from gateway.addresses import member_of
 from gateway.config import Listener
 from gateway.config.tls import ListenerTLS
-from gateway.site import GatewayFactory
+from gateway.proxy.site import GatewayFactory
 from gateway.tls.certificates import log_certificate
 from gateway.tls.server import ClientPolicy, ServerContexts, ServerTLSCreator
 

@@ -1,5 +1,5 @@
-"""The running gateway of a config (`gateway.context.Gateway`): its router, one pool per upstream and its admission
-checks; what a reload keeps of the one before it.
+"""The running gateway of a config (`gateway.proxy.context.Gateway`): its router, one pool per upstream and its
+admission checks; what a reload keeps of the one before it.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from typing import Any
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.auth.shared_limits import connect_shared_limits
 from gateway.config import Config
-from gateway.context import Gateway
 from gateway.logs import AccessLog
 from gateway.operations.metrics import Metrics
+from gateway.proxy.context import Gateway
+from gateway.proxy.pool import UpstreamPool
 from gateway.routing.router import Router
 from gateway.tls.certificates import log_certificate
-from gateway.upstream import UpstreamPool
 
 __all__ = ["make_gateway"]
 

@@ -34,7 +34,6 @@ from twisted.logger import Logger
 from gateway import config as config_module
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.config import Config, ConfigError, Listener
-from gateway.context import Gateway
 from gateway.logs import AccessLog
 from gateway.operations.admin import OneProcess, admin_site
 from gateway.operations.fleet import Fleet
@@ -43,10 +42,11 @@ from gateway.operations.metrics import CertificateState, Live, Metrics
 from gateway.operations.runtime import make_gateway
 from gateway.operations.waits import within
 from gateway.operations.workers import WorkerPool, worker_command
-from gateway.site import GatewayFactory
+from gateway.proxy.context import Gateway
+from gateway.proxy.pool import UpstreamPool
+from gateway.proxy.site import GatewayFactory
 from gateway.tls.certificates import CertificateSet
 from gateway.tls.server import ServerContexts
-from gateway.upstream import UpstreamPool
 
 __all__ = ["GatewayService"]
 

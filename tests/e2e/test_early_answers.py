@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from gateway.http1.server import ClientConnection
 from gateway.http1.upstream import UpstreamConnection
-from gateway.site import GatewayFactory
+from gateway.proxy.site import GatewayFactory
 from tests.support.clients import connect, parse_responses, within
 from tests.support.running import gateway_config
 

@@ -22,10 +22,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.config import parse
-from gateway.exchange import Exchange
 from gateway.http1.server import ClientConnection, Message
 from gateway.operations.runtime import make_gateway
-from gateway.site import GatewayFactory
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.site import GatewayFactory
 
 
 def disconnect(transport: StringTransport, protocol: Any, reason: Exception | None = None) -> None:

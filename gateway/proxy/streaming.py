@@ -3,7 +3,7 @@
 Rule: no pipe holds more than its high-water mark (plus the one socket read that was already under way when
 the pause was asked for); every pause is matched by a resume or a stop; every wait is watched by a timer that
 only runs while the *other* side is not the one holding things up. Neither pipe knows any policy: they report
-"ended", "sent", "stopped" and "timed out" to their owner (`gateway.exchange`), which decides what it means.
+"ended", "sent", "stopped" and "timed out" to their owner (`gateway.proxy.exchange`), which decides what it means.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`Exchange`: the lifecycle of one proxied request, in named states per direction (`gateway.phases`: `Phase` for
+"""`Exchange`: the lifecycle of one proxied request, in named states per direction (`gateway.proxy.phases`: `Phase` for
 the response side, with one transition table, `Body` for the request body).
 
 Rules this module keeps:
@@ -36,7 +36,6 @@ from gateway.addresses import member_of
 from gateway.auth.authorisation import Allow, Verdict
 from gateway.auth.identity import AuthRequest
 from gateway.config import Listener, Route
-from gateway.context import Gateway
 from gateway.errors import (
     AuthUnavailable,
     BadRequest,
@@ -48,7 +47,6 @@ from gateway.errors import (
     UpstreamBroken,
     reason_phrase,
 )
-from gateway.failures import TIMEOUT_ERRORS, length_too_large, upstream_error
 from gateway.headers import (
     client_response_headers,
     connection_tokens,
@@ -58,17 +56,19 @@ from gateway.headers import (
 from gateway.http1.fields import Fields
 from gateway.http1.server import Message
 from gateway.http1.timers import Watchdog
-from gateway.http1.upstream import Cancellable
-from gateway.phases import ANSWERED, FORWARDED, TRANSITIONS, Body, Phase
-from gateway.records import bounded_field, ms_between
+from gateway.http1.upstream import Cancellable, UpstreamResponse
+from gateway.proxy.context import Gateway
+from gateway.proxy.failures import TIMEOUT_ERRORS, length_too_large, upstream_error
+from gateway.proxy.phases import ANSWERED, FORWARDED, TRANSITIONS, Body, Phase
+from gateway.proxy.pool import UpstreamPool
+from gateway.proxy.records import bounded_field, ms_between
+from gateway.proxy.streaming import RequestBodyPipe, ResponseRelay
 from gateway.routing.decision import Admit, Reject, RequestHead, decide, https_redirect
-from gateway.streaming import RequestBodyPipe, ResponseRelay
 from gateway.tls.server import ClientCertificate
-from gateway.upstream import UpstreamPool, UpstreamResponse
 
 __all__ = ["Exchange"]
 
-_log = Logger()
+_log = Logger(namespace="gateway.exchange")  # not the module's name: log lines keep the namespace they had
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -88,7 +88,7 @@ class _Drop(Protocol):
 
 class ClientEnd(TypingProtocol):
     """What an exchange asks of the client end it answers through: the gateway's own connection
-    (`gateway.http1.server.ClientConnection`), or a twisted.web request (`gateway.web`)."""
+    (`gateway.http1.server.ClientConnection`), or a twisted.web request (`gateway.proxy.web`)."""
 
     listener: Listener | None
     persistent: bool
@@ -589,7 +589,7 @@ class Exchange:
         if self.body is Body.EXPECTED:
             self.body = Body.DROPPED  # the rest is read and dropped; the upstream end reports the failure, if any
 
-    # --- the upstream's answer (gateway.upstream.ResponseReceiver) --------------------------------------------
+    # --- the upstream's answer (gateway.proxy.pool.ResponseReceiver) --------------------------------------------
 
     def response_received(self, response: UpstreamResponse) -> None:
         """The upstream response head is read: relayed, its body streaming after it."""

@@ -35,11 +35,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from gateway.config import Listener
-from gateway.context import Gateway
-from gateway.exchange import Exchange
 from gateway.http1.fields import Fields
 from gateway.http1.server import Message, canonical_peer
 from gateway.http1.timers import Watchdog
+from gateway.proxy.context import Gateway
+from gateway.proxy.exchange import Exchange
 from gateway.tls.server import ClientCertificate, client_certificate, tls_parameters
 
 __all__ = ["GatewayResource"]

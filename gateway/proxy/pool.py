@@ -36,8 +36,6 @@ from gateway.errors import UpstreamSaturated
 from gateway.http1.fields import Fields
 from gateway.http1.timers import Watchdog
 from gateway.http1.upstream import (
-    MAX_RESPONSE_HEAD,
-    UPSTREAM_BUFFER_SIZE,
     Cancellable,
     DeferredReceiver,
     ResponseReceiver,
@@ -47,16 +45,9 @@ from gateway.http1.upstream import (
 from gateway.tls.certificates import log_certificate
 from gateway.tls.upstream import client_creator
 
-__all__ = [
-    "MAX_RESPONSE_HEAD",
-    "UPSTREAM_BUFFER_SIZE",
-    "ConnectTimeout",
-    "ResponseReceiver",
-    "UpstreamPool",
-    "UpstreamResponse",
-]
+__all__ = ["ConnectTimeout", "UpstreamPool"]
 
-_log = Logger()
+_log = Logger(namespace="gateway.upstream")  # not the module's name: log lines keep the namespace they had
 
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 """Methods sent again on a new connection when a reused one was found closed (RFC 9110 section 9.2.2)."""

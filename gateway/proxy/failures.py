@@ -28,12 +28,13 @@ from gateway.errors import (
     UpstreamUnreachable,
 )
 from gateway.http1.framing import MAX_BODY_LENGTH, body_length
+from gateway.http1.upstream import UpstreamResponse
+from gateway.proxy.pool import ConnectTimeout
 from gateway.tls.upstream import tls_failure
-from gateway.upstream import ConnectTimeout, UpstreamResponse
 
 __all__ = ["TIMEOUT_ERRORS", "length_too_large", "upstream_error", "upstream_in_answers"]
 
-_log = Logger()
+_log = Logger(namespace="gateway.failures")  # not the module's name: log lines keep the namespace they had
 
 # How an upstream connection fails before a response head arrives (`gateway.http1.upstream` reports it in
 # twisted.web.client's words).

@@ -21,17 +21,17 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from gateway.auth.shared_limits import LATENCY_BOUNDS
 from gateway.config import Limits, Listener, Server
-from gateway.context import Gateway
 from gateway.errors import GatewayError, TooManyConnections
-from gateway.exchange import Exchange
 from gateway.http1.server import ClientConnection, Message
 from gateway.operations.metrics import LimitStoreState, Live, PoolState
-from gateway.records import refusal_record
+from gateway.proxy.context import Gateway
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.records import refusal_record
 from gateway.tls.server import handshake_failure
 
 __all__ = ["GatewayFactory"]
 
-_log = Logger()
+_log = Logger(namespace="gateway.site")  # not the module's name: log lines keep the namespace they had
 
 _CAP_LOG_INTERVAL = 60.0
 

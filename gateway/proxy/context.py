@@ -12,8 +12,8 @@ from gateway.auth.gatekeeper import Gatekeeper
 from gateway.config import Limits, Server
 from gateway.logs import AccessLog
 from gateway.operations.metrics import Metrics
+from gateway.proxy.pool import UpstreamPool
 from gateway.routing.router import Router
-from gateway.upstream import UpstreamPool
 
 __all__ = ["Gateway"]
 
