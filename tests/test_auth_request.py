@@ -454,7 +454,8 @@ def test_a_socket_resumed_by_the_channel_is_paused_again_by_the_next_held_chunk(
     client.transport.resumeProducing()  # as HTTPChannel.resumeProducing does after a drain
     client.send(b"b" * 65536)
     assert client.transport.producerState == "paused"
-    assert sum(map(len, request._held)) == 100 + 65536
+    assert request._pending is not None
+    assert sum(map(len, request._pending.held)) == 100 + 65536
     gw.held.deny()
 
 

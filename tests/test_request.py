@@ -1405,7 +1405,7 @@ def test_upstream_breaking_its_head_during_an_upload_then_resetting_never_hangs(
     up.close(ConnectionLost("upstream reset"))
     parsed = response(client)
     assert parsed.status == 502
-    assert req._pool is not None and req._pool.in_flight == 0
+    assert req.pool is not None and req.pool.in_flight == 0
 
 
 @pytest.mark.parametrize(("allowed", "forwarded"), [(False, False), (True, True)])

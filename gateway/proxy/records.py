@@ -1,10 +1,14 @@
-"""Access-log records: the fields of one request's line, and of a request head refused before it became one."""
+"""Access-log records: the fields of one request's line, and of a request head refused before it became one; the end
+of a request, told to the access log and the metrics."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["bounded_field", "ms_between", "refusal_record"]
+if TYPE_CHECKING:
+    from gateway.proxy.endings import Endings
+
+__all__ = ["access_record", "bounded_field", "ended_status", "ms_between", "refusal_record", "request_ended"]
 
 
 def refusal_record(
@@ -58,3 +62,74 @@ def bounded_field(values: list[bytes] | None) -> str | None:
     if not values:
         return None
     return values[0][:_MAX_FIELD].decode("ascii", "backslashreplace")
+
+
+def request_ended(exchange: Endings) -> None:
+    """The request has ended: its one access-log record goes to the log and the metrics (which, without an
+    access log, are told the few figures they count and no record is built)."""
+    gateway = exchange.gateway
+    if gateway.access_log is not None:
+        gateway.request_ended(access_record(exchange))
+    elif gateway.metrics is not None:
+        began = exchange.began
+        route = exchange.route
+        response_at, slot_at, queued_at = exchange.response_at, exchange.slot_at, exchange.queued_at
+        gateway.metrics.observe_request(
+            route.name if route is not None else "",
+            route.upstream.name if route is not None and exchange.pool is not None else "",
+            ended_status(exchange),
+            exchange.ending or "client_gone",
+            total=gateway.clock.seconds() - began,
+            ttfb=None if response_at is None else response_at - began,
+            queue=None if slot_at is None or queued_at is None else slot_at - queued_at,
+            bytes_in=exchange.body_bytes,
+            bytes_out=exchange.sentLength,
+        )
+
+
+def ended_status(exchange: Endings) -> int | None:
+    """The status the request ended with, as its record says it."""
+    if exchange.startedWriting:
+        return exchange.code
+    if exchange.refusal is not None:
+        return exchange.refusal.status
+    if exchange.ending == "client_gone":
+        return 499  # nginx's "client closed request"
+    return None  # nothing was sent (cut by the gateway before a response began)
+
+
+def access_record(exchange: Endings) -> dict[str, Any]:
+    """The request's access-log fields, in the order of the line. Durations are milliseconds from the start
+    of the request head: the admission decision, the wait for an upstream slot, the upstream connection
+    (from the slot to the request going out on a connection, new or reused), the response head (time to
+    first byte) and the whole request; null where the request never got there."""
+    began = exchange.began
+    now = exchange.gateway.clock.seconds()
+    route = exchange.route
+    log = exchange.gateway.access_log
+    path = exchange.uri if log is not None and log.include_query else exchange.path
+    status = ended_status(exchange)
+    tls_version, tls_cipher = exchange.tls_info
+    return {
+        "request_id": exchange.request_id,
+        "client": getattr(exchange.client, "host", ""),
+        "method": exchange.method.decode("ascii", "backslashreplace"),
+        "host": bounded_field(exchange.requestHeaders.getRawHeaders(b"host")),
+        "path": path.decode("ascii", "backslashreplace") if path else None,
+        "route": route.name if route is not None else None,
+        "upstream": route.upstream.name if route is not None and exchange.pool is not None else None,
+        "upstream_addr": exchange.upstream_address,
+        "consumer": exchange.consumer,
+        "status": status,
+        "bytes_in": exchange.body_bytes,
+        "bytes_out": exchange.sentLength,
+        "decision_ms": ms_between(exchange.decided_at, began),
+        "queue_ms": ms_between(exchange.slot_at, exchange.queued_at),
+        "connect_ms": ms_between(exchange.sent_at, exchange.slot_at),
+        "ttfb_ms": ms_between(exchange.response_at, began),
+        "total_ms": round((now - began) * 1000.0, 3),
+        "ending": exchange.ending or "client_gone",
+        "tls_version": tls_version,
+        "tls_cipher": tls_cipher,
+        "user_agent": bounded_field(exchange.requestHeaders.getRawHeaders(b"user-agent")),
+    }
