@@ -27,7 +27,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from gateway.errors import UpstreamBroken
-from gateway.http1.upstream import MAX_RESPONSE_HEAD, UpstreamConnection, UpstreamResponse
+from gateway.http1.exchange import MAX_RESPONSE_HEAD
+from gateway.http1.response import UpstreamResponse
+from gateway.http1.upstream import UpstreamConnection
 from tests.test_upstream import _head_of
 
 _sync = SynchronousTestCase()

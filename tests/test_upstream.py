@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from gateway.config import Upstream
 from gateway.errors import UpstreamBroken, UpstreamSaturated
-from gateway.http1.upstream import MAX_RESPONSE_HEAD
+from gateway.http1.exchange import MAX_RESPONSE_HEAD
 from gateway.proxy.pool import ConnectTimeout, UpstreamPool
 
 _sync = SynchronousTestCase()

@@ -26,8 +26,8 @@ from twisted.logger import Logger
 from gateway.config import Route
 from gateway.errors import BadRequest, BodyTooLarge, GatewayError, MethodNotAllowed, reason_phrase
 from gateway.http1.fields import Fields
+from gateway.http1.response import Cancellable, UpstreamResponse
 from gateway.http1.server import Message
-from gateway.http1.upstream import Cancellable, UpstreamResponse
 from gateway.proxy.client_end import ClientEnd
 from gateway.proxy.context import Gateway
 from gateway.proxy.failures import TIMEOUT_ERRORS

@@ -28,7 +28,7 @@ from gateway.errors import (
     UpstreamUnreachable,
 )
 from gateway.http1.framing import MAX_BODY_LENGTH, body_length
-from gateway.http1.upstream import UpstreamResponse
+from gateway.http1.response import UpstreamResponse
 from gateway.proxy.pool import ConnectTimeout
 from gateway.tls.upstream import tls_failure
 

@@ -25,7 +25,7 @@ from gateway.auth.authorisation import Allow
 from gateway.config import Route
 from gateway.errors import UpstreamBroken
 from gateway.headers import client_response_headers, upstream_request_headers
-from gateway.http1.upstream import UpstreamResponse
+from gateway.http1.response import UpstreamResponse
 from gateway.proxy.endings import Endings
 from gateway.proxy.failures import length_too_large, upstream_error
 from gateway.proxy.phases import Body, Phase
@@ -49,7 +49,7 @@ class _Drop(Protocol):
 class Forwarding(Endings):
     """The upstream side of an exchange: `_start` once the request is admitted, then the pool's slot, the request
     sent (its body through a `RequestBodyPipe`), and the response relayed (its body through a `ResponseRelay`).
-    The pool's connection answers here (`gateway.http1.upstream.ResponseReceiver`)."""
+    The pool's connection answers here (`gateway.http1.response.ResponseReceiver`)."""
 
     __slots__ = ()
 
@@ -140,7 +140,7 @@ class Forwarding(Endings):
         if self.body is Body.EXPECTED:
             self.body = Body.DROPPED  # the rest is read and dropped; the upstream end reports the failure, if any
 
-    # --- the upstream's answer (gateway.http1.upstream.ResponseReceiver) ----------------------------------------
+    # --- the upstream's answer (gateway.http1.response.ResponseReceiver) ----------------------------------------
 
     def response_received(self, response: UpstreamResponse) -> None:
         """The upstream response head is read: relayed, its body streaming after it."""

@@ -34,14 +34,9 @@ from zope.interface import implementer
 from gateway.config import Upstream
 from gateway.errors import UpstreamSaturated
 from gateway.http1.fields import Fields
+from gateway.http1.response import Cancellable, DeferredReceiver, ResponseReceiver, UpstreamResponse
 from gateway.http1.timers import Watchdog
-from gateway.http1.upstream import (
-    Cancellable,
-    DeferredReceiver,
-    ResponseReceiver,
-    UpstreamConnection,
-    UpstreamResponse,
-)
+from gateway.http1.upstream import UpstreamConnection
 from gateway.tls.certificates import log_certificate
 from gateway.tls.upstream import client_creator
 
