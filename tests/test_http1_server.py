@@ -24,7 +24,8 @@ from twisted.python.failure import Failure
 from gateway.config import Config, parse
 from gateway.errors import GatewayError, TooManyConnections, reason_phrase
 from gateway.http1.fields import Fields
-from gateway.http1.server import ClientConnection, Message
+from gateway.http1.server import ClientConnection
+from gateway.http1.serving import Message
 from tests.support.clients import parse_response
 from tests.support.memory import AbortableTransport, disconnect
 from tests.support.running import gateway_config
@@ -85,7 +86,7 @@ class Handler:
     def _note(self, *event: object) -> None:
         self.owner.events.append((event[0], self.message.target, *event[1:]))
 
-    # What the connection tells it (gateway.http1.server.RequestHandler).
+    # What the connection tells it (gateway.http1.serving.RequestHandler).
 
     def begin(self) -> None:
         self._note("begin")
@@ -134,7 +135,7 @@ class Handler:
 
 
 class Owner:
-    """The server a connection belongs to (gateway.http1.server.ConnectionOwner), for the test."""
+    """The server a connection belongs to (gateway.http1.serving.ConnectionOwner), for the test."""
 
     def __init__(self, over_the_cap: GatewayError | None = None, **sections: Any) -> None:
         config = _config(**sections)

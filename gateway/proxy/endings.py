@@ -27,7 +27,7 @@ from gateway.config import Route
 from gateway.errors import BadRequest, BodyTooLarge, GatewayError, MethodNotAllowed, reason_phrase
 from gateway.http1.fields import Fields
 from gateway.http1.response import Cancellable, UpstreamResponse
-from gateway.http1.server import Message
+from gateway.http1.serving import Message
 from gateway.proxy.client_end import ClientEnd
 from gateway.proxy.context import Gateway
 from gateway.proxy.failures import TIMEOUT_ERRORS

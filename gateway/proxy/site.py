@@ -22,7 +22,9 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from gateway.auth.shared_limits import LATENCY_BOUNDS
 from gateway.config import Limits, Listener, Server
 from gateway.errors import GatewayError, TooManyConnections
-from gateway.http1.server import ClientConnection, Message
+from gateway.http1.lifecycle import ConnectionLifecycle
+from gateway.http1.server import ClientConnection
+from gateway.http1.serving import Message
 from gateway.operations.metrics import LimitStoreState, Live, PoolState
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
@@ -46,7 +48,7 @@ class GatewayFactory(Factory):
         self.clock = clock
         self.connections = 0
         """Client connections open now."""
-        self.channels: set[ClientConnection] = set()
+        self.channels: set[ConnectionLifecycle] = set()
         self.draining = False
         """Stopping: no new requests on kept-alive connections (each closes after its response)."""
         self.accepting = True
@@ -58,7 +60,7 @@ class GatewayFactory(Factory):
     def buildProtocol(self, addr: IAddress | None, listener: Listener | None = None) -> ClientConnection:
         return ClientConnection(self, listener)
 
-    # --- what a connection asks (gateway.http1.server.ConnectionOwner) ----------------------------------------
+    # --- what a connection asks (gateway.http1.serving.ConnectionOwner) ----------------------------------------
 
     @property
     def limits(self) -> Limits:
@@ -68,12 +70,12 @@ class GatewayFactory(Factory):
     def server(self) -> Server:
         return self.gateway.server
 
-    def handle(self, connection: ClientConnection, message: Message) -> Exchange:
+    def handle(self, connection: ConnectionLifecycle, message: Message) -> Exchange:
         """A request's head is read: the exchange that serves it, on the config of now."""
         return Exchange(self.gateway, connection, message, self.draining)
 
     def head_refused(
-        self, connection: ClientConnection, error: GatewayError, request_id: str, line: tuple[bytes, bytes] | None
+        self, connection: ConnectionLifecycle, error: GatewayError, request_id: str, line: tuple[bytes, bytes] | None
     ) -> None:
         """A request head refused before it became a request: its access record, with the method and target of
         its request line when that was read whole."""
@@ -107,7 +109,7 @@ class GatewayFactory(Factory):
         if port in self._ports:
             self._ports.remove(port)
 
-    def connection_opened(self, channel: ClientConnection) -> GatewayError | None:
+    def connection_opened(self, channel: ConnectionLifecycle) -> GatewayError | None:
         """Count a new client connection; the error to refuse it with if it is over the cap."""
         self.connections += 1
         self.channels.add(channel)
@@ -125,7 +127,7 @@ class GatewayFactory(Factory):
             return TooManyConnections("the gateway is at its client connection limit; try again shortly")
         return None
 
-    def connection_closed(self, channel: ClientConnection) -> None:
+    def connection_closed(self, channel: ConnectionLifecycle) -> None:
         self.connections -= 1
         self.channels.discard(channel)
         if not self.channels and self._drained is not None:

@@ -36,7 +36,8 @@ from zope.interface import implementer
 
 from gateway.config import Listener
 from gateway.http1.fields import Fields
-from gateway.http1.server import Message, canonical_peer
+from gateway.http1.lifecycle import canonical_peer
+from gateway.http1.serving import Message
 from gateway.http1.timers import Watchdog
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange

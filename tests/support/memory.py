@@ -22,7 +22,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.config import parse
-from gateway.http1.server import ClientConnection, Message
+from gateway.http1.server import ClientConnection
+from gateway.http1.serving import Message
 from gateway.operations.runtime import make_gateway
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.site import GatewayFactory
