@@ -1,4 +1,5 @@
-"""`gateway.proxy.streaming` in memory: the Watchdog timer and both pipes, driven directly on a `Clock`.
+"""`gateway.proxy.streaming` in memory: both pipes and the Watchdog timer they run on (`gateway.http1.timers`), driven
+directly on a `Clock`.
 
 The request pipe's client is a `StringTransport` standing for the client socket (an `IPushProducer` whose
 `producerState` shows whether the pipe paused it); its upstream is another `StringTransport` standing for the
