@@ -642,6 +642,12 @@ async def test_failed_handshakes_are_counted_by_reason(tmp_path: Path, origin: O
     idle = await connect(gateway.port)
     idle.transport.loseConnection()
     await within(idle.closed)
+    # Nor a connection that fails with a TLS error after its handshake (a record that does not decrypt).
+    broken = await connect(gateway.port, tls=client_options(ca, HOST, billing))
+    broken.send(f"GET /headers HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    await within(broken.received_at_least(1))
+    broken.transport.transport.write(b"\x17\x03\x03\x00\x20" + bytes(32))  # under the TLS layer: not sealed
+    await within(broken.closed)
     # Counted, each under its class.
     assert (await deferToThread(_old_client, gateway.port, ssl.TLSVersion.TLSv1_1)).startswith("refused")
     plain = await connect(gateway.port, keep_all=True)

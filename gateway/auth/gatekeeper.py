@@ -16,7 +16,7 @@ Order, and why:
    by `Allow.release` when the request ends, however it ends).
 
 The verdict is an `Allow` or a `gateway.errors.Denied`, returned directly or through a Deferred; the request
-decides what to do with it (`gateway.exchange`). Nothing here reads a body or writes a response.
+decides what to do with it (`gateway.proxy.exchange`). Nothing here reads a body or writes a response.
 
 Here are the order and steps 1 to 4; step 5 and the `Allow` are `gateway.auth.authorisation`'s, the answers of a
 refusal `gateway.auth.denials`', the running methods `gateway.auth.authenticators`'.

@@ -64,7 +64,6 @@ def canonical_peer(peer: IAddress) -> IAddress:
     return type(peer)(peer.type, canonical, peer.port)
 
 
-@implementer(IHandshakeListener)
 def _raise_send_limit(transport: object) -> None:
     """Set `_SEND_LIMIT` on the socket's transport under a connection: its own, or the one under its TLS layer
     (each wrapping layer's `transport`, a few at most: TLS, a PROXY protocol header). A wrapper answers for the
@@ -76,6 +75,7 @@ def _raise_send_limit(transport: object) -> None:
         transport = getattr(transport, "transport", None)
 
 
+@implementer(IHandshakeListener)
 class ConnectionLifecycle(ResponseWriter):
     """A client connection's life: what the exchange asks of it, the requests it serves one at a time, its
     refusals and its timers. The base of `ClientConnection`, which reads the requests; nothing here calls that."""
@@ -111,7 +111,6 @@ class ConnectionLifecycle(ResponseWriter):
         self._idle = False
         """Whether the timer measures the connection's idle time."""
         self._linger_timer: IDelayedCall | None = None
-        self._reading_paused = False
         self._refuse_after: GatewayError | None = None
         """A refusal of a later head, answered once the request under way has finished."""
         self._counted = False

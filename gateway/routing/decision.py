@@ -2,8 +2,8 @@
 
 Rule: everything that can refuse a request looks only at its head (method, target, headers, declared length),
 so a refused upload is answered without being read, without `100 Continue`, and without touching an upstream.
-This is the one place such decisions are made: authentication, authorisation and rate limits join here, as
-further checks that return a `Reject`.
+Routing and the checks of the head's form are made here; who may call (authentication, authorisation, rate
+limits) is decided after, on the same head, by `gateway.auth.gatekeeper`, which the exchange asks next.
 
 Second rule: the gateway is a reverse proxy and never a forward one. It contacts only the upstream of the route
 the Host header and path select: CONNECT is answered 405 (there is no tunnelling), TRACE and TRACK 405 unless
