@@ -42,10 +42,10 @@ __all__ = ["ConnectionLifecycle", "canonical_peer"]
 _log = Logger(namespace="gateway.http1.server")  # not the module's name: log lines keep the namespace they had
 
 _SEND_LIMIT = 1024 * 1024
-"""The most a client socket's `send` is given at once (the public `SEND_LIMIT` of Twisted's `FileDescriptor`,
-128 KiB by default): one of the largest upstream reads (`gateway.proxy.streaming.ReadSizer.MAX`) goes out in one call,
-where 128 KiB at a time took eight, each a turn of the reactor, and copied what was left after each (bench S1:
-+15% throughput at 256 KiB, +30% with 1 MiB reads)."""
+"""The most a plain client socket's `send` is given at once (the public `SEND_LIMIT` of Twisted's
+`FileDescriptor`, 128 KiB by default): one of the largest upstream reads (`gateway.proxy.streaming.ReadSizer.MAX`)
+goes out in one call, where 128 KiB at a time took eight, each a turn of the reactor (bench S1: +15% throughput
+with 256 KiB reads, about +30% with 1 MiB reads)."""
 
 
 def canonical_peer(peer: IAddress) -> IAddress:
@@ -65,9 +65,11 @@ def canonical_peer(peer: IAddress) -> IAddress:
 
 
 def _raise_send_limit(transport: object) -> None:
-    """Set `_SEND_LIMIT` on the socket's transport under a connection: its own, or the one under its TLS layer
-    (each wrapping layer's `transport`, a few at most: TLS, a PROXY protocol header). A wrapper answers for the
-    attributes of what it wraps (`ProtocolWrapper.__getattr__`), so the socket's is told by its class."""
+    """Set `_SEND_LIMIT` on the socket's transport under a plain connection: its own, or the one under a wrapping
+    layer (each layer's `transport`, a few at most: a PROXY protocol header). A wrapper answers for the attributes
+    of what it wraps (`ProtocolWrapper.__getattr__`), so the socket's is told by its class. Not under TLS: the TLS
+    layer writes a response in records of 16 KiB, and Twisted joins what is left unsent with what came since
+    whenever less than the limit is left, so a larger limit copies more at each turn (bench S1 over TLS)."""
     for _ in range(3):
         if isinstance(transport, FileDescriptor):
             transport.SEND_LIMIT = _SEND_LIMIT
@@ -205,7 +207,8 @@ class ConnectionLifecycle(ResponseWriter):
     # --- connection -----------------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        _raise_send_limit(self.transport)
+        if not self.secure:
+            _raise_send_limit(self.transport)
         self._counted = True
         refusal = self.owner.connection_opened(self)
         if refusal is not None:
