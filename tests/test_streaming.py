@@ -795,6 +795,15 @@ def test_sizer_doubles_up_to_the_maximum_for_a_client_that_keeps_up() -> None:
     assert s.size == ReadSizer.MAX
 
 
+def test_sizer_stops_at_a_smaller_maximum_for_a_client_over_tls() -> None:
+    """Given a maximum (TLS_MAX for a client over TLS), growing stops there."""
+    applied: list[int] = []
+    s = ReadSizer(applied.append, Clock(), maximum=ReadSizer.TLS_MAX)
+    feed(s, ReadSizer.KEPT_UP + 8 * ReadSizer.GROW_AFTER, ReadSizer.MIN)
+    assert applied == [16 * 1024, 32 * 1024, 64 * 1024, 128 * 1024, 256 * 1024]
+    assert s.size == ReadSizer.TLS_MAX
+
+
 def test_sizer_grows_at_each_resume_of_a_fast_client() -> None:
     """A fast client that pauses often still grows the read size: each resume doubles it."""
     s, clock, applied = sizer()

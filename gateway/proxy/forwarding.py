@@ -29,7 +29,7 @@ from gateway.http1.response import UpstreamResponse
 from gateway.proxy.endings import Endings
 from gateway.proxy.failures import length_too_large, upstream_error
 from gateway.proxy.phases import Body, Phase
-from gateway.proxy.streaming import RequestBodyPipe, ResponseRelay
+from gateway.proxy.streaming import ReadSizer, RequestBodyPipe, ResponseRelay
 from gateway.routing.decision import Admit
 
 __all__ = ["Forwarding"]
@@ -203,6 +203,7 @@ class Forwarding(Endings):
             on_end=self._response_ended,
             on_timeout=self._timed_out,
             read_size=response.set_read_size,
+            largest_read=ReadSizer.TLS_MAX if self._tls else ReadSizer.MAX,
             timer=self._connection.timer,
         )
         relay = self._relay
