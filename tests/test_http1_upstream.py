@@ -30,6 +30,7 @@ from gateway.errors import UpstreamBroken
 from gateway.http1.exchange import MAX_RESPONSE_HEAD
 from gateway.http1.response import UpstreamResponse
 from gateway.http1.upstream import UpstreamConnection
+from tests.support.requests import request
 from tests.test_upstream import _head_of
 
 _sync = SynchronousTestCase()
@@ -129,7 +130,7 @@ class ManualBody:
 
 
 def get(connection: Connection, method: bytes = b"GET", body: Any = None) -> Deferred[UpstreamResponse]:
-    return connection.protocol.request(method, b"/x?y=1", Headers({b"Host": [b"backend"]}), body)
+    return request(connection.protocol, method, b"/x?y=1", Headers({b"Host": [b"backend"]}), body)
 
 
 # --- the request on the wire ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from gateway.config import Upstream
 from gateway.errors import UpstreamBroken, UpstreamSaturated
 from gateway.http1.exchange import MAX_RESPONSE_HEAD
 from gateway.proxy.pool import ConnectTimeout, UpstreamPool
+from tests.support.requests import request
 
 _sync = SynchronousTestCase()
 EPS = 0.25
@@ -190,7 +191,7 @@ def test_a_full_queue_accepts_again_once_a_waiter_leaves() -> None:
 def test_connect_timeout_fails_with_connect_timeout_after_exactly_connect_seconds() -> None:
     """A connection that does not open within connect_timeout fails the request with ConnectTimeout, not before."""
     pool, clock = pool_for()
-    response = pool.request(b"GET", b"/x", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/x", Headers(), None, connect_timeout=5)
     assert len(clock.tcpClients) == 1
     clock.advance(5 - EPS)
     _sync.assertNoResult(response)
@@ -203,7 +204,7 @@ def test_connect_timeout_fails_with_connect_timeout_after_exactly_connect_second
 def test_the_reactor_connect_timeout_is_only_a_later_backstop() -> None:
     """The timeout given to the reactor's connectTCP is later than the gateway's own, so ours always decides."""
     pool, clock = pool_for()
-    response = pool.request(b"GET", b"/x", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/x", Headers(), None, connect_timeout=5)
     [(_host, _port, _factory, timeout, _bind)] = clock.tcpClients
     assert timeout > 5
     clock.advance(5)
@@ -213,7 +214,7 @@ def test_the_reactor_connect_timeout_is_only_a_later_backstop() -> None:
 def test_a_connection_opened_in_time_cancels_the_connect_timer() -> None:
     """Once the connection opens the connect timer is gone: the request is written and waits without failing."""
     pool, clock = pool_for()
-    response = pool.request(b"GET", b"/x", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/x", Headers(), None, connect_timeout=5)
     host, port, factory, _timeout, _bind = clock.tcpClients[0]
     transport = StringTransport()
     factory.buildProtocol(IPv4Address("TCP", host, port)).makeConnection(transport)
@@ -229,7 +230,7 @@ def test_a_connection_opened_in_time_cancels_the_connect_timer() -> None:
 def test_the_request_goes_to_the_upstream_origin_with_the_given_target() -> None:
     """`request` connects to the upstream's host and port and sends the method and target it was given."""
     pool, clock = pool_for()
-    pool.request(b"DELETE", b"/a/b?c=d", Headers({b"X-Test": [b"1"]}), None, connect_timeout=5)
+    request(pool, b"DELETE", b"/a/b?c=d", Headers({b"X-Test": [b"1"]}), None, connect_timeout=5)
     host, port, factory, _timeout, _bind = clock.tcpClients[0]
     assert (host, port) == ("127.0.0.1", 8081)
     transport = StringTransport()
@@ -246,7 +247,7 @@ def test_ipv4_literal_connects_without_the_resolver() -> None:
     resolver = RecordingResolver(reactor.nameResolver)
     reactor.installNameResolver(resolver)
     pool, _ = pool_for(reactor, host="127.0.0.1")
-    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/", Headers(), None, connect_timeout=5)
     assert resolver.names == []
     assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 8081)]
     response.cancel()
@@ -259,7 +260,7 @@ def test_ipv6_literal_connects_without_the_resolver() -> None:
     resolver = RecordingResolver(reactor.nameResolver)
     reactor.installNameResolver(resolver)
     pool, _ = pool_for(reactor, host="::1")
-    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/", Headers(), None, connect_timeout=5)
     assert resolver.names == []
     assert [c[:2] for c in reactor.tcpClients] == [("::1", 8081)]
     response.cancel()
@@ -272,7 +273,7 @@ def test_a_host_name_goes_through_the_resolver() -> None:
     resolver = RecordingResolver(reactor.nameResolver)
     reactor.installNameResolver(resolver)
     pool, _ = pool_for(reactor, host="localhost")
-    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/", Headers(), None, connect_timeout=5)
     assert resolver.names == ["localhost"]
     response.cancel()
     _sync.failureResultOf(response)
@@ -283,7 +284,7 @@ def test_a_host_name_goes_through_the_resolver() -> None:
 def test_close_closes_idle_pooled_connections() -> None:
     """`close` closes the connections idling in the pool and cancels their idle timers."""
     pool, clock = pool_for()
-    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/", Headers(), None, connect_timeout=5)
     host, port, factory, _timeout, _bind = clock.tcpClients[0]
     transport = StringTransport()
     protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
@@ -322,7 +323,7 @@ def _head_of(total: int) -> bytes:
 def test_a_response_head_of_exactly_max_response_head_bytes_is_taken() -> None:
     """A response head of exactly MAX_RESPONSE_HEAD bytes is accepted whole."""
     pool, clock = pool_for()
-    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/", Headers(), None, connect_timeout=5)
     protocol, _transport = _connected(pool, clock)
     protocol.dataReceived(_head_of(MAX_RESPONSE_HEAD))
     assert _sync.successResultOf(response).code == 204
@@ -333,7 +334,7 @@ def test_a_response_head_one_byte_over_max_response_head_fails_and_closes() -> N
     """A response head one byte over MAX_RESPONSE_HEAD fails the request with UpstreamBroken (a 502), and the
     connection is closed rather than pooled."""
     pool, clock = pool_for()
-    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/", Headers(), None, connect_timeout=5)
     protocol, transport = _connected(pool, clock)
     protocol.dataReceived(_head_of(MAX_RESPONSE_HEAD + 1))
     failure = _sync.failureResultOf(response, ResponseFailed)
@@ -345,7 +346,7 @@ def test_a_response_head_one_byte_over_max_response_head_fails_and_closes() -> N
 def test_1xx_heads_count_towards_max_response_head() -> None:
     """Interim (1xx) heads, which Agent skips, count towards the limit: an upstream cannot send them for ever."""
     pool, clock = pool_for()
-    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/", Headers(), None, connect_timeout=5)
     protocol, transport = _connected(pool, clock)
     interim = b"HTTP/1.1 102 Processing\r\n\r\n"
     for _ in range(MAX_RESPONSE_HEAD // len(interim) + 1):
@@ -360,7 +361,7 @@ def test_bytes_after_a_complete_response_close_the_connection() -> None:
     """Bytes past a response's Content-Length leave the response as declared, and close the connection rather
     than pool it: they could be read as the answer to the next request."""
     pool, clock = pool_for()
-    response = pool.request(b"GET", b"/", Headers(), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/", Headers(), None, connect_timeout=5)
     protocol, transport = _connected(pool, clock)
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n")
     assert _sync.successResultOf(response).length == 2
@@ -376,7 +377,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 def _answered(pool: UpstreamPool, clock: MemoryReactorClock) -> tuple[Any, StringTransport]:
     """One GET sent on a new connection and answered whole: the connection is idle in the pool."""
-    response = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
     protocol, transport = _connected(pool, clock)
     protocol.dataReceived(OK)
     _sync.successResultOf(response)
@@ -390,7 +391,7 @@ def test_an_idle_connection_is_reused_and_closed_after_idle_timeout() -> None:
     pool, clock = pool_for(idle_timeout=4)
     protocol, transport = _answered(pool, clock)
     assert pool.idle == 1
-    second = pool.request(b"GET", b"/2", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
+    second = request(pool, b"GET", b"/2", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
     assert len(clock.tcpClients) == 1
     assert transport.value().startswith(b"GET /2 HTTP/1.1\r\n")
     protocol.dataReceived(OK)
@@ -405,7 +406,7 @@ def test_an_idle_connection_is_reused_and_closed_after_idle_timeout() -> None:
 def test_at_most_max_idle_connections_are_kept() -> None:
     """Past max_idle_connections, a connection whose exchange ended is closed rather than kept."""
     pool, clock = pool_for(max_idle_connections=1)
-    first = [pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5) for _ in range(2)]
+    first = [request(pool, b"GET", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5) for _ in range(2)]
     connections = [_connected_at(pool, clock, index) for index in range(2)]
     for protocol, _transport in connections:
         protocol.dataReceived(OK)
@@ -429,7 +430,7 @@ def test_a_reused_connection_found_closed_is_retried_once_on_a_new_one(method: b
     answer (the upstream closed it idle just then), goes out once more on a new connection."""
     pool, clock = pool_for()
     protocol, _transport = _answered(pool, clock)
-    response = pool.request(method, b"/again", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
+    response = request(pool, method, b"/again", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
     protocol.connectionLost(Failure(ConnectionDone()))
     _sync.assertNoResult(response)
     assert len(clock.tcpClients) == 2
@@ -443,7 +444,7 @@ def test_a_request_with_a_body_or_a_post_is_never_retried() -> None:
     """A POST, or any request with a body, may have been acted on: its failure is reported, not repeated."""
     pool, clock = pool_for()
     protocol, _transport = _answered(pool, clock)
-    response = pool.request(b"POST", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
+    response = request(pool, b"POST", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
     protocol.connectionLost(Failure(ConnectionDone()))
     _sync.failureResultOf(response, ResponseNeverReceived)
     assert len(clock.tcpClients) == 1
@@ -452,7 +453,7 @@ def test_a_request_with_a_body_or_a_post_is_never_retried() -> None:
 def test_a_new_connection_is_never_retried() -> None:
     """Only a reused connection can have been closed under the request: on a new one the failure is the answer."""
     pool, clock = pool_for()
-    response = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
+    response = request(pool, b"GET", b"/", Headers({b"Host": [b"h"]}), None, connect_timeout=5)
     protocol, _transport = _connected(pool, clock)
     protocol.connectionLost(Failure(ConnectionDone()))
     _sync.failureResultOf(response, ResponseNeverReceived)

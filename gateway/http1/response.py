@@ -1,6 +1,6 @@
 """`UpstreamResponse`: a response as read from an upstream server (`gateway.http1.upstream`), its body handed to
-the protocol its owner gives it; and what a request sent on an upstream connection answers to (`ResponseReceiver`,
-`DeferredReceiver`) and returns (`Cancellable`).
+the protocol its owner gives it; and what a request sent on an upstream connection answers to (`ResponseReceiver`)
+and returns (`Cancellable`).
 
 Rules:
 * The response and its body speak Twisted's client vocabulary (`IResponse`-like attributes, a body `IProtocol`
@@ -14,11 +14,9 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.python.failure import Failure
@@ -30,7 +28,7 @@ from gateway.http1.fields import Fields
 if TYPE_CHECKING:
     from gateway.http1.upstream import UpstreamConnection
 
-__all__ = ["Cancellable", "DeferredReceiver", "ResponseReceiver", "UpstreamResponse"]
+__all__ = ["Cancellable", "ResponseReceiver", "UpstreamResponse"]
 
 
 @implementer(IPushProducer)
@@ -76,27 +74,6 @@ class Cancellable(TypingProtocol):
     """A request under way, which its owner may give up."""
 
     def cancel(self) -> None: ...
-
-
-class DeferredReceiver:
-    """A receiver that fires a Deferred with the response: the Deferred API over `send` (cancelling the Deferred
-    gives the request up, through `cancel` once it is set)."""
-
-    __slots__ = ("cancel", "done")
-
-    def __init__(self) -> None:
-        self.cancel: Callable[[], object] | None = None
-        self.done: Deferred[UpstreamResponse] = Deferred(self._cancelled)
-
-    def _cancelled(self, _: Deferred[UpstreamResponse]) -> None:
-        if self.cancel is not None:
-            self.cancel()
-
-    def response_received(self, response: UpstreamResponse) -> None:
-        self.done.callback(response)
-
-    def response_failed(self, reason: Failure) -> None:
-        self.done.errback(reason)
 
 
 class UpstreamResponse:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httptools
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,7 +34,7 @@ from gateway.errors import UpstreamBroken
 from gateway.http1.exchange import MAX_RESPONSE_HEAD, BrokenResponse, UpstreamExchange, head_too_large
 from gateway.http1.fields import Fields
 from gateway.http1.heads import LAST_CHUNK, request_head
-from gateway.http1.response import Cancellable, DeferredReceiver, ResponseReceiver, UpstreamResponse
+from gateway.http1.response import Cancellable, ResponseReceiver
 from gateway.http1.transports import IConnectionTransport
 
 __all__ = ["UPSTREAM_BUFFER_SIZE", "UpstreamConnection"]
@@ -145,16 +144,6 @@ class UpstreamConnection(Protocol):
         self._on_lost(self)
 
     # --- a request ----------------------------------------------------------------------------------------------
-
-    def request(
-        self, method: bytes, target: bytes, headers: Fields | Headers, body: IBodyProducer | None
-    ) -> Deferred[UpstreamResponse]:
-        """Send one request; the Deferred fires with the response once its head is read, or fails (the
-        exceptions of `twisted.web.client`: `ResponseNeverReceived`, `ResponseFailed`, `RequestTransmissionFailed`,
-        with the cause among their reasons). Cancelling it closes the connection."""
-        receiver = DeferredReceiver()
-        receiver.cancel = self.send(method, target, headers, body, receiver).cancel
-        return receiver.done
 
     def send(
         self,

@@ -34,7 +34,7 @@ from zope.interface import implementer
 from gateway.config import Upstream
 from gateway.errors import UpstreamSaturated
 from gateway.http1.fields import Fields
-from gateway.http1.response import Cancellable, DeferredReceiver, ResponseReceiver, UpstreamResponse
+from gateway.http1.response import Cancellable, ResponseReceiver, UpstreamResponse
 from gateway.http1.timers import Watchdog
 from gateway.http1.upstream import UpstreamConnection
 from gateway.tls.certificates import log_certificate
@@ -268,24 +268,6 @@ class UpstreamPool:
         self._slots.release()
 
     # --- requests -----------------------------------------------------------------------------------------------
-
-    def request(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: Fields | Headers,
-        body: IBodyProducer | None,
-        *,
-        connect_timeout: float,
-        on_connected: Callable[[str], None] | None = None,
-    ) -> Deferred[UpstreamResponse]:
-        """`send`, with a Deferred that fires with the response once its head is read (cancelling it gives the
-        request up)."""
-        receiver = DeferredReceiver()
-        receiver.cancel = self.send(
-            method, target, headers, body, receiver, connect_timeout=connect_timeout, on_connected=on_connected
-        ).cancel
-        return receiver.done
 
     def send(
         self,
