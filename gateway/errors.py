@@ -32,6 +32,7 @@ __all__ = [
     "TooManyConnections",
     "TooManyRequests",
     "Unauthorized",
+    "UpgradeRefused",
     "UpstreamBroken",
     "UpstreamSaturated",
     "UpstreamTLSFailed",
@@ -288,6 +289,16 @@ class HttpsRedirect(GatewayError):
 
     def extra_headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"Location", self.location)]
+
+
+class UpgradeRefused(GatewayError):
+    """A WebSocket upgrade on a route that does not allow it (`[routes.websocket] enabled = false`): refused on
+    its head, before the upstream sees it (Envoy answers an upgrade its route does not allow the same way). The
+    connection is closed after the answer: a client that asked to switch protocols may already send frames."""
+
+    status = 403
+    title = "Upgrade refused"
+    slug = "upgrade-refused"
 
 
 class NotSupported(GatewayError):

@@ -23,7 +23,9 @@ __all__ = [
     "client_response_headers",
     "connection_tokens",
     "request_id_of",
+    "switched_response_headers",
     "upstream_request_headers",
+    "websocket_upgrade",
 ]
 
 HOP_BY_HOP = frozenset(
@@ -163,6 +165,26 @@ def connection_tokens(headers: Fields | Headers) -> frozenset[bytes]:
     return _tokens(_values(headers, _CONNECTION))
 
 
+_WEBSOCKET = b"websocket"
+_UPGRADE = b"upgrade"
+_UPGRADE_SPELT = (b"Upgrade", [b"websocket"])
+_CONNECTION_UPGRADE = (b"Connection", [b"Upgrade"])
+
+
+def websocket_upgrade(headers: Fields | Headers) -> bool:
+    """Whether a message asks to switch to WebSocket, or (a 101) says it switched: "websocket" among the
+    protocols of Upgrade (RFC 9110 section 7.8: a comma-separated list, names case-insensitive, a version after
+    "/") and "upgrade" among the Connection options."""
+    values = _values(headers, _UPGRADE)
+    if not values:
+        return False
+    for value in values:
+        for item in value.split(b","):
+            if item.strip(b" \t").lower() == _WEBSOCKET:
+                return _UPGRADE in connection_tokens(headers)
+    return False
+
+
 def request_id_of(headers: Fields | Headers) -> str:
     """The client's X-Request-ID when it is a sane token (visible ASCII, at most 200 bytes), else a new one."""
     values = _values(headers, _XRID)
@@ -200,6 +222,7 @@ def upstream_request_headers(
     remove: Iterable[bytes] = (),
     add: Sequence[tuple[bytes, bytes]] = (),
     keep_forwarded_for: bool = True,
+    websocket: bool = False,
 ) -> Fields:
     """The headers sent upstream for a client request with headers `client`.
 
@@ -212,6 +235,8 @@ def upstream_request_headers(
     `keep_forwarded_for` (the peer is a trusted proxy) the client's X-Forwarded-For is appended to and what else
     proxies set (Forwarded, X-Real-IP, True-Client-IP, X-Forwarded-Port...) is kept; from anyone else
     X-Forwarded-For is replaced and the others removed, so no upstream reads a forged client address or URL.
+    With `websocket` (the request asks to switch to WebSocket and its route allows it) the upgrade is asked of the
+    upstream in turn: `Upgrade: websocket` and `Connection: Upgrade`, the only hop-by-hop headers that cross.
     """
     source = _entries(client)
     out = Fields()
@@ -243,7 +268,18 @@ def upstream_request_headers(
     _set(raw, _XRID, [request_id.encode("ascii")])
     if via:
         _add_via(raw, source.get(_VIA), received_version + b" " + via)
+    if websocket:
+        raw[_UPGRADE] = (_UPGRADE_SPELT[0], list(_UPGRADE_SPELT[1]))
+        raw[_CONNECTION] = (_CONNECTION_UPGRADE[0], list(_CONNECTION_UPGRADE[1]))
     return out
+
+
+def switched_response_headers(upstream: Fields | Headers, target: Fields) -> None:
+    """The hop-by-hop headers of a `101 Switching Protocols` to WebSocket, which the client must see for the switch
+    (RFC 6455 section 4.2.2): `Upgrade` as the upstream sent it, and `Connection: Upgrade`."""
+    upgrade = _values(upstream, _UPGRADE)
+    target.entries[_UPGRADE] = (_UPGRADE_SPELT[0], list(upgrade) if upgrade else list(_UPGRADE_SPELT[1]))
+    target.entries[_CONNECTION] = (_CONNECTION_UPGRADE[0], list(_CONNECTION_UPGRADE[1]))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -168,6 +168,10 @@ max_request_body_bytes = "4GiB"
 [routes.flow_control]
 high_water = "256KiB"
 low_water = "64KiB"
+[routes.websocket]
+enabled = true
+idle_timeout = "1h"
+max_lifetime = "12h"
 
 [admission]
 realm = "gateway"

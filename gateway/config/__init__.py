@@ -23,6 +23,7 @@ from gateway.config.model import (
     Server,
     Timeouts,
     Upstream,
+    WebSocket,
 )
 from gateway.config.values import ConfigError, GiB, KiB, MiB
 
@@ -42,6 +43,7 @@ __all__ = [
     "Server",
     "Timeouts",
     "Upstream",
+    "WebSocket",
     "load",
     "load_text",
     "parse",

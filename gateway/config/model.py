@@ -80,6 +80,18 @@ class FlowControl:
     low_water: int = 64 * KiB
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebSocket:
+    """WebSocket on a route: whether an `Upgrade: websocket` request may become a tunnel, and how long one lives."""
+
+    enabled: bool = True
+    """Off: such a request is answered 403 (problem+json) and never reaches the upstream."""
+    idle_timeout: float = 3600.0
+    """Seconds without a byte either way after which an open tunnel is closed."""
+    max_lifetime: float = 0.0
+    """Seconds after which a tunnel is closed whatever flows through it; 0: no limit."""
+
+
 DEFAULT_HIDDEN_RESPONSE_HEADERS = frozenset({b"server", b"x-powered-by"})
 
 
@@ -228,6 +240,7 @@ class Route:
     empty adds none (an upstream's own passes through)."""
     hide_response_headers: frozenset[bytes] = DEFAULT_HIDDEN_RESPONSE_HEADERS
     """Upstream response headers not relayed on this route (lower-cased names); empty relays them all."""
+    websocket: WebSocket = WebSocket()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,6 +24,7 @@ from gateway.config.model import (
     Server,
     Timeouts,
     Upstream,
+    WebSocket,
 )
 from gateway.config.server import header_names
 from gateway.config.tls import UpstreamTLS, hsts_value, upstream_tls
@@ -128,6 +129,19 @@ LIMIT_FIELDS: Fields = {
 _ROUTE_LIMIT_FIELDS: Fields = {"max_request_body_bytes": positive_size}
 
 
+def _lifetime(value: object) -> float:
+    """A tunnel's longest life in seconds; 0 (the default) is no limit."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    try:
+        return positive_seconds(value)
+    except ValueError as e:
+        raise ValueError(f"{e} (or 0 for no limit)") from None
+
+
+_WEBSOCKET_FIELDS: Fields = {"enabled": boolean, "idle_timeout": positive_seconds, "max_lifetime": _lifetime}
+
+
 FLOW_FIELDS: Fields = {"high_water": positive_size, "low_water": positive_size}
 
 
@@ -206,6 +220,7 @@ _ROUTE_KEYS = (
     "flow_control",
     "strict_transport_security",
     "hide_response_headers",
+    "websocket",
     *ROUTE_ADMISSION_KEYS,
 )
 
@@ -235,6 +250,7 @@ def read_route(
     route_limits = read_fields(t.table("limits"), limits, _ROUTE_LIMIT_FIELDS)
     hsts = t.get("strict_transport_security", hsts_value, b"")
     hidden = t.get("hide_response_headers", header_names, server.hide_response_headers)
+    websocket = read_fields(t.table("websocket"), WebSocket(), _WEBSOCKET_FIELDS)
     t.finish()
     if name is None or upstream is None or route_admission is None:
         raise Invalid()
@@ -252,6 +268,7 @@ def read_route(
         admission=route_admission,
         strict_transport_security=hsts,
         hide_response_headers=hidden,
+        websocket=websocket,
     )
 
 

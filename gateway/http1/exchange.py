@@ -5,7 +5,9 @@ parser's callbacks act on it).
 Rules:
 * Strict on top of llhttp: a transfer coding other than `chunked` alone, a head over `MAX_RESPONSE_HEAD` (1xx heads
   included), a status outside 100-599, a version other than HTTP/1.0 and 1.1 and an upgrade nobody asked for are
-  broken responses (`BrokenResponse`, raised from a callback to stop the parse).
+  broken responses (`BrokenResponse`, raised from a callback to stop the parse). A `101 Switching Protocols` is
+  taken only for a request that asked to switch to WebSocket, and only to WebSocket (RFC 9110 section 7.8: a
+  server must not switch to a protocol the client did not ask for; a tunnel opened unasked is a smuggling channel).
 * Nothing of one response reaches the next exchange: a response's end is acted on by the connection once its whole
   read is parsed, and a byte past it puts the connection out of step.
 * Not one byte of a request body goes out past its declared length (it would be read as the start of the next
@@ -20,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 
 from gateway.errors import UpstreamBroken
-from gateway.headers import connection_tokens
+from gateway.headers import connection_tokens, websocket_upgrade
 from gateway.http1.fields import Fields
 from gateway.http1.heads import chunk
 from gateway.http1.response import ResponseReceiver, UpstreamResponse
@@ -75,7 +77,9 @@ class UpstreamExchange:
         "response_done",
         "sent",
         "status",
+        "switching",
         "trailer_bytes",
+        "upgrade",
     )
 
     def __init__(
@@ -85,6 +89,7 @@ class UpstreamExchange:
         body: IBodyProducer | None,
         length: int | None,
         receiver: ResponseReceiver,
+        upgrade: bool = False,
     ):
         self.connection = connection
         self.receiver: ResponseReceiver | None = receiver
@@ -112,6 +117,10 @@ class UpstreamExchange:
         self.received_any = False
         self.body_seen = 0
         """Body bytes the parser has handed over."""
+        self.upgrade = upgrade
+        """The request asks to switch to WebSocket: a `101` switching to it is taken."""
+        self.switching = False
+        """The response is a `101` switching to WebSocket: handed over once the read past its head is known."""
         self.body_left: int | None = None
         """Once a Content-Length body is under way: its bytes still to come, read past the parser (a body's bytes
         need no parsing, and each read is relayed as it came, not sliced by the parser into a copy)."""
@@ -151,7 +160,8 @@ class UpstreamExchange:
         parser = self.connection.parser
         code = parser.get_status_code()
         if code == 101:
-            raise BrokenResponse(UpstreamBroken("the upstream switched protocols unasked"))
+            self._switching()
+            return
         if 100 <= code < 200:
             return  # an interim answer (100 Continue, 103 Early Hints): the final one follows
         if not 200 <= code <= 599:
@@ -191,6 +201,23 @@ class UpstreamExchange:
         receiver, self.receiver = self.receiver, None
         if receiver is not None:
             receiver.response_received(response)
+
+    def _switching(self) -> None:
+        """A `101`: the upstream switches protocols. Taken only for a request that asked to switch to WebSocket,
+        and only to WebSocket; handed over by the connection once the parse stops after it (llhttp pauses there,
+        and what it read past the head is the tunnel's first bytes)."""
+        if not self.upgrade:
+            raise BrokenResponse(UpstreamBroken("the upstream switched protocols unasked"))
+        headers = Fields((name, value.rstrip(b" \t")) for name, value in self.headers)
+        if not websocket_upgrade(headers):
+            raise BrokenResponse(UpstreamBroken("the upstream switched to another protocol than WebSocket"))
+        version = self.connection.parser.get_http_version()
+        if version != "1.1":
+            raise BrokenResponse(UpstreamBroken("the upstream switched protocols over HTTP/1.0"))
+        response = UpstreamResponse(self.connection, 101, self.status, version, headers)
+        response.length = 0
+        self.response = response
+        self.switching = True
 
     def on_body(self, data: bytes) -> None:
         response = self.response

@@ -15,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
@@ -34,6 +35,7 @@ from gateway.headers import request_id_of
 from gateway.http1.fields import Fields
 from gateway.http1.serving import ConnectionOwner, Message, RequestHandler
 from gateway.http1.timers import Watchdog
+from gateway.http1.transports import IConnectionTransport
 from gateway.http1.writer import ResponseWriter, refusal_bytes
 from gateway.tls.server import ClientCertificate, client_certificate, tls_parameters
 
@@ -122,6 +124,13 @@ class ConnectionLifecycle(ResponseWriter):
         self._tls_info: tuple[str | None, str | None] | None = None
         self._client_certificate: ClientCertificate | bool | None = False
         self._secure: bool | None = None
+        self._upgrade_wait = False
+        """The request being served asks to switch to WebSocket, and is not answered yet."""
+        self._upgrade_rest: bytes | None = None
+        """What the client sent after the head of a request that asks to switch protocols, held (reading paused)
+        until that request is answered."""
+        self._tunnel: Callable[[bytes], object] | None = None
+        """Once the connection is a tunnel (`switch_protocols`): where every byte the client sends goes."""
 
     # --- what the exchange asks of the connection -------------------------------------------------------------
 
@@ -236,6 +245,7 @@ class ConnectionLifecycle(ResponseWriter):
     # --- serving, one request at a time ----------------------------------------------------------------------
 
     def _serve(self, message: Message) -> None:
+        self._upgrade_wait = message.upgrade
         self._version = message.version
         self.persistent = self.persistent and message.keep_alive and message.version == b"HTTP/1.1"
         self._chunked = False
@@ -252,6 +262,14 @@ class ConnectionLifecycle(ResponseWriter):
             handler.body_ended()
 
     def _next(self) -> None:
+        self._upgrade_wait = False
+        rest, self._upgrade_rest = self._upgrade_rest, None
+        self._next_request()
+        if rest and self.refused is None and self.persistent and not self.transport.disconnecting:
+            # What came after a request that asked to switch protocols, answered without switching.
+            self.dataReceived(rest)
+
+    def _next_request(self) -> None:
         if self._queued:
             message = self._queued.popleft()
             if not self._queued:
@@ -263,6 +281,18 @@ class ConnectionLifecycle(ResponseWriter):
                 self._arm_idle()
             elif self._in_head:
                 self._start_head_timer()
+
+    def switch_protocols(self, tunnel: Callable[[bytes], object]) -> tuple[IConnectionTransport, bytes]:
+        """The upstream switched protocols (WebSocket): from now on this connection is a tunnel, and every byte the
+        client sends goes to `tunnel`, without a timer of the connection's (the tunnel has its own). Returns the
+        transport and what the client sent after the request's head (to be passed on first)."""
+        self._tunnel = tunnel
+        self._upgrade_wait = False
+        self.persistent = False
+        self._cancel_timers()
+        rest, self._upgrade_rest = self._upgrade_rest, None
+        self.transport.resumeProducing()
+        return self.transport, rest or b""
 
     # --- refusing --------------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Protocol as TypingProtocol
 
@@ -24,6 +25,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from gateway.http1.fields import Fields
+from gateway.http1.transports import IConnectionTransport
 
 if TYPE_CHECKING:
     from gateway.http1.upstream import UpstreamConnection
@@ -94,6 +96,17 @@ class UpstreamResponse:
         self._held: list[bytes] = []
         self._ended: Failure | None = None
         self._transport = _BodyTransport(connection)
+        self.tunnel_rest = b""
+        """For a `101` switching to WebSocket: what the upstream sent after the head (the tunnel's first bytes)."""
+
+    def switch_protocols(
+        self, tunnel: Callable[[bytes], object], lost: Callable[[Failure], object]
+    ) -> IConnectionTransport:
+        """Make a tunnel of a `101` switching to WebSocket: every byte the upstream sends from now on goes to
+        `tunnel` (`tunnel_rest` first, which the caller passes on), and its connection's end to `lost`. Returns
+        the upstream's transport, for the tunnel to write to."""
+        self._transport.detach()
+        return self._connection.switch_protocols(tunnel, lost)
 
     @property
     def reset(self) -> bool:

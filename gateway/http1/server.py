@@ -13,6 +13,9 @@ Rules this module keeps:
   reading pauses until the request before it is answered, so at most one read is held, whatever the client sends.
 * After the client's last request (Connection: close, HTTP/1.0 without keep-alive) nothing more is read as a
   request (RFC 9112 section 9.6).
+* After a request that asks to switch to WebSocket nothing is read as a request until it is answered: what came
+  after its head is held (reading paused), then given to the tunnel if the upstream switched
+  (`switch_protocols`), or read as the next request if it did not.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from twisted.logger import Logger
 from gateway.addresses import canonical_ip
 from gateway.config import Listener
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, NotSupported, RequestLineTooLong
+from gateway.headers import websocket_upgrade
 from gateway.http1.framing import MAX_BODY_LENGTH, body_length
 from gateway.http1.heads import CRLF
 from gateway.http1.lifecycle import ConnectionLifecycle
@@ -72,7 +76,15 @@ class ClientConnection(ConnectionLifecycle):
     # --- reading ---------------------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel(data)
+            return
         if self._peer is None and self._invalid_peer():
+            return
+        if self._upgrade_rest is not None:
+            # A request that asks to switch protocols waits for its answer: nothing is read as a request meanwhile.
+            self._upgrade_rest += data
+            self.transport.pauseProducing()
             return
         if self.refused is not None:
             # Lingering after a refusal: read and dropped, up to server.lingering_max_bytes.
@@ -95,10 +107,15 @@ class ClientConnection(ConnectionLifecycle):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            # llhttp stops after a request that asks to upgrade (or CONNECT): the gateway upgrades nothing
-            # yet, so what follows is read as the next request, by a new parser.
+            # llhttp stops after a request that asks to upgrade (or CONNECT). A WebSocket request not answered
+            # yet holds what follows until its answer; any other upgrade is not passed on (the request went
+            # upstream without it), so what follows is read as the next request, by a new parser.
             self._parser = httptools.HttpRequestParser(self)
             rest = data[int(str(upgrade.args[0])) :] if upgrade.args else b""
+            if self._upgrade_wait or any(message.upgrade for message in self._queued):
+                self._upgrade_rest = rest
+                self.transport.pauseProducing()
+                return
             if rest and self.refused is None and self.persistent and not self.transport.disconnecting:
                 self.dataReceived(rest)
             return
@@ -252,6 +269,8 @@ class ClientConnection(ConnectionLifecycle):
                     )
                 message.length = length
         message.keep_alive = parser.should_keep_alive()
+        if message.length == 0 and version == b"HTTP/1.1" and message.method == b"GET" and websocket_upgrade(headers):
+            message.upgrade = True
         if self.handler is None and not self._queued:
             self._serve(message)
         else:

@@ -26,7 +26,18 @@ __all__ = ["ConnectionOwner", "Message", "RequestHandler"]
 class Message:
     """A request as read: its head once complete, then whether its body has ended. Held while pipelined."""
 
-    __slots__ = ("body", "ended", "headers", "keep_alive", "length", "method", "target", "target_parts", "version")
+    __slots__ = (
+        "body",
+        "ended",
+        "headers",
+        "keep_alive",
+        "length",
+        "method",
+        "target",
+        "target_parts",
+        "upgrade",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.method = b""
@@ -41,6 +52,9 @@ class Message:
         self.body: deque[bytes] | None = None
         """Body chunks read while the message waits its turn (pipelined)."""
         self.ended = False
+        self.upgrade = False
+        """It asks to switch to WebSocket (RFC 6455 section 4.1: a GET of HTTP/1.1 without a body, with
+        `Upgrade: websocket` and `Connection: Upgrade`); other upgrades are not passed on."""
 
 
 class RequestHandler(TypingProtocol):

@@ -10,6 +10,8 @@ Rules:
 * A connection is reused only after an exchange that ended whole on both sides, with keep-alive, and nothing
   after the response; otherwise it is closed (aborted when the request body was not all sent: a graceful close
   would wait behind a body the upstream no longer reads).
+* A connection that switched protocols (WebSocket) leaves its pool for good: its bytes go to the tunnel the owner
+  makes of it (`switch_protocols`), never to a parser again.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class UpstreamConnection(Protocol):
         self.parser_spent = False
         """The parser read a response to HEAD, after which it expects a body that is not coming: not reused."""
         self._parsing: UpstreamExchange | None = None
+        self._tunnel: Callable[[bytes], object] | None = None
+        """Once the connection switched protocols: where every byte the upstream sends goes."""
+        self._tunnel_lost: Callable[[Failure], object] | None = None
 
     # --- the parser's callbacks, for the exchange whose response is being read ----------------------------------
 
@@ -157,7 +162,9 @@ class UpstreamConnection(Protocol):
         (as `request`'s Deferred would be). What it returns gives the request up (`cancel`)."""
         assert self.usable, "one exchange at a time, on an open connection"
         length = None if body is None or body.length is UNKNOWN_LENGTH else int(body.length)
-        exchange = self.exchange = UpstreamExchange(self, method, body, length, receiver)
+        # Only a WebSocket request the proxy passes on carries Upgrade (every other one is stripped).
+        upgrade = headers.hasHeader(b"upgrade")
+        exchange = self.exchange = UpstreamExchange(self, method, body, length, receiver, upgrade)
         if self.reused:
             self.set_read_size(UPSTREAM_BUFFER_SIZE)  # undo the read size the last response's relay set
         if self.parser_spent:
@@ -235,6 +242,9 @@ class UpstreamConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None or exchange.response_done:
+            if self._tunnel is not None:
+                self._tunnel(data)
+                return
             if data and not self._closing:
                 # Bytes with no request to answer: the upstream is out of step with us, and they could be taken
                 # as the answer to the next request on this connection.
@@ -250,14 +260,18 @@ class UpstreamConnection(Protocol):
         try:
             self._parsing = exchange
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            if exchange.switching:
+                self._switched(exchange, data[int(str(upgrade.args[0])) :] if upgrade.args else b"")
+            else:
+                self._broken(exchange, UpstreamBroken("the upstream switched protocols unasked"))
+            return
         except httptools.HttpParserError as error:
             if exchange.complete is not None:
                 self._out_of_step(exchange)
                 return
             cause = error.__context__
-            if isinstance(error, httptools.HttpParserUpgrade):
-                self._broken(exchange, UpstreamBroken("the upstream switched protocols unasked"))
-            elif isinstance(cause, BrokenResponse):
+            if isinstance(cause, BrokenResponse):
                 self._broken(exchange, cause.error)
             else:
                 if cause is not None:
@@ -285,6 +299,35 @@ class UpstreamConnection(Protocol):
             exchange.between_body += len(data)
             if exchange.between_body > MAX_RESPONSE_HEAD + UPSTREAM_BUFFER_SIZE:
                 self._broken(exchange, UpstreamBroken("the upstream sent too many bytes without a body byte"))
+
+    def _switched(self, exchange: UpstreamExchange, rest: bytes) -> None:
+        """The upstream switched to WebSocket: the connection leaves the pool for good (told as if lost: it is
+        none of the pool's any more), and the response goes to its receiver, who makes a tunnel of it
+        (`switch_protocols`) or drops it (the connection closes). `rest` is what came after the head."""
+        response = exchange.response
+        assert response is not None
+        self.exchange = None
+        exchange.complete = None
+        exchange.request_done = True
+        self._closing = True  # never reused, whatever happens next
+        self.parser_spent = True
+        self._on_lost(self)
+        response.tunnel_rest = rest
+        receiver, exchange.receiver = exchange.receiver, None
+        if receiver is None:
+            self.abandon()  # nobody waits for it any more
+            return
+        receiver.response_received(response)  # which takes the tunnel, or drops the response (and so the connection)
+
+    def switch_protocols(
+        self, tunnel: Callable[[bytes], object], lost: Callable[[Failure], object]
+    ) -> IConnectionTransport:
+        """From now on every byte the upstream sends goes to `tunnel`, and its connection's end to `lost`; returns
+        the transport (what the tunnel writes to)."""
+        self._tunnel = tunnel
+        self._tunnel_lost = lost
+        self.resume_reading()
+        return self.transport
 
     def _body_read(self, exchange: UpstreamExchange, data: bytes) -> None:
         """A read of a Content-Length body past its head: relayed whole; at the body's end the response is
@@ -370,6 +413,11 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost_reason = reason
+        lost, self._tunnel_lost = self._tunnel_lost, None
+        if lost is not None:
+            self._tunnel = None
+            lost(reason)
+            return
         self._body_registered = False  # the transport lets its producer go itself
         exchange, self.exchange = self.exchange, None
         if exchange is not None:

@@ -61,9 +61,9 @@ class ResponseWriter(Protocol):
     def write_head(self, code: int, phrase: bytes, headers: Fields, *, head_request: bool) -> None:
         """The response head, in one write. Its framing is the connection's: a Content-Length the exchange set is
         kept; without one the body is chunked (HTTP/1.1) or ends with the connection (HTTP/1.0); a response to
-        HEAD and a 204 or 304 has no body."""
+        HEAD, a 204 or 304, and a `101 Switching Protocols` (after which the connection is a tunnel) have no body."""
         self.response_started = True
-        body_allowed = not head_request and code not in _NO_BODY_STATUSES
+        body_allowed = not head_request and code not in _NO_BODY_STATUSES and code >= 200  # 101: none
         parts = [b"HTTP/1.1 %d %s\r\n" % (code, phrase)]
         has_length = False
         for key, (name, values) in headers.entries.items():

@@ -6,6 +6,7 @@ twisted.web request of `gateway.proxy.web`. mypy checks both against it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.interfaces import IAddress, IPushProducer
@@ -13,6 +14,7 @@ from twisted.internet.interfaces import IAddress, IPushProducer
 from gateway.config import Listener
 from gateway.http1.fields import Fields
 from gateway.http1.timers import Watchdog
+from gateway.http1.transports import IConnectionTransport
 from gateway.tls.server import ClientCertificate
 
 __all__ = ["ClientEnd"]
@@ -57,6 +59,10 @@ class ClientEnd(Protocol):
     def abort(self) -> None: ...
 
     def linger(self) -> None: ...
+
+    def switch_protocols(self, tunnel: Callable[[bytes], object]) -> tuple[IConnectionTransport, bytes]:
+        """The connection becomes a tunnel (the upstream switched to WebSocket): every byte the client sends from
+        now on goes to `tunnel`; returns the transport and what came after the request's head."""
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
 

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 
 from gateway.config import Route
-from gateway.errors import BadRequest, BodyTooLarge, GatewayError, MethodNotAllowed, reason_phrase
+from gateway.errors import BadRequest, BodyTooLarge, GatewayError, MethodNotAllowed, UpgradeRefused, reason_phrase
 from gateway.http1.fields import Fields
 from gateway.http1.response import Cancellable, UpstreamResponse
 from gateway.http1.serving import Message
@@ -35,6 +35,7 @@ from gateway.proxy.phases import ANSWERED, TRANSITIONS, Body, Phase
 from gateway.proxy.pool import UpstreamPool
 from gateway.proxy.records import request_ended
 from gateway.proxy.streaming import RequestBodyPipe, ResponseRelay
+from gateway.proxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
     from gateway.proxy.exchange import PendingVerdict
@@ -69,6 +70,8 @@ class Endings:
         "_target",
         "_timing",
         "_tls",
+        "_tunnel",
+        "_upgrade",
         "_upstream_headers",
         "_upstream_request",
         "_waiting",
@@ -116,6 +119,10 @@ class Endings:
         self.requestHeaders = message.headers
         self._length = message.length
         self._draining = draining
+        self._upgrade = message.upgrade
+        """The request asks to switch to WebSocket."""
+        self._tunnel: Tunnel | None = None
+        """Once the upstream switched: the tunnel the two connections are (phase TUNNEL)."""
         self.client = connection.getPeer()
         self.code = 200
         self._phrase = b"OK"
@@ -227,7 +234,9 @@ class Endings:
         if self.decided_at is None:
             self.decided_at = self._clock.seconds()
         status, content_type, body = error.render(self.request_id)
-        if (self._has_body and self.body is not Body.READ) or isinstance(error, BadRequest | MethodNotAllowed):
+        if (self._has_body and self.body is not Body.READ) or isinstance(
+            error, BadRequest | MethodNotAllowed | UpgradeRefused
+        ):
             self._close_after_response()  # what follows on this connection cannot be trusted to be a request
         self._set_status(status, reason_phrase(status))
         headers = self.responseHeaders

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from gateway.auth.authorisation import Allow, Verdict
 from gateway.auth.identity import AuthRequest
-from gateway.errors import AuthUnavailable, Denied, GatewayError, NoRoute
+from gateway.errors import AuthUnavailable, Denied, GatewayError, NoRoute, UpgradeRefused
 from gateway.headers import connection_tokens, request_id_of
 from gateway.proxy.forwarding import Forwarding
 from gateway.proxy.phases import FORWARDED, TRANSITIONS, Body, Phase
@@ -87,6 +87,10 @@ class Exchange(Forwarding):
             self._maybe_finish()
             return
         self.route = decision.route
+        if self._upgrade and not decision.route.websocket.enabled:
+            self._answer(UpgradeRefused("WebSocket is not enabled on this route"))
+            self._maybe_finish()
+            return
         gatekeeper = self.gateway.gatekeeper
         admission = decision.route.admission
         verdict: Verdict | Deferred[Verdict] | None = gatekeeper.public(admission)
@@ -160,7 +164,9 @@ class Exchange(Forwarding):
         `ending`, and what was under way is never finished as if complete."""
         if not TRANSITIONS[self.phase]:
             return
-        if Phase.ABORTED in TRANSITIONS[self.phase]:
+        if self._tunnel is not None:
+            self._tunnel.cut(ending)
+        elif Phase.ABORTED in TRANSITIONS[self.phase]:
             self._abort_client(ending)
         else:
             self.cut_by = ending
@@ -169,6 +175,9 @@ class Exchange(Forwarding):
     def connection_lost(self, reason: Failure) -> None:
         """The client connection is gone (or refused this request): whatever is under way stops."""
         self._disconnected = True
+        if self._tunnel is not None:
+            self._tunnel.client_lost(reason)  # however the request ended: the tunnel lets its timers go
+            return
         if not TRANSITIONS[self.phase]:
             return
         # A client that hangs up after the whole response was written (while we lingered) was answered.

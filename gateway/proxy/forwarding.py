@@ -24,12 +24,13 @@ from gateway.addresses import member_of
 from gateway.auth.authorisation import Allow
 from gateway.config import Route
 from gateway.errors import UpstreamBroken
-from gateway.headers import client_response_headers, upstream_request_headers
+from gateway.headers import client_response_headers, switched_response_headers, upstream_request_headers
 from gateway.http1.response import UpstreamResponse
 from gateway.proxy.endings import Endings
 from gateway.proxy.failures import length_too_large, upstream_error
 from gateway.proxy.phases import Body, Phase
 from gateway.proxy.streaming import ReadSizer, RequestBodyPipe, ResponseRelay
+from gateway.proxy.tunnel import Tunnel
 from gateway.routing.decision import Admit
 
 __all__ = ["Forwarding"]
@@ -91,6 +92,7 @@ class Forwarding(Endings):
             underscores=gateway.server.underscores_in_headers,
             remove=allow.remove,
             add=allow.upstream_headers,
+            websocket=self._upgrade,
         )
         self._enter(Phase.WAITING)
         self.queued_at = self.decided_at
@@ -166,21 +168,10 @@ class Forwarding(Endings):
             response.deliverBody(_Drop())
             self.response_failed(Failure(UpstreamBroken(f"the upstream sent {broken}")))
             return
-        self._set_status(response.code, response.phrase)
-        server = self.gateway.server
-        client_response_headers(
-            response.headers,
-            self.responseHeaders,
-            via=server.via.encode("ascii"),
-            request_id=self.request_id,
-            received_version=b"%d.%d" % response.version[1:],
-            hidden=route.hide_response_headers,
-            server=server.server_header.encode("ascii"),
-        )
-        if route.strict_transport_security and self._tls:
-            self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [route.strict_transport_security])
-        for name, value in self._admitted_headers:
-            self.responseHeaders.addRawHeader(name, value)
+        self._response_head(response, route)
+        if response.code == 101:
+            self._open_tunnel(response, route)
+            return
         if self.method == b"HEAD" or response.code == 304:
             # No body follows, but Content-Length still describes the representation: it is relayed as sent.
             length = response.headers.getRawHeaders(b"content-length")
@@ -212,6 +203,74 @@ class Forwarding(Endings):
             # deliverBody resumes the upstream socket after handing over what was read before it, even when that
             # filled the client's buffer and the relay paused it: pause it again.
             relay.transport.pauseProducing()
+
+    # --- a switch to WebSocket ----------------------------------------------------------------------------------
+
+    def _response_head(self, response: UpstreamResponse, route: Route) -> None:
+        """The status and headers relayed to the client: the upstream's end-to-end ones, then the gateway's."""
+        self._set_status(response.code, response.phrase)
+        server = self.gateway.server
+        client_response_headers(
+            response.headers,
+            self.responseHeaders,
+            via=server.via.encode("ascii"),
+            request_id=self.request_id,
+            received_version=b"%d.%d" % response.version[1:],
+            hidden=route.hide_response_headers,
+            server=server.server_header.encode("ascii"),
+        )
+        if route.strict_transport_security and self._tls:
+            self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [route.strict_transport_security])
+        for name, value in self._admitted_headers:
+            self.responseHeaders.addRawHeader(name, value)
+
+    def _open_tunnel(self, response: UpstreamResponse, route: Route) -> None:
+        """The upstream switched to WebSocket (which only a request that asked for it and was admitted takes, see
+        `gateway.http1.exchange`): its `101` goes to the client, and the two connections become a tunnel."""
+        self._release_slot()  # the upstream connection has left its pool: it holds no slot of the pool's
+        switched_response_headers(response.headers, self.responseHeaders)
+        self._connection.persistent = False
+        self._enter(Phase.TUNNEL, "tunnel")
+        self.write(b"")  # the 101, one write; nothing follows it but the tunnel's bytes
+        settings = route.websocket
+        tunnel = self._tunnel = Tunnel(
+            self._clock,
+            idle_timeout=settings.idle_timeout,
+            max_lifetime=settings.max_lifetime,
+            on_end=self._tunnel_ended,
+        )
+        upstream = response.switch_protocols(tunnel.from_upstream, tunnel.upstream_lost)
+        client, held = self._connection.switch_protocols(tunnel.from_client)
+        tunnel.attach(client, upstream)
+        if held:
+            tunnel.from_client(held)
+        if response.tunnel_rest:
+            tunnel.from_upstream(response.tunnel_rest)
+
+    def _tunnel_ended(self, ending: str) -> None:
+        """The tunnel ended (`ending` says how): the request ends with it, its bytes counted both ways."""
+        tunnel = self._tunnel
+        assert tunnel is not None
+        self.body_bytes = tunnel.up_bytes
+        self.sentLength = tunnel.down_bytes
+        seconds = self._clock.seconds() - (self.response_at or self.began)
+        _log.info(
+            "WebSocket tunnel ended ({ending}) after {seconds:.1f} s: {up} bytes from the client, {down} from the "
+            "upstream (route {route}, request {request_id})",
+            ending=ending,
+            seconds=seconds,
+            up=tunnel.up_bytes,
+            down=tunnel.down_bytes,
+            route=self.route.name if self.route is not None else None,
+            request_id=self.request_id,
+        )
+        if ending in ("client_closed", "upstream_closed"):
+            phase = Phase.DONE
+        elif ending == "client_reset":
+            phase = Phase.CLIENT_GONE
+        else:
+            phase = Phase.ABORTED
+        self._enter(phase, ending)
 
     def _response_ended(self, reason: Failure) -> None:
         self._relay = None

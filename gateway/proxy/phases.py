@@ -24,6 +24,9 @@ class Phase(enum.Enum):
     """Admitted: waiting for an upstream slot, a connection or the response head (the body may be flowing)."""
     STREAMING = "streaming"
     """The upstream's response head has been written to the client; its body is being relayed."""
+    TUNNEL = "tunnel"
+    """The upstream switched protocols (WebSocket): its `101` was written to the client, and the two connections
+    are a tunnel until one of them ends (`gateway.proxy.tunnel`)."""
     SENT = "sent"
     """The whole response has been written; `finish` waits for the end of the request body."""
     DONE = "done"
@@ -40,7 +43,8 @@ class Phase(enum.Enum):
 TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
     Phase.HEAD: frozenset({Phase.ADMITTING, Phase.WAITING, Phase.SENT, Phase.CLIENT_GONE}),
     Phase.ADMITTING: frozenset({Phase.WAITING, Phase.SENT, Phase.CLIENT_GONE}),
-    Phase.WAITING: frozenset({Phase.STREAMING, Phase.SENT, Phase.CLIENT_GONE}),
+    Phase.WAITING: frozenset({Phase.STREAMING, Phase.TUNNEL, Phase.SENT, Phase.CLIENT_GONE}),
+    Phase.TUNNEL: frozenset({Phase.DONE, Phase.ABORTED, Phase.CLIENT_GONE}),
     Phase.STREAMING: frozenset({Phase.SENT, Phase.ABORTED, Phase.CLIENT_GONE}),
     Phase.SENT: frozenset({Phase.DONE, Phase.ABORTED, Phase.CLIENT_GONE}),
     Phase.DONE: frozenset(),

@@ -17,6 +17,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -39,6 +40,7 @@ from gateway.http1.fields import Fields
 from gateway.http1.lifecycle import canonical_peer
 from gateway.http1.serving import Message
 from gateway.http1.timers import Watchdog
+from gateway.http1.transports import IConnectionTransport
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
 from gateway.tls.server import ClientCertificate, client_certificate, tls_parameters
@@ -339,6 +341,11 @@ class _RequestEnd:
         """The answer is complete before the exchange took the whole body: the rest is dropped unread (it is
         spooled, so nothing waits on the socket); its end is reported on the next turn."""
         self._body.skip()
+
+    def switch_protocols(self, tunnel: Callable[[bytes], object]) -> tuple[IConnectionTransport, bytes]:
+        """Never called: a twisted.web request is never taken for a WebSocket upgrade (its `Message` does not ask
+        for one, so its Upgrade header is not passed on), and so never becomes a tunnel."""
+        raise NotImplementedError("a twisted.web request does not switch protocols")
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         self._request.registerProducer(producer, streaming)
