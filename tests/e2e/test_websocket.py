@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+import trustme
 from twisted.internet.error import ConnectionDone
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection, TextMessage
 
 from gateway.auth.apikeys import hash_key
+from tests.support.certs import client_options, issue
 from tests.support.clients import within
 from tests.support.logs import captured
 from tests.support.running import gateway_config
@@ -180,3 +183,20 @@ async def test_a_route_with_websocket_off_refuses_the_upgrade(ws_origin: WebSock
     assert b"upgrade-refused" in client.rejected_body
     assert ws_origin.seen.requests == []
     await within(client.gone)  # the gateway closes after refusing a switch
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tunnel_over_tls(tmp_path: Path, ws_origin: WebSocketOrigin, gateway_for: Any) -> None:
+    """A client over TLS: the tunnel joins the TLS layer (its producer and consumer) to the upstream's socket."""
+    ca = trustme.CA()
+    data = gateway_config(ws_origin.url)
+    data["listeners"][0]["tls"] = {"certificates": [issue(ca, tmp_path, "api.example.com").table()]}
+    gateway = gateway_for(data)
+    client = await connect_websocket(gateway.port, "/echo", tls=client_options(ca, "api.example.com"))
+    assert isinstance(await within(client.handshake), AcceptConnection)
+    big = os.urandom(3 * 1024 * 1024)
+    client.send(BytesMessage(data=big))
+    assert await within(client.next_message(), 30) == big
+    client.send(CloseConnection(code=1000))
+    await within(client.gone)
+    await within(ws_origin.seen.connections[0].gone)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
@@ -205,9 +205,18 @@ class WebSocketClient(Protocol):
 
 
 async def connect_websocket(
-    port: int, target: str, *, headers: list[tuple[bytes, bytes]] | None = None, subprotocols: list[str] | None = None
+    port: int,
+    target: str,
+    *,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    subprotocols: list[str] | None = None,
+    tls: Any = None,
 ) -> WebSocketClient:
-    """A WebSocket client connected to the gateway at 127.0.0.1:`port`, its handshake sent."""
+    """A WebSocket client connected to the gateway at 127.0.0.1:`port` (over TLS with `tls`, a client connection
+    creator), its handshake sent."""
     client = WebSocketClient(target, headers or [], subprotocols or [])
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    if tls is not None:
+        endpoint = wrapClientTLS(tls, endpoint)
+    await connectProtocol(endpoint, client)
     return client
