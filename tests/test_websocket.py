@@ -6,9 +6,12 @@ The end-to-end tests over loopback with a real WebSocket peer are in tests/e2e/t
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -306,3 +309,43 @@ def test_a_tunnel_ends_once_however_many_ways_it_is_told() -> None:
     tunnel.from_upstream(b"late")
     assert upstream.value() == b"" and client.value() == b""
     assert not clock.getDelayedCalls() or not any(call.active() for call in clock.getDelayedCalls())
+
+
+# --- what follows an upgrade's head, in any pieces ------------------------------------------------------------
+
+
+def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(max(cut, 0), len(data)) for cut in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=len(UPGRADE) + 60), max_size=6),
+    frames=st.binary(min_size=1, max_size=60),
+    switch=st.booleans(),
+)
+def test_what_follows_an_upgrade_goes_to_the_tunnel_or_is_read_as_http(
+    cuts: list[int], frames: bytes, switch: bool
+) -> None:
+    """Sent in any pieces, what follows an upgrade's head is held until the answer: every byte of it reaches the
+    upstream's tunnel in order after a 101; after any other answer it is read as the next request (a GET here)."""
+    memory = gateway()
+    client = memory.client()
+    after = frames if switch else GET
+    for piece in _pieces(UPGRADE + after, cuts):
+        client.send(piece)
+    upstream = memory.upstream()
+    assert upstream.received().count(b"\r\n\r\n") == 1, "nothing after the upgrade's head is read meanwhile"
+    upstream.transport.clear()
+    if switch:
+        upstream.respond(SWITCHED)
+        assert upstream.received() == frames
+        client.send(b"more")
+        assert upstream.received() == frames + b"more"
+    else:
+        upstream.respond(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+        assert upstream.received().startswith(b"GET /plain HTTP/1.1\r\n")
+        upstream.respond(OK_5)
+        responses = client.received()
+        assert responses.startswith(b"HTTP/1.1 403 Forbidden\r\n") and responses.endswith(b"hello")
