@@ -168,6 +168,13 @@ max_request_body_bytes = "4GiB"
 [routes.flow_control]
 high_water = "256KiB"
 low_water = "64KiB"
+[routes.cors]
+allow_origins = ["https://app.example.com", "https://*.example.com"]
+allow_methods = ["GET", "PUT"]
+allow_headers = ["Authorization"]
+expose_headers = ["ETag"]
+allow_credentials = true
+max_age = "10m"
 
 [admission]
 realm = "gateway"

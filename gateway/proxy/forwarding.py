@@ -181,6 +181,8 @@ class Forwarding(Endings):
             self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [route.strict_transport_security])
         for name, value in self._admitted_headers:
             self.responseHeaders.addRawHeader(name, value)
+        if route.cors is not None:
+            route.cors.respond(self.requestHeaders, self.responseHeaders)
         if self.method == b"HEAD" or response.code == 304:
             # No body follows, but Content-Length still describes the representation: it is relayed as sent.
             length = response.headers.getRawHeaders(b"content-length")
