@@ -739,6 +739,27 @@ def test_upstream_idle_mid_body_aborts_the_client(gateway: Callable[..., Gateway
     assert closed(up)
 
 
+def test_an_event_stream_with_heartbeats_lives_past_upstream_idle_until_it_goes_quiet(
+    gateway: Callable[..., Gateway],
+) -> None:
+    """A route's upstream_idle bounds the silence between body bytes, never the stream's length: an event stream
+    whose heartbeat comes within it lives on (here 100 heartbeats, 900 s against 10 s), and is cut once it does not."""
+    gw = gateway(route={"timeouts": {"upstream_idle": 10}})
+    client, req, up = start_get(gw)
+    up.respond(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(100):
+        gw.advance(9)
+        up.respond(chunk(b": heartbeat\n\n"))
+    assert req.phase is Phase.STREAMING and not client.transport.disconnecting
+    assert response(client).body == b": heartbeat\n\n" * 100
+    gw.advance(10 - EPS)
+    assert not client.transport.disconnecting
+    gw.advance(EPS)
+    assert client.transport.aborted and not response(client).complete
+    assert req.ending == "upstream_idle"
+    assert closed(up)
+
+
 def test_upstream_idle_does_not_count_while_the_client_is_slow(gateway: Callable[..., Gateway]) -> None:
     """Time the client keeps the relay paused is not upstream idleness: the stream survives past upstream_idle."""
     gw = gateway(timeouts={"upstream_idle": 9, "client_send_stall": 1000})
