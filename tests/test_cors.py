@@ -5,6 +5,7 @@ the gateway's own, in memory (the real gateway on a `MemoryReactorClock`, tests.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,9 +16,10 @@ from twisted.logger import LogEvent
 from gateway.auth.apikeys import hash_key
 from gateway.config import ConfigError, parse
 from gateway.http1.fields import Fields
+from gateway.operations.metrics import Metrics
 from gateway.routing.cors import CorsPolicy, merge_vary
 from tests.support.clients import Parsed, parse_response
-from tests.support.memory import Client
+from tests.support.memory import Client, RecordingFactory
 from tests.support.running import gateway_config
 from tests.test_request import OK_5, Gateway, closed, problem_of
 
@@ -145,6 +147,22 @@ def test_a_preflight_not_allowed_is_refused_403_without_cors_headers(
     assert cors_headers(parsed) == {}
     assert gw.pending_connections() == 0
     assert client.request.error is not None and client.request.error.reason == reason  # type: ignore[attr-defined]
+
+
+def test_preflights_are_counted_allowed_and_refused(gateway: Callable[..., Gateway]) -> None:
+    """An allowed preflight counts as a request answered 204 by the gateway; a refused one also as a denial, with
+    what was refused as its reason."""
+    gw = gateway()
+    metrics = Metrics(lambda: pytest.fail("no scrape here"))
+    gw.gateway = dataclasses.replace(gw.gateway, metrics=metrics)
+    gw.factory = RecordingFactory(gw.gateway, clock=gw.reactor)
+    for origin, method in ((APP, b"PUT"), (b"https://evil.example.com", b"PUT"), (APP, b"PATCH")):
+        client = gw.client()
+        client.send(preflight(origin, method))
+    assert metrics.requests == {("origin", "204", "answered"): 1, ("origin", "403", "answered"): 2}
+    denials = metrics.registry.get_sample_value
+    assert denials("gateway_admission_denials_total", {"route": "origin", "reason": "cors_origin"}) == 1
+    assert denials("gateway_admission_denials_total", {"route": "origin", "reason": "cors_method"}) == 1
 
 
 def test_a_pattern_allows_subdomains_not_the_bare_domain(gateway: Callable[..., Gateway]) -> None:
