@@ -18,6 +18,7 @@ __all__ = [
     "BadRequest",
     "BodyTooLarge",
     "ClientBodyTimeout",
+    "CorsRefused",
     "Denied",
     "Forbidden",
     "GatewayError",
@@ -51,6 +52,9 @@ class GatewayError(Exception):
     status: int = 500
     title: ClassVar[str] = "Internal gateway error"
     slug: ClassVar[str] = "internal"
+    route_cors: ClassVar[bool] = True
+    """Whether the answer gets its route's CORS headers (a browser must be able to read a 401 or a 429): not a
+    refused preflight's, which must carry none."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -161,6 +165,16 @@ class AuthServiceDenied(Denied):
         if self.content_type is None and not self.body:
             return problem(self, request_id)
         return self.status, self.content_type or b"application/octet-stream", self.body
+
+
+class CorsRefused(Denied):
+    """A CORS preflight the route's policy does not allow (its origin, its method or a header it asks for):
+    answered without CORS headers, so the browser does not send the request."""
+
+    status = 403
+    title = "CORS preflight refused"
+    slug = "cors-refused"
+    route_cors = False
 
 
 class BadRequest(GatewayError):

@@ -172,6 +172,13 @@ low_water = "64KiB"
 enabled = true
 idle_timeout = "1h"
 max_lifetime = "12h"
+[routes.cors]
+allow_origins = ["https://app.example.com", "https://*.example.com"]
+allow_methods = ["GET", "PUT"]
+allow_headers = ["Authorization"]
+expose_headers = ["ETag"]
+allow_credentials = true
+max_age = "10m"
 
 [admission]
 realm = "gateway"

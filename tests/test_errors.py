@@ -44,6 +44,7 @@ EXPECTED_STATUS: list[tuple[type[GatewayError], int]] = [
     (errors.AuthTimeout, 504),
     (errors.LimitsUnavailable, 503),
     (errors.UpgradeRefused, 403),
+    (errors.CorsRefused, 403),
 ]
 BASES_AND_PASSED_THROUGH = {errors.Denied, errors.AuthServiceDenied, errors.HttpsRedirect}
 """`Denied` is the base of admission's refusals; `AuthServiceDenied` takes its status from the auth service;

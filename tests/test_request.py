@@ -8,6 +8,7 @@ is left behind: no DelayedCall, no upstream connection still open, no unexpected
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,10 +19,11 @@ from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableName
 from twisted.logger import LogEvent
 from zope.interface import directlyProvides, implementer
 
+from gateway.operations.metrics import Metrics
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.phases import Phase
 from tests.support.clients import Parsed, parse_response
-from tests.support.memory import Client, MemoryGateway, Upstream, disconnect
+from tests.support.memory import Client, MemoryGateway, RecordingFactory, Upstream, disconnect
 from tests.support.running import gateway_config
 
 UPSTREAM = "http://127.0.0.1:8081"
@@ -736,6 +738,31 @@ def test_upstream_idle_mid_body_aborts_the_client(gateway: Callable[..., Gateway
     assert not client.received().endswith(b"0\r\n\r\n")
     assert not response(client).complete
     assert req.ending == "upstream_idle"
+    assert closed(up)
+
+
+def test_an_event_stream_with_heartbeats_lives_past_upstream_idle_until_it_goes_quiet(
+    gateway: Callable[..., Gateway],
+) -> None:
+    """A route's upstream_idle bounds the silence between body bytes, never the stream's length: an event stream
+    whose heartbeat comes within it lives on (here 100 heartbeats, 900 s against 10 s), and is cut once it does not."""
+    gw = gateway(route={"timeouts": {"upstream_idle": 10}})
+    metrics = Metrics(lambda: pytest.fail("no scrape here"))
+    gw.gateway = dataclasses.replace(gw.gateway, metrics=metrics)
+    gw.factory = RecordingFactory(gw.gateway, clock=gw.reactor)
+    client, req, up = start_get(gw)
+    up.respond(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(100):
+        gw.advance(9)
+        up.respond(chunk(b": heartbeat\n\n"))
+    assert req.phase is Phase.STREAMING and not client.transport.disconnecting
+    assert response(client).body == b": heartbeat\n\n" * 100
+    gw.advance(10 - EPS)
+    assert not client.transport.disconnecting
+    gw.advance(EPS)
+    assert client.transport.aborted and not response(client).complete
+    assert req.ending == "upstream_idle"
+    assert metrics.requests == {("origin", "200", "upstream_idle"): 1}
     assert closed(up)
 
 

@@ -12,6 +12,7 @@ from gateway.auth.settings.model import DEFAULT_ADMISSION, NOBODY, Admission, Ro
 from gateway.config.store import LOCAL_STORE, LimitStoreSettings
 from gateway.config.tls import ListenerTLS, UpstreamTLS
 from gateway.config.values import GiB, KiB, MiB
+from gateway.routing.cors import CorsPolicy
 
 __all__ = [
     "DEFAULT_HIDDEN_RESPONSE_HEADERS",
@@ -241,6 +242,8 @@ class Route:
     hide_response_headers: frozenset[bytes] = DEFAULT_HIDDEN_RESPONSE_HEADERS
     """Upstream response headers not relayed on this route (lower-cased names); empty relays them all."""
     websocket: WebSocket = WebSocket()
+    cors: CorsPolicy | None = None
+    """The route's CORS policy (`[routes.cors]`); None answers no preflight and adds no CORS header."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

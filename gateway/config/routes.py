@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from gateway.auth.settings.admission import ROUTE_ADMISSION_KEYS, parse_route_admission
 from gateway.auth.settings.model import Admission, RouteAdmission
+from gateway.config.cors import read_cors
 from gateway.config.model import (
     REFUSED_METHODS,
     FlowControl,
@@ -40,6 +41,7 @@ from gateway.config.values import (
     positive_size,
     read_fields,
 )
+from gateway.routing.cors import CORS_RESPONSE_HEADERS
 from gateway.routing.paths import PathRefused, routing_path
 
 __all__ = ["FLOW_FIELDS", "LIMIT_FIELDS", "TIMEOUT_FIELDS", "check_flow", "read_route", "read_upstream", "route_name"]
@@ -221,6 +223,7 @@ _ROUTE_KEYS = (
     "strict_transport_security",
     "hide_response_headers",
     "websocket",
+    "cors",
     *ROUTE_ADMISSION_KEYS,
 )
 
@@ -251,9 +254,13 @@ def read_route(
     hsts = t.get("strict_transport_security", hsts_value, b"")
     hidden = t.get("hide_response_headers", header_names, server.hide_response_headers)
     websocket = read_fields(t.table("websocket"), WebSocket(), _WEBSOCKET_FIELDS)
+    cors_table = t.table("cors")
+    cors = read_cors(cors_table) if cors_table is not None else None
     t.finish()
-    if name is None or upstream is None or route_admission is None:
+    if name is None or upstream is None or route_admission is None or (cors_table is not None and cors is None):
         raise Invalid()
+    if cors is not None:
+        hidden |= CORS_RESPONSE_HEADERS  # the gateway writes a CORS route's CORS headers, never its upstream
     return Route(
         name=name,
         host=host,
@@ -269,6 +276,7 @@ def read_route(
         strict_transport_security=hsts,
         hide_response_headers=hidden,
         websocket=websocket,
+        cors=cors,
     )
 
 

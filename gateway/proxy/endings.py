@@ -15,6 +15,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -231,14 +232,11 @@ class Endings:
     def _answer(self, error: GatewayError) -> None:
         """Write the gateway's own answer: a problem+json response."""
         self.error = error
-        if self.decided_at is None:
-            self.decided_at = self._clock.seconds()
         status, content_type, body = error.render(self.request_id)
         if (self._has_body and self.body is not Body.READ) or isinstance(
             error, BadRequest | MethodNotAllowed | UpgradeRefused
         ):
             self._close_after_response()  # what follows on this connection cannot be trusted to be a request
-        self._set_status(status, reason_phrase(status))
         headers = self.responseHeaders
         for name, value in error.extra_headers():
             headers.addRawHeader(name, value)
@@ -246,6 +244,24 @@ class Endings:
             headers.addRawHeader(name, value)
         headers.setRawHeaders(b"Content-Type", [content_type])
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        route = self.route
+        if route is not None and route.cors is not None and error.route_cors:
+            route.cors.respond(self.requestHeaders, headers)
+        self._write_answer(status, body)
+
+    def _answer_bodiless(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Write an answer of the gateway's own that is no error and has no body (an allowed CORS preflight's 204)."""
+        if self._has_body and self.body is not Body.READ:
+            self._close_after_response()
+        for name, value in headers:
+            self.responseHeaders.addRawHeader(name, value)
+        self._write_answer(status, b"")
+
+    def _write_answer(self, status: int, body: bytes) -> None:
+        if self.decided_at is None:
+            self.decided_at = self._clock.seconds()
+        self._set_status(status, reason_phrase(status))
+        headers = self.responseHeaders
         headers.setRawHeaders(b"X-Request-ID", [self.request_id.encode("ascii")])
         if self.gateway.server.server_header:
             headers.setRawHeaders(b"Server", [self.gateway.server.server_header.encode("ascii")])

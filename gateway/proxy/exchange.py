@@ -22,10 +22,11 @@ from twisted.python.failure import Failure
 
 from gateway.auth.authorisation import Allow, Verdict
 from gateway.auth.identity import AuthRequest
-from gateway.errors import AuthUnavailable, Denied, GatewayError, NoRoute, UpgradeRefused
+from gateway.errors import AuthUnavailable, CorsRefused, Denied, GatewayError, NoRoute, UpgradeRefused
 from gateway.headers import connection_tokens, request_id_of
 from gateway.proxy.forwarding import Forwarding
 from gateway.proxy.phases import FORWARDED, TRANSITIONS, Body, Phase
+from gateway.routing.cors import Preflight
 from gateway.routing.decision import Admit, Reject, RequestHead, decide, https_redirect
 
 __all__ = ["Exchange", "PendingVerdict"]
@@ -87,6 +88,11 @@ class Exchange(Forwarding):
             self._maybe_finish()
             return
         self.route = decision.route
+        if self.method == b"OPTIONS" and decision.route.cors is not None:
+            preflight = decision.route.cors.preflight(self.requestHeaders)
+            if preflight is not None:  # answered here, before admission: a browser sends it without credentials
+                self._answer_preflight(preflight)
+                return
         if self._upgrade and not decision.route.websocket.enabled:
             self._answer(UpgradeRefused("WebSocket is not enabled on this route"))
             self._maybe_finish()
@@ -198,6 +204,14 @@ class Exchange(Forwarding):
         self._let_go()
 
     # --- admission ----------------------------------------------------------------------------------------
+
+    def _answer_preflight(self, answer: Preflight | CorsRefused) -> None:
+        """Answer a CORS preflight (`gateway.routing.cors`): it never reaches the upstream."""
+        if isinstance(answer, CorsRefused):
+            self._refuse(answer)
+        else:
+            self._answer_bodiless(204, answer)
+            self._maybe_finish()
 
     def _await_verdict(self, decision: Admit, length: int | None, verdict: Deferred[Verdict]) -> None:
         """The verdict takes time: hold back `100 Continue` and the body until it comes."""

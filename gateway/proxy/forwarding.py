@@ -223,6 +223,8 @@ class Forwarding(Endings):
             self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [route.strict_transport_security])
         for name, value in self._admitted_headers:
             self.responseHeaders.addRawHeader(name, value)
+        if route.cors is not None:
+            route.cors.respond(self.requestHeaders, self.responseHeaders)
 
     def _open_tunnel(self, response: UpstreamResponse, route: Route) -> None:
         """The upstream switched to WebSocket (which only a request that asked for it and was admitted takes, see

@@ -26,7 +26,9 @@ Paths (all under the origin's root):
 * `GET /huge-headers/N[?line=1]` answers with about N bytes of headers (1 KiB lines, or one line of N bytes);
 * `GET /close-next` answers 200, then closes its connection when the next request arrives on it, unanswered,
   as a server closing an idle keep-alive connection just as the gateway reuses it;
-* `GET /close-idle` answers 200 and then closes its (keep-alive) connection on the next reactor turn.
+* `GET /close-idle` answers 200 and then closes its (keep-alive) connection on the next reactor turn;
+* `GET /events?beats=N&every=S` a server-sent event stream (chunked): a heartbeat comment every S seconds, N
+  times, then nothing more, its connection held open (a stream gone quiet).
 Every request is recorded as a `Seen`, whose Deferreds tell the test what happened at the origin;
 `Origin.request_seen(n)` fires with the n-th one once its head has arrived, `Origin.connections_lost(n)` once n
 of its connections have closed.
@@ -148,6 +150,33 @@ class _ResetWhenFlushed:
         pass
 
 
+class _Heartbeats:
+    """`/events`: a heartbeat comment every `every` seconds, `beats` times, on a stream left open after them."""
+
+    def __init__(self, request: http.Request, beats: int, every: float) -> None:
+        self._request = request
+        self._left = beats
+        self._every = every
+        self._call: Any = None
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.write(b"retry: 1000\n\n")
+        request.notifyFinish().addBoth(self._stop)
+        self._call = reactor.callLater(every, self._beat)
+
+    def _beat(self) -> None:
+        self._call = None
+        self._request.write(b": heartbeat\n\n")
+        self._left -= 1
+        if self._left > 0:
+            self._call = reactor.callLater(self._every, self._beat)
+
+    def _stop(self, _: object) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
 class OriginRequest(http.Request):
     """Parses like any Twisted request, but acts on the head and reads bodies as they come."""
 
@@ -228,6 +257,8 @@ class OriginRequest(http.Request):
                 _ResetWhenFlushed(self.channel.transport)
             else:
                 self.channel.loseConnection()
+        elif path == b"/events":
+            _Heartbeats(self, int(q[b"beats"]), float(q[b"every"]))
         elif path == b"/bad-status":
             self.channel.transport.write(b"HTTP/1.1 abc Broken\r\n\r\n")
             self.channel.loseConnection()
