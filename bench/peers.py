@@ -121,6 +121,7 @@ class Gateway(Peer):
             # A second worker process adds nothing to a single connection: only where there are many.
             self.only = frozenset({"S2", "S5", "S9"})
         self.twistd = (venv_bin or VENV_BIN) / "twistd"
+        self._compiled = False
 
     def unavailable(self) -> str | None:
         if not self.twistd.exists():
@@ -150,7 +151,28 @@ class Gateway(Peer):
             return f"this gateway does not support [server] workers = {self.workers} ({reason})"
         return None
 
+    def compile_package(self) -> None:
+        """Compile this venv's gateway package to bytecode (`__pycache__` beside its sources), as an installed
+        package is. Otherwise, under an editable install with PYTHONDONTWRITEBYTECODE set, every start compiles
+        every module from source, and the memory the compiler frees stays in the heap, free and resident, until
+        the first streams fill it: S4's RSS growth then depended on the size of the largest modules (0.9 MiB
+        less for a tree with three modules of 760 to 930 lines than for one of 93 under 420, at the same RSS at
+        the peak)."""
+        if self._compiled:
+            return
+        python = str(self.twistd.parent / "python")
+        found = subprocess.run(
+            [python, "-I", "-c", "import gateway; print(gateway.__path__[0])"],  # -I: not the one in the cwd
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        subprocess.run([python, "-m", "compileall", "-q", found.stdout.strip()], timeout=300, check=True)
+        self._compiled = True
+
     def start(self, origin_port: int, workdir: Path, tls: BenchCertificate | None = None) -> Running:
+        self.compile_package()
         port = procs.free_port()
         config = workdir / "gateway.toml"
         config.write_text(gateway_config(port, origin_port, self.workers, tls=tls))
