@@ -2,9 +2,10 @@
 
 A real GatewayFactory, client connection, Exchange and upstream pool run on a MemoryReactorClock; one client
 connection and one pooled upstream connection are StringTransports; each round trip sends a GET, answers it
-with a 100-byte response and reads the client's bytes. Reports microseconds per request (the best of several
-batches, so that noise from other processes shows as little as possible). Used to measure the effect of each
-change in the performance pass; not a substitute for the loopback benchmarks in `bench/run.py`.
+with a 100-byte response and reads the client's bytes. Reports microseconds of the process's CPU time per request
+(`time.process_time`, so that other processes on the machine count only through the caches they share; the best
+of several batches). Used to measure the effect of each change in the performance pass; not a substitute for the
+loopback benchmarks in `bench/run.py`.
 
 Run: `.venv/bin/python bench/micro.py [--requests 20000] [--auth anonymous,key,jwt]`; `--auth` compares the
 route without authentication with an API-key route and a (cached) RS256 JWT route, in the same run.
@@ -99,13 +100,13 @@ def run(requests: int, auth: str = "anonymous") -> float:
     upstream.dataReceived(RESPONSE)
     assert client.value().endswith(b"x" * 100), client.value()[-200:]
     # The connection went back to the pool: every further request reuses it, as under keep-alive load.
-    started = time.perf_counter()
+    started = time.process_time()
     for _ in range(requests):
         client.clear()
         upstream_transport.clear()
         channel.dataReceived(request)
         upstream.dataReceived(RESPONSE)
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert client.value().endswith(b"x" * 100)
     assert len(reactor.tcpClients) == 1, "the pooled connection was not reused"
     return elapsed / requests * 1e6
