@@ -137,17 +137,13 @@ class UpstreamExchange:
         self.status += status
         self._count_head(len(status))
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.response is not None:
-            # A trailer field: counted, never kept (trailers are not relayed), and bounded like a head.
-            self.trailer_bytes += len(name) + len(value) + 4
-            if self.trailer_bytes > MAX_RESPONSE_HEAD:
-                raise BrokenResponse(
-                    UpstreamBroken(f"the upstream sent trailers of more than {MAX_RESPONSE_HEAD} bytes")
-                )
-            return
-        self.headers.append((name, value))
-        self._count_head(len(name) + len(value) + 4)
+    # A header line of the head is taken by the connection itself (`UpstreamConnection.on_header`).
+
+    def on_trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer field: counted, never kept (trailers are not relayed), and bounded like a head."""
+        self.trailer_bytes += len(name) + len(value) + 4
+        if self.trailer_bytes > MAX_RESPONSE_HEAD:
+            raise BrokenResponse(UpstreamBroken(f"the upstream sent trailers of more than {MAX_RESPONSE_HEAD} bytes"))
 
     def _count_head(self, size: int) -> None:
         if self.response is None:
@@ -170,11 +166,16 @@ class UpstreamExchange:
         if version not in _HTTP_1:
             raise BrokenResponse(UpstreamBroken("the upstream sent an invalid HTTP version"))
         headers = Fields()
+        entries = headers.entries  # filled here rather than through addRawHeader: once per header line
         length: int | None = None
         coded = False
         for name, value in self.headers:
-            headers.addRawHeader(name, value.rstrip(b" \t"))  # llhttp keeps trailing whitespace
             lowered = name.lower()
+            entry = entries.get(lowered)
+            if entry is None:
+                entries[lowered] = (name, [value.rstrip(b" \t")])  # llhttp keeps trailing whitespace
+            else:
+                entry[1].append(value.rstrip(b" \t"))
             if lowered == b"transfer-encoding":
                 if coded or value.strip(b" \t").lower() != b"chunked":
                     raise BrokenResponse(UpstreamBroken("the upstream sent a transfer coding other than chunked alone"))

@@ -95,7 +95,16 @@ class UpstreamConnection(Protocol):
         self._parsing.on_status(status)  # type: ignore[union-attr]
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._parsing.on_header(name, value)  # type: ignore[union-attr]
+        exchange = self._parsing
+        assert exchange is not None
+        if exchange.response is not None:
+            exchange.on_trailer(name, value)
+            return
+        # The exchange's header line, here rather than in a call of its own: the commonest callback.
+        exchange.headers.append((name, value))
+        exchange.head_bytes += len(name) + len(value) + 4
+        if exchange.head_bytes > MAX_RESPONSE_HEAD:
+            raise BrokenResponse(head_too_large())
 
     def on_headers_complete(self) -> None:
         self._parsing.on_headers_complete()  # type: ignore[union-attr]
