@@ -41,6 +41,7 @@ __all__ = ["ClientConnection"]
 _log = Logger()
 
 _CRLF = len(CRLF)
+_HEADER_LINE = len(b": ") + len(CRLF)
 _MAX_PORT = 65535
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 _VERSION_BYTES = len(b" HTTP/1.1")
@@ -217,23 +218,28 @@ class ClientConnection(ConnectionLifecycle):
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        message = self._message
-        assert message is not None
         if not self._in_head:
             # A trailer field (llhttp checked its syntax): not forwarded, as the body's framing is re-made.
             return
         if not self._line_done:
             self._request_line_done()
         limits = self.limits
-        self._head_bytes += len(name) + 2 + len(value) + _CRLF
-        self._header_count += 1
-        if self._head_bytes > limits.max_header_bytes:
+        head_bytes = self._head_bytes = self._head_bytes + len(name) + len(value) + _HEADER_LINE
+        count = self._header_count = self._header_count + 1
+        if head_bytes > limits.max_header_bytes:
             self._refuse_in_parse(
                 HeadersTooLarge(f"the header fields are over the {limits.max_header_bytes}-byte limit")
             )
-        if self._header_count > limits.max_header_count:
+        if count > limits.max_header_count:
             self._refuse_in_parse(HeadersTooLarge(f"there are more than {limits.max_header_count} header fields"))
-        message.headers.addRawHeader(name, value.rstrip(_LWS))
+        # Into the message's fields here rather than through `Fields.addRawHeader`: once per header line.
+        entries = self._message.headers.entries  # type: ignore[union-attr]  # set by on_message_begin
+        key = name.lower()
+        entry = entries.get(key)
+        if entry is None:
+            entries[key] = (name, [value.rstrip(_LWS)])
+        else:
+            entry[1].append(value.rstrip(_LWS))
 
     def on_headers_complete(self) -> None:
         message = self._message
