@@ -19,10 +19,12 @@ from gateway.config.model import (
     FlowControl,
     Limits,
     Listener,
+    Retries,
     Route,
     Server,
     Timeouts,
     Upstream,
+    UpstreamServer,
 )
 from gateway.config.values import ConfigError, GiB, KiB, MiB
 
@@ -38,10 +40,12 @@ __all__ = [
     "Limits",
     "Listener",
     "MiB",
+    "Retries",
     "Route",
     "Server",
     "Timeouts",
     "Upstream",
+    "UpstreamServer",
     "load",
     "load_text",
     "parse",

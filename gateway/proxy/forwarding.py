@@ -31,6 +31,7 @@ from gateway.proxy.failures import length_too_large, upstream_error
 from gateway.proxy.phases import Body, Phase
 from gateway.proxy.streaming import ReadSizer, RequestBodyPipe, ResponseRelay
 from gateway.routing.decision import Admit
+from gateway.upstreams.keys import request_key
 
 __all__ = ["Forwarding"]
 
@@ -121,9 +122,18 @@ class Forwarding(Endings):
                 self,
                 connect_timeout=route.timeouts.connect,
                 on_connected=self._connected,
+                retries=route.retries,
+                key=self._balance_key() if self.pool.hashing else None,
             )
         except Exception:
             self.response_failed(Failure())
+
+    def _balance_key(self) -> bytes | None:
+        """What the request hashes to, for an upstream balanced by `hash`."""
+        assert self.route is not None
+        client = getattr(self.client, "host", "")
+        headers = self.requestHeaders
+        return request_key(self.route.upstream.hash_on, consumer=self.consumer, client=client, headers=headers)
 
     def _connected(self, address: str) -> None:
         """The request is going out on an upstream connection (new or reused) to the server at `address`."""

@@ -156,7 +156,7 @@ class OriginRequest(http.Request):
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
         self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
-        self.path, _, query = self.uri.partition(b"?")
+        self.path, _, query = (self.origin.every_request or self.uri).partition(b"?")
         self.query = dict(p.partition(b"=")[::2] for p in query.split(b"&") if p)
         self.seen = Seen(
             self.method, self.uri, [(k, v) for k, vs in self.requestHeaders.getAllRawHeaders() for v in vs]
@@ -228,6 +228,8 @@ class OriginRequest(http.Request):
                 _ResetWhenFlushed(self.channel.transport)
             else:
                 self.channel.loseConnection()
+        elif path == b"/reset":
+            self.channel.transport.abortConnection()  # a reset before any byte of a response
         elif path == b"/bad-status":
             self.channel.transport.write(b"HTTP/1.1 abc Broken\r\n\r\n")
             self.channel.loseConnection()
@@ -418,6 +420,9 @@ class Origin(http.HTTPFactory):
         return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     tls: Any = None
+    every_request: bytes | None = None
+    """A target every request is answered as, whatever it asked for (b"/status/503", b"/reset"...): a server
+    that fails everything, among others that do not."""
 
     def start(self, tls: Any = None) -> Origin:
         """Listen on 127.0.0.1:0; with `tls` (server connection creator, such as `CertificateOptions`), HTTPS."""
