@@ -136,9 +136,13 @@ class GatewayService(MultiService):
             return None
         address = Listener(host=config.admin.host, port=config.admin.port, backlog=64)
         view = self.fleet if self.fleet is not None else OneProcess(self.metrics.registry, self.not_ready)
-        return ListenerService(address, admin_site(view), self._reactor, what="admin")
+        return ListenerService(address, admin_site(view, self.upstreams), self._reactor, what="admin")
 
     # --- readiness and metrics --------------------------------------------------------------------------------
+
+    def upstreams(self) -> dict[str, object]:
+        """Every upstream of the config now, with its servers and their states (the admin listener's view)."""
+        return {name: pool.view() for name, pool in self.gateway.pools.items()}
 
     def not_ready(self) -> str | None:
         """Why the process should get no traffic now (None: it should)."""

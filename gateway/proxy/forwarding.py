@@ -135,10 +135,12 @@ class Forwarding(Endings):
         headers = self.requestHeaders
         return request_key(self.route.upstream.hash_on, consumer=self.consumer, client=client, headers=headers)
 
-    def _connected(self, address: str) -> None:
-        """The request is going out on an upstream connection (new or reused) to the server at `address`."""
+    def _connected(self, address: str, tries: int) -> None:
+        """The request is going out on an upstream connection (new or reused) to the server at `address`, in its
+        `tries`-th try."""
         self.sent_at = self._clock.seconds()
         self.upstream_address = address
+        self.attempts = tries
 
     def _body_sent(self) -> None:
         """The whole body is with the upstream: now it owes us a response head."""

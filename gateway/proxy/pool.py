@@ -179,7 +179,19 @@ class UpstreamPool:
 
     def failed(self, server: ServerPool) -> None:
         assert self.ejector is not None
+        server.failures += 1
         self.ejector.failed(self.index[server])
+
+    def view(self) -> dict[str, object]:
+        """What the admin listener shows of this upstream: its balancing, retries and each server's state."""
+        return {
+            "balance": "single" if self.single is not None else self.upstream.balance,
+            "in_flight": self.in_flight,
+            "queued": self.queued,
+            "retries": self.retries,
+            "ejected": self.ejector.ejected if self.ejector is not None else 0,
+            "servers": [server.view() for server in self.servers],
+        }
 
     def budget_allows(self) -> bool:
         return self.budget is not None and self.budget.try_retry()
@@ -218,16 +230,16 @@ class UpstreamPool:
         receiver: ResponseReceiver,
         *,
         connect_timeout: float,
-        on_connected: Callable[[str], None] | None = None,
+        on_connected: Callable[[str, int], None] | None = None,
         retries: Retries | None = None,
         key: bytes | None = None,
     ) -> Cancellable:
         """Send one request over an idle connection, or a new one opened within `connect_timeout`; `receiver` is
         told of the response once its head is read, or of why there is none. `target` goes on the request line
         byte for byte; `on_connected` is told the address of the server each try goes to, once it has a
-        connection; `retries` is the route's say on trying again, `key` what the request hashes to. What it
-        returns gives the request up wherever it is (connecting, waiting to retry, sending, waiting for the
-        head)."""
+        connection, and how many tries it is; `retries` is the route's say on trying again, `key` what the
+        request hashes to. What it returns gives the request up wherever it is (connecting, waiting to retry,
+        sending, waiting for the head)."""
         attempt = Attempt(self, method, target, headers, body, receiver, connect_timeout, on_connected, retries, key)
         server = self.single
         if server is None:

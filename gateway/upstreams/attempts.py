@@ -87,7 +87,7 @@ class Attempt:
         body: IBodyProducer | None,
         receiver: ResponseReceiver,
         connect_timeout: float,
-        on_connected: Callable[[str], None] | None,
+        on_connected: Callable[[str, int], None] | None,
         policy: Retries | None,
         key: bytes | None,
     ) -> None:
@@ -114,6 +114,7 @@ class Attempt:
     def start(self, server: ServerPool) -> None:
         self.server = server
         self.tried.append(server)
+        server.requests += 1
         connection = server.take_idle()
         if connection is not None:
             # A reused connection the upstream closed just as it was taken: a request without a body whose method
@@ -140,7 +141,7 @@ class Attempt:
         if self.receiver is None:
             return  # given up while connecting (the connect could not be stopped in time)
         if self.on_connected is not None:
-            self.on_connected(connection.address)
+            self.on_connected(connection.address, len(self.tried))
         assert self.server is not None
         self.server.serving(connection)
         self.sending = connection.send(self.method, self.target, self.headers, self.body, self)

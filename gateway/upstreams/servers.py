@@ -96,6 +96,10 @@ class ServerPool:
         self.weight = server.weight
         self.standing = Standing()
         """Its record of failures and ejections, kept over a reload."""
+        self.requests = 0
+        """Tries sent to it (counters for the metrics, kept over a reload)."""
+        self.failures = 0
+        """Tries that failed (a connect failure, a reset, a status counted by ejection)."""
         self.connecting = 0
         """Requests waiting for a new connection to this server."""
         self._busy: set[UpstreamConnection] = set()
@@ -121,6 +125,26 @@ class ServerPool:
     def serving(self, connection: UpstreamConnection) -> None:
         """`connection` was given a request: busy until its exchange ends."""
         self._busy.add(connection)
+
+    @property
+    def state(self) -> str:
+        """ "up", or "ejected" (passive ejection)."""
+        return "ejected" if self.standing.until is not None else "up"
+
+    def view(self) -> dict[str, object]:
+        """What the admin listener shows of it."""
+        return {
+            "address": self.address,
+            "weight": self.weight,
+            "state": self.state,
+            "ejected_until": self.standing.until,
+            "active": self.active,
+            "idle": self.idle,
+            "requests": self.requests,
+            "failures": self.failures,
+            "consecutive_failures": self.standing.failures,
+            "ejections": self.standing.ejections,
+        }
 
     @property
     def idle(self) -> int:
