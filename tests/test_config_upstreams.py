@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ConfigError, UpstreamServer, parse
-from gateway.config.model import Ejection, Retries, RetryBudget
+from gateway.config.model import Ejection, HealthCheck, Retries, RetryBudget
 from tests.test_config import SOURCE, minimal
 
 
@@ -71,6 +71,24 @@ def test_balancing_ejection_and_budget_are_read() -> None:
     assert config.routes[0].retries == Retries(attempts=1, unsafe_methods=True, backoff=0.01, max_backoff=1.0)
 
 
+def test_health_checks_are_off_by_default_and_read_with_their_units() -> None:
+    assert parse(minimal(), source=SOURCE).upstreams["app"].health_check is None
+    data = with_upstream(
+        url="http://a:1",
+        health_check={
+            "path": "/healthz?deep=1",
+            "method": "HEAD",
+            "statuses": [204],
+            "interval": "5s",
+            "timeout": "500ms",
+        },
+    )
+    check = parse(data, source=SOURCE).upstreams["app"].health_check
+    assert check == HealthCheck(
+        path=b"/healthz?deep=1", method="HEAD", statuses=frozenset({204}), interval=5.0, timeout=0.5
+    )
+
+
 @pytest.mark.parametrize(
     ("keys", "error"),
     [
@@ -125,6 +143,27 @@ def test_balancing_ejection_and_budget_are_read() -> None:
             "test.toml: upstreams.app.retry_budget.percent: must be a percentage",
         ),
         ({"url": "http://a:1", "retry_budget": {"windows": "1s"}}, "test.toml: upstreams.app.retry_budget.windows: "),
+        ({"url": "http://a:1", "health_check": {}}, "test.toml: upstreams.app.health_check.path: is required"),
+        (
+            {"url": "http://a:1", "health_check": {"path": "healthz"}},
+            'test.toml: upstreams.app.health_check.path: must be a path such as "/healthz"',
+        ),
+        (
+            {"url": "http://a:1", "health_check": {"path": "/h", "method": "POST"}},
+            'test.toml: upstreams.app.health_check.method: must be "GET", "HEAD" or "OPTIONS"',
+        ),
+        (
+            {"url": "http://a:1", "health_check": {"path": "/h", "statuses": [200, 700]}},
+            "test.toml: upstreams.app.health_check.statuses: must be HTTP statuses (100 to 599), got 700",
+        ),
+        (
+            {"url": "http://a:1", "health_check": {"path": "/h", "interval": "1s", "timeout": "2s"}},
+            "test.toml: upstreams.app.health_check.timeout: must be below interval (2 >= 1)",
+        ),
+        (
+            {"url": "http://a:1", "health_check": {"path": "/h", "healthy_threshold": 0}},
+            "test.toml: upstreams.app.health_check.healthy_threshold: must be",
+        ),
     ],
 )
 def test_upstream_errors_name_file_key_and_reason(keys: dict[str, Any], error: str) -> None:

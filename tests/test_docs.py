@@ -145,6 +145,15 @@ min_retries = 10
 
 [upstreams.several]
 servers = [{ url = "http://10.0.0.1:8081", weight = 2 }, { url = "http://10.0.0.2:8081" }]
+[upstreams.several.health_check]
+path = "/healthz"
+method = "GET"
+host = "several.internal"
+statuses = [200]
+interval = "10s"
+timeout = "2s"
+healthy_threshold = 2
+unhealthy_threshold = 3
 
 [upstreams.secure]
 url = "https://billing.internal:8443"

@@ -22,6 +22,7 @@ __all__ = [
     "Config",
     "Ejection",
     "FlowControl",
+    "HealthCheck",
     "HostHeaderPolicy",
     "Limits",
     "Listener",
@@ -216,6 +217,22 @@ class Ejection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HealthCheck:
+    """Active health checks: a request to each server every `interval`; `unhealthy_threshold` failed checks in
+    a row take it out, `healthy_threshold` passed ones bring it back."""
+
+    path: bytes = b"/"
+    method: str = "GET"
+    host: str = ""
+    """The Host header of a check; "": the upstream's (its first server's host and port)."""
+    statuses: frozenset[int] = frozenset(range(200, 400))
+    interval: float = 10.0
+    timeout: float = 2.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RetryBudget:
     """Retries to one upstream are at most `percent` of its requests over the last `window` seconds (plus
     `min_retries` a window), so a failing upstream is not sent three times its load."""
@@ -275,6 +292,8 @@ class Upstream:
     server at its cap the answer is a fast 503. 0: no cap but the upstream's `max_connections`."""
     ejection: Ejection = Ejection()
     retry_budget: RetryBudget = RetryBudget()
+    health_check: HealthCheck | None = None
+    """Active health checks; None: off."""
 
     @property
     def members(self) -> tuple[UpstreamServer, ...]:

@@ -11,7 +11,7 @@ import re
 from dataclasses import replace
 from urllib.parse import urlsplit
 
-from gateway.config.model import Balance, Ejection, Retries, RetryBudget, Upstream, UpstreamServer
+from gateway.config.model import Balance, Ejection, HealthCheck, Retries, RetryBudget, Upstream, UpstreamServer
 from gateway.config.tls import upstream_tls
 from gateway.config.values import (
     Fields,
@@ -110,6 +110,64 @@ _EJECTION_FIELDS: Fields = {
     "statuses": _statuses,
 }
 
+
+def _check_path(value: object) -> bytes:
+    text = nonempty_string(value)
+    if not text.startswith("/") or not re.fullmatch(r"[!$&'()*+,;=:@/?A-Za-z0-9._~%-]+", text):
+        raise ValueError(f'must be a path such as "/healthz" (percent-encode other characters), got {text!r}')
+    return text.encode("ascii")
+
+
+def _check_method(value: object) -> str:
+    if value not in ("GET", "HEAD", "OPTIONS"):
+        raise ValueError(f'must be "GET", "HEAD" or "OPTIONS" (a check must change nothing), got {describe(value)}')
+    return str(value)
+
+
+def _check_host(value: object) -> str:
+    text = nonempty_string(value)
+    if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", text):
+        raise ValueError(f'must be a host name, with a port if need be ("api.internal:8080"), got {text!r}')
+    return text
+
+
+def _check_statuses(value: object) -> frozenset[int]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"must be a non-empty array of statuses such as [200, 204], got {describe(value)}")
+    bad = [v for v in value if not 100 <= v <= 599]
+    if bad:
+        raise ValueError(f"must be HTTP statuses (100 to 599), got {bad[0]}")
+    return frozenset(value)
+
+
+_HEALTH_FIELDS: Fields = {
+    "path": _check_path,
+    "method": _check_method,
+    "host": _check_host,
+    "statuses": _check_statuses,
+    "interval": positive_seconds,
+    "timeout": positive_seconds,
+    "healthy_threshold": positive_int,
+    "unhealthy_threshold": positive_int,
+}
+
+
+def _health_check(t: Table | None) -> HealthCheck | None:
+    """`[upstreams.NAME.health_check]`: off without the table; its `path` is required."""
+    if t is None:
+        return None
+    if not t.has("path"):
+        t.report("path", 'is required to check servers (a path such as "/healthz")')
+    check = read_fields(t, HealthCheck(), _HEALTH_FIELDS)
+    if not t.failed() and check.timeout >= check.interval:
+        t.report("timeout", f"must be below interval ({check.timeout:g} >= {check.interval:g})")
+    return check
+
+
 _BUDGET_FIELDS: Fields = {"percent": _percent, "window": positive_seconds, "min_retries": _count}
 
 RETRY_FIELDS: Fields = {
@@ -131,7 +189,7 @@ _UPSTREAM_FIELDS: Fields = {
     "max_requests_per_server": _count,
 }
 
-_UPSTREAM_KEYS = ("url", "servers", "tls", "ejection", "retry_budget", *_UPSTREAM_FIELDS)
+_UPSTREAM_KEYS = ("url", "servers", "tls", "ejection", "retry_budget", "health_check", *_UPSTREAM_FIELDS)
 
 
 def _servers(t: Table) -> tuple[str, str, int, bytes, tuple[UpstreamServer, ...]]:
@@ -190,6 +248,7 @@ def read_upstream(name: str, t: Table) -> Upstream:
     if ejection.max_time < ejection.base_time and not (ejection_table and ejection_table.failed()):
         t.report("ejection.max_time", f"must not be below base_time ({ejection.max_time:g} < {ejection.base_time:g})")
     budget = read_fields(t.table("retry_budget"), RetryBudget(), _BUDGET_FIELDS)
+    health = _health_check(t.table("health_check"))
     pool = read_fields(t, Upstream(name=name, scheme="", host="", port=0, base_path=b""), _UPSTREAM_FIELDS)
     if where is None:
         raise Invalid()
@@ -204,6 +263,7 @@ def read_upstream(name: str, t: Table) -> Upstream:
         servers=servers if len(servers) > 1 or (servers and servers[0].weight != 1) else (),
         ejection=ejection,
         retry_budget=budget,
+        health_check=health,
     )
 
 

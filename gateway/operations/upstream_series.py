@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 __all__ = ["SERVER_STATES", "PoolState", "ServerState", "server_families"]
 
-SERVER_STATES = ("up", "ejected")
+SERVER_STATES = ("up", "ejected", "unhealthy")
 
 
 class ServerState(NamedTuple):
@@ -18,11 +18,13 @@ class ServerState(NamedTuple):
 
     address: str
     state: str
-    """"up" or "ejected"."""
+    """"up", "ejected" or "unhealthy"."""
     active: int
     requests: int
     failures: int
     ejections: int
+    checks_passed: int = 0
+    checks_failed: int = 0
 
 
 class PoolState(NamedTuple):
@@ -57,6 +59,11 @@ def server_families(pools: Sequence[PoolState]) -> Iterator[Metric]:
     ejections = CounterMetricFamily(
         "gateway_upstream_server_ejections", "Times an upstream server was ejected.", labels=labels
     )
+    checks = CounterMetricFamily(
+        "gateway_upstream_health_checks",
+        "Active health checks of an upstream server, by result.",
+        labels=[*labels, "result"],
+    )
     retries = CounterMetricFamily(
         "gateway_upstream_retries", "Requests sent again to another server of the upstream.", labels=["upstream"]
     )
@@ -70,4 +77,7 @@ def server_families(pools: Sequence[PoolState]) -> Iterator[Metric]:
             requests.add_metric(key, server.requests)
             failures.add_metric(key, server.failures)
             ejections.add_metric(key, server.ejections)
-    yield from (state, active, requests, failures, ejections, retries)
+            if server.checks_passed or server.checks_failed:
+                checks.add_metric([*key, "passed"], server.checks_passed)
+                checks.add_metric([*key, "failed"], server.checks_failed)
+    yield from (state, active, requests, failures, ejections, checks, retries)

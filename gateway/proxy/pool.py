@@ -36,6 +36,7 @@ from gateway.upstreams.attempts import Attempt
 from gateway.upstreams.balancers import Balancer, HashRing, LeastRequests, SmoothRoundRobin
 from gateway.upstreams.budget import Budget
 from gateway.upstreams.ejection import Ejector
+from gateway.upstreams.health import HealthChecker
 from gateway.upstreams.servers import ConnectTimeout, ServerPool
 
 __all__ = ["ConnectTimeout", "UpstreamPool"]
@@ -81,8 +82,11 @@ class UpstreamPool:
         self.index = {server: i for i, server in enumerate(self.servers)}
         self.retries = 0
         """Retries sent to this upstream (a counter for the metrics)."""
-        self.single: ServerPool | None = self.servers[0] if len(self.servers) == 1 else None
-        """The one server of an upstream that has one: no choice to make, nothing retried or ejected."""
+        self.single: ServerPool | None = (
+            self.servers[0] if len(self.servers) == 1 and upstream.health_check is None else None
+        )
+        """The one server of an upstream that has one (and no health checks): no choice to make, nothing retried
+        or ejected."""
         self.ejector: Ejector | None = None
         self.budget: Budget | None = None
         self.hashing = upstream.balance == "hash" and self.single is None
@@ -98,6 +102,12 @@ class UpstreamPool:
             standings = [server.standing for server in self.servers]
             self.ejector = Ejector(upstream.ejection, standings, reactor, self._ejection_changed)
             self.budget = Budget(upstream.retry_budget, reactor)
+        self.checker: HealthChecker | None = None
+        if upstream.health_check is not None:
+            host = upstream.health_check.host or _host_of(upstream)
+            self.checker = HealthChecker(
+                upstream.health_check, self.servers, host.encode("ascii"), reactor, on_change=self._health_changed
+            )
 
     # --- what a scrape sees -------------------------------------------------------------------------------------
 
@@ -169,7 +179,8 @@ class UpstreamPool:
         ejector.check()
         cap = self.upstream.max_requests_per_server
         usable = [
-            not ejector.is_ejected(i)
+            server.verdict.healthy
+            and not ejector.is_ejected(i)
             and not (cap and server.active >= cap)
             and not (avoid is not None and server in avoid)
             for i, server in enumerate(self.servers)
@@ -199,9 +210,30 @@ class UpstreamPool:
     def unavailable(self) -> UpstreamUnavailable:
         """The fast 503 of an upstream none of whose servers can take a request now."""
         retry_after = self.ejector.retry_after() if self.ejector is not None else 0.0
+        if self.checker is not None and not any(server.verdict.healthy for server in self.servers):
+            retry_after = max(retry_after, self.checker.settings.interval)
         return UpstreamUnavailable(
             "no server of {upstream} can take a request now", upstream=self._named, retry_after=retry_after or 1.0
         )
+
+    def _health_changed(self, server: ServerPool, healthy: bool) -> None:
+        if healthy:
+            _log.info(
+                "Upstream {upstream}: server {server} passes its health checks again",
+                upstream=self.upstream.name,
+                server=server.address,
+            )
+        else:
+            _log.warn(
+                "Upstream {upstream}: server {server} fails its health checks; no requests until it passes",
+                upstream=self.upstream.name,
+                server=server.address,
+            )
+
+    def start(self) -> None:
+        """Start the active health checks, if the upstream has them (once: a pool a reload kept runs on)."""
+        if self.checker is not None and not self.checker.running:
+            self.checker.start()
 
     def _ejection_changed(self, index: int, ejected: bool, seconds: float) -> None:
         server = self.servers[index]
@@ -273,5 +305,14 @@ class UpstreamPool:
     def close(self) -> Deferred[None]:
         """Close the idle connections of the servers no reload kept (in-flight ones close when their exchange
         ends); fires once they are gone."""
+        if self.checker is not None:
+            self.checker.stop()
         closing = [server.close() for server in self.servers if server not in self._handed_on]
         return DeferredList(closing).addCallback(lambda _: None)
+
+
+def _host_of(upstream: Upstream) -> str:
+    """The Host of a health check by default: the upstream's host, with its port unless it is the default."""
+    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    default = 443 if upstream.scheme == "https" else 80
+    return host if upstream.port == default else f"{host}:{upstream.port}"

@@ -215,7 +215,16 @@ class GatewayFactory(Factory):
                 pool.idle,
                 pool.retries,
                 [
-                    ServerState(s.address, s.state, s.active, s.requests, s.failures, s.standing.ejections)
+                    ServerState(
+                        s.address,
+                        s.state,
+                        s.active,
+                        s.requests,
+                        s.failures,
+                        s.standing.ejections,
+                        s.verdict.passed,
+                        s.verdict.failed,
+                    )
                     for s in pool.servers
                 ],
             )

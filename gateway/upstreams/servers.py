@@ -33,6 +33,7 @@ from gateway.config import Upstream, UpstreamServer
 from gateway.http1.timers import Watchdog
 from gateway.http1.upstream import UpstreamConnection
 from gateway.upstreams.ejection import Standing
+from gateway.upstreams.health import Verdict
 
 __all__ = ["ConnectTimeout", "ServerPool"]
 
@@ -96,6 +97,8 @@ class ServerPool:
         self.weight = server.weight
         self.standing = Standing()
         """Its record of failures and ejections, kept over a reload."""
+        self.verdict = Verdict()
+        """Its health by the active checks (healthy without them), kept over a reload."""
         self.requests = 0
         """Tries sent to it (counters for the metrics, kept over a reload)."""
         self.failures = 0
@@ -128,7 +131,9 @@ class ServerPool:
 
     @property
     def state(self) -> str:
-        """ "up", or "ejected" (passive ejection)."""
+        """ "up", "ejected" (passive ejection) or "unhealthy" (failing its active health checks)."""
+        if not self.verdict.healthy:
+            return "unhealthy"
         return "ejected" if self.standing.until is not None else "up"
 
     def view(self) -> dict[str, object]:
@@ -144,6 +149,8 @@ class ServerPool:
             "failures": self.failures,
             "consecutive_failures": self.standing.failures,
             "ejections": self.standing.ejections,
+            "checks_passed": self.verdict.passed,
+            "checks_failed": self.verdict.failed,
         }
 
     @property

@@ -228,6 +228,8 @@ class OriginRequest(http.Request):
                 _ResetWhenFlushed(self.channel.transport)
             else:
                 self.channel.loseConnection()
+        elif path == b"/health":
+            self._reply(200 if self.origin.healthy else 503, b"health", b"text/plain")
         elif path == b"/reset":
             self.channel.transport.abortConnection()  # a reset before any byte of a response
         elif path == b"/bad-status":
@@ -420,6 +422,8 @@ class Origin(http.HTTPFactory):
         return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     tls: Any = None
+    healthy = True
+    """What /health answers: 200, or 503 (a flapping health endpoint, as the test sets it)."""
     every_request: bytes | None = None
     """A target every request is answered as, whatever it asked for (b"/status/503", b"/reset"...): a server
     that fails everything, among others that do not."""
