@@ -157,6 +157,7 @@ unhealthy_threshold = 3
 
 [upstreams.secure]
 url = "https://billing.internal:8443"
+resolve = "30s"
 [upstreams.secure.tls]
 verify = true
 ca = "ca.pem"

@@ -294,6 +294,9 @@ class Upstream:
     retry_budget: RetryBudget = RetryBudget()
     health_check: HealthCheck | None = None
     """Active health checks; None: off."""
+    resolve: float = 0.0
+    """Seconds between two resolutions of the `url`'s host name, each address one server; 0: the name is one
+    server, resolved at each connect."""
 
     @property
     def members(self) -> tuple[UpstreamServer, ...]:

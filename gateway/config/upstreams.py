@@ -7,6 +7,7 @@ settings and the paths it is sent), never both.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import replace
 from urllib.parse import urlsplit
@@ -46,6 +47,14 @@ def upstream_url(t: Table, key: str) -> tuple[str, str, int, bytes]:
     if base and not re.fullmatch(r"[!$&'()*+,;=:@/A-Za-z0-9._~%-]+", base):
         raise t.error(key, f"has a path with characters that must be percent-encoded, got {text!r}")
     return parts.scheme, parts.hostname, port, base.encode("ascii")
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _shown(value: object) -> str:
@@ -187,6 +196,7 @@ _UPSTREAM_FIELDS: Fields = {
     "balance": _balance,
     "hash_on": _hash_on,
     "max_requests_per_server": _count,
+    "resolve": positive_seconds,
 }
 
 _UPSTREAM_KEYS = ("url", "servers", "tls", "ejection", "retry_budget", "health_check", *_UPSTREAM_FIELDS)
@@ -250,6 +260,11 @@ def read_upstream(name: str, t: Table) -> Upstream:
     budget = read_fields(t.table("retry_budget"), RetryBudget(), _BUDGET_FIELDS)
     health = _health_check(t.table("health_check"))
     pool = read_fields(t, Upstream(name=name, scheme="", host="", port=0, base_path=b""), _UPSTREAM_FIELDS)
+    if pool.resolve and not t.failed("resolve"):
+        if servers:
+            t.report("resolve", "is for an upstream given by one url whose host is a name, not for servers")
+        elif where is not None and _is_address(where[1]):
+            t.report("resolve", f"needs a url whose host is a name to resolve, not an address ({where[1]})")
     if where is None:
         raise Invalid()
     scheme, host, port, base = where

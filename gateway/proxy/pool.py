@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 
-from gateway.config import Retries, Upstream
+from gateway.config import Retries, Upstream, UpstreamServer
 from gateway.errors import UpstreamSaturated, UpstreamUnavailable
 from gateway.http1.fields import Fields
 from gateway.http1.response import Cancellable, ResponseReceiver
@@ -37,6 +37,7 @@ from gateway.upstreams.balancers import Balancer, HashRing, LeastRequests, Smoot
 from gateway.upstreams.budget import Budget
 from gateway.upstreams.ejection import Ejector
 from gateway.upstreams.health import HealthChecker
+from gateway.upstreams.resolve import Resolver
 from gateway.upstreams.servers import ConnectTimeout, ServerPool
 
 __all__ = ["ConnectTimeout", "UpstreamPool"]
@@ -79,35 +80,82 @@ class UpstreamPool:
         ]
         self._handed_on: set[ServerPool] = set()
         """Servers a reload's pool kept: this pool no longer closes them."""
-        self.index = {server: i for i, server in enumerate(self.servers)}
+        if upstream.resolve and kept:
+            self.servers = list(kept.values())  # the addresses the name last resolved to, until it is again
+        self._tls = tls
         self.retries = 0
         """Retries sent to this upstream (a counter for the metrics)."""
-        self.single: ServerPool | None = (
-            self.servers[0] if len(self.servers) == 1 and upstream.health_check is None else None
-        )
-        """The one server of an upstream that has one (and no health checks): no choice to make, nothing retried
-        or ejected."""
+        self.index: dict[ServerPool, int] = {}
+        self.single: ServerPool | None = None
+        """The one server of an upstream that has one (and no health checks, no name re-resolved): no choice to
+        make, nothing retried or ejected."""
+        self.hashing = False
         self.ejector: Ejector | None = None
         self.budget: Budget | None = None
-        self.hashing = upstream.balance == "hash" and self.single is None
         self._balancer: Balancer | None = None
-        if self.single is None:
-            weights = [server.weight for server in self.servers]
-            if upstream.balance == "least_requests":
-                self._balancer = LeastRequests(weights, self.rng)
-            elif upstream.balance == "hash":
-                self._balancer = HashRing([server.address for server in self.servers], weights)
-            else:
-                self._balancer = SmoothRoundRobin(weights)
-            standings = [server.standing for server in self.servers]
-            self.ejector = Ejector(upstream.ejection, standings, reactor, self._ejection_changed)
-            self.budget = Budget(upstream.retry_budget, reactor)
+        self._everyone: list[bool] = []
+        self._everyone_idle: list[int] = []
+        self._by_load = False
+        """Whether the balancer weighs the servers' requests in flight (least_requests): only then are they
+        counted for a choice."""
+        self._place(self.servers)
+        self.resolver: Resolver | None = None
+        if upstream.resolve:
+            self.resolver = Resolver(
+                upstream.name, upstream.host, upstream.port, upstream.resolve, reactor, self._resolved
+            )
         self.checker: HealthChecker | None = None
         if upstream.health_check is not None:
             host = upstream.health_check.host or _host_of(upstream)
             self.checker = HealthChecker(
                 upstream.health_check, self.servers, host.encode("ascii"), reactor, on_change=self._health_changed
             )
+
+    def _place(self, servers: list[ServerPool]) -> None:
+        """Take `servers` as the upstream's: the choice of a server, ejection and the budget over them."""
+        up = self.upstream
+        self.servers = servers
+        self.index = {server: i for i, server in enumerate(servers)}
+        alone = len(servers) == 1 and up.health_check is None and not up.resolve
+        self.single = servers[0] if alone else None
+        self.hashing = up.balance == "hash" and not alone
+        if alone:
+            self._balancer = self.ejector = None
+            return
+        weights = [server.weight for server in servers]
+        self._everyone = [True] * len(servers)
+        self._everyone_idle = [0] * len(servers)
+        self._by_load = up.balance == "least_requests"
+        if up.balance == "least_requests":
+            self._balancer = LeastRequests(weights, self.rng)
+        elif up.balance == "hash":
+            self._balancer = HashRing([server.address for server in servers], weights)
+        else:
+            self._balancer = SmoothRoundRobin(weights)
+        standings = [server.standing for server in servers]
+        self.ejector = Ejector(up.ejection, standings, self.clock, self._ejection_changed)
+        if self.budget is None:
+            self.budget = Budget(up.retry_budget, self.clock)
+
+    def _resolved(self, addresses: tuple[str, ...]) -> None:
+        """The upstream's name resolved to `addresses`: one server each, those it had kept (their connections
+        and standing); the others' idle connections close."""
+        up = self.upstream
+        current = {server.address: server for server in self.servers}
+        members = [UpstreamServer(host=address, port=up.port) for address in addresses]
+        servers = [current.get(m.address) or ServerPool(up, m, self.clock, self._tls) for m in members]
+        for server in self.servers:
+            if server not in servers and server not in self._handed_on:
+                server.close()
+        self._place(servers)
+        if self.checker is not None:
+            self.checker.set_servers(servers)
+        _log.info(
+            "Upstream {upstream}: {name} resolved to {addresses}",
+            upstream=up.name,
+            name=up.host,
+            addresses=", ".join(server.address for server in servers),
+        )
 
     # --- what a scrape sees -------------------------------------------------------------------------------------
 
@@ -178,15 +226,20 @@ class UpstreamPool:
         ejector = self.ejector
         ejector.check()
         cap = self.upstream.max_requests_per_server
-        usable = [
-            server.verdict.healthy
-            and not ejector.is_ejected(i)
-            and not (cap and server.active >= cap)
-            and not (avoid is not None and server in avoid)
-            for i, server in enumerate(self.servers)
-        ]
-        chosen = self._balancer.pick(usable, [server.active for server in self.servers], key)
-        return None if chosen is None else self.servers[chosen]
+        servers = self.servers
+        if avoid is None and not cap and not ejector.ejected and self.checker is None:
+            usable = self._everyone  # the common case: every server may be chosen, nothing to look at
+        else:
+            usable = [
+                server.verdict.healthy
+                and not ejector.is_ejected(i)
+                and not (cap and server.active >= cap)
+                and not (avoid is not None and server in avoid)
+                for i, server in enumerate(servers)
+            ]
+        active = [server.active for server in servers] if self._by_load else self._everyone_idle
+        chosen = self._balancer.pick(usable, active, key)
+        return None if chosen is None else servers[chosen]
 
     def failed(self, server: ServerPool) -> None:
         assert self.ejector is not None
@@ -231,9 +284,12 @@ class UpstreamPool:
             )
 
     def start(self) -> None:
-        """Start the active health checks, if the upstream has them (once: a pool a reload kept runs on)."""
+        """Start the active health checks and the name's re-resolution, if the upstream has them (once: a pool a
+        reload kept runs on)."""
         if self.checker is not None and not self.checker.running:
             self.checker.start()
+        if self.resolver is not None and not self.resolver.running:
+            self.resolver.start()
 
     def _ejection_changed(self, index: int, ejected: bool, seconds: float) -> None:
         server = self.servers[index]
@@ -293,6 +349,12 @@ class UpstreamPool:
         if (upstream.scheme, upstream.tls, upstream.base_path) != (mine.scheme, mine.tls, mine.base_path):
             return {}
         wanted = {server.address: server for server in upstream.members}
+        if upstream.resolve and (upstream.host, upstream.port, upstream.resolve) == (
+            mine.host,
+            mine.port,
+            mine.resolve,
+        ):
+            wanted = {server.address: server.server for server in self.servers}  # what the name resolved to
         kept = {}
         for server in self.servers:
             if server.address in wanted:
@@ -307,6 +369,8 @@ class UpstreamPool:
         ends); fires once they are gone."""
         if self.checker is not None:
             self.checker.stop()
+        if self.resolver is not None:
+            self.resolver.stop()
         closing = [server.close() for server in self.servers if server not in self._handed_on]
         return DeferredList(closing).addCallback(lambda _: None)
 

@@ -23,7 +23,7 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import RequestNotSent, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import RequestNotSent, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 
@@ -190,7 +190,7 @@ class Attempt:
         pool = self.pool
         if pool.ejector is not None and self.server is not None and not reason.check(CancelledError):
             pool.failed(self.server)
-            broke = reason.check(ResponseNeverReceived, ResponseFailed) is not None
+            broke = reason.check(ResponseNeverReceived) is not None  # no byte of a response came
             if (reason.check(*_NOT_SENT) or broke) and self._may_retry(sent=not reason.check(*_NOT_SENT)):
                 return
         receiver, self.receiver = self.receiver, None

@@ -168,11 +168,29 @@ class HealthChecker:
 
     def _checked(self, ok: bool, server: ServerPool) -> None:
         self._probes.pop(server, None)
-        if not self.running:
+        if not self.running or server not in self._servers:
             return
         if server.verdict.record(ok, self.settings) and self._on_change is not None:
             self._on_change(server, server.verdict.healthy)
         self._timers[server] = self._clock.callLater(self._wait(), self._check, server)
+
+    def set_servers(self, servers: Sequence[ServerPool]) -> None:
+        """The upstream's servers changed (its name resolved anew): the gone ones are no longer checked, the new
+        ones are from now on (their first check within an interval)."""
+        for server in [s for s in self._servers if s not in servers]:
+            timer = self._timers.pop(server, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            probe = self._probes.pop(server, None)
+            if probe is not None:
+                probe.stop()
+        added = [s for s in servers if s not in self._servers]
+        self._servers = list(servers)
+        if self.running:
+            for server in added:
+                self._timers[server] = self._clock.callLater(
+                    self._rng.uniform(0, self.settings.interval), self._check, server
+                )
 
     def stop(self) -> None:
         self.running = False
