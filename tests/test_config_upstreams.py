@@ -181,6 +181,10 @@ def test_upstream_errors_name_file_key_and_reason(keys: dict[str, Any], error: s
             'test.toml: routes["app"].retries.max_backoff: must not be below backoff (0.1 < 1)',
         ),
         ({"tries": 3}, 'test.toml: routes["app"].retries.tries: unknown key'),
+        (
+            {"max_body_bytes": "1MiB"},
+            'test.toml: routes["app"].retries.max_body_bytes: must be at most 64KiB (a body kept to be sent again',
+        ),
     ],
 )
 def test_route_retry_errors_name_file_key_and_reason(retries: dict[str, Any], error: str) -> None:

@@ -197,6 +197,7 @@ low_water = "64KiB"
 [routes.retries]
 attempts = 2
 unsafe_methods = false
+max_body_bytes = "64KiB"
 backoff = "25ms"
 max_backoff = "250ms"
 

@@ -9,6 +9,8 @@ upstream; the same key reaches the same server. Every wait is bounded; nothing d
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -216,3 +218,43 @@ def _first_seen(origins: list[Origin]) -> Any:
     return DeferredList([o.request_seen(1) for o in origins], fireOnOneCallback=True).addCallback(
         lambda result: origins[result[1]]
     )
+
+
+async def upload(gateway: RunningGateway, method: bytes, body: bytes) -> Parsed:
+    """`body` sent to /sink, which answers with the byte count and SHA-256 of what it read."""
+    client = await connect(gateway.port, keep_all=True)
+    client.send(get(b"/sink", b"Content-Length: %d" % len(body), method=method) + body)
+    await within(client.closed)
+    return parse_response(bytes(client.head))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_small_body_is_kept_and_sent_again_to_another_server(origins, gateway_for):
+    """A PUT whose first server answers 503 after reading its body: the body, kept as it went, is sent whole to
+    the second server, which answers; the client sees that answer only."""
+    origins[0].every_request = b"/status/503"
+    gateway = gateway_for(several([o.url for o in origins[:2]], ejection={"consecutive_failures": 0}))
+    body = bytes(range(256)) * 100  # 25,600 bytes
+    response = await upload(gateway, b"PUT", body)
+    assert response.status == 200
+    assert json.loads(response.body) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert [len(o.seen) for o in origins[:2]] == [1, 1]
+    assert origins[0].seen[0].body_bytes == len(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_over_the_limit_or_a_post_is_not_sent_again(origins, gateway_for):
+    """A PUT body larger than retries.max_body_bytes, and a POST (not idempotent), get the first server's 503."""
+    origins[0].every_request = b"/status/503"
+    for origin in origins[1:]:
+        origin.every_request = b"/status/503"  # whichever server it reaches first answers 503
+    gateway = gateway_for(
+        several(
+            [o.url for o in origins[:2]],
+            route={"retries": {"max_body_bytes": "1KiB"}},
+            ejection={"consecutive_failures": 0},
+        )
+    )
+    assert (await upload(gateway, b"PUT", b"x" * 2048)).status == 503
+    assert (await upload(gateway, b"POST", b"x" * 100)).status == 503
+    assert sum(len(o.seen) for o in origins[:2]) == 2  # one try each

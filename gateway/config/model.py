@@ -251,6 +251,9 @@ class Retries:
     unsafe_methods: bool = False
     """Whether a 502/503/504 or a reset after the request was sent is retried for methods that are not
     idempotent (POST, PATCH): only for a route whose upstream makes them safe to repeat."""
+    max_body_bytes: int = 64 * 1024
+    """A request body up to this size is kept as it is sent, to be sent again; a larger one is not retried once
+    sent."""
     backoff: float = 0.025
     """The first retry waits up to this (full jitter), each next one twice as long, up to max_backoff."""
     max_backoff: float = 0.25

@@ -23,6 +23,7 @@ from gateway.config.values import (
     nonempty_string,
     positive_int,
     positive_seconds,
+    positive_size,
     read_fields,
 )
 
@@ -111,6 +112,17 @@ def _hash_on(value: object) -> str:
     )
 
 
+MAX_RETRY_BODY = 64 * 1024
+"""The most request body kept to be sent again: more would make retries a memory cost of every request."""
+
+
+def _retry_body(value: object) -> int:
+    size = positive_size(value)
+    if size > MAX_RETRY_BODY:
+        raise ValueError(f"must be at most 64KiB (a body kept to be sent again is held in memory), got {value!r}")
+    return size
+
+
 _EJECTION_FIELDS: Fields = {
     "consecutive_failures": _count,
     "base_time": positive_seconds,
@@ -182,6 +194,7 @@ _BUDGET_FIELDS: Fields = {"percent": _percent, "window": positive_seconds, "min_
 RETRY_FIELDS: Fields = {
     "attempts": _count,
     "unsafe_methods": boolean,
+    "max_body_bytes": _retry_body,
     "backoff": positive_seconds,
     "max_backoff": positive_seconds,
 }

@@ -9,7 +9,7 @@ Rules:
   upstream's retry budget, after a jittered backoff, and only before the response head was handed on (no byte of
   a response has reached the client): a connect failure always (nothing was sent); a reset or a status of
   `ejection.statuses` only for an idempotent method (or a route that says its other methods are safe) whose
-  request had no body (a body streams through and is not kept).
+  body, if it has one, was all sent and kept (`gateway.upstreams.replay`: at most `retries.max_body_bytes`).
 * With several servers, each try's outcome counts towards its server's ejection (`gateway.upstreams.ejection`).
 """
 
@@ -25,13 +25,14 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import RequestNotSent, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 
 from gateway.config import Retries
 from gateway.http1.fields import Fields
 from gateway.http1.response import Cancellable, ResponseReceiver, UpstreamResponse
 from gateway.http1.upstream import UpstreamConnection
 from gateway.upstreams.budget import backoff
+from gateway.upstreams.replay import Kept, Replay
 from gateway.upstreams.servers import ConnectTimeout, ServerPool
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class Attempt:
         "body",
         "connect_timeout",
         "headers",
+        "kept",
         "key",
         "method",
         "on_connected",
@@ -96,6 +98,8 @@ class Attempt:
         self.target = target
         self.headers = headers
         self.body = body
+        self.kept: Kept | None = None
+        """The body as it went to the first server, kept when it may be sent again (see `go`)."""
         self.receiver: ResponseReceiver | None = receiver
         """None once it was told, or once the owner gave up."""
         self.connect_timeout = connect_timeout
@@ -144,7 +148,20 @@ class Attempt:
             self.on_connected(connection.address, len(self.tried))
         assert self.server is not None
         self.server.serving(connection)
-        self.sending = connection.send(self.method, self.target, self.headers, self.body, self)
+        body = self.body
+        policy = self.policy
+        if (
+            body is not None
+            and self.kept is None
+            and self.pool.single is None
+            and policy is not None
+            and policy.attempts
+            and (policy.unsafe_methods or self.method in _IDEMPOTENT)
+            and (body.length is UNKNOWN_LENGTH or body.length <= policy.max_body_bytes)
+        ):
+            # A body that may be sent again to another server: kept as it goes (up to the route's limit).
+            body = self.kept = Kept(body, policy.max_body_bytes)
+        self.sending = connection.send(self.method, self.target, self.headers, body, self)
 
     def cancel(self) -> None:
         self.receiver = None
@@ -205,8 +222,10 @@ class Attempt:
         pool = self.pool
         if policy is None or len(self.tried) > policy.attempts:
             return False
-        if sent and (self.body is not None or not (policy.unsafe_methods or self.method in _IDEMPOTENT)):
+        if sent and not (policy.unsafe_methods or self.method in _IDEMPOTENT):
             return False
+        if sent and self.body is not None and (self.kept is None or self.kept.whole is None):
+            return False  # its body was not all sent, or is too large to have been kept
         if pool.choose(self.key, avoid=self.tried) is None or not pool.budget_allows():
             return False
         pool.retries += 1
@@ -226,4 +245,6 @@ class Attempt:
             receiver.response_failed(Failure(self.pool.unavailable()))
             return
         self.retry = False
+        if self.kept is not None and self.kept.whole is not None:
+            self.body = Replay(self.kept.whole)
         self.start(server)
