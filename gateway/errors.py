@@ -269,6 +269,10 @@ class UpstreamSaturated(GatewayError):
         """The same error, its upstream called `upstream` ("upstream billing", "the upstream of route reports")."""
         return UpstreamSaturated(self.template, upstream=upstream)
 
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        """Over an upstream's cap: a client may try again shortly (a slot frees as soon as a request ends)."""
+        return [(b"Retry-After", b"1")]
+
 
 class UpstreamUnavailable(UpstreamSaturated):
     """No server of an upstream may be given the request now (each is ejected, failing its health checks, or at

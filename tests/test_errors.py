@@ -188,6 +188,11 @@ def test_every_status_the_gateway_answers_with_has_its_standard_reason_phrase() 
     assert {status: errors.reason_phrase(status) for status in statuses} == STANDARD_PHRASES
 
 
+def test_upstream_saturated_says_to_retry_shortly() -> None:
+    """A full queue (or a wait too long) for an upstream's slots: Retry-After 1, kept when the request names it."""
+    assert UpstreamSaturated("x").naming("upstream billing").extra_headers() == [(b"Retry-After", b"1")]
+
+
 def test_upstream_unavailable_says_when_to_retry_in_whole_seconds() -> None:
     """The fast 503 of an upstream no server of which can take a request: Retry-After rounded up, at least 1, and
     kept when the request names the upstream."""
