@@ -126,6 +126,8 @@ def start_nginx_origin(workdir: Path, shm: Path) -> Origin:
     keepalive_timeout 300s;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.2:{port} backlog=4096;  # three servers for the gateway-3s peer (same files)
+        listen 127.0.0.3:{port} backlog=4096;
         location /files/ {{ alias {shm}/files/; }}
         location = /small {{ default_type text/plain; return 200 "{SMALL}\\n"; }}
     }}"""

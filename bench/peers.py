@@ -7,6 +7,7 @@ temp dir; everything it writes (logs, pid files, temp files) stays in that dir, 
 |---|---|
 | `gateway` | this project, under twistd |
 | `gateway-2w` | the same with `[server] workers = 2` (only in the scenarios with many connections) |
+| `gateway-3s` | an upstream of three servers, round robin (S5 only: the nginx origin on 127.0.0.1, .2, .3) |
 | `nginx-stream` | nginx streaming: proxy_buffering off, proxy_request_buffering off, HTTP/1.1 keep-alive upstream |
 | `nginx-stream-64k` | the same with proxy_buffer_size 64k, proxy_buffers 4 64k |
 | `nginx-buffered` | nginx with its default buffering of responses and request bodies |
@@ -86,10 +87,16 @@ def gateway_config(
     workers: int | None = None,
     access_log: str = "",
     tls: BenchCertificate | None = None,
+    servers: int = 1,
 ) -> str:
     """One listener (serving TLS with `tls`), one route to the origin; the access log off (as nginx's is)
-    unless `access_log` names a file."""
+    unless `access_log` names a file. With `servers` above 1, the upstream is that many servers (the origin's
+    port on 127.0.0.1, 127.0.0.2 ...), round robin."""
     server = f"[server]\nworkers = {workers}\n\n" if workers else ""
+    where = f'url = "http://127.0.0.1:{origin_port}"'
+    if servers > 1:
+        urls = ", ".join(f'{{ url = "http://127.0.0.{n}:{origin_port}" }}' for n in range(1, servers + 1))
+        where = f"servers = [{urls}]"
     return f"""# written by bench/ for one run
 {server}[[listeners]]
 host = "127.0.0.1"
@@ -103,7 +110,7 @@ max_request_body_bytes = "8GiB"
 path = "{access_log}"  # bench/operations.py measures what it costs
 
 [upstreams.origin]
-url = "http://127.0.0.1:{origin_port}"
+{where}
 
 [[routes]]
 name = "all"
@@ -114,9 +121,14 @@ upstream = "origin"
 
 
 class Gateway(Peer):
-    def __init__(self, name: str = "gateway", workers: int | None = None, venv_bin: Path | None = None) -> None:
+    def __init__(
+        self, name: str = "gateway", workers: int | None = None, venv_bin: Path | None = None, servers: int = 1
+    ) -> None:
         self.name = name
         self.workers = workers
+        self.servers = servers
+        if servers > 1:
+            self.only = frozenset({"S5"})
         if workers:
             # A second worker process adds nothing to a single connection: only where there are many.
             self.only = frozenset({"S2", "S5", "S9"})
@@ -175,7 +187,7 @@ class Gateway(Peer):
         self.compile_package()
         port = procs.free_port()
         config = workdir / "gateway.toml"
-        config.write_text(gateway_config(port, origin_port, self.workers, tls=tls))
+        config.write_text(gateway_config(port, origin_port, self.workers, tls=tls, servers=self.servers))
         argv = [
             str(self.twistd),
             "--nodaemon",
@@ -392,6 +404,7 @@ class Direct(Peer):
 ALL: list[Peer] = [
     Gateway(),
     Gateway("gateway-2w", workers=2),
+    Gateway("gateway-3s", servers=3),
     Nginx("nginx-stream", "stream"),
     Nginx("nginx-stream-64k", "stream-64k"),
     Nginx("nginx-buffered", "buffered"),

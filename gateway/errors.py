@@ -7,6 +7,7 @@ that helps the operator without leaking internals, and the request id that ties 
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from http import HTTPStatus
 from typing import ClassVar
@@ -38,6 +39,7 @@ __all__ = [
     "UpstreamSaturated",
     "UpstreamTLSFailed",
     "UpstreamTimeout",
+    "UpstreamUnavailable",
     "UpstreamUnreachable",
     "problem",
     "reason_phrase",
@@ -281,6 +283,29 @@ class UpstreamSaturated(GatewayError):
     def naming(self, upstream: str) -> UpstreamSaturated:
         """The same error, its upstream called `upstream` ("upstream billing", "the upstream of route reports")."""
         return UpstreamSaturated(self.template, upstream=upstream)
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        """Over an upstream's cap: a client may try again shortly (a slot frees as soon as a request ends)."""
+        return [(b"Retry-After", b"1")]
+
+
+class UpstreamUnavailable(UpstreamSaturated):
+    """No server of an upstream may be given the request now (each is ejected, failing its health checks, or at
+    its cap of requests): a fast 503 rather than a wait, with Retry-After (the seconds until the first server is
+    expected back, at least 1)."""
+
+    title = "Upstream unavailable"
+    slug = "upstream-unavailable"
+
+    def __init__(self, template: str, *, upstream: str = "the upstream", retry_after: float = 1.0) -> None:
+        super().__init__(template, upstream=upstream)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+    def naming(self, upstream: str) -> UpstreamUnavailable:
+        return UpstreamUnavailable(self.template, upstream=upstream, retry_after=self.retry_after)
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"Retry-After", b"%d" % self.retry_after)]
 
 
 class UpstreamTimeout(GatewayError):

@@ -38,6 +38,7 @@ FIELDS = [
     "route",
     "upstream",
     "upstream_addr",
+    "attempts",
     "consumer",
     "status",
     "bytes_in",

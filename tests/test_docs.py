@@ -129,9 +129,35 @@ max_queue = 512
 queue_timeout = "10s"
 idle_timeout = "4s"
 max_idle_connections = 64
+balance = "round_robin"
+hash_on = "client_address"
+max_requests_per_server = 0
+[upstreams.plain.ejection]
+consecutive_failures = 5
+base_time = "30s"
+max_time = "300s"
+max_ejected_percent = 50
+statuses = [502, 503, 504]
+[upstreams.plain.retry_budget]
+percent = 20
+window = "10s"
+min_retries = 10
+
+[upstreams.several]
+servers = [{ url = "http://10.0.0.1:8081", weight = 2 }, { url = "http://10.0.0.2:8081" }]
+[upstreams.several.health_check]
+path = "/healthz"
+method = "GET"
+host = "several.internal"
+statuses = [200]
+interval = "10s"
+timeout = "2s"
+healthy_threshold = 2
+unhealthy_threshold = 3
 
 [upstreams.secure]
 url = "https://billing.internal:8443"
+resolve = "30s"
 [upstreams.secure.tls]
 verify = true
 ca = "ca.pem"
@@ -179,6 +205,12 @@ allow_headers = ["Authorization"]
 expose_headers = ["ETag"]
 allow_credentials = true
 max_age = "10m"
+[routes.retries]
+attempts = 2
+unsafe_methods = false
+max_body_bytes = "64KiB"
+backoff = "25ms"
+max_backoff = "250ms"
 
 [admission]
 realm = "gateway"

@@ -36,6 +36,7 @@ EXPECTED_STATUS: list[tuple[type[GatewayError], int]] = [
     (UpstreamBroken, 502),
     (errors.UpstreamTLSFailed, 502),
     (UpstreamSaturated, 503),
+    (errors.UpstreamUnavailable, 503),
     (UpstreamTimeout, 504),
     (errors.Unauthorized, 401),
     (errors.Forbidden, 403),
@@ -187,3 +188,17 @@ def test_every_status_the_gateway_answers_with_has_its_standard_reason_phrase() 
     statuses = {status for _, status in EXPECTED_STATUS} | {301, 308}
     assert statuses == set(STANDARD_PHRASES)
     assert {status: errors.reason_phrase(status) for status in statuses} == STANDARD_PHRASES
+
+
+def test_upstream_saturated_says_to_retry_shortly() -> None:
+    """A full queue (or a wait too long) for an upstream's slots: Retry-After 1, kept when the request names it."""
+    assert UpstreamSaturated("x").naming("upstream billing").extra_headers() == [(b"Retry-After", b"1")]
+
+
+def test_upstream_unavailable_says_when_to_retry_in_whole_seconds() -> None:
+    """The fast 503 of an upstream no server of which can take a request: Retry-After rounded up, at least 1, and
+    kept when the request names the upstream."""
+    assert errors.UpstreamUnavailable("x", retry_after=2.1).extra_headers() == [(b"Retry-After", b"3")]
+    assert errors.UpstreamUnavailable("x", retry_after=0).extra_headers() == [(b"Retry-After", b"1")]
+    named = errors.UpstreamUnavailable("no server of {upstream}", retry_after=7).naming("upstream billing")
+    assert (named.detail, named.extra_headers()) == ("no server of upstream billing", [(b"Retry-After", b"7")])

@@ -19,15 +19,21 @@ __all__ = [
     "REFUSED_METHODS",
     "AccessLog",
     "Admin",
+    "Balance",
     "Config",
+    "Ejection",
     "FlowControl",
+    "HealthCheck",
     "HostHeaderPolicy",
     "Limits",
     "Listener",
+    "Retries",
+    "RetryBudget",
     "Route",
     "Server",
     "Timeouts",
     "Upstream",
+    "UpstreamServer",
 ]
 
 HostHeaderPolicy = Literal["upstream", "client"]
@@ -186,6 +192,86 @@ class Listener:
         return f"systemd socket {self.systemd!r}" if self.systemd else f"{self.host}:{self.port}"
 
 
+Balance = Literal["round_robin", "least_requests", "hash"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamServer:
+    """One server of an upstream: its address and its share of the requests (its upstream's scheme, base path,
+    TLS and timeouts are its own)."""
+
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def address(self) -> str:
+        """`host:port`, as logs, metrics and the admin view name it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ejection:
+    """Passive ejection: a server that fails `consecutive_failures` requests in a row is left out for a while,
+    longer each time it is ejected again, never leaving fewer than (100 - max_ejected_percent)% of the servers."""
+
+    consecutive_failures: int = 5
+    """Failures in a row (connect failure, reset, or a status of `statuses`) that eject a server; 0: never."""
+    base_time: float = 30.0
+    """The first ejection lasts this; the n-th in a row n times this."""
+    max_time: float = 300.0
+    """The longest an ejection lasts."""
+    max_ejected_percent: int = 50
+    """The panic threshold: never more than this share of the servers ejected at once (so one server is never
+    ejected: a bad deploy does not leave zero servers)."""
+    statuses: frozenset[int] = frozenset({502, 503, 504})
+    """Response statuses counted as failures of the server."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthCheck:
+    """Active health checks: a request to each server every `interval`; `unhealthy_threshold` failed checks in
+    a row take it out, `healthy_threshold` passed ones bring it back."""
+
+    path: bytes = b"/"
+    method: str = "GET"
+    host: str = ""
+    """The Host header of a check; "": the upstream's (its first server's host and port)."""
+    statuses: frozenset[int] = frozenset(range(200, 400))
+    interval: float = 10.0
+    timeout: float = 2.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryBudget:
+    """Retries to one upstream are at most `percent` of its requests over the last `window` seconds (plus
+    `min_retries` a window), so a failing upstream is not sent three times its load."""
+
+    percent: int = 20
+    window: float = 10.0
+    min_retries: int = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retries:
+    """When a route's request is sent again to another server of its upstream."""
+
+    attempts: int = 2
+    """Retries after the first try (0: none)."""
+    unsafe_methods: bool = False
+    """Whether a 502/503/504 or a reset after the request was sent is retried for methods that are not
+    idempotent (POST, PATCH): only for a route whose upstream makes them safe to repeat."""
+    max_body_bytes: int = 64 * 1024
+    """A request body up to this size is kept as it is sent, to be sent again; a larger one is not retried once
+    sent."""
+    backoff: float = 0.025
+    """The first retry waits up to this (full jitter), each next one twice as long, up to max_backoff."""
+    max_backoff: float = 0.25
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Upstream:
     """One upstream service: where it is, and how many connections it may be given."""
@@ -211,6 +297,27 @@ class Upstream:
     inline: bool = False
     """Given by a route as a URL rather than by name: its name is then that URL, which goes to logs and metrics
     but never into an answer (it would tell clients the inner network's addresses)."""
+    servers: tuple[UpstreamServer, ...] = ()
+    """Its servers; empty: the one at `host` and `port` (an upstream given by one `url`). `host` and `port` are
+    the first server's otherwise (the Host header sent upstream)."""
+    balance: Balance = "round_robin"
+    hash_on: str = "client_address"
+    """What `balance = "hash"` hashes: "consumer", "client_address", "header:NAME" or "cookie:NAME"."""
+    max_requests_per_server: int = 0
+    """Circuit breaking: requests in flight to one server at once; at the cap it is passed over, and with every
+    server at its cap the answer is a fast 503. 0: no cap but the upstream's `max_connections`."""
+    ejection: Ejection = Ejection()
+    retry_budget: RetryBudget = RetryBudget()
+    health_check: HealthCheck | None = None
+    """Active health checks; None: off."""
+    resolve: float = 0.0
+    """Seconds between two resolutions of the `url`'s host name, each address one server; 0: the name is one
+    server, resolved at each connect."""
+
+    @property
+    def members(self) -> tuple[UpstreamServer, ...]:
+        """Every server of the upstream (one, for an upstream given by a `url`)."""
+        return self.servers or (UpstreamServer(host=self.host, port=self.port),)
 
     @property
     def origin(self) -> bytes:
@@ -244,6 +351,7 @@ class Route:
     websocket: WebSocket = WebSocket()
     cors: CorsPolicy | None = None
     """The route's CORS policy (`[routes.cors]`); None answers no preflight and adds no CORS header."""
+    retries: Retries = Retries()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any
-from urllib.parse import urlsplit
 
 from gateway.auth.settings.admission import ROUTE_ADMISSION_KEYS, parse_route_admission
 from gateway.auth.settings.model import Admission, RouteAdmission
@@ -21,6 +20,7 @@ from gateway.config.model import (
     FlowControl,
     HostHeaderPolicy,
     Limits,
+    Retries,
     Route,
     Server,
     Timeouts,
@@ -28,7 +28,8 @@ from gateway.config.model import (
     WebSocket,
 )
 from gateway.config.server import header_names
-from gateway.config.tls import UpstreamTLS, hsts_value, upstream_tls
+from gateway.config.tls import UpstreamTLS, hsts_value
+from gateway.config.upstreams import read_retries, read_upstream, upstream_url
 from gateway.config.values import (
     Fields,
     Invalid,
@@ -147,15 +148,6 @@ _WEBSOCKET_FIELDS: Fields = {"enabled": boolean, "idle_timeout": positive_second
 FLOW_FIELDS: Fields = {"high_water": positive_size, "low_water": positive_size}
 
 
-_UPSTREAM_FIELDS: Fields = {
-    "max_connections": positive_int,
-    "max_queue": positive_int,
-    "queue_timeout": positive_seconds,
-    "idle_timeout": positive_seconds,
-    "max_idle_connections": positive_int,
-}
-
-
 def check_flow(flow: FlowControl, t: Table, key: str) -> None:
     """low_water below high_water; not checked when a water mark, here or at the top level, was refused (the
     default put in its place would be compared)."""
@@ -163,45 +155,6 @@ def check_flow(flow: FlowControl, t: Table, key: str) -> None:
         return
     if flow.low_water >= flow.high_water:
         t.report(f"{key}.low_water", f"must be below high_water ({flow.low_water} >= {flow.high_water})")
-
-
-def _upstream_url(t: Table, key: str) -> tuple[str, str, int, bytes]:
-    text = t.get(key, nonempty_string)
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise t.error(key, f'must be an http or https URL such as "http://127.0.0.1:8081", got {text!r}')
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise t.error(key, f"must not carry a query, fragment or credentials, got {text!r}")
-    try:
-        port = (443 if parts.scheme == "https" else 80) if parts.port is None else parts.port
-    except ValueError:
-        raise t.error(key, f"has an invalid port, got {text!r}") from None
-    if port == 0:
-        raise t.error(key, f"must name a port from 1 to 65535, got {text!r}")
-    base = parts.path.rstrip("/")
-    if base and not re.fullmatch(r"[!$&'()*+,;=:@/A-Za-z0-9._~%-]+", base):
-        raise t.error(key, f"has a path with characters that must be percent-encoded, got {text!r}")
-    return parts.scheme, parts.hostname, port, base.encode("ascii")
-
-
-_UPSTREAM_KEYS = ("url", "tls", *_UPSTREAM_FIELDS)
-
-
-def read_upstream(name: str, t: Table) -> Upstream:
-    t.known(_UPSTREAM_KEYS)
-    try:
-        where: tuple[str, str, int, bytes] | None = _upstream_url(t, "url")
-    except Invalid:
-        where = None  # refused: the rest is read all the same, for its own errors
-    tls_table = t.table("tls")
-    if where is not None and where[0] == "http" and tls_table is not None:
-        t.report("tls", "is for an https upstream; this one's url is http")
-    tls = upstream_tls(tls_table) if where is None or where[0] == "https" else None
-    pool = read_fields(t, Upstream(name=name, scheme="", host="", port=0, base_path=b""), _UPSTREAM_FIELDS)
-    if where is None:
-        raise Invalid()
-    scheme, host, port, base = where
-    return replace(pool, scheme=scheme, host=host, port=port, base_path=base, tls=tls)
 
 
 def route_name(data: Mapping[str, Any]) -> str | None:
@@ -224,6 +177,7 @@ _ROUTE_KEYS = (
     "hide_response_headers",
     "websocket",
     "cors",
+    "retries",
     *ROUTE_ADMISSION_KEYS,
 )
 
@@ -256,6 +210,7 @@ def read_route(
     websocket = read_fields(t.table("websocket"), WebSocket(), _WEBSOCKET_FIELDS)
     cors_table = t.table("cors")
     cors = read_cors(cors_table) if cors_table is not None else None
+    retries = read_retries(t.table("retries"), Retries())
     t.finish()
     if name is None or upstream is None or route_admission is None or (cors_table is not None and cors is None):
         raise Invalid()
@@ -277,6 +232,7 @@ def read_route(
         hide_response_headers=hidden,
         websocket=websocket,
         cors=cors,
+        retries=retries,
     )
 
 
@@ -288,7 +244,7 @@ def _route_upstream(t: Table, upstreams: dict[str, Upstream]) -> Upstream | None
         return None
     if "://" in target:
         try:
-            scheme, host, port, base = _upstream_url(t, "upstream")
+            scheme, host, port, base = upstream_url(t, "upstream")
         except Invalid:
             return None
         # Routes naming the same URL share one upstream (one pool); the URL is its name.

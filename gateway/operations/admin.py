@@ -1,5 +1,6 @@
 """The admin site: `/metrics` for Prometheus, `/healthz` (the gateway serves) and `/readyz` (config loaded,
-listeners bound, not draining), on a listener of its own, never the public one. It answers for the whole
+listeners bound, not draining), `/upstreams` (every upstream's servers and their states, as the twistd process
+sees them), on a listener of its own, never the public one. It answers for the whole
 gateway: one process (`OneProcess`), or twistd and its workers (`gateway.operations.fleet.Fleet`), which takes asking.
 
 Rule: the admin site only reads; nothing here changes the gateway. The metrics are rendered on the reactor
@@ -116,18 +117,35 @@ class _Probe(Resource):
     render_HEAD = render_GET
 
 
+class _Upstreams(Resource):
+    """The upstreams of this process's config, each with its servers and their states, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, read: Callable[[], object]) -> None:
+        super().__init__()
+        self._read = read
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps(self._read(), indent=1).encode("utf-8") + b"\n"
+
+
 class _Root(Resource):
     def getChild(self, path: bytes, request: Request) -> IResource:
         return self if path == b"" else notFound()
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        return b"gateway admin: /metrics /healthz /readyz\n"
+        return b"gateway admin: /metrics /healthz /readyz /upstreams\n"
 
 
-def admin_site(view: AdminView) -> Site:
-    """The admin site, answering what `view` reports."""
+def admin_site(view: AdminView, upstreams: Callable[[], object] | None = None) -> Site:
+    """The admin site, answering what `view` reports, and `/upstreams` what `upstreams` gives."""
     root = _Root()
+    if upstreams is not None:
+        root.putChild(b"upstreams", _Upstreams(upstreams))
     root.putChild(b"metrics", _Metrics(view))
     root.putChild(b"healthz", _Probe(lambda: succeed(view.unhealthy())))
     root.putChild(b"readyz", _Probe(view.not_ready))

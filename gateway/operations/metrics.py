@@ -29,21 +29,23 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway.operations.about import versions
+from gateway.operations.upstream_series import PoolState, ServerState, server_families
 
-__all__ = ["SUMMED_GAUGES", "CertificateState", "LimitStoreState", "Live", "Metrics", "PoolState", "merge_kind"]
+__all__ = [
+    "SUMMED_GAUGES",
+    "CertificateState",
+    "LimitStoreState",
+    "Live",
+    "Metrics",
+    "PoolState",
+    "ServerState",
+    "merge_kind",
+]
+
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _DURATION_BUCKETS = (*_LATENCY_BUCKETS, 300.0, 1800.0, 3600.0)
 """Total durations run to the hour: a report download or an event stream is one request."""
-
-
-class PoolState(NamedTuple):
-    upstream: str
-    in_flight: int
-    """Requests holding one of its slots (each on a connection, or opening one)."""
-    queued: int
-    idle: int
-    """Idle keep-alive connections kept for reuse."""
 
 
 class CertificateState(NamedTuple):
@@ -105,6 +107,7 @@ SUMMED_GAUGES = frozenset(
         "gateway_upstream_requests_in_flight",
         "gateway_upstream_queue_length",
         "gateway_upstream_idle_connections",
+        "gateway_upstream_server_requests_in_flight",
     }
 )
 """The gauges whose sum over the workers is the gateway's own number; the others are given per worker."""
@@ -166,6 +169,7 @@ class _LiveCollector(Collector):
         yield in_flight
         yield queued
         yield idle
+        yield from server_families(live.pools)
         yield GaugeMetricFamily("gateway_draining", "1 while the process drains before it stops.", int(live.draining))
         expiry = GaugeMetricFamily(
             "gateway_tls_certificate_expiry_timestamp_seconds",
@@ -284,6 +288,7 @@ class _RequestCollector(Collector):
         yield m.ttfb.family()
         yield m.duration.family()
         yield m.queue_wait.family()
+        yield m.upstream_ttfb.family()
         for name, documentation, counts in (
             ("gateway_request_body_bytes", "Request-body bytes read from clients.", m.bytes_in),
             ("gateway_response_body_bytes", "Response-body bytes written to clients.", m.bytes_out),
@@ -314,6 +319,12 @@ class Metrics:
             "From the start of the request head to the request's end (the whole stream).",
             "route",
             _DURATION_BUCKETS,
+        )
+        self.upstream_ttfb = _Histograms(
+            "gateway_upstream_response_seconds",
+            "From the start of the request head to its upstream's response head, by upstream.",
+            "upstream",
+            _LATENCY_BUCKETS,
         )
         self.queue_wait = _Histograms(
             "gateway_upstream_queue_wait_seconds",
@@ -389,6 +400,7 @@ class Metrics:
             self.duration.get(route).observe(total)
         if ttfb is not None:
             self.ttfb.get(route).observe(ttfb)
+            self.upstream_ttfb.get(upstream).observe(ttfb)
         if queue is not None:
             self.queue_wait.get(upstream).observe(queue)
         if bytes_in:

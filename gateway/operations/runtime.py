@@ -31,7 +31,8 @@ def make_gateway(
     admission checks (with their own threads and connections, started lazily).
 
     With `previous` (a reload), the pools of upstreams whose settings did not change are kept (their warm
-    connections with them), and so are the rate-limit counts and the admission methods whose settings (and
+    connections with them), and an upstream whose settings changed keeps the servers it still lists (their
+    connections and ejection standing), and so are the rate-limit counts and the admission methods whose settings (and
     consumers) did not change, with their caches (keys fetched, passwords verified) and connections."""
     pools: dict[str, UpstreamPool] = {}
     for route in config.routes:
@@ -45,7 +46,8 @@ def make_gateway(
             if client is not None:  # read again by this reload (a new pool logs its own)
                 log_certificate(f"upstream {name}", client, reactor)
         else:
-            pools[name] = UpstreamPool(route.upstream, reactor)
+            # Servers it still lists keep their connections and standing (`UpstreamPool.hand_on`).
+            pools[name] = UpstreamPool(route.upstream, reactor, previous=old)
     store = previous.gatekeeper.store if previous is not None else None
     old_gatekeeper = previous.gatekeeper if previous is not None else None
     shared = None

@@ -136,9 +136,18 @@ class GatewayService(MultiService):
             return None
         address = Listener(host=config.admin.host, port=config.admin.port, backlog=64)
         view = self.fleet if self.fleet is not None else OneProcess(self.metrics.registry, self.not_ready)
-        return ListenerService(address, admin_site(view), self._reactor, what="admin")
+        return ListenerService(address, admin_site(view, self.upstreams), self._reactor, what="admin")
 
     # --- readiness and metrics --------------------------------------------------------------------------------
+
+    def _start_checks(self) -> None:
+        """The active health checks of every upstream now (those of a pool kept over a reload run on)."""
+        for pool in self.gateway.pools.values():
+            pool.start()
+
+    def upstreams(self) -> dict[str, object]:
+        """Every upstream of the config now, with its servers and their states (the admin listener's view)."""
+        return {name: pool.view() for name, pool in self.gateway.pools.items()}
 
     def not_ready(self) -> str | None:
         """Why the process should get no traffic now (None: it should)."""
@@ -270,6 +279,7 @@ class GatewayService(MultiService):
             if admin is not None:
                 admin.setServiceParent(self)
         self._retire(previous)
+        self._start_checks()
         if self.workers is not None:
             self.workers.stop_timeout = new.server.drain_timeout + 10.0  # they drain on the new timeout
             self.workers.send_config(_config_text(new))
@@ -308,6 +318,10 @@ class GatewayService(MultiService):
         self._retire_calls[id(gatekeeper)] = self._reactor.callLater(RETIRE_DELAY, close)
 
     # --- stop -------------------------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._start_checks()
 
     def stopService(self) -> Deferred[Any]:
         Service.stopService(self)

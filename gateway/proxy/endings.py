@@ -76,6 +76,7 @@ class Endings:
         "_upstream_headers",
         "_upstream_request",
         "_waiting",
+        "attempts",
         "began",
         "body",
         "body_bytes",
@@ -164,6 +165,8 @@ class Endings:
         """Headers admission gives every response to this request (its rate limit)."""
         self.upstream_address: str | None = None
         """The server the request went to (for the access log), once it had a connection."""
+        self.attempts = 0
+        """Tries of the upstream request, up to the one whose connection answered (retries add to it)."""
         self.tls_info: tuple[str | None, str | None] = connection.tls_info if self._tls else (None, None)
         """The TLS version and cipher of the connection (its handshake is over before a request's first byte)."""
         # For the access log: when the head began, was decided, got an upstream slot and its response head.

@@ -32,6 +32,7 @@ from gateway.proxy.phases import Body, Phase
 from gateway.proxy.streaming import ReadSizer, RequestBodyPipe, ResponseRelay
 from gateway.proxy.tunnel import Tunnel
 from gateway.routing.decision import Admit
+from gateway.upstreams.keys import request_key
 
 __all__ = ["Forwarding"]
 
@@ -123,14 +124,25 @@ class Forwarding(Endings):
                 self,
                 connect_timeout=route.timeouts.connect,
                 on_connected=self._connected,
+                retries=route.retries,
+                key=self._balance_key() if self.pool.hashing else None,
             )
         except Exception:
             self.response_failed(Failure())
 
-    def _connected(self, address: str) -> None:
-        """The request is going out on an upstream connection (new or reused) to the server at `address`."""
+    def _balance_key(self) -> bytes | None:
+        """What the request hashes to, for an upstream balanced by `hash`."""
+        assert self.route is not None
+        client = getattr(self.client, "host", "")
+        headers = self.requestHeaders
+        return request_key(self.route.upstream.hash_on, consumer=self.consumer, client=client, headers=headers)
+
+    def _connected(self, address: str, tries: int) -> None:
+        """The request is going out on an upstream connection (new or reused) to the server at `address`, in its
+        `tries`-th try."""
         self.sent_at = self._clock.seconds()
         self.upstream_address = address
+        self.attempts = tries
 
     def _body_sent(self) -> None:
         """The whole body is with the upstream: now it owes us a response head."""

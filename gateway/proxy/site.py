@@ -25,7 +25,7 @@ from gateway.errors import GatewayError, TooManyConnections
 from gateway.http1.lifecycle import ConnectionLifecycle
 from gateway.http1.server import ClientConnection
 from gateway.http1.serving import Message
-from gateway.operations.metrics import LimitStoreState, Live, PoolState
+from gateway.operations.metrics import LimitStoreState, Live, PoolState, ServerState
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.records import refusal_record
@@ -207,7 +207,29 @@ class GatewayFactory(Factory):
                     buffered_uploads += pipe.buffered
                     if pipe.client_paused:
                         paused_uploads += 1
-        pools = [PoolState(name, pool.in_flight, pool.queued, pool.idle) for name, pool in self.gateway.pools.items()]
+        pools = [
+            PoolState(
+                name,
+                pool.in_flight,
+                pool.queued,
+                pool.idle,
+                pool.retries,
+                [
+                    ServerState(
+                        s.address,
+                        s.state,
+                        s.active,
+                        s.requests,
+                        s.failures,
+                        s.standing.ejections,
+                        s.verdict.passed,
+                        s.verdict.failed,
+                    )
+                    for s in pool.servers
+                ],
+            )
+            for name, pool in self.gateway.pools.items()
+        ]
         shared = self.gateway.gatekeeper.shared
         store = None
         if shared is not None:

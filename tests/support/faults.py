@@ -41,7 +41,7 @@ def _pool_problems(gateway: RunningGateway) -> list[str]:
         if pool.in_flight or pool.queued:
             problems.append(f"{name}: {pool.in_flight} in flight, {pool.queued} queued")
         idle = pool.idle_connections()
-        if set(pool._idle_timers) != set(idle):
+        if any(set(server._idle_timers) != set(server.idle_connections()) for server in pool.servers):
             problems.append(f"{name}: idle timers do not match the idle connections")
         for connection in idle:
             transport = connection.transport

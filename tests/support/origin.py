@@ -185,7 +185,7 @@ class OriginRequest(http.Request):
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
         self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
-        self.path, _, query = self.uri.partition(b"?")
+        self.path, _, query = (self.origin.every_request or self.uri).partition(b"?")
         self.query = dict(p.partition(b"=")[::2] for p in query.split(b"&") if p)
         self.seen = Seen(
             self.method, self.uri, [(k, v) for k, vs in self.requestHeaders.getAllRawHeaders() for v in vs]
@@ -259,6 +259,10 @@ class OriginRequest(http.Request):
                 self.channel.loseConnection()
         elif path == b"/events":
             _Heartbeats(self, int(q[b"beats"]), float(q[b"every"]))
+        elif path == b"/health":
+            self._reply(200 if self.origin.healthy else 503, b"health", b"text/plain")
+        elif path == b"/reset":
+            self.channel.transport.abortConnection()  # a reset before any byte of a response
         elif path == b"/bad-status":
             self.channel.transport.write(b"HTTP/1.1 abc Broken\r\n\r\n")
             self.channel.loseConnection()
@@ -449,6 +453,11 @@ class Origin(http.HTTPFactory):
         return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     tls: Any = None
+    healthy = True
+    """What /health answers: 200, or 503 (a flapping health endpoint, as the test sets it)."""
+    every_request: bytes | None = None
+    """A target every request is answered as, whatever it asked for (b"/status/503", b"/reset"...): a server
+    that fails everything, among others that do not."""
 
     def start(self, tls: Any = None) -> Origin:
         """Listen on 127.0.0.1:0; with `tls` (server connection creator, such as `CertificateOptions`), HTTPS."""
