@@ -23,6 +23,7 @@ from gateway.operations.metrics import Metrics
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.phases import Phase
 from tests.support.clients import Parsed, parse_response
+from tests.support.logs import captured
 from tests.support.memory import Client, MemoryGateway, RecordingFactory, Upstream, disconnect
 from tests.support.running import gateway_config
 
@@ -1454,3 +1455,24 @@ def test_request_headers_with_underscores_follow_underscores_in_headers(
     assert (b"\r\nx_custom: 2\r\n" in head) is forwarded
     assert b"x_forwarded_for" not in head
     up.respond(OK_5)
+
+
+def test_a_bug_under_a_parser_callback_is_logged_and_answered_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception out of the exchange's `begin` (a bug) reaches the connection as llhttp's callback error: it is
+    logged as a failure and the client gets a 500 at once, not a wait until a timeout."""
+
+    def broken(self: Exchange) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Exchange, "begin", broken)
+    memory = MemoryGateway(gateway_config(UPSTREAM))
+    client = memory.client()
+    with captured(lambda event: "log_failure" in event) as failures:
+        client.send(GET)
+    response = parse_response(client.received())
+    assert response.status == 500
+    assert json.loads(response.body)["type"] == "urn:gateway:problem:internal"
+    assert [event["log_failure"].value.args for event in failures] == [("a bug",)]
+    assert memory.pending_connections() == 0
+    client.disconnect()
+    memory.close()

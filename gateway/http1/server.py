@@ -26,6 +26,7 @@ from typing import NoReturn
 import httptools
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gateway.addresses import canonical_ip
 from gateway.config import Listener
@@ -120,8 +121,18 @@ class ClientConnection(ConnectionLifecycle):
             if rest and self.refused is None and self.persistent and not self.transport.disconnecting:
                 self.dataReceived(rest)
             return
-        except httptools.HttpParserCallbackError:
-            return  # a callback refused the request (see `refuse`)
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if not isinstance(cause, _Refused):
+                # Not a refusal: a bug under a callback (the exchange's `begin`, say). llhttp hides it as a
+                # callback error; unseen, the client would wait for an answer until a timeout.
+                _log.failure(
+                    "Serving a request failed (peer {peer})",
+                    Failure(cause, type(cause), cause.__traceback__) if cause is not None else None,
+                    peer=str(self.getPeer()),
+                )
+                self.refuse(GatewayError("the gateway failed while serving this request"))
+            return
         except httptools.HttpParserInvalidMethodError:
             self.refuse(NotSupported("the request method is not one this gateway knows"))
             return
