@@ -389,3 +389,28 @@ def test_one_process_reports_its_own_registry() -> None:
     assert _sync.successResultOf(view.metrics()) is registry
     assert _sync.successResultOf(view.not_ready()) == "starting"
     assert view.unhealthy() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstreams_are_each_process_s_own(channels: Channels) -> None:
+    """Each process has its own pools, ejections and health checks: `/upstreams` with workers gives every
+    process's view under its index, twistd's as "0", null for a worker that did not answer in time."""
+    clock = Clock()
+    fleet = Fleet(Metrics(_live).registry, lambda: None, 2, clock, upstreams=lambda: {"api": {"servers": ["0"]}})
+    worker = Metrics(_live)
+    channels.connect(
+        fleet,
+        1,
+        lambda theirs: answer_parent(
+            reactor, theirs.detach(), worker.registry, lambda: None, lambda: {"api": {"servers": ["1"]}}
+        ),
+    )
+    first = channels.opened[0]
+    silent = channels.stand_in(fleet, 2)
+    views = await waited_out(fleet.upstreams(), clock, silent, 1, first)
+    assert views == {"workers": {"0": {"api": {"servers": ["0"]}}, "1": {"api": {"servers": ["1"]}}, "2": None}}
+
+
+def test_one_process_reports_its_own_upstreams() -> None:
+    view = OneProcess(CollectorRegistry(), lambda: None, lambda: {"api": {"servers": []}})
+    assert _sync.successResultOf(view.upstreams()) == {"api": {"servers": []}}

@@ -1,6 +1,6 @@
 """The admin site: `/metrics` for Prometheus, `/healthz` (the gateway serves) and `/readyz` (config loaded,
-listeners bound, not draining), `/upstreams` (every upstream's servers and their states, as the twistd process
-sees them), on a listener of its own, never the public one. It answers for the whole
+listeners bound, not draining), `/upstreams` (every upstream's servers and their states, as each process sees
+them), on a listener of its own, never the public one. It answers for the whole
 gateway: one process (`OneProcess`), or twistd and its workers (`gateway.operations.fleet.Fleet`), which takes asking.
 
 Rule: the admin site only reads; nothing here changes the gateway. The metrics are rendered on the reactor
@@ -40,13 +40,22 @@ class AdminView(Protocol):
     def unhealthy(self) -> str | None:
         """What is wrong enough to restart the gateway for (None: nothing)."""
 
+    def upstreams(self) -> Deferred[object]:
+        """The upstreams and their servers' states, as JSON-ready data."""
+
 
 class OneProcess:
-    """The gateway as one process: its registry, and its own readiness; healthy while it answers."""
+    """The gateway as one process: its registry, its own readiness and upstreams; healthy while it answers."""
 
-    def __init__(self, registry: Collector, not_ready: Callable[[], str | None]) -> None:
+    def __init__(
+        self, registry: Collector, not_ready: Callable[[], str | None], upstreams: Callable[[], object] = dict
+    ) -> None:
         self._registry = registry
         self._not_ready = not_ready
+        self._upstreams = upstreams
+
+    def upstreams(self) -> Deferred[object]:
+        return succeed(self._upstreams())
 
     def metrics(self) -> Deferred[Collector]:
         return succeed(self._registry)
@@ -118,18 +127,23 @@ class _Probe(Resource):
 
 
 class _Upstreams(Resource):
-    """The upstreams of this process's config, each with its servers and their states, as JSON."""
+    """The upstreams of the config, each with its servers and their states, as JSON: one process's, or every
+    process's by worker (`Fleet.upstreams`)."""
 
     isLeaf = True
 
-    def __init__(self, read: Callable[[], object]) -> None:
+    def __init__(self, view: AdminView) -> None:
         super().__init__()
-        self._read = read
+        self._view = view
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> int:
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
-        return json.dumps(self._read(), indent=1).encode("utf-8") + b"\n"
+        return _answer(request, self._view.upstreams().addCallback(_json))
+
+
+def _json(data: object) -> bytes:
+    return json.dumps(data, indent=1).encode("utf-8") + b"\n"
 
 
 class _Root(Resource):
@@ -141,11 +155,10 @@ class _Root(Resource):
         return b"gateway admin: /metrics /healthz /readyz /upstreams\n"
 
 
-def admin_site(view: AdminView, upstreams: Callable[[], object] | None = None) -> Site:
-    """The admin site, answering what `view` reports, and `/upstreams` what `upstreams` gives."""
+def admin_site(view: AdminView) -> Site:
+    """The admin site, answering what `view` reports."""
     root = _Root()
-    if upstreams is not None:
-        root.putChild(b"upstreams", _Upstreams(upstreams))
+    root.putChild(b"upstreams", _Upstreams(view))
     root.putChild(b"metrics", _Metrics(view))
     root.putChild(b"healthz", _Probe(lambda: succeed(view.unhealthy())))
     root.putChild(b"readyz", _Probe(view.not_ready))

@@ -62,6 +62,8 @@ METRICS = b"metrics"
 """The question whose answer is the worker's metric families (`encode`)."""
 READY = b"ready"
 """The question whose answer is why the worker is not ready, empty when it is."""
+UPSTREAMS = b"upstreams"
+"""The question whose answer is the worker's view of its upstreams and their servers, as JSON."""
 
 
 # --- the families, on the wire and merged ---------------------------------------------------------------------
@@ -137,23 +139,34 @@ class _Answers(Int32StringReceiver):
 
     MAX_LENGTH = 64  # a question is one word
 
-    def __init__(self, registry: Collector, not_ready: Callable[[], str | None]) -> None:
+    def __init__(
+        self, registry: Collector, not_ready: Callable[[], str | None], upstreams: Callable[[], object]
+    ) -> None:
         self._registry = registry
         self._not_ready = not_ready
+        self._upstreams = upstreams
 
     def stringReceived(self, question: bytes) -> None:
         if question == METRICS:
             self.sendString(encode(self._registry.collect()))
         elif question == READY:
             self.sendString((self._not_ready() or "").encode("utf-8"))
+        elif question == UPSTREAMS:
+            self.sendString(json.dumps(self._upstreams()).encode("utf-8"))
         else:
             self.sendString(b"")  # still one answer per question, so the next ones keep their order
 
 
-def answer_parent(reactor: IReactorSocket, fd: int, registry: Collector, not_ready: Callable[[], str | None]) -> None:
+def answer_parent(
+    reactor: IReactorSocket,
+    fd: int,
+    registry: Collector,
+    not_ready: Callable[[], str | None],
+    upstreams: Callable[[], object] = dict,
+) -> None:
     """Answer the parent's questions on the channel it passed at descriptor `fd` (taken over and closed)."""
     fdesc.setNonBlocking(fd)
-    factory = Factory.forProtocol(lambda: _Answers(registry, not_ready))
+    factory = Factory.forProtocol(lambda: _Answers(registry, not_ready, upstreams))
     # Twisted annotates the factory as a ServerFactory[...] of its default protocol type; any IProtocolFactory does.
     reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)  # type: ignore[arg-type]
     os.close(fd)  # the reactor holds a duplicate
@@ -219,9 +232,11 @@ class Fleet:
         clock: IReactorTime,
         *,
         timeout: float = ANSWER_TIMEOUT,
+        upstreams: Callable[[], object] = dict,
     ) -> None:
         self._registry = registry
         self._not_ready = not_ready
+        self._upstreams = upstreams
         self._clock = clock
         self.timeout = timeout
         self._current: dict[int, WorkerChannel | None] = dict.fromkeys(range(1, count + 1))
@@ -257,6 +272,11 @@ class Fleet:
             return succeed(own)
         return Deferred.fromCoroutine(self._workers_not_ready())
 
+    def upstreams(self) -> Deferred[object]:
+        """Every process's view of its upstreams (each process has its own pools, ejections and health checks),
+        by process: `{"workers": {"0": twistd's, "1": ...}}`, null for a worker that did not answer in time."""
+        return Deferred.fromCoroutine(self._every_upstreams())
+
     def unhealthy(self) -> str | None:
         """A worker process that does not run (None: every one does)."""
         for index, channel in self._current.items():
@@ -290,6 +310,16 @@ class Fleet:
         for index, current in self._current.items():
             up.add_metric([str(index)], int(current in answered))
         return _Families([*merge(parts), up])
+
+    async def _every_upstreams(self) -> object:
+        views: dict[str, object] = {"0": self._upstreams()}
+        views.update((str(index), None) for index in self._current)
+
+        def got(answer: bytes, channel: WorkerChannel) -> None:
+            views[str(channel.index)] = json.loads(answer)
+
+        await self._ask_everyone(UPSTREAMS, got)
+        return {"workers": views}
 
     async def _workers_not_ready(self) -> str | None:
         answers: dict[WorkerChannel, bytes] = {}

@@ -35,7 +35,7 @@ from gateway import config as config_module
 from gateway.auth.gatekeeper import Gatekeeper
 from gateway.config import Config, ConfigError, Listener
 from gateway.logs import AccessLog
-from gateway.operations.admin import OneProcess, admin_site
+from gateway.operations.admin import AdminView, OneProcess, admin_site
 from gateway.operations.fleet import Fleet
 from gateway.operations.listeners import ListenerService, server_contexts
 from gateway.operations.metrics import CertificateState, Live, Metrics
@@ -104,7 +104,9 @@ class GatewayService(MultiService):
         self.fleet: Fleet | None = None
         """With workers: what the admin listener answers for all of them."""
         if spawn_workers and config.server.workers > 1:
-            self.fleet = Fleet(self.metrics.registry, self.not_ready, config.server.workers - 1, reactor)
+            self.fleet = Fleet(
+                self.metrics.registry, self.not_ready, config.server.workers - 1, reactor, upstreams=self.upstreams
+            )
         self.admin = self._admin_service(config)
         if self.admin is not None:
             self.admin.setServiceParent(self)
@@ -135,8 +137,10 @@ class GatewayService(MultiService):
         if config.admin is None or self.worker_index > 0:
             return None
         address = Listener(host=config.admin.host, port=config.admin.port, backlog=64)
-        view = self.fleet if self.fleet is not None else OneProcess(self.metrics.registry, self.not_ready)
-        return ListenerService(address, admin_site(view, self.upstreams), self._reactor, what="admin")
+        view: AdminView = (
+            self.fleet if self.fleet is not None else OneProcess(self.metrics.registry, self.not_ready, self.upstreams)
+        )
+        return ListenerService(address, admin_site(view), self._reactor, what="admin")
 
     # --- readiness and metrics --------------------------------------------------------------------------------
 

@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _ParentPipe(reactor, service.reload, parent_gone)
     if args.channel_fd is not None:
-        fleet.answer_parent(IReactorSocket(reactor), args.channel_fd, service.metrics.registry, service.not_ready)
+        fleet.answer_parent(
+            IReactorSocket(reactor), args.channel_fd, service.metrics.registry, service.not_ready, service.upstreams
+        )
     # Once running, Twisted's SIGTERM handler is in place (until then SIGTERM kills the process outright).
     reactor.callWhenRunning(_log.info, "gateway worker {index} (pid {pid}) serving", index=index, pid=os.getpid())
     reactor.run()

@@ -466,6 +466,19 @@ def worker_answered(scraped: Scrape) -> bool:
     return sample(scraped, 'gateway_worker_up{worker="1"}') == 1
 
 
+def test_upstreams_shows_every_process_s_servers(workers: Workers) -> None:
+    """Each process has its own pools and standing of its servers: the admin listener's /upstreams gives twistd's
+    view (worker 0) and the worker's (1), each with the route's upstream (named by its URL) and its one server."""
+    response = admin_get(workers, "/upstreams")
+    assert response.status == 200, response
+    views = json.loads(response.body)["workers"]
+    assert set(views) == {"0", "1"}, views
+    assert list(views["0"]) == list(views["1"]) and len(views["0"]) == 1, views
+    for view in views.values():
+        (upstream,) = view.values()
+        assert len(upstream["servers"]) == 1, view
+
+
 def test_one_admin_listener_sums_both_processes(workers: Workers) -> None:
     """With `workers = 2` only twistd listens on the admin port (the worker on the public port alone): one
     scrape of it counts every request whichever process served it (40 connections, each with one request,
