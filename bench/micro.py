@@ -7,16 +7,21 @@ with a 100-byte response and reads the client's bytes. Reports microseconds of t
 of several batches). Used to measure the effect of each change in the performance pass; not a substitute for the
 loopback benchmarks in `bench/run.py`.
 
-Run: `.venv/bin/python bench/micro.py [--requests 20000] [--auth anonymous,key,jwt]`; `--auth` compares the
-route without authentication with an API-key route and a (cached) RS256 JWT route, in the same run.
+Run: `.venv/bin/python bench/micro.py [--requests 20000] [--auth anonymous,key,jwt] [--count]`; `--auth` compares
+the route without authentication with an API-key route and a (cached) RS256 JWT route, in the same run; `--count`
+counts Python bytecodes and calls per request instead (under `sys.settrace`: the same figures on every run, which
+CPU time on a shared machine is not).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import jwt
@@ -112,13 +117,46 @@ def run(requests: int, auth: str = "anonymous") -> float:
     return elapsed / requests * 1e6
 
 
+def count(auth: str, requests: int = 500) -> tuple[float, float]:
+    """Python bytecodes and Python function calls per request, counted under `sys.settrace`: the same on every run
+    and every machine, where time is not (a proxy for the interpreter's work; C functions count as one call's
+    bytecodes at their Python caller). The difference between `requests` and 100 requests, so the set-up is out."""
+    counted = {"ops": 0, "calls": 0}
+
+    def trace(frame: FrameType, event: str, arg: object) -> Callable[..., object] | None:
+        if event == "call":
+            counted["calls"] += 1
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            counted["ops"] += 1
+        return trace
+
+    def traced(n: int) -> tuple[int, int]:
+        counted["ops"] = counted["calls"] = 0
+        sys.settrace(trace)
+        try:
+            run(n, auth)
+        finally:
+            sys.settrace(None)
+        return counted["ops"], counted["calls"]
+
+    few, many = traced(100), traced(requests)
+    return (many[0] - few[0]) / (requests - 100), (many[1] - few[1]) / (requests - 100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--auth", default="anonymous", help="comma-separated: anonymous, key, jwt")
+    parser.add_argument("--count", action="store_true", help="count bytecodes and calls per request instead of timing")
     args = parser.parse_args()
     kinds = args.auth.split(",")
+    if args.count:
+        for kind in kinds:
+            ops, calls = count(kind)
+            print(f"{kind}: {ops:,.0f} Python bytecodes and {calls:,.0f} Python calls per request")
+        return
     best = {kind: float("inf") for kind in kinds}
     for _ in range(args.batches):  # interleaved, so that a noisy moment costs every kind alike
         for kind in kinds:
