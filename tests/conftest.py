@@ -8,6 +8,7 @@ reactor turn or two later.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -81,6 +82,23 @@ async def origin() -> AsyncIterator[Origin]:
     started = Origin().start()
     yield started
     await started.stop()
+
+
+@pytest_twisted.async_yield_fixture()
+async def origins() -> AsyncIterator[list[Origin]]:
+    """Three origins on loopback (the servers of an upstream of several), stopped after the test."""
+    started = [Origin().start() for _ in range(3)]
+    yield started
+    for origin in started:
+        await origin.stop()
+
+
+@pytest.fixture
+def refused_url() -> str:
+    """A loopback URL whose port was just bound and closed again: connecting to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.logger import formatEvent
 
@@ -24,23 +21,6 @@ from tests.support.faults import assert_problem, get, pools_settled
 from tests.support.logs import captured
 from tests.support.origin import Origin
 from tests.support.running import RunningGateway, gateway_config
-
-
-@pytest_twisted.async_yield_fixture()
-async def origins() -> AsyncIterator[list[Origin]]:
-    """Three origins on loopback, stopped after the test."""
-    started = [Origin().start() for _ in range(3)]
-    yield started
-    for origin in started:
-        await origin.stop()
-
-
-@pytest.fixture
-def refused_url() -> str:
-    """A loopback URL whose port was just bound and closed again: connecting to it is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def several(urls: list[str], *, route: dict[str, Any] | None = None, **upstream: Any) -> dict[str, Any]:

@@ -4,8 +4,6 @@ the per-server series on /metrics, the admin listener's /upstreams JSON, and one
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +17,9 @@ from tests.support.running import RunningGateway, gateway_config
 from tests.support.scrape import admin_get, admin_port, lines_logged, scrape
 
 
-@pytest_twisted.async_yield_fixture()
-async def origin_pair() -> AsyncIterator[list[Origin]]:
-    started = [Origin().start() for _ in range(2)]
-    yield started
-    for origin in started:
-        await origin.stop()
-
-
 @pytest.fixture
-def refused_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+def origin_pair(origins: list[Origin]) -> list[Origin]:
+    return origins[:2]
 
 
 def config(urls: list[str], log: Path | None = None, **upstream: Any) -> dict[str, Any]:
