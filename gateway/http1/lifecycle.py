@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListen
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from gateway.addresses import canonical_ip
 from gateway.config import Listener
@@ -79,7 +79,6 @@ def _raise_send_limit(transport: object) -> None:
         transport = getattr(transport, "transport", None)
 
 
-@implementer(IHandshakeListener)
 class ConnectionLifecycle(ResponseWriter):
     """A client connection's life: what the exchange asks of it, the requests it serves one at a time, its
     refusals and its timers. The base of `ClientConnection`, which reads the requests; nothing here calls that."""
@@ -400,3 +399,6 @@ class ConnectionLifecycle(ResponseWriter):
             return True
         self.persistent = False
         return False
+
+
+classImplements(ConnectionLifecycle, IHandshakeListener)

@@ -22,7 +22,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from gateway.http1.fields import Fields
 from gateway.http1.transports import IConnectionTransport
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["Cancellable", "ResponseReceiver", "UpstreamResponse"]
 
 
-@implementer(IPushProducer)
 class _BodyTransport:
     """What a response's body protocol sees as its transport: pauses, resumes and stops reading from the upstream
     socket, for as long as the response is being read. Cut off (`detach`) when it ends, so that a late pause
@@ -59,6 +58,9 @@ class _BodyTransport:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.abandon()
+
+
+classImplements(_BodyTransport, IPushProducer)
 
 
 class ResponseReceiver(TypingProtocol):

@@ -152,8 +152,7 @@ class ClientConnection(ConnectionLifecycle):
                 self._head_raw = len(data)
             else:
                 self._head_raw = self._known_head()
-            self._check_partial_head()
-            if self.refused is None and self.handler is None and not self._queued:
+            if not self._check_partial_head() and self.handler is None and not self._queued:
                 # Timed from its first byte, which came within this read or before (no time passes in a call); a
                 # head complete within one read, as most are, costs no timer. A pipelined head is timed once the
                 # requests before it are answered.
@@ -179,12 +178,15 @@ class ClientConnection(ConnectionLifecycle):
     def _known_head(self) -> int:
         return self._line_bytes() + self._head_bytes
 
-    def _check_partial_head(self) -> None:
+    def _check_partial_head(self) -> bool:
         """Past the request line, all that was read of an incomplete head is header lines (one may be partial:
-        llhttp holds it until its end)."""
+        llhttp holds it until its end). Says whether it refused the head: a caller that tested `self.refused`
+        before would not see it change (mypy keeps the narrowing, and compiled code trusts it)."""
         limits = self.limits
         if self._head_raw - self._line_bytes() > limits.max_header_bytes:
             self.refuse(HeadersTooLarge(f"the header fields are over the {limits.max_header_bytes}-byte limit"))
+            return True
+        return False
 
     # llhttp's callbacks (httptools calls them by these names).
 

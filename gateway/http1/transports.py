@@ -17,7 +17,9 @@ __all__ = ["IConnectionTransport"]
 class IConnectionTransport(ITransport, IPushProducer, IConsumer):
     """A stream transport that is also the producer of what it reads and the consumer of what is written."""
 
-    disconnecting: bool = Attribute("Whether the connection is being closed (`loseConnection` was called).")
+    # An int, not a bool: Twisted's own transports (FileDescriptor) set 0 and 1, and the compiled request path
+    # (setup.py) checks the type of what it reads.
+    disconnecting: int = Attribute("Whether the connection is being closed (`loseConnection` was called).")
 
     def abortConnection() -> None:
         """Close the connection at once, dropping what is buffered (as `ITCPTransport.abortConnection`)."""

@@ -190,7 +190,7 @@ class GatewayFactory(Factory):
         phases: dict[str, int] = {}
         paused_responses = paused_uploads = buffered_uploads = buffered_responses = 0
         for channel in self.channels:
-            transport = channel.transport
+            transport: object = channel.transport
             if isinstance(transport, TLSMemoryBIOProtocol):
                 transport = transport.transport  # the socket's buffer, under the TLS layer's (at most a record)
             # FileDescriptor's send buffer past its offset (what the last write attempt left; writes since then
