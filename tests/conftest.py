@@ -26,6 +26,14 @@ from tests.support.redis import RedisServer
 from tests.support.running import RunningGateway, start_gateway
 
 
+def pytest_report_header() -> str:
+    """Whether the run tests the request path compiled by mypyc (setup.py) or interpreted."""
+    import gateway.http1.server
+
+    compiled = gateway.http1.server.__file__.endswith(".so")
+    return "gateway: request path compiled by mypyc" if compiled else "gateway: interpreted"
+
+
 def _sockets() -> set[str]:
     found = set()
     for fd in os.listdir("/proc/self/fd"):

@@ -3,6 +3,7 @@ source tree, so a package left out breaks the installed gateway while every test
 
 from __future__ import annotations
 
+import ast
 import tomllib
 from pathlib import Path
 
@@ -16,3 +17,42 @@ def test_every_gateway_package_is_in_the_wheel() -> None:
     found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "gateway").rglob("__init__.py")}
     assert found <= listed, f"packages missing from [tool.setuptools] packages: {sorted(found - listed)}"
     assert "twisted.plugins" in listed
+
+
+def _requirement_names(requirements: list[str]) -> dict[str, str]:
+    return {req.split(">")[0].split("[")[0].strip().lower(): req for req in requirements}
+
+
+def test_the_build_has_every_dependency_mypyc_type_checks() -> None:
+    """mypyc type-checks the whole package to compile the request path (setup.py), so the isolated build
+    environment needs every package the gateway imports, at the same lower bound: one missing fails the build."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    build = _requirement_names(project["build-system"]["requires"])
+    for name, requirement in _requirement_names(project["project"]["dependencies"]).items():
+        assert build.get(name) == requirement, f"[build-system] requires: {requirement!r} missing or different"
+    assert {"mypy", "mypy-zope", "setuptools"} <= build.keys()
+
+
+def _compiled_list() -> list[str]:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    [value] = [
+        node.value for node in tree.body if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "COMPILED"
+    ]
+    return list(ast.literal_eval(value))
+
+
+def test_every_compiled_module_exists() -> None:
+    """setup.py names the modules mypyc compiles by path: each is a module of the package."""
+    compiled = _compiled_list()
+    assert compiled == sorted(compiled)
+    for path in compiled:
+        assert (ROOT / path).is_file(), f"setup.py COMPILED names {path}, which does not exist"
+
+
+def test_no_compiled_module_is_older_than_its_source() -> None:
+    """A module compiled in place (an editable install) shadows its source: after an edit or a checkout it must be
+    built again (`pip install -e .`) or removed (GATEWAY_MYPYC=0 builds none), or the tests run the old code."""
+    for library in (ROOT / "gateway").rglob("*.so"):
+        source = library.parent / (library.name.split(".")[0] + ".py")
+        assert source.is_file(), f"{library} has no source"
+        assert library.stat().st_mtime >= source.stat().st_mtime, f"{library} is older than {source.name}: rebuild"
