@@ -50,6 +50,11 @@ COMPILED = [
     "gateway/routing/decision.py",
     "gateway/routing/paths.py",
     "gateway/routing/router.py",
+    "gateway/upstreams/attempts.py",
+    "gateway/upstreams/balancers.py",
+    "gateway/upstreams/budget.py",
+    "gateway/upstreams/ejection.py",
+    "gateway/upstreams/servers.py",
 ]
 
 

@@ -4,6 +4,8 @@ source tree, so a package left out breaks the installed gateway while every test
 from __future__ import annotations
 
 import ast
+import importlib
+import os
 import tomllib
 from pathlib import Path
 
@@ -56,3 +58,22 @@ def test_no_compiled_module_is_older_than_its_source() -> None:
         source = library.parent / (library.name.split(".")[0] + ".py")
         assert source.is_file(), f"{library} has no source"
         assert library.stat().st_mtime >= source.stat().st_mtime, f"{library} is older than {source.name}: rebuild"
+
+
+def _is_compiled(path: str) -> bool:
+    module = importlib.import_module(path.removesuffix(".py").removesuffix("/__init__").replace("/", "."))
+    return str(module.__file__).endswith(".so")
+
+
+def test_the_request_path_is_compiled_all_or_none() -> None:
+    """setup.py builds every listed module or none (a module's shim without the group's shared library would not
+    import). With GATEWAY_MYPYC=0 the package is interpreted; with GATEWAY_REQUIRE_COMPILED=1 (CI's second run,
+    on a machine it gave a C compiler and Python's headers) it must be compiled, so a build that fell back to
+    plain Python, which only warns, fails the run instead of passing on the interpreted code."""
+    compiled = {path: _is_compiled(path) for path in _compiled_list()}
+    modes = set(compiled.values())
+    assert len(modes) == 1, f"some modules compiled, some not: {compiled}"
+    if os.environ.get("GATEWAY_MYPYC") == "0":
+        assert modes == {False}, "GATEWAY_MYPYC=0, but the request path runs compiled (an earlier build's .so files)"
+    elif os.environ.get("GATEWAY_REQUIRE_COMPILED") == "1":
+        assert modes == {True}, "GATEWAY_REQUIRE_COMPILED=1, but the build fell back to plain Python (pip -v says why)"

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from gateway.config import Upstream, UpstreamServer
 from gateway.http1.timers import Watchdog
@@ -42,7 +42,6 @@ class ConnectTimeout(Exception):
     """The TCP connection to the upstream was not open within the route's connect timeout."""
 
 
-@implementer(IStreamClientEndpoint)
 class _TimedEndpoint:
     """Connects through `inner` and gives up after `timeout` seconds on `clock`.
 
@@ -68,6 +67,9 @@ class _TimedEndpoint:
             return result
 
         return connecting.addBoth(settled)
+
+
+classImplements(_TimedEndpoint, IStreamClientEndpoint)
 
 
 class _ConnectionFactory(Factory):
