@@ -37,12 +37,13 @@ class Options(usage.Options):
     optFlags = [["check", None, "Validate the config file, print the verdict and exit (0 valid, 1 not)."]]
 
     def opt_version(self) -> None:
-        """Print the gateway's version and those of Twisted, Python and OpenSSL, and exit."""
+        """Print the gateway's version, those of Twisted, Python and OpenSSL, and its build, and exit."""
         about = versions()
         print(f"gateway {about['version']}")
         print(f"Twisted {about['twisted']}")
         print(f"Python {about['python']}")
         print(f"{about['openssl']} (pyOpenSSL {about['pyopenssl']})")
+        print(f"Build: request path {about['build']}")
         raise SystemExit(0)
 
     def postOptions(self) -> None:

@@ -528,11 +528,12 @@ def test_live_gauges_are_read_at_each_collection():
 
 
 def test_build_info_carries_the_versions():
-    """gateway_build_info is 1 with the gateway's, Twisted's, Python's and OpenSSL's versions as labels: the
-    same four `twistd gateway --version` prints."""
+    """gateway_build_info is 1 with the gateway's, Twisted's, Python's and OpenSSL's versions and the build
+    (compiled or interpreted) as labels: what `twistd gateway --version` prints."""
     from gateway.operations.about import versions
 
     metrics = Metrics(_live)
     about = versions()
     assert metrics.registry.get_sample_value("gateway_build_info", about) == 1
     assert about["version"] and about["twisted"] and about["python"] and about["openssl"].startswith("OpenSSL")
+    assert about["build"] in ("compiled", "interpreted")

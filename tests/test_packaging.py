@@ -70,9 +70,12 @@ def test_the_request_path_is_compiled_all_or_none() -> None:
     import). With GATEWAY_MYPYC=0 the package is interpreted; with GATEWAY_REQUIRE_COMPILED=1 (CI's second run,
     on a machine it gave a C compiler and Python's headers) it must be compiled, so a build that fell back to
     plain Python, which only warns, fails the run instead of passing on the interpreted code."""
+    from gateway.operations.about import build
+
     compiled = {path: _is_compiled(path) for path in _compiled_list()}
     modes = set(compiled.values())
     assert len(modes) == 1, f"some modules compiled, some not: {compiled}"
+    assert build() == ("compiled" if modes == {True} else "interpreted")  # what --version and the metric say
     if os.environ.get("GATEWAY_MYPYC") == "0":
         assert modes == {False}, "GATEWAY_MYPYC=0, but the request path runs compiled (an earlier build's .so files)"
     elif os.environ.get("GATEWAY_REQUIRE_COMPILED") == "1":

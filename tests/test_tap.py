@@ -247,5 +247,6 @@ def test_version_prints_the_gateway_twisted_python_and_openssl_versions(capsys: 
     assert lines[0] == f"gateway {gateway.__version__}"
     assert lines[1:3] == [f"Twisted {twisted.__version__}", f"Python {platform.python_version()}"]
     assert lines[3].startswith("OpenSSL ") and "(pyOpenSSL " in lines[3]
+    assert lines[4] in ("Build: request path compiled", "Build: request path interpreted")
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert gateway.__version__ == declared

@@ -44,14 +44,14 @@ def test_twistd_help_lists_gateway(tmp_path: Path) -> None:
 
 def test_version_prints_the_versions_and_exits_0(tmp_path: Path) -> None:
     """`twistd gateway --version` (a real process) prints the gateway's version first, then Twisted's, Python's
-    and OpenSSL's, and exits 0 without a config file."""
+    and OpenSSL's, and its build, and exits 0 without a config file."""
     import gateway
 
     done = run([str(TWISTD), "gateway", "--version"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"gateway {gateway.__version__}"
-    assert [line.split()[0] for line in lines] == ["gateway", "Twisted", "Python", "OpenSSL"]
+    assert [line.split()[0] for line in lines] == ["gateway", "Twisted", "Python", "OpenSSL", "Build:"]
     assert not (tmp_path / "twistd.log").exists()
 
 
