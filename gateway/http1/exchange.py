@@ -67,7 +67,7 @@ class UpstreamExchange:
         "connection",
         "head_bytes",
         "head_read",
-        "headers",
+        "header_entries",
         "length",
         "method",
         "received_any",
@@ -112,7 +112,9 @@ class UpstreamExchange:
         self.complete: bool | None = None
         """The response ended within the read being parsed: whether its connection may be kept (acted on once the
         whole read is parsed)."""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_entries: dict[bytes, tuple[bytes, list[bytes]]] = {}
+        """The head's fields as `Fields.entries` holds them, filled by the connection as each line is parsed
+        (`UpstreamConnection.on_header`): lower-cased name -> (name as spelt, values without trailing whitespace)."""
         self.status = b""
         self.received_any = False
         self.body_seen = 0
@@ -130,7 +132,7 @@ class UpstreamExchange:
     def on_message_begin(self) -> None:
         if self.response_done:
             raise BrokenResponse(UpstreamBroken("the upstream sent bytes after a complete response"))
-        self.headers = []
+        self.header_entries = {}
         self.status = b""
 
     def on_status(self, status: bytes) -> None:
@@ -166,23 +168,16 @@ class UpstreamExchange:
         if version not in _HTTP_1:
             raise BrokenResponse(UpstreamBroken("the upstream sent an invalid HTTP version"))
         headers = Fields()
-        entries = headers.entries  # filled here rather than through addRawHeader: once per header line
+        entries = headers.entries = self.header_entries
         length: int | None = None
-        coded = False
-        for name, value in self.headers:
-            lowered = name.lower()
-            entry = entries.get(lowered)
-            if entry is None:
-                entries[lowered] = (name, [value.rstrip(b" \t")])  # llhttp keeps trailing whitespace
-            else:
-                entry[1].append(value.rstrip(b" \t"))
-            if lowered == b"transfer-encoding":
-                if coded or value.strip(b" \t").lower() != b"chunked":
-                    raise BrokenResponse(UpstreamBroken("the upstream sent a transfer coding other than chunked alone"))
-                coded = True
-            elif lowered == b"content-length":
-                # llhttp has checked it: digits only, one value, within 64 bits (zeros first may be thousands).
-                length = int(value.strip(b" \t").lstrip(b"0") or b"0")
+        coding = entries.get(b"transfer-encoding")
+        coded = coding is not None
+        if coding is not None and (len(coding[1]) != 1 or coding[1][0].lstrip(b" \t").lower() != b"chunked"):
+            raise BrokenResponse(UpstreamBroken("the upstream sent a transfer coding other than chunked alone"))
+        lengths = entries.get(b"content-length")
+        if lengths is not None:
+            # llhttp has checked it: digits only, one value, within 64 bits (zeros first may be thousands).
+            length = int(lengths[1][-1].lstrip(b" \t").lstrip(b"0") or b"0")
         response = UpstreamResponse(self.connection, code, self.status, version, headers)
         if self.method == b"HEAD" or code in _NO_BODY:
             response.length = 0
@@ -209,7 +204,8 @@ class UpstreamExchange:
         and what it read past the head is the tunnel's first bytes)."""
         if not self.upgrade:
             raise BrokenResponse(UpstreamBroken("the upstream switched protocols unasked"))
-        headers = Fields((name, value.rstrip(b" \t")) for name, value in self.headers)
+        headers = Fields()
+        headers.entries = self.header_entries
         if not websocket_upgrade(headers):
             raise BrokenResponse(UpstreamBroken("the upstream switched to another protocol than WebSocket"))
         version = self.connection.parser.get_http_version()
