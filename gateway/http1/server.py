@@ -265,8 +265,10 @@ class ClientConnection(ConnectionLifecycle):
             self._refuse_in_parse(BadRequest("the request line is malformed: its version is not HTTP/1.0 or 1.1"))
         message.version = version
         headers = message.headers
-        framing = headers.getRawHeaders(b"transfer-encoding")
-        if framing is not None:
+        entries = headers.entries
+        coding = entries.get(b"transfer-encoding")
+        if coding is not None:
+            framing = coding[1]
             if len(framing) != 1:
                 self._refuse_in_parse(BadRequest(_FRAMING))
             if framing[0].strip(_LWS).lower() != b"chunked":
@@ -275,8 +277,9 @@ class ClientConnection(ConnectionLifecycle):
                 self._refuse_in_parse(BadRequest("Transfer-Encoding in an HTTP/1.0 request is faulty framing"))
             message.length = None
         else:
-            lengths = headers.getRawHeaders(b"content-length")
-            if lengths is not None:
+            content_length = entries.get(b"content-length")
+            if content_length is not None:
+                lengths = content_length[1]
                 length = body_length(lengths[0])
                 if length is None:
                     self._refuse_in_parse(
@@ -286,7 +289,13 @@ class ClientConnection(ConnectionLifecycle):
                     )
                 message.length = length
         message.keep_alive = parser.should_keep_alive()
-        if message.length == 0 and version == b"HTTP/1.1" and message.method == b"GET" and websocket_upgrade(headers):
+        if (
+            message.length == 0
+            and version == b"HTTP/1.1"
+            and message.method == b"GET"
+            and b"upgrade" in entries  # most requests have no Upgrade header: no call for them
+            and websocket_upgrade(headers)
+        ):
             message.upgrade = True
         if self.handler is None and not self._queued:
             self._serve(message)
