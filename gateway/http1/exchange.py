@@ -131,7 +131,10 @@ class UpstreamExchange:
                 raise BrokenResponse(head_too_large())
 
     def on_headers_complete(self) -> None:
-        self._count_head(_STATUS_LINE_AND_END)
+        if self.response is None:  # as `_count_head` does (here without a call: once a response)
+            self.head_bytes += _STATUS_LINE_AND_END
+            if self.head_bytes > MAX_RESPONSE_HEAD:
+                raise BrokenResponse(head_too_large())
         parser = self.connection.parser
         code = parser.get_status_code()
         if code == 101:
