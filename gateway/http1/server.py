@@ -243,14 +243,9 @@ class ClientConnection(ConnectionLifecycle):
             )
         if count > limits.max_header_count:
             self._refuse_in_parse(HeadersTooLarge(f"there are more than {limits.max_header_count} header fields"))
-        # Into the message's fields here rather than through `Fields.addRawHeader`: once per header line.
+        # Into the message's fields here (as `Fields.addRawHeader` would) rather than through it: once per line.
         entries = self._message.headers.entries  # type: ignore[union-attr]  # set by on_message_begin
-        key = name.lower()
-        entry = entries.get(key)
-        if entry is None:
-            entries[key] = (name, [value.rstrip(_LWS)])
-        else:
-            entry[1].append(value.rstrip(_LWS))
+        entries.setdefault(name.lower(), (name, []))[1].append(value.rstrip(_LWS))
 
     def on_headers_complete(self) -> None:
         message = self._message
@@ -258,7 +253,8 @@ class ClientConnection(ConnectionLifecycle):
         if not self._line_done:
             self._request_line_done()
         self._in_head = False
-        self._cancel_head_timer()
+        if self._head_timer is not None:  # (a head complete within one read, as most are, had none)
+            self._cancel_head_timer()
         parser = self._parser
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:

@@ -100,9 +100,11 @@ class Router:
 
         `path` is a routing path (`routing_path`); prefixes are compared in the same form."""
         if host is not None:
-            found = _longest_prefix(self._exact.get(host, ()), path)
-            if found is not None:
-                return found
+            exact = self._exact.get(host)
+            if exact is not None:  # (no call for a host without routes of its own)
+                found = _longest_prefix(exact, path)
+                if found is not None:
+                    return found
             for suffix, group in self._wildcard:
                 if host.endswith(suffix) and len(host) > len(suffix):
                     found = _longest_prefix(group, path)
