@@ -184,7 +184,8 @@ def websocket_upgrade(headers: Fields | Headers) -> bool:
 
 def request_id_of(headers: Fields | Headers) -> str:
     """The client's X-Request-ID when it is a sane token (visible ASCII, at most 200 bytes), else a new one."""
-    values = _values(headers, _XRID)
+    entry = (headers.entries if isinstance(headers, Fields) else _entries(headers)).get(_XRID)  # once a request
+    values = entry[1] if entry is not None else None
     if values and _REQUEST_ID.fullmatch(values[-1]):
         return values[-1].decode("ascii")
     # 128 random bits, as unlikely to repeat as uuid4().hex, from the process's PRNG (seeded by the OS when
@@ -255,7 +256,8 @@ def upstream_request_headers(
         for name in [name for name in raw if b"_" in name and name.replace(b"_", b"-") in guarded]:
             del raw[name]
     for name, value in add:
-        out.addRawHeader(name, value)  # the client's copies are gone: every value here is ours
+        # The client's copies are gone: every value here is ours (added as `Fields.addRawHeader` would).
+        raw.setdefault(name.lower(), (name, []))[1].append(value)
     raw[_HOST] = (_HOST_SPELT, [host])
     forwarded_for = source.get(_XFF) if keep_forwarded_for else None
     ip = client_ip.encode("ascii")
