@@ -57,30 +57,29 @@ class UpstreamExchange:
     changes between reads (a response's end is acted on once its whole read is parsed), so nothing of one
     response can reach the next exchange."""
 
-    __slots__ = (
-        "between_body",
-        "body",
-        "body_left",
-        "body_seen",
-        "chunked",
-        "complete",
-        "connection",
-        "head_bytes",
-        "head_read",
-        "headers",
-        "length",
-        "method",
-        "received_any",
-        "receiver",
-        "request_done",
-        "response",
-        "response_done",
-        "sent",
-        "status",
-        "switching",
-        "trailer_bytes",
-        "upgrade",
-    )
+    # The state every exchange starts with, as class attributes: `__init__` sets only what differs per request.
+    sent = 0
+    response: UpstreamResponse | None = None
+    response_done = False
+    head_bytes = 0
+    """Bytes of the head's whole lines, as the parser reports them."""
+    head_read = 0
+    """Bytes of the reads that ended before the head was complete (all head)."""
+    trailer_bytes = 0
+    between_body = 0
+    """Bytes read since the last body byte, once the head is in (chunk framing, trailers)."""
+    complete: bool | None = None
+    """The response ended within the read being parsed: whether its connection may be kept (acted on once the
+    whole read is parsed)."""
+    status = b""
+    received_any = False
+    body_seen = 0
+    """Body bytes the parser has handed over."""
+    switching = False
+    """The response is a `101` switching to WebSocket: handed over once the read past its head is known."""
+    body_left: int | None = None
+    """Once a Content-Length body is under way: its bytes still to come, read past the parser (a body's bytes
+    need no parsing, and each read is relayed as it came, not sliced by the parser into a copy)."""
 
     def __init__(
         self,
@@ -98,44 +97,27 @@ class UpstreamExchange:
         self.body = body
         self.length = length
         self.chunked = body is not None and length is None
-        self.sent = 0
-        self.response: UpstreamResponse | None = None
         self.request_done = body is None
-        self.response_done = False
-        self.head_bytes = 0
-        """Bytes of the head's whole lines, as the parser reports them."""
-        self.head_read = 0
-        """Bytes of the reads that ended before the head was complete (all head)."""
-        self.trailer_bytes = 0
-        self.between_body = 0
-        """Bytes read since the last body byte, once the head is in (chunk framing, trailers)."""
-        self.complete: bool | None = None
-        """The response ended within the read being parsed: whether its connection may be kept (acted on once the
-        whole read is parsed)."""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.status = b""
-        self.received_any = False
-        self.body_seen = 0
-        """Body bytes the parser has handed over."""
+        self.header_entries: dict[bytes, tuple[bytes, list[bytes]]] = {}
+        """The head's fields as `Fields.entries` holds them, filled by the connection as each line is parsed
+        (`UpstreamConnection.on_header`): lower-cased name -> (name as spelt, values without trailing whitespace)."""
         self.upgrade = upgrade
         """The request asks to switch to WebSocket: a `101` switching to it is taken."""
-        self.switching = False
-        """The response is a `101` switching to WebSocket: handed over once the read past its head is known."""
-        self.body_left: int | None = None
-        """Once a Content-Length body is under way: its bytes still to come, read past the parser (a body's bytes
-        need no parsing, and each read is relayed as it came, not sliced by the parser into a copy)."""
 
     # --- httptools callbacks ------------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         if self.response_done:
             raise BrokenResponse(UpstreamBroken("the upstream sent bytes after a complete response"))
-        self.headers = []
+        self.header_entries = {}
         self.status = b""
 
     def on_status(self, status: bytes) -> None:
         self.status += status
-        self._count_head(len(status))
+        if self.response is None:  # the head's bytes are counted where they come, without a call of their own
+            self.head_bytes += len(status)
+            if self.head_bytes > MAX_RESPONSE_HEAD:
+                raise BrokenResponse(head_too_large())
 
     # A header line of the head is taken by the connection itself (`UpstreamConnection.on_header`).
 
@@ -145,14 +127,11 @@ class UpstreamExchange:
         if self.trailer_bytes > MAX_RESPONSE_HEAD:
             raise BrokenResponse(UpstreamBroken(f"the upstream sent trailers of more than {MAX_RESPONSE_HEAD} bytes"))
 
-    def _count_head(self, size: int) -> None:
+    def on_headers_complete(self) -> None:
         if self.response is None:
-            self.head_bytes += size
+            self.head_bytes += _STATUS_LINE_AND_END
             if self.head_bytes > MAX_RESPONSE_HEAD:
                 raise BrokenResponse(head_too_large())
-
-    def on_headers_complete(self) -> None:
-        self._count_head(_STATUS_LINE_AND_END)
         parser = self.connection.parser
         code = parser.get_status_code()
         if code == 101:
@@ -166,23 +145,16 @@ class UpstreamExchange:
         if version not in _HTTP_1:
             raise BrokenResponse(UpstreamBroken("the upstream sent an invalid HTTP version"))
         headers = Fields()
-        entries = headers.entries  # filled here rather than through addRawHeader: once per header line
+        entries = headers.entries = self.header_entries
         length: int | None = None
-        coded = False
-        for name, value in self.headers:
-            lowered = name.lower()
-            entry = entries.get(lowered)
-            if entry is None:
-                entries[lowered] = (name, [value.rstrip(b" \t")])  # llhttp keeps trailing whitespace
-            else:
-                entry[1].append(value.rstrip(b" \t"))
-            if lowered == b"transfer-encoding":
-                if coded or value.strip(b" \t").lower() != b"chunked":
-                    raise BrokenResponse(UpstreamBroken("the upstream sent a transfer coding other than chunked alone"))
-                coded = True
-            elif lowered == b"content-length":
-                # llhttp has checked it: digits only, one value, within 64 bits (zeros first may be thousands).
-                length = int(value.strip(b" \t").lstrip(b"0") or b"0")
+        coding = entries.get(b"transfer-encoding")
+        coded = coding is not None
+        if coding is not None and (len(coding[1]) != 1 or coding[1][0].lstrip(b" \t").lower() != b"chunked"):
+            raise BrokenResponse(UpstreamBroken("the upstream sent a transfer coding other than chunked alone"))
+        lengths = entries.get(b"content-length")
+        if lengths is not None:
+            # llhttp has checked it: digits only, one value, within 64 bits (zeros first may be thousands).
+            length = int(lengths[1][-1].lstrip(b" \t").lstrip(b"0") or b"0")
         response = UpstreamResponse(self.connection, code, self.status, version, headers)
         if self.method == b"HEAD" or code in _NO_BODY:
             response.length = 0
@@ -209,7 +181,8 @@ class UpstreamExchange:
         and what it read past the head is the tunnel's first bytes)."""
         if not self.upgrade:
             raise BrokenResponse(UpstreamBroken("the upstream switched protocols unasked"))
-        headers = Fields((name, value.rstrip(b" \t")) for name, value in self.headers)
+        headers = Fields()
+        headers.entries = self.header_entries
         if not websocket_upgrade(headers):
             raise BrokenResponse(UpstreamBroken("the upstream switched to another protocol than WebSocket"))
         version = self.connection.parser.get_http_version()

@@ -245,14 +245,9 @@ class ClientConnection(ConnectionLifecycle):
             )
         if count > limits.max_header_count:
             self._refuse_in_parse(HeadersTooLarge(f"there are more than {limits.max_header_count} header fields"))
-        # Into the message's fields here rather than through `Fields.addRawHeader`: once per header line.
+        # Into the message's fields here (as `Fields.addRawHeader` would) rather than through it: once per line.
         entries = self._message.headers.entries  # type: ignore[union-attr]  # set by on_message_begin
-        key = name.lower()
-        entry = entries.get(key)
-        if entry is None:
-            entries[key] = (name, [value.rstrip(_LWS)])
-        else:
-            entry[1].append(value.rstrip(_LWS))
+        entries.setdefault(name.lower(), (name, []))[1].append(value.rstrip(_LWS))
 
     def on_headers_complete(self) -> None:
         message = self._message
@@ -260,15 +255,18 @@ class ClientConnection(ConnectionLifecycle):
         if not self._line_done:
             self._request_line_done()
         self._in_head = False
-        self._cancel_head_timer()
+        if self._head_timer is not None:  # (a head complete within one read, as most are, had none)
+            self._cancel_head_timer()
         parser = self._parser
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             self._refuse_in_parse(BadRequest("the request line is malformed: its version is not HTTP/1.0 or 1.1"))
         message.version = version
         headers = message.headers
-        framing = headers.getRawHeaders(b"transfer-encoding")
-        if framing is not None:
+        entries = headers.entries
+        coding = entries.get(b"transfer-encoding")
+        if coding is not None:
+            framing = coding[1]
             if len(framing) != 1:
                 self._refuse_in_parse(BadRequest(_FRAMING))
             if framing[0].strip(_LWS).lower() != b"chunked":
@@ -277,8 +275,9 @@ class ClientConnection(ConnectionLifecycle):
                 self._refuse_in_parse(BadRequest("Transfer-Encoding in an HTTP/1.0 request is faulty framing"))
             message.length = None
         else:
-            lengths = headers.getRawHeaders(b"content-length")
-            if lengths is not None:
+            content_length = entries.get(b"content-length")
+            if content_length is not None:
+                lengths = content_length[1]
                 length = body_length(lengths[0])
                 if length is None:
                     self._refuse_in_parse(
@@ -288,7 +287,13 @@ class ClientConnection(ConnectionLifecycle):
                     )
                 message.length = length
         message.keep_alive = parser.should_keep_alive()
-        if message.length == 0 and version == b"HTTP/1.1" and message.method == b"GET" and websocket_upgrade(headers):
+        if (
+            message.length == 0
+            and version == b"HTTP/1.1"
+            and message.method == b"GET"
+            and b"upgrade" in entries  # most requests have no Upgrade header: no call for them
+            and websocket_upgrade(headers)
+        ):
             message.upgrade = True
         if self.handler is None and not self._queued:
             self._serve(message)

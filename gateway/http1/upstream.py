@@ -100,11 +100,12 @@ class UpstreamConnection(Protocol):
         if exchange.response is not None:
             exchange.on_trailer(name, value)
             return
-        # The exchange's header line, here rather than in a call of its own: the commonest callback.
-        exchange.headers.append((name, value))
+        # The exchange's header line, here rather than in a call of its own (the commonest callback), into its
+        # fields as `Fields.addRawHeader` would, without the trailing whitespace llhttp keeps.
         exchange.head_bytes += len(name) + len(value) + 4
         if exchange.head_bytes > MAX_RESPONSE_HEAD:
             raise BrokenResponse(head_too_large())
+        exchange.header_entries.setdefault(name.lower(), (name, []))[1].append(value.rstrip(b" \t"))
 
     def on_headers_complete(self) -> None:
         self._parsing.on_headers_complete()  # type: ignore[union-attr]

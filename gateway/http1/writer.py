@@ -65,19 +65,17 @@ class ResponseWriter(Protocol):
         self.response_started = True
         body_allowed = not head_request and code not in _NO_BODY_STATUSES and code >= 200  # 101: none
         parts = [b"HTTP/1.1 %d %s\r\n" % (code, phrase)]
-        has_length = False
-        for key, (name, values) in headers.entries.items():
-            if key == b"content-length":
-                has_length = True
+        entries = headers.entries
+        for name, values in entries.values():
             for value in values:
                 parts += (name, b": ", value, CRLF)
-        if body_allowed and not has_length:
+        if body_allowed and b"content-length" not in entries:
             if self._version == b"HTTP/1.1":
                 self._chunked = True
                 parts.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 self.persistent = False  # the end of the body is the end of the connection
-        if not self.persistent and self._version == b"HTTP/1.1" and not headers.hasHeader(b"connection"):
+        if not self.persistent and self._version == b"HTTP/1.1" and b"connection" not in entries:
             parts.append(b"Connection: close\r\n")
         parts.append(CRLF)
         self._body_allowed = body_allowed

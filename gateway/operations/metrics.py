@@ -236,10 +236,6 @@ class _Histogram:
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
     def buckets(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         total = 0
@@ -254,11 +250,14 @@ class _Histograms:
         self.name, self.documentation, self.label, self.bounds = name, documentation, label, bounds
         self.by_label: dict[str, _Histogram] = {}
 
-    def get(self, value: str) -> _Histogram:
-        found = self.by_label.get(value)
-        if found is None:
-            found = self.by_label[value] = _Histogram(self.bounds)
-        return found
+    def observe(self, label: str, value: float) -> None:
+        """One observation in `label`'s histogram (made at its first): one call, as it is made four times a
+        request."""
+        histogram = self.by_label.get(label)
+        if histogram is None:
+            histogram = self.by_label[label] = _Histogram(self.bounds)
+        histogram.counts[bisect_left(self.bounds, value)] += 1
+        histogram.sum += value
 
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
@@ -397,12 +396,12 @@ class Metrics:
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
         if total is not None:
-            self.duration.get(route).observe(total)
+            self.duration.observe(route, total)
         if ttfb is not None:
-            self.ttfb.get(route).observe(ttfb)
-            self.upstream_ttfb.get(upstream).observe(ttfb)
+            self.ttfb.observe(route, ttfb)
+            self.upstream_ttfb.observe(upstream, ttfb)
         if queue is not None:
-            self.queue_wait.get(upstream).observe(queue)
+            self.queue_wait.observe(upstream, queue)
         if bytes_in:
             self.bytes_in[route] = self.bytes_in.get(route, 0) + bytes_in
         if bytes_out:

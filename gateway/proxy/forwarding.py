@@ -13,6 +13,8 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import functools
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -53,8 +55,6 @@ class Forwarding(Endings):
     sent (its body through a `RequestBodyPipe`), and the response relayed (its body through a `ResponseRelay`).
     The pool's connection answers here (`gateway.http1.response.ResponseReceiver`)."""
 
-    __slots__ = ()
-
     def _start(self, decision: Admit, length: int | None, allow: Allow) -> None:
         route = self.route = decision.route
         gateway = self.gateway
@@ -76,7 +76,12 @@ class Forwarding(Endings):
                 on_sent=self._body_sent,
                 on_stopped=self._body_refused,
             )
-        client_host = self.requestHeaders.getRawHeaders(b"host")
+        host_entry = self.requestHeaders.entries.get(b"host")
+        client_host = host_entry[1] if host_entry is not None else None
+        if client_host and route.host_header == "client":
+            host = client_host[0]
+        else:
+            host = _host_value(route.upstream.host, route.upstream.port)
         via = gateway.server.via.encode("ascii")
         client_ip = getattr(self.client, "host", "unknown")
         trusted = gateway.server.trusted_proxies
@@ -84,7 +89,7 @@ class Forwarding(Endings):
             self.requestHeaders,
             client_ip=client_ip,
             keep_forwarded_for=bool(trusted) and member_of(trusted)(client_ip),
-            host=client_host[0] if client_host and route.host_header == "client" else _host_value(route),
+            host=host,
             client_host=client_host[0] if client_host else None,
             proto=b"https" if self._tls else b"http",
             via=via,
@@ -192,7 +197,9 @@ class Forwarding(Endings):
         elif response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY_STATUSES:
             # Keep the upstream's framing when it had one (its Content-Length header is dropped with the rest of the
             # framing: the connection writes its own).
-            self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])  # type: ignore[str-format]  # an int: not UNKNOWN_LENGTH
+            # (Set in the entries, as `setRawHeaders` would: once per response.)
+            length_entry = (b"Content-Length", [b"%d" % response.length])  # type: ignore[str-format]  # an int: not UNKNOWN_LENGTH
+            self.responseHeaders.entries[b"content-length"] = length_entry
         if self._has_body and self.body is not Body.READ:
             self._close_after_response()  # an early answer: the rest of the body must not be read as a request
         self._enter(Phase.STREAMING)
@@ -220,7 +227,7 @@ class Forwarding(Endings):
 
     def _response_head(self, response: UpstreamResponse, route: Route) -> None:
         """The status and headers relayed to the client: the upstream's end-to-end ones, then the gateway's."""
-        self._set_status(response.code, response.phrase)
+        self.code, self._phrase = response.code, response.phrase
         server = self.gateway.server
         client_response_headers(
             response.headers,
@@ -324,7 +331,8 @@ class Forwarding(Endings):
         self._fail_before_response(upstream_error(failure, self.route, self.request_id))
 
 
-def _host_value(route: Route) -> bytes:
-    up = route.upstream
-    host = f"[{up.host}]" if ":" in up.host else up.host
-    return (host if up.port == 80 else f"{host}:{up.port}").encode("ascii")
+@functools.lru_cache(maxsize=256)
+def _host_value(host: str, port: int) -> bytes:
+    """The Host sent to an upstream at `host` and `port` (made once per upstream, as every request asks)."""
+    host = f"[{host}]" if ":" in host else host
+    return (host if port == 80 else f"{host}:{port}").encode("ascii")

@@ -54,17 +54,17 @@ class ReadSizer:
     WINDOW: Final = 0.1
     """Seconds over which the client's pace is judged."""
 
-    __slots__ = ("_apply", "_clock", "_kept_up", "_max", "_since_pause", "_window_bytes", "_window_start", "size")
+    # What every sizer starts with, as class attributes: `__init__` sets only what differs per response.
+    _window_bytes = 0
+    _since_pause = 0
+    _kept_up = 0
+    size = MIN
 
     def __init__(self, apply: Callable[[int], object], clock: IReactorTime, *, maximum: int = MAX) -> None:
         self._apply = apply
         self._clock = clock
         self._max = maximum
         self._window_start = clock.seconds()
-        self._window_bytes = 0
-        self._since_pause = 0
-        self._kept_up = 0
-        self.size = self.MIN
         apply(self.MIN)
 
     def relayed(self, length: int) -> None:
@@ -283,6 +283,14 @@ class ResponseRelay:
     (`ReadSizer`).
     """
 
+    # What every relay starts with, as class attributes: `__init__` sets only what differs per response.
+    paused = False
+    stopped = False
+    received = 0
+    """Bytes of response body relayed so far."""
+    transport: IPushProducer | None = None
+    """The upstream response's producer (pauses, resumes and stops reading its socket), once delivered."""
+
     def __init__(
         self,
         consumer: ResponseConsumer,
@@ -307,12 +315,6 @@ class ResponseRelay:
         self._stall_expired = partial(on_timeout, "client_send_stall")
         self._owns_timer = timer is None
         self._timer = timer if timer is not None else Watchdog(clock, upstream_idle_timeout, self._idle_expired)
-        self.paused = False
-        self.stopped = False
-        self.received = 0
-        """Bytes of response body relayed so far."""
-        self.transport: IPushProducer | None = None
-        """The upstream response's producer (pauses, resumes and stops reading its socket), once delivered."""
 
     # IResponse.deliverBody gives its body protocol a producer for transport, which IProtocol's ITransport does
     # not describe.

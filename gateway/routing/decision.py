@@ -97,9 +97,12 @@ def decide(head: RequestHead, router: Router) -> Admit | Reject:
         # Two Hosts (HTTP/1.0 too), or one that is no host[:port] ("a, b", a control byte): which one would
         # the upstream, a cache or a log believe? Refused rather than guessed (RFC 9112 section 3.2).
         return Reject(BadRequest("the Host header must be one host name or address, with an optional port"))
-    target = _origin_form(head.target, hosts[0] if hosts else None, method)
-    if isinstance(target, GatewayError):
-        return Reject(target)
+    target = head.target
+    if not target.startswith(b"/"):  # origin-form (most requests) passes as it is, without a call
+        origin = _origin_form(target, hosts[0] if hosts else None, method)
+        if isinstance(origin, GatewayError):
+            return Reject(origin)
+        target = origin
     host = host_without_port(hosts[0]) if hosts else None
     try:
         path = routing_path(target.partition(b"?")[0])

@@ -32,9 +32,11 @@ from gateway.routing.paths import prefix_end, routing_path
 __all__ = ["Router", "host_without_port", "prefix_matches", "upstream_target"]
 
 
+@functools.lru_cache(maxsize=256)
 def host_without_port(host: bytes) -> str:
     """The lower-cased host name of a Host header value, without its port ("[::1]:80" -> "[::1]") or the trailing
-    dot of a fully qualified name ("example.com." is "example.com" to DNS, to upstreams and to nginx)."""
+    dot of a fully qualified name ("example.com." is "example.com" to DNS, to upstreams and to nginx). Kept for the
+    few Host values a gateway sees, as every request asks."""
     text = host.decode("latin-1").strip().lower()
     if text.startswith("["):
         end = text.find("]")
@@ -98,9 +100,11 @@ class Router:
 
         `path` is a routing path (`routing_path`); prefixes are compared in the same form."""
         if host is not None:
-            found = _longest_prefix(self._exact.get(host, ()), path)
-            if found is not None:
-                return found
+            exact = self._exact.get(host)
+            if exact is not None:  # (no call for a host without routes of its own)
+                found = _longest_prefix(exact, path)
+                if found is not None:
+                    return found
             for suffix, group in self._wildcard:
                 if host.endswith(suffix) and len(host) > len(suffix):
                     found = _longest_prefix(group, path)
