@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from gateway.config import REFUSED_METHODS, Route
 from gateway.errors import (
@@ -49,24 +50,37 @@ FORWARDED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 forwards (it forwards any other method token too, except those it refuses)."""
 
 
-@dataclass(frozen=True, slots=True)
+# RequestHead and Admit, made once per request, are plain classes rather than dataclasses: the compiled build
+# (setup.py) compiles a class's own __init__, but a dataclass's is generated at import and stays interpreted.
+
+
 class RequestHead:
     """What is known of a request when its head is complete."""
 
-    method: bytes
-    target: bytes
-    version: bytes
-    headers: HeaderLookup
-    declared_length: int | None
-    """The Content-Length, 0 when there is no body, None for a chunked body of unknown length."""
+    __slots__ = ("declared_length", "headers", "method", "target", "version")
+
+    def __init__(
+        self, method: bytes, target: bytes, version: bytes, headers: HeaderLookup, declared_length: int | None
+    ) -> None:
+        self.method: Final = method
+        self.target: Final = target
+        self.version: Final = version
+        self.headers: Final = headers
+        self.declared_length: Final = declared_length
+        """The Content-Length, 0 when there is no body, None for a chunked body of unknown length."""
 
 
-@dataclass(frozen=True, slots=True)
 class Admit:
     """Go ahead: send the request to `route`'s upstream with this request target."""
 
-    route: Route
-    upstream_target: bytes
+    __slots__ = ("route", "upstream_target")
+
+    def __init__(self, route: Route, upstream_target: bytes) -> None:
+        self.route: Final = route
+        self.upstream_target: Final = upstream_target
+
+    def __repr__(self) -> str:
+        return f"Admit(route={self.route.name!r}, upstream_target={self.upstream_target!r})"
 
 
 @dataclass(frozen=True, slots=True)
