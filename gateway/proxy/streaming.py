@@ -283,14 +283,6 @@ class ResponseRelay:
     (`ReadSizer`).
     """
 
-    # What every relay starts with, as class attributes: `__init__` sets only what differs per response.
-    paused = False
-    stopped = False
-    received = 0
-    """Bytes of response body relayed so far."""
-    transport: IPushProducer | None = None
-    """The upstream response's producer (pauses, resumes and stops reading its socket), once delivered."""
-
     def __init__(
         self,
         consumer: ResponseConsumer,
@@ -315,6 +307,12 @@ class ResponseRelay:
         self._stall_expired = partial(on_timeout, "client_send_stall")
         self._owns_timer = timer is None
         self._timer = timer if timer is not None else Watchdog(clock, upstream_idle_timeout, self._idle_expired)
+        self.paused = False
+        self.stopped = False
+        self.received = 0
+        """Bytes of response body relayed so far."""
+        self.transport: IPushProducer | None = None
+        """The upstream response's producer (pauses, resumes and stops reading its socket), once delivered."""
 
     # IResponse.deliverBody gives its body protocol a producer for transport, which IProtocol's ITransport does
     # not describe.

@@ -61,15 +61,24 @@ class Attempt:
     """One request through the pool, from its server and connection (idle, or opened for it) to its response
     head: the receiver each connection answers, which passes the answer on, or tries once more."""
 
-    # What every attempt starts with, as class attributes: `__init__` sets only what differs per request.
-    kept: Kept | None = None
-    """The body as it went to the first server, kept when it may be sent again (see `go`)."""
-    retry = False
-    sending: Cancellable | None = None
-    """What is under way: the connect, then the request on its connection."""
-    server: ServerPool | None = None
-    waiting: IDelayedCall | None = None
-    """The backoff before the next try."""
+    __slots__ = (
+        "body",
+        "connect_timeout",
+        "headers",
+        "kept",
+        "key",
+        "method",
+        "on_connected",
+        "policy",
+        "pool",
+        "receiver",
+        "retry",
+        "sending",
+        "server",
+        "target",
+        "tried",
+        "waiting",
+    )
 
     def __init__(
         self,
@@ -89,14 +98,22 @@ class Attempt:
         self.target = target
         self.headers = headers
         self.body = body
+        self.kept: Kept | None = None
+        """The body as it went to the first server, kept when it may be sent again (see `go`)."""
         self.receiver: ResponseReceiver | None = receiver
         """None once it was told, or once the owner gave up."""
         self.connect_timeout = connect_timeout
         self.on_connected = on_connected
         self.policy = policy
         self.key = key
+        self.retry = False
+        self.sending: Cancellable | None = None
+        """What is under way: the connect, then the request on its connection."""
+        self.server: ServerPool | None = None
         self.tried: list[ServerPool] = []
         """The servers tried, in order."""
+        self.waiting: IDelayedCall | None = None
+        """The backoff before the next try."""
 
     def start(self, server: ServerPool) -> None:
         self.server = server
