@@ -57,29 +57,30 @@ class UpstreamExchange:
     changes between reads (a response's end is acted on once its whole read is parsed), so nothing of one
     response can reach the next exchange."""
 
-    # The state every exchange starts with, as class attributes: `__init__` sets only what differs per request.
-    sent = 0
-    response: UpstreamResponse | None = None
-    response_done = False
-    head_bytes = 0
-    """Bytes of the head's whole lines, as the parser reports them."""
-    head_read = 0
-    """Bytes of the reads that ended before the head was complete (all head)."""
-    trailer_bytes = 0
-    between_body = 0
-    """Bytes read since the last body byte, once the head is in (chunk framing, trailers)."""
-    complete: bool | None = None
-    """The response ended within the read being parsed: whether its connection may be kept (acted on once the
-    whole read is parsed)."""
-    status = b""
-    received_any = False
-    body_seen = 0
-    """Body bytes the parser has handed over."""
-    switching = False
-    """The response is a `101` switching to WebSocket: handed over once the read past its head is known."""
-    body_left: int | None = None
-    """Once a Content-Length body is under way: its bytes still to come, read past the parser (a body's bytes
-    need no parsing, and each read is relayed as it came, not sliced by the parser into a copy)."""
+    __slots__ = (
+        "between_body",
+        "body",
+        "body_left",
+        "body_seen",
+        "chunked",
+        "complete",
+        "connection",
+        "head_bytes",
+        "head_read",
+        "header_entries",
+        "length",
+        "method",
+        "received_any",
+        "receiver",
+        "request_done",
+        "response",
+        "response_done",
+        "sent",
+        "status",
+        "switching",
+        "trailer_bytes",
+        "upgrade",
+    )
 
     def __init__(
         self,
@@ -97,12 +98,34 @@ class UpstreamExchange:
         self.body = body
         self.length = length
         self.chunked = body is not None and length is None
+        self.sent = 0
+        self.response: UpstreamResponse | None = None
         self.request_done = body is None
+        self.response_done = False
+        self.head_bytes = 0
+        """Bytes of the head's whole lines, as the parser reports them."""
+        self.head_read = 0
+        """Bytes of the reads that ended before the head was complete (all head)."""
+        self.trailer_bytes = 0
+        self.between_body = 0
+        """Bytes read since the last body byte, once the head is in (chunk framing, trailers)."""
+        self.complete: bool | None = None
+        """The response ended within the read being parsed: whether its connection may be kept (acted on once the
+        whole read is parsed)."""
         self.header_entries: dict[bytes, tuple[bytes, list[bytes]]] = {}
         """The head's fields as `Fields.entries` holds them, filled by the connection as each line is parsed
         (`UpstreamConnection.on_header`): lower-cased name -> (name as spelt, values without trailing whitespace)."""
+        self.status = b""
+        self.received_any = False
+        self.body_seen = 0
+        """Body bytes the parser has handed over."""
         self.upgrade = upgrade
         """The request asks to switch to WebSocket: a `101` switching to it is taken."""
+        self.switching = False
+        """The response is a `101` switching to WebSocket: handed over once the read past its head is known."""
+        self.body_left: int | None = None
+        """Once a Content-Length body is under way: its bytes still to come, read past the parser (a body's bytes
+        need no parsing, and each read is relayed as it came, not sliced by the parser into a copy)."""
 
     # --- httptools callbacks ------------------------------------------------------------------------------------
 

@@ -85,23 +85,21 @@ class UpstreamResponse:
     sent), its body length (`UNKNOWN_LENGTH` unless a Content-Length framed it; 0 for HEAD, 204 and 304), and its
     body, delivered to the protocol `deliverBody` is given."""
 
-    # What every response starts with, as class attributes: `__init__` sets only what differs per response.
-    length: int | object = UNKNOWN_LENGTH
-    close_delimited = False
-    """Its body runs to the connection's close (neither Content-Length nor chunked framing)."""
-    _protocol: IProtocol | None = None
-    _ended: Failure | None = None
-    tunnel_rest = b""
-    """For a `101` switching to WebSocket: what the upstream sent after the head (the tunnel's first bytes)."""
-
     def __init__(self, connection: UpstreamConnection, code: int, phrase: bytes, version: str, headers: Fields):
         self._connection = connection
         self.code = code
         self.phrase = phrase
         self.version = (b"HTTP", 1, 1) if version == "1.1" else (b"HTTP", 1, 0)
         self.headers = headers
+        self.length: int | object = UNKNOWN_LENGTH
+        self.close_delimited = False
+        """Its body runs to the connection's close (neither Content-Length nor chunked framing)."""
+        self._protocol: IProtocol | None = None
         self._held: list[bytes] = []
+        self._ended: Failure | None = None
         self._transport = _BodyTransport(connection)
+        self.tunnel_rest = b""
+        """For a `101` switching to WebSocket: what the upstream sent after the head (the tunnel's first bytes)."""
 
     def switch_protocols(
         self, tunnel: Callable[[bytes], object], lost: Callable[[Failure], object]

@@ -26,24 +26,35 @@ __all__ = ["ConnectionOwner", "Message", "RequestHandler"]
 class Message:
     """A request as read: its head once complete, then whether its body has ended. Held while pipelined."""
 
-    # What every request starts as, as class attributes: `__init__` makes only the containers of its own.
-    method = b""
-    target = b""
-    version = b""
-    length: int | None = 0
-    """The Content-Length, 0 without a body, None for a chunked body."""
-    keep_alive = False
-    body: deque[bytes] | None = None
-    """Body chunks read while the message waits its turn (pipelined)."""
-    ended = False
-    upgrade = False
-    """It asks to switch to WebSocket (RFC 6455 section 4.1: a GET of HTTP/1.1 without a body, with
-    `Upgrade: websocket` and `Connection: Upgrade`); other upgrades are not passed on."""
+    __slots__ = (
+        "body",
+        "ended",
+        "headers",
+        "keep_alive",
+        "length",
+        "method",
+        "target",
+        "target_parts",
+        "upgrade",
+        "version",
+    )
 
     def __init__(self) -> None:
+        self.method = b""
         self.target_parts: list[bytes] = []
         """The target as llhttp hands it over, in pieces (a long one comes in several), until the line is read."""
+        self.target = b""
+        self.version = b""
         self.headers = Fields()
+        self.length: int | None = 0
+        """The Content-Length, 0 without a body, None for a chunked body."""
+        self.keep_alive = False
+        self.body: deque[bytes] | None = None
+        """Body chunks read while the message waits its turn (pipelined)."""
+        self.ended = False
+        self.upgrade = False
+        """It asks to switch to WebSocket (RFC 6455 section 4.1: a GET of HTTP/1.1 without a body, with
+        `Upgrade: websocket` and `Connection: Upgrade`); other upgrades are not passed on."""
 
 
 class RequestHandler(TypingProtocol):
