@@ -52,68 +52,62 @@ class Endings:
     head's admission and what the client connection reports). Nothing here calls those: the layers above call down.
     """
 
-    # The state every request starts with, as class attributes: `__init__` sets only what differs per request
-    # (some forty attribute writes fewer for each). Each is set on the instance when it changes.
-    _tunnel: Tunnel | None = None
-    """Once the upstream switched: the tunnel the two connections are (phase TUNNEL)."""
-    code = 200
-    _phrase = b"OK"
-    startedWriting = False
-    sentLength = 0
-    """Body bytes of the response written to the client."""
-    _disconnected = False
-    phase = Phase.HEAD
-    ending = ""
-    """How the request ended, for logs and tests: "completed", "answered", "client_gone", or why it was cut."""
-    error: GatewayError | None = None
-    """The error the gateway answered with itself, if any."""
-    request_id = ""
-    route: Route | None = None
-    _has_body = False
-    body = Body.EXPECTED
-    """The request side's state (a request without a body has one of no bytes, read when its head ends)."""
-    _timing = False
-    """Whether the connection's timer measures a wait of this exchange (see `_arm_timer`)."""
-    pool: UpstreamPool | None = None
-    """The pool of the route's upstream, once the request was admitted."""
-    _slot_held = False
-    _waiting: Deferred[Any] | None = None
-    _upstream_request: Cancellable | None = None
-    """The upstream request under way until its response head (or its failure) came."""
-    _upstream_headers: Fields
-    """The headers the upstream request is sent with, once the request was admitted."""
-    _pipe: RequestBodyPipe | None = None
-    _relay: ResponseRelay | None = None
-    _response: UpstreamResponse | None = None
-    _target = b""
-    _pending: PendingVerdict | None = None
-    """The admission verdict being waited for, and what is held meanwhile (phase ADMITTING)."""
-    _lingered = 0
-    """Body bytes read and dropped while lingering."""
-    _release: Any = None
-    """Gives back the consumer's concurrency slot; called once, when the request ends however it ends."""
-    _admitted_headers: Any = ()
-    """Headers admission gives every response to this request (its rate limit)."""
-    upstream_address: str | None = None
-    """The server the request went to (for the access log), once it had a connection."""
-    attempts = 0
-    """Tries of the upstream request, up to the one whose connection answered (retries add to it)."""
-    tls_info: tuple[str | None, str | None] = (None, None)
-    """The TLS version and cipher of the connection (its handshake is over before a request's first byte)."""
-    # For the access log: when the head was decided, got an upstream slot and its response head (`began`, when the
-    # head began, is set by `__init__`).
-    decided_at: float | None = None
-    queued_at: float | None = None
-    slot_at: float | None = None
-    sent_at: float | None = None
-    response_at: float | None = None
-    body_bytes = 0
-    """Body bytes of the request read from the client."""
-    consumer: str | None = None
-    refusal: GatewayError | None = None
-    """The error the connection refused this request's body with (it then closes the connection)."""
-    cut_by: str | None = None
-    """Why the gateway is about to cut the connection under this request ("drain_timeout")."""
+    __slots__ = (
+        "_admitted_headers",
+        "_clock",
+        "_connection",
+        "_disconnected",
+        "_draining",
+        "_has_body",
+        "_length",
+        "_lingered",
+        "_pending",
+        "_phrase",
+        "_pipe",
+        "_relay",
+        "_release",
+        "_response",
+        "_slot_held",
+        "_target",
+        "_timing",
+        "_tls",
+        "_tunnel",
+        "_upgrade",
+        "_upstream_headers",
+        "_upstream_request",
+        "_waiting",
+        "attempts",
+        "began",
+        "body",
+        "body_bytes",
+        "client",
+        "clientproto",
+        "code",
+        "consumer",
+        "cut_by",
+        "decided_at",
+        "ending",
+        "error",
+        "gateway",
+        "method",
+        "path",
+        "phase",
+        "pool",
+        "queued_at",
+        "refusal",
+        "requestHeaders",
+        "request_id",
+        "responseHeaders",
+        "response_at",
+        "route",
+        "sentLength",
+        "sent_at",
+        "slot_at",
+        "startedWriting",
+        "tls_info",
+        "upstream_address",
+        "uri",
+    )
 
     def __init__(self, gateway: Gateway, connection: ClientEnd, message: Message, draining: bool) -> None:
         self.gateway = gateway
@@ -129,12 +123,66 @@ class Endings:
         self._draining = draining
         self._upgrade = message.upgrade
         """The request asks to switch to WebSocket."""
+        self._tunnel: Tunnel | None = None
+        """Once the upstream switched: the tunnel the two connections are (phase TUNNEL)."""
         self.client = connection.getPeer()
+        self.code = 200
+        self._phrase = b"OK"
         self.responseHeaders = Fields()
-        if self._tls:
-            self.tls_info = connection.tls_info
+        self.startedWriting = False
+        self.sentLength = 0
+        """Body bytes of the response written to the client."""
+        self._disconnected = False
+        self.phase = Phase.HEAD
+        self.ending = ""
+        """How the request ended, for logs and tests: "completed", "answered", "client_gone", or why it was cut."""
+        self.error: GatewayError | None = None
+        """The error the gateway answered with itself, if any."""
+        self.request_id = ""
+        self.route: Route | None = None
+        self._has_body = False
+        self.body = Body.EXPECTED
+        """The request side's state (a request without a body has one of no bytes, read when its head ends)."""
+        self._timing = False
+        """Whether the connection's timer measures a wait of this exchange (see `_arm_timer`)."""
+        self.pool: UpstreamPool | None = None
+        """The pool of the route's upstream, once the request was admitted."""
+        self._slot_held = False
+        self._waiting: Deferred[Any] | None = None
+        self._upstream_request: Cancellable | None = None
+        """The upstream request under way until its response head (or its failure) came."""
+        self._pipe: RequestBodyPipe | None = None
+        self._relay: ResponseRelay | None = None
+        self._response: UpstreamResponse | None = None
+        self._target = b""
+        self._pending: PendingVerdict | None = None
+        """The admission verdict being waited for, and what is held meanwhile (phase ADMITTING)."""
+        self._lingered = 0
+        """Body bytes read and dropped while lingering."""
+        self._release: Any = None
+        """Gives back the consumer's concurrency slot; called once, when the request ends however it ends."""
+        self._admitted_headers: Any = ()
+        """Headers admission gives every response to this request (its rate limit)."""
+        self.upstream_address: str | None = None
+        """The server the request went to (for the access log), once it had a connection."""
+        self.attempts = 0
+        """Tries of the upstream request, up to the one whose connection answered (retries add to it)."""
+        self.tls_info: tuple[str | None, str | None] = connection.tls_info if self._tls else (None, None)
+        """The TLS version and cipher of the connection (its handshake is over before a request's first byte)."""
+        # For the access log: when the head began, was decided, got an upstream slot and its response head.
         self.began = self._clock.seconds()
-        """When the head began (for the access log's durations)."""
+        self.decided_at: float | None = None
+        self.queued_at: float | None = None
+        self.slot_at: float | None = None
+        self.sent_at: float | None = None
+        self.response_at: float | None = None
+        self.body_bytes = 0
+        """Body bytes of the request read from the client."""
+        self.consumer: str | None = None
+        self.refusal: GatewayError | None = None
+        """The error the connection refused this request's body with (it then closes the connection)."""
+        self.cut_by: str | None = None
+        """Why the gateway is about to cut the connection under this request ("drain_timeout")."""
 
     @property
     def relay(self) -> ResponseRelay | None:

@@ -62,6 +62,8 @@ class Exchange(Forwarding):
     """One client request, proxied: made by the client connection (`gateway.http1.server`) once the request's head
     is read, told of its body as it comes, answering through the connection (`gateway.proxy.client_end`)."""
 
+    __slots__ = ()
+
     # --- what the client connection calls ------------------------------------------------------------------
 
     def begin(self) -> None:

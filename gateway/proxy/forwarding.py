@@ -55,6 +55,8 @@ class Forwarding(Endings):
     sent (its body through a `RequestBodyPipe`), and the response relayed (its body through a `ResponseRelay`).
     The pool's connection answers here (`gateway.http1.response.ResponseReceiver`)."""
 
+    __slots__ = ()
+
     def _start(self, decision: Admit, length: int | None, allow: Allow) -> None:
         route = self.route = decision.route
         gateway = self.gateway
