@@ -54,17 +54,17 @@ class ReadSizer:
     WINDOW: Final = 0.1
     """Seconds over which the client's pace is judged."""
 
-    # What every sizer starts with, as class attributes: `__init__` sets only what differs per response.
-    _window_bytes = 0
-    _since_pause = 0
-    _kept_up = 0
-    size = MIN
+    __slots__ = ("_apply", "_clock", "_kept_up", "_max", "_since_pause", "_window_bytes", "_window_start", "size")
 
     def __init__(self, apply: Callable[[int], object], clock: IReactorTime, *, maximum: int = MAX) -> None:
         self._apply = apply
         self._clock = clock
         self._max = maximum
         self._window_start = clock.seconds()
+        self._window_bytes = 0
+        self._since_pause = 0
+        self._kept_up = 0
+        self.size = self.MIN
         apply(self.MIN)
 
     def relayed(self, length: int) -> None:
