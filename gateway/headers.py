@@ -106,8 +106,6 @@ _FORWARDING = frozenset((_XFF, _XFP, _XFH, _XRID, _VIA, *_PROXY_SET))
 _DROP_UPSTREAM = HOP_BY_HOP | _REMADE_UPSTREAM
 _DROP_CLIENT = HOP_BY_HOP | _REMADE_CLIENT
 _SPELLING = {name: canonical_name(name) for name in (_HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _SERVER)}
-_HOST_SPELT, _VIA_SPELT, _XFF_SPELT, _XFP_SPELT, _XFH_SPELT, _XRID_SPELT, _SERVER_SPELT = _SPELLING.values()
-"""Each as the gateway spells it, for the headers it sets (`raw[name] = (spelling, values)`)."""
 
 
 def _entries(headers: Fields | Headers) -> dict[bytes, tuple[bytes, list[bytes]]]:
@@ -120,8 +118,13 @@ def _entries(headers: Fields | Headers) -> dict[bytes, tuple[bytes, list[bytes]]
 
 def _values(headers: Fields | Headers, name: bytes) -> list[bytes] | None:
     """The values of `name` (lower-cased) in `headers`."""
-    entry = (headers.entries if isinstance(headers, Fields) else _entries(headers)).get(name)
+    entry = _entries(headers).get(name)
     return entry[1] if entry is not None else None
+
+
+def _set(raw: dict[bytes, tuple[bytes, list[bytes]]], name: bytes, values: list[bytes]) -> None:
+    """Set one of the gateway's own headers (`name` lower-cased), in its spelling."""
+    raw[name] = (_SPELLING[name], values)
 
 
 @functools.lru_cache(maxsize=256)
@@ -184,8 +187,7 @@ def websocket_upgrade(headers: Fields | Headers) -> bool:
 
 def request_id_of(headers: Fields | Headers) -> str:
     """The client's X-Request-ID when it is a sane token (visible ASCII, at most 200 bytes), else a new one."""
-    entry = (headers.entries if isinstance(headers, Fields) else _entries(headers)).get(_XRID)  # once a request
-    values = entry[1] if entry is not None else None
+    values = _values(headers, _XRID)
     if values and _REQUEST_ID.fullmatch(values[-1]):
         return values[-1].decode("ascii")
     # 128 random bits, as unlikely to repeat as uuid4().hex, from the process's PRNG (seeded by the OS when
@@ -205,9 +207,11 @@ def _end_to_end(source: _Entries, drop: frozenset[bytes], *, underscores: bool =
         named = _tokens(connection[1])
         if named:
             drop = drop | named
-    if underscores:
-        return {key: (name, list(values)) for key, (name, values) in source.items() if key not in drop}
-    return {key: (name, list(values)) for key, (name, values) in source.items() if key not in drop and b"_" not in key}
+    return {
+        key: (name, list(values))
+        for key, (name, values) in source.items()
+        if key not in drop and (underscores or b"_" not in key)
+    }
 
 
 def upstream_request_headers(
@@ -240,7 +244,7 @@ def upstream_request_headers(
     With `websocket` (the request asks to switch to WebSocket and its route allows it) the upgrade is asked of the
     upstream in turn: `Upgrade: websocket` and `Connection: Upgrade`, the only hop-by-hop headers that cross.
     """
-    source = client.entries if isinstance(client, Fields) else _entries(client)
+    source = _entries(client)
     out = Fields()
     raw = out.entries = _end_to_end(source, _DROP_UPSTREAM, underscores=underscores)
     removed = _lowered(frozenset(remove)) if remove else frozenset()
@@ -256,16 +260,15 @@ def upstream_request_headers(
         for name in [name for name in raw if b"_" in name and name.replace(b"_", b"-") in guarded]:
             del raw[name]
     for name, value in add:
-        # The client's copies are gone: every value here is ours (added as `Fields.addRawHeader` would).
-        raw.setdefault(name.lower(), (name, []))[1].append(value)
-    raw[_HOST] = (_HOST_SPELT, [host])
+        out.addRawHeader(name, value)  # the client's copies are gone: every value here is ours
+    _set(raw, _HOST, [host])
     forwarded_for = source.get(_XFF) if keep_forwarded_for else None
     ip = client_ip.encode("ascii")
-    raw[_XFF] = (_XFF_SPELT, [b", ".join([*forwarded_for[1], ip])] if forwarded_for else [ip])
-    raw[_XFP] = (_XFP_SPELT, [proto])
+    _set(raw, _XFF, [b", ".join([*forwarded_for[1], ip])] if forwarded_for else [ip])
+    _set(raw, _XFP, [proto])
     if client_host is not None:
-        raw[_XFH] = (_XFH_SPELT, [client_host])
-    raw[_XRID] = (_XRID_SPELT, [request_id.encode("ascii")])
+        _set(raw, _XFH, [client_host])
+    _set(raw, _XRID, [request_id.encode("ascii")])
     if via:
         _add_via(raw, source.get(_VIA), received_version + b" " + via)
     if websocket:
@@ -302,19 +305,19 @@ def client_response_headers(
     """Copy the upstream response headers `upstream` into the client response headers `target`, without the
     `hidden` ones (lower-cased names: by default Server and X-Powered-By, which tell clients the inner stack);
     with `server`, the gateway's own Server header replaces the upstream's."""
-    source = upstream.entries if isinstance(upstream, Fields) else _entries(upstream)
+    source = _entries(upstream)
     raw = target.entries
     raw.update(_end_to_end(source, _client_drop(hidden) if hidden else _DROP_CLIENT))
     if _XRID not in raw:
-        raw[_XRID] = (_XRID_SPELT, [request_id.encode("ascii")])
+        _set(raw, _XRID, [request_id.encode("ascii")])
     if via:
         _add_via(raw, source.get(_VIA), received_version + b" " + via)
     if server:
-        raw[_SERVER] = (_SERVER_SPELT, [server])
+        _set(raw, _SERVER, [server])
 
 
 def _add_via(raw: _Entries, existing: tuple[bytes, list[bytes]] | None, ours: bytes) -> None:
     if existing is not None:
         raw[_VIA] = (existing[0], [b", ".join([*existing[1], ours])])
     else:
-        raw[_VIA] = (_VIA_SPELT, [ours])
+        _set(raw, _VIA, [ours])

@@ -137,10 +137,7 @@ class UpstreamExchange:
 
     def on_status(self, status: bytes) -> None:
         self.status += status
-        if self.response is None:  # the head's bytes are counted where they come, without a call of their own
-            self.head_bytes += len(status)
-            if self.head_bytes > MAX_RESPONSE_HEAD:
-                raise BrokenResponse(head_too_large())
+        self._count_head(len(status))
 
     # A header line of the head is taken by the connection itself (`UpstreamConnection.on_header`).
 
@@ -150,11 +147,14 @@ class UpstreamExchange:
         if self.trailer_bytes > MAX_RESPONSE_HEAD:
             raise BrokenResponse(UpstreamBroken(f"the upstream sent trailers of more than {MAX_RESPONSE_HEAD} bytes"))
 
-    def on_headers_complete(self) -> None:
+    def _count_head(self, size: int) -> None:
         if self.response is None:
-            self.head_bytes += _STATUS_LINE_AND_END
+            self.head_bytes += size
             if self.head_bytes > MAX_RESPONSE_HEAD:
                 raise BrokenResponse(head_too_large())
+
+    def on_headers_complete(self) -> None:
+        self._count_head(_STATUS_LINE_AND_END)
         parser = self.connection.parser
         code = parser.get_status_code()
         if code == 101:

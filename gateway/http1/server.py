@@ -255,8 +255,7 @@ class ClientConnection(ConnectionLifecycle):
         if not self._line_done:
             self._request_line_done()
         self._in_head = False
-        if self._head_timer is not None:  # (a head complete within one read, as most are, had none)
-            self._cancel_head_timer()
+        self._cancel_head_timer()
         parser = self._parser
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
@@ -287,13 +286,7 @@ class ClientConnection(ConnectionLifecycle):
                     )
                 message.length = length
         message.keep_alive = parser.should_keep_alive()
-        if (
-            message.length == 0
-            and version == b"HTTP/1.1"
-            and message.method == b"GET"
-            and b"upgrade" in entries  # most requests have no Upgrade header: no call for them
-            and websocket_upgrade(headers)
-        ):
+        if message.length == 0 and version == b"HTTP/1.1" and message.method == b"GET" and websocket_upgrade(headers):
             message.upgrade = True
         if self.handler is None and not self._queued:
             self._serve(message)

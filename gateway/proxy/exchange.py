@@ -72,12 +72,8 @@ class Exchange(Forwarding):
         connection = self._connection
         self._has_body = length != 0
         self.request_id = request_id_of(self.requestHeaders)
-        if connection.persistent and (
-            (b"connection" in self.requestHeaders.entries and b"close" in connection_tokens(self.requestHeaders))
-            or self._draining
-        ):
+        if connection.persistent and (b"close" in connection_tokens(self.requestHeaders) or self._draining):
             # "close" among other options ("Connection: close, TE"); a draining gateway takes no next request.
-            # (Most requests have no Connection header: their options are not asked for.)
             self._close_after_response()
         decision = decide(
             RequestHead(self.method, self.uri, self.clientproto, self.requestHeaders, length),

@@ -199,9 +199,7 @@ class Forwarding(Endings):
         elif response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY_STATUSES:
             # Keep the upstream's framing when it had one (its Content-Length header is dropped with the rest of the
             # framing: the connection writes its own).
-            # (Set in the entries, as `setRawHeaders` would: once per response.)
-            length_entry = (b"Content-Length", [b"%d" % response.length])  # type: ignore[str-format]  # an int: not UNKNOWN_LENGTH
-            self.responseHeaders.entries[b"content-length"] = length_entry
+            self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])  # type: ignore[str-format]  # an int: not UNKNOWN_LENGTH
         if self._has_body and self.body is not Body.READ:
             self._close_after_response()  # an early answer: the rest of the body must not be read as a request
         self._enter(Phase.STREAMING)
@@ -229,7 +227,7 @@ class Forwarding(Endings):
 
     def _response_head(self, response: UpstreamResponse, route: Route) -> None:
         """The status and headers relayed to the client: the upstream's end-to-end ones, then the gateway's."""
-        self.code, self._phrase = response.code, response.phrase
+        self._set_status(response.code, response.phrase)
         server = self.gateway.server
         client_response_headers(
             response.headers,

@@ -78,7 +78,7 @@ def request_ended(exchange: Endings) -> None:
         gateway.metrics.observe_request(
             route.name if route is not None else "",
             route.upstream.name if route is not None and exchange.pool is not None else "",
-            exchange.code if exchange.startedWriting else ended_status(exchange),  # the first case without a call
+            ended_status(exchange),
             exchange.ending or "client_gone",
             total=gateway.clock.seconds() - began,
             ttfb=None if response_at is None else response_at - began,
