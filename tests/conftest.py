@@ -28,10 +28,9 @@ from tests.support.running import RunningGateway, start_gateway
 
 def pytest_report_header() -> str:
     """Whether the run tests the request path compiled by mypyc (setup.py) or interpreted."""
-    import gateway.http1.server
+    from gateway.operations.about import build
 
-    compiled = gateway.http1.server.__file__.endswith(".so")
-    return "gateway: request path compiled by mypyc" if compiled else "gateway: interpreted"
+    return "gateway: request path compiled by mypyc" if build() == "compiled" else "gateway: interpreted"
 
 
 def _sockets() -> set[str]:
