@@ -463,6 +463,20 @@ def test_connection_close_from_the_client_is_announced_when_the_handler_set_no_c
     assert w.transport.lost
 
 
+def test_header_values_lose_the_trailing_whitespace_llhttp_keeps(wire: Callable[..., Wire]) -> None:
+    """llhttp drops the whitespace before a value and keeps what follows it: the message's fields hold neither,
+    names keep their spelling and values their inner spaces."""
+    w = wire()
+    w.send(get(b"/", b"X-Pad: a b \t ", b"X-Tab:\tv\t", b"X-Plain: p", b"X-Empty: "))
+    headers = w.handler().message.headers
+    assert [(name, values) for name, values in headers.getAllRawHeaders() if name.startswith(b"X-")] == [
+        (b"X-Pad", [b"a b"]),
+        (b"X-Tab", [b"v"]),
+        (b"X-Plain", [b"p"]),
+        (b"X-Empty", [b""]),
+    ]
+
+
 # === request bodies =================================================================================================
 
 

@@ -13,9 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar, overload
 
-__all__ = ["Fields", "HeaderLookup"]
+__all__ = ["Fields", "HeaderLookup", "field_value"]
 
 _T = TypeVar("_T")
+
+
+def field_value(value: bytes) -> bytes:
+    """A header value as llhttp hands it, without the trailing whitespace llhttp keeps (rarely any: looked for
+    before a method call is made for it, as this runs for every header line)."""
+    if value.endswith(b" ") or value.endswith(b"\t"):
+        return value.rstrip(b" \t")
+    return value
 
 
 class Fields:

@@ -34,7 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 
 from gateway.errors import UpstreamBroken
 from gateway.http1.exchange import MAX_RESPONSE_HEAD, BrokenResponse, UpstreamExchange, head_too_large
-from gateway.http1.fields import Fields
+from gateway.http1.fields import Fields, field_value
 from gateway.http1.heads import LAST_CHUNK, request_head
 from gateway.http1.response import Cancellable, ResponseReceiver
 from gateway.http1.transports import IConnectionTransport
@@ -105,7 +105,7 @@ class UpstreamConnection(Protocol):
         exchange.head_bytes += len(name) + len(value) + 4
         if exchange.head_bytes > MAX_RESPONSE_HEAD:
             raise BrokenResponse(head_too_large())
-        exchange.header_entries.setdefault(name.lower(), (name, []))[1].append(value.rstrip(b" \t"))
+        exchange.header_entries.setdefault(name.lower(), (name, []))[1].append(field_value(value))
 
     def on_headers_complete(self) -> None:
         self._parsing.on_headers_complete()  # type: ignore[union-attr]

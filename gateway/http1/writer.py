@@ -19,6 +19,9 @@ from gateway.http1.transports import IConnectionTransport
 __all__ = ["ResponseWriter", "refusal_bytes"]
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_STATUS_LINE_START = b"HTTP/1.1 "
+_CODES = {code: b"%d" % code for code in range(100, 600)}
+"""Each status code's digits, made once rather than formatted into each response's status line."""
 
 
 def refusal_bytes(error: GatewayError, request_id: str, *, head_request: bool = False, server: str = "") -> bytes:
@@ -64,7 +67,7 @@ class ResponseWriter(Protocol):
         HEAD, a 204 or 304, and a `101 Switching Protocols` (after which the connection is a tunnel) have no body."""
         self.response_started = True
         body_allowed = not head_request and code not in _NO_BODY_STATUSES and code >= 200  # 101: none
-        parts = [b"HTTP/1.1 %d %s\r\n" % (code, phrase)]
+        parts = [_STATUS_LINE_START, _CODES.get(code) or b"%d" % code, b" ", phrase, CRLF]
         entries = headers.entries
         for name, values in entries.values():
             for value in values:

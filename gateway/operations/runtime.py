@@ -66,4 +66,6 @@ def make_gateway(
         gatekeeper=Gatekeeper(config.admission, reactor=reactor, store=store, shared=shared, previous=old_gatekeeper),
         access_log=access_log if access_log is not None and access_log.enabled else None,
         metrics=metrics,
+        via=config.server.via.encode("ascii"),
+        server_header=config.server.server_header.encode("ascii"),
     )

@@ -31,6 +31,10 @@ class Gateway:
     gatekeeper: Gatekeeper
     access_log: AccessLog | None = None
     metrics: Metrics | None = None
+    via: bytes = b""
+    """`server.via` as the Via headers carry it (empty: none), encoded once rather than for each message."""
+    server_header: bytes = b""
+    """`server.server_header`, encoded once: the Server header of responses (empty: the upstream's, if shown)."""
 
     @property
     def observed(self) -> bool:

@@ -266,8 +266,8 @@ class Endings:
         self._set_status(status, reason_phrase(status))
         headers = self.responseHeaders
         headers.setRawHeaders(b"X-Request-ID", [self.request_id.encode("ascii")])
-        if self.gateway.server.server_header:
-            headers.setRawHeaders(b"Server", [self.gateway.server.server_header.encode("ascii")])
+        if self.gateway.server_header:
+            headers.setRawHeaders(b"Server", [self.gateway.server_header])
         if self.route is not None and self.route.strict_transport_security and self._tls:
             headers.setRawHeaders(b"Strict-Transport-Security", [self.route.strict_transport_security])
         self._enter(Phase.SENT, "answered")

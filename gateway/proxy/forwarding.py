@@ -84,7 +84,6 @@ class Forwarding(Endings):
             host = client_host[0]
         else:
             host = _host_value(route.upstream.host, route.upstream.port)
-        via = gateway.server.via.encode("ascii")
         client_ip = getattr(self.client, "host", "unknown")
         trusted = gateway.server.trusted_proxies
         self._upstream_headers = upstream_request_headers(
@@ -94,9 +93,9 @@ class Forwarding(Endings):
             host=host,
             client_host=client_host[0] if client_host else None,
             proto=b"https" if self._tls else b"http",
-            via=via,
+            via=gateway.via,
             request_id=self.request_id,
-            received_version=self.clientproto.rpartition(b"/")[2],
+            received_version=self.clientproto[5:],  # b"HTTP/1.1" -> b"1.1"
             underscores=gateway.server.underscores_in_headers,
             remove=allow.remove,
             add=allow.upstream_headers,
@@ -228,15 +227,15 @@ class Forwarding(Endings):
     def _response_head(self, response: UpstreamResponse, route: Route) -> None:
         """The status and headers relayed to the client: the upstream's end-to-end ones, then the gateway's."""
         self._set_status(response.code, response.phrase)
-        server = self.gateway.server
+        gateway = self.gateway
         client_response_headers(
             response.headers,
             self.responseHeaders,
-            via=server.via.encode("ascii"),
+            via=gateway.via,
             request_id=self.request_id,
-            received_version=b"%d.%d" % response.version[1:],
+            received_version=b"1.1" if response.version[2] == 1 else b"1.0",
             hidden=route.hide_response_headers,
-            server=server.server_header.encode("ascii"),
+            server=gateway.server_header,
         )
         if route.strict_transport_security and self._tls:
             self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [route.strict_transport_security])

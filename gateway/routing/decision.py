@@ -15,6 +15,7 @@ the Host header's host, else 400; a path that could resolve outside its route's 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -49,6 +50,8 @@ FORWARDED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 """The methods named in a 405's Allow header, with the route's own extras: the standard methods the gateway
 forwards (it forwards any other method token too, except those it refuses)."""
 
+_METHOD_NAMES = {method.encode("ascii"): method for method in FORWARDED_METHODS}
+"""The common methods' names, without decoding them on each request."""
 
 # RequestHead and Admit, made once per request, are plain classes rather than dataclasses: the compiled build
 # (setup.py) compiles a class's own __init__, but a dataclass's is generated at import and stays interpreted.
@@ -100,24 +103,27 @@ def decide(head: RequestHead, router: Router) -> Admit | Reject:
     """
     if not _TARGET.fullmatch(head.target):
         return Reject(BadRequest("the request target may contain only visible ASCII characters"))
-    method = head.method.decode("latin-1").upper()  # methods are case-sensitive, but an upstream may not be
+    # Methods are case-sensitive, but an upstream may not be: "connect" is refused as CONNECT is.
+    method = _METHOD_NAMES.get(head.method) or head.method.decode("latin-1").upper()
     if method == "CONNECT":
         # Tunnelling is what a forward proxy does; the gateway is not one, whatever the target or route.
         return Reject(MethodNotAllowed("CONNECT is not served: this gateway is not a forward proxy", _allow(None)))
     hosts = head.headers.getRawHeaders(b"host")
     if head.version == b"HTTP/1.1" and (not hosts or len(hosts) != 1):
         return Reject(BadRequest("an HTTP/1.1 request must carry exactly one Host header (RFC 9112 section 3.2)"))
-    if hosts and (len(hosts) != 1 or not _HOST.fullmatch(hosts[0])):
-        # Two Hosts (HTTP/1.0 too), or one that is no host[:port] ("a, b", a control byte): which one would
-        # the upstream, a cache or a log believe? Refused rather than guessed (RFC 9112 section 3.2).
-        return Reject(BadRequest("the Host header must be one host name or address, with an optional port"))
+    host = None
+    if hosts:
+        host = _host_name(hosts)
+        if host is None:
+            # Two Hosts (HTTP/1.0 too), or one that is no host[:port] ("a, b", a control byte): which one would
+            # the upstream, a cache or a log believe? Refused rather than guessed (RFC 9112 section 3.2).
+            return Reject(BadRequest("the Host header must be one host name or address, with an optional port"))
     target = head.target
     if not target.startswith(b"/"):  # origin-form (most requests) passes as it is, without a call
         origin = _origin_form(target, hosts[0] if hosts else None, method)
         if isinstance(origin, GatewayError):
             return Reject(origin)
         target = origin
-    host = host_without_port(hosts[0]) if hosts else None
     try:
         path = routing_path(target.partition(b"?")[0])
     except PathRefused as e:
@@ -134,6 +140,27 @@ def decide(head: RequestHead, router: Router) -> Admit | Reject:
             route,
         )
     return Admit(route, upstream_target(route, target))
+
+
+_HOST_NAMES: dict[bytes, str] = {}
+"""Host values seen, each checked once per process -> the host name they are routed by (a gateway sees a few)."""
+_HOST_NAMES_KEPT = 1024
+"""How many `_HOST_NAMES` keeps: the Host values a client makes up are checked each time, never kept."""
+
+
+def _host_name(hosts: Sequence[bytes]) -> str | None:
+    """The host name one Host header names, to route by; None when there are several or it is no host[:port]."""
+    if len(hosts) != 1:
+        return None
+    value = hosts[0]
+    name = _HOST_NAMES.get(value)
+    if name is None:
+        if not _HOST.fullmatch(value):
+            return None
+        name = host_without_port(value)
+        if len(_HOST_NAMES) < _HOST_NAMES_KEPT:
+            _HOST_NAMES[value] = name
+    return name
 
 
 def _allow(route: Route | None) -> tuple[str, ...]:

@@ -40,8 +40,9 @@ def _escape_table() -> dict[bytes, bytes]:
 
 
 _ESCAPES = _escape_table()
-_PLAIN = re.compile(rb"[^%\\;]*")
-"""A path without escapes, backslashes or parameters: its routing path is itself unless it has "//" or a dot."""
+_PLAIN = re.compile(rb"[^%\\;#]*")
+"""A path without escapes, backslashes, parameters or a fragment: its routing path is itself unless it has "//"
+or a dot."""
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})|%00")
 _TWO = operator.itemgetter(slice(None, 2))
 _AFTER_TWO = operator.itemgetter(slice(2, None))
@@ -68,12 +69,14 @@ class PathRefused(ValueError):
 def routing_path(path: bytes) -> bytes:
     """The path to route `path` (a request path, without the query) by; raises `PathRefused` for a path that
     must not be forwarded. See `gateway.routing.router` for the rule."""
-    if b"#" in path:
-        raise PathRefused('the path has a "#" (a fragment is never sent, and upstreams cut the path there)')
-    if _PLAIN.fullmatch(path) and b"//" not in path:
-        if b"/." in path:
+    # `bytes.find` rather than `in`: `b"#" in path` first tries the needle as an integer, and a bytes needle makes
+    # that raise and clear a TypeError (about 250 ns, on every request).
+    if _PLAIN.fullmatch(path) and path.find(b"//") == -1:
+        if path.find(b"/.") != -1:
             _check_segments(path)
         return path
+    if path.find(b"#") != -1:
+        raise PathRefused('the path has a "#" (a fragment is never sent, and upstreams cut the path there)')
     return _normalise(path)
 
 
