@@ -222,8 +222,8 @@ def _end_to_end(source: _Entries, drop: frozenset[bytes], *, underscores: bool =
     # Two lookups rather than one in `drop | named`: that union would be a new set for each message with a
     # Connection header ("keep-alive" in most responses).
     return {
-        key: (name, list(values))
-        for key, (name, values) in source.items()
+        key: entry  # shared, not copied: see `Fields.entries`
+        for key, entry in source.items()
         if key not in drop and key not in named and (underscores or _UNDERSCORE not in key)
     }
 
@@ -327,8 +327,12 @@ def client_response_headers(
     `hidden` ones (lower-cased names: by default Server and X-Powered-By, which tell clients the inner stack);
     with `server`, the gateway's own Server header replaces the upstream's."""
     source = _entries(upstream)
+    kept = _end_to_end(source, _client_drop(hidden) if hidden else _DROP_CLIENT)
     raw = target.entries
-    raw.update(_end_to_end(source, _client_drop(hidden) if hidden else _DROP_CLIENT))
+    if raw:
+        raw.update(kept)
+    else:
+        raw = target.entries = kept  # the commonest case: nothing set yet, no second dict
     if _XRID not in raw:
         _set(raw, _XRID, [request_id.encode("ascii")])
     if via:

@@ -160,6 +160,22 @@ def test_request_does_not_change_client_headers() -> None:
     assert sorted(client.getAllRawHeaders()) == before
 
 
+def test_fields_built_from_others_share_no_change_with_them() -> None:
+    """The copies share their value lists with the fields they came from (`Fields.entries`); adding a value to a
+    copy, or to the original, leaves the other as it was."""
+    client = headers((b"X-A", b"1"), (b"Vary", b"Accept"), (b"Host", b"gw"))
+    sent = upstream(client)
+    sent.addRawHeader(b"x-a", b"2")
+    client.addRawHeader(b"Vary", b"Origin")
+    assert client.getRawHeaders(b"x-a") == [b"1"]
+    assert sent.getRawHeaders(b"vary") == [b"Accept"]
+    origin = headers((b"Vary", b"Accept"), (b"X-B", b"b"))
+    relayed = response(origin)
+    relayed.addRawHeader(b"Vary", b"Origin")  # as CORS or admission's headers do
+    assert origin.getRawHeaders(b"vary") == [b"Accept"]
+    assert relayed.getRawHeaders(b"vary") == [b"Accept", b"Origin"]
+
+
 # --- upstream_request_headers: what is added ------------------------------------------------------------------
 
 

@@ -33,7 +33,9 @@ class Fields:
 
     def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
         self.entries: dict[bytes, tuple[bytes, list[bytes]]] = {}
-        """Lower-cased name -> (the name as spelt, its values). For `gateway.headers`, which copies fields in bulk."""
+        """Lower-cased name -> (the name as spelt, its values). For `gateway.headers`, which copies fields in bulk
+        and shares the entries (tuples and lists) between the copies: a list of values is never changed once its
+        message's head is read (methods here make a new one), so that copying fields copies no list."""
         for name, value in pairs:
             self.addRawHeader(name, value)
 
@@ -53,10 +55,8 @@ class Fields:
         """One more value of `name` (after those there are)."""
         key = name.lower()
         entry = self.entries.get(key)
-        if entry is None:
-            self.entries[key] = (name, [value])
-        else:
-            entry[1].append(value)
+        # A new list, never an append: fields copied from these may share the list (see `entries`).
+        self.entries[key] = (name, [value]) if entry is None else (entry[0], [*entry[1], value])
 
     def setRawHeaders(self, name: bytes, values: Iterable[bytes]) -> None:
         """`name` with exactly these values, spelt as given here."""
@@ -75,7 +75,7 @@ class Fields:
 
     def copy(self) -> Fields:
         copied = Fields()
-        copied.entries = {key: (name, list(values)) for key, (name, values) in self.entries.items()}
+        copied.entries = dict(self.entries)
         return copied
 
     def __repr__(self) -> str:
