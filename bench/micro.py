@@ -1,16 +1,18 @@
 """In-memory cost of one small proxied request: the gateway's Python work alone, without sockets or a kernel.
 
 A real GatewayFactory, client connection, Exchange and upstream pool run on a MemoryReactorClock; one client
-connection and one pooled upstream connection are StringTransports; each round trip sends a GET, answers it
-with a 100-byte response and reads the client's bytes. Reports microseconds of the process's CPU time per request
-(`time.process_time`, so that other processes on the machine count only through the caches they share; the best
-of several batches). Used to measure the effect of each change in the performance pass; not a substitute for the
-loopback benchmarks in `bench/run.py`.
+connection (or `--connections`) and its pooled upstream connection are StringTransports; each round trip sends a
+GET, answers it with a 100-byte response and reads the client's bytes. Reports microseconds of the process's CPU
+time per request (`time.process_time`, so that other processes on the machine count only through the caches they
+share; the best of several batches). Used to measure the effect of each change in the performance pass; not a
+substitute for the loopback benchmarks in `bench/run.py`.
 
-Run: `.venv/bin/python bench/micro.py [--requests 20000] [--auth anonymous,key,jwt] [--count]`; `--auth` compares
-the route without authentication with an API-key route and a (cached) RS256 JWT route, in the same run; `--count`
-counts Python bytecodes and calls per request instead (under `sys.settrace`: the same figures on every run, which
-CPU time on a shared machine is not).
+Run: `.venv/bin/python bench/micro.py [--requests 20000] [--auth anonymous,key,jwt] [--connections 64] [--count]`.
+`--auth` compares the route without authentication with an API-key route and a (cached) RS256 JWT route, in the
+same run. `--connections` keeps that many requests in flight, each on its own client and upstream connection, and
+answers them in turn: the objects of many requests are live at once, as on sockets, where one connection keeps
+them all in the caches. `--count` counts Python bytecodes and calls per request instead (under `sys.settrace`: the
+same figures on every run, which CPU time on a shared machine is not).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _config(auth: str, directory: Path) -> dict[str, Any]:
     }
 
 
-def run(requests: int, auth: str = "anonymous") -> float:
+def run(requests: int, auth: str = "anonymous", connections: int = 1) -> float:
     reactor = MemoryReactorClock()
     with tempfile.TemporaryDirectory() as directory:
         config = parse(_config(auth, Path(directory)), source="micro")
@@ -94,26 +96,31 @@ def run(requests: int, auth: str = "anonymous") -> float:
     request = REQUEST if not credential else REQUEST[:-2] + credential + b"\r\n\r\n"
     metrics = Metrics(lambda: Live(0, {}, 0, 0, 0, 0))  # on, as in a running gateway (the access log is off)
     factory = GatewayFactory(make_gateway(config, reactor, metrics=metrics), clock=reactor)
-    channel = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 50000))
-    client = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 50000))
-    channel.makeConnection(client)
-    channel.dataReceived(request)
-    _host, _port, upstream_factory, _timeout, _bind = reactor.tcpClients[0]
-    upstream = upstream_factory.buildProtocol(None)
-    upstream_transport = StringTransport()
-    upstream.makeConnection(upstream_transport)
-    upstream.dataReceived(RESPONSE)
-    assert client.value().endswith(b"x" * 100), client.value()[-200:]
-    # The connection went back to the pool: every further request reuses it, as under keep-alive load.
+    ends = []
+    for n in range(connections):
+        # Each client connection's first request opens an upstream connection of its own: `connections`
+        # requests are in flight, as under wrk's load, and each is answered in turn.
+        peer = IPv4Address("TCP", "10.0.0.1", 50000 + n)
+        channel = factory.buildProtocol(peer)
+        client = StringTransport(peerAddress=peer)
+        channel.makeConnection(client)
+        channel.dataReceived(request)
+        _host, _port, upstream_factory, _timeout, _bind = reactor.tcpClients[n]
+        upstream = upstream_factory.buildProtocol(None)
+        upstream_transport = StringTransport()
+        upstream.makeConnection(upstream_transport)
+        ends.append((channel, client, upstream, upstream_transport))
+    # Every connection then serves request after request, kept alive, reusing its pooled upstream connection.
     started = time.process_time()
-    for _ in range(requests):
+    for turn in range(requests):
+        channel, client, upstream, upstream_transport = ends[turn % connections]
+        upstream.dataReceived(RESPONSE)
+        assert client.value().endswith(b"x" * 100), client.value()[-200:]
         client.clear()
         upstream_transport.clear()
         channel.dataReceived(request)
-        upstream.dataReceived(RESPONSE)
     elapsed = time.process_time() - started
-    assert client.value().endswith(b"x" * 100)
-    assert len(reactor.tcpClients) == 1, "the pooled connection was not reused"
+    assert len(reactor.tcpClients) == connections, "a pooled connection was not reused"
     return elapsed / requests * 1e6
 
 
@@ -149,6 +156,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--auth", default="anonymous", help="comma-separated: anonymous, key, jwt")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="client connections with a request in flight each, answered in turn (wrk's S5 has 64): the objects "
+        "of many requests are live at once, as on sockets",
+    )
     parser.add_argument("--count", action="store_true", help="count bytecodes and calls per request instead of timing")
     args = parser.parse_args()
     kinds = args.auth.split(",")
@@ -160,10 +174,11 @@ def main() -> None:
     best = {kind: float("inf") for kind in kinds}
     for _ in range(args.batches):  # interleaved, so that a noisy moment costs every kind alike
         for kind in kinds:
-            best[kind] = min(best[kind], run(args.requests, kind))
+            best[kind] = min(best[kind], run(args.requests, kind, args.connections))
     for kind in kinds:
         ratio = f" ({best[kind] / best[kinds[0]]:.2f}x {kinds[0]})" if kind != kinds[0] else ""
-        print(f"{kind}: {best[kind]:.1f} us per request{ratio} (best of {args.batches} batches of {args.requests})")
+        batches = f"best of {args.batches} batches of {args.requests}, {args.connections} connection(s)"
+        print(f"{kind}: {best[kind]:.1f} us per request{ratio} ({batches})")
 
 
 if __name__ == "__main__":
