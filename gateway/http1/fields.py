@@ -13,17 +13,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar, overload
 
-__all__ = ["Fields", "HeaderLookup", "field_value"]
+__all__ = ["Fields", "HeaderLookup", "read_field"]
 
 _T = TypeVar("_T")
 
 
-def field_value(value: bytes) -> bytes:
-    """A header value as llhttp hands it, without the trailing whitespace llhttp keeps (rarely any: looked for
-    before a method call is made for it, as this runs for every header line)."""
+def read_field(entries: dict[bytes, tuple[bytes, list[bytes]]], name: bytes, value: bytes) -> None:
+    """One header line as llhttp hands it, into the entries of a message whose head is being read: appended in
+    place, as no copy shares the list yet (see `Fields.entries`), without the trailing whitespace llhttp keeps
+    (rarely any: looked for before a method call is made for it, as this runs for every header line)."""
     if value.endswith(b" ") or value.endswith(b"\t"):
-        return value.rstrip(b" \t")
-    return value
+        value = value.rstrip(b" \t")
+    entries.setdefault(name.lower(), (name, []))[1].append(value)
 
 
 class Fields:

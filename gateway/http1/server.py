@@ -32,7 +32,7 @@ from gateway.addresses import canonical_ip
 from gateway.config import Listener
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, NotSupported, RequestLineTooLong
 from gateway.headers import websocket_upgrade
-from gateway.http1.fields import field_value
+from gateway.http1.fields import read_field
 from gateway.http1.framing import MAX_BODY_LENGTH, body_length
 from gateway.http1.heads import CRLF
 from gateway.http1.lifecycle import ConnectionLifecycle
@@ -246,9 +246,7 @@ class ClientConnection(ConnectionLifecycle):
             )
         if count > limits.max_header_count:
             self._refuse_in_parse(HeadersTooLarge(f"there are more than {limits.max_header_count} header fields"))
-        # Into the message's fields here (as `Fields.addRawHeader` would) rather than through it: once per line.
-        entries = self._message.headers.entries  # type: ignore[union-attr]  # set by on_message_begin
-        entries.setdefault(name.lower(), (name, []))[1].append(field_value(value))
+        read_field(self._message.headers.entries, name, value)  # type: ignore[union-attr]  # set by on_message_begin
 
     def on_headers_complete(self) -> None:
         message = self._message

@@ -34,7 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 
 from gateway.errors import UpstreamBroken
 from gateway.http1.exchange import MAX_RESPONSE_HEAD, BrokenResponse, UpstreamExchange, head_too_large
-from gateway.http1.fields import Fields, field_value
+from gateway.http1.fields import Fields, read_field
 from gateway.http1.heads import LAST_CHUNK, request_head
 from gateway.http1.response import Cancellable, ResponseReceiver
 from gateway.http1.transports import IConnectionTransport
@@ -100,12 +100,11 @@ class UpstreamConnection(Protocol):
         if exchange.response is not None:
             exchange.on_trailer(name, value)
             return
-        # The exchange's header line, here rather than in a call of its own (the commonest callback), into its
-        # fields as `Fields.addRawHeader` would, without the trailing whitespace llhttp keeps.
+        # The exchange's header line, here rather than in a call of its own (the commonest callback).
         exchange.head_bytes += len(name) + len(value) + 4
         if exchange.head_bytes > MAX_RESPONSE_HEAD:
             raise BrokenResponse(head_too_large())
-        exchange.header_entries.setdefault(name.lower(), (name, []))[1].append(field_value(value))
+        read_field(exchange.header_entries, name, value)
 
     def on_headers_complete(self) -> None:
         self._parsing.on_headers_complete()  # type: ignore[union-attr]

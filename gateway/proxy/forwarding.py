@@ -13,8 +13,6 @@ Rules this module keeps:
 
 from __future__ import annotations
 
-import functools
-
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -80,10 +78,7 @@ class Forwarding(Endings):
             )
         host_entry = self.requestHeaders.entries.get(b"host")
         client_host = host_entry[1] if host_entry is not None else None
-        if client_host and route.host_header == "client":
-            host = client_host[0]
-        else:
-            host = _host_value(route.upstream.host, route.upstream.port)
+        host = client_host[0] if client_host and route.host_header == "client" else self.pool.request_host
         client_ip = getattr(self.client, "host", "unknown")
         trusted = gateway.server.trusted_proxies
         self._upstream_headers = upstream_request_headers(
@@ -328,10 +323,3 @@ class Forwarding(Endings):
             return
         assert self.route is not None
         self._fail_before_response(upstream_error(failure, self.route, self.request_id))
-
-
-@functools.lru_cache(maxsize=256)
-def _host_value(host: str, port: int) -> bytes:
-    """The Host sent to an upstream at `host` and `port` (made once per upstream, as every request asks)."""
-    host = f"[{host}]" if ":" in host else host
-    return (host if port == 80 else f"{host}:{port}").encode("ascii")

@@ -61,6 +61,8 @@ class UpstreamPool:
         self.clock = reactor
         self.rng = rng if rng is not None else random.Random()
         self._slots = DeferredSemaphore(upstream.max_connections)
+        self.request_host = _request_host(upstream)
+        """The Host header of requests to it when its routes send the upstream's (host_header = "upstream")."""
         self._named = "the upstream" if upstream.inline else f"upstream {upstream.name}"
         """How its errors name it: an upstream a route gave as a URL by no address (see Upstream.inline); the
         request names it by its route (`UpstreamSaturated.naming`)."""
@@ -373,6 +375,12 @@ class UpstreamPool:
             self.resolver.stop()
         closing = [server.close() for server in self.servers if server not in self._handed_on]
         return DeferredList(closing).addCallback(lambda _: None)
+
+
+def _request_host(upstream: Upstream) -> bytes:
+    """The upstream's host, with its port unless it is 80."""
+    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    return (host if upstream.port == 80 else f"{host}:{upstream.port}").encode("ascii")
 
 
 def _host_of(upstream: Upstream) -> str:

@@ -32,11 +32,9 @@ from gateway.routing.paths import prefix_end, routing_path
 __all__ = ["Router", "host_without_port", "prefix_matches", "upstream_target"]
 
 
-@functools.lru_cache(maxsize=256)
 def host_without_port(host: bytes) -> str:
     """The lower-cased host name of a Host header value, without its port ("[::1]:80" -> "[::1]") or the trailing
-    dot of a fully qualified name ("example.com." is "example.com" to DNS, to upstreams and to nginx). Kept for the
-    few Host values a gateway sees, as every request asks."""
+    dot of a fully qualified name ("example.com." is "example.com" to DNS, to upstreams and to nginx)."""
     text = host.decode("latin-1").strip().lower()
     if text.startswith("["):
         end = text.find("]")
