@@ -23,6 +23,7 @@ from setuptools.command.build_ext import build_ext
 # run at start-up or on the admin listener only.
 COMPILED = [
     "gateway/auth/gatekeeper.py",
+    "gateway/config/model.py",
     "gateway/headers.py",
     "gateway/http1/exchange.py",
     "gateway/http1/fields.py",

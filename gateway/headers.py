@@ -12,6 +12,7 @@ import functools
 import random
 import re
 from collections.abc import Sequence
+from typing import Final
 
 from twisted.web.http_headers import Headers
 
@@ -28,7 +29,7 @@ __all__ = [
     "websocket_upgrade",
 ]
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -44,14 +45,14 @@ HOP_BY_HOP = frozenset(
 """RFC 9110 §7.6.1 and the classic RFC 2616 §13.5.1 list, plus the non-standard Proxy-Connection."""
 
 # Request headers the gateway itself re-makes for the upstream, so the client's copies are dropped.
-_REMADE_UPSTREAM = frozenset(
+_REMADE_UPSTREAM: Final = frozenset(
     {b"host", b"content-length", b"expect", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
 )
 # Response headers re-made for the client: Content-Length comes from the upstream's framing, not its header.
-_REMADE_CLIENT = frozenset({b"content-length"})
+_REMADE_CLIENT: Final = frozenset({b"content-length"})
 
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
+_TOKEN: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,200}")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -64,23 +65,18 @@ def canonical_name(name: bytes) -> bytes:
 
 # How the gateway spells the headers it sets (as Twisted's Headers did, so what upstreams and clients see is
 # unchanged); the keys are the lower-cased names.
-_CONNECTION, _HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _SERVER = (
-    n
-    for n in (
-        b"connection",
-        b"host",
-        b"via",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-request-id",
-        b"server",
-    )
-)
+_CONNECTION: Final = b"connection"
+_HOST: Final = b"host"
+_VIA: Final = b"via"
+_XFF: Final = b"x-forwarded-for"
+_XFP: Final = b"x-forwarded-proto"
+_XFH: Final = b"x-forwarded-host"
+_XRID: Final = b"x-request-id"
+_SERVER: Final = b"server"
 # What proxies in front of an upstream set about the client and the request as it reached them, besides the
 # X-Forwarded-* the gateway makes itself: only a trusted proxy's pass; anyone else's are forged (client-address
 # libraries read any of the first group; frameworks build URLs from the second).
-_PROXY_SET = frozenset(
+_PROXY_SET: Final = frozenset(
     name
     for name in (
         b"forwarded",
@@ -102,10 +98,10 @@ _PROXY_SET = frozenset(
 )
 # The forwarding headers the gateway sets or guards, lower-cased: a CGI/WSGI upstream reads "X_Forwarded_For"
 # as one of them (only reachable with server.underscores_in_headers = true).
-_FORWARDING = frozenset((_XFF, _XFP, _XFH, _XRID, _VIA, *_PROXY_SET))
-_DROP_UPSTREAM = HOP_BY_HOP | _REMADE_UPSTREAM
-_DROP_CLIENT = HOP_BY_HOP | _REMADE_CLIENT
-_SPELLING = {name: canonical_name(name) for name in (_HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _SERVER)}
+_FORWARDING: Final = frozenset((_XFF, _XFP, _XFH, _XRID, _VIA, *_PROXY_SET))
+_DROP_UPSTREAM: Final = HOP_BY_HOP | _REMADE_UPSTREAM
+_DROP_CLIENT: Final = HOP_BY_HOP | _REMADE_CLIENT
+_SPELLING: Final = {name: canonical_name(name) for name in (_HOST, _VIA, _XFF, _XFP, _XFH, _XRID, _SERVER)}
 
 
 def _entries(headers: Fields | Headers) -> dict[bytes, tuple[bytes, list[bytes]]]:
@@ -127,11 +123,11 @@ def _set(raw: dict[bytes, tuple[bytes, list[bytes]]], name: bytes, values: list[
     raw[name] = (_SPELLING[name], values)
 
 
-_LOWERED: dict[frozenset[bytes], frozenset[bytes]] = {}
+_LOWERED: Final[dict[frozenset[bytes], frozenset[bytes]]] = {}
 """Sets of names from the config (a route's hidden headers, admission's identity headers), lower-cased once per
 process. A dict rather than `functools.lru_cache`, whose wrapper costs a compiled caller a generic call on each
 message; `_SETS_KEPT` bounds it."""
-_SETS_KEPT = 256
+_SETS_KEPT: Final = 256
 
 
 def _lowered(names: frozenset[bytes]) -> frozenset[bytes]:
@@ -143,9 +139,9 @@ def _lowered(names: frozenset[bytes]) -> frozenset[bytes]:
     return found
 
 
-_TOKENS_OF: dict[bytes, frozenset[bytes]] = {}
+_TOKENS_OF: Final[dict[bytes, frozenset[bytes]]] = {}
 """The tokens of Connection values seen (a few, as a rule: "keep-alive", "close"), parsed once per process."""
-_TOKENS_KEPT = 64
+_TOKENS_KEPT: Final = 64
 """How many values `_TOKENS_OF` keeps: values a client makes up are parsed each time, never kept."""
 
 
@@ -176,10 +172,10 @@ def connection_tokens(headers: Fields | Headers) -> frozenset[bytes]:
     return _tokens(_values(headers, _CONNECTION))
 
 
-_WEBSOCKET = b"websocket"
-_UPGRADE = b"upgrade"
-_UPGRADE_SPELT = (b"Upgrade", [b"websocket"])
-_CONNECTION_UPGRADE = (b"Connection", [b"Upgrade"])
+_WEBSOCKET: Final = b"websocket"
+_UPGRADE: Final = b"upgrade"
+_UPGRADE_SPELT: Final = (b"Upgrade", [b"websocket"])
+_CONNECTION_UPGRADE: Final = (b"Connection", [b"Upgrade"])
 
 
 def websocket_upgrade(headers: Fields | Headers) -> bool:
@@ -203,13 +199,18 @@ def request_id_of(headers: Fields | Headers) -> str:
         return values[-1].decode("ascii")
     # 128 random bits, as unlikely to repeat as uuid4().hex, from the process's PRNG (seeded by the OS when
     # each process starts; workers are started, not forked) rather than os.urandom, a system call per request
-    # (3% of the CPU of small requests, bench S5). An id is a label, not a secret.
-    return random.randbytes(16).hex()
+    # (3% of the CPU of small requests, bench S5). An id is a label, not a secret. What `random.randbytes(16)`
+    # returns, without its Python frame.
+    return _random_bits(128).to_bytes(16, "little").hex()
+
+
+_random_bits: Final = random.getrandbits
+"""The process's PRNG, bound once: a compiled module reads a plain module global from its dict on each use."""
 
 
 _Entries = dict[bytes, tuple[bytes, list[bytes]]]
-_NONE: frozenset[bytes] = frozenset()
-_UNDERSCORE = ord("_")
+_NONE: Final[frozenset[bytes]] = frozenset()
+_UNDERSCORE: Final = ord("_")
 """Looked for in a name as a byte's value: `b"_" in name` first tries its needle as an integer, and a bytes
 needle makes that raise and clear a TypeError (about 250 ns, for each header of each message)."""
 
@@ -299,7 +300,7 @@ def switched_response_headers(upstream: Fields | Headers, target: Fields) -> Non
     target.entries[_CONNECTION] = (_CONNECTION_UPGRADE[0], list(_CONNECTION_UPGRADE[1]))
 
 
-_CLIENT_DROP: dict[frozenset[bytes], frozenset[bytes]] = {}
+_CLIENT_DROP: Final[dict[frozenset[bytes], frozenset[bytes]]] = {}
 
 
 def _client_drop(hidden: frozenset[bytes]) -> frozenset[bytes]:

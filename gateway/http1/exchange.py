@@ -16,7 +16,7 @@ Rules:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
@@ -32,14 +32,14 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_RESPONSE_HEAD", "BrokenResponse", "UpstreamExchange", "head_too_large"]
 
-MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEAD: Final = 64 * 1024
 """Bytes of response head (status line, headers, and any 1xx heads before them) taken from an upstream; more is
 answered 502, like nginx's "upstream sent too big header" (Envoy's default cap is 60 KiB)."""
 
-_NO_BODY = frozenset({204, 304})
-_STATUS_LINE_AND_END = len(b"HTTP/1.1 200 \r\n\r\n")
+_NO_BODY: Final = frozenset({204, 304})
+_STATUS_LINE_AND_END: Final = len(b"HTTP/1.1 200 \r\n\r\n")
 """The bytes of a head besides its reason phrase and header lines (each counted as it comes)."""
-_HTTP_1 = frozenset({"1.0", "1.1"})
+_HTTP_1: Final = frozenset({"1.0", "1.1"})
 
 
 class BrokenResponse(Exception):

@@ -11,7 +11,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol, TypeVar, overload
+from typing import Final, Protocol, TypeVar, overload
 
 __all__ = ["Fields", "HeaderLookup", "read_field"]
 
@@ -24,7 +24,19 @@ def read_field(entries: dict[bytes, tuple[bytes, list[bytes]]], name: bytes, val
     (rarely any: looked for before a method call is made for it, as this runs for every header line)."""
     if value.endswith(b" ") or value.endswith(b"\t"):
         value = value.rstrip(b" \t")
-    entries.setdefault(name.lower(), (name, []))[1].append(value)
+    key = _LOWER_NAMES.get(name)
+    if key is None:
+        key = name.lower()
+        if len(_LOWER_NAMES) < _NAMES_KEPT:
+            _LOWER_NAMES[name] = key
+    entries.setdefault(key, (name, []))[1].append(value)
+
+
+_LOWER_NAMES: Final[dict[bytes, bytes]] = {}
+"""Header names as spelt -> lower-cased, for the names seen (a few dozen spellings, as a rule): one lookup, where
+`lower` is a method call and a new key whose hash is not cached yet, for every header line of every message."""
+_NAMES_KEPT: Final = 1024
+"""How many spellings `_LOWER_NAMES` keeps: names a client makes up are lower-cased each time, never kept."""
 
 
 class Fields:

@@ -10,12 +10,14 @@ one over 2^64 - 1 on both sides; the gateway re-chunks every body it forwards, s
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = ["MAX_BODY_LENGTH", "body_length"]
 
-MAX_BODY_LENGTH = 2**63 - 1
+MAX_BODY_LENGTH: Final = 2**63 - 1
 """The largest Content-Length taken: a signed 64-bit length, as nginx (off_t) and HAProxy read it."""
 
-_MAX_DIGITS = len(str(MAX_BODY_LENGTH))
+_MAX_DIGITS: Final = len(str(MAX_BODY_LENGTH))
 
 
 def body_length(text: bytes) -> int | None:

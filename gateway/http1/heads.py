@@ -8,14 +8,15 @@ a body of unknown length) is the writer's, never the caller's.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Final
 
 __all__ = ["CRLF", "LAST_CHUNK", "chunk", "request_head"]
 
-CRLF = b"\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
+CRLF: Final = b"\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 """The end of a chunked body without trailers."""
 
-_CONTENT_LENGTH_0 = frozenset({b"POST", b"PUT", b"PATCH"})
+_CONTENT_LENGTH_0: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 """Methods whose bodiless requests still say `Content-Length: 0` (RFC 9110 section 8.6: a user agent should send
 it for a method that defines a meaning for a body; servers wait for a body otherwise)."""
 
@@ -35,7 +36,11 @@ def request_head(
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     for name, values in headers:
         for value in values:
-            parts += (name, b": ", value, CRLF)
+            # Four appends (compiled: four direct calls), where `parts += (...)` makes and drops a tuple per line.
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(CRLF)
     if has_body:
         parts.append(b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length)
     elif method in _CONTENT_LENGTH_0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from OpenSSL import SSL
 from twisted.internet.abstract import FileDescriptor
@@ -43,7 +43,7 @@ __all__ = ["ConnectionLifecycle", "canonical_peer"]
 
 _log = Logger(namespace="gateway.http1.server")  # not the module's name: log lines keep the namespace they had
 
-_SEND_LIMIT = 1024 * 1024
+_SEND_LIMIT: Final = 1024 * 1024
 """The most a plain client socket's `send` is given at once (the public `SEND_LIMIT` of Twisted's
 `FileDescriptor`, 128 KiB by default): one of the largest upstream reads (`gateway.proxy.streaming.ReadSizer.MAX`)
 goes out in one call, where 128 KiB at a time took eight, each a turn of the reactor (bench S1: +15% throughput

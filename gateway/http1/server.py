@@ -21,7 +21,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 from collections import deque
-from typing import NoReturn
+from typing import Final, NoReturn, cast
 
 import httptools
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -42,14 +42,14 @@ __all__ = ["ClientConnection"]
 
 _log = Logger()
 
-_CRLF = len(CRLF)
-_HEADER_LINE = len(b": ") + len(CRLF)
-_MAX_PORT = 65535
-_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
-_VERSION_BYTES = len(b" HTTP/1.1")
+_CRLF: Final = len(CRLF)
+_HEADER_LINE: Final = len(b": ") + len(CRLF)
+_MAX_PORT: Final = 65535
+_VERSIONS: Final = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+_VERSION_BYTES: Final = len(b" HTTP/1.1")
 """What a request line has after its target (llhttp takes exactly one space and an 'HTTP/x.y' version)."""
-_LWS = b" \t"
-_FRAMING = (
+_LWS: Final = b" \t"
+_FRAMING: Final = (
     "Content-Length must be a single decimal number, and cannot be combined with Transfer-Encoding (which may be "
     "sent only once)"
 )
@@ -246,7 +246,7 @@ class ClientConnection(ConnectionLifecycle):
             )
         if count > limits.max_header_count:
             self._refuse_in_parse(HeadersTooLarge(f"there are more than {limits.max_header_count} header fields"))
-        read_field(self._message.headers.entries, name, value)  # type: ignore[union-attr]  # set by on_message_begin
+        read_field(cast(Message, self._message).headers.entries, name, value)  # set by on_message_begin
 
     def on_headers_complete(self) -> None:
         message = self._message

@@ -21,13 +21,15 @@ class Watchdog:
     period rather than a cancel and a reschedule per chunk.
     """
 
-    __slots__ = ("_armed", "_call", "_clock", "_expired", "_last", "timeout")
+    __slots__ = ("_armed", "_call", "_call_at", "_clock", "_expired", "_last", "timeout")
 
     def __init__(self, clock: IReactorTime, timeout: float, expired: Callable[[], object]) -> None:
         self._clock = clock
         self.timeout = timeout
         self._expired = expired
         self._call: IDelayedCall | None = None
+        self._call_at = 0.0
+        """When `_call` runs: kept here rather than asked of it (`getTime` is a Python call, on every restart)."""
         self._armed = False
         self._last = 0.0
 
@@ -40,8 +42,9 @@ class Watchdog:
         if self._armed:
             return
         self._armed = True
-        self._last = self._clock.seconds()
+        now = self._last = self._clock.seconds()
         if self._call is None:
+            self._call_at = now + self.timeout
             self._call = self._clock.callLater(self.timeout, self._check)
 
     def kick(self) -> None:
@@ -57,10 +60,11 @@ class Watchdog:
         self._armed = True
         now = self._last = self._clock.seconds()
         call = self._call
-        if call is not None and call.getTime() > now + timeout:
+        if call is not None and self._call_at > now + timeout:
             call.cancel()
             call = self._call = None
         if call is None:
+            self._call_at = now + timeout
             self._call = self._clock.callLater(timeout, self._check)
 
     def disarm(self) -> None:
@@ -78,8 +82,10 @@ class Watchdog:
         self._call = None
         if not self._armed:
             return
-        remaining = self._last + self.timeout - self._clock.seconds()
+        now = self._clock.seconds()
+        remaining = self._last + self.timeout - now
         if remaining > 0:
+            self._call_at = now + remaining
             self._call = self._clock.callLater(remaining, self._check)
         else:
             self._armed = False

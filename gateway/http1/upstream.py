@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final, cast
 
 import httptools
 from twisted.internet.protocol import Protocol, connectionDone
@@ -43,11 +44,11 @@ __all__ = ["UPSTREAM_BUFFER_SIZE", "UpstreamConnection"]
 
 _log = Logger()
 
-UPSTREAM_BUFFER_SIZE = 256 * 1024
+UPSTREAM_BUFFER_SIZE: Final = 256 * 1024
 """An upstream socket's read size until a response body's relay sets one that follows the client
 (`gateway.proxy.streaming.ReadSizer`); larger reads than Twisted's 64 KiB make a big body cheaper."""
 
-_RESPONSE_DONE = Failure(ResponseDone())
+_RESPONSE_DONE: Final = Failure(ResponseDone())
 """How every complete body ends, one object for all (as `twisted.internet.protocol.connectionDone` is for every
 clean close): a Failure per response costs more than the rest of ending it."""
 
@@ -78,7 +79,8 @@ class UpstreamConnection(Protocol):
         self._address: str | None = None
         self.parser = httptools.HttpResponseParser(self)
         """Reads every response on the connection (one per connection: making one costs more than the rest of
-        reading a small response); its callbacks go to the exchange whose response it reads (`_parsing`)."""
+        reading a small response); its callbacks go to the exchange whose response it reads (`_parsing`, set before
+        every parse: the callbacks cast it rather than test it, so that compiled they call the exchange directly)."""
         self.parser_spent = False
         """The parser read a response to HEAD, after which it expects a body that is not coming: not reused."""
         self._parsing: UpstreamExchange | None = None
@@ -89,10 +91,10 @@ class UpstreamConnection(Protocol):
     # --- the parser's callbacks, for the exchange whose response is being read ----------------------------------
 
     def on_message_begin(self) -> None:
-        self._parsing.on_message_begin()  # type: ignore[union-attr]  # set before every parse
+        cast(UpstreamExchange, self._parsing).on_message_begin()
 
     def on_status(self, status: bytes) -> None:
-        self._parsing.on_status(status)  # type: ignore[union-attr]
+        cast(UpstreamExchange, self._parsing).on_status(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         exchange = self._parsing
@@ -107,13 +109,13 @@ class UpstreamConnection(Protocol):
         read_field(exchange.header_entries, name, value)
 
     def on_headers_complete(self) -> None:
-        self._parsing.on_headers_complete()  # type: ignore[union-attr]
+        cast(UpstreamExchange, self._parsing).on_headers_complete()
 
     def on_body(self, data: bytes) -> None:
-        self._parsing.on_body(data)  # type: ignore[union-attr]
+        cast(UpstreamExchange, self._parsing).on_body(data)
 
     def on_message_complete(self) -> None:
-        self._parsing.on_message_complete()  # type: ignore[union-attr]
+        cast(UpstreamExchange, self._parsing).on_message_complete()
 
     # --- the socket ---------------------------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ chunked to an HTTP/1.1 client and delimited by the connection's close to an HTTP
 
 from __future__ import annotations
 
+from typing import Final
+
 from twisted.internet.protocol import Protocol
 
 from gateway.errors import GatewayError, problem, reason_phrase
@@ -18,9 +20,9 @@ from gateway.http1.transports import IConnectionTransport
 
 __all__ = ["ResponseWriter", "refusal_bytes"]
 
-_NO_BODY_STATUSES = frozenset({204, 304})
-_STATUS_LINE_START = b"HTTP/1.1 "
-_CODES = {code: b"%d" % code for code in range(100, 600)}
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+_STATUS_LINE_START: Final = b"HTTP/1.1 "
+_CODES: Final = {code: b"%d" % code for code in range(100, 600)}
 """Each status code's digits, made once rather than formatted into each response's status line."""
 
 
@@ -71,7 +73,10 @@ class ResponseWriter(Protocol):
         entries = headers.entries
         for name, values in entries.values():
             for value in values:
-                parts += (name, b": ", value, CRLF)
+                parts.append(name)  # as in `gateway.http1.heads.request_head`: no tuple per line
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(CRLF)
         if body_allowed and b"content-length" not in entries:
             if self._version == b"HTTP/1.1":
                 self._chunked = True

@@ -4,6 +4,7 @@ response head, as the `GatewayError` it is answered with, and the lengths an ups
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Final
 
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
@@ -38,7 +39,7 @@ _log = Logger(namespace="gateway.failures")  # not the module's name: log lines 
 
 # How an upstream connection fails before a response head arrives (`gateway.http1.upstream` reports it in
 # twisted.web.client's words).
-_UPSTREAM_BROKE = (
+_UPSTREAM_BROKE: Final = (
     ResponseNeverReceived,
     ResponseFailed,
     RequestTransmissionFailed,
@@ -47,7 +48,7 @@ _UPSTREAM_BROKE = (
 )
 
 
-TIMEOUT_ERRORS: Mapping[str, Callable[[float], GatewayError]] = {
+TIMEOUT_ERRORS: Final[Mapping[str, Callable[[float], GatewayError]]] = {
     "response_headers": lambda t: UpstreamTimeout(f"the upstream sent no response headers within {t:g} s"),
     "upstream_send_stall": lambda t: UpstreamTimeout(f"the upstream stopped reading the request body for {t:g} s"),
     "client_body_idle": lambda t: ClientBodyTimeout(f"no request body bytes arrived for {t:g} s"),

@@ -13,6 +13,8 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+from typing import Final
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -38,7 +40,7 @@ __all__ = ["Forwarding"]
 
 _log = Logger(namespace="gateway.exchange")  # not the module's name: log lines keep the namespace they had
 
-_NO_BODY_STATUSES = frozenset({204, 304})
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
 class _Drop(Protocol):

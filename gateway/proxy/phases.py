@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from typing import Final
 
 __all__ = ["ANSWERED", "FORWARDED", "TRANSITIONS", "Body", "Phase"]
 
@@ -40,7 +41,7 @@ class Phase(enum.Enum):
     __hash__ = object.__hash__
 
 
-TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
+TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
     Phase.HEAD: frozenset({Phase.ADMITTING, Phase.WAITING, Phase.SENT, Phase.CLIENT_GONE}),
     Phase.ADMITTING: frozenset({Phase.WAITING, Phase.SENT, Phase.CLIENT_GONE}),
     Phase.WAITING: frozenset({Phase.STREAMING, Phase.TUNNEL, Phase.SENT, Phase.CLIENT_GONE}),
@@ -68,8 +69,8 @@ class Body(enum.Enum):
     __hash__ = object.__hash__
 
 
-FORWARDED = frozenset({Body.EXPECTED, Body.READ})
+FORWARDED: Final = frozenset({Body.EXPECTED, Body.READ})
 """Body states in which what was read (and held back while admission decided) goes to the upstream."""
 
-ANSWERED = frozenset({Phase.SENT, Phase.DONE})
+ANSWERED: Final = frozenset({Phase.SENT, Phase.DONE})
 """Phases of a request whose whole response has been written."""

@@ -3,7 +3,7 @@ of a request, told to the access log and the metrics."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from gateway.proxy.endings import Endings
@@ -54,7 +54,7 @@ def ms_between(end: float | None, start: float | None) -> float | None:
     return round((end - start) * 1000.0, 3)
 
 
-_MAX_FIELD = 256
+_MAX_FIELD: Final = 256
 
 
 def bounded_field(values: list[bytes] | None) -> str | None:

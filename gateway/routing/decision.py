@@ -35,22 +35,22 @@ from gateway.routing.router import Router, host_without_port, upstream_target
 
 __all__ = ["FORWARDED_METHODS", "Admit", "Reject", "RequestHead", "decide", "https_redirect"]
 
-_TARGET = re.compile(rb"[\x21-\x7e]+")
+_TARGET: Final = re.compile(rb"[\x21-\x7e]+")
 """What a request target may contain (RFC 9112 section 3.2): anything else is percent-encoded by a client."""
-_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
+_ABSOLUTE: Final = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
 """An absolute-form target: scheme, authority, then the path and query (either may be empty)."""
-_DEFAULT_PORTS = {b"http": 80, b"https": 443}
-_PORT = re.compile(rb"[0-9]{1,5}")
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=-]*)(?::[0-9]*)?")
+_DEFAULT_PORTS: Final = {b"http": 80, b"https": 443}
+_PORT: Final = re.compile(rb"[0-9]{1,5}")
+_HOST: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=-]*)(?::[0-9]*)?")
 """A Host value: uri-host [":" port] (RFC 9110 section 7.2); reg-name may be empty, as it is for a URI without one.
 Percent-encoding, which a reg-name allows, is refused: "%61dmin.example.com" would be routed as another host than
 the one an upstream decodes."""
 
-FORWARDED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+FORWARDED_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 """The methods named in a 405's Allow header, with the route's own extras: the standard methods the gateway
 forwards (it forwards any other method token too, except those it refuses)."""
 
-_METHOD_NAMES = {method.encode("ascii"): method for method in FORWARDED_METHODS}
+_METHOD_NAMES: Final = {method.encode("ascii"): method for method in FORWARDED_METHODS}
 """The common methods' names, without decoding them on each request."""
 
 # RequestHead and Admit, made once per request, are plain classes rather than dataclasses: the compiled build
@@ -142,9 +142,9 @@ def decide(head: RequestHead, router: Router) -> Admit | Reject:
     return Admit(route, upstream_target(route, target))
 
 
-_HOST_NAMES: dict[bytes, str] = {}
+_HOST_NAMES: Final[dict[bytes, str]] = {}
 """Host values seen, each checked once per process -> the host name they are routed by (a gateway sees a few)."""
-_HOST_NAMES_KEPT = 1024
+_HOST_NAMES_KEPT: Final = 1024
 """How many `_HOST_NAMES` keeps: the Host values a client makes up are checked each time, never kept."""
 
 

@@ -16,7 +16,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError
@@ -40,13 +40,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Attempt"]
 
-_RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
+_RETRYABLE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 """Methods sent again on a new connection when a reused one was found closed (RFC 9110 section 9.2.2)."""
 
-_IDEMPOTENT = _RETRYABLE | {b"PUT"}
+_IDEMPOTENT: Final = _RETRYABLE | {b"PUT"}
 """Methods retried on another server after the request was sent (RFC 9110 section 9.2.2)."""
 
-_NOT_SENT = (ConnectError, ConnectTimeout, DNSLookupError, RequestNotSent)
+_NOT_SENT: Final = (ConnectError, ConnectTimeout, DNSLookupError, RequestNotSent)
 """Failures before the server saw a byte of the request: retried on another server whatever the method."""
 
 
