@@ -29,7 +29,7 @@ ENTRY_POINTS = (  # mypyc's wrappers of the two methods
 )
 
 
-def count(requests: int, connections: int, out: Path) -> int:
+def count(requests: int, connections: int, out: Path, access_log: str = "") -> int:
     """Instructions executed inside the request path's entry points while `micro.py` serves `requests`."""
     command = [
         "valgrind",
@@ -44,6 +44,7 @@ def count(requests: int, connections: int, out: Path) -> int:
         "1",
         "--connections",
         str(connections),
+        *(["--access-log", access_log] if access_log else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1800)
     found = re.search(r"Collected\s*:\s*([\d,]+)", done.stderr)
@@ -57,12 +58,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--out", type=Path, help="keep callgrind's output here")
+    parser.add_argument("--access-log", default="", help="with the JSON access log on, written to this file")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory() as directory:
         out = args.out or Path(directory) / "callgrind.out"
-        instructions = count(args.requests, args.connections, out)
+        instructions = count(args.requests, args.connections, out, args.access_log)
     # micro.py opens each connection with one request before it counts: those are served inside the entry points too.
     served = args.requests + args.connections
     print(f"{instructions / served:,.0f} instructions per request ({served} requests, {args.connections} connections)")

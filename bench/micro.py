@@ -7,11 +7,12 @@ time per request (`time.process_time`, so that other processes on the machine co
 share; the best of several batches). Used to measure the effect of each change in the performance pass; not a
 substitute for the loopback benchmarks in `bench/run.py`.
 
-Run: `.venv/bin/python bench/micro.py [--requests 20000] [--auth anonymous,key,jwt] [--connections 64] [--count]`.
-`--auth` compares the route without authentication with an API-key route and a (cached) RS256 JWT route, in the
-same run. `--connections` keeps that many requests in flight, each on its own client and upstream connection, and
-answers them in turn: the objects of many requests are live at once, as on sockets, where one connection keeps
-them all in the caches. `--count` counts Python bytecodes and calls per request instead (under `sys.settrace`: the
+Run: `.venv/bin/python bench/micro.py [--requests 20000] [--auth anonymous,key,jwt] [--connections 64] [--count]
+[--access-log FILE]`. `--auth` compares the route without authentication with an API-key route and a (cached)
+RS256 JWT route, in the same run. `--access-log` turns the JSON access log on (buffered, as under twistd).
+`--connections` keeps that many requests in flight, each on its own client and upstream connection, and answers
+them in turn: the objects of many requests are live at once, as on sockets, where one connection keeps them all
+in the caches. `--count` counts Python bytecodes and calls per request instead (under `sys.settrace`: the
 same figures on every run, which CPU time on a shared machine is not).
 """
 
@@ -34,6 +35,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from gateway.auth.apikeys import hash_key, mint_key
 from gateway.config import parse
+from gateway.logs import AccessLog
 from gateway.operations.metrics import Live, Metrics
 from gateway.operations.runtime import make_gateway
 from gateway.proxy.site import GatewayFactory
@@ -88,14 +90,15 @@ def _config(auth: str, directory: Path) -> dict[str, Any]:
     }
 
 
-def run(requests: int, auth: str = "anonymous", connections: int = 1) -> float:
+def run(requests: int, auth: str = "anonymous", connections: int = 1, access_log: str = "") -> float:
     reactor = MemoryReactorClock()
     with tempfile.TemporaryDirectory() as directory:
         config = parse(_config(auth, Path(directory)), source="micro")
     credential = CREDENTIALS[auth]
     request = REQUEST if not credential else REQUEST[:-2] + credential + b"\r\n\r\n"
     metrics = Metrics(lambda: Live(0, {}, 0, 0, 0, 0))  # on, as in a running gateway (the access log is off)
-    factory = GatewayFactory(make_gateway(config, reactor, metrics=metrics), clock=reactor)
+    log = AccessLog(access_log, clock=reactor) if access_log else None  # buffered, as under twistd
+    factory = GatewayFactory(make_gateway(config, reactor, metrics=metrics, access_log=log), clock=reactor)
     ends = []
     for n in range(connections):
         # Each client connection's first request opens an upstream connection of its own: `connections`
@@ -164,6 +167,7 @@ def main() -> None:
         "of many requests are live at once, as on sockets",
     )
     parser.add_argument("--count", action="store_true", help="count bytecodes and calls per request instead of timing")
+    parser.add_argument("--access-log", default="", help="write the JSON access log to this file (off by default)")
     args = parser.parse_args()
     kinds = args.auth.split(",")
     if args.count:
@@ -174,7 +178,7 @@ def main() -> None:
     best = {kind: float("inf") for kind in kinds}
     for _ in range(args.batches):  # interleaved, so that a noisy moment costs every kind alike
         for kind in kinds:
-            best[kind] = min(best[kind], run(args.requests, kind, args.connections))
+            best[kind] = min(best[kind], run(args.requests, kind, args.connections, args.access_log))
     for kind in kinds:
         ratio = f" ({best[kind] / best[kinds[0]]:.2f}x {kinds[0]})" if kind != kinds[0] else ""
         batches = f"best of {args.batches} batches of {args.requests}, {args.connections} connection(s)"

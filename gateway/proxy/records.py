@@ -3,12 +3,21 @@ of a request, told to the access log and the metrics."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from gateway.proxy.endings import Endings
 
-__all__ = ["access_record", "bounded_field", "ended_status", "ms_between", "refusal_record", "request_ended"]
+__all__ = [
+    "access_record",
+    "bounded_field",
+    "ended_status",
+    "milliseconds",
+    "ms_between",
+    "refusal_record",
+    "request_ended",
+]
 
 
 def refusal_record(
@@ -51,7 +60,14 @@ def refusal_record(
 def ms_between(end: float | None, start: float | None) -> float | None:
     if end is None or start is None:
         return None
-    return round((end - start) * 1000.0, 3)
+    return milliseconds(end - start)
+
+
+def milliseconds(seconds: float) -> float:
+    """`seconds` in milliseconds to the microsecond, as the access log gives durations: what `round(ms, 3)` gives
+    but for a tie's direction, without its cost (a correctly rounded decimal conversion: some 2,000 instructions,
+    five times a logged request)."""
+    return math.floor(seconds * 1_000_000.0 + 0.5) / 1000.0
 
 
 _MAX_FIELD: Final = 256
@@ -129,7 +145,7 @@ def access_record(exchange: Endings) -> dict[str, Any]:
         "queue_ms": ms_between(exchange.slot_at, exchange.queued_at),
         "connect_ms": ms_between(exchange.sent_at, exchange.slot_at),
         "ttfb_ms": ms_between(exchange.response_at, began),
-        "total_ms": round((now - began) * 1000.0, 3),
+        "total_ms": milliseconds(now - began),
         "ending": exchange.ending or "client_gone",
         "tls_version": tls_version,
         "tls_cipher": tls_cipher,

@@ -28,7 +28,7 @@ from gateway.http1.serving import Message
 from gateway.operations.metrics import LimitStoreState, Live, PoolState, ServerState
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
-from gateway.proxy.records import refusal_record
+from gateway.proxy.records import milliseconds, refusal_record
 from gateway.tls.server import handshake_failure
 
 __all__ = ["GatewayFactory"]
@@ -88,7 +88,7 @@ class GatewayFactory(Factory):
                 target = target.partition(b"?")[0]
             record = refusal_record(request_id, client, method, error.status, tls=connection.tls_info, path=target)
             if line is not None:
-                record["total_ms"] = round((self.clock.seconds() - connection.head_began) * 1000.0, 3)
+                record["total_ms"] = milliseconds(self.clock.seconds() - connection.head_began)
             gateway.request_ended(record)
 
     def invalid_peer(self, listener: Listener | None) -> None:
