@@ -3,12 +3,14 @@
 `bench/micro.py` times the in-memory request path, and on a shared machine its figures move by a third from run to
 run; the instructions the path executes do not. This runs `micro.py` under callgrind, counting only inside the
 two entry points of the path (a client connection's and an upstream connection's `dataReceived`, by the names
-mypyc gives them: the compiled build only), and divides by the requests served: the harness, the imports and the
-set-up are not counted. A change to the request path is judged by this first, then by `bench/run.py --scenarios
-S5` on sockets.
+mypyc gives them: the compiled build only), twice: serving `--requests` and twice as many. The difference divided
+by `--requests` is what one more request costs, round trip: the harness, the imports and the set-up (the upstream
+connections made, each connection's first request, begun before the count and never answered) are not in it. A
+change to the request path is judged by this first, then by `bench/run.py --scenarios S5` on sockets.
 
-Run: `.venv/bin/python bench/instructions.py [--requests 2000] [--connections 64] [--out FILE]` (needs valgrind:
-`apt-get install valgrind`). `--out` keeps callgrind's file, for `callgrind_annotate --inclusive=yes FILE`.
+Run: `.venv/bin/python bench/instructions.py [--requests 1000] [--connections 64] [--out FILE]` (needs valgrind:
+`apt-get install valgrind`). `--out` keeps callgrind's file of the larger run, for `callgrind_annotate
+--inclusive=yes FILE`.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def count(requests: int, connections: int, out: Path, access_log: str = "") -> i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--out", type=Path, help="keep callgrind's output here")
     parser.add_argument("--access-log", default="", help="with the JSON access log on, written to this file")
@@ -63,11 +65,11 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory() as directory:
-        out = args.out or Path(directory) / "callgrind.out"
-        instructions = count(args.requests, args.connections, out, args.access_log)
-    # micro.py opens each connection with one request before it counts: those are served inside the entry points too.
-    served = args.requests + args.connections
-    print(f"{instructions / served:,.0f} instructions per request ({served} requests, {args.connections} connections)")
+        fewer = count(args.requests, args.connections, Path(directory) / "fewer.out", args.access_log)
+        more = count(2 * args.requests, args.connections, args.out or Path(directory) / "more.out", args.access_log)
+    per_request = (more - fewer) / args.requests
+    extra = f"{args.requests} requests more, {args.connections} connections"
+    print(f"{per_request:,.0f} instructions per request (the difference {extra} make)")
 
 
 if __name__ == "__main__":
